@@ -1,0 +1,130 @@
+//! The API's one error type: every failure leaves as OpenAI's error shape, never a stack trace.
+
+use axum::extract::multipart::MultipartError;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use batchlab_core::blob::BlobError;
+use batchlab_core::openai::{ErrorBody, ErrorDetail};
+use batchlab_core::store::StoreError;
+
+/// A failed API request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or names a bad parameter (400).
+    #[error("{message}")]
+    InvalidRequest {
+        /// For people.
+        message: String,
+        /// The parameter at fault.
+        param: Option<&'static str>,
+    },
+    /// Missing or wrong API key (401).
+    #[error("invalid or missing API key")]
+    Unauthorized,
+    /// The named object does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The method is not allowed on this route (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The upload or body is too large (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Something broke inside; logged, and answered without details (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming the parameter at fault.
+    pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+        Self::InvalidRequest { message: message.into(), param: Some(param) }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (message, kind, param, code) = match &self {
+            Self::InvalidRequest { message, param } => (message.clone(), "invalid_request_error", *param, None),
+            Self::Unauthorized => (self.to_string(), "invalid_request_error", None, Some("invalid_api_key")),
+            Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
+            Self::MethodNotAllowed => (self.to_string(), "invalid_request_error", None, Some("method_not_allowed")),
+            Self::TooLarge(m) => (m.clone(), "invalid_request_error", Some("file"), Some("file_too_large")),
+            Self::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                ("The server had an error while processing your request.".to_string(), "server_error", None, None)
+            }
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind: kind.to_string(),
+                param: param.map(str::to_string),
+                code: code.map(str::to_string),
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::Internal(e.to_string())
+    }
+}
+
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::TooLarge(_) => Self::TooLarge(e.to_string()),
+            BlobError::TooManyLines(_) | BlobError::NotUtf8(_) => Self::invalid(e.to_string(), "file"),
+            BlobError::Source(_) => Self::invalid(e.to_string(), "file"),
+            BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
+            BlobError::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge(e.body_text()),
+            _ => Self::InvalidRequest { message: format!("invalid JSON body: {}", e.body_text()), param: None },
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::InvalidRequest { message: format!("invalid query: {}", e.body_text()), param: None }
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(e: MultipartError) -> Self {
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge(e.body_text()),
+            _ => Self::invalid(format!("invalid multipart body: {}", e.body_text()), "file"),
+        }
+    }
+}
+
+impl From<axum::extract::multipart::MultipartRejection> for ApiError {
+    fn from(e: axum::extract::multipart::MultipartRejection) -> Self {
+        Self::invalid(format!("expected a multipart/form-data body: {}", e.body_text()), "file")
+    }
+}

@@ -1,0 +1,279 @@
+//! One typed configuration for every batchlab binary.
+//!
+//! Values are layered, later layers winning: the built-in defaults below, `config/default.toml`
+//! (when present in the working directory), the file given with `--config`, then environment
+//! variables `BATCHLAB_<SECTION>__<FIELD>` (for example `BATCHLAB_API__PORT=5080`,
+//! `BATCHLAB_DATABASE__URL=postgres://...`). Secrets (the API key) belong in the environment.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Where the default configuration file lives, relative to the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+
+/// Everything a batchlab binary can be configured with.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The OpenAI-compatible Batch API service.
+    pub api: ApiConfig,
+    /// The Label Studio ML backend service.
+    pub ml_backend: MlBackendConfig,
+    /// The batch worker.
+    pub worker: WorkerConfig,
+    /// The shared database.
+    pub database: DatabaseConfig,
+    /// Where file bodies and other data live.
+    pub storage: StorageConfig,
+    /// The in-process inference engine.
+    pub engine: EngineSettings,
+    /// Limits on batch input.
+    pub batch: BatchLimits,
+}
+
+/// Settings of `batchlab-api`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (4080 by default).
+    pub port: u16,
+    /// Optional bearer key; when set every `/v1` route requires `Authorization: Bearer <key>`.
+    /// Set it through `BATCHLAB_API__API_KEY`, not in a file.
+    pub api_key: Option<String>,
+    /// Largest accepted upload in bytes (OpenAI's batch input limit is 200 MB).
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 4080, api_key: None, max_upload_bytes: 200 * 1024 * 1024 }
+    }
+}
+
+/// Settings of `batchlab-ml-backend`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MlBackendConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (4082 by default).
+    pub port: u16,
+}
+
+impl Default for MlBackendConfig {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 4082 }
+    }
+}
+
+/// Settings of `batchlab-worker`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Identifies this worker in leases; empty means `<hostname>-<pid>-<random>`.
+    pub id: String,
+    /// How long to sleep when the queue is empty, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Lease length in seconds: a worker that stops renewing loses its batch after this long.
+    pub lease_seconds: u64,
+    /// Request lines in flight at once per worker (the engine queues them).
+    pub concurrency: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { id: String::new(), poll_interval_ms: 500, lease_seconds: 30, concurrency: 4 }
+    }
+}
+
+/// The database every binary shares.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://path` (embedded default) or `postgres://user@host/db` (production, several workers).
+    pub url: String,
+    /// Connections kept in the pool.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: "sqlite://data/batchlab.db".into(), max_connections: 8 }
+    }
+}
+
+/// Local data directories.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory that holds uploaded and generated file bodies.
+    pub files_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { files_dir: PathBuf::from("data/files") }
+    }
+}
+
+/// The inference engine's model and limits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Local GGUF file of the model to serve.
+    pub model_path: PathBuf,
+    /// Model name reported in responses; requests may name any model, this one answers.
+    pub model_id: String,
+    /// Requests waiting for the model at most; more are refused as overloaded.
+    pub max_queue: usize,
+    /// CPU threads for inference; 0 lets candle choose (physical cores).
+    pub threads: usize,
+    /// Cap on context tokens; 0 uses the model's own.
+    pub max_context: usize,
+    /// Completion tokens when a request sets no `max_tokens`.
+    pub default_max_tokens: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            model_id: "SmolLM2-135M-Instruct".into(),
+            max_queue: 256,
+            threads: 0,
+            max_context: 0,
+            default_max_tokens: 256,
+        }
+    }
+}
+
+/// Limits on batch input files (OpenAI's: 200 MB and 50,000 requests).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchLimits {
+    /// Largest batch input file in bytes.
+    pub max_input_bytes: u64,
+    /// Most request lines in one batch input file.
+    pub max_lines: u64,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_input_bytes: 200 * 1024 * 1024, max_lines: 50_000 }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file given explicitly does not exist.
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    /// A value has the wrong type, a key is unknown, or a file does not parse.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+impl Config {
+    /// Loads defaults, `config/default.toml` if present, `file` if given, then `BATCHLAB_*`.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, Env::prefixed("BATCHLAB_").split("__"))
+    }
+
+    fn load_from(default_file: &Path, file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if default_file.exists() {
+            figment = figment.merge(Toml::file(default_file));
+        }
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Missing(file.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment.merge(env).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+    }
+
+    /// The worker id to use: the configured one, or one made from host name, pid and randomness.
+    pub fn worker_id(&self) -> String {
+        if !self.worker.id.is_empty() {
+            return self.worker.id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let host = if host.is_empty() { "worker".to_string() } else { host };
+        format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ports_and_paths() {
+        let c = Config::default();
+        assert_eq!(c.api.port, 4080);
+        assert_eq!(c.ml_backend.port, 4082);
+        assert_eq!(c.database.url, "sqlite://data/batchlab.db");
+        assert_eq!(c.batch.max_lines, 50_000);
+    }
+
+    #[test]
+    fn shipped_default_toml_parses_and_equals_the_built_in_defaults() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
+        let c = Config::load_from(&shipped, None, Env::prefixed("BATCHLAB_NO_SUCH_PREFIX_")).unwrap();
+        assert_eq!(c, Config::default(), "config/default.toml drifted from Config::default()");
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("extra.toml", "[api]\nport = 5000\n[worker]\nconcurrency = 2\n")?;
+            jail.set_env("TESTCFG_API__PORT", "6000");
+            jail.set_env("TESTCFG_DATABASE__URL", "postgres://x@localhost/db");
+            let c = Config::load_from(
+                Path::new("none.toml"),
+                Some(Path::new("extra.toml")),
+                Env::prefixed("TESTCFG_").split("__"),
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(c.api.port, 6000);
+            assert_eq!(c.worker.concurrency, 2);
+            assert_eq!(c.database.url, "postgres://x@localhost/db");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[api]\nprot = 1\n")?;
+            let err = Config::load_from(Path::new("x"), Some(Path::new("bad.toml")), Env::prefixed("NOPE_"));
+            assert!(err.unwrap_err().to_string().contains("prot"));
+            let err = Config::load_from(Path::new("x"), Some(Path::new("missing.toml")), Env::prefixed("NOPE_"));
+            assert!(matches!(err, Err(ConfigError::Missing(_))));
+            Ok(())
+        });
+    }
+}
+
+/// Command-line options every batchlab binary shares.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// A TOML file layered over config/default.toml (environment variables BATCHLAB_<SECTION>__<KEY>
+    /// override both).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// Loads the configuration these options point at.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(self.config.as_deref())
+    }
+}

@@ -1,0 +1,470 @@
+//! OpenAI wire shapes (Files, Batches, Chat Completions, Completions) and batch-line validation,
+//! and the conversion between them and the engine's own request and result types.
+
+use std::collections::{BTreeMap, HashSet};
+
+use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, SamplingParams};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::store::{BatchRecord, FileRecord};
+
+/// Endpoints a batch may target.
+pub const BATCH_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+/// File purposes accepted on upload.
+pub const UPLOAD_PURPOSES: [&str; 6] = ["assistants", "batch", "fine-tune", "vision", "user_data", "evals"];
+/// The only completion window OpenAI accepts.
+pub const COMPLETION_WINDOW: &str = "24h";
+/// `24h` in seconds.
+pub const COMPLETION_WINDOW_SECONDS: i64 = 24 * 3600;
+
+/// A fresh OpenAI-style identifier such as `file-3f2a...` or `batch_9c1e...`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+/// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    /// The error itself.
+    pub error: ErrorDetail,
+}
+
+/// The inside of [`ErrorBody`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    /// What went wrong, for people.
+    pub message: String,
+    /// `invalid_request_error`, `not_found_error`, `server_error`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request parameter at fault, if one is.
+    pub param: Option<String>,
+    /// A machine-readable code, if any.
+    pub code: Option<String>,
+}
+
+/// The File object.
+pub fn file_object(f: &FileRecord) -> Value {
+    json!({
+        "id": f.id,
+        "object": "file",
+        "bytes": f.bytes,
+        "created_at": f.created_at,
+        "expires_at": f.expires_at,
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": "processed",
+        "status_details": null,
+    })
+}
+
+/// The Batch object, every field OpenAI defines.
+pub fn batch_object(b: &BatchRecord) -> Value {
+    let errors = b
+        .errors
+        .as_deref()
+        .and_then(|e| serde_json::from_str::<Value>(e).ok())
+        .map(|data| json!({"object": "list", "data": data}));
+    let metadata = b.metadata.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok());
+    json!({
+        "id": b.id,
+        "object": "batch",
+        "endpoint": b.endpoint,
+        "model": b.model,
+        "errors": errors,
+        "input_file_id": b.input_file_id,
+        "completion_window": b.completion_window,
+        "status": b.status.as_str(),
+        "output_file_id": b.output_file_id,
+        "error_file_id": b.error_file_id,
+        "created_at": b.created_at,
+        "in_progress_at": b.in_progress_at,
+        "expires_at": b.expires_at,
+        "finalizing_at": b.finalizing_at,
+        "completed_at": b.completed_at,
+        "failed_at": b.failed_at,
+        "expired_at": b.expired_at,
+        "cancelling_at": b.cancelling_at,
+        "cancelled_at": b.cancelled_at,
+        "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
+        "usage": {
+            "input_tokens": b.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": b.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": b.input_tokens + b.output_tokens,
+        },
+        "metadata": metadata,
+    })
+}
+
+/// A cursor page: `{object: "list", data, first_id, last_id, has_more}`.
+pub fn list_page(data: Vec<Value>, has_more: bool) -> Value {
+    let id = |v: Option<&Value>| v.and_then(|v| v.get("id")).cloned().unwrap_or(Value::Null);
+    json!({
+        "object": "list",
+        "first_id": id(data.first()),
+        "last_id": id(data.last()),
+        "has_more": has_more,
+        "data": data,
+    })
+}
+
+/// Checks a batch's `metadata`: at most 16 pairs, keys ≤ 64 and values ≤ 512 characters.
+pub fn validate_metadata(metadata: &Value) -> Result<(), String> {
+    let Some(map) = metadata.as_object() else {
+        return Err("metadata must be an object of string keys and string values".into());
+    };
+    if map.len() > 16 {
+        return Err(format!("metadata may hold at most 16 pairs, got {}", map.len()));
+    }
+    for (k, v) in map {
+        let Some(v) = v.as_str() else {
+            return Err(format!("metadata value of {k:?} must be a string"));
+        };
+        if k.chars().count() > 64 || v.chars().count() > 512 {
+            return Err(format!("metadata key {k:?}: keys may be 64 and values 512 characters long at most"));
+        }
+    }
+    Ok(())
+}
+
+/// Why one line of a batch input file cannot run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LineError {
+    /// Machine-readable code, e.g. `invalid_json_line`.
+    pub code: &'static str,
+    /// Human explanation.
+    pub message: String,
+    /// The line's `custom_id`, when it could be read.
+    pub custom_id: Option<String>,
+}
+
+impl LineError {
+    fn new(code: &'static str, message: impl Into<String>, custom_id: Option<String>) -> Self {
+        Self { code, message: message.into(), custom_id }
+    }
+}
+
+/// A validated batch input line, ready for the engine.
+#[derive(Clone, Debug)]
+pub struct RequestLine {
+    /// The client's id for this request, unique in the file.
+    pub custom_id: String,
+    /// What to run.
+    pub request: EngineCall,
+    /// The model the client named (answered by the loaded model regardless).
+    pub model: Option<String>,
+}
+
+/// A request in the engine's own terms.
+#[derive(Clone, Debug)]
+pub enum EngineCall {
+    /// `/v1/chat/completions`.
+    Chat(ChatRequest),
+    /// `/v1/completions`.
+    Completion(CompletionRequest),
+}
+
+/// Validates one input line against the batch's endpoint. `seen` collects `custom_id`s so a
+/// duplicate is caught; `default_max_tokens` applies when the body sets none.
+pub fn parse_request_line(
+    line: &str,
+    endpoint: &str,
+    seen: &mut HashSet<String>,
+    default_max_tokens: usize,
+) -> Result<RequestLine, LineError> {
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| LineError::new("invalid_json_line", format!("line is not valid JSON: {e}"), None))?;
+    let Some(obj) = value.as_object() else {
+        return Err(LineError::new("invalid_json_line", "line must be a JSON object", None));
+    };
+    let custom_id = match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(LineError::new("missing_custom_id", "line has no string custom_id", None)),
+    };
+    let cid = Some(custom_id.clone());
+    if seen.contains(&custom_id) {
+        return Err(LineError::new("duplicate_custom_id", format!("custom_id {custom_id:?} appears more than once"), cid));
+    }
+    match obj.get("method").and_then(Value::as_str) {
+        Some("POST") => {}
+        other => {
+            return Err(LineError::new("invalid_method", format!("method must be \"POST\", got {other:?}"), cid));
+        }
+    }
+    let url = obj.get("url").and_then(Value::as_str).unwrap_or_default();
+    if url != endpoint {
+        return Err(LineError::new(
+            "mismatched_url",
+            format!("url {url:?} differs from the batch's endpoint {endpoint:?}"),
+            cid,
+        ));
+    }
+    let body = obj.get("body").cloned().unwrap_or(Value::Null);
+    let parsed = match endpoint {
+        "/v1/chat/completions" => parse_chat_body(body, default_max_tokens),
+        "/v1/completions" => parse_completion_body(body, default_max_tokens),
+        other => Err(format!("unsupported endpoint {other}")),
+    };
+    let (request, model) = parsed.map_err(|m| LineError::new("invalid_body", m, cid.clone()))?;
+    seen.insert(custom_id.clone());
+    Ok(RequestLine { custom_id, request, model })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct SamplingFields {
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<StopField>,
+    n: Option<u64>,
+    stream: Option<bool>,
+}
+
+impl SamplingFields {
+    fn into_params(self, default_max_tokens: usize) -> Result<(SamplingParams, Option<String>), String> {
+        if self.stream == Some(true) {
+            return Err("stream must not be true in a batch".into());
+        }
+        if self.n.unwrap_or(1) != 1 {
+            return Err("only n = 1 is supported".into());
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(format!("temperature must be between 0 and 2, got {temperature}"));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p must be in (0, 1], got {p}"));
+            }
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens).map(|m| m as usize).unwrap_or(default_max_tokens);
+        if max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        let stop = match self.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) if v.len() <= 4 => v,
+            Some(StopField::Many(_)) => return Err("stop may hold at most 4 sequences".into()),
+        };
+        let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let params = SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature,
+            top_p: self.top_p,
+            seed: self.seed.map(|s| s as u64),
+            stop,
+        };
+        Ok((params, self.model))
+    }
+}
+
+fn message_content(content: &Value) -> Result<String, String> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => return Err(format!("content part of type {kind:?} is not supported; only text")),
+                }
+            }
+            Ok(text)
+        }
+        _ => Err("message content must be a string or an array of text parts".into()),
+    }
+}
+
+/// Validates a `/v1/chat/completions` body.
+pub fn parse_chat_body(body: Value, default_max_tokens: usize) -> Result<(EngineCall, Option<String>), String> {
+    let Some(obj) = body.as_object() else {
+        return Err("body must be a JSON object".into());
+    };
+    let messages = obj.get("messages").and_then(Value::as_array).ok_or("body.messages must be an array")?;
+    if messages.is_empty() {
+        return Err("body.messages must not be empty".into());
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}].role is missing"))?;
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(format!("messages[{i}].role {role:?} is not a known role"));
+        }
+        let role = if role == "developer" { "system" } else { role };
+        let content = message_content(m.get("content").unwrap_or(&Value::Null)).map_err(|e| format!("messages[{i}]: {e}"))?;
+        out.push(ChatMessage { role: role.to_string(), content });
+    }
+    let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
+    let (params, model) = fields.into_params(default_max_tokens)?;
+    Ok((EngineCall::Chat(ChatRequest { messages: out, params }), model))
+}
+
+/// Validates a `/v1/completions` body.
+pub fn parse_completion_body(body: Value, default_max_tokens: usize) -> Result<(EngineCall, Option<String>), String> {
+    let prompt = match body.get("prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
+        Some(Value::Array(_)) => return Err("prompt must be one string (arrays of prompts are not supported)".into()),
+        _ => return Err("body.prompt must be a string".into()),
+    };
+    let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
+    let (params, model) = fields.into_params(default_max_tokens)?;
+    Ok((EngineCall::Completion(CompletionRequest { prompt, params }), model))
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+    })
+}
+
+/// The `chat.completion` object for an engine result.
+pub fn chat_completion_object(id: &str, model: &str, created: i64, c: &Completion) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": c.text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason(c.finish_reason),
+        }],
+        "usage": usage(c),
+        "system_fingerprint": null,
+    })
+}
+
+/// The `text_completion` object for an engine result.
+pub fn text_completion_object(id: &str, model: &str, created: i64, c: &Completion) -> Value {
+    json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish_reason(c.finish_reason)}],
+        "usage": usage(c),
+    })
+}
+
+/// One output-file line: `{id, custom_id, response: {status_code, request_id, body}, error: null}`.
+pub fn output_line(custom_id: &str, status_code: u16, body: Value) -> String {
+    json!({
+        "id": new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": {"status_code": status_code, "request_id": new_id("req_"), "body": body},
+        "error": null,
+    })
+    .to_string()
+}
+
+/// One error-file line for a request that never ran: `{id, custom_id, response: null, error}`.
+pub fn error_line(custom_id: Option<&str>, code: &str, message: &str) -> String {
+    json!({
+        "id": new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": null,
+        "error": {"code": code, "message": message},
+    })
+    .to_string()
+}
+
+/// A batch-level error entry (`errors.data[]`).
+pub fn batch_error(code: &str, message: &str, line: Option<i64>) -> Value {
+    json!({"code": code, "message": message, "param": null, "line": line})
+}
+
+/// Metadata as stored: a JSON object text with keys sorted.
+pub fn metadata_text(metadata: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str, seen: &mut HashSet<String>) -> Result<RequestLine, LineError> {
+        parse_request_line(line, "/v1/chat/completions", seen, 16)
+    }
+
+    #[test]
+    fn a_good_chat_line_becomes_an_engine_request() {
+        let mut seen = HashSet::new();
+        let line = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_completion_tokens":7,"temperature":0,"stop":"\n","seed":3}}"#;
+        let r = parse(line, &mut seen).unwrap();
+        assert_eq!(r.custom_id, "a");
+        assert_eq!(r.model.as_deref(), Some("m"));
+        let EngineCall::Chat(chat) = r.request else { panic!("chat expected") };
+        assert_eq!(chat.messages.len(), 2);
+        assert_eq!(chat.messages[1].content, "Hi");
+        assert_eq!(chat.params.max_tokens, Some(7));
+        assert_eq!(chat.params.temperature, 0.0);
+        assert_eq!(chat.params.stop, vec!["\n".to_string()]);
+        assert_eq!(chat.params.seed, Some(3));
+    }
+
+    #[test]
+    fn bad_lines_get_specific_codes() {
+        let mut seen = HashSet::new();
+        let ok = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#;
+        parse(ok, &mut seen).unwrap();
+        let cases = [
+            ("{not json", "invalid_json_line"),
+            ("[1]", "invalid_json_line"),
+            (r#"{"method":"POST"}"#, "missing_custom_id"),
+            (ok, "duplicate_custom_id"),
+            (r#"{"custom_id":"b","method":"GET","url":"/v1/chat/completions","body":{}}"#, "invalid_method"),
+            (r#"{"custom_id":"c","method":"POST","url":"/v1/completions","body":{}}"#, "mismatched_url"),
+            (r#"{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}"#, "invalid_body"),
+            (r#"{"custom_id":"e","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"stream":true}}"#, "invalid_body"),
+            (r#"{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"temperature":3}}"#, "invalid_body"),
+        ];
+        for (line, code) in cases {
+            assert_eq!(parse(line, &mut seen).unwrap_err().code, code, "{line}");
+        }
+        // A rejected line does not reserve its custom_id.
+        assert!(parse(r#"{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#, &mut seen).is_ok());
+    }
+
+    #[test]
+    fn completion_bodies_take_one_prompt() {
+        let (call, _) = parse_completion_body(json!({"prompt": ["Once"], "max_tokens": 5}), 16).unwrap();
+        let EngineCall::Completion(c) = call else { panic!() };
+        assert_eq!(c.prompt, "Once");
+        assert!(parse_completion_body(json!({"prompt": ["a", "b"]}), 16).is_err());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        assert!(validate_metadata(&json!({"k": "v"})).is_ok());
+        assert!(validate_metadata(&json!({"k": 1})).is_err());
+        assert!(validate_metadata(&json!("x")).is_err());
+        let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        assert!(validate_metadata(&Value::Object(many)).is_err());
+    }
+}

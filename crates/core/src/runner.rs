@@ -1,0 +1,462 @@
+//! Runs queued batches: claim with a lease, validate the input, run every line through the
+//! engine, persist each finished line at once, and write the output and error files.
+//!
+//! Every finished line is committed to `batch_lines` together with its count, so a worker killed
+//! at any point leaves a batch another worker resumes without redoing or losing a `custom_id`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchlab_engine::{Engine, EngineError};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::blob::{BlobError, BlobStore};
+use crate::openai::{self, EngineCall, LineError};
+use crate::store::{now, BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, Store, StoreError};
+
+/// Why running a batch stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file body could not be read or written.
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// Reading the input file failed.
+    #[error("reading input: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a worker runs batches.
+#[derive(Clone, Debug)]
+pub struct RunnerSettings {
+    /// This worker's lease owner name.
+    pub worker_id: String,
+    /// Lease length; renewed every third of it.
+    pub lease_seconds: i64,
+    /// Lines in flight at once.
+    pub concurrency: usize,
+    /// `max_tokens` for lines that set none.
+    pub default_max_tokens: usize,
+    /// Most lines a batch input may have.
+    pub max_lines: u64,
+}
+
+/// A worker's batch loop.
+#[derive(Clone)]
+pub struct Runner {
+    store: Store,
+    blobs: BlobStore,
+    engine: Engine,
+    settings: RunnerSettings,
+}
+
+/// How long a batch-level `errors.data` list may grow (the error file holds every line).
+const MAX_BATCH_ERRORS: usize = 1000;
+
+enum Stop {
+    Done,
+    Cancelled,
+    Expired,
+    LeaseLost,
+}
+
+impl Runner {
+    /// A runner over the shared store, blob directory and loaded engine.
+    pub fn new(store: Store, blobs: BlobStore, engine: Engine, settings: RunnerSettings) -> Runner {
+        Runner { store, blobs, engine, settings }
+    }
+
+    /// Claims one batch and drives it as far as it goes; `None` when the queue had nothing.
+    pub async fn run_once(&self) -> Result<Option<BatchRecord>, RunError> {
+        let Some(batch) = self.store.claim_batch(&self.settings.worker_id, self.settings.lease_seconds).await? else {
+            return Ok(None);
+        };
+        let span = info_span!("batch", id = %batch.id, status = batch.status.as_str());
+        let result = self.drive(batch.clone()).instrument(span).await;
+        self.store.release_lease(&batch.id, &self.settings.worker_id).await?;
+        result?;
+        Ok(self.store.get_batch(&batch.id).await?)
+    }
+
+    /// Polls the queue until `shutdown` resolves, sleeping `poll` when it is empty.
+    pub async fn run_forever(&self, poll: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let next = tokio::select! {
+                _ = &mut shutdown => return,
+                r = self.run_once() => r,
+            };
+            match next {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "batch run failed; retrying after a pause"),
+            }
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    async fn drive(&self, batch: BatchRecord) -> Result<(), RunError> {
+        let lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = self.spawn_heartbeat(&batch.id, lost.clone());
+        let result = self.drive_leased(batch, &lost).await;
+        heartbeat.abort();
+        result
+    }
+
+    fn spawn_heartbeat(&self, id: &str, lost: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+        let (store, id, worker, lease) =
+            (self.store.clone(), id.to_string(), self.settings.worker_id.clone(), self.settings.lease_seconds);
+        tokio::spawn(async move {
+            let period = Duration::from_millis((lease as u64 * 1000 / 3).max(200));
+            loop {
+                tokio::time::sleep(period).await;
+                match store.renew_lease(&id, &worker, lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(batch = %id, "lease lost to another worker");
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => warn!(batch = %id, error = %e, "lease renewal failed"),
+                }
+            }
+        })
+    }
+
+    async fn drive_leased(&self, mut batch: BatchRecord, lost: &AtomicBool) -> Result<(), RunError> {
+        let worker = self.settings.worker_id.clone();
+        loop {
+            if lost.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            match batch.status {
+                BatchStatus::Validating => {
+                    if !self.validate(&batch).await? {
+                        return Ok(());
+                    }
+                }
+                BatchStatus::InProgress => match self.execute(&batch, lost).await? {
+                    Stop::Done => {
+                        self.store.transition(&batch.id, &worker, &[BatchStatus::InProgress], BatchStatus::Finalizing).await?;
+                    }
+                    Stop::Expired => {
+                        self.expire_unfinished(&batch).await?;
+                        self.finalize(&batch, BatchStatus::InProgress, BatchStatus::Expired).await?;
+                    }
+                    Stop::Cancelled => {}
+                    Stop::LeaseLost => return Ok(()),
+                },
+                BatchStatus::Finalizing => {
+                    self.finalize(&batch, BatchStatus::Finalizing, BatchStatus::Completed).await?;
+                }
+                BatchStatus::Cancelling => {
+                    self.finalize(&batch, BatchStatus::Cancelling, BatchStatus::Cancelled).await?;
+                }
+                BatchStatus::Failed | BatchStatus::Completed | BatchStatus::Expired | BatchStatus::Cancelled => {
+                    return Ok(());
+                }
+            }
+            let Some(next) = self.store.get_batch(&batch.id).await? else { return Ok(()) };
+            if next.status == batch.status && next.status != BatchStatus::Cancelling {
+                // No progress was possible (another worker or a racing cancel); let the queue decide.
+                return Ok(());
+            }
+            batch = next;
+        }
+    }
+
+    /// Reads the input once: bad lines become error-file lines; no usable line fails the batch.
+    /// Returns whether the batch may go on.
+    async fn validate(&self, batch: &BatchRecord) -> Result<bool, RunError> {
+        let worker = &self.settings.worker_id;
+        let mut seen = HashSet::new();
+        let mut valid = 0u64;
+        let mut total = 0u64;
+        let mut errors: Vec<(i64, LineError)> = Vec::new();
+        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        while let Some((line_no, line)) = lines.next().await? {
+            total += 1;
+            if total > self.settings.max_lines {
+                let msg = format!("the input file has more than {} requests", self.settings.max_lines);
+                let errs = json!([openai::batch_error("too_many_requests", &msg, None)]);
+                self.store.fail_batch(&batch.id, worker, &errs.to_string()).await?;
+                return Ok(false);
+            }
+            match line.and_then(|l| {
+                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
+            }) {
+                Ok(_) => valid += 1,
+                Err(e) => errors.push((line_no, e)),
+            }
+        }
+        if valid == 0 {
+            let mut data: Vec<Value> = errors
+                .iter()
+                .take(MAX_BATCH_ERRORS)
+                .map(|(n, e)| openai::batch_error(e.code, &e.message, Some(*n)))
+                .collect();
+            if total == 0 {
+                data.push(openai::batch_error("empty_file", "the input file has no request lines", None));
+            }
+            info!(lines = total, "input has no usable line; batch failed");
+            self.store.fail_batch(&batch.id, worker, &Value::Array(data).to_string()).await?;
+            return Ok(false);
+        }
+        for (line_no, e) in &errors {
+            let body = openai::error_line(e.custom_id.as_deref(), e.code, &e.message);
+            let line = BatchLine {
+                line_no: *line_no,
+                custom_id: e.custom_id.clone(),
+                kind: LineKind::Error,
+                body,
+                input_tokens: 0,
+                output_tokens: 0,
+            };
+            self.store.record_line(&batch.id, &line).await?;
+        }
+        self.store.set_total(&batch.id, total as i64, self.engine.model_id()).await?;
+        info!(valid, invalid = errors.len(), "input validated");
+        self.store.transition(&batch.id, worker, &[BatchStatus::Validating], BatchStatus::InProgress).await?;
+        Ok(true)
+    }
+
+    /// Runs every unfinished line, `concurrency` at a time, until done, cancelled or expired.
+    async fn execute(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Stop, RunError> {
+        let done: HashSet<i64> = self.store.finished_line_numbers(&batch.id).await?.into_iter().collect();
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
+        let mut seen = HashSet::new();
+        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        let mut last_check = std::time::Instant::now();
+        let mut stop = Stop::Done;
+        while let Some((line_no, line)) = lines.next().await? {
+            let parsed = line.and_then(|l| {
+                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
+            });
+            if done.contains(&line_no) {
+                continue;
+            }
+            if last_check.elapsed() > Duration::from_millis(500) {
+                last_check = std::time::Instant::now();
+                if let Some(s) = self.should_stop(batch, lost).await? {
+                    stop = s;
+                    break;
+                }
+            }
+            let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
+            let (runner, batch_id) = (self.clone(), batch.id.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let line = runner.run_line(line_no, parsed).await;
+                runner.store.record_line(&batch_id, &line).await?;
+                Ok(())
+            });
+            // Reap finished tasks eagerly so errors surface quickly.
+            while let Some(r) = tasks.try_join_next() {
+                r.expect("line task panicked")?;
+            }
+        }
+        if !matches!(stop, Stop::Done) {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            return Ok(stop);
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("line task panicked")?;
+        }
+        Ok(self.should_stop(batch, lost).await?.unwrap_or(Stop::Done))
+    }
+
+    async fn should_stop(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Option<Stop>, RunError> {
+        if lost.load(Ordering::SeqCst) {
+            return Ok(Some(Stop::LeaseLost));
+        }
+        let current = self.store.get_batch(&batch.id).await?;
+        Ok(match current {
+            Some(b) if b.status == BatchStatus::Cancelling => Some(Stop::Cancelled),
+            Some(b) if b.lease_owner.as_deref() != Some(self.settings.worker_id.as_str()) => Some(Stop::LeaseLost),
+            Some(b) if b.expires_at.is_some_and(|e| now() >= e) => Some(Stop::Expired),
+            Some(_) => None,
+            None => Some(Stop::Cancelled),
+        })
+    }
+
+    /// Runs one validated line and turns the outcome into its output- or error-file line.
+    async fn run_line(&self, line_no: i64, parsed: Result<openai::RequestLine, LineError>) -> BatchLine {
+        let request = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                let body = openai::error_line(e.custom_id.as_deref(), e.code, &e.message);
+                return BatchLine { line_no, custom_id: e.custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 };
+            }
+        };
+        let custom_id = request.custom_id.clone();
+        let span = info_span!("line", line_no, custom_id = %custom_id);
+        let model = self.engine.model_id().to_string();
+        let outcome = async {
+            loop {
+                let result = match &request.request {
+                    EngineCall::Chat(c) => self.engine.chat(c.clone()).await,
+                    EngineCall::Completion(c) => self.engine.complete(c.clone()).await,
+                };
+                match result {
+                    Err(EngineError::Overloaded) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    other => return other,
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        match outcome {
+            Ok(c) => {
+                let body = match &request.request {
+                    EngineCall::Chat(_) => openai::chat_completion_object(&openai::new_id("chatcmpl-"), &model, now(), &c),
+                    EngineCall::Completion(_) => openai::text_completion_object(&openai::new_id("cmpl-"), &model, now(), &c),
+                };
+                BatchLine {
+                    line_no,
+                    custom_id: Some(custom_id.clone()),
+                    kind: LineKind::Output,
+                    body: openai::output_line(&custom_id, 200, body),
+                    input_tokens: c.prompt_tokens as i64,
+                    output_tokens: c.completion_tokens as i64,
+                }
+            }
+            Err(e) => {
+                let (status, kind) = match e {
+                    EngineError::InvalidRequest(_) | EngineError::Template(_) => (400, "invalid_request_error"),
+                    _ => (500, "server_error"),
+                };
+                warn!(line_no, custom_id = %custom_id, error = %e, "request failed");
+                let body = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": null}});
+                BatchLine {
+                    line_no,
+                    custom_id: Some(custom_id.clone()),
+                    kind: LineKind::Error,
+                    body: openai::output_line(&custom_id, status, body),
+                    input_tokens: 0,
+                    output_tokens: 0,
+                }
+            }
+        }
+    }
+
+    /// Writes `batch_expired` error lines for every line that never ran.
+    async fn expire_unfinished(&self, batch: &BatchRecord) -> Result<(), RunError> {
+        let done: HashSet<i64> = self.store.finished_line_numbers(&batch.id).await?.into_iter().collect();
+        let mut seen = HashSet::new();
+        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        while let Some((line_no, line)) = lines.next().await? {
+            let parsed = line.and_then(|l| {
+                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
+            });
+            if done.contains(&line_no) {
+                continue;
+            }
+            let custom_id = parsed.ok().map(|r| r.custom_id);
+            let body = openai::error_line(custom_id.as_deref(), "batch_expired", "the batch expired before this request ran");
+            let line = BatchLine { line_no, custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 };
+            self.store.record_line(&batch.id, &line).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the output and error files from the persisted lines and ends the batch in `to`.
+    async fn finalize(&self, batch: &BatchRecord, from: BatchStatus, to: BatchStatus) -> Result<(), RunError> {
+        let current = self.store.get_batch(&batch.id).await?.unwrap_or_else(|| batch.clone());
+        if current.output_file_id.is_none() && current.error_file_id.is_none() {
+            let output = self.write_lines_file(&batch.id, LineKind::Output).await?;
+            let error = self.write_lines_file(&batch.id, LineKind::Error).await?;
+            self.store.set_output_files(&batch.id, output.as_deref(), error.as_deref()).await?;
+        }
+        let moved = self.store.transition(&batch.id, &self.settings.worker_id, &[from], to).await?;
+        if moved {
+            metrics::counter!("batchlab_batches_finished_total", "status" => to.as_str()).increment(1);
+            info!(status = to.as_str(), "batch finished");
+        }
+        Ok(())
+    }
+
+    /// Copies one kind of persisted line into a new `batch_output` file; `None` if there are none.
+    async fn write_lines_file(&self, batch_id: &str, kind: LineKind) -> Result<Option<String>, RunError> {
+        let id = openai::new_id("file-");
+        let mut writer = self.blobs.writer(&id).await?;
+        let (mut after, mut count) = (0i64, 0i64);
+        loop {
+            let page = self.store.batch_lines(batch_id, kind, after, 1000).await?;
+            let Some(last) = page.last() else { break };
+            after = last.line_no;
+            for line in &page {
+                writer.write(line.body.as_bytes()).await?;
+                writer.write(b"\n").await?;
+                count += 1;
+            }
+        }
+        if count == 0 {
+            writer.abort().await;
+            return Ok(None);
+        }
+        let bytes = writer.finish().await?;
+        let suffix = match kind {
+            LineKind::Output => "output",
+            LineKind::Error => "error",
+        };
+        let record = FileRecord {
+            id: id.clone(),
+            filename: format!("{batch_id}_{suffix}.jsonl"),
+            purpose: "batch_output".into(),
+            bytes: bytes as i64,
+            lines: count,
+            created_at: now(),
+            expires_at: None,
+        };
+        self.store.insert_file(&record).await?;
+        Ok(Some(id))
+    }
+}
+
+/// Non-blank lines of a stored input file with 1-based line numbers; a line that is not UTF-8
+/// comes back as a line error instead of ending the read.
+struct InputLines {
+    reader: BufReader<tokio::fs::File>,
+    line_no: i64,
+    buf: Vec<u8>,
+}
+
+impl InputLines {
+    async fn open(blobs: &BlobStore, file_id: &str) -> Result<InputLines, RunError> {
+        let file = blobs.open_read(file_id).await?;
+        Ok(InputLines { reader: BufReader::with_capacity(1 << 16, file), line_no: 0, buf: Vec::new() })
+    }
+
+    async fn next(&mut self) -> Result<Option<(i64, Result<String, LineError>)>, RunError> {
+        loop {
+            self.buf.clear();
+            if self.reader.read_until(b'\n', &mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+            self.line_no += 1;
+            let text = match std::str::from_utf8(&self.buf) {
+                Ok(t) => t.trim(),
+                Err(_) => {
+                    let e = LineError { code: "invalid_json_line", message: "line is not valid UTF-8".into(), custom_id: None };
+                    return Ok(Some((self.line_no, Err(e))));
+                }
+            };
+            if !text.is_empty() {
+                return Ok(Some((self.line_no, Ok(text.to_string()))));
+            }
+        }
+    }
+}

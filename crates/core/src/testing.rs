@@ -1,0 +1,89 @@
+//! Fresh, isolated databases for tests, on SQLite and on PostgreSQL.
+//!
+//! PostgreSQL tests create a database of their own (`batchlab_test_<uuid>`) on the server named
+//! by `BATCHLAB_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`). When
+//! the server cannot be reached the tests fail if `BATCHLAB_REQUIRE_POSTGRES=1` (as the test
+//! script sets it) and are skipped with a message otherwise.
+
+use sqlx::{Connection, Executor};
+
+use crate::store::Store;
+
+/// The admin URL PostgreSQL test databases are created through.
+pub fn postgres_admin_url() -> String {
+    std::env::var("BATCHLAB_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    /// The store over it, migrated.
+    pub store: Store,
+    /// Its URL, for handing to child processes.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    /// A new SQLite file in a temporary directory.
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let store = Store::connect(&url, 4).await.expect("open sqlite");
+        TestDb { store, url, _dir: Some(dir), pg_name: None }
+    }
+
+    /// A new PostgreSQL database, or `None` (after saying why) when no server answers and
+    /// PostgreSQL is not required.
+    pub async fn postgres() -> Option<TestDb> {
+        sqlx::any::install_default_drivers();
+        let admin = postgres_admin_url();
+        let mut conn = match sqlx::AnyConnection::connect(&admin).await {
+            Ok(c) => c,
+            Err(e) if std::env::var("BATCHLAB_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+                panic!("PostgreSQL is required (BATCHLAB_REQUIRE_POSTGRES=1) but {admin} failed: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipping PostgreSQL test: {admin} unreachable ({e}); set BATCHLAB_REQUIRE_POSTGRES=1 to fail instead");
+                return None;
+            }
+        };
+        let name = format!("batchlab_test_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        let _ = conn.close().await;
+        let url = with_database(&admin, &name);
+        let store = Store::connect(&url, 8).await.expect("open postgres test database");
+        Some(TestDb { store, url, _dir: None, pg_name: Some(name) })
+    }
+
+    /// Closes the pool and drops a PostgreSQL database (SQLite files go with the temp dir).
+    pub async fn cleanup(self) {
+        self.store.close().await;
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut conn) = sqlx::AnyConnection::connect(&postgres_admin_url()).await {
+                let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+            }
+        }
+    }
+}
+
+/// `admin` with its database name replaced by `name` (query parameters kept).
+fn with_database(admin: &str, name: &str) -> String {
+    let (base, query) = admin.split_once('?').map(|(b, q)| (b, format!("?{q}"))).unwrap_or((admin, String::new()));
+    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let server = match base[authority_start..].find('/') {
+        Some(slash) => &base[..authority_start + slash],
+        None => base,
+    };
+    format!("{server}/{name}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_names_are_swapped_in_urls() {
+        assert_eq!(super::with_database("postgres://u@h:5432/postgres", "x"), "postgres://u@h:5432/x");
+        assert_eq!(super::with_database("postgres://u@h", "x"), "postgres://u@h/x");
+        assert_eq!(super::with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+    }
+}

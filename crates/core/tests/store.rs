@@ -1,0 +1,205 @@
+//! The store's test suite, run against SQLite and PostgreSQL alike.
+
+use std::collections::HashSet;
+
+use batchlab_core::store::{BatchLine, BatchStatus, FileRecord, LineKind, NewBatch, Store};
+
+fn file(id: &str, purpose: &str) -> FileRecord {
+    FileRecord {
+        id: id.into(),
+        filename: format!("{id}.jsonl"),
+        purpose: purpose.into(),
+        bytes: 10,
+        lines: 2,
+        created_at: 1_700_000_000,
+        expires_at: None,
+    }
+}
+
+fn new_batch(id: &str) -> NewBatch {
+    NewBatch {
+        id: id.into(),
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: "file-in".into(),
+        completion_window: "24h".into(),
+        window_seconds: 86_400,
+        metadata: Some(r#"{"k":"v"}"#.into()),
+        total: 3,
+    }
+}
+
+fn line(no: i64, kind: LineKind) -> BatchLine {
+    BatchLine {
+        line_no: no,
+        custom_id: Some(format!("c{no}")),
+        kind,
+        body: format!("{{\"line\":{no}}}"),
+        input_tokens: 10,
+        output_tokens: 5,
+    }
+}
+
+async fn files_round_trip_and_page(store: Store) {
+    for i in 0..5 {
+        store.insert_file(&file(&format!("file-{i}"), if i % 2 == 0 { "batch" } else { "fine-tune" })).await.unwrap();
+    }
+    assert_eq!(store.get_file("file-3").await.unwrap().unwrap(), file("file-3", "fine-tune"));
+    assert!(store.get_file("file-x").await.unwrap().is_none());
+
+    let newest = store.list_files(None, None, 2, false).await.unwrap();
+    assert_eq!(newest.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-4", "file-3", "file-2"]);
+    let next = store.list_files(None, Some("file-3"), 2, false).await.unwrap();
+    assert_eq!(next.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-2", "file-1", "file-0"]);
+    let oldest = store.list_files(Some("batch"), Some("file-0"), 10, true).await.unwrap();
+    assert_eq!(oldest.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["file-2", "file-4"]);
+
+    assert!(store.delete_file("file-2").await.unwrap());
+    assert!(!store.delete_file("file-2").await.unwrap());
+    assert!(store.get_file("file-2").await.unwrap().is_none());
+}
+
+async fn batches_are_created_listed_and_cancelled(store: Store) {
+    let b = store.insert_batch(&new_batch("batch_a")).await.unwrap();
+    assert_eq!(b.status, BatchStatus::Validating);
+    assert_eq!(b.expires_at, Some(b.created_at + 86_400));
+    assert_eq!(b.metadata.as_deref(), Some(r#"{"k":"v"}"#));
+    store.insert_batch(&new_batch("batch_b")).await.unwrap();
+    store.insert_batch(&new_batch("batch_c")).await.unwrap();
+
+    let page = store.list_batches(None, 2).await.unwrap();
+    assert_eq!(page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["batch_c", "batch_b", "batch_a"]);
+    let rest = store.list_batches(Some("batch_b"), 2).await.unwrap();
+    assert_eq!(rest.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["batch_a"]);
+
+    let cancelled = store.request_cancel("batch_a").await.unwrap().unwrap();
+    assert_eq!(cancelled.status, BatchStatus::Cancelling);
+    assert!(cancelled.cancelling_at.is_some());
+    assert!(store.request_cancel("batch_nope").await.unwrap().is_none());
+}
+
+async fn leases_give_each_batch_to_one_worker(store: Store) {
+    store.insert_batch(&new_batch("batch_1")).await.unwrap();
+    store.insert_batch(&new_batch("batch_2")).await.unwrap();
+
+    let first = store.claim_batch("w1", 60).await.unwrap().unwrap();
+    assert_eq!(first.id, "batch_1", "oldest first");
+    assert_eq!(first.lease_owner.as_deref(), Some("w1"));
+    let second = store.claim_batch("w2", 60).await.unwrap().unwrap();
+    assert_eq!(second.id, "batch_2", "a live lease is not taken");
+    assert!(store.claim_batch("w3", 60).await.unwrap().is_none());
+
+    assert!(store.renew_lease("batch_1", "w1", 60).await.unwrap());
+    assert!(!store.renew_lease("batch_1", "w2", 60).await.unwrap(), "only the owner renews");
+
+    // An expired lease (a killed worker) is taken over.
+    assert!(store.renew_lease("batch_2", "w2", -5).await.unwrap());
+    let taken = store.claim_batch("w3", 60).await.unwrap().unwrap();
+    assert_eq!((taken.id.as_str(), taken.lease_owner.as_deref()), ("batch_2", Some("w3")));
+    assert!(!store.renew_lease("batch_2", "w2", 60).await.unwrap(), "the old owner has lost it");
+
+    store.release_lease("batch_1", "w1").await.unwrap();
+    assert_eq!(store.claim_batch("w4", 60).await.unwrap().unwrap().id, "batch_1");
+}
+
+async fn concurrent_claims_never_share_a_batch(store: Store) {
+    for i in 0..4 {
+        store.insert_batch(&new_batch(&format!("batch_{i}"))).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.claim_batch(&format!("w{w}"), 60).await.unwrap() }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        if let Some(b) = t.await.unwrap() {
+            claimed.push(b.id);
+        }
+    }
+    let unique: HashSet<_> = claimed.iter().collect();
+    assert_eq!(claimed.len(), 4, "every batch claimed: {claimed:?}");
+    assert_eq!(unique.len(), 4, "no batch claimed twice: {claimed:?}");
+}
+
+async fn transitions_are_guarded_and_stamped(store: Store) {
+    store.insert_batch(&new_batch("batch_t")).await.unwrap();
+    store.claim_batch("w", 60).await.unwrap().unwrap();
+    assert!(!store.transition("batch_t", "other", &[BatchStatus::Validating], BatchStatus::InProgress).await.unwrap());
+    assert!(!store.transition("batch_t", "w", &[BatchStatus::InProgress], BatchStatus::Finalizing).await.unwrap());
+    assert!(store.transition("batch_t", "w", &[BatchStatus::Validating], BatchStatus::InProgress).await.unwrap());
+    assert!(store.transition("batch_t", "w", &[BatchStatus::InProgress], BatchStatus::Finalizing).await.unwrap());
+    store.set_output_files("batch_t", Some("file-out"), None).await.unwrap();
+    assert!(store.transition("batch_t", "w", &[BatchStatus::Finalizing], BatchStatus::Completed).await.unwrap());
+    let b = store.get_batch("batch_t").await.unwrap().unwrap();
+    assert_eq!(b.status, BatchStatus::Completed);
+    assert!(b.in_progress_at.is_some() && b.finalizing_at.is_some() && b.completed_at.is_some());
+    assert_eq!(b.output_file_id.as_deref(), Some("file-out"));
+    assert!(store.claim_batch("w", 60).await.unwrap().is_none(), "finished batches leave the queue");
+
+    store.insert_batch(&new_batch("batch_f")).await.unwrap();
+    store.claim_batch("w", 60).await.unwrap().unwrap();
+    assert!(store.fail_batch("batch_f", "w", r#"[{"code":"x","message":"m","param":null,"line":1}]"#).await.unwrap());
+    let f = store.get_batch("batch_f").await.unwrap().unwrap();
+    assert_eq!(f.status, BatchStatus::Failed);
+    assert!(f.failed_at.is_some() && f.errors.is_some());
+}
+
+async fn lines_are_recorded_exactly_once(store: Store) {
+    store.insert_batch(&new_batch("batch_l")).await.unwrap();
+    assert!(store.record_line("batch_l", &line(1, LineKind::Output)).await.unwrap());
+    assert!(store.record_line("batch_l", &line(3, LineKind::Output)).await.unwrap());
+    assert!(store.record_line("batch_l", &line(2, LineKind::Error)).await.unwrap());
+    assert!(!store.record_line("batch_l", &line(1, LineKind::Output)).await.unwrap(), "a replay changes nothing");
+    let b = store.get_batch("batch_l").await.unwrap().unwrap();
+    assert_eq!((b.completed, b.failed, b.input_tokens, b.output_tokens), (2, 1, 30, 15));
+
+    let mut done = store.finished_line_numbers("batch_l").await.unwrap();
+    done.sort();
+    assert_eq!(done, [1, 2, 3]);
+    let out = store.batch_lines("batch_l", LineKind::Output, 0, 1).await.unwrap();
+    assert_eq!(out.iter().map(|l| l.line_no).collect::<Vec<_>>(), [1]);
+    let out = store.batch_lines("batch_l", LineKind::Output, 1, 10).await.unwrap();
+    assert_eq!(out, vec![line(3, LineKind::Output)]);
+    let err = store.batch_lines("batch_l", LineKind::Error, 0, 10).await.unwrap();
+    assert_eq!(err.len(), 1);
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = batchlab_core::testing::TestDb::sqlite().await;
+                    super::$name(db.store.clone()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = batchlab_core::testing::TestDb::postgres().await else { return };
+                    super::$name(db.store.clone()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    files_round_trip_and_page,
+    batches_are_created_listed_and_cancelled,
+    leases_give_each_batch_to_one_worker,
+    concurrent_claims_never_share_a_batch,
+    transitions_are_guarded_and_stamped,
+    lines_are_recorded_exactly_once,
+);
+
+#[tokio::test]
+async fn unsupported_urls_are_refused_by_name() {
+    let err = Store::connect("mysql://x", 1).await.unwrap_err();
+    assert!(err.to_string().contains("mysql://x"));
+}

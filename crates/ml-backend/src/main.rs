@@ -1,0 +1,28 @@
+//! batchlab-ml-backend: the Label Studio ML backend (port 4082).
+
+use anyhow::Context;
+use batchlab_core::config::ConfigArgs;
+use clap::Parser;
+
+/// Label Studio ML backend of batchlab (port 4082 by default). This first version answers
+/// `/health`; predictions come with the ML backend issue.
+#[derive(Parser)]
+#[command(name = "batchlab-ml-backend", version, about)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    batchlab_core::telemetry::init_tracing();
+    let config = args.config.load()?;
+    let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "batchlab-ml-backend listening");
+    axum::serve(listener, batchlab_ml_backend::router())
+        .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())
+        .await?;
+    Ok(())
+}

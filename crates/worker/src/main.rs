@@ -1,0 +1,56 @@
+//! batchlab-worker: claims batches from the shared queue and runs them through the engine.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use batchlab_core::blob::BlobStore;
+use batchlab_core::config::ConfigArgs;
+use batchlab_core::engine::{Engine, EngineConfig};
+use batchlab_core::runner::{Runner, RunnerSettings};
+use batchlab_core::store::Store;
+use clap::Parser;
+
+/// Runs queued OpenAI batches with the in-process model; start several to share one queue.
+#[derive(Parser)]
+#[command(name = "batchlab-worker", version, about)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    batchlab_core::telemetry::init_tracing();
+    let config = args.config.load()?;
+    let worker_id = config.worker_id();
+    let store = Store::connect(&config.database.url, config.database.max_connections)
+        .await
+        .with_context(|| format!("opening database {}", config.database.url))?;
+    let blobs = BlobStore::open(&config.storage.files_dir)?;
+    let e = &config.engine;
+    let engine_config = EngineConfig {
+        model_path: e.model_path.clone(),
+        model_id: e.model_id.clone(),
+        max_queue: e.max_queue,
+        threads: (e.threads > 0).then_some(e.threads),
+        max_context: (e.max_context > 0).then_some(e.max_context),
+    };
+    let started = std::time::Instant::now();
+    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
+        .await?
+        .with_context(|| format!("loading model {}", e.model_path.display()))?;
+    tracing::info!(worker = %worker_id, model = engine.model_id(), load_seconds = started.elapsed().as_secs_f64(), "batchlab-worker ready");
+    let settings = RunnerSettings {
+        worker_id,
+        lease_seconds: config.worker.lease_seconds as i64,
+        concurrency: config.worker.concurrency,
+        default_max_tokens: config.engine.default_max_tokens,
+        max_lines: config.batch.max_lines,
+    };
+    let runner = Runner::new(store, blobs, engine, settings);
+    runner
+        .run_forever(Duration::from_millis(config.worker.poll_interval_ms), batchlab_core::telemetry::shutdown_signal())
+        .await;
+    Ok(())
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# batchlab's whole test suite, the README's second command:
+#   Rust unit and integration tests (the store's suite on SQLite AND PostgreSQL, the API over a
+#   socket, the engine on the real default model), then the end-to-end tests in tests/e2e that
+#   drive the real binaries with the official `openai` Python package.
+# Needs: the Rust toolchain, Python 3 with pip, and PostgreSQL on 127.0.0.1:5432
+# (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export BATCHLAB_REQUIRE_POSTGRES=1
+export BATCHLAB_TEST_POSTGRES_URL="${BATCHLAB_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== model"
+scripts/fetch-model.sh
+
+echo "== python environment for the end-to-end tests"
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+
+echo "== build"
+cargo build --workspace --bins --tests
+
+echo "== rust tests"
+cargo test --workspace --no-fail-fast
+
+echo "== end-to-end tests"
+BATCHLAB_BIN_DIR="$ROOT/target/debug" .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider
