@@ -179,10 +179,16 @@ pub enum ConfigError {
     Invalid(#[from] Box<figment::Error>),
 }
 
+/// `<PREFIX><SECTION>__<KEY>` variables. Every setting lives in a section, so variables without
+/// `__` (`BATCHLAB_PROFILE`, `BATCHLAB_REQUIRE_POSTGRES`, ...) belong to scripts and tests, not here.
+fn env_overrides(prefix: &str) -> Env {
+    Env::prefixed(prefix).filter(|key| key.as_str().contains("__")).split("__")
+}
+
 impl Config {
     /// Loads defaults, `config/default.toml` if present, `file` if given, then `BATCHLAB_*`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, Env::prefixed("BATCHLAB_").split("__"))
+        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, env_overrides("BATCHLAB_"))
     }
 
     fn load_from(default_file: &Path, file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
@@ -236,11 +242,8 @@ mod tests {
             jail.create_file("extra.toml", "[api]\nport = 5000\n[worker]\nconcurrency = 2\n")?;
             jail.set_env("TESTCFG_API__PORT", "6000");
             jail.set_env("TESTCFG_DATABASE__URL", "postgres://x@localhost/db");
-            let c = Config::load_from(
-                Path::new("none.toml"),
-                Some(Path::new("extra.toml")),
-                Env::prefixed("TESTCFG_").split("__"),
-            )
+            jail.set_env("TESTCFG_PROFILE", "not a setting: ignored");
+            let c = Config::load_from(Path::new("none.toml"), Some(Path::new("extra.toml")), env_overrides("TESTCFG_"))
             .map_err(|e| e.to_string())?;
             assert_eq!(c.api.port, 6000);
             assert_eq!(c.worker.concurrency, 2);
