@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Stop the services scripts/start-services.sh started: SIGTERM each one named by a PID file in
+# run/ (or $BATCHLAB_RUN_DIR), SIGKILL it if it is still alive after 10 seconds, and remove the
+# PID file. Says nothing and succeeds when nothing runs.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RUN_DIR="${BATCHLAB_RUN_DIR:-$ROOT/run}"
+GRACE="${BATCHLAB_STOP_TIMEOUT:-10}"
+
+# Is PID a live (non-zombie) process running the named service?
+running() {
+  local pid="$1" name="$2" state
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  if [[ -r "/proc/$pid/stat" ]]; then
+    state="$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null || true)"
+    [[ "$state" != "Z" ]] || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name" || return 1
+  fi
+  return 0
+}
+
+[[ -d "$RUN_DIR" ]] || exit 0
+
+shopt -s nullglob
+pidfiles=("$RUN_DIR"/*.pid)
+# Stop the worker first (it finishes its in-flight lines), then the HTTP services.
+ordered=()
+for name in batchlab-worker batchlab-ml-backend batchlab-api; do
+  [[ -f "$RUN_DIR/$name.pid" ]] && ordered+=("$RUN_DIR/$name.pid")
+done
+for f in ${pidfiles[@]+"${pidfiles[@]}"}; do
+  case " ${ordered[*]-} " in *" $f "*) ;; *) ordered+=("$f") ;; esac
+done
+
+status=0
+for pidfile in ${ordered[@]+"${ordered[@]}"}; do
+  name="$(basename "$pidfile" .pid)"
+  pid="$(cat "$pidfile" 2>/dev/null || true)"
+  if ! running "$pid" "$name"; then
+    rm -f "$pidfile"  # stale
+    continue
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + GRACE))
+  while running "$pid" "$name" && ((SECONDS < deadline)); do
+    sleep 0.2
+  done
+  if running "$pid" "$name"; then
+    echo "stop-services: $name (pid $pid) ignored SIGTERM for ${GRACE}s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 25); do running "$pid" "$name" || break; sleep 0.2; done
+  fi
+  if running "$pid" "$name"; then
+    echo "stop-services: error: $name (pid $pid) is still running" >&2
+    status=1
+    continue
+  fi
+  rm -f "$pidfile"
+  echo "stop-services: stopped $name (pid $pid)"
+done
+exit $status
