@@ -51,18 +51,8 @@ probe_host() {
 API_HOST="$(probe_host "${BATCHLAB_API__HOST:-127.0.0.1}")"
 ML_HOST="$(probe_host "${BATCHLAB_ML_BACKEND__HOST:-127.0.0.1}")"
 
-# Is PID a live (non-zombie) process running the named service?
-running() {
-  local pid="$1" name="$2" state
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  if [[ -r "/proc/$pid/stat" ]]; then
-    state="$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$pid/stat" 2>/dev/null || true)"
-    [[ "$state" != "Z" ]] || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name" || return 1
-  fi
-  return 0
-}
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 # 1. Refuse to start a second copy.
 mkdir -p "$LOG_DIR" "$RUN_DIR"

@@ -279,4 +279,10 @@ impl ConfigArgs {
     pub fn load(&self) -> Result<Config, ConfigError> {
         Config::load(self.config.as_deref())
     }
+
+    /// What every binary does first: start logging, then load the configuration.
+    pub fn init(&self) -> Result<Config, ConfigError> {
+        crate::telemetry::init_tracing();
+        self.load()
+    }
 }

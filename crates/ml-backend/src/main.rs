@@ -15,9 +15,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    batchlab_core::telemetry::init_tracing();
-    let config = args.config.load()?;
+    let config = Args::parse().config.init()?;
     let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, "batchlab-ml-backend listening");

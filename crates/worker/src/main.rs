@@ -20,11 +20,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    batchlab_core::telemetry::init_tracing();
-    let config = args.config.load()?;
+    let config = Args::parse().config.init()?;
     let worker_id = config.worker_id();
-    let store = Store::connect(&config.database.url, config.database.max_connections)
+    let store = Store::open(&config.database)
         .await
         .with_context(|| format!("opening database {}", config.database.url))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;

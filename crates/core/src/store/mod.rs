@@ -104,6 +104,11 @@ impl Store {
         Ok(Store { pool, backend })
     }
 
+    /// Connects to the configured database (see [`Store::connect`]).
+    pub async fn open(config: &crate::config::DatabaseConfig) -> Result<Store, StoreError> {
+        Store::connect(&config.url, config.max_connections).await
+    }
+
     /// Which database this store talks to.
     pub fn backend(&self) -> Backend {
         self.backend
