@@ -1,0 +1,478 @@
+//! batchlab's in-process LLM inference engine (first version).
+//!
+//! [`Engine::load`] reads a local GGUF file, builds its tokenizer and chat template from the
+//! file's metadata, and starts one dedicated OS thread that owns the model. Requests
+//! ([`Engine::chat`], [`Engine::complete`]) go to that thread through a bounded queue and come
+//! back through a oneshot channel; a full queue is [`EngineError::Overloaded`].
+//!
+//! The engine knows nothing of HTTP or of OpenAI wire formats.
+//!
+//! Limits of this version:
+//! - the model is candle-transformers' `quantized_llama` (GGUF architecture `llama` only);
+//! - one request is processed at a time (continuous batching comes later);
+//! - the tokenizer supports `tokenizer.ggml.model = gpt2` with `tokenizer.ggml.pre = smollm`
+//!   (verified exact against llama.cpp); anything else is refused at load time.
+
+#![forbid(unsafe_code)]
+
+mod template;
+mod tokenizer;
+mod worker;
+
+use std::collections::HashSet;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::template::{ChatTemplate, CHATML_TEMPLATE};
+use crate::tokenizer::GgufTokenizer;
+use crate::worker::{Job, Worker};
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Local GGUF file.
+    pub model_path: PathBuf,
+    /// Name reported in responses, e.g. `"SmolLM2-135M-Instruct"`.
+    pub model_id: String,
+    /// Capacity of the request queue; when it is full, requests fail with
+    /// [`EngineError::Overloaded`]. At least 1 is used.
+    pub max_queue: usize,
+    /// CPU threads for candle; `None` leaves candle's default (physical cores, or the
+    /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` environment variables).
+    ///
+    /// candle's CPU thread pools are process-wide and sized once, at the first tensor
+    /// operation of the process. [`Engine::load`] therefore sets `CANDLE_NUM_THREADS` and
+    /// `RAYON_NUM_THREADS` before it touches any tensor; this only takes effect if no candle
+    /// (or global rayon) work ran earlier in the process, and it applies to every engine of
+    /// the process.
+    pub threads: Option<usize>,
+    /// Cap on context tokens (prompt + completion); `None` means the GGUF's context length.
+    /// See [`Engine::context_length`] for the other caps.
+    pub max_context: Option<usize>,
+}
+
+/// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
+/// which ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model_id: String,
+    context_length: usize,
+    tokenizer: Arc<GgufTokenizer>,
+    template: ChatTemplate,
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model_id", &self.inner.model_id)
+            .field("context_length", &self.inner.context_length)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `"system"`, `"user"`, `"assistant"`, ... as the model's chat template understands it.
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// Builds a message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// How to pick tokens and when to stop.
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    /// Most tokens to generate; `None` means until EOS or the end of the context.
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature; `0` means greedy (argmax). Must be finite and not negative.
+    pub temperature: f64,
+    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches
+    /// `top_p`. `None` (or `1.0`) samples from all tokens. Must be in `(0, 1]`.
+    pub top_p: Option<f64>,
+    /// Seed for sampling; the same seed, prompt and parameters give the same text.
+    /// `None` picks a random seed.
+    pub seed: Option<u64>,
+    /// Stop strings: generation stops when the text contains one, and the text is cut before it.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: None,
+            temperature: 1.0,
+            top_p: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// A chat request: messages rendered with the model's chat template.
+#[derive(Clone, Debug)]
+pub struct ChatRequest {
+    /// The conversation so far.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+}
+
+/// A plain completion request: the prompt is used as-is.
+#[derive(Clone, Debug)]
+pub struct CompletionRequest {
+    /// Prompt text (untrusted: control-token strings in it are encoded as ordinary text).
+    pub prompt: String,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token, or the text reached a stop string.
+    Stop,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+}
+
+/// The result of a request.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// Generated text (without the EOS token, cut before a stop string).
+    pub text: String,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Tokens in the prompt as the model saw it (after templating).
+    pub prompt_tokens: usize,
+    /// Tokens generated, including the EOS token when there was one and the tokens of a
+    /// stop string.
+    pub completion_tokens: usize,
+}
+
+/// Engine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model could not be loaded (missing file, unsupported architecture or tokenizer...).
+    #[error("cannot load model: {0}")]
+    Load(String),
+    /// The chat template failed to render.
+    #[error("chat template error: {0}")]
+    Template(String),
+    /// The request is not valid (empty messages, prompt too long, bad parameters...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The request queue is full.
+    #[error("engine overloaded: request queue is full")]
+    Overloaded,
+    /// The model thread is gone.
+    #[error("engine stopped")]
+    Stopped,
+    /// candle failed during a forward pass.
+    #[error("inference error: {0}")]
+    Inference(String),
+}
+
+fn load_err(context: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("{context}: {e}"))
+}
+
+/// Everything [`Engine::load`] builds before it starts the model thread.
+pub(crate) struct Loaded {
+    pub(crate) tokenizer: Arc<GgufTokenizer>,
+    pub(crate) template: ChatTemplate,
+    pub(crate) worker: Worker,
+    pub(crate) context_length: usize,
+}
+
+/// Reads the GGUF and builds tokenizer, template and model (no thread).
+pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
+    let start = Instant::now();
+    if let Some(n) = config.threads.filter(|&n| n > 0) {
+        // candle reads these once, when its thread pools are first used (see EngineConfig).
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let path = &config.model_path;
+    let file = std::fs::File::open(path)
+        .map_err(|e| load_err(&format!("cannot open {}", path.display()), e))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        load_err(
+            &format!("{} is not a readable GGUF file", path.display()),
+            e,
+        )
+    })?;
+
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
+    if arch != "llama" {
+        return Err(EngineError::Load(format!(
+            "unsupported architecture {arch:?} (supported: \"llama\")"
+        )));
+    }
+
+    let tokenizer = Arc::new(GgufTokenizer::from_gguf(&content)?);
+
+    // Usable context: the GGUF's training context, capped by quantized_llama's RoPE table,
+    // which is precomputed for MAX_SEQ_LEN (4096) positions only: positions past it would
+    // fail in the forward pass (SmolLM2 itself is trained for 8192).
+    let gguf_ctx = content
+        .metadata
+        .get("llama.context_length")
+        .and_then(|v| {
+            v.to_u32()
+                .ok()
+                .or_else(|| v.to_u64().ok().map(|x| x as u32))
+        })
+        .map(|x| x as usize)
+        .unwrap_or(MAX_SEQ_LEN);
+    let mut context_length = gguf_ctx.min(MAX_SEQ_LEN);
+    if let Some(cap) = config.max_context {
+        context_length = context_length.min(cap);
+    }
+    if context_length < 2 {
+        return Err(EngineError::Load(format!(
+            "context length {context_length} is too small"
+        )));
+    }
+
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_str(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let bos_token = token_text(tokenizer.bos_id);
+    let eos_token = token_text(tokenizer.eos_id);
+    let template_src = match content.metadata.get("tokenizer.chat_template") {
+        Some(v) => v
+            .to_string()
+            .map_err(|e| load_err("tokenizer.chat_template", e))?
+            .clone(),
+        None => {
+            tracing::warn!(
+                model = %path.display(),
+                "GGUF has no tokenizer.chat_template; falling back to ChatML"
+            );
+            CHATML_TEMPLATE.to_string()
+        }
+    };
+    let template = ChatTemplate::new(&template_src, bos_token, eos_token)?;
+
+    let mut eos = HashSet::new();
+    eos.extend(tokenizer.eos_id);
+    if let Some(v) = content.metadata.get("tokenizer.ggml.eot_token_id") {
+        if let Ok(id) = v.to_u32() {
+            eos.insert(id);
+        }
+    }
+    for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
+        eos.extend(tokenizer.control_id(t));
+    }
+
+    let device = Device::Cpu;
+    let model = ModelWeights::from_gguf(content, &mut reader, &device)
+        .map_err(|e| load_err("cannot build the model", e))?;
+    tracing::info!(
+        model_id = %config.model_id,
+        path = %path.display(),
+        vocab = tokenizer.vocab_size(),
+        control_tokens = tokenizer.control_tokens().len(),
+        context_length,
+        gguf_context_length = gguf_ctx,
+        load_ms = start.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+
+    let worker = Worker {
+        model,
+        tokenizer: tokenizer.clone(),
+        eos,
+        context_length,
+        device,
+        prefill_chunk: worker::PREFILL_CHUNK,
+    };
+    Ok(Loaded {
+        tokenizer,
+        template,
+        worker,
+        context_length,
+    })
+}
+
+impl Engine {
+    /// Loads the GGUF, builds the tokenizer and chat template, and spawns the model thread.
+    ///
+    /// Blocking (reads the whole file); call it from `spawn_blocking` in async code.
+    pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {
+        let Loaded {
+            tokenizer,
+            template,
+            worker,
+            context_length,
+        } = load_parts(&config)?;
+        let (tx, rx) = mpsc::channel(config.max_queue.max(1));
+        std::thread::Builder::new()
+            .name("batchlab-model".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| load_err("cannot spawn the model thread", e))?;
+
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                model_id: config.model_id,
+                context_length,
+                tokenizer,
+                template,
+                tx,
+            }),
+        })
+    }
+
+    /// The model name given in [`EngineConfig::model_id`].
+    pub fn model_id(&self) -> &str {
+        &self.inner.model_id
+    }
+
+    /// Most tokens (prompt + completion) a request can use: the smallest of the GGUF's context
+    /// length, 4096 (candle-transformers' `quantized_llama` precomputes RoPE for 4096 positions
+    /// only) and [`EngineConfig::max_context`].
+    pub fn context_length(&self) -> usize {
+        self.inner.context_length
+    }
+
+    /// Chat: renders the messages with the model's chat template (`add_generation_prompt`
+    /// true), then generates. Control-token strings inside message contents are encoded as
+    /// plain text; only the template's own markers become control tokens.
+    pub async fn chat(&self, request: ChatRequest) -> Result<Completion, EngineError> {
+        let prompt = self
+            .inner
+            .template
+            .encode(&self.inner.tokenizer, &request.messages)?;
+        let prompt = self.with_bos(prompt);
+        self.submit("chat", prompt, request.params).await
+    }
+
+    /// Plain completion: the prompt text as-is (no template), then generates. Control-token
+    /// strings in the prompt are encoded as plain text. A BOS token is prepended only if the
+    /// GGUF asks for it (`tokenizer.ggml.add_bos_token`).
+    pub async fn complete(&self, request: CompletionRequest) -> Result<Completion, EngineError> {
+        let prompt = self.inner.tokenizer.encode_plain(&request.prompt)?;
+        let prompt = self.with_bos(prompt);
+        self.submit("completion", prompt, request.params).await
+    }
+
+    /// Renders the chat template for `messages` (with `add_generation_prompt` true).
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.inner.template.render(messages)
+    }
+
+    /// Number of tokens `text` encodes to as plain text (control-token strings count as
+    /// ordinary text, as in [`Engine::complete`]; no BOS).
+    pub fn count_tokens(&self, text: &str) -> Result<usize, EngineError> {
+        Ok(self.inner.tokenizer.encode_plain(text)?.len())
+    }
+
+    /// Token ids of a plain text (as [`Engine::complete`] encodes its prompt, without BOS).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.inner.tokenizer.encode_plain(text)
+    }
+
+    /// Token ids of the prompt [`Engine::chat`] would run for `messages`.
+    pub fn tokenize_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        let ids = self
+            .inner
+            .template
+            .encode(&self.inner.tokenizer, messages)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Text of token ids; control tokens are left out when `skip_special` is true.
+    pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
+        self.inner.tokenizer.decode(ids, skip_special)
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        let tok = &self.inner.tokenizer;
+        if let (true, Some(bos)) = (tok.add_bos, tok.bos_id) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        ids
+    }
+
+    async fn submit(
+        &self,
+        kind: &'static str,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<Completion, EngineError> {
+        validate(&params)?;
+        let ctx = self.inner.context_length;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if prompt.len() >= ctx {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt is {} tokens but the context holds {} tokens (at least one must remain \
+                 for the completion)",
+                prompt.len(),
+                ctx
+            )));
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            kind,
+            prompt,
+            params,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.inner.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        })?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+}
+
+fn validate(p: &SamplingParams) -> Result<(), EngineError> {
+    if !p.temperature.is_finite() || p.temperature < 0.0 {
+        return Err(EngineError::InvalidRequest(format!(
+            "temperature must be a finite number >= 0, got {}",
+            p.temperature
+        )));
+    }
+    if let Some(top_p) = p.top_p {
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(EngineError::InvalidRequest(format!(
+                "top_p must be in (0, 1], got {top_p}"
+            )));
+        }
+    }
+    Ok(())
+}

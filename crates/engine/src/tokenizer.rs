@@ -1,0 +1,368 @@
+//! Tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Only what has been verified token-for-token against llama.cpp is supported (see
+//! `shared/reference/candle-engine.md`): `tokenizer.ggml.model = gpt2` with
+//! `tokenizer.ggml.pre = smollm`. Anything else fails with [`EngineError::Load`] naming the
+//! value, because a tokenizer that is silently wrong is worse than none.
+//!
+//! Two copies of the same tokenizer are kept:
+//! - `special` matches control tokens (GGUF token type 3) written as text, e.g. `<|im_start|>`;
+//!   it is only ever used on text the engine itself produced (the chat template's own markers);
+//! - `plain` never matches control tokens, so text typed by a user (`<|im_start|>` inside a
+//!   message or a completion prompt) becomes ordinary text tokens and cannot inject structure.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+use crate::EngineError;
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// The engine's tokenizer: vocabulary, special tokens and the two encoders described above.
+pub(crate) struct GgufTokenizer {
+    special: Tokenizer,
+    plain: Tokenizer,
+    /// Control tokens as (text, id), longest text first (for leftmost-longest matching).
+    control_tokens: Vec<(String, u32)>,
+    /// Token strings by id (as stored in the GGUF, i.e. byte-level encoded for gpt2 models).
+    tokens: Vec<String>,
+    pub(crate) bos_id: Option<u32>,
+    pub(crate) eos_id: Option<u32>,
+    pub(crate) add_bos: bool,
+}
+
+fn md<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
+    ct.metadata.get(key)
+}
+
+fn md_string(ct: &Content, key: &str) -> Result<Option<String>, EngineError> {
+    match md(ct, key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_string()
+            .map(|s| Some(s.clone()))
+            .map_err(|e| EngineError::Load(format!("metadata {key}: {e}"))),
+    }
+}
+
+fn md_u32(ct: &Content, key: &str) -> Option<u32> {
+    let v = md(ct, key)?;
+    v.to_u32()
+        .ok()
+        .or_else(|| v.to_i32().ok().and_then(|x| u32::try_from(x).ok()))
+        .or_else(|| v.to_u64().ok().and_then(|x| u32::try_from(x).ok()))
+}
+
+fn md_string_array(ct: &Content, key: &str) -> Result<Vec<String>, EngineError> {
+    let v = md(ct, key).ok_or_else(|| EngineError::Load(format!("GGUF has no {key}")))?;
+    let arr = v
+        .to_vec()
+        .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))?;
+    arr.iter()
+        .map(|x| {
+            x.to_string()
+                .cloned()
+                .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))
+        })
+        .collect()
+}
+
+fn md_i32_array(ct: &Content, key: &str) -> Result<Option<Vec<i32>>, EngineError> {
+    let Some(v) = md(ct, key) else {
+        return Ok(None);
+    };
+    let arr = v
+        .to_vec()
+        .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))?;
+    arr.iter()
+        .map(|x| {
+            x.to_i32()
+                .or_else(|_| x.to_u32().map(|u| u as i32))
+                .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn tok_err(context: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("{context}: {e}"))
+}
+
+impl GgufTokenizer {
+    /// Builds the tokenizer from GGUF metadata.
+    pub(crate) fn from_gguf(ct: &Content) -> Result<Self, EngineError> {
+        let model = md_string(ct, "tokenizer.ggml.model")?
+            .ok_or_else(|| EngineError::Load("GGUF has no tokenizer.ggml.model".into()))?;
+        if model != "gpt2" {
+            return Err(EngineError::Load(format!(
+                "unsupported tokenizer model tokenizer.ggml.model = {model:?} (supported: \"gpt2\")"
+            )));
+        }
+        let pre = md_string(ct, "tokenizer.ggml.pre")?.ok_or_else(|| {
+            EngineError::Load("GGUF has no tokenizer.ggml.pre (pre-tokenizer unknown)".into())
+        })?;
+        // Pre-tokenizers verified exact against llama.cpp. Extend only with a verified mapping.
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            other => return Err(EngineError::Load(format!(
+                "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} (supported: \"smollm\")"
+            ))),
+        };
+
+        let tokens = md_string_array(ct, "tokenizer.ggml.tokens")?;
+        let types = md_i32_array(ct, "tokenizer.ggml.token_type")?;
+        if let Some(t) = &types {
+            if t.len() != tokens.len() {
+                return Err(EngineError::Load(format!(
+                    "tokenizer.ggml.token_type has {} entries for {} tokens",
+                    t.len(),
+                    tokens.len()
+                )));
+            }
+        }
+        let merges_raw = md_string_array(ct, "tokenizer.ggml.merges")?;
+        let merges = merges_raw
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| EngineError::Load(format!("malformed merge {m:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // First occurrence wins should a GGUF repeat a token string.
+        let mut vocab_map: HashMap<&str, u32> = HashMap::with_capacity(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            vocab_map.entry(t.as_str()).or_insert(id as u32);
+        }
+        let vocab: Vocab = vocab_map
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| tok_err("building BPE", e))?;
+
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+
+        let mut control_tokens = Vec::new();
+        if let Some(types) = &types {
+            let mut specials = Vec::new();
+            let mut user_defined = Vec::new();
+            for (id, (t, ty)) in tokens.iter().zip(types).enumerate() {
+                match *ty {
+                    TOKEN_TYPE_CONTROL => {
+                        specials.push(AddedToken::from(t.clone(), true));
+                        control_tokens.push((t.clone(), id as u32));
+                    }
+                    TOKEN_TYPE_USER_DEFINED => {
+                        user_defined.push(AddedToken::from(t.clone(), false));
+                    }
+                    _ => {}
+                }
+            }
+            tokenizer
+                .add_special_tokens(specials)
+                .map_err(|e| tok_err("adding control tokens", e))?;
+            tokenizer
+                .add_tokens(user_defined)
+                .map_err(|e| tok_err("adding user-defined tokens", e))?;
+        }
+        control_tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+
+        let special = tokenizer.clone();
+        let mut plain = tokenizer;
+        plain.set_encode_special_tokens(true);
+
+        let n = tokens.len() as u32;
+        let bos_id = md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n);
+        let eos_id = md_u32(ct, "tokenizer.ggml.eos_token_id").filter(|&i| i < n);
+        let add_bos = md(ct, "tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+
+        Ok(Self {
+            special,
+            plain,
+            control_tokens,
+            tokens,
+            bos_id,
+            eos_id,
+            add_bos,
+        })
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub(crate) fn vocab_size(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The GGUF's string for a token id.
+    pub(crate) fn token_str(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// Id of a control token given its text, if the vocabulary has it as a control token.
+    pub(crate) fn control_id(&self, text: &str) -> Option<u32> {
+        self.control_tokens
+            .iter()
+            .find(|(t, _)| t == text)
+            .map(|(_, id)| *id)
+    }
+
+    /// Control token strings and ids.
+    pub(crate) fn control_tokens(&self) -> &[(String, u32)] {
+        &self.control_tokens
+    }
+
+    /// Encodes untrusted text: control-token strings in it become ordinary text tokens.
+    pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.plain
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| EngineError::InvalidRequest(format!("tokenization failed: {e}")))
+    }
+
+    /// Encodes trusted text (produced by the engine): control-token strings become control tokens.
+    pub(crate) fn encode_trusted(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.special
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| EngineError::InvalidRequest(format!("tokenization failed: {e}")))
+    }
+
+    /// Decodes ids to text; control tokens are left out when `skip_special` is set.
+    pub(crate) fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
+        self.special
+            .decode(ids, skip_special)
+            .map_err(|e| EngineError::Inference(format!("detokenization failed: {e}")))
+    }
+
+    /// Finds the leftmost (then longest) control-token string in `text` at or after `from`.
+    pub(crate) fn find_control(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        let mut best: Option<(usize, usize, u32)> = None;
+        for (t, id) in &self.control_tokens {
+            if t.is_empty() {
+                continue;
+            }
+            if let Some(pos) = text[from..].find(t.as_str()) {
+                let start = from + pos;
+                let better = match best {
+                    None => true,
+                    Some((s, len, _)) => start < s || (start == s && t.len() > len),
+                };
+                if better {
+                    best = Some((start, t.len(), *id));
+                }
+            }
+        }
+        best
+    }
+
+    /// Whether `text` contains any control-token string.
+    pub(crate) fn contains_control(&self, text: &str) -> bool {
+        self.find_control(text, 0).is_some()
+    }
+}
+
+/// Incremental detokenizer: turns generated ids into text without ever emitting a partial
+/// UTF-8 sequence (byte-level BPE tokens can end in the middle of a character).
+///
+/// It keeps a small window of ids: `prefix` is the already-emitted text of
+/// `ids[prefix_offset..read_offset]`; new text is what decoding `ids[prefix_offset..]` adds to
+/// it, held back while it ends in U+FFFD (an incomplete character).
+#[derive(Debug, Default)]
+pub(crate) struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    /// Adds a token; returns the newly completed text (possibly empty).
+    pub(crate) fn push(&mut self, tok: &GgufTokenizer, id: u32) -> Result<String, EngineError> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let new_text = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            // Keep the window small: drop ids before the new prefix.
+            if self.prefix_offset > 0 {
+                self.ids.drain(..self.prefix_offset);
+                self.read_offset -= self.prefix_offset;
+                self.prefix_offset = 0;
+            }
+            Ok(new_text)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Option<GgufTokenizer> {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIP: model file {} is missing", path.display());
+            return None;
+        }
+        let mut f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+        let ct = Content::read(&mut f).unwrap();
+        Some(GgufTokenizer::from_gguf(&ct).unwrap())
+    }
+
+    #[test]
+    fn incremental_decoding_never_splits_characters() {
+        let Some(tok) = tokenizer() else { return };
+        let text = "Ünïcödé 日本語 🎉🚀 👨‍👩‍👧 ok";
+        let ids = tok.encode_plain(text).unwrap();
+        let mut dec = IncrementalDecoder::default();
+        let mut out = String::new();
+        for id in ids {
+            let piece = dec.push(&tok, id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn control_tokens_and_ids() {
+        let Some(tok) = tokenizer() else { return };
+        assert_eq!(tok.bos_id, Some(1));
+        assert_eq!(tok.eos_id, Some(2));
+        assert!(!tok.add_bos);
+        assert_eq!(tok.control_id("<|im_start|>"), Some(1));
+        assert_eq!(tok.control_id("<|im_end|>"), Some(2));
+        assert_eq!(tok.encode_trusted("<|im_start|>user").unwrap()[0], 1);
+        assert!(!tok.encode_plain("<|im_start|>user").unwrap().contains(&1));
+    }
+}
