@@ -30,11 +30,13 @@ PY
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export BATCHLAB_DATABASE__URL="sqlite://$WORK/bench.db" BATCHLAB_STORAGE__FILES_DIR="$WORK/files" \
-       BATCHLAB_API__PORT="$PORT" BATCHLAB_ENGINE__MODEL_PATH="$MODEL" BATCHLAB_WORKER__POLL_INTERVAL_MS=100 RUST_LOG=warn
+       BATCHLAB_API__PORT="$PORT" BATCHLAB_ENGINE__MODEL_PATH="$MODEL" BATCHLAB_WORKER__POLL_INTERVAL_MS=100 RUST_LOG=info
 "$DIR/batchlab-api" 2>"$WORK/api.log" & PIDS+=($!)
 "$DIR/batchlab-worker" 2>"$WORK/worker.log" & PIDS+=($!)
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.2; done
-sleep 2  # let the worker load its model before the clock starts
+# Start the clock only once the worker has loaded its model.
+for _ in $(seq 1 300); do grep -q "batchlab-worker ready" "$WORK/worker.log" 2>/dev/null && break; sleep 0.2; done
+grep -q "batchlab-worker ready" "$WORK/worker.log" || { echo "batchlab-worker did not start:"; tail -20 "$WORK/worker.log"; exit 1; }
 
 BATCH_JSON=$(python3 - "$PORT" "$WORK/requests.jsonl" <<'PY'
 import json, subprocess, sys, time, urllib.request
@@ -46,6 +48,8 @@ req = urllib.request.Request(f"{base}/batches", method="POST", headers={"Content
     data=json.dumps({"input_file_id": up["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}).encode())
 batch = json.load(urllib.request.urlopen(req))
 while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+    if time.time() - t0 > 3600:
+        sys.exit("the batch did not finish within an hour")
     time.sleep(0.1)
     batch = json.load(urllib.request.urlopen(f"{base}/batches/{batch['id']}"))
 print(json.dumps({"requests": batch["request_counts"]["completed"], "seconds": time.time() - t0,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, REPO, LogSource, free_port, http_get, pid_alive
+from conftest import BIN_DIR, MODEL, REPO, LogSource, free_port, http_get, pid_alive
 
 SERVICES = ("batchlab-api", "batchlab-ml-backend", "batchlab-worker")
 
@@ -103,3 +103,18 @@ def test_start_and_stop_services(tmp_path, log_sources):
     # Stopping again, with nothing running, is a quiet success.
     quiet = run_script("stop-services.sh", env, timeout=60)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == "", quiet
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_binary_answers_help_and_refuses_bad_configuration(service: str, tmp_path: Path) -> None:
+    exe = BIN_DIR / service
+    helped = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0, helped.stderr
+    assert "--config <FILE>" in helped.stdout and service in helped.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[api]\nprot = 1\n")
+    refused = subprocess.run([exe, "--config", bad], capture_output=True, text=True, timeout=30,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")})
+    assert refused.returncode != 0
+    assert "prot" in refused.stderr, refused.stderr

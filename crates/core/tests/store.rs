@@ -203,3 +203,14 @@ async fn unsupported_urls_are_refused_by_name() {
     let err = Store::connect("mysql://x", 1).await.unwrap_err();
     assert!(err.to_string().contains("mysql://x"));
 }
+
+#[tokio::test]
+async fn several_processes_can_open_a_new_sqlite_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("race.db").display());
+    let opens: Vec<_> = (0..12).map(|_| { let url = url.clone(); tokio::spawn(async move { Store::connect(&url, 2).await }) }).collect();
+    for open in opens {
+        let store = open.await.unwrap().expect("every opener succeeds");
+        store.ping().await.unwrap();
+    }
+}

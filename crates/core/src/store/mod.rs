@@ -88,8 +88,10 @@ impl Store {
                     if backend == Backend::Sqlite {
                         // WAL lets readers (the API) run while a writer (a worker) commits;
                         // busy_timeout makes concurrent writers wait instead of failing.
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        // busy_timeout first: switching a new file to WAL needs a lock that
+                        // another process starting at the same moment may hold.
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                     }
                     Ok(())
@@ -97,16 +99,36 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
-        }
-        Ok(Store { pool, backend })
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
     }
 
     /// Connects to the configured database (see [`Store::connect`]).
     pub async fn open(config: &crate::config::DatabaseConfig) -> Result<Store, StoreError> {
         Store::connect(&config.url, config.max_connections).await
+    }
+
+    /// Applies pending migrations. PostgreSQL serialises concurrent migrators with an advisory
+    /// lock; SQLite has none, so when several binaries start on a new file at once, the loser of
+    /// the race retries until the winner's migrations are visible.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let mut attempt = 0;
+        loop {
+            match migrator.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.backend == Backend::Sqlite && attempt < 20 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migration raced another process; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Which database this store talks to.
