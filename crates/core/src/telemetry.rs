@@ -4,12 +4,18 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Installs the `tracing` subscriber: human-readable lines on stderr, filtered by `RUST_LOG`
-/// (default `info`). Safe to call more than once (later calls do nothing).
+/// Installs the `tracing` subscriber: human-readable lines on stderr (colour only on a
+/// terminal), filtered by `RUST_LOG` (default `info`). Safe to call more than once (later calls do nothing).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The process-wide Prometheus recorder, installed on first use; render it for `/metrics`.
