@@ -114,7 +114,14 @@ start() {
   LOG_OFFSET[$name]="$(wc -c <"$logfile" | tr -d ' ')"
   echo "=== $(date -u '+%Y-%m-%dT%H:%M:%SZ') start-services: starting $name ===" >>"$logfile"
   nohup "$TARGET_DIR/$name" >>"$logfile" 2>&1 </dev/null &
-  echo $! >"$RUN_DIR/$name.pid"
+  local pid=$!
+  echo "$pid" >"$RUN_DIR/$name.pid"
+  # Until the forked shell has exec'd the binary, its command line is still this script's, and
+  # running() (which checks the command line) would call the service dead: wait for the exec.
+  for _ in $(seq 1 100); do
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$name" && break
+    sleep 0.02
+  done
   STARTED+=("$name")
   log "started $name (pid $!), log $logfile"
 }
