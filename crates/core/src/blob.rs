@@ -3,7 +3,7 @@
 //! A body is written to a temporary name and renamed into place when complete, so a reader never
 //! sees half a file and a failed upload leaves nothing behind.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -145,11 +145,6 @@ impl BlobStore {
         Ok(self.root.join(id))
     }
 
-    /// The directory bodies live in.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Streams a body in under `id`, enforcing `limits`; nothing is kept if a limit is hit.
     pub async fn put_stream<S, E>(&self, id: &str, mut body: S, limits: WriteLimits) -> Result<WriteStats, BlobError>
     where
@@ -219,11 +214,6 @@ impl BlobWriter {
         self.file.write_all(data).await?;
         self.bytes += data.len() as u64;
         Ok(())
-    }
-
-    /// Bytes written so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
     }
 
     /// Flushes, syncs and moves the body into place.

@@ -1,7 +1,7 @@
 //! OpenAI wire shapes (Files, Batches, Chat Completions, Completions) and batch-line validation,
 //! and the conversion between them and the engine's own request and result types.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, SamplingParams};
 use serde::{Deserialize, Serialize};
@@ -397,11 +397,6 @@ pub fn error_line(custom_id: Option<&str>, code: &str, message: &str) -> String 
 /// A batch-level error entry (`errors.data[]`).
 pub fn batch_error(code: &str, message: &str, line: Option<i64>) -> Value {
     json!({"code": code, "message": message, "param": null, "line": line})
-}
-
-/// Metadata as stored: a JSON object text with keys sorted.
-pub fn metadata_text(metadata: &BTreeMap<String, String>) -> String {
-    serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into())
 }
 
 #[cfg(test)]

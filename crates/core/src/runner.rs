@@ -193,9 +193,7 @@ impl Runner {
                 self.store.fail_batch(&batch.id, worker, &errs.to_string()).await?;
                 return Ok(false);
             }
-            match line.and_then(|l| {
-                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
-            }) {
+            match self.parse(batch, line, &mut seen) {
                 Ok(_) => valid += 1,
                 Err(e) => errors.push((line_no, e)),
             }
@@ -214,16 +212,7 @@ impl Runner {
             return Ok(false);
         }
         for (line_no, e) in &errors {
-            let body = openai::error_line(e.custom_id.as_deref(), e.code, &e.message);
-            let line = BatchLine {
-                line_no: *line_no,
-                custom_id: e.custom_id.clone(),
-                kind: LineKind::Error,
-                body,
-                input_tokens: 0,
-                output_tokens: 0,
-            };
-            self.store.record_line(&batch.id, &line).await?;
+            self.store.record_line(&batch.id, &failed_line(*line_no, e.custom_id.clone(), e.code, &e.message)).await?;
         }
         self.store.set_total(&batch.id, total as i64, self.engine.model_id()).await?;
         info!(valid, invalid = errors.len(), "input validated");
@@ -241,9 +230,7 @@ impl Runner {
         let mut last_check = std::time::Instant::now();
         let mut stop = Stop::Done;
         while let Some((line_no, line)) = lines.next().await? {
-            let parsed = line.and_then(|l| {
-                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
-            });
+            let parsed = self.parse(batch, line, &mut seen);
             if done.contains(&line_no) {
                 continue;
             }
@@ -292,14 +279,21 @@ impl Runner {
         })
     }
 
+    /// Validates one input line against the batch's endpoint (see [`openai::parse_request_line`]).
+    fn parse(
+        &self,
+        batch: &BatchRecord,
+        line: Result<String, LineError>,
+        seen: &mut HashSet<String>,
+    ) -> Result<openai::RequestLine, LineError> {
+        line.and_then(|l| openai::parse_request_line(&l, &batch.endpoint, seen, self.settings.default_max_tokens))
+    }
+
     /// Runs one validated line and turns the outcome into its output- or error-file line.
     async fn run_line(&self, line_no: i64, parsed: Result<openai::RequestLine, LineError>) -> BatchLine {
         let request = match parsed {
             Ok(r) => r,
-            Err(e) => {
-                let body = openai::error_line(e.custom_id.as_deref(), e.code, &e.message);
-                return BatchLine { line_no, custom_id: e.custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 };
-            }
+            Err(e) => return failed_line(line_no, e.custom_id, e.code, &e.message),
         };
         let custom_id = request.custom_id.clone();
         let span = info_span!("line", line_no, custom_id = %custom_id);
@@ -358,15 +352,12 @@ impl Runner {
         let mut seen = HashSet::new();
         let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
         while let Some((line_no, line)) = lines.next().await? {
-            let parsed = line.and_then(|l| {
-                openai::parse_request_line(&l, &batch.endpoint, &mut seen, self.settings.default_max_tokens)
-            });
+            let parsed = self.parse(batch, line, &mut seen);
             if done.contains(&line_no) {
                 continue;
             }
             let custom_id = parsed.ok().map(|r| r.custom_id);
-            let body = openai::error_line(custom_id.as_deref(), "batch_expired", "the batch expired before this request ran");
-            let line = BatchLine { line_no, custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 };
+            let line = failed_line(line_no, custom_id, "batch_expired", "the batch expired before this request ran");
             self.store.record_line(&batch.id, &line).await?;
         }
         Ok(())
@@ -424,6 +415,12 @@ impl Runner {
         self.store.insert_file(&record).await?;
         Ok(Some(id))
     }
+}
+
+/// The error-file line of a request that never ran.
+fn failed_line(line_no: i64, custom_id: Option<String>, code: &str, message: &str) -> BatchLine {
+    let body = openai::error_line(custom_id.as_deref(), code, message);
+    BatchLine { line_no, custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 }
 }
 
 /// Non-blank lines of a stored input file with 1-based line numbers; a line that is not UTF-8

@@ -233,24 +233,12 @@ impl GgufTokenizer {
 
     /// Encodes untrusted text: control-token strings in it become ordinary text tokens.
     pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        if text.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.plain
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::InvalidRequest(format!("tokenization failed: {e}")))
+        encode_with(&self.plain, text)
     }
 
     /// Encodes trusted text (produced by the engine): control-token strings become control tokens.
     pub(crate) fn encode_trusted(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        if text.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.special
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::InvalidRequest(format!("tokenization failed: {e}")))
+        encode_with(&self.special, text)
     }
 
     /// Decodes ids to text; control tokens are left out when `skip_special` is set.
@@ -321,6 +309,16 @@ impl IncrementalDecoder {
             Ok(String::new())
         }
     }
+}
+
+fn encode_with(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, EngineError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    tokenizer
+        .encode_fast(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| EngineError::InvalidRequest(format!("tokenization failed: {e}")))
 }
 
 #[cfg(test)]
