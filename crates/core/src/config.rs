@@ -32,6 +32,10 @@ pub struct Config {
     pub engine: EngineSettings,
     /// Limits on batch input.
     pub batch: BatchLimits,
+    /// How batchlab reaches Label Studio and how Label Studio reaches batchlab.
+    pub label_studio: LabelStudioConfig,
+    /// Milestone exports and accuracy records.
+    pub curation: CurationConfig,
 }
 
 /// Settings of `batchlab-api`.
@@ -63,11 +67,25 @@ pub struct MlBackendConfig {
     pub host: String,
     /// Port to bind (4082 by default).
     pub port: u16,
+    /// HTTP basic-auth user required on every route when set together with `basic_auth_pass`
+    /// (Label Studio's `BASIC_AUTH` method; environment `BASIC_AUTH_USER`).
+    pub basic_auth_user: Option<String>,
+    /// HTTP basic-auth password (environment `BASIC_AUTH_PASS`).
+    pub basic_auth_pass: Option<String>,
+    /// Base URL of batchlab-api, where START_TRAINING and other Label Studio events are handed on
+    /// (Label Studio sends START_TRAINING only to the ML backend).
+    pub api_url: String,
 }
 
 impl Default for MlBackendConfig {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 4082 }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 4082,
+            basic_auth_user: None,
+            basic_auth_pass: None,
+            api_url: "http://127.0.0.1:4080".into(),
+        }
     }
 }
 
@@ -168,6 +186,56 @@ impl Default for BatchLimits {
     }
 }
 
+/// Label Studio's address and credentials, and the shared secret of its webhook.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LabelStudioConfig {
+    /// Label Studio's base URL (environment `LABEL_STUDIO_URL`).
+    pub url: String,
+    /// A legacy token or a personal access token (environment `LABEL_STUDIO_API_KEY`).
+    pub api_key: Option<String>,
+    /// Header Label Studio must send with every webhook delivery when `webhook_secret` is set.
+    pub webhook_secret_header: String,
+    /// Shared secret expected in `webhook_secret_header`; unset accepts deliveries without it.
+    /// Set it through `BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET`, not in a file.
+    pub webhook_secret: Option<String>,
+    /// Tasks per request when importing into Label Studio.
+    pub import_chunk_size: usize,
+    /// Seconds to wait for one Label Studio REST call.
+    pub timeout_seconds: u64,
+}
+
+impl Default for LabelStudioConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:4115".into(),
+            api_key: None,
+            webhook_secret_header: "X-Batchlab-Secret".into(),
+            webhook_secret: None,
+            import_chunk_size: 500,
+            timeout_seconds: 120,
+        }
+    }
+}
+
+/// Where curated exports go and when they are written.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CurationConfig {
+    /// Directory of `project_{id}_export.json` files.
+    pub training_dir: PathBuf,
+    /// Counts of valid, non-cancelled annotations at which a project's export is written once.
+    pub milestones: Vec<u64>,
+    /// An accuracy record is kept each time a project's annotation count crosses a multiple of this.
+    pub accuracy_every: u64,
+}
+
+impl Default for CurationConfig {
+    fn default() -> Self {
+        Self { training_dir: PathBuf::from("data/training"), milestones: vec![100, 500, 1_000, 5_000, 10_000], accuracy_every: 100 }
+    }
+}
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -183,6 +251,22 @@ pub enum ConfigError {
 /// `__` (`BATCHLAB_PROFILE`, `BATCHLAB_REQUIRE_POSTGRES`, ...) belong to scripts and tests, not here.
 fn env_overrides(prefix: &str) -> Env {
     Env::prefixed(prefix).filter(|key| key.as_str().contains("__")).split("__")
+}
+
+/// The names Label Studio's own tools use (`label_studio_ml` and the SDK), mapped onto settings.
+/// `BATCHLAB_*` variables are merged after these and win.
+const LABEL_STUDIO_ENV: [(&str, &str); 4] = [
+    ("LABEL_STUDIO_URL", "label_studio.url"),
+    ("LABEL_STUDIO_API_KEY", "label_studio.api_key"),
+    ("BASIC_AUTH_USER", "ml_backend.basic_auth_user"),
+    ("BASIC_AUTH_PASS", "ml_backend.basic_auth_pass"),
+];
+
+fn label_studio_env() -> Env {
+    Env::raw().only(&LABEL_STUDIO_ENV.map(|(name, _)| name)).map(|name| {
+        let key = LABEL_STUDIO_ENV.iter().find(|(n, _)| name.as_str().eq_ignore_ascii_case(n)).map_or("", |(_, k)| *k);
+        key.to_string().into()
+    })
 }
 
 impl Config {
@@ -202,7 +286,7 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment.merge(env).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+        figment.merge(label_studio_env()).merge(env).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
     /// The worker id to use: the configured one, or one made from host name, pid and randomness.
@@ -248,6 +332,23 @@ mod tests {
             assert_eq!(c.api.port, 6000);
             assert_eq!(c.worker.concurrency, 2);
             assert_eq!(c.database.url, "postgres://x@localhost/db");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn label_studio_variable_names_are_honoured_and_batchlab_names_win() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LABEL_STUDIO_URL", "http://ls.example:8080");
+            jail.set_env("LABEL_STUDIO_API_KEY", "secret-key");
+            jail.set_env("BASIC_AUTH_USER", "ml");
+            jail.set_env("BASIC_AUTH_PASS", "pw");
+            jail.set_env("TESTLS_ML_BACKEND__BASIC_AUTH_USER", "override");
+            let c = Config::load_from(Path::new("none.toml"), None, env_overrides("TESTLS_")).map_err(|e| e.to_string())?;
+            assert_eq!(c.label_studio.url, "http://ls.example:8080");
+            assert_eq!(c.label_studio.api_key.as_deref(), Some("secret-key"));
+            assert_eq!(c.ml_backend.basic_auth_user.as_deref(), Some("override"));
+            assert_eq!(c.ml_backend.basic_auth_pass.as_deref(), Some("pw"));
             Ok(())
         });
     }

@@ -3,6 +3,7 @@
 
 pub mod blob;
 pub mod config;
+pub mod labelstudio;
 pub mod openai;
 pub mod runner;
 pub mod store;
