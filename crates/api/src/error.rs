@@ -1,11 +1,12 @@
 //! The API's one error type: every failure leaves as OpenAI's error shape, never a stack trace.
 
 use axum::extract::multipart::MultipartError;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::blob::BlobError;
+use batchlab_core::curation::CurationError;
 use batchlab_core::openai::{ErrorBody, ErrorDetail};
 use batchlab_core::store::StoreError;
 
@@ -23,6 +24,16 @@ pub enum ApiError {
     /// Missing or wrong API key (401).
     #[error("invalid or missing API key")]
     Unauthorized,
+    /// Missing or wrong webhook secret header (401).
+    #[error("{0}")]
+    WebhookUnauthorized(String),
+    /// The request is well formed but its target cannot serve it, e.g. a project whose labeling
+    /// config is unknown (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Label Studio, which this request needed, failed or refused (502).
+    #[error("{0}")]
+    Upstream(String),
     /// The named object does not exist (404).
     #[error("{0}")]
     NotFound(String),
@@ -46,7 +57,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::WebhookUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -61,6 +74,9 @@ impl IntoResponse for ApiError {
         let (message, kind, param, code) = match &self {
             Self::InvalidRequest { message, param } => (message.clone(), "invalid_request_error", *param, None),
             Self::Unauthorized => (self.to_string(), "invalid_request_error", None, Some("invalid_api_key")),
+            Self::WebhookUnauthorized(m) => (m.clone(), "invalid_request_error", None, Some("invalid_webhook_secret")),
+            Self::Conflict(m) => (m.clone(), "invalid_request_error", None, Some("conflict")),
+            Self::Upstream(m) => (m.clone(), "upstream_error", None, Some("label_studio_error")),
             Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
             Self::MethodNotAllowed => (self.to_string(), "invalid_request_error", None, Some("method_not_allowed")),
             Self::TooLarge(m) => (m.clone(), "invalid_request_error", Some("file"), Some("file_too_large")),
@@ -96,6 +112,23 @@ impl From<BlobError> for ApiError {
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
             BlobError::Io(_) => Self::Internal(e.to_string()),
         }
+    }
+}
+
+impl From<CurationError> for ApiError {
+    fn from(e: CurationError) -> Self {
+        match e {
+            CurationError::UnknownProject(_) => Self::NotFound(e.to_string()),
+            CurationError::LabelConfig { .. } => Self::Conflict(e.to_string()),
+            CurationError::Invalid(_) | CurationError::Webhook(_) => Self::InvalidRequest { message: e.to_string(), param: None },
+            CurationError::Store(_) | CurationError::Io(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::InvalidRequest { message: format!("invalid path: {}", e.body_text()), param: None }
     }
 }
 

@@ -5,6 +5,11 @@ use axum::extract::FromRequestParts;
 
 use crate::error::ApiError;
 
+/// `axum::extract::Path`, rejecting with [`ApiError`].
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
 /// `axum::Json`, rejecting with [`ApiError`].
 #[derive(Debug, FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]

@@ -1,7 +1,8 @@
-//! batchlab-api: the OpenAI-compatible Files and Batches API (and, later, Label Studio curation).
-//! Routes only; the logic lives in batchlab-core.
+//! batchlab-api: the OpenAI-compatible Files and Batches API, the Label Studio webhook target
+//! and the curation routes. Routes only; the logic lives in batchlab-core.
 
 pub mod batches;
+pub mod curation;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -14,6 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::Config;
+use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
 
 pub use error::ApiError;
@@ -27,6 +29,21 @@ pub struct AppState {
     pub blobs: BlobStore,
     /// The loaded configuration.
     pub config: Arc<Config>,
+    /// Webhook events, exports and accuracy.
+    pub curation: Curation,
+}
+
+impl AppState {
+    /// The state over an open store and blob store.
+    pub fn new(store: Store, blobs: BlobStore, config: Config) -> AppState {
+        let curation = Curation::new(store.clone(), config.curation.clone());
+        AppState { store, blobs, config: Arc::new(config), curation }
+    }
+
+    /// Starts the background work the API owns: applying stored webhook events.
+    pub fn start_background(&self) -> tokio::task::JoinHandle<()> {
+        self.curation.spawn_processor()
+    }
 }
 
 /// The whole API: `/health`, `/metrics` and the `/v1` routes (behind the optional bearer key).
@@ -41,11 +58,18 @@ pub fn router(state: AppState) -> Router {
         .route("/batches", post(batches::create).get(batches::list))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", post(batches::cancel))
+        .route("/label-studio/projects/{id}", get(curation::project))
+        .route("/label-studio/export/{id}", get(curation::export))
+        .route("/label-studio/accuracy/{id}", post(curation::accuracy).get(curation::stored_accuracy))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_api_key));
+    // Label Studio authenticates with the webhook's shared-secret header, not the bearer key.
+    let webhook_limit = state.config.api.max_webhook_bytes as usize;
+    let webhooks = Router::new()
+        .route("/webhooks/label-studio", post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)));
     let app = Router::new()
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))
-        .nest("/v1", v1)
+        .nest("/v1", v1.merge(webhooks))
         .with_state(state);
     http::common_layers(app)
 }

@@ -1,7 +1,5 @@
 //! batchlab-api: serves the OpenAI-compatible Batch API on port 4080.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::ConfigArgs;
@@ -26,7 +24,9 @@ async fn main() -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.api.host, config.api.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, database = ?store.backend(), "batchlab-api listening");
-    let app = batchlab_api::router(batchlab_api::AppState { store, blobs, config: Arc::new(config) });
+    let state = batchlab_api::AppState::new(store, blobs, config);
+    state.start_background();
+    let app = batchlab_api::router(state);
     axum::serve(listener, app).with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal()).await?;
     Ok(())
 }

@@ -1,8 +1,6 @@
 //! The API over a real socket and a real SQLite database: shapes, pagination and every error
 //! answered in OpenAI's error shape.
 
-use std::sync::Arc;
-
 use batchlab_api::{router, AppState};
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::Config;
@@ -24,11 +22,8 @@ async fn start(configure: impl FnOnce(&mut Config)) -> Server {
     let mut config = Config::default();
     config.storage.files_dir = dir.path().join("files");
     configure(&mut config);
-    let state = AppState {
-        store: db.store.clone(),
-        blobs: BlobStore::open(&config.storage.files_dir).unwrap(),
-        config: Arc::new(config),
-    };
+    let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
+    let state = AppState::new(db.store.clone(), blobs, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });

@@ -51,11 +51,20 @@ pub struct ApiConfig {
     pub api_key: Option<String>,
     /// Largest accepted upload in bytes (OpenAI's batch input limit is 200 MB).
     pub max_upload_bytes: u64,
+    /// Largest accepted Label Studio webhook body in bytes: a TASKS_CREATED of a big import
+    /// carries every task, so this is generous; larger bodies get 413.
+    pub max_webhook_bytes: u64,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 4080, api_key: None, max_upload_bytes: 200 * 1024 * 1024 }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 4080,
+            api_key: None,
+            max_upload_bytes: 200 * 1024 * 1024,
+            max_webhook_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 
 pub mod blob;
 pub mod config;
+pub mod curation;
 pub mod labelstudio;
 pub mod openai;
+pub mod predict;
 pub mod runner;
 pub mod store;
 pub mod telemetry;

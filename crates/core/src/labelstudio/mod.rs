@@ -5,3 +5,5 @@
 pub mod config;
 /// Result regions and the per-control values read out of annotations and predictions.
 pub mod region;
+/// Webhook actions and tolerant readers of the objects events carry.
+pub mod webhook;

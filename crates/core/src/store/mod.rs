@@ -5,6 +5,7 @@
 //! [`Backend`]. Migrations for each live in `migrations/sqlite` and `migrations/postgres`.
 
 mod batches;
+mod curation;
 mod files;
 
 use std::str::FromStr;
@@ -14,6 +15,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
 pub use batches::{BatchLine, BatchRecord, BatchStatus, LineKind, NewBatch};
+pub use curation::{
+    AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, NewWebhookEvent, PredictionRow, ProjectRow,
+    TaskRow, WebhookEvent, WebhookEventCounts,
+};
 pub use files::FileRecord;
 
 /// Which database a [`Store`] talks to.

@@ -1,0 +1,118 @@
+//! Label Studio curation routes: the webhook target, project status, exports and accuracy.
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use batchlab_core::curation::export::{ExportFilter, ExportFormat};
+use batchlab_core::curation::{Ingested, ProjectStatus};
+use batchlab_core::labelstudio::webhook::parse_timestamp_us;
+use futures::TryStreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::http::constant_time_eq;
+use crate::AppState;
+
+/// `POST /v1/webhooks/label-studio`: checks the shared secret, stores the event and answers at
+/// once; a background processor applies it. A body seen before is acknowledged as `duplicate`.
+pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Ingested>, ApiError> {
+    let ls = &state.config.label_studio;
+    if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
+        let given = headers.get(ls.webhook_secret_header.as_str()).and_then(|v| v.to_str().ok());
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), secret.as_bytes())) {
+            return Err(ApiError::WebhookUnauthorized(format!(
+                "missing or wrong webhook secret: send it in the {} header",
+                ls.webhook_secret_header
+            )));
+        }
+    }
+    Ok(Json(state.curation.ingest(&body).await?))
+}
+
+/// `GET /v1/label-studio/projects/{id}`: counts, ground truth, milestones, exports, invalid
+/// annotations and accuracy history.
+pub async fn project(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Result<Json<ProjectStatus>, ApiError> {
+    Ok(Json(state.curation.status(id).await?))
+}
+
+/// Query of the export route.
+#[derive(Debug, Default, Deserialize)]
+pub struct ExportQuery {
+    /// `json` (default) or `jsonl-chat`.
+    format: Option<String>,
+    /// Only ground-truth annotations.
+    #[serde(default)]
+    ground_truth_only: bool,
+    /// Only annotations updated at or after this time: RFC 3339 or unix seconds.
+    since: Option<String>,
+    /// Include skipped tasks.
+    #[serde(default)]
+    include_cancelled: bool,
+    /// Include annotations that do not fit the labeling config.
+    #[serde(default)]
+    include_invalid: bool,
+}
+
+fn since_us(since: &str) -> Result<i64, ApiError> {
+    if let Ok(secs) = since.parse::<i64>() {
+        return Ok(secs.saturating_mul(1_000_000));
+    }
+    parse_timestamp_us(since)
+        .ok_or_else(|| ApiError::invalid(format!("since {since:?} is neither RFC 3339 nor unix seconds"), "since"))
+}
+
+/// `GET /v1/label-studio/export/{project_id}`: the curated training data, streamed.
+pub async fn export(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiQuery(q): ApiQuery<ExportQuery>) -> Result<Response, ApiError> {
+    let format: ExportFormat = q.format.as_deref().unwrap_or("json").parse().map_err(|e: batchlab_core::curation::CurationError| ApiError::invalid(e.to_string(), "format"))?;
+    let filter = ExportFilter {
+        ground_truth_only: q.ground_truth_only,
+        since_us: q.since.as_deref().map(since_us).transpose()?,
+        include_cancelled: q.include_cancelled,
+        include_invalid: q.include_invalid,
+    };
+    let cursor = state.curation.export_cursor(id, format, filter).await?;
+    let stream = cursor.into_stream().inspect_err(move |e| tracing::error!(project_id = id, error = %e, "export stream failed"));
+    let extension = if format == ExportFormat::Json { "json" } else { "jsonl" };
+    Ok((
+        [
+            (header::CONTENT_TYPE, format.content_type().to_string()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"project_{id}_export.{extension}\"")),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Body of `POST /v1/label-studio/accuracy/{project_id}`.
+#[derive(Debug, Deserialize)]
+pub struct AccuracyRequest {
+    predictions: Vec<PredictionInput>,
+}
+
+/// One prediction to score.
+#[derive(Debug, Deserialize)]
+pub struct PredictionInput {
+    task_id: i64,
+    prediction: Map<String, Value>,
+}
+
+/// `POST /v1/label-studio/accuracy/{project_id}`: the given predictions against ground truth.
+pub async fn accuracy(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiJson(req): ApiJson<AccuracyRequest>) -> Result<Json<Value>, ApiError> {
+    let preds: Vec<(i64, Map<String, Value>)> = req.predictions.into_iter().map(|p| (p.task_id, p.prediction)).collect();
+    let report = state.curation.accuracy_of(id, &preds).await?;
+    let mut body = serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body["project_id"] = json!(id);
+    Ok(Json(body))
+}
+
+/// `GET /v1/label-studio/accuracy/{project_id}`: stored predictions against ground truth, per
+/// model version, with the records kept every `accuracy_every` annotations.
+pub async fn stored_accuracy(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Result<Json<Value>, ApiError> {
+    let reports = state.curation.stored_accuracy(id).await?;
+    let history = state.curation.status(id).await?.accuracy_history;
+    Ok(Json(json!({"project_id": id, "model_versions": reports, "history": history})))
+}

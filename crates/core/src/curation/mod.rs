@@ -1,0 +1,222 @@
+//! Curation: what Label Studio's webhooks tell batchlab, turned into training data and
+//! measurements — events stored first and applied after, annotations validated against the
+//! labeling config, milestone exports written exactly once, accuracy against ground truth.
+
+pub mod accuracy;
+mod events;
+pub mod export;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::config::CurationConfig;
+use crate::labelstudio::config::{LabelConfig, LabelConfigError};
+use crate::labelstudio::region::{field_values, FieldValue, Region};
+use crate::labelstudio::webhook::WebhookError;
+use crate::store::{AnnotationCounts, ExportRecord, ProjectRow, Store, StoreError};
+
+pub use events::Ingested;
+
+/// Why a curation operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CurationError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing an export failed.
+    #[error("writing the export failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The webhook body cannot be accepted.
+    #[error(transparent)]
+    Webhook(#[from] WebhookError),
+    /// batchlab has never heard of this project.
+    #[error("unknown project {0}: no Label Studio event about it has arrived")]
+    UnknownProject(i64),
+    /// The project's labeling config is missing or does not parse.
+    #[error("project {project}: {reason}")]
+    LabelConfig {
+        /// The project.
+        project: i64,
+        /// What is wrong with its config.
+        reason: String,
+    },
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The curation service: shared by the webhook route, the background processor and the
+/// export and accuracy routes.
+#[derive(Clone)]
+pub struct Curation {
+    store: Store,
+    config: Arc<CurationConfig>,
+    wake: Arc<Notify>,
+}
+
+/// What `GET /v1/label-studio/projects/{id}` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProjectStatus {
+    /// Label Studio's project id.
+    pub id: i64,
+    /// Its title.
+    pub title: String,
+    /// Whether Label Studio deleted it.
+    pub deleted: bool,
+    /// Task and annotation counts.
+    pub counts: AnnotationCounts,
+    /// Milestones configured.
+    pub milestones: Vec<u64>,
+    /// Milestones whose export was written.
+    pub milestones_reached: Vec<i64>,
+    /// Every export written, oldest first.
+    pub exports: Vec<ExportRecord>,
+    /// Up to 100 annotations that do not fit the labeling config, with the reason.
+    pub invalid_annotations: Vec<Value>,
+    /// Accuracy records kept, oldest first: checkpoint and overall accuracy per model version.
+    pub accuracy_history: Vec<Value>,
+}
+
+impl Curation {
+    /// A curation service over `store`.
+    pub fn new(store: Store, config: CurationConfig) -> Curation {
+        Curation { store, config: Arc::new(config), wake: Arc::new(Notify::new()) }
+    }
+
+    /// The store it works on.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A project batchlab has heard of, or [`CurationError::UnknownProject`].
+    pub async fn project(&self, id: i64) -> Result<ProjectRow, CurationError> {
+        self.store.get_project(id).await?.ok_or(CurationError::UnknownProject(id))
+    }
+
+    /// A project's parsed labeling config.
+    pub async fn label_config(&self, project: &ProjectRow) -> Result<LabelConfig, CurationError> {
+        if project.label_config.is_empty() {
+            return Err(CurationError::LabelConfig { project: project.id, reason: "its labeling config is not known yet".into() });
+        }
+        LabelConfig::parse(&project.label_config)
+            .map_err(|e: LabelConfigError| CurationError::LabelConfig { project: project.id, reason: e.to_string() })
+    }
+
+    /// Where a project's export file goes.
+    pub fn export_path(&self, project_id: i64) -> PathBuf {
+        self.config.training_dir.join(format!("project_{project_id}_export.json"))
+    }
+
+    /// Counts, milestones, exports, invalid annotations and accuracy history of a project.
+    pub async fn status(&self, id: i64) -> Result<ProjectStatus, CurationError> {
+        let project = self.project(id).await?;
+        let exports = self.store.exports(id).await?;
+        let invalid = self.store.invalid_annotations(id, 100).await?;
+        let history = self.store.accuracy_records(id).await?;
+        Ok(ProjectStatus {
+            id,
+            title: project.title,
+            deleted: project.deleted,
+            counts: self.store.annotation_counts(id).await?,
+            milestones: self.config.milestones.clone(),
+            milestones_reached: exports.iter().filter_map(|e| e.milestone).collect(),
+            exports,
+            invalid_annotations: invalid
+                .iter()
+                .map(|a| serde_json::json!({"id": a.id, "task_id": a.task_id, "reason": a.invalid_reason}))
+                .collect(),
+            accuracy_history: history
+                .iter()
+                .map(|r| {
+                    let report: Value = serde_json::from_str(&r.report).unwrap_or(Value::Null);
+                    serde_json::json!({"checkpoint": r.checkpoint, "created_at": r.created_at, "model_versions": report})
+                })
+                .collect(),
+        })
+    }
+
+    /// Ground truth of a project: task id → field → value.
+    pub async fn ground_truth_values(&self, project_id: i64, config: &LabelConfig) -> Result<BTreeMap<i64, BTreeMap<String, FieldValue>>, CurationError> {
+        let rows = self.store.ground_truth(project_id).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|a| {
+                let regions: Vec<Region> = serde_json::from_str(&a.result).ok()?;
+                Some((a.task_id, field_values(config, &regions)))
+            })
+            .collect())
+    }
+
+    /// Accuracy of predictions given as `{task_id, prediction: {field: value}}`.
+    pub async fn accuracy_of(&self, project_id: i64, predictions: &[(i64, serde_json::Map<String, Value>)]) -> Result<accuracy::AccuracyReport, CurationError> {
+        let project = self.project(project_id).await?;
+        let config = self.label_config(&project).await?;
+        let truth = self.ground_truth_values(project_id, &config).await?;
+        let preds = predictions.iter().map(|(task, fields)| {
+            (*task, fields.iter().map(|(k, v)| (k.clone(), accuracy::Answer::from_json(&config, k, v))).collect())
+        });
+        Ok(accuracy::compare(&config, &truth, preds))
+    }
+
+    /// Accuracy of the predictions batchlab stored for a project, per model version.
+    pub async fn stored_accuracy(&self, project_id: i64) -> Result<BTreeMap<String, accuracy::AccuracyReport>, CurationError> {
+        let project = self.project(project_id).await?;
+        let config = self.label_config(&project).await?;
+        let truth = self.ground_truth_values(project_id, &config).await?;
+        let mut by_version: BTreeMap<String, BTreeMap<i64, BTreeMap<String, Option<accuracy::Answer>>>> = BTreeMap::new();
+        for p in self.store.predictions_in_range(project_id, i64::MIN, i64::MAX).await? {
+            let Ok(regions) = serde_json::from_str::<Vec<Region>>(&p.result) else { continue };
+            let answers = field_values(&config, &regions).iter().map(|(k, v)| (k.clone(), Some(accuracy::Answer::of(v)))).collect();
+            // One prediction per task and version: the first stored wins.
+            by_version.entry(p.model_version).or_default().entry(p.task_id).or_insert(answers);
+        }
+        Ok(by_version.into_iter().map(|(version, preds)| (version, accuracy::compare(&config, &truth, preds))).collect())
+    }
+
+    /// After annotations changed: writes each milestone's export once, and keeps an accuracy
+    /// record when the count crossed a multiple of `accuracy_every`.
+    pub async fn check_milestones(&self, project_id: i64) -> Result<(), CurationError> {
+        let counts = self.store.annotation_counts(project_id).await?;
+        let path = self.export_path(project_id);
+        for &m in self.config.milestones.iter().filter(|&&m| m > 0 && m as i64 <= counts.valid) {
+            let m = m as i64;
+            if !self.store.claim_milestone(project_id, m, &path.display().to_string()).await? {
+                continue;
+            }
+            match self.write_export_file(project_id, "milestone", Some(m)).await {
+                Ok(rec) => tracing::info!(project_id, milestone = m, tasks = rec.tasks, annotations = rec.annotations,
+                    path = %rec.path, "milestone reached: training data exported"),
+                Err(e) => {
+                    tracing::error!(project_id, milestone = m, error = %e, "milestone export failed; will retry");
+                    self.store.release_milestone(project_id, m).await?;
+                }
+            }
+        }
+        let every = self.config.accuracy_every as i64;
+        if every > 0 && counts.valid >= every {
+            let checkpoint = counts.valid / every * every;
+            let known = self.store.accuracy_records(project_id).await?.iter().any(|r| r.checkpoint == checkpoint);
+            if !known {
+                match self.stored_accuracy(project_id).await {
+                    Ok(reports) => {
+                        let summary: BTreeMap<&String, Value> = reports
+                            .iter()
+                            .map(|(v, r)| (v, serde_json::json!({"overall_accuracy": r.overall_accuracy, "field_accuracy": r.field_accuracy, "counts": r.counts})))
+                            .collect();
+                        let text = serde_json::to_string(&summary).unwrap_or_else(|_| "{}".into());
+                        if self.store.insert_accuracy_record(project_id, checkpoint, &text).await? {
+                            tracing::info!(project_id, checkpoint, "accuracy recorded");
+                        }
+                    }
+                    Err(e) => tracing::warn!(project_id, checkpoint, error = %e, "accuracy record skipped"),
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! From a task and a labeling config to what a model is asked and what Label Studio is answered.
+
+pub mod prompt;
