@@ -3,6 +3,7 @@
 
 pub mod blob;
 pub mod config;
+pub mod http;
 pub mod labelstudio;
 pub mod openai;
 pub mod runner;
