@@ -2,6 +2,7 @@
 //! Routes only; the logic lives in batchlab-core.
 
 pub mod batches;
+pub mod cli;
 pub mod error;
 pub mod extract;
 pub mod files;
