@@ -2,7 +2,7 @@
 # batchlab's whole test suite, the README's second command:
 #   Rust unit and integration tests (the store's suite on SQLite AND PostgreSQL, the API over a
 #   socket, the engine on the real default model), then the end-to-end tests in tests/e2e that
-#   drive the real binaries with the official `openai` Python package.
+#   drive the real binaries with the official `openai` Python package and a real Label Studio.
 # Needs: the Rust toolchain, Python 3 with pip, and PostgreSQL on 127.0.0.1:5432
 # (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers.
 set -euo pipefail
@@ -21,6 +21,12 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+
+echo "== Label Studio for the end-to-end tests (its own environment: many pinned dependencies)"
+if [[ ! -x .venv-label-studio/bin/label-studio ]]; then
+  python3 -m venv .venv-label-studio
+  .venv-label-studio/bin/python -m pip install --quiet --disable-pip-version-check 'label-studio>=1.23,<1.24'
+fi
 
 echo "== build"
 cargo build --workspace --bins --tests

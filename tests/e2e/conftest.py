@@ -210,6 +210,10 @@ class Stack:
         self.api: Service | None = None
         self.api_port: int | None = None
         self.api_key: str | None = None
+
+    @staticmethod
+    def require_model() -> None:
+        """Fails the test when the model a worker needs is missing."""
         if not MODEL.is_file():
             pytest.fail(f"model {MODEL} is missing: run scripts/fetch-model.sh or set BATCHLAB_MODEL")
 
@@ -241,6 +245,7 @@ class Stack:
 
     def start_worker(self, name: str = "batchlab-worker", wait_ready: bool = True, **extra: str) -> Service:
         """Starts batchlab-worker and waits until it logged that the model is loaded."""
+        self.require_model()
         env = {"BATCHLAB_WORKER__POLL_INTERVAL_MS": "100", "BATCHLAB_WORKER__ID": name, **extra}
         svc = self._start(name, "batchlab-worker", env)
         if wait_ready:
@@ -373,3 +378,7 @@ def pg_stack(tmp_path, log_sources):
         r = psql(POSTGRES_ADMIN_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if r.returncode != 0:
             print(f"warning: could not drop test database {name}: {r.stderr}")
+
+
+# A real Label Studio: the session-scoped fixture `label_studio` (see label_studio.py).
+from label_studio import label_studio  # noqa: E402,F401

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
-use crate::http::constant_time_eq;
+use batchlab_core::http::constant_time_eq;
 use crate::AppState;
 
 /// `POST /v1/webhooks/label-studio`: checks the shared secret, stores the event and answers at

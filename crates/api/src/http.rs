@@ -1,17 +1,12 @@
 //! Cross-cutting HTTP pieces: health, metrics, the API key check, and the layers every request
 //! passes (request ids, tracing spans, metrics, panics answered as JSON).
 
-use std::time::Instant;
-
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::json;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -41,28 +36,11 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return Err(ApiError::Unauthorized);
         }
     }
     Ok(next.run(request).await)
-}
-
-/// Compares secrets without leaking where they differ through timing.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn record_metrics(request: Request, next: Next) -> Response {
-    let path = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("path", path), ("status", status)];
-    metrics::counter!("batchlab_http_requests_total", &labels).increment(1);
-    metrics::histogram!("batchlab_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
-    response
 }
 
 async fn not_found() -> ApiError {
@@ -73,21 +51,9 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::Internal("handler panicked".into()).into_response()
-}
-
-/// Wraps a router in the layers every batchlab HTTP service uses.
+/// Wraps a router in the layers every batchlab HTTP service uses (see
+/// [`batchlab_core::http::observe_layers`]), with the API's OpenAI-shaped 404 and 405 answers.
 pub fn common_layers(router: Router) -> Router {
-    router
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(record_metrics))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req.headers().get("x-request-id").and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
-        }))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+    let router = router.fallback(not_found).method_not_allowed_fallback(method_not_allowed);
+    batchlab_core::http::observe_layers(router, "batchlab")
 }

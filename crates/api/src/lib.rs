@@ -2,6 +2,7 @@
 //! and the curation routes. Routes only; the logic lives in batchlab-core.
 
 pub mod batches;
+pub mod cli;
 pub mod curation;
 pub mod error;
 pub mod extract;

@@ -1,22 +1,31 @@
-//! batchlab-api: serves the OpenAI-compatible Batch API on port 4080.
+//! batchlab-api: serves the OpenAI-compatible Batch API on port 4080 (`batchlab-api [serve]`),
+//! and connects Label Studio to batchlab (`batchlab-api setup-label-studio`).
 
 use anyhow::Context;
+use batchlab_api::cli::{Args, Command, SetupArgs};
 use batchlab_core::blob::BlobStore;
-use batchlab_core::config::ConfigArgs;
+use batchlab_core::config::Config;
+use batchlab_core::labelstudio::client::LabelStudioClient;
 use batchlab_core::store::Store;
 use clap::Parser;
 
-/// The OpenAI-compatible Files and Batches API of batchlab (port 4080 by default).
-#[derive(Parser)]
-#[command(name = "batchlab-api", version, about)]
-struct Args {
-    #[command(flatten)]
-    config: ConfigArgs,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().config.init()?;
+    let args = Args::parse();
+    let config = args.config_args().init()?;
+    match &args.command {
+        None | Some(Command::Serve) => serve(config).await,
+        Some(Command::SetupLabelStudio(setup)) => {
+            if let Err(message) = setup_label_studio(&config, setup).await {
+                eprintln!("batchlab-api setup-label-studio: {message}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database)
         .await
         .with_context(|| format!("opening database {}", config.database.url))?;
@@ -28,5 +37,15 @@ async fn main() -> anyhow::Result<()> {
     state.start_background();
     let app = batchlab_api::router(state);
     axum::serve(listener, app).with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn setup_label_studio(config: &Config, args: &SetupArgs) -> Result<(), String> {
+    let options = args.options(config)?;
+    let client = LabelStudioClient::from_config(&config.label_studio).map_err(|e| e.to_string())?;
+    let report = batchlab_core::labelstudio::setup::setup(&client, &options)
+        .await
+        .map_err(|e| format!("{e} (Label Studio at {})", client.base_url()))?;
+    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     Ok(())
 }

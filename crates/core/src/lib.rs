@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod config;
 pub mod curation;
+pub mod http;
 pub mod labelstudio;
 pub mod openai;
 pub mod predict;

@@ -24,7 +24,7 @@ fn deliveries() -> Vec<Vec<u8>> {
         })
         .collect();
     names.sort();
-    assert_eq!(names.len(), 10, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     names.iter().map(|p| body_of(p)).collect()
 }
 
@@ -78,7 +78,7 @@ async fn replay_in_order_twice(store: Store) {
     }
     drain(&c).await;
     assert_final_state(&c).await;
-    assert_eq!(store.webhook_event_counts().await.unwrap().received, 10);
+    assert_eq!(store.webhook_event_counts().await.unwrap().received, 11);
     assert_eq!(store.webhook_event_counts().await.unwrap().pending, 0);
 
     // Milestones 2 and 3 were crossed once each; START_TRAINING exported on demand.

@@ -4,8 +4,8 @@ use anyhow::Context;
 use batchlab_core::config::ConfigArgs;
 use clap::Parser;
 
-/// Label Studio ML backend of batchlab (port 4082 by default). This first version answers
-/// `/health`; predictions come with the ML backend issue.
+/// Label Studio ML backend of batchlab (port 4082 by default): `/health`, `/setup`,
+/// `/webhook` (handed on to batchlab-api), `/versions`, `/metrics`.
 #[derive(Parser)]
 #[command(name = "batchlab-ml-backend", version, about)]
 struct Args {
@@ -17,9 +17,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let config = Args::parse().config.init()?;
     let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
+    let state = batchlab_ml_backend::MlState::new(config)?;
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "batchlab-ml-backend listening");
-    axum::serve(listener, batchlab_ml_backend::router())
+    tracing::info!(%addr, basic_auth = state.basic_auth.is_some(), "batchlab-ml-backend listening");
+    axum::serve(listener, batchlab_ml_backend::router(state))
         .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())
         .await?;
     Ok(())

@@ -806,12 +806,13 @@ mod tests {
 
     use super::*;
 
-    fn fixtures() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+    /// The repository's copy of Label Studio's requests and configs.
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
     fn candidate_config() -> LabelConfig {
-        let xml = std::fs::read_to_string(fixtures().join("candidate-evaluation.xml")).expect("fixture");
+        let xml = std::fs::read_to_string(repo().join("config/label-configs/candidate-evaluation.xml")).expect("fixture");
         LabelConfig::parse(&xml).expect("candidate-evaluation parses")
     }
 
@@ -911,7 +912,7 @@ mod tests {
 
     #[test]
     fn every_fixture_config_and_result_parses_and_validates() {
-        let dir = fixtures().join("label-studio-1.23");
+        let dir = repo().join("tests/fixtures/label-studio-1.23");
         let project: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("project.json")).unwrap()).unwrap();
         let project_config = LabelConfig::parse(project["label_config"].as_str().unwrap()).unwrap();
 

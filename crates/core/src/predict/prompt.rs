@@ -98,7 +98,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CANDIDATE: &str = include_str!("../../../../../shared/fixtures/candidate-evaluation.xml");
+    const CANDIDATE: &str = include_str!("../../../../config/label-configs/candidate-evaluation.xml");
 
     #[test]
     fn the_prompt_carries_the_task_and_every_question() {

@@ -1,0 +1,102 @@
+//! Command line of `batchlab-api`: `serve` (the default, also with no subcommand) and
+//! `setup-label-studio`.
+
+use std::path::PathBuf;
+
+use batchlab_core::config::{Config, ConfigArgs};
+use batchlab_core::labelstudio::setup::SetupOptions;
+use clap::{Parser, Subcommand};
+
+/// The OpenAI-compatible Files and Batches API of batchlab (port 4080 by default).
+#[derive(Parser)]
+#[command(name = "batchlab-api", version, about)]
+pub struct Args {
+    /// A TOML file layered over config/default.toml (environment variables
+    /// BATCHLAB_<SECTION>__<KEY> override both).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do; `serve` when none is given.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+impl Args {
+    /// The configuration options shared with the other binaries.
+    pub fn config_args(&self) -> ConfigArgs {
+        ConfigArgs { config: self.config.clone() }
+    }
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Create or reuse a Label Studio project, connect batchlab-ml-backend to it and register
+    /// batchlab-api's webhook with the shared-secret header; prints what it did as JSON.
+    /// Label Studio's URL and key come from the configuration (LABEL_STUDIO_URL,
+    /// LABEL_STUDIO_API_KEY).
+    SetupLabelStudio(SetupArgs),
+}
+
+/// Options of `setup-label-studio`.
+#[derive(clap::Args)]
+pub struct SetupArgs {
+    /// Project title; a project with exactly this title is reused.
+    #[arg(long, default_value = "Candidate Evaluation")]
+    pub title: String,
+    /// Labeling config (XML file).
+    #[arg(long, value_name = "FILE", default_value = "config/label-configs/candidate-evaluation.xml")]
+    pub label_config: PathBuf,
+    /// Description of a newly created project.
+    #[arg(long, default_value = "Created by batchlab")]
+    pub description: String,
+    /// batchlab-ml-backend's URL as Label Studio reaches it [default: http://127.0.0.1:<ml_backend.port>].
+    #[arg(long, value_name = "URL")]
+    pub ml_backend_url: Option<String>,
+    /// Title of a newly connected ML backend.
+    #[arg(long, default_value = "batchlab")]
+    pub ml_backend_title: String,
+    /// batchlab-api's webhook URL as Label Studio reaches it
+    /// [default: http://127.0.0.1:<api.port>/v1/webhooks/label-studio].
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// Connect no ML backend.
+    #[arg(long)]
+    pub no_ml_backend: bool,
+    /// Register no webhook.
+    #[arg(long)]
+    pub no_webhook: bool,
+}
+
+impl SetupArgs {
+    /// The setup to run, with defaults and the secret header taken from `config`.
+    pub fn options(&self, config: &Config) -> Result<SetupOptions, String> {
+        let label_config = std::fs::read_to_string(&self.label_config)
+            .map_err(|e| format!("cannot read labeling config {}: {e}", self.label_config.display()))?;
+        let ml_backend_url = (!self.no_ml_backend).then(|| {
+            self.ml_backend_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", config.ml_backend.port))
+        });
+        let webhook_url = (!self.no_webhook).then(|| {
+            self.webhook_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}/v1/webhooks/label-studio", config.api.port))
+        });
+        let ls = &config.label_studio;
+        let webhook_header =
+            ls.webhook_secret.as_ref().filter(|s| !s.is_empty()).map(|s| (ls.webhook_secret_header.clone(), s.clone()));
+        let ml = &config.ml_backend;
+        let ml_backend_basic_auth = match (&ml.basic_auth_user, &ml.basic_auth_pass) {
+            (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),
+            _ => None,
+        };
+        Ok(SetupOptions {
+            title: self.title.clone(),
+            label_config,
+            description: self.description.clone(),
+            ml_backend_url,
+            ml_backend_title: self.ml_backend_title.clone(),
+            ml_backend_basic_auth,
+            webhook_url,
+            webhook_header,
+        })
+    }
+}

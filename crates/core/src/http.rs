@@ -1,0 +1,63 @@
+//! The HTTP layers every batchlab service wraps its routes in — request ids, tracing spans,
+//! request metrics, panics answered as JSON — kept in one place so `batchlab-api` and
+//! `batchlab-ml-backend` observe requests the same way.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// Counts requests as `<prefix>_http_requests_total` and times them as
+/// `<prefix>_http_request_duration_seconds`, labelled by method, matched route and status.
+async fn record_metrics(prefix: &'static str, request: Request, next: Next) -> Response {
+    let path = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("path", path), ("status", status)];
+    metrics::counter!(format!("{prefix}_http_requests_total"), &labels).increment(1);
+    metrics::histogram!(format!("{prefix}_http_request_duration_seconds"), &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A panicking handler answers 500 with a generic JSON error; the panic itself is logged by
+/// the tracing layer, never sent to the client.
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    let body = json!({"error": {
+        "message": "The server had an error while processing your request.",
+        "type": "server_error",
+        "param": null,
+        "code": null,
+    }});
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
+}
+
+/// Wraps `router` (fallbacks already set) in the layers every batchlab HTTP service uses:
+/// an `x-request-id` set when missing and echoed back, one `request` tracing span per request
+/// carrying that id, request metrics named `<metric_prefix>_http_*`, and panics answered as JSON.
+pub fn observe_layers(router: Router, metric_prefix: &'static str) -> Router {
+    router
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| record_metrics(metric_prefix, req, next)))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get("x-request-id").and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Compares two byte strings in time that depends only on their lengths, so a secret cannot be
+/// guessed byte by byte from response times.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

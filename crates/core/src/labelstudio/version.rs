@@ -1,0 +1,41 @@
+//! The `model_version` batchlab's ML backend reports to Label Studio.
+//!
+//! Label Studio re-predicts a task when its prediction's `model_version` differs from the one
+//! `/setup` answers, and never otherwise; so the version must be stable for one model and one
+//! labeling config (across processes and restarts), and change when either changes. Hence a
+//! fixed hash (FNV-1a) of the config, never Rust's randomly seeded `DefaultHasher`.
+
+/// 64-bit FNV-1a of `bytes`: stable across processes, platforms and Rust versions.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+}
+
+/// `batchlab-<model id>-<8 hex digits of the labeling config's hash>`, for example
+/// `batchlab-SmolLM2-135M-Instruct-1a2b3c4d`.
+pub fn model_version(model_id: &str, label_config: &str) -> String {
+    let h = fnv1a64(label_config.as_bytes());
+    format!("batchlab-{model_id}-{:08x}", (h ^ (h >> 32)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn versions_follow_model_and_config() {
+        let a = model_version("SmolLM2-135M-Instruct", "<View/>");
+        assert_eq!(a, model_version("SmolLM2-135M-Instruct", "<View/>"));
+        assert!(a.starts_with("batchlab-SmolLM2-135M-Instruct-") && a.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{a}");
+        assert_ne!(a, model_version("SmolLM2-135M-Instruct", "<View></View>"));
+        assert_ne!(a, model_version("other", "<View/>"));
+    }
+}

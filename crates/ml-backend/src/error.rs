@@ -1,0 +1,60 @@
+//! The ML backend's one error type: every failure leaves as `{"error": {"message", "type",
+//! "code"}}` JSON, never a stack trace.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// A failed ML backend request.
+#[derive(Debug, thiserror::Error)]
+pub enum MlError {
+    /// The body is not the JSON expected (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Basic auth is required and was missing or wrong (401, with `WWW-Authenticate: Basic`).
+    #[error("missing or invalid basic-auth credentials")]
+    Unauthorized,
+    /// No such route (404).
+    #[error("unknown route; the ML backend serves /health, /setup, /webhook, /versions and /metrics")]
+    NotFound,
+    /// The route exists but not for this method (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Something broke inside; logged, answered without details (500).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl MlError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_body"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "unauthorized"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error"),
+        }
+    }
+}
+
+impl IntoResponse for MlError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = self.parts();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                "The ML backend had an error while processing the request.".to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = Json(json!({"error": {"message": message, "type": kind, "code": code}}));
+        let mut response = (status, body).into_response();
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"batchlab-ml-backend\""));
+        }
+        response
+    }
+}

@@ -1,0 +1,246 @@
+//! The ML backend over a real socket, replaying the requests a real Label Studio 1.23 sent
+//! (`tests/fixtures/label-studio-1.23` at the repository root): health, setup,
+//! webhooks; basic auth; the webhook hand-off to a receiving server bound in the test.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use batchlab_core::config::Config;
+use batchlab_ml_backend::{router, MlState};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/label-studio-1.23")
+}
+
+/// The `*-ml-<kind>*` fixture files, in order.
+fn fixtures(kind: &str) -> Vec<(String, Value)> {
+    let dir = fixtures_dir();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fixtures at {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-ml-{kind}")))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no -ml-{kind} fixtures in {}", dir.display());
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()))
+        .collect()
+}
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+}
+
+async fn serve(config: Config) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(MlState::new(config).unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server { base, client: reqwest::Client::new() }
+}
+
+impl Server {
+    /// Sends a fixture's method, path, headers (minus hop-by-hop ones) and body.
+    async fn replay(&self, fixture: &Value) -> reqwest::Response {
+        let method = reqwest::Method::from_bytes(fixture["method"].as_str().unwrap().as_bytes()).unwrap();
+        let mut request = self.client.request(method, format!("{}{}", self.base, fixture["path"].as_str().unwrap()));
+        for (name, value) in fixture["headers"].as_object().unwrap() {
+            if !matches!(name.to_ascii_lowercase().as_str(), "host" | "content-length" | "connection" | "accept-encoding") {
+                request = request.header(name.as_str(), value.as_str().unwrap());
+            }
+        }
+        if !fixture["body"].is_null() {
+            request = request.body(serde_json::to_vec(&fixture["body"]).unwrap());
+        }
+        request.send().await.unwrap()
+    }
+}
+
+async fn json_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let ct = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    assert!(ct.starts_with("application/json"), "content type {ct:?}");
+    (status, response.json().await.unwrap())
+}
+
+/// A batchlab-api stand-in: records each webhook hand-off (headers, body), after `delay`.
+async fn receiver(delay: Duration) -> (String, mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let tx = Arc::new(tx);
+    let app = axum::Router::new().route(
+        "/v1/webhooks/label-studio",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let tx = tx.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send((headers, body));
+                axum::Json(json!({"status": "ok"}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, rx)
+}
+
+fn config_with_api(api_url: &str) -> Config {
+    let mut c = Config::default();
+    c.ml_backend.api_url = api_url.to_string();
+    c.label_studio.webhook_secret = Some("s3cret".into());
+    c
+}
+
+#[tokio::test]
+async fn health_fixtures_answer_up() {
+    let s = serve(Config::default()).await;
+    for (name, f) in fixtures("health") {
+        let (status, body) = json_of(s.replay(&f).await).await;
+        assert_eq!(status, 200, "{name}");
+        assert_eq!(body["status"], "UP", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
+    let s = serve(Config::default()).await;
+    let mut versions = Vec::new();
+    for (name, f) in fixtures("setup") {
+        let started = Instant::now();
+        let (status, body) = json_of(s.replay(&f).await).await;
+        assert_eq!(status, 200, "{name}: {body}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{name}: /setup must answer at once");
+        versions.push(body["model_version"].as_str().unwrap_or_else(|| panic!("{name}: {body}")).to_string());
+    }
+    // Every captured /setup carried the same schema, so the same version.
+    assert!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
+    let v = &versions[0];
+    assert!(v.starts_with("batchlab-SmolLM2-135M-Instruct-") && v.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{v}");
+
+    // Another schema, and extra_params as an object or a string: another version, still 200.
+    let (_, f) = &fixtures("setup")[0];
+    let mut other = f.clone();
+    other["body"]["schema"] = json!("<View><Text name=\"t\" value=\"$text\"/></View>");
+    other["body"]["extra_params"] = json!({"temperature": 0.1});
+    let (status, body) = json_of(s.replay(&other).await).await;
+    assert_eq!(status, 200);
+    let w = body["model_version"].as_str().unwrap().to_string();
+    assert_ne!(&w, v);
+    other["body"]["extra_params"] = json!("a string");
+    assert_eq!(json_of(s.replay(&other).await).await.1["model_version"], w.as_str());
+
+    // /versions lists both.
+    let (status, body) = json_of(s.client.get(format!("{}/versions", s.base)).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let mut expected = vec![v.clone(), w];
+    expected.sort();
+    assert_eq!(body, json!({"versions": expected}));
+
+    // A restarted backend answers the same version (no per-process hashing).
+    let s2 = serve(Config::default()).await;
+    assert_eq!(json_of(s2.replay(f).await).await.1["model_version"], v.as_str());
+}
+
+#[tokio::test]
+async fn every_webhook_fixture_is_acknowledged_and_handed_on_unchanged() {
+    let (api, mut rx) = receiver(Duration::ZERO).await;
+    let s = serve(config_with_api(&api)).await;
+    let fx = fixtures("webhook");
+    for (name, f) in &fx {
+        let (status, body) = json_of(s.replay(f).await).await;
+        assert_eq!((status, body), (200, json!({})), "{name}");
+    }
+    for _ in 0..fx.len() {
+        let (headers, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a hand-off").unwrap();
+        assert_eq!(headers.get("x-batchlab-secret").unwrap(), "s3cret");
+        let doc: Value = serde_json::from_slice(&body).unwrap();
+        // Hand-offs run concurrently: match each by content.
+        assert!(fx.iter().any(|(_, f)| f["body"] == doc), "handed-on body matches no fixture: {doc}");
+    }
+    let metrics = s.client.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("batchlab_ml_webhook_events_total"), "{metrics}");
+    assert!(metrics.contains("batchlab_ml_http_requests_total"), "{metrics}");
+}
+
+#[tokio::test]
+async fn start_training_reaches_the_api_with_the_secret_and_the_same_bytes() {
+    let (api, mut rx) = receiver(Duration::ZERO).await;
+    let s = serve(config_with_api(&api)).await;
+    let (_, f) = fixtures("webhook").into_iter().find(|(n, _)| n.starts_with("39-")).expect("fixture 39");
+    let sent = serde_json::to_vec(&f["body"]).unwrap();
+    let r = s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(sent.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (headers, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(body.as_ref(), sent.as_slice(), "body handed on byte for byte");
+    assert_eq!(headers.get("x-batchlab-secret").unwrap(), "s3cret");
+    assert_eq!(headers.get("content-type").unwrap(), "application/json");
+}
+
+#[tokio::test]
+async fn webhook_answers_before_a_slow_api_finishes() {
+    let (api, mut rx) = receiver(Duration::from_secs(3)).await;
+    let s = serve(config_with_api(&api)).await;
+    let started = Instant::now();
+    let r = s.client.post(format!("{}/webhook", s.base)).json(&json!({"action": "START_TRAINING", "project": {"id": 1}})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(1), "acknowledged after {:?}", started.elapsed());
+    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the hand-off still arrives").unwrap();
+}
+
+#[tokio::test]
+async fn webhook_bodies_without_payload_unknown_actions_and_malformed_json() {
+    // Nothing listens on the API URL: the hand-off fails, Label Studio still gets 200.
+    let s = serve(config_with_api("http://127.0.0.1:9")).await;
+    let post = |body: &'static str| {
+        s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(body).send()
+    };
+    assert_eq!(json_of(post(r#"{"action": "TASKS_CREATED"}"#).await.unwrap()).await, (200, json!({})));
+    assert_eq!(json_of(post(r#"{"action": "SOMETHING_NEW", "x": 1}"#).await.unwrap()).await, (200, json!({})));
+    for bad in [r#"{"action": "#, "[1,2]", r#"{"no_action": true}"#] {
+        let (status, body) = json_of(post(bad).await.unwrap()).await;
+        assert_eq!(status, 400, "{bad}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(body["error"]["message"].is_string() && body["error"]["code"].is_string(), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn basic_auth_guards_every_route_when_configured() {
+    let mut c = Config::default();
+    c.ml_backend.basic_auth_user = Some("ml".into());
+    c.ml_backend.basic_auth_pass = Some("pw".into());
+    let s = serve(c).await;
+    for path in ["/health", "/versions", "/metrics", "/nope"] {
+        let url = format!("{}{path}", s.base);
+        let none = s.client.get(&url).send().await.unwrap();
+        assert_eq!(none.status(), 401, "{path}");
+        assert!(none.headers().get("www-authenticate").unwrap().to_str().unwrap().starts_with("Basic"), "{path}");
+        let (_, body) = json_of(none).await;
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let wrong = s.client.get(&url).basic_auth("ml", Some("wrong")).send().await.unwrap();
+        assert_eq!(wrong.status(), 401, "{path}");
+        let right = s.client.get(&url).basic_auth("ml", Some("pw")).send().await.unwrap();
+        assert_eq!(right.status(), if path == "/nope" { 404 } else { 200 }, "{path}");
+    }
+    let (_, f) = &fixtures("setup")[0];
+    assert_eq!(s.replay(f).await.status(), 401, "Label Studio's setup without credentials");
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_answer_json() {
+    let s = serve(Config::default()).await;
+    let (status, body) = json_of(s.client.get(format!("{}/nope", s.base)).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = json_of(s.client.get(format!("{}/setup", s.base)).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    let r = s.client.get(format!("{}/health", s.base)).send().await.unwrap();
+    assert!(r.headers().contains_key("x-request-id"));
+}
