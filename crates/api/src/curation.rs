@@ -6,7 +6,9 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
+use batchlab_core::curation::import::ImportReport;
 use batchlab_core::curation::{Ingested, ProjectStatus};
+use batchlab_core::labelstudio::client::LabelStudioClient;
 use batchlab_core::labelstudio::webhook::parse_timestamp_us;
 use futures::TryStreamExt;
 use serde::Deserialize;
@@ -115,4 +117,32 @@ pub async fn stored_accuracy(State(state): State<AppState>, ApiPath(id): ApiPath
     let reports = state.curation.stored_accuracy(id).await?;
     let history = state.curation.status(id).await?.accuracy_history;
     Ok(Json(json!({"project_id": id, "model_versions": reports, "history": history})))
+}
+
+/// Body of `POST /v1/label-studio/import/{project_id}`.
+#[derive(Debug, Deserialize)]
+pub struct ImportRequest {
+    batch_id: String,
+    /// Defaults to the batch's output file.
+    output_file_id: Option<String>,
+}
+
+/// `POST /v1/label-studio/import/{project_id}`: a finished batch's results into Label Studio as
+/// tasks with predictions.
+pub async fn import(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiJson(req): ApiJson<ImportRequest>) -> Result<Json<ImportReport>, ApiError> {
+    let batch = state
+        .store
+        .get_batch(&req.batch_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("No batch found with id '{}'.", req.batch_id)))?;
+    let Some(batch_output) = batch.output_file_id.clone() else {
+        return Err(ApiError::invalid(format!("batch {} has no output file yet (status {})", batch.id, batch.status.as_str()), "batch_id"));
+    };
+    let output_file_id = req.output_file_id.unwrap_or_else(|| batch_output.clone());
+    if output_file_id != batch_output {
+        return Err(ApiError::invalid(format!("file {output_file_id} is not the output file of batch {}", batch.id), "output_file_id"));
+    }
+    let client = LabelStudioClient::from_config(&state.config.label_studio).map_err(|e| ApiError::Conflict(format!("Label Studio is not configured: {e}")))?;
+    let chunk = state.config.label_studio.import_chunk_size;
+    Ok(Json(state.curation.import_batch(&client, &state.blobs, id, &batch, &output_file_id, chunk).await?))
 }

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::blob::BlobError;
 use batchlab_core::curation::CurationError;
+use batchlab_core::labelstudio::client::LabelStudioError;
 use batchlab_core::openai::{ErrorBody, ErrorDetail};
 use batchlab_core::store::StoreError;
 
@@ -122,6 +123,10 @@ impl From<CurationError> for ApiError {
             CurationError::LabelConfig { .. } => Self::Conflict(e.to_string()),
             CurationError::Invalid(_) | CurationError::Webhook(_) => Self::InvalidRequest { message: e.to_string(), param: None },
             CurationError::Store(_) | CurationError::Io(_) => Self::Internal(e.to_string()),
+            CurationError::LabelStudio(LabelStudioError::Status { status: 404, .. }) => {
+                Self::NotFound(format!("Label Studio does not know this project: {e}"))
+            }
+            CurationError::LabelStudio(_) => Self::Upstream(e.to_string()),
         }
     }
 }

@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/batches/{id}/cancel", post(batches::cancel))
         .route("/label-studio/projects/{id}", get(curation::project))
         .route("/label-studio/export/{id}", get(curation::export))
+        .route("/label-studio/import/{id}", post(curation::import))
         .route("/label-studio/accuracy/{id}", post(curation::accuracy).get(curation::stored_accuracy))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_api_key));
     // Label Studio authenticates with the webhook's shared-secret header, not the bearer key.

@@ -5,6 +5,7 @@
 pub mod accuracy;
 mod events;
 pub mod export;
+pub mod import;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,6 +49,9 @@ pub enum CurationError {
     /// The request itself is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// Label Studio failed or refused a call this operation needed.
+    #[error(transparent)]
+    LabelStudio(#[from] crate::labelstudio::client::LabelStudioError),
 }
 
 /// The curation service: shared by the webhook route, the background processor and the
