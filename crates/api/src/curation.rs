@@ -1,6 +1,6 @@
 //! Label Studio curation routes: the webhook target, project status, exports and accuracy.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
@@ -15,13 +15,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
-use crate::extract::{ApiJson, ApiPath, ApiQuery};
+use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery};
 use batchlab_core::http::constant_time_eq;
 use crate::AppState;
 
 /// `POST /v1/webhooks/label-studio`: checks the shared secret, stores the event and answers at
 /// once; a background processor applies it. A body seen before is acknowledged as `duplicate`.
-pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Ingested>, ApiError> {
+pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, ApiBytes(body): ApiBytes) -> Result<Json<Ingested>, ApiError> {
     let ls = &state.config.label_studio;
     if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
         let given = headers.get(ls.webhook_secret_header.as_str()).and_then(|v| v.to_str().ok());

@@ -1,0 +1,166 @@
+//! The curation routes over a real socket and SQLite: the webhook's secret, bad bodies, big
+//! bodies, unknown projects, and every error in OpenAI's shape.
+
+use std::time::Duration;
+
+use batchlab_api::{router, AppState};
+use batchlab_core::blob::BlobStore;
+use batchlab_core::config::Config;
+use batchlab_core::testing::TestDb;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/label-studio-1.23");
+const SECRET: &str = "s3cret";
+
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(configure: impl FnOnce(&mut Config)) -> Server {
+    let db = TestDb::sqlite().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.storage.files_dir = dir.path().join("files");
+    config.curation.training_dir = dir.path().join("training");
+    config.label_studio.webhook_secret = Some(SECRET.into());
+    configure(&mut config);
+    let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
+    let state = AppState::new(db.store.clone(), blobs, config);
+    state.start_background();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+    Server { base: format!("http://{addr}"), client: reqwest::Client::new(), _db: db, _dir: dir }
+}
+
+impl Server {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn deliver(&self, body: impl Into<reqwest::Body>, secret: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(self.url("/v1/webhooks/label-studio")).header("content-type", "application/json");
+        if let Some(s) = secret {
+            req = req.header("X-Batchlab-Secret", s);
+        }
+        req.body(body).send().await.unwrap()
+    }
+
+    /// Polls the project until `check` holds (the processor runs in the background).
+    async fn project_until(&self, id: i64, check: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..100 {
+            let resp = self.client.get(self.url(&format!("/v1/label-studio/projects/{id}"))).send().await.unwrap();
+            if resp.status() == StatusCode::OK {
+                let v: Value = resp.json().await.unwrap();
+                if check(&v) {
+                    return v;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("project {id} never reached the expected state");
+    }
+}
+
+fn fixture_body(name: &str) -> Value {
+    let request: Value = serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{name}")).unwrap()).unwrap();
+    request["body"].clone()
+}
+
+async fn assert_error(resp: reqwest::Response, status: StatusCode, code: Option<&str>) -> Value {
+    assert_eq!(resp.status(), status);
+    let body: Value = resp.json().await.expect("error bodies are JSON");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    if let Some(code) = code {
+        assert_eq!(body["error"]["code"], json!(code), "{body}");
+    }
+    body
+}
+
+#[tokio::test]
+async fn the_secret_header_is_required_when_configured() {
+    let s = start(|_| {}).await;
+    let body = serde_json::to_vec(&fixture_body("06-webhook-TASKS_CREATED.json")).unwrap();
+    assert_error(s.deliver(body.clone(), None).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
+    assert_error(s.deliver(body.clone(), Some("wrong")).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
+    let first: Value = s.deliver(body.clone(), Some(SECRET)).await.json().await.unwrap();
+    assert_eq!((first["status"].as_str(), first["action"].as_str()), (Some("accepted"), Some("TASKS_CREATED")));
+    let again: Value = s.deliver(body, Some(SECRET)).await.json().await.unwrap();
+    assert_eq!(again["status"], json!("duplicate"));
+    assert_eq!(again["event_id"], first["event_id"]);
+    s.project_until(1, |p| p["counts"]["tasks"] == json!(5)).await;
+}
+
+#[tokio::test]
+async fn bad_bodies_get_clear_errors_and_odd_ones_are_acknowledged() {
+    let s = start(|c| c.label_studio.webhook_secret = None).await;
+    assert_error(s.deliver("{not json", None).await, StatusCode::BAD_REQUEST, None).await;
+    assert_error(s.deliver("[1, 2]", None).await, StatusCode::BAD_REQUEST, None).await;
+    assert_error(s.deliver(r#"{"no_action": true}"#, None).await, StatusCode::BAD_REQUEST, None).await;
+    for body in [r#"{"action": "PROJECT_UPDATED"}"#, r#"{"action": "SOMETHING_NEW", "x": 1}"#] {
+        let resp = s.deliver(body, None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+    }
+    // An annotation naming a label outside the config is kept, flagged, and not counted valid.
+    let mut event = fixture_body("22-webhook-ANNOTATION_CREATED.json");
+    event["annotation"]["result"][0]["value"]["choices"] = json!(["definitely"]);
+    assert_eq!(s.deliver(serde_json::to_vec(&event).unwrap(), None).await.status(), StatusCode::OK);
+    let p = s.project_until(1, |p| p["counts"]["annotations"] == json!(1)).await;
+    assert_eq!(p["counts"]["valid"], json!(0));
+    assert!(p["invalid_annotations"][0]["reason"].as_str().unwrap().contains("definitely"), "{p}");
+}
+
+#[tokio::test]
+async fn a_ten_megabyte_import_event_is_stored_and_bodies_over_the_limit_get_413() {
+    let s = start(|c| {
+        c.label_studio.webhook_secret = None;
+        c.api.max_webhook_bytes = 16 * 1024 * 1024;
+    })
+    .await;
+    let mut event = fixture_body("06-webhook-TASKS_CREATED.json");
+    let text = "x".repeat(10_000);
+    let tasks: Vec<Value> = (1..=1_000).map(|i| json!({"id": i, "project": 1, "data": {"name": format!("{i} {text}")}})).collect();
+    event["tasks"] = Value::Array(tasks);
+    let body = serde_json::to_vec(&event).unwrap();
+    assert!(body.len() > 10_000_000);
+    assert_eq!(s.deliver(body, None).await.status(), StatusCode::OK);
+    s.project_until(1, |p| p["counts"]["tasks"] == json!(1_000)).await;
+
+    let huge = vec![b' '; 17 * 1024 * 1024];
+    assert_error(s.deliver(huge, None).await, StatusCode::PAYLOAD_TOO_LARGE, None).await;
+}
+
+#[tokio::test]
+async fn unknown_projects_and_bad_queries_are_named() {
+    let s = start(|_| {}).await;
+    for path in ["/v1/label-studio/projects/999", "/v1/label-studio/export/999", "/v1/label-studio/accuracy/999"] {
+        assert_error(s.client.get(s.url(path)).send().await.unwrap(), StatusCode::NOT_FOUND, Some("not_found")).await;
+    }
+    let resp = s.client.post(s.url("/v1/label-studio/accuracy/999")).json(&json!({"predictions": []})).send().await.unwrap();
+    assert_error(resp, StatusCode::NOT_FOUND, None).await;
+    let resp = s.client.post(s.url("/v1/label-studio/accuracy/1")).json(&json!({"nope": 1})).send().await.unwrap();
+    assert_error(resp, StatusCode::BAD_REQUEST, None).await;
+    assert_error(s.client.get(s.url("/v1/label-studio/projects/abc")).send().await.unwrap(), StatusCode::BAD_REQUEST, None).await;
+
+    s.deliver(serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(), Some(SECRET)).await;
+    s.project_until(1, |p| p["counts"]["valid"] == json!(1)).await;
+    let bad_format = s.client.get(s.url("/v1/label-studio/export/1?format=csv")).send().await.unwrap();
+    let body = assert_error(bad_format, StatusCode::BAD_REQUEST, None).await;
+    assert_eq!(body["error"]["param"], json!("format"));
+    let bad_since = s.client.get(s.url("/v1/label-studio/export/1?since=yesterday")).send().await.unwrap();
+    assert_error(bad_since, StatusCode::BAD_REQUEST, None).await;
+
+    let export = s.client.get(s.url("/v1/label-studio/export/1?format=jsonl-chat")).send().await.unwrap();
+    assert_eq!(export.headers()["content-type"], "application/jsonl");
+    assert_eq!(export.text().await.unwrap().lines().count(), 1);
+    let export: Value = s.client.get(s.url("/v1/label-studio/export/1?since=2026-01-01T00:00:00Z")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(export[0]["annotations"][0]["id"], json!(1));
+
+    let import = s.client.post(s.url("/v1/label-studio/import/1")).json(&json!({"batch_id": "batch_nope"})).send().await.unwrap();
+    assert_error(import, StatusCode::NOT_FOUND, Some("not_found")).await;
+}
