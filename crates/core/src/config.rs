@@ -271,20 +271,52 @@ const LABEL_STUDIO_ENV: [(&str, &str); 4] = [
     ("BASIC_AUTH_PASS", "ml_backend.basic_auth_pass"),
 ];
 
-fn label_studio_env() -> Env {
-    Env::raw().only(&LABEL_STUDIO_ENV.map(|(name, _)| name)).map(|name| {
-        let key = LABEL_STUDIO_ENV.iter().find(|(n, _)| name.as_str().eq_ignore_ascii_case(n)).map_or("", |(_, k)| *k);
-        key.to_string().into()
-    })
+/// Settings that are text whatever they look like: figment would read `BATCHLAB_API__API_KEY=0042`
+/// as the number 42, so these are taken from the environment verbatim and merged last.
+const TEXT_SETTINGS: [&str; 6] = [
+    "api.api_key",
+    "label_studio.url",
+    "label_studio.api_key",
+    "label_studio.webhook_secret",
+    "ml_backend.basic_auth_user",
+    "ml_backend.basic_auth_pass",
+];
+
+/// Where environment settings come from: `<prefix><SECTION>__<KEY>` variables, and Label
+/// Studio's own names when `label_studio_names` is set.
+struct EnvSource<'a> {
+    prefix: &'a str,
+    label_studio_names: bool,
+}
+
+impl EnvSource<'_> {
+    /// The text settings present in the environment, verbatim, later entries winning.
+    fn text_values(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.label_studio_names {
+            for (name, key) in LABEL_STUDIO_ENV {
+                if let Ok(v) = std::env::var(name) {
+                    out.push((key, v));
+                }
+            }
+        }
+        for key in TEXT_SETTINGS {
+            let name = format!("{}{}", self.prefix, key.replace('.', "__").to_uppercase());
+            if let Ok(v) = std::env::var(name) {
+                out.push((key, v));
+            }
+        }
+        out
+    }
 }
 
 impl Config {
     /// Loads defaults, `config/default.toml` if present, `file` if given, then `BATCHLAB_*`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, env_overrides("BATCHLAB_"))
+        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, EnvSource { prefix: "BATCHLAB_", label_studio_names: true })
     }
 
-    fn load_from(default_file: &Path, file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+    fn load_from(default_file: &Path, file: Option<&Path>, env: EnvSource<'_>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if default_file.exists() {
             figment = figment.merge(Toml::file(default_file));
@@ -295,7 +327,11 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        figment.merge(label_studio_env()).merge(env).extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+        figment = figment.merge(env_overrides(env.prefix));
+        for (key, value) in env.text_values() {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
     /// The worker id to use: the configured one, or one made from host name, pid and randomness.
@@ -325,7 +361,7 @@ mod tests {
     #[test]
     fn shipped_default_toml_parses_and_equals_the_built_in_defaults() {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
-        let c = Config::load_from(&shipped, None, Env::prefixed("BATCHLAB_NO_SUCH_PREFIX_")).unwrap();
+        let c = Config::load_from(&shipped, None, EnvSource { prefix: "BATCHLAB_NO_SUCH_PREFIX_", label_studio_names: false }).unwrap();
         assert_eq!(c, Config::default(), "config/default.toml drifted from Config::default()");
     }
 
@@ -336,7 +372,7 @@ mod tests {
             jail.set_env("TESTCFG_API__PORT", "6000");
             jail.set_env("TESTCFG_DATABASE__URL", "postgres://x@localhost/db");
             jail.set_env("TESTCFG_PROFILE", "not a setting: ignored");
-            let c = Config::load_from(Path::new("none.toml"), Some(Path::new("extra.toml")), env_overrides("TESTCFG_"))
+            let c = Config::load_from(Path::new("none.toml"), Some(Path::new("extra.toml")), EnvSource { prefix: "TESTCFG_", label_studio_names: false })
             .map_err(|e| e.to_string())?;
             assert_eq!(c.api.port, 6000);
             assert_eq!(c.worker.concurrency, 2);
@@ -351,13 +387,15 @@ mod tests {
             jail.set_env("LABEL_STUDIO_URL", "http://ls.example:8080");
             jail.set_env("LABEL_STUDIO_API_KEY", "secret-key");
             jail.set_env("BASIC_AUTH_USER", "ml");
-            jail.set_env("BASIC_AUTH_PASS", "pw");
+            jail.set_env("BASIC_AUTH_PASS", "0042");
             jail.set_env("TESTLS_ML_BACKEND__BASIC_AUTH_USER", "override");
-            let c = Config::load_from(Path::new("none.toml"), None, env_overrides("TESTLS_")).map_err(|e| e.to_string())?;
+            jail.set_env("TESTLS_API__API_KEY", "0123");
+            let c = Config::load_from(Path::new("none.toml"), None, EnvSource { prefix: "TESTLS_", label_studio_names: true }).map_err(|e| e.to_string())?;
             assert_eq!(c.label_studio.url, "http://ls.example:8080");
             assert_eq!(c.label_studio.api_key.as_deref(), Some("secret-key"));
             assert_eq!(c.ml_backend.basic_auth_user.as_deref(), Some("override"));
-            assert_eq!(c.ml_backend.basic_auth_pass.as_deref(), Some("pw"));
+            assert_eq!(c.ml_backend.basic_auth_pass.as_deref(), Some("0042"), "digits stay text, leading zeros too");
+            assert_eq!(c.api.api_key.as_deref(), Some("0123"));
             Ok(())
         });
     }
@@ -366,9 +404,9 @@ mod tests {
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[api]\nprot = 1\n")?;
-            let err = Config::load_from(Path::new("x"), Some(Path::new("bad.toml")), Env::prefixed("NOPE_"));
+            let err = Config::load_from(Path::new("x"), Some(Path::new("bad.toml")), EnvSource { prefix: "NOPE_", label_studio_names: false });
             assert!(err.unwrap_err().to_string().contains("prot"));
-            let err = Config::load_from(Path::new("x"), Some(Path::new("missing.toml")), Env::prefixed("NOPE_"));
+            let err = Config::load_from(Path::new("x"), Some(Path::new("missing.toml")), EnvSource { prefix: "NOPE_", label_studio_names: false });
             assert!(matches!(err, Err(ConfigError::Missing(_))));
             Ok(())
         });
