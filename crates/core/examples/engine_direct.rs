@@ -23,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_queue: 1024,
         threads: None,
         max_context: None,
+        requantize: true,
     })?;
     let mut seen = HashSet::new();
     let mut calls = Vec::new();

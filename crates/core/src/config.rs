@@ -164,6 +164,8 @@ pub struct EngineSettings {
     pub max_context: usize,
     /// Completion tokens when a request sets no `max_tokens`.
     pub default_max_tokens: usize,
+    /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load.
+    pub requantize: bool,
 }
 
 impl Default for EngineSettings {
@@ -175,6 +177,7 @@ impl Default for EngineSettings {
             threads: 0,
             max_context: 0,
             default_max_tokens: 256,
+            requantize: true,
         }
     }
 }

@@ -27,6 +27,7 @@ fn engine() -> Engine {
                 max_queue: 64,
                 threads: None,
                 max_context: None,
+                requantize: true,
             })
             .expect("load the default model")
         })

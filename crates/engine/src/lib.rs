@@ -17,6 +17,7 @@
 
 mod template;
 mod tokenizer;
+mod weights;
 mod worker;
 
 use std::collections::HashSet;
@@ -27,7 +28,7 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
@@ -56,6 +57,9 @@ pub struct EngineConfig {
     /// Cap on context tokens (prompt + completion); `None` means the GGUF's context length.
     /// See [`Engine::context_length`] for the other caps.
     pub max_context: Option<usize>,
+    /// Requantize Q4_1, Q5_0 and Q5_1 weights, which candle computes without SIMD, to Q8_0 at
+    /// load: much faster, slightly more memory, answers close to the original.
+    pub requantize: bool,
 }
 
 /// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
@@ -68,6 +72,7 @@ pub struct Engine {
 struct Inner {
     model_id: String,
     context_length: usize,
+    requantized: usize,
     tokenizer: Arc<GgufTokenizer>,
     template: ChatTemplate,
     tx: mpsc::Sender<Job>,
@@ -194,7 +199,7 @@ pub enum EngineError {
     Inference(String),
 }
 
-fn load_err(context: &str, e: impl std::fmt::Display) -> EngineError {
+pub(crate) fn load_err(context: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(format!("{context}: {e}"))
 }
 
@@ -204,6 +209,7 @@ pub(crate) struct Loaded {
     pub(crate) template: ChatTemplate,
     pub(crate) worker: Worker,
     pub(crate) context_length: usize,
+    pub(crate) requantized: usize,
 }
 
 /// Reads the GGUF and builds tokenizer, template and model (no thread).
@@ -295,8 +301,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     }
 
     let device = Device::Cpu;
-    let model = ModelWeights::from_gguf(content, &mut reader, &device)
-        .map_err(|e| load_err("cannot build the model", e))?;
+    let (model, requantized) = weights::load_model(content, &mut reader, &device, config.requantize)?;
     tracing::info!(
         model_id = %config.model_id,
         path = %path.display(),
@@ -304,6 +309,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         control_tokens = tokenizer.control_tokens().len(),
         context_length,
         gguf_context_length = gguf_ctx,
+        requantized_to_q8_0 = requantized,
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -321,6 +327,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         template,
         worker,
         context_length,
+        requantized,
     })
 }
 
@@ -334,6 +341,7 @@ impl Engine {
             template,
             worker,
             context_length,
+            requantized,
         } = load_parts(&config)?;
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         std::thread::Builder::new()
@@ -345,6 +353,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 model_id: config.model_id,
                 context_length,
+                requantized,
                 tokenizer,
                 template,
                 tx,
@@ -362,6 +371,12 @@ impl Engine {
     /// only) and [`EngineConfig::max_context`].
     pub fn context_length(&self) -> usize {
         self.inner.context_length
+    }
+
+    /// How many weight tensors were requantized to Q8_0 at load (see
+    /// [`EngineConfig::requantize`]).
+    pub fn requantized_tensors(&self) -> usize {
+        self.inner.requantized
     }
 
     /// Chat: renders the messages with the model's chat template (`add_generation_prompt`

@@ -290,6 +290,7 @@ mod tests {
             max_queue: 1,
             threads: Some(2),
             max_context: None,
+            requantize: true,
         })
         .unwrap();
         let mut worker = loaded.worker;

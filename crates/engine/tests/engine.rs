@@ -21,6 +21,7 @@ fn config(max_queue: usize) -> EngineConfig {
         max_queue,
         threads: Some(2),
         max_context: None,
+        requantize: true,
     }
 }
 
@@ -398,4 +399,20 @@ fn not_a_gguf_is_load_error() {
     let r = Engine::load(cfg);
     let _ = std::fs::remove_file(&path);
     assert!(matches!(r, Err(EngineError::Load(_))), "{r:?}");
+}
+
+#[tokio::test]
+async fn requantized_weights_answer_like_the_original_file() {
+    let Some(requantized) = engine() else { return };
+    // Every Q4_1 tensor of the default file (210 of them) becomes Q8_0 by default.
+    assert_eq!(requantized.requantized_tensors(), 210);
+    let original = Engine::load(EngineConfig { requantize: false, ..config(4) }).expect("load without requantizing");
+    assert_eq!(original.requantized_tensors(), 0);
+    let ask = |e: &Engine| {
+        let e = e.clone();
+        async move { e.chat(ChatRequest { messages: france(), params: greedy(Some(12)) }).await.unwrap() }
+    };
+    let (a, b) = (ask(requantized).await, ask(&original).await);
+    assert!(a.text.contains("Paris") && b.text.contains("Paris"), "{a:?} / {b:?}");
+    assert_eq!(a.prompt_tokens, b.prompt_tokens);
 }

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         max_queue: e.max_queue,
         threads: (e.threads > 0).then_some(e.threads),
         max_context: (e.max_context > 0).then_some(e.max_context),
+        requantize: e.requantize,
     };
     let started = std::time::Instant::now();
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
