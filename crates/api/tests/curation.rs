@@ -3,67 +3,45 @@
 
 use std::time::Duration;
 
-use batchlab_api::{router, AppState};
-use batchlab_core::blob::BlobStore;
-use batchlab_core::config::Config;
-use batchlab_core::testing::TestDb;
+mod common;
+
+use common::{assert_openai_error, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/label-studio-1.23");
 const SECRET: &str = "s3cret";
 
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    _db: TestDb,
-    _dir: tempfile::TempDir,
+/// The API with a webhook secret unless `configure` removes it.
+async fn start(configure: impl FnOnce(&mut batchlab_core::config::Config)) -> Server {
+    common::start(|c| {
+        c.label_studio.webhook_secret = Some(SECRET.into());
+        configure(c);
+    })
+    .await
 }
 
-async fn start(configure: impl FnOnce(&mut Config)) -> Server {
-    let db = TestDb::sqlite().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.storage.files_dir = dir.path().join("files");
-    config.curation.training_dir = dir.path().join("training");
-    config.label_studio.webhook_secret = Some(SECRET.into());
-    configure(&mut config);
-    let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
-    let state = AppState::new(db.store.clone(), blobs, config);
-    state.start_background();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
-    Server { base: format!("http://{addr}"), client: reqwest::Client::new(), _db: db, _dir: dir }
+async fn deliver(s: &Server, body: impl Into<reqwest::Body>, secret: Option<&str>) -> reqwest::Response {
+    let mut req = s.client.post(s.url("/v1/webhooks/label-studio")).header("content-type", "application/json");
+    if let Some(secret) = secret {
+        req = req.header("X-Batchlab-Secret", secret);
+    }
+    req.body(body).send().await.unwrap()
 }
 
-impl Server {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn deliver(&self, body: impl Into<reqwest::Body>, secret: Option<&str>) -> reqwest::Response {
-        let mut req = self.client.post(self.url("/v1/webhooks/label-studio")).header("content-type", "application/json");
-        if let Some(s) = secret {
-            req = req.header("X-Batchlab-Secret", s);
-        }
-        req.body(body).send().await.unwrap()
-    }
-
-    /// Polls the project until `check` holds (the processor runs in the background).
-    async fn project_until(&self, id: i64, check: impl Fn(&Value) -> bool) -> Value {
-        for _ in 0..100 {
-            let resp = self.client.get(self.url(&format!("/v1/label-studio/projects/{id}"))).send().await.unwrap();
-            if resp.status() == StatusCode::OK {
-                let v: Value = resp.json().await.unwrap();
-                if check(&v) {
-                    return v;
-                }
+/// Polls the project until `check` holds (the processor runs in the background).
+async fn project_until(s: &Server, id: i64, check: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let resp = s.client.get(s.url(&format!("/v1/label-studio/projects/{id}"))).send().await.unwrap();
+        if resp.status() == StatusCode::OK {
+            let v: Value = resp.json().await.unwrap();
+            if check(&v) {
+                return v;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("project {id} never reached the expected state");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!("project {id} never reached the expected state");
 }
 
 fn fixture_body(name: &str) -> Value {
@@ -72,10 +50,7 @@ fn fixture_body(name: &str) -> Value {
 }
 
 async fn assert_error(resp: reqwest::Response, status: StatusCode, code: Option<&str>) -> Value {
-    assert_eq!(resp.status(), status);
-    let body: Value = resp.json().await.expect("error bodies are JSON");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert!(body["error"]["type"].is_string(), "{body}");
+    let body = assert_openai_error(resp, status).await;
     if let Some(code) = code {
         assert_eq!(body["error"]["code"], json!(code), "{body}");
     }
@@ -86,31 +61,31 @@ async fn assert_error(resp: reqwest::Response, status: StatusCode, code: Option<
 async fn the_secret_header_is_required_when_configured() {
     let s = start(|_| {}).await;
     let body = serde_json::to_vec(&fixture_body("06-webhook-TASKS_CREATED.json")).unwrap();
-    assert_error(s.deliver(body.clone(), None).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
-    assert_error(s.deliver(body.clone(), Some("wrong")).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
-    let first: Value = s.deliver(body.clone(), Some(SECRET)).await.json().await.unwrap();
+    assert_error(deliver(&s, body.clone(), None).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
+    assert_error(deliver(&s, body.clone(), Some("wrong")).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
+    let first: Value = deliver(&s, body.clone(), Some(SECRET)).await.json().await.unwrap();
     assert_eq!((first["status"].as_str(), first["action"].as_str()), (Some("accepted"), Some("TASKS_CREATED")));
-    let again: Value = s.deliver(body, Some(SECRET)).await.json().await.unwrap();
+    let again: Value = deliver(&s, body, Some(SECRET)).await.json().await.unwrap();
     assert_eq!(again["status"], json!("duplicate"));
     assert_eq!(again["event_id"], first["event_id"]);
-    s.project_until(1, |p| p["counts"]["tasks"] == json!(5)).await;
+    project_until(&s, 1, |p| p["counts"]["tasks"] == json!(5)).await;
 }
 
 #[tokio::test]
 async fn bad_bodies_get_clear_errors_and_odd_ones_are_acknowledged() {
     let s = start(|c| c.label_studio.webhook_secret = None).await;
-    assert_error(s.deliver("{not json", None).await, StatusCode::BAD_REQUEST, None).await;
-    assert_error(s.deliver("[1, 2]", None).await, StatusCode::BAD_REQUEST, None).await;
-    assert_error(s.deliver(r#"{"no_action": true}"#, None).await, StatusCode::BAD_REQUEST, None).await;
+    assert_error(deliver(&s, "{not json", None).await, StatusCode::BAD_REQUEST, None).await;
+    assert_error(deliver(&s, "[1, 2]", None).await, StatusCode::BAD_REQUEST, None).await;
+    assert_error(deliver(&s, r#"{"no_action": true}"#, None).await, StatusCode::BAD_REQUEST, None).await;
     for body in [r#"{"action": "PROJECT_UPDATED"}"#, r#"{"action": "SOMETHING_NEW", "x": 1}"#] {
-        let resp = s.deliver(body, None).await;
+        let resp = deliver(&s, body, None).await;
         assert_eq!(resp.status(), StatusCode::OK, "{body}");
     }
     // An annotation naming a label outside the config is kept, flagged, and not counted valid.
     let mut event = fixture_body("22-webhook-ANNOTATION_CREATED.json");
     event["annotation"]["result"][0]["value"]["choices"] = json!(["definitely"]);
-    assert_eq!(s.deliver(serde_json::to_vec(&event).unwrap(), None).await.status(), StatusCode::OK);
-    let p = s.project_until(1, |p| p["counts"]["annotations"] == json!(1)).await;
+    assert_eq!(deliver(&s, serde_json::to_vec(&event).unwrap(), None).await.status(), StatusCode::OK);
+    let p = project_until(&s, 1, |p| p["counts"]["annotations"] == json!(1)).await;
     assert_eq!(p["counts"]["valid"], json!(0));
     assert!(p["invalid_annotations"][0]["reason"].as_str().unwrap().contains("definitely"), "{p}");
 }
@@ -128,11 +103,11 @@ async fn a_ten_megabyte_import_event_is_stored_and_bodies_over_the_limit_get_413
     event["tasks"] = Value::Array(tasks);
     let body = serde_json::to_vec(&event).unwrap();
     assert!(body.len() > 10_000_000);
-    assert_eq!(s.deliver(body, None).await.status(), StatusCode::OK);
-    s.project_until(1, |p| p["counts"]["tasks"] == json!(1_000)).await;
+    assert_eq!(deliver(&s, body, None).await.status(), StatusCode::OK);
+    project_until(&s, 1, |p| p["counts"]["tasks"] == json!(1_000)).await;
 
     let huge = vec![b' '; 17 * 1024 * 1024];
-    assert_error(s.deliver(huge, None).await, StatusCode::PAYLOAD_TOO_LARGE, None).await;
+    assert_error(deliver(&s, huge, None).await, StatusCode::PAYLOAD_TOO_LARGE, None).await;
 }
 
 #[tokio::test]
@@ -147,8 +122,8 @@ async fn unknown_projects_and_bad_queries_are_named() {
     assert_error(resp, StatusCode::BAD_REQUEST, None).await;
     assert_error(s.client.get(s.url("/v1/label-studio/projects/abc")).send().await.unwrap(), StatusCode::BAD_REQUEST, None).await;
 
-    s.deliver(serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(), Some(SECRET)).await;
-    s.project_until(1, |p| p["counts"]["valid"] == json!(1)).await;
+    deliver(&s, serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(), Some(SECRET)).await;
+    project_until(&s, 1, |p| p["counts"]["valid"] == json!(1)).await;
     let bad_format = s.client.get(s.url("/v1/label-studio/export/1?format=csv")).send().await.unwrap();
     let body = assert_error(bad_format, StatusCode::BAD_REQUEST, None).await;
     assert_eq!(body["error"]["param"], json!("format"));

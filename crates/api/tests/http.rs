@@ -1,59 +1,18 @@
 //! The API over a real socket and a real SQLite database: shapes, pagination and every error
 //! answered in OpenAI's error shape.
 
-use batchlab_api::{router, AppState};
-use batchlab_core::blob::BlobStore;
-use batchlab_core::config::Config;
-use batchlab_core::testing::TestDb;
+mod common;
+
+use common::{assert_openai_error, start};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    _db: TestDb,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(configure: impl FnOnce(&mut Config)) -> Server {
-    let db = TestDb::sqlite().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.storage.files_dir = dir.path().join("files");
-    configure(&mut config);
-    let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
-    let state = AppState::new(db.store.clone(), blobs, config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
-    Server { base: format!("http://{addr}"), client: reqwest::Client::new(), _db: db, _dir: dir }
-}
-
-impl Server {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn upload(&self, body: Vec<u8>, purpose: &str) -> reqwest::Response {
-        let form = Form::new().text("purpose", purpose.to_string()).part("file", Part::bytes(body).file_name("in.jsonl"));
-        self.client.post(self.url("/v1/files")).multipart(form).send().await.unwrap()
-    }
-
-    async fn create_batch(&self, body: Value) -> reqwest::Response {
-        self.client.post(self.url("/v1/batches")).json(&body).send().await.unwrap()
-    }
-}
-
 /// Asserts an OpenAI-shaped error with the given status and, if named, parameter.
 async fn assert_error(resp: reqwest::Response, status: StatusCode, param: Option<&str>) -> Value {
-    assert_eq!(resp.status(), status);
-    let body: Value = resp.json().await.expect("error bodies are JSON");
-    let err = &body["error"];
-    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert!(err["type"].is_string(), "{body}");
+    let body = assert_openai_error(resp, status).await;
     if let Some(p) = param {
-        assert_eq!(err["param"], p, "{body}");
+        assert_eq!(body["error"]["param"], p, "{body}");
     }
     body
 }
