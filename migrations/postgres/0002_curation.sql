@@ -67,7 +67,8 @@ CREATE TABLE ls_predictions (
 CREATE INDEX ls_predictions_project ON ls_predictions (project_id, model_version, task_id);
 
 -- Exports written to the training directory: one per milestone at most (the unique index; NULL
--- milestones, on-demand exports, are not limited).
+-- milestones, on-demand exports, are not limited). A milestone row is claimed (written = 0)
+-- before its file is written and marked written after; only written rows are shown.
 CREATE TABLE curation_exports (
     id           BIGSERIAL PRIMARY KEY,
     project_id   BIGINT NOT NULL,
@@ -76,7 +77,8 @@ CREATE TABLE curation_exports (
     path         TEXT NOT NULL,
     tasks        BIGINT NOT NULL,
     annotations  BIGINT NOT NULL,
-    created_at   BIGINT NOT NULL
+    created_at   BIGINT NOT NULL,
+    written      BIGINT NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX curation_exports_milestone ON curation_exports (project_id, milestone);
 

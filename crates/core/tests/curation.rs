@@ -92,6 +92,11 @@ async fn replay_in_order_twice(store: Store) {
     // Processing again changes nothing, and writes no milestone twice.
     c.check_milestones(1).await.unwrap();
     assert_eq!(c.status(1).await.unwrap().exports.len(), 3);
+    // A claim whose export was never written is not shown, and is taken over once stale.
+    assert!(store.claim_milestone(1, 7, "p", 600).await.unwrap());
+    assert!(!store.claim_milestone(1, 7, "p", 600).await.unwrap(), "claimed once");
+    assert_eq!(c.status(1).await.unwrap().exports.len(), 3, "unwritten claims are not listed");
+    assert!(store.claim_milestone(1, 7, "p", -1).await.unwrap(), "a stale claim is taken over");
     // An accuracy record was kept at checkpoint 2 (accuracy_every = 2).
     assert_eq!(status.accuracy_history.iter().map(|h| h["checkpoint"].as_i64().unwrap()).collect::<Vec<_>>(), [2]);
 }

@@ -63,8 +63,7 @@ pub struct FieldReport {
     pub correct: u64,
     /// `correct / compared`.
     pub accuracy: Option<f64>,
-    /// Cohen's kappa (categorical fields only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Cohen's kappa; `null` for text and number fields, and when undefined (`p_e = 1`).
     pub kappa: Option<f64>,
     /// Ground-truth label → predicted label → count (categorical fields only).
     #[serde(skip_serializing_if = "Option::is_none")]

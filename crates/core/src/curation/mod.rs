@@ -54,6 +54,10 @@ pub enum CurationError {
     LabelStudio(#[from] crate::labelstudio::client::LabelStudioError),
 }
 
+/// A milestone claim whose export was never written (the process died while writing) is taken
+/// over after this long.
+const STALE_CLAIM_SECONDS: i64 = 600;
+
 /// The curation service: shared by the webhook route, the background processor and the
 /// export and accuracy routes.
 #[derive(Clone)]
@@ -189,7 +193,7 @@ impl Curation {
         let path = self.export_path(project_id);
         for &m in self.config.milestones.iter().filter(|&&m| m > 0 && m as i64 <= counts.valid) {
             let m = m as i64;
-            if !self.store.claim_milestone(project_id, m, &path.display().to_string()).await? {
+            if !self.store.claim_milestone(project_id, m, &path.display().to_string(), STALE_CLAIM_SECONDS).await? {
                 continue;
             }
             match self.write_export_file(project_id, "milestone", Some(m)).await {

@@ -436,25 +436,42 @@ impl Store {
         Ok(rows.iter().map(prediction_from_row).collect::<Result<_, _>>()?)
     }
 
-    /// Claims a milestone export: true exactly once per project and milestone.
-    pub async fn claim_milestone(&self, project_id: i64, milestone: i64, path: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at) \
-             VALUES ($1, 'milestone', $2, $3, 0, 0, $4) ON CONFLICT (project_id, milestone) DO NOTHING",
+    /// Claims a milestone export: true once per project and milestone, unless an earlier claim
+    /// was never written (its process died) and is older than `stale_after` seconds, in which
+    /// case this call takes it over.
+    pub async fn claim_milestone(&self, project_id: i64, milestone: i64, path: &str, stale_after: i64) -> Result<bool, StoreError> {
+        let t = now();
+        let inserted = sqlx::query(
+            "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, written) \
+             VALUES ($1, 'milestone', $2, $3, 0, 0, $4, 0) ON CONFLICT (project_id, milestone) DO NOTHING",
         )
         .bind(project_id)
         .bind(milestone)
         .bind(path)
-        .bind(now())
+        .bind(t)
         .execute(&self.pool)
         .await?
         .rows_affected();
-        Ok(done == 1)
+        if inserted == 1 {
+            return Ok(true);
+        }
+        let taken_over = sqlx::query(
+            "UPDATE curation_exports SET created_at = $1 \
+             WHERE project_id = $2 AND milestone = $3 AND written = 0 AND created_at < $4",
+        )
+        .bind(t)
+        .bind(project_id)
+        .bind(milestone)
+        .bind(t - stale_after)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(taken_over == 1)
     }
 
     /// Gives a claimed milestone back after its export failed, so that it is tried again.
     pub async fn release_milestone(&self, project_id: i64, milestone: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM curation_exports WHERE project_id = $1 AND milestone = $2")
+        sqlx::query("DELETE FROM curation_exports WHERE project_id = $1 AND milestone = $2 AND written = 0")
             .bind(project_id)
             .bind(milestone)
             .execute(&self.pool)
@@ -465,7 +482,10 @@ impl Store {
     /// Records what an export wrote: fills in a claimed milestone, or adds an on-demand export.
     pub async fn record_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let updated = match e.milestone {
-            Some(m) => sqlx::query("UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4 WHERE project_id = $5 AND milestone = $6")
+            Some(m) => sqlx::query(
+                "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1 \
+                 WHERE project_id = $5 AND milestone = $6",
+            )
                 .bind(&e.path)
                 .bind(e.tasks)
                 .bind(e.annotations)
@@ -495,11 +515,11 @@ impl Store {
         Ok(())
     }
 
-    /// A project's exports, oldest first.
+    /// A project's written exports, oldest first.
     pub async fn exports(&self, project_id: i64) -> Result<Vec<ExportRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT project_id, reason, milestone, path, tasks, annotations, created_at FROM curation_exports \
-             WHERE project_id = $1 ORDER BY id",
+             WHERE project_id = $1 AND written = 1 ORDER BY id",
         )
         .bind(project_id)
         .fetch_all(&self.pool)
