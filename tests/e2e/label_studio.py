@@ -32,6 +32,26 @@ ADMIN_PASSWORD = "vllm_batch_2024"
 START_TIMEOUT = 120.0
 
 
+def json_request(url: str, method: str = "GET", body=None, headers: dict | None = None, timeout: float = 60.0):
+    """One JSON request; returns (status, parsed JSON body or text) for any HTTP answer."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    text = raw.decode("utf-8", "replace")
+    try:
+        return status, json.loads(text) if text else None
+    except ValueError:
+        return status, text
+
+
 def _free_port() -> int:
     import socket
 
@@ -125,21 +145,7 @@ class LabelStudio:
 
     def api(self, method: str, path: str, body=None, auth: str | None = None, timeout: float = 60.0):
         """Calls Label Studio; returns (status, parsed JSON or text). `auth` defaults to the legacy token."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
-        req.add_header("Authorization", auth or f"Token {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        text = raw.decode("utf-8", "replace")
-        try:
-            return status, json.loads(text) if text else None
-        except ValueError:
-            return status, text
+        return json_request(f"{self.url}{path}", method, body, {"Authorization": auth or f"Token {self.token}"}, timeout)
 
     def ok(self, method: str, path: str, body=None, **kw):
         """Like `api`, asserting a 2xx answer; returns the parsed body."""

@@ -131,9 +131,28 @@ def test_setup_is_idempotent_with_both_kinds_of_key_and_training_is_handed_on(se
     assert 'batchlab_ml_webhook_events_total{action="START_TRAINING"} 1' in metrics, metrics
     log = ml.log_text()
     assert "START_TRAINING" in log and "/v1/webhooks/label-studio" in log, log[-3000:]
-    # TODO(curation): once batchlab-api's /v1/webhooks/label-studio stores events and exports on
-    # START_TRAINING, assert the hand-off outcome is "ok" and data/training/project_{id}_export.json
-    # exists with the annotated tasks.
+    # batchlab-api accepted the hand-off and exported the project's training data (no annotations
+    # here: an empty export) to data/training/ under its working directory.
+    import json
+
+    assert re.search(r'batchlab_ml_webhook_handoffs_total\{action="START_TRAINING",outcome="ok"\} 1\b', metrics), \
+        [m for m in metrics.splitlines() if "handoffs" in m]
+    deadline = time.monotonic() + 10
+    doc: dict = {}
+    while time.monotonic() < deadline:
+        code, body = http_get(f"http://127.0.0.1:{stack.api_port}/v1/label-studio/projects/{project}")
+        doc = json.loads(body) if code == 200 else {"http_status": code, "body": body}
+        if any(e.get("reason") == "start_training" for e in doc.get("exports", [])):
+            break
+        time.sleep(0.2)
+    else:
+        stack.api.fail(f"no start_training export recorded; project status: {doc}")
+    (export,) = doc["exports"]
+    assert export["reason"] == "start_training" and export["milestone"] is None, export
+    assert export["project_id"] == project and (export["tasks"], export["annotations"]) == (0, 0), export
+    path = stack.root / export["path"]
+    assert path == stack.root / "data" / "training" / f"project_{project}_export.json", export
+    assert json.loads(path.read_text()) == [], path.read_text()[:500]
 
 
 def _closed_port() -> int:
