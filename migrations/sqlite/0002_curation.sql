@@ -51,6 +51,9 @@ CREATE TABLE ls_annotations (
     invalid_reason TEXT
 );
 CREATE INDEX ls_annotations_project ON ls_annotations (project_id, task_id);
+-- Ground-truth hand-over and task deletion find a task's annotations inside the event's write
+-- transaction: without this index each of them scanned the whole table under SQLite's lock.
+CREATE INDEX ls_annotations_task ON ls_annotations (task_id);
 
 -- Predictions batchlab made: imported with a batch's results, or answered by the ML backend.
 CREATE TABLE ls_predictions (
