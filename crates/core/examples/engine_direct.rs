@@ -21,6 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         model_path: model.into(),
         model_id: "bench".into(),
         max_queue: 1024,
+        max_batch: 16,
         threads: None,
         max_context: None,
         requantize: true,

@@ -156,8 +156,10 @@ pub struct EngineSettings {
     pub model_path: PathBuf,
     /// Model name reported in responses; requests may name any model, this one answers.
     pub model_id: String,
-    /// Requests waiting for the model at most; more are refused as overloaded.
+    /// Requests admitted at once (waiting or running); more are refused as overloaded.
     pub max_queue: usize,
+    /// Sequences generated together in one batch at most (continuous batching).
+    pub max_batch: usize,
     /// CPU threads for inference; 0 lets candle choose (physical cores).
     pub threads: usize,
     /// Cap on context tokens; 0 uses the model's own.
@@ -174,10 +176,26 @@ impl Default for EngineSettings {
             model_path: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
             model_id: "SmolLM2-135M-Instruct".into(),
             max_queue: 256,
+            max_batch: 16,
             threads: 0,
             max_context: 0,
             default_max_tokens: 256,
             requantize: true,
+        }
+    }
+}
+
+impl EngineSettings {
+    /// The engine's own configuration for these settings (0 means "the engine's default").
+    pub fn engine_config(&self) -> batchlab_engine::EngineConfig {
+        batchlab_engine::EngineConfig {
+            model_path: self.model_path.clone(),
+            model_id: self.model_id.clone(),
+            max_queue: self.max_queue,
+            max_batch: self.max_batch,
+            threads: (self.threads > 0).then_some(self.threads),
+            max_context: (self.max_context > 0).then_some(self.max_context),
+            requantize: self.requantize,
         }
     }
 }

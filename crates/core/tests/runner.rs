@@ -25,6 +25,7 @@ fn engine() -> Engine {
                 model_path: path,
                 model_id: "SmolLM2-135M-Instruct".into(),
                 max_queue: 64,
+                max_batch: 16,
                 threads: None,
                 max_context: None,
                 requantize: true,

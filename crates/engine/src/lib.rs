@@ -1,4 +1,4 @@
-//! batchlab's in-process LLM inference engine (first version).
+//! batchlab's in-process LLM inference engine.
 //!
 //! [`Engine::load`] reads a local GGUF file, builds its tokenizer and chat template from the
 //! file's metadata, and starts one dedicated OS thread that owns the model. Requests
@@ -7,17 +7,20 @@
 //!
 //! The engine knows nothing of HTTP or of OpenAI wire formats.
 //!
-//! Limits of this version:
-//! - the model is candle-transformers' `quantized_llama` (GGUF architecture `llama` only);
-//! - one request is processed at a time (continuous batching comes later);
-//! - the tokenizer supports `tokenizer.ggml.model = gpt2` with `tokenizer.ggml.pre = smollm`
-//!   (verified exact against llama.cpp); anything else is refused at load time.
+//! The model code is the engine's own (`model`): GGUF architecture `llama` (SmolLM2, Llama,
+//! Mistral-style), with a KV cache per sequence that the engine owns. The model thread runs
+//! requests with continuous batching (`worker`) and scores closed sets of answers
+//! ([`Engine::score_choices`]) with a shared prompt prefix processed once. The tokenizer supports
+//! `tokenizer.ggml.model = gpt2` with `tokenizer.ggml.pre = smollm` (verified exact against
+//! llama.cpp); anything else is refused at load time.
 
 #![forbid(unsafe_code)]
 
+mod metrics;
+mod model;
+mod score;
 mod template;
 mod tokenizer;
-mod weights;
 mod worker;
 
 use std::collections::HashSet;
@@ -26,14 +29,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::GgufTokenizer;
-use crate::worker::{Job, Worker};
+use crate::worker::{Job, Work, Worker};
+
+pub use crate::score::{ChoiceQuestion, ChoiceScores, TokenQuestion};
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -42,9 +48,11 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     /// Name reported in responses, e.g. `"SmolLM2-135M-Instruct"`.
     pub model_id: String,
-    /// Capacity of the request queue; when it is full, requests fail with
-    /// [`EngineError::Overloaded`]. At least 1 is used.
+    /// Requests admitted at once, waiting or running; more fail with
+    /// [`EngineError::Overloaded`] (the HTTP layers answer 429). At least 1 is used.
     pub max_queue: usize,
+    /// Sequences generated together in one batch at most (continuous batching); at least 1.
+    pub max_batch: usize,
     /// CPU threads for candle; `None` leaves candle's default (physical cores, or the
     /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` environment variables).
     ///
@@ -73,9 +81,23 @@ struct Inner {
     model_id: String,
     context_length: usize,
     requantized: usize,
+    end_of_turn: Option<u32>,
     tokenizer: Arc<GgufTokenizer>,
     template: ChatTemplate,
     tx: mpsc::Sender<Job>,
+    /// Requests admitted and not yet answered (waiting or running).
+    admitted: AtomicUsize,
+    capacity: usize,
+    metrics: Arc<metrics::EngineMetrics>,
+}
+
+/// One admitted request; dropping it (answer received, or the caller gone) frees its place.
+struct Admission<'a>(&'a AtomicUsize);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -210,6 +232,7 @@ pub(crate) struct Loaded {
     pub(crate) worker: Worker,
     pub(crate) context_length: usize,
     pub(crate) requantized: usize,
+    pub(crate) end_of_turn: Option<u32>,
 }
 
 /// Reads the GGUF and builds tokenizer, template and model (no thread).
@@ -231,41 +254,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         )
     })?;
 
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok().cloned())
-        .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
-    if arch != "llama" {
-        return Err(EngineError::Load(format!(
-            "unsupported architecture {arch:?} (supported: \"llama\")"
-        )));
-    }
-
     let tokenizer = Arc::new(GgufTokenizer::from_gguf(&content)?);
-
-    // Usable context: the GGUF's training context, capped by quantized_llama's RoPE table,
-    // which is precomputed for MAX_SEQ_LEN (4096) positions only: positions past it would
-    // fail in the forward pass (SmolLM2 itself is trained for 8192).
-    let gguf_ctx = content
-        .metadata
-        .get("llama.context_length")
-        .and_then(|v| {
-            v.to_u32()
-                .ok()
-                .or_else(|| v.to_u64().ok().map(|x| x as u32))
-        })
-        .map(|x| x as usize)
-        .unwrap_or(MAX_SEQ_LEN);
-    let mut context_length = gguf_ctx.min(MAX_SEQ_LEN);
-    if let Some(cap) = config.max_context {
-        context_length = context_length.min(cap);
-    }
-    if context_length < 2 {
-        return Err(EngineError::Load(format!(
-            "context length {context_length} is too small"
-        )));
-    }
 
     let token_text = |id: Option<u32>| {
         id.and_then(|i| tokenizer.token_str(i))
@@ -299,9 +288,27 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
         eos.extend(tokenizer.control_id(t));
     }
+    // The token that closes an assistant turn: the chat format's own marker when it has one,
+    // else the GGUF's end-of-turn or end-of-sequence token.
+    let end_of_turn = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>"]
+        .iter()
+        .find_map(|t| tokenizer.control_id(t))
+        .or_else(|| {
+            content
+                .metadata
+                .get("tokenizer.ggml.eot_token_id")
+                .and_then(|v| v.to_u32().ok())
+        })
+        .or(tokenizer.eos_id);
 
     let device = Device::Cpu;
-    let (model, requantized) = weights::load_model(content, &mut reader, &device, config.requantize)?;
+    let max_context = config.max_context.filter(|&m| m > 0);
+    let model::LoadedModel { model, requantized, gguf_context: gguf_ctx } =
+        model::load(&content, &mut reader, &device, config.requantize, max_context)?;
+    let context_length = max_context.map_or(gguf_ctx, |m| m.min(gguf_ctx));
+    if context_length < 2 {
+        return Err(EngineError::Load(format!("context length {context_length} is too small")));
+    }
     tracing::info!(
         model_id = %config.model_id,
         path = %path.display(),
@@ -319,8 +326,9 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         tokenizer: tokenizer.clone(),
         eos,
         context_length,
-        device,
         prefill_chunk: worker::PREFILL_CHUNK,
+        max_batch: config.max_batch.max(1),
+        metrics: Arc::new(metrics::EngineMetrics::new(&config.model_id)),
     };
     Ok(Loaded {
         tokenizer,
@@ -328,6 +336,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         worker,
         context_length,
         requantized,
+        end_of_turn,
     })
 }
 
@@ -342,7 +351,9 @@ impl Engine {
             worker,
             context_length,
             requantized,
+            end_of_turn,
         } = load_parts(&config)?;
+        let metrics = worker.metrics.clone();
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         std::thread::Builder::new()
             .name("batchlab-model".into())
@@ -354,9 +365,13 @@ impl Engine {
                 model_id: config.model_id,
                 context_length,
                 requantized,
+                end_of_turn,
                 tokenizer,
                 template,
                 tx,
+                admitted: AtomicUsize::new(0),
+                capacity: config.max_queue.max(1),
+                metrics,
             }),
         })
     }
@@ -366,9 +381,8 @@ impl Engine {
         &self.inner.model_id
     }
 
-    /// Most tokens (prompt + completion) a request can use: the smallest of the GGUF's context
-    /// length, 4096 (candle-transformers' `quantized_llama` precomputes RoPE for 4096 positions
-    /// only) and [`EngineConfig::max_context`].
+    /// Most tokens (prompt + completion) a request can use: the GGUF's context length, capped
+    /// by [`EngineConfig::max_context`].
     pub fn context_length(&self) -> usize {
         self.inner.context_length
     }
@@ -460,18 +474,92 @@ impl Engine {
             )));
         }
         let (reply, rx) = oneshot::channel();
+        let _admission = self.enqueue(
+            kind,
+            Work::Generate {
+                prompt,
+                params,
+                reply,
+            },
+        )?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Probability of each candidate answer to each question (see [`ChoiceScores`]).
+    ///
+    /// Each question's messages are rendered with the chat template and its generation prompt;
+    /// each candidate is scored as the assistant's whole answer, the end-of-turn token
+    /// included. Control-token strings in messages and candidates stay plain text.
+    pub async fn score_choices(
+        &self,
+        questions: Vec<ChoiceQuestion>,
+    ) -> Result<Vec<ChoiceScores>, EngineError> {
+        let mut token_questions = Vec::with_capacity(questions.len());
+        for q in questions {
+            let prompt = self.tokenize_chat(&q.messages)?;
+            let candidates = q
+                .candidates
+                .iter()
+                .map(|c| self.answer_tokens(c))
+                .collect::<Result<Vec<_>, _>>()?;
+            token_questions.push(TokenQuestion { prompt, candidates });
+        }
+        self.score_tokens(token_questions).await
+    }
+
+    /// Token ids of `text` as a whole assistant answer: the plain text followed by the
+    /// end-of-turn token (when the model has one), as [`Engine::score_choices`] scores it.
+    pub fn answer_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        if text.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "a candidate answer is empty".into(),
+            ));
+        }
+        let mut ids = self.inner.tokenizer.encode_plain(text)?;
+        ids.extend(self.inner.end_of_turn);
+        Ok(ids)
+    }
+
+    /// [`Engine::score_choices`] on token ids: each candidate is scored exactly as given.
+    pub async fn score_tokens(
+        &self,
+        questions: Vec<TokenQuestion>,
+    ) -> Result<Vec<ChoiceScores>, EngineError> {
+        for q in &questions {
+            score::validate(q, self.inner.context_length)?;
+        }
+        if questions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        let _admission = self.enqueue("score", Work::Score { questions, reply })?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Admits a job (bounded by [`EngineConfig::max_queue`]) and queues it for the model thread.
+    fn enqueue(&self, kind: &'static str, work: Work) -> Result<Admission<'_>, EngineError> {
+        let inner = &self.inner;
+        if inner.admitted.fetch_add(1, Ordering::AcqRel) >= inner.capacity {
+            inner.admitted.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Overloaded);
+        }
+        let admission = Admission(&inner.admitted);
         let job = Job {
             kind,
-            prompt,
-            params,
             enqueued: Instant::now(),
-            reply,
+            work,
         };
-        self.inner.tx.try_send(job).map_err(|e| match e {
+        inner.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => EngineError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
         })?;
-        rx.await.map_err(|_| EngineError::Stopped)?
+        inner.metrics.waiting.increment(1.0);
+        Ok(admission)
+    }
+
+    /// Requests admitted and not yet answered (waiting or running).
+    pub fn in_flight(&self) -> usize {
+        self.inner.admitted.load(Ordering::Acquire)
     }
 }
 

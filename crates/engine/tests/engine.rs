@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use batchlab_engine::{
-    ChatMessage, ChatRequest, CompletionRequest, Engine, EngineConfig, EngineError, FinishReason,
+    ChoiceQuestion, ChatMessage, ChatRequest, CompletionRequest, Engine, EngineConfig, EngineError, FinishReason,
     SamplingParams,
 };
 
@@ -19,6 +19,7 @@ fn config(max_queue: usize) -> EngineConfig {
         model_path: model_path(),
         model_id: "SmolLM2-135M-Instruct".into(),
         max_queue,
+        max_batch: 16,
         threads: Some(2),
         max_context: None,
         requantize: true,
@@ -415,4 +416,102 @@ async fn requantized_weights_answer_like_the_original_file() {
     let (a, b) = (ask(requantized).await, ask(&original).await);
     assert!(a.text.contains("Paris") && b.text.contains("Paris"), "{a:?} / {b:?}");
     assert_eq!(a.prompt_tokens, b.prompt_tokens);
+}
+
+/// Continuous batching changes nothing in the answers: 16 prompts of different lengths
+/// generated together (joining and leaving the batch at different steps) give the same greedy
+/// text as each generated alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_prompts_together_match_each_alone() {
+    let Some(engine) = engine() else { return };
+    const TOPICS: [&str; 16] = [
+        "the sea", "a cat", "winter", "Rust", "bread", "the moon", "a library", "rain", "trains", "coffee", "maps",
+        "bees", "music", "glass", "snow", "a bridge",
+    ];
+    let request = |i: usize| ChatRequest {
+        messages: vec![
+            ChatMessage::new("system", "You are a helpful assistant."),
+            ChatMessage::new("user", format!("Write {} short sentences about {}.", 1 + i % 3, TOPICS[i])),
+        ],
+        params: greedy(Some(6 + 3 * (i % 5))),
+    };
+    let mut alone = Vec::new();
+    for i in 0..16 {
+        alone.push(engine.chat(request(i)).await.unwrap());
+    }
+    let together = futures_join_all((0..16).map(|i| {
+        let engine = engine.clone();
+        async move { engine.chat(request(i)).await.unwrap() }
+    }))
+    .await;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.text, t.text, "prompt {i}");
+        assert_eq!(a.completion_tokens, t.completion_tokens, "prompt {i}");
+    }
+    assert!(alone.iter().map(|c| c.prompt_tokens).collect::<std::collections::HashSet<_>>().len() > 1);
+}
+
+/// Runs the futures concurrently on the runtime and returns their outputs in order.
+async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn choice_scoring_picks_paris_with_an_honest_probability() {
+    let Some(engine) = engine() else { return };
+    let scores = engine
+        .score_choices(vec![
+            ChoiceQuestion { messages: france(), candidates: vec!["London".into(), "Paris".into(), "Berlin".into()] },
+            ChoiceQuestion {
+                messages: vec![
+                    ChatMessage::new("system", "You are a helpful assistant."),
+                    ChatMessage::new("user", "Is ice cold? Answer yes or no."),
+                ],
+                candidates: vec!["yes".into(), "no".into()],
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0].best(), 1, "{:?}", scores[0]);
+    assert!(scores[0].probs[1] > 0.5, "{:?}", scores[0]);
+    assert_eq!(scores[1].best(), 0, "{:?}", scores[1]);
+    for s in &scores {
+        assert!((s.probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(s.logprobs.iter().all(|l| *l < 0.0));
+    }
+    // Each candidate is scored as a whole answer: the end-of-turn token is part of it.
+    let yes = engine.answer_tokens("yes").unwrap();
+    assert_eq!(yes.len(), engine.tokenize("yes").unwrap().len() + 1);
+    assert!(matches!(engine.score_choices(vec![]).await, Ok(v) if v.is_empty()));
+    let bad = engine
+        .score_choices(vec![ChoiceQuestion { messages: france(), candidates: vec![] }])
+        .await;
+    assert!(matches!(bad, Err(EngineError::InvalidRequest(_))), "{bad:?}");
+}
+
+/// A caller that goes away mid-generation frees its place (an engine admitting one request
+/// takes the next at once), and the engine keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_generation_frees_its_place() {
+    if !model_path().exists() {
+        eprintln!("SKIP: model file {} is missing", model_path().display());
+        return;
+    }
+    let engine = Engine::load(config(1)).unwrap();
+    let long = engine.chat(ChatRequest { messages: france(), params: greedy(Some(2000)) });
+    let r = tokio::time::timeout(std::time::Duration::from_millis(300), long).await;
+    assert!(r.is_err(), "2000 tokens cannot be done in 300 ms");
+    assert_eq!(engine.in_flight(), 0);
+    let c = engine.chat(ChatRequest { messages: france(), params: greedy(Some(3)) }).await.unwrap();
+    assert_eq!(c.completion_tokens, 3);
 }

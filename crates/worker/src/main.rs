@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::ConfigArgs;
-use batchlab_core::engine::{Engine, EngineConfig};
+use batchlab_core::engine::Engine;
 use batchlab_core::runner::{Runner, RunnerSettings};
 use batchlab_core::store::Store;
 use clap::Parser;
@@ -27,14 +27,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("opening database {}", config.database.url))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let e = &config.engine;
-    let engine_config = EngineConfig {
-        model_path: e.model_path.clone(),
-        model_id: e.model_id.clone(),
-        max_queue: e.max_queue,
-        threads: (e.threads > 0).then_some(e.threads),
-        max_context: (e.max_context > 0).then_some(e.max_context),
-        requantize: e.requantize,
-    };
+    let engine_config = e.engine_config();
     let started = std::time::Instant::now();
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await?

@@ -1,0 +1,41 @@
+//! The engine's Prometheus metrics (through the `metrics` facade: whichever recorder the
+//! service installs exports them; without one they cost nothing).
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+/// Handles to every engine metric, registered once per engine.
+pub(crate) struct EngineMetrics {
+    /// Requests queued for the model thread, not yet admitted.
+    pub(crate) waiting: Gauge,
+    /// Sequences in the running batch.
+    pub(crate) running: Gauge,
+    /// Prompt tokens processed.
+    pub(crate) prompt_tokens: Counter,
+    /// Tokens generated.
+    pub(crate) generated_tokens: Counter,
+    /// Seconds from a request's arrival to its admission into the batch.
+    pub(crate) queue_seconds: Histogram,
+    /// Seconds from a request's arrival to its first generated token.
+    pub(crate) time_to_first_token: Histogram,
+    /// Seconds per generated token after the first.
+    pub(crate) time_per_output_token: Histogram,
+    /// Choice-scoring jobs run.
+    pub(crate) scoring_jobs: Counter,
+}
+
+impl EngineMetrics {
+    /// Registers the metrics, labelled with the model id.
+    pub(crate) fn new(model: &str) -> Self {
+        let model = model.to_string();
+        Self {
+            waiting: gauge!("batchlab_engine_waiting_requests", "model" => model.clone()),
+            running: gauge!("batchlab_engine_running_sequences", "model" => model.clone()),
+            prompt_tokens: counter!("batchlab_engine_prompt_tokens_total", "model" => model.clone()),
+            generated_tokens: counter!("batchlab_engine_generated_tokens_total", "model" => model.clone()),
+            queue_seconds: histogram!("batchlab_engine_queue_seconds", "model" => model.clone()),
+            time_to_first_token: histogram!("batchlab_engine_time_to_first_token_seconds", "model" => model.clone()),
+            time_per_output_token: histogram!("batchlab_engine_time_per_output_token_seconds", "model" => model.clone()),
+            scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model),
+        }
+    }
+}

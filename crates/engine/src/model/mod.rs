@@ -1,0 +1,57 @@
+//! batchlab's own model code: architectures written on candle tensors and quantized matmuls,
+//! with the KV cache owned by the engine ([`cache`]) so that sequences of different lengths
+//! batch together, any position's logits come back, and one prompt's cache serves several
+//! continuations.
+
+pub(crate) mod cache;
+pub(crate) mod llama;
+pub(crate) mod weights;
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+
+pub(crate) use cache::SeqCache;
+pub(crate) use llama::{Segment, Want};
+
+use crate::{load_err, EngineError};
+use weights::{GgufWeights, ReadSeek};
+
+/// The loaded model (one architecture so far).
+pub(crate) type Model = llama::Llama;
+
+/// What [`load`] built.
+pub(crate) struct LoadedModel {
+    pub(crate) model: Model,
+    /// Tensors requantized to Q8_0.
+    pub(crate) requantized: usize,
+    /// The GGUF's training context.
+    pub(crate) gguf_context: usize,
+}
+
+/// Architectures this engine runs (`general.architecture`).
+pub(crate) const SUPPORTED: &[&str] = &["llama"];
+
+/// Builds the model the GGUF describes, with room for `max_context` positions at most
+/// (the GGUF's own context when `None`).
+pub(crate) fn load(
+    content: &gguf_file::Content,
+    reader: &mut dyn ReadSeek,
+    device: &Device,
+    requantize: bool,
+    max_context: Option<usize>,
+) -> Result<LoadedModel, EngineError> {
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
+    if !SUPPORTED.contains(&arch.as_str()) {
+        return Err(EngineError::Load(format!("unsupported architecture {arch:?} (supported: {SUPPORTED:?})")));
+    }
+    let config = llama::LlamaConfig::from_gguf(content).map_err(|e| load_err("reading the model's hyper-parameters", e))?;
+    let gguf_context = config.context_length;
+    let max_len = max_context.map_or(gguf_context, |m| m.min(gguf_context));
+    let mut weights = GgufWeights::new(content, reader, device, requantize);
+    let model = llama::Llama::load(config, &mut weights, max_len).map_err(|e| load_err("cannot build the model", e))?;
+    Ok(LoadedModel { model, requantized: weights.requantized(), gguf_context })
+}
