@@ -1,3 +1,4 @@
 //! From a task and a labeling config to what a model is asked and what Label Studio is answered.
 
 pub mod prompt;
+pub mod examples;

@@ -386,6 +386,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The live tasks of a project that hold a valid ground-truth annotation (few-shot examples).
+    pub async fn ground_truth_tasks(&self, project_id: i64) -> Result<Vec<TaskRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, project_id, data FROM ls_tasks WHERE project_id = $1 AND deleted = 0 AND id IN \
+             (SELECT task_id FROM ls_annotations WHERE project_id = $1 AND deleted = 0 AND ground_truth = 1 \
+              AND valid = 1 AND was_cancelled = 0) ORDER BY id",
+        )
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(TaskRow { id: r.try_get("id")?, project_id: r.try_get("project_id")?, data: r.try_get("data")? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
     /// A project's annotations that do not fit its labeling config.
     pub async fn invalid_annotations(&self, project_id: i64, limit: i64) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(

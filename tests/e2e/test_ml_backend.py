@@ -1,0 +1,184 @@
+"""batchlab-ml-backend end to end, against a real Label Studio 1.23 and the real model.
+
+1. Candidate evaluation: `batchlab-api setup-label-studio` connects the ML backend (state `CO`);
+   tasks imported without predictions get one from Retrieve Predictions, with a region for
+   every control tag and the ML backend's `model_version`; opening a task that has no
+   prediction makes Label Studio ask `/predict` for it, and it gets one.
+2. TREC question classification (`../shared/datasets/trec_test.jsonl`): agreement with the gold
+   labels on 100 rows, zero-shot, then again after 20 ground-truth annotations arrive by webhook
+   (the ML backend puts the most similar ones into its prompts, and its `model_version` changes
+   so Label Studio asks again). The numbers are printed and written to
+   `$BATCHLAB_REPORT_DIR/trec-agreement.json` when that is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from label_studio import json_request
+from test_curation import ALLOWED, CANDIDATES, CONTROLS, SECRET, check_prediction_regions, run_setup
+
+TREC = Path(os.environ.get("BATCHLAB_TREC") or REPO.parent / "shared" / "datasets" / "trec_test.jsonl")
+TREC_LABELS = ["abbreviation", "description", "entity", "human", "location", "numeric"]
+TREC_CONFIG = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="label" toName="text" choice="single" showInline="true">
+""" + "".join(f'    <Choice value="{label}"/>\n' for label in TREC_LABELS) + """  </Choices>
+</View>"""
+
+
+@pytest.fixture
+def ml_stack(stack, label_studio, log_sources):
+    log_sources.append(label_studio)
+    stack.start_api(
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.token,
+        BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET=SECRET,
+        BATCHLAB_LABEL_STUDIO__TIMEOUT_SECONDS="60",
+    )
+    ml, ml_port = stack.start_ml_backend(
+        BATCHLAB_ML_BACKEND__API_URL=f"http://127.0.0.1:{stack.api_port}",
+        BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET=SECRET,
+    )
+    return stack, ml, ml_port
+
+
+def ml_version(ml_port: int, config: str, project: int) -> str:
+    """What the ML backend's /setup answers for this config, as Label Studio asks it."""
+    code, doc = json_request(f"http://127.0.0.1:{ml_port}/setup", "POST",
+                             {"project": f"{project}.0", "schema": config, "extra_params": None})  # fmt: skip
+    assert code == 200, (code, doc)
+    return doc["model_version"]
+
+
+def tasks(ls, project: int) -> dict[int, dict]:
+    listing = ls.ok("GET", f"/api/tasks/?project={project}&page_size=1000&fields=all")
+    return {t["id"]: t for t in (listing["tasks"] if isinstance(listing, dict) else listing)}
+
+
+def retrieve_predictions(ls, project: int, task_ids: list[int] | None = None) -> None:
+    selected = {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": task_ids}
+    ls.ok("POST", f"/api/dm/actions/?id=retrieve_tasks_predictions&project={project}", {"selectedItems": selected},
+          timeout=150)  # fmt: skip
+
+
+def current(task: dict, version: str) -> list[dict]:
+    return [p for p in task.get("predictions") or [] if p.get("model_version") == version]
+
+
+def predict_until_done(ls, project: int, ids: list[int], version: str, timeout: float = 900) -> dict[int, dict]:
+    """Retrieve Predictions until every task in `ids` holds a prediction of `version`: one
+    /predict answers what is done by its deadline, the rest finish in the background and the
+    next request takes them from the cache."""
+    deadline = time.monotonic() + timeout
+    rounds = 0
+    while True:
+        rounds += 1
+        retrieve_predictions(ls, project, ids)
+        all_tasks = tasks(ls, project)
+        missing = [i for i in ids if not current(all_tasks[i], version)]
+        if not missing:
+            return all_tasks
+        assert time.monotonic() < deadline, f"{len(missing)} tasks without a {version} prediction after {rounds} rounds"
+        time.sleep(2)
+
+
+def test_retrieve_predictions_and_opening_a_task(ml_stack, label_studio):
+    stack, ml, ml_port = ml_stack
+    ls = label_studio
+    setup = run_setup(stack, ls, ml_port)
+    project = setup["project_id"]
+    backends = ls.ok("GET", f"/api/ml/?project={project}")
+    assert [b["state"] for b in backends] == ["CO"], backends
+    config = ls.ok("GET", f"/api/projects/{project}/")["label_config"]
+    version = ml_version(ml_port, config, project)
+    assert version.startswith("batchlab-"), version
+
+    imported = ls.ok("POST", f"/api/projects/{project}/import?return_task_ids=true", [{"data": c} for c in CANDIDATES])
+    ids = imported["task_ids"]
+    assert len(ids) == len(CANDIDATES)
+    all_tasks = predict_until_done(ls, project, ids, version, timeout=600)
+    for i in ids:
+        (prediction,) = current(all_tasks[i], version)
+        regions = prediction["result"]
+        check_prediction_regions(regions)
+        assert sorted(r["from_name"] for r in regions) == sorted(CONTROLS), regions
+        for r in regions:
+            if r["from_name"] in ALLOWED:
+                assert 0.0 <= r["score"] <= 1.0, r
+        assert 0.0 <= prediction["score"] <= 1.0, prediction
+
+    # Opening a task that has no prediction: Label Studio calls /predict and waits for it.
+    (new_id,) = ls.ok("POST", f"/api/projects/{project}/import?return_task_ids=true",
+                      [{"data": {"name": "Katherine Johnson", "title": "Mathematician", "company": "NASA"}}])["task_ids"]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not current(ls.ok("GET", f"/api/tasks/{new_id}/", timeout=150), version):
+        assert time.monotonic() < deadline, "opening the task never got it a prediction"
+        time.sleep(1)
+    (prediction,) = current(ls.ok("GET", f"/api/tasks/{new_id}/"), version)
+    assert sorted(r["from_name"] for r in prediction["result"]) == sorted(CONTROLS), prediction
+
+
+def agreement(all_tasks: dict[int, dict], gold: dict[int, str], version: str) -> dict:
+    """Accuracy and macro-F1 of the `label` choice of each task's `version` prediction."""
+    predicted = {}
+    for task_id in gold:
+        (prediction,) = current(all_tasks[task_id], version)
+        (region,) = [r for r in prediction["result"] if r["from_name"] == "label"]
+        (predicted[task_id],) = region["value"]["choices"]
+        assert predicted[task_id] in TREC_LABELS, region
+    correct = sum(predicted[t] == gold[t] for t in gold)
+    f1s = []
+    for label in TREC_LABELS:
+        tp = sum(predicted[t] == label == gold[t] for t in gold)
+        fp = sum(predicted[t] == label != gold[t] for t in gold)
+        fn = sum(gold[t] == label != predicted[t] for t in gold)
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"rows": len(gold), "accuracy": correct / len(gold), "macro_f1": sum(f1s) / len(f1s),
+            "predicted": {label: sum(p == label for p in predicted.values()) for label in TREC_LABELS}}  # fmt: skip
+
+
+def test_trec_agreement_zero_shot_and_after_ground_truth(ml_stack, label_studio):
+    stack, ml, ml_port = ml_stack
+    ls = label_studio
+    api = f"http://127.0.0.1:{stack.api_port}"
+    rows = [json.loads(line) for line in TREC.read_text().splitlines()[:120]]
+    project = ls.ok("POST", "/api/projects/", {"title": "TREC agreement", "label_config": TREC_CONFIG})["id"]
+    ls.ok("POST", "/api/webhooks/", {"project": project, "url": f"{api}/v1/webhooks/label-studio", "send_payload": True,
+                                     "send_for_all_actions": True, "headers": {"X-Batchlab-Secret": SECRET}})  # fmt: skip
+    backend = ls.ok("POST", "/api/ml/", {"url": f"http://127.0.0.1:{ml_port}", "project": project, "title": "batchlab"})
+    assert backend["state"] == "CO", backend
+    # Only the question goes into the task; the gold label stays with the test.
+    ids = ls.ok("POST", f"/api/projects/{project}/import?return_task_ids=true",
+                [{"data": {"text": r["text"], "row": i}} for i, r in enumerate(rows)])["task_ids"]  # fmt: skip
+    examples, evaluated = ids[:20], ids[20:]
+    gold = {task_id: rows[20 + k]["label"] for k, task_id in enumerate(evaluated)}
+
+    zero_version = ml_version(ml_port, TREC_CONFIG, project)
+    zero = agreement(predict_until_done(ls, project, evaluated, zero_version), gold, zero_version)
+
+    for k, task_id in enumerate(examples):
+        regions = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [rows[k]["label"]]}}]
+        ls.ok("POST", f"/api/tasks/{task_id}/annotations/", {"result": regions, "was_cancelled": False,
+                                                             "ground_truth": True})  # fmt: skip
+    deadline = time.monotonic() + 60
+    while (few_version := ml_version(ml_port, TREC_CONFIG, project)) == zero_version:
+        assert time.monotonic() < deadline, "20 ground-truth annotations never changed the model version"
+        time.sleep(0.5)
+    few = agreement(predict_until_done(ls, project, evaluated, few_version), gold, few_version)
+
+    report = {"zero_shot": {"model_version": zero_version, **zero}, "ground_truth_20": {"model_version": few_version, **few}}
+    print("\nTREC agreement, 100 rows:\n" + json.dumps(report, indent=2))
+    if os.environ.get("BATCHLAB_REPORT_DIR"):
+        Path(os.environ["BATCHLAB_REPORT_DIR"], "trec-agreement.json").write_text(json.dumps(report, indent=2))
+    # Six classes: a model that guesses, or always answers one class, agrees on about 1/6 of
+    # the rows (at most 34/100 for the commonest class here, with a macro-F1 near 0.1).
+    assert few["macro_f1"] > 0.17, report
+    assert max(few["predicted"].values()) < 100, report
