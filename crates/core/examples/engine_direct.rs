@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         model_id: "bench".into(),
         max_queue: 1024,
         max_batch: 16,
+        prefix_cache_bytes: 64 << 20,
         threads: None,
         max_context: None,
         requantize: true,

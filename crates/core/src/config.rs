@@ -160,6 +160,9 @@ pub struct EngineSettings {
     pub max_queue: usize,
     /// Sequences generated together in one batch at most (continuous batching).
     pub max_batch: usize,
+    /// MiB of memory for caches of recent prompts, reused by requests that start the same way
+    /// (the ML backend's questions about one task share its text); 0 turns prompt caching off.
+    pub prefix_cache_mb: usize,
     /// CPU threads for inference; 0 lets candle choose (physical cores).
     pub threads: usize,
     /// Cap on context tokens; 0 uses the model's own.
@@ -177,6 +180,7 @@ impl Default for EngineSettings {
             model_id: "SmolLM2-135M-Instruct".into(),
             max_queue: 256,
             max_batch: 16,
+            prefix_cache_mb: 256,
             threads: 0,
             max_context: 0,
             default_max_tokens: 256,
@@ -193,6 +197,7 @@ impl EngineSettings {
             model_id: self.model_id.clone(),
             max_queue: self.max_queue,
             max_batch: self.max_batch,
+            prefix_cache_bytes: self.prefix_cache_mb << 20,
             threads: (self.threads > 0).then_some(self.threads),
             max_context: (self.max_context > 0).then_some(self.max_context),
             requantize: self.requantize,

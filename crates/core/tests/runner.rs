@@ -26,6 +26,7 @@ fn engine() -> Engine {
                 model_id: "SmolLM2-135M-Instruct".into(),
                 max_queue: 64,
                 max_batch: 16,
+                prefix_cache_bytes: 64 << 20,
                 threads: None,
                 max_context: None,
                 requantize: true,

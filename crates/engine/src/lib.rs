@@ -53,6 +53,9 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Sequences generated together in one batch at most (continuous batching); at least 1.
     pub max_batch: usize,
+    /// Memory for caches of recent prompts, reused by requests that start the same way
+    /// (prompt caching); 0 turns it off.
+    pub prefix_cache_bytes: usize,
     /// CPU threads for candle; `None` leaves candle's default (physical cores, or the
     /// `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` environment variables).
     ///
@@ -321,6 +324,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         "model loaded"
     );
 
+    let model_shape = model.cache_shape();
     let worker = Worker {
         model,
         tokenizer: tokenizer.clone(),
@@ -329,6 +333,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         prefill_chunk: worker::PREFILL_CHUNK,
         max_batch: config.max_batch.max(1),
         metrics: Arc::new(metrics::EngineMetrics::new(&config.model_id)),
+        prefix: model::prefix::PrefixCache::new(&model_shape, config.prefix_cache_bytes),
     };
     Ok(Loaded {
         tokenizer,

@@ -11,6 +11,8 @@ pub(crate) struct EngineMetrics {
     pub(crate) running: Gauge,
     /// Prompt tokens processed.
     pub(crate) prompt_tokens: Counter,
+    /// Prompt tokens whose cache was copied from an earlier prompt instead of computed.
+    pub(crate) reused_prompt_tokens: Counter,
     /// Tokens generated.
     pub(crate) generated_tokens: Counter,
     /// Seconds from a request's arrival to its admission into the batch.
@@ -31,6 +33,7 @@ impl EngineMetrics {
             waiting: gauge!("batchlab_engine_waiting_requests", "model" => model.clone()),
             running: gauge!("batchlab_engine_running_sequences", "model" => model.clone()),
             prompt_tokens: counter!("batchlab_engine_prompt_tokens_total", "model" => model.clone()),
+            reused_prompt_tokens: counter!("batchlab_engine_reused_prompt_tokens_total", "model" => model.clone()),
             generated_tokens: counter!("batchlab_engine_generated_tokens_total", "model" => model.clone()),
             queue_seconds: histogram!("batchlab_engine_queue_seconds", "model" => model.clone()),
             time_to_first_token: histogram!("batchlab_engine_time_to_first_token_seconds", "model" => model.clone()),

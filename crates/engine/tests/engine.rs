@@ -20,6 +20,7 @@ fn config(max_queue: usize) -> EngineConfig {
         model_id: "SmolLM2-135M-Instruct".into(),
         max_queue,
         max_batch: 16,
+        prefix_cache_bytes: 64 << 20,
         threads: Some(2),
         max_context: None,
         requantize: true,

@@ -81,6 +81,12 @@ impl SeqCache {
         Ok((kc.narrow(1, 0, self.len + n)?, vc.narrow(1, 0, self.len + n)?))
     }
 
+    /// The whole key and value tensors of layer `layer`, `[kv_heads, capacity, head_dim]`.
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
     /// Marks `n` more positions as processed.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
@@ -94,16 +100,27 @@ impl SeqCache {
     /// A copy of this cache that continues independently (prefix sharing: one prompt's
     /// cache serves several continuations), with room for `extra` more positions.
     pub(crate) fn fork(&self, extra: usize) -> Result<Self> {
-        let mut copy = Self::new(self.shape, self.len + extra, self.layers[0].0.device())?;
+        self.fork_prefix(self.len, extra)
+    }
+
+    /// A copy of the first `len` positions (at most all of them), with room for `extra` more.
+    pub(crate) fn fork_prefix(&self, len: usize, extra: usize) -> Result<Self> {
+        let len = len.min(self.len);
+        let mut copy = Self::new(self.shape, len + extra, self.layers[0].0.device())?;
         for (i, (k, v)) in self.layers.iter().enumerate() {
-            if self.len > 0 {
+            if len > 0 {
                 let (ck, cv) = &copy.layers[i];
-                ck.slice_set(&k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                cv.slice_set(&v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                ck.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                cv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
             }
         }
-        copy.len = self.len;
+        copy.len = len;
         Ok(copy)
+    }
+
+    /// Bytes of keys and values per position.
+    pub(crate) fn bytes_per_position(shape: &CacheShape) -> usize {
+        shape.layers * shape.kv_heads * shape.head_dim * 2 * std::mem::size_of::<f32>()
     }
 }
 

@@ -194,19 +194,13 @@ impl Llama {
                 let ks = k.narrow(1, offset, n)?.contiguous()?;
                 let vs = v.narrow(1, offset, n)?.contiguous()?;
                 s.cache.write(li, &ks, &vs)?;
-                let (kc, vc) = s.cache.view(li, n)?; // [kv, past+n, hd]
-                // Heads sharing a KV head are stacked as rows: [kv, group*n, hd].
-                let qs = q.narrow(1, offset, n)?.contiguous()?.reshape((cfg.kv_heads, group * n, cfg.head_dim))?;
-                let mut att = qs.matmul(&kc.t()?)?; // [kv, group*n, past+n]
-                if n > 1 {
-                    let mask = causal_mask(n, past, &self.device)?;
-                    att = att
-                        .reshape((cfg.kv_heads, group, n, past + n))?
-                        .broadcast_add(&mask)?
-                        .reshape((cfg.kv_heads, group * n, past + n))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&vc)?; // [kv, group*n, hd] == [heads, n, hd]
+                let qs = q.narrow(1, offset, n)?.contiguous()?;
+                let o = if self.device.is_cpu() {
+                    let (kc, vc) = s.cache.layer(li);
+                    super::attention::attend(&qs, kc, vc, past, group)?
+                } else {
+                    self.attend_matmul(&qs, s.cache, li, past, n)?
+                };
                 outs.push(o.reshape((cfg.heads, n, cfg.head_dim))?);
                 offset += n;
             }
@@ -258,6 +252,28 @@ impl Llama {
             at += n;
         }
         Ok(out)
+    }
+}
+
+impl Llama {
+    /// Attention by batched matrix products (devices other than the CPU): fast, but a row's
+    /// last bits depend on the shapes it is computed with (see `attention`).
+    fn attend_matmul(&self, qs: &Tensor, cache: &SeqCache, li: usize, past: usize, n: usize) -> Result<Tensor> {
+        let cfg = &self.config;
+        let group = cfg.heads / cfg.kv_heads;
+        let (kc, vc) = cache.view(li, n)?; // [kv, past+n, hd]
+        // Heads sharing a KV head are stacked as rows: [kv, group*n, hd].
+        let qs = qs.reshape((cfg.kv_heads, group * n, cfg.head_dim))?;
+        let mut att = qs.matmul(&kc.t()?)?;
+        if n > 1 {
+            let mask = causal_mask(n, past, &self.device)?;
+            att = att
+                .reshape((cfg.kv_heads, group, n, past + n))?
+                .broadcast_add(&mask)?
+                .reshape((cfg.kv_heads, group * n, past + n))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&vc)?.reshape((cfg.heads, n, cfg.head_dim))
     }
 }
 

@@ -3,8 +3,10 @@
 //! batch together, any position's logits come back, and one prompt's cache serves several
 //! continuations.
 
+pub(crate) mod attention;
 pub(crate) mod cache;
 pub(crate) mod llama;
+pub(crate) mod prefix;
 pub(crate) mod weights;
 
 use candle_core::quantized::gguf_file;
