@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The engine against llama.cpp on the same GGUF and thread count, in the same run: prompt
+# tokens/s (300-token prompt), decode tokens/s (one stream), aggregate decode tokens/s with 16
+# concurrent requests, seconds per 5-way choice-scoring field after a 75-token prompt, peak RSS.
+# Prints one table with the ratios. llama.cpp comes from llama-cpp-python, built from source
+# (about 4 minutes, once) into .venv-bench.
+#   scripts/bench-engine.sh [MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf] [THREADS=2]
+# Run it on an idle machine: both engines spin their threads while they work.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODEL="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+THREADS="${2:-2}"
+[[ -f "$MODEL" ]] || scripts/fetch-model.sh
+if [[ ! -x .venv-bench/bin/python ]] || ! .venv-bench/bin/python -c 'import llama_cpp, numpy' 2>/dev/null; then
+  python3 -m venv .venv-bench
+  CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install --quiet --disable-pip-version-check llama-cpp-python numpy
+fi
+cargo build --release -q -p batchlab-engine --example bench_engine
+OURS="$(RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/examples/bench_engine" "$MODEL" "$THREADS")"
+THEIRS="$(.venv-bench/bin/python scripts/bench_llama_cpp.py "$MODEL" "$THREADS")"
+python3 - "$OURS" "$THEIRS" "$MODEL" "$THREADS" <<'PY'
+import json, subprocess, sys
+ours, theirs, model, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"engine benchmark: {model}, {threads} threads, commit {commit}\n")
+print(f"| metric | batchlab | llama.cpp | ratio | target |")
+print(f"| --- | --- | --- | --- | --- |")
+def row(name, key, fmt, higher_better, target):
+    a, b = ours[key], theirs[key]
+    ratio = "" if b is None else f"{(a / b if higher_better else b / a):.2f}x"
+    bs = "n/a" if b is None else format(b, fmt)
+    print(f"| {name} | {format(a, fmt)} | {bs} | {ratio} | {target} |")
+row("prompt tokens/s, 300-token prompt", "prompt_tps", ".0f", True, ">= 1.0x")
+row("decode tokens/s, one stream", "decode_tps", ".1f", True, ">= 1.0x")
+print(f"| aggregate decode tokens/s, 16 requests | {ours['aggregate16_tps']:.1f} | n/a | "
+      f"{ours['aggregate16_tps'] / ours['decode_tps']:.2f}x own one-stream | >= 3x own one-stream |")
+row("choice scoring, 5-way field, 75-token prompt (s)", "scoring_s", ".3f", False, ">= 1.0x (not slower)")
+row("peak RSS (MB)", "peak_rss_mb", ".0f", False, "llama.cpp/batchlab >= 0.67")
+row("load (s)", "load_s", ".2f", False, "")
+PY
