@@ -257,7 +257,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         )
     })?;
 
-    let tokenizer = Arc::new(GgufTokenizer::from_gguf(&content)?);
+    let tokenizer = Arc::new(load_tokenizer(path, &content)?);
 
     let token_text = |id: Option<u32>| {
         id.and_then(|i| tokenizer.token_str(i))
@@ -312,6 +312,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     if context_length < 2 {
         return Err(EngineError::Load(format!("context length {context_length} is too small")));
     }
+    warm_up(&model, &tokenizer)?;
     tracing::info!(
         model_id = %config.model_id,
         path = %path.display(),
@@ -345,8 +346,35 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     })
 }
 
+/// The tokenizer: a `tokenizer.json` beside the model file overrides the one the GGUF's
+/// metadata describes (for tokenizers the engine cannot build from metadata, or fixes to them).
+fn load_tokenizer(model_path: &std::path::Path, content: &gguf_file::Content) -> Result<GgufTokenizer, EngineError> {
+    let beside = model_path.with_file_name("tokenizer.json");
+    if !beside.is_file() {
+        return GgufTokenizer::from_gguf(content);
+    }
+    let vocab_size = content
+        .metadata
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.to_vec().ok())
+        .map_or(usize::MAX, |t| t.len());
+    tracing::info!(path = %beside.display(), "tokenizer.json beside the model overrides the GGUF's tokenizer");
+    GgufTokenizer::from_tokenizer_json(&beside, content, vocab_size)
+}
+
+/// One forward pass before the engine reports itself loaded: it touches every weight, sizes
+/// candle's thread pools, and proves the model runs, so that readiness means "answers now".
+fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), EngineError> {
+    let token = tokenizer.bos_id.or(tokenizer.eos_id).unwrap_or(0);
+    let mut cache = model::SeqCache::new(model.cache_shape(), 1, model.device()).map_err(|e| load_err("warm-up", e))?;
+    let mut segment = [model::Segment { cache: &mut cache, tokens: &[token], want: model::Want::Last }];
+    model.forward(&mut segment).map_err(|e| load_err("warm-up forward pass", e))?;
+    Ok(())
+}
+
 impl Engine {
-    /// Loads the GGUF, builds the tokenizer and chat template, and spawns the model thread.
+    /// Loads the GGUF, builds the tokenizer and chat template, runs one warm-up forward pass,
+    /// and spawns the model thread: once this returns, requests are answered at full speed.
     ///
     /// Blocking (reads the whole file); call it from `spawn_blocking` in async code.
     pub fn load(config: EngineConfig) -> Result<Engine, EngineError> {

@@ -208,6 +208,52 @@ impl GgufTokenizer {
         })
     }
 
+    /// The tokenizer of a `tokenizer.json` file (Hugging Face format) instead of the GGUF's
+    /// metadata; BOS/EOS ids and `add_bos_token` still come from the GGUF. Its vocabulary must
+    /// not be larger than the model's (`vocab_size`).
+    pub(crate) fn from_tokenizer_json(path: &std::path::Path, ct: &Content, vocab_size: usize) -> Result<Self, EngineError> {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| tok_err(&format!("cannot read {}", path.display()), e))?;
+        let n = tokenizer.get_vocab_size(true);
+        if n == 0 || n > vocab_size {
+            return Err(EngineError::Load(format!(
+                "{} has {n} tokens but the model's vocabulary has {vocab_size}",
+                path.display()
+            )));
+        }
+        let mut tokens = vec![String::new(); n];
+        for (text, id) in tokenizer.get_vocab(true) {
+            if let Some(slot) = tokens.get_mut(id as usize) {
+                *slot = text;
+            }
+        }
+        let mut control_tokens: Vec<(String, u32)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        control_tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let special = tokenizer.clone();
+        let mut plain = tokenizer;
+        plain.set_encode_special_tokens(true);
+        let n = n as u32;
+        Ok(Self {
+            special,
+            plain,
+            control_tokens,
+            tokens,
+            bos_id: md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n),
+            eos_id: md_u32(ct, "tokenizer.ggml.eos_token_id").filter(|&i| i < n),
+            add_bos: md(ct, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+        })
+    }
+
+    /// Writes the tokenizer in Hugging Face's `tokenizer.json` format (tests and tools).
+    #[cfg(test)]
+    pub(crate) fn save_json(&self, path: &std::path::Path) -> Result<(), EngineError> {
+        self.special.save(path, false).map_err(|e| tok_err("saving tokenizer.json", e))
+    }
+
     /// Number of tokens in the vocabulary.
     pub(crate) fn vocab_size(&self) -> usize {
         self.tokens.len()

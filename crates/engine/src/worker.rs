@@ -713,3 +713,46 @@ mod tests {
         assert_eq!(common_prefix([p(&[7]).as_slice(), a.as_slice()].into_iter()), 0);
     }
 }
+
+#[cfg(test)]
+mod tokenizer_json_tests {
+    use crate::{load_parts, EngineConfig};
+
+    /// A `tokenizer.json` beside the model replaces the GGUF's tokenizer: the same tokenizer
+    /// with a lower-casing normalizer added encodes "HELLO" as "hello".
+    #[test]
+    fn tokenizer_json_beside_the_model_overrides_the_gguf() {
+        let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !model.exists() {
+            eprintln!("SKIP: model file {} is missing", model.display());
+            return;
+        }
+        let config = |path: std::path::PathBuf| EngineConfig {
+            model_path: path,
+            model_id: "t".into(),
+            max_queue: 1,
+            max_batch: 1,
+            prefix_cache_bytes: 0,
+            threads: Some(2),
+            max_context: Some(64),
+            requantize: true,
+        };
+        let gguf = load_parts(&config(model.clone())).unwrap().tokenizer;
+        let dir = tempfile::tempdir().unwrap();
+        let linked = dir.path().join("model.gguf");
+        std::os::unix::fs::symlink(model.canonicalize().unwrap(), &linked).unwrap();
+        let json_path = dir.path().join("tokenizer.json");
+        gguf.save_json(&json_path).unwrap();
+        // The GGUF's own tokenizer written out and read back: the same ids.
+        let same = load_parts(&config(linked.clone())).unwrap().tokenizer;
+        assert_eq!(same.encode_plain("Year 2024, <|im_start|> ok").unwrap(), gguf.encode_plain("Year 2024, <|im_start|> ok").unwrap());
+        assert_eq!(same.control_id("<|im_end|>"), gguf.control_id("<|im_end|>"));
+        // With a lower-casing normalizer, the override shows.
+        let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        doc["normalizer"] = serde_json::json!({"type": "Lowercase"});
+        std::fs::write(&json_path, doc.to_string()).unwrap();
+        let changed = load_parts(&config(linked)).unwrap().tokenizer;
+        assert_ne!(gguf.encode_plain("HELLO").unwrap(), gguf.encode_plain("hello").unwrap());
+        assert_eq!(changed.encode_plain("HELLO").unwrap(), gguf.encode_plain("hello").unwrap());
+    }
+}
