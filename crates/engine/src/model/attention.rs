@@ -10,17 +10,17 @@
 //! a batch, or partly from a cached prefix: seeded sampling stays reproducible and greedy text
 //! stays the same under load.
 
+use std::sync::Mutex;
+
 use candle_core::{Device, Result, Storage, Tensor};
-use rayon::prelude::*;
 
 /// Contiguous f32 data of a CPU tensor (from its layout's start offset).
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
+fn cpu_slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("attention needs contiguous tensors")
     };
-    match &*storage {
-        Storage::Cpu(cpu) => f(&cpu.as_slice::<f32>()?[start..end]),
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end]),
         _ => candle_core::bail!("row-wise attention runs on the CPU"),
     }
 }
@@ -43,54 +43,89 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Attention of `n` new positions (`q`: `[heads, n, head_dim]`, already scaled) after `past`
-/// cached ones, over a cache layer (`k`, `v`: `[kv_heads, capacity, head_dim]`, the new
-/// positions already written). Query head `h` reads KV head `h / group`. Returns
-/// `[heads, n, head_dim]`.
-pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, past: usize, group: usize) -> Result<Tensor> {
-    let (heads, n, hd) = q.dims3()?;
-    let (_, cap, _) = k.dims3()?;
-    if past + n > cap {
-        candle_core::bail!("attention past the cache: {past} + {n} > {cap}")
+/// One sequence's part of a batched attention call.
+pub(crate) struct SegmentKv<'a> {
+    /// The sequence's cache layer, `[kv_heads, capacity, head_dim]`, new positions written.
+    pub(crate) k: &'a Tensor,
+    /// Values, same shape.
+    pub(crate) v: &'a Tensor,
+    /// Positions cached before this step.
+    pub(crate) past: usize,
+    /// New positions (rows of the query) this step.
+    pub(crate) n: usize,
+}
+
+/// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (scaled),
+/// the segments' rows one after another in order; query head `h` reads KV head `h / group`.
+/// Returns `[heads, total, head_dim]`. Work items are (segment, head) pairs, run on candle's
+/// own CPU thread pool (the one its matmuls use, so no second pool competes for the cores).
+pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Result<Tensor> {
+    let (heads, total, hd) = q.dims3()?;
+    if segments.iter().map(|s| s.n).sum::<usize>() != total {
+        candle_core::bail!("attention segments do not cover the query rows")
     }
-    let out = with_slice(q, |q| {
-        with_slice(k, |k| {
-            with_slice(v, |v| {
-                let mut out = vec![0f32; heads * n * hd];
-                out.par_chunks_mut(n * hd).enumerate().for_each(|(h, out_h)| {
-                    let base = (h / group) * cap * hd;
-                    let mut weights = vec![0f32; past + n];
-                    for i in 0..n {
-                        let qrow = &q[(h * n + i) * hd..(h * n + i + 1) * hd];
-                        let visible = past + i + 1;
-                        let mut max = f32::NEG_INFINITY;
-                        for (j, w) in weights[..visible].iter_mut().enumerate() {
-                            *w = dot(qrow, &k[base + j * hd..base + (j + 1) * hd]);
-                            max = max.max(*w);
-                        }
-                        let mut sum = 0f32;
-                        for w in &mut weights[..visible] {
-                            *w = (*w - max).exp();
-                            sum += *w;
-                        }
-                        let o = &mut out_h[i * hd..(i + 1) * hd];
-                        for (j, w) in weights[..visible].iter().enumerate() {
-                            let vrow = &v[base + j * hd..base + (j + 1) * hd];
-                            for (od, vd) in o.iter_mut().zip(vrow) {
-                                *od += w * vd;
-                            }
-                        }
-                        let inv = 1.0 / sum;
-                        for od in o.iter_mut() {
-                            *od *= inv;
-                        }
-                    }
-                });
-                Ok(out)
-            })
-        })
-    })?;
-    Tensor::from_vec(out, (heads, n, hd), &Device::Cpu)
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let q = cpu_slice(&q_storage, q_layout)?;
+    let guards: Vec<_> = segments.iter().map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout())).collect();
+    let mut kv = Vec::with_capacity(segments.len());
+    let mut offsets = Vec::with_capacity(segments.len());
+    let mut offset = 0;
+    for (s, ((ks, kl), (vs, vl))) in segments.iter().zip(&guards) {
+        let cap = s.k.dims3()?.1;
+        if s.past + s.n > cap {
+            candle_core::bail!("attention past the cache: {} + {} > {cap}", s.past, s.n)
+        }
+        kv.push((cpu_slice(ks, kl)?, cpu_slice(vs, vl)?, cap));
+        offsets.push(offset);
+        offset += s.n;
+    }
+    let items = segments.len() * heads;
+    let results: Vec<Mutex<Vec<f32>>> = (0..items).map(|_| Mutex::new(Vec::new())).collect();
+    let work = |item: usize| {
+        let (si, h) = (item / heads, item % heads);
+        let seg = &segments[si];
+        let (k, v, cap) = kv[si];
+        let base = (h / group) * cap * hd;
+        let mut out = vec![0f32; seg.n * hd];
+        let mut weights = vec![0f32; seg.past + seg.n];
+        for i in 0..seg.n {
+            let row = h * total + offsets[si] + i;
+            let qrow = &q[row * hd..(row + 1) * hd];
+            let visible = seg.past + i + 1;
+            let mut max = f32::NEG_INFINITY;
+            for (j, w) in weights[..visible].iter_mut().enumerate() {
+                *w = dot(qrow, &k[base + j * hd..base + (j + 1) * hd]);
+                max = max.max(*w);
+            }
+            let mut sum = 0f32;
+            for w in &mut weights[..visible] {
+                *w = (*w - max).exp();
+                sum += *w;
+            }
+            let o = &mut out[i * hd..(i + 1) * hd];
+            for (j, w) in weights[..visible].iter().enumerate() {
+                let vrow = &v[base + j * hd..base + (j + 1) * hd];
+                for (od, vd) in o.iter_mut().zip(vrow) {
+                    *od += w * vd;
+                }
+            }
+            let inv = 1.0 / sum;
+            for od in o.iter_mut() {
+                *od *= inv;
+            }
+        }
+        *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
+    };
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(work));
+    let mut out = vec![0f32; heads * total * hd];
+    for (item, slot) in results.into_iter().enumerate() {
+        let (si, h) = (item / heads, item % heads);
+        let rows = slot.into_inner().unwrap_or_else(|e| e.into_inner());
+        let at = (h * total + offsets[si]) * hd;
+        out[at..at + rows.len()].copy_from_slice(&rows);
+    }
+    drop(guards);
+    Tensor::from_vec(out, (heads, total, hd), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -105,7 +140,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
-        let got: Vec<Vec<Vec<f32>>> = attend(&q, &k, &v, past, heads / kv).unwrap().to_vec3().unwrap();
+        let seg = [SegmentKv { k: &k, v: &v, past, n }];
+        let got: Vec<Vec<Vec<f32>>> = attend(&q, &seg, heads / kv).unwrap().to_vec3().unwrap();
         type Rows = Vec<Vec<Vec<f32>>>;
         let (q, k, v): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), k.to_vec3().unwrap(), v.to_vec3().unwrap());
         for h in 0..heads {
@@ -132,12 +168,24 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (heads, 17, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
-        let whole: Vec<Vec<Vec<f32>>> = attend(&q, &k, &v, 0, heads).unwrap().to_vec3().unwrap();
+        let whole: Vec<Vec<Vec<f32>>> =
+            attend(&q, &[SegmentKv { k: &k, v: &v, past: 0, n: 17 }], heads).unwrap().to_vec3().unwrap();
         let tail = q.narrow(1, 5, 12).unwrap().contiguous().unwrap();
-        let part: Vec<Vec<Vec<f32>>> = attend(&tail, &k, &v, 5, heads).unwrap().to_vec3().unwrap();
+        let part: Vec<Vec<Vec<f32>>> =
+            attend(&tail, &[SegmentKv { k: &k, v: &v, past: 5, n: 12 }], heads).unwrap().to_vec3().unwrap();
         for h in 0..heads {
             for i in 0..12 {
                 assert_eq!(whole[h][i + 5], part[h][i]);
+            }
+        }
+        // Two segments (other sequences) in one call change nothing either.
+        let k2 = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
+        let both = Tensor::cat(&[&tail, &q.narrow(1, 0, 3).unwrap()], 1).unwrap().contiguous().unwrap();
+        let segs = [SegmentKv { k: &k, v: &v, past: 5, n: 12 }, SegmentKv { k: &k2, v: &v, past: 0, n: 3 }];
+        let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &segs, heads).unwrap().to_vec3().unwrap();
+        for h in 0..heads {
+            for i in 0..12 {
+                assert_eq!(mixed[h][i], part[h][i]);
             }
         }
     }

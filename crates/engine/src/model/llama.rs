@@ -186,25 +186,34 @@ impl Llama {
             let v = to_heads(v, cfg.kv_heads)?.squeeze(0)?;
             let q = (q * scale)?;
 
-            let mut outs = Vec::with_capacity(segments.len());
             let mut offset = 0;
             for s in segments.iter() {
                 let n = s.tokens.len();
-                let past = s.cache.len();
                 let ks = k.narrow(1, offset, n)?.contiguous()?;
                 let vs = v.narrow(1, offset, n)?.contiguous()?;
                 s.cache.write(li, &ks, &vs)?;
-                let qs = q.narrow(1, offset, n)?.contiguous()?;
-                let o = if self.device.is_cpu() {
-                    let (kc, vc) = s.cache.layer(li);
-                    super::attention::attend(&qs, kc, vc, past, group)?
-                } else {
-                    self.attend_matmul(&qs, s.cache, li, past, n)?
-                };
-                outs.push(o.reshape((cfg.heads, n, cfg.head_dim))?);
                 offset += n;
             }
-            let o = if outs.len() == 1 { outs.pop().expect("one segment") } else { Tensor::cat(&outs, 1)? };
+            let o = if self.device.is_cpu() {
+                let kv: Vec<super::attention::SegmentKv<'_>> = segments
+                    .iter()
+                    .map(|s| {
+                        let (k, v) = s.cache.layer(li);
+                        super::attention::SegmentKv { k, v, past: s.cache.len(), n: s.tokens.len() }
+                    })
+                    .collect();
+                super::attention::attend(&q.contiguous()?, &kv, group)?
+            } else {
+                let mut outs = Vec::with_capacity(segments.len());
+                let mut offset = 0;
+                for s in segments.iter() {
+                    let n = s.tokens.len();
+                    let qs = q.narrow(1, offset, n)?.contiguous()?;
+                    outs.push(self.attend_matmul(&qs, s.cache, li, s.cache.len(), n)?);
+                    offset += n;
+                }
+                Tensor::cat(&outs, 1)?
+            };
             let o = o.transpose(0, 1)?.contiguous()?.reshape((total, cfg.heads * cfg.head_dim))?;
             x = (x + layer.wo.forward(&o)?)?;
 
