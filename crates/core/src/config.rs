@@ -84,6 +84,18 @@ pub struct MlBackendConfig {
     /// Base URL of batchlab-api, where START_TRAINING and other Label Studio events are handed on
     /// (Label Studio sends START_TRAINING only to the ML backend).
     pub api_url: String,
+    /// Seconds a `/predict` answers within: tasks finished by then get predictions, the rest an
+    /// entry without `result` (Label Studio asks again) while they finish into the cache.
+    /// Keep it below Label Studio's `ML_TIMEOUT_PREDICT` (100 s by default).
+    pub predict_deadline_seconds: f64,
+    /// Tasks predicted at once (each is several engine requests sharing one prompt prefix).
+    pub concurrent_tasks: usize,
+    /// Most tokens generated for a `TextArea` answer.
+    pub text_max_tokens: usize,
+    /// Ground-truth examples (the most similar) shown before each task; 0 turns few-shot off.
+    pub few_shot_examples: usize,
+    /// Predictions kept in memory for the next request (least recently made dropped first).
+    pub cache_entries: usize,
 }
 
 impl Default for MlBackendConfig {
@@ -94,6 +106,11 @@ impl Default for MlBackendConfig {
             basic_auth_user: None,
             basic_auth_pass: None,
             api_url: "http://127.0.0.1:4080".into(),
+            predict_deadline_seconds: 20.0,
+            concurrent_tasks: 8,
+            text_max_tokens: 48,
+            few_shot_examples: 4,
+            cache_entries: 100_000,
         }
     }
 }

@@ -16,11 +16,21 @@ pub enum MlError {
     #[error("missing or invalid basic-auth credentials")]
     Unauthorized,
     /// No such route (404).
-    #[error("unknown route; the ML backend serves /health, /setup, /webhook, /versions and /metrics")]
+    #[error("unknown route; the ML backend serves /health, /setup, /predict, /webhook, /versions, /status, /metrics, /v1/models and /v1/chat/completions")]
     NotFound,
     /// The route exists but not for this method (405).
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request is well-formed but cannot be served, e.g. a labeling config with nothing
+    /// the backend can predict (422; the message names the tags).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The model is not available (503; the message says why).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The engine's queue is full (429): retry later.
+    #[error("the model is busy; retry shortly")]
+    Overloaded,
     /// Something broke inside; logged, answered without details (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -33,6 +43,9 @@ impl MlError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "unauthorized"),
             Self::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed"),
+            Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_unavailable"),
+            Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error"),
         }
     }

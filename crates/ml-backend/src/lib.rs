@@ -1,8 +1,13 @@
 //! batchlab-ml-backend: Label Studio's ML backend protocol. Routes only; one module per
-//! capability (`setup`, `webhook`, `auth`), one error type (`error`).
+//! capability (`setup`, `predict`, `webhook`, `openai`, `auth`), the loaded model (`model`),
+//! per-project prompt context (`project`), one error type (`error`).
 
 pub mod auth;
 pub mod error;
+pub mod model;
+pub mod openai;
+pub mod predict;
+pub mod project;
 pub mod setup;
 pub mod webhook;
 
@@ -15,6 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchlab_core::config::Config;
+use batchlab_core::store::Store;
 use serde_json::{json, Value};
 
 pub use error::MlError;
@@ -31,6 +37,15 @@ pub struct MlState {
     pub basic_auth: Option<Arc<str>>,
     /// Client for handing webhook events on to batchlab-api.
     pub http: reqwest::Client,
+    /// The engine, loading in the background or loaded.
+    pub model: model::Model,
+    /// The shared store, where ground-truth annotations are read from (few-shot); none in
+    /// tests of the protocol alone.
+    pub store: Option<Store>,
+    /// Prompt templates by project, from `/setup`'s `extra_params`.
+    pub templates: project::Templates,
+    /// Prediction jobs and the prediction cache.
+    pub jobs: predict::Jobs,
     versions: Arc<Mutex<BTreeSet<String>>>,
 }
 
@@ -40,14 +55,37 @@ impl MlState {
         let basic_auth = auth::expected_header(config.ml_backend.basic_auth_user.as_deref(), config.ml_backend.basic_auth_pass.as_deref())
             .map(Arc::from);
         let http = reqwest::Client::builder().timeout(HANDOFF_TIMEOUT).build().map_err(|e| MlError::Internal(e.to_string()))?;
-        Ok(Self { config: Arc::new(config), basic_auth, http, versions: Arc::default() })
+        let jobs = predict::Jobs::new(config.ml_backend.cache_entries, config.ml_backend.concurrent_tasks);
+        Ok(Self {
+            config: Arc::new(config),
+            basic_auth,
+            http,
+            model: model::Model::unavailable("no model was loaded into this service"),
+            store: None,
+            templates: project::Templates::default(),
+            jobs,
+            versions: Arc::default(),
+        })
     }
 
-    /// The model version for labeling config `schema`, remembered for `/versions`.
-    pub fn remember_version(&self, schema: &str) -> String {
-        let version = batchlab_core::labelstudio::version::model_version(&self.config.engine.model_id, schema);
-        self.versions.lock().unwrap_or_else(|e| e.into_inner()).insert(version.clone());
-        version
+    /// The same state serving `model`.
+    pub fn with_model(mut self, model: model::Model) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// The same state reading ground truth from `store`.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Remembers `version` for `/versions`.
+    pub fn remember_version(&self, version: &str) {
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        if !versions.contains(version) {
+            versions.insert(version.to_string());
+        }
     }
 
     /// Every model version answered so far, sorted.
@@ -83,6 +121,10 @@ pub fn router(state: MlState) -> Router {
         .route("/health", get(health))
         .route("/", get(health))
         .route("/setup", post(setup::setup))
+        .route("/predict", post(predict::predict))
+        .route("/status", get(predict::status))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/webhook", post(webhook::webhook))
         .route("/versions", get(setup::versions))
         .route("/metrics", get(metrics))

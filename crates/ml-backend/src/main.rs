@@ -4,8 +4,9 @@ use anyhow::Context;
 use batchlab_core::config::ConfigArgs;
 use clap::Parser;
 
-/// Label Studio ML backend of batchlab (port 4082 by default): `/health`, `/setup`,
-/// `/webhook` (handed on to batchlab-api), `/versions`, `/metrics`.
+/// Label Studio ML backend of batchlab (port 4082 by default): `/health`, `/setup`, `/predict`,
+/// `/webhook` (handed on to batchlab-api), `/versions`, `/status`, `/metrics`, and OpenAI's
+/// `/v1/models` and `/v1/chat/completions`.
 #[derive(Parser)]
 #[command(name = "batchlab-ml-backend", version, about)]
 struct Args {
@@ -17,7 +18,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let config = Args::parse().config.init()?;
     let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
-    let state = batchlab_ml_backend::MlState::new(config)?;
+    let store = batchlab_core::store::Store::open(&config.database).await.context("opening the store")?;
+    let model = batchlab_ml_backend::model::Model::load(&config.engine);
+    let state = batchlab_ml_backend::MlState::new(config)?.with_model(model).with_store(store);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, basic_auth = state.basic_auth.is_some(), "batchlab-ml-backend listening");
     axum::serve(listener, batchlab_ml_backend::router(state))

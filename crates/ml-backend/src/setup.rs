@@ -1,6 +1,7 @@
 //! `POST /setup`: Label Studio announces the project's labeling config before every prediction
-//! batch (3 s timeout); the answer is the `model_version` predictions will carry. Computed from
-//! the configured model id and the config's hash; nothing is loaded here.
+//! batch (3 s timeout); the answer is the `model_version` predictions will carry: from the model
+//! id, the config, the project's prompt template (`extra_params`) and ground-truth examples
+//! (see `project`). Nothing is loaded here.
 
 use axum::extract::State;
 use axum::Json;
@@ -8,7 +9,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use batchlab_core::labelstudio::config::LabelConfig;
+
 use crate::error::MlError;
+use crate::project::{project_id, template_of};
 use crate::MlState;
 
 /// The body Label Studio 1.23 sends (fields batchlab reads; others are ignored).
@@ -37,7 +41,12 @@ pub async fn setup(State(state): State<MlState>, body: Bytes) -> Result<Json<Val
     let request: SetupRequest =
         serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid /setup body: {e}")))?;
     let schema = request.schema.as_deref().unwrap_or("");
-    let version = state.remember_version(schema);
+    let project = request.project.as_ref().and_then(project_id);
+    if let Some(project) = project {
+        state.templates.set(project, template_of(request.extra_params.as_ref()));
+    }
+    let config = LabelConfig::parse(schema).ok();
+    let version = state.project_context(project, schema, config.as_ref()).await.version;
     tracing::info!(project = ?request.project, hostname = ?request.hostname, model_version = %version, "setup");
     metrics::counter!("batchlab_ml_setup_total").increment(1);
     Ok(Json(json!({"model_version": version})))

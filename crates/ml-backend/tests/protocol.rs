@@ -125,7 +125,7 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
     let v = &versions[0];
     assert!(v.starts_with("batchlab-SmolLM2-135M-Instruct-") && v.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{v}");
 
-    // Another schema, and extra_params as an object or a string: another version, still 200.
+    // Another schema: another version; extra_params without a prompt changes nothing more.
     let (_, f) = &fixtures("setup")[0];
     let mut other = f.clone();
     other["body"]["schema"] = json!("<View><Text name=\"t\" value=\"$text\"/></View>");
@@ -134,13 +134,19 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
     assert_eq!(status, 200);
     let w = body["model_version"].as_str().unwrap().to_string();
     assert_ne!(&w, v);
-    other["body"]["extra_params"] = json!("a string");
+    other["body"]["extra_params"] = Value::Null;
     assert_eq!(json_of(s.replay(&other).await).await.1["model_version"], w.as_str());
+    // A prompt template, as an object or a plain string, is part of the version.
+    other["body"]["extra_params"] = json!({"prompt": "Classify: {text}"});
+    let t = json_of(s.replay(&other).await).await.1["model_version"].as_str().unwrap().to_string();
+    assert_ne!(t, w);
+    other["body"]["extra_params"] = json!("Classify: {text}");
+    assert_eq!(json_of(s.replay(&other).await).await.1["model_version"], t.as_str());
 
-    // /versions lists both.
+    // /versions lists all three.
     let (status, body) = json_of(s.client.get(format!("{}/versions", s.base)).send().await.unwrap()).await;
     assert_eq!(status, 200);
-    let mut expected = vec![v.clone(), w];
+    let mut expected = vec![v.clone(), w, t];
     expected.sort();
     assert_eq!(body, json!({"versions": expected}));
 

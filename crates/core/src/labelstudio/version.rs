@@ -19,6 +19,21 @@ pub fn model_version(model_id: &str, label_config: &str) -> String {
     format!("batchlab-{model_id}-{:08x}", (h ^ (h >> 32)) as u32)
 }
 
+/// The version of predictions made for `label_config` with a project's prompt `template` and
+/// ground-truth example set (`examples`: its fingerprint, 0 for none): the plain
+/// [`model_version`] when there is neither, so it changes exactly when one of them does.
+pub fn prediction_version(model_id: &str, label_config: &str, template: Option<&str>, examples: u32) -> String {
+    let mut key = label_config.to_string();
+    if let Some(t) = template {
+        key.push_str("\u{0}template:");
+        key.push_str(t);
+    }
+    if examples != 0 {
+        key.push_str(&format!("\u{0}examples:{examples:08x}"));
+    }
+    model_version(model_id, &key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +52,15 @@ mod tests {
         assert!(a.starts_with("batchlab-SmolLM2-135M-Instruct-") && a.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{a}");
         assert_ne!(a, model_version("SmolLM2-135M-Instruct", "<View></View>"));
         assert_ne!(a, model_version("other", "<View/>"));
+    }
+
+    #[test]
+    fn prediction_versions_follow_template_and_examples() {
+        let plain = model_version("m", "<View/>");
+        assert_eq!(prediction_version("m", "<View/>", None, 0), plain);
+        let t = prediction_version("m", "<View/>", Some("Q: {text}"), 0);
+        let e = prediction_version("m", "<View/>", None, 7);
+        assert!(t != plain && e != plain && t != e);
+        assert_ne!(e, prediction_version("m", "<View/>", None, 8));
     }
 }

@@ -1,4 +1,5 @@
 //! From a task and a labeling config to what a model is asked and what Label Studio is answered.
 
-pub mod prompt;
 pub mod examples;
+pub mod prompt;
+pub mod task;

@@ -1,0 +1,452 @@
+//! One task's prediction: every control of a labeling config answered from the model's own
+//! probabilities where the answer is a closed set, by short greedy generation where it is not.
+//!
+//! - `Choices` and `Rating` (and a `Number` with a small integer range) are **scored**: each
+//!   option's probability as the whole answer ([`Engine::score_choices`]). Small models prefer
+//!   some answers whatever the question (the first option, a short word); so each question is
+//!   also scored on a content-free copy of the task (every data field "N/A") and the option's
+//!   log-probability there is subtracted before normalising ("contextual calibration", Zhao et
+//!   al. 2021). A region's `score` is the chosen option's calibrated probability (for a
+//!   multiple choice, the mean over the options picked: those above an even share, 1/n).
+//! - `TextArea`, other `Number`s and `Labels` are **generated** (greedy, short); `Labels` as a
+//!   JSON list of `{"text", "label"}` whose texts are found in the task to give offsets.
+//! - The prediction's `score` is the mean of the scored regions' scores (None when nothing was
+//!   scored): the expected share of closed answers that are right, if the model is calibrated.
+//!
+//! All questions of a task go to the engine at once: the scored ones in one call (the shared
+//! prefix — system prompt, examples, task — is processed once), the generated ones beside it.
+//! Ground-truth examples (few-shot) come before the task as earlier turns of the conversation.
+
+use std::collections::BTreeMap;
+
+use futures::future::try_join_all;
+use serde_json::Value;
+
+use crate::engine::{ChatMessage, ChatRequest, ChoiceQuestion, Engine, EngineError, SamplingParams};
+use crate::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
+use crate::labelstudio::region::{number_json, FieldValue, Region, Span};
+use crate::predict::examples::Example;
+use crate::predict::prompt::{data_text, task_text};
+
+/// The system message of every prediction prompt.
+pub const SYSTEM: &str = "You are a careful data annotator. Read the task and answer the question with the answer only.";
+
+/// What stands for a data field in the content-free task used for calibration.
+const CONTENT_FREE: &str = "N/A";
+
+/// Largest integer `Number` range answered by scoring every value instead of generating.
+const MAX_SCORED_RANGE: f64 = 20.0;
+
+/// Tokens kept free for the answer when the task text is cut to fit the context.
+const ANSWER_RESERVE: usize = 64;
+
+/// How predictions are made (from `[ml_backend]` configuration).
+#[derive(Clone, Debug)]
+pub struct PredictOptions {
+    /// Most tokens generated for a `TextArea` (and a `Labels` list: four times this).
+    pub text_max_tokens: usize,
+    /// Ground-truth examples shown before the task (the most similar ones).
+    pub examples: usize,
+}
+
+impl Default for PredictOptions {
+    fn default() -> Self {
+        Self { text_max_tokens: 48, examples: 4 }
+    }
+}
+
+/// One task's prediction, ready for Label Studio.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskPrediction {
+    /// One region per control (one per span for `Labels`; none when no span was found).
+    pub result: Vec<Region>,
+    /// Mean score of the scored regions.
+    pub score: Option<f64>,
+}
+
+/// A task's text as the prompt shows it: the project's template with `{field}` replaced by the
+/// task's data (a missing field becomes empty), or else every object tag's text.
+pub fn task_body(config: &LabelConfig, data: &Value, template: Option<&str>) -> String {
+    let Some(template) = template else { return task_text(config, data) };
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close) if is_field_name(&after[..close]) => {
+                out.push_str(&data_text(data, &after[..close]).unwrap_or_default());
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn is_field_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+/// `data` with every field the config (or template) reads replaced by "N/A": the same prompt
+/// without the task's content, whose answer probabilities are the model's bias.
+fn content_free(config: &LabelConfig, data: &Value) -> Value {
+    let mut out = data.clone();
+    if let Value::Object(map) = &mut out {
+        for (key, value) in map.iter_mut() {
+            if config.data_fields().contains(key) || value.is_string() {
+                *value = Value::String(CONTENT_FREE.into());
+            }
+        }
+    }
+    out
+}
+
+/// The question asked for one control.
+pub fn control_question(control: &ControlTag) -> String {
+    let subject = match control.description.as_deref().filter(|d| !d.is_empty()) {
+        Some(d) => format!("{} ({d})", control.name),
+        None => control.name.clone(),
+    };
+    match &control.kind {
+        ControlKind::Choices { options, multiple: false } => {
+            format!("Question: {subject}? Answer with one of: {}.", options.join(", "))
+        }
+        ControlKind::Choices { options, multiple: true } => {
+            format!("Question: {subject}? Answer with any of: {}.", options.join(", "))
+        }
+        ControlKind::Rating { max } => format!("Question: {subject}? Answer with a rating from 1 to {max}."),
+        ControlKind::Number { min, max } => match (min, max) {
+            (Some(lo), Some(hi)) => format!("Question: {subject}? Answer with a number from {lo} to {hi}."),
+            _ => format!("Question: {subject}? Answer with a number."),
+        },
+        ControlKind::TextArea => format!("Question: {subject}? Answer in one or two short sentences."),
+        ControlKind::Labels { labels } => format!(
+            "Question: {subject}? List the phrases of the text that are {}, as a JSON list of \
+             {{\"text\": the exact phrase, \"label\": its label}}.",
+            labels.join(", ")
+        ),
+    }
+}
+
+/// An example's answer for `control` as the assistant would write it.
+fn answer_text(control: &ControlTag, value: &FieldValue) -> String {
+    match value {
+        FieldValue::Choices(c) => c.join(", "),
+        FieldValue::Text(t) => t.clone(),
+        FieldValue::Rating(r) => r.to_string(),
+        FieldValue::Number(n) => number_json(*n).to_string(),
+        FieldValue::Spans(spans) => {
+            let list: Vec<Value> =
+                spans.iter().map(|s| serde_json::json!({"text": s.text, "label": s.label})).collect();
+            let _ = control;
+            Value::Array(list).to_string()
+        }
+    }
+}
+
+/// What the closed answers of a control are, when it is scored.
+fn candidates(control: &ControlTag) -> Option<Vec<String>> {
+    match &control.kind {
+        ControlKind::Choices { options, .. } => Some(options.clone()),
+        ControlKind::Rating { max } if *max <= MAX_SCORED_RANGE as u32 => Some((1..=*max).map(|r| r.to_string()).collect()),
+        ControlKind::Number { min: Some(lo), max: Some(hi) }
+            if lo.fract() == 0.0 && hi.fract() == 0.0 && hi >= lo && hi - lo <= MAX_SCORED_RANGE =>
+        {
+            Some((*lo as i64..=*hi as i64).map(|n| n.to_string()).collect())
+        }
+        _ => None,
+    }
+}
+
+/// The conversation asking `control` about `body`, after the examples.
+fn conversation(control: &ControlTag, shots: &[(String, String)], body: &str) -> Vec<ChatMessage> {
+    let question = control_question(control);
+    let mut messages = vec![ChatMessage::new("system", SYSTEM)];
+    for (shot_body, answer) in shots {
+        messages.push(ChatMessage::new("user", format!("{shot_body}\n{question}")));
+        messages.push(ChatMessage::new("assistant", answer.clone()));
+    }
+    messages.push(ChatMessage::new("user", format!("{body}\n{question}")));
+    messages
+}
+
+/// Each example's body and answer for `control` (examples without an answer for it are left out).
+fn shots_for(config: &LabelConfig, control: &ControlTag, examples: &[&Example], template: Option<&str>) -> Vec<(String, String)> {
+    examples
+        .iter()
+        .filter_map(|e| {
+            let regions: Vec<Region> = serde_json::from_value(e.result.clone()).ok()?;
+            let values: BTreeMap<String, FieldValue> = config.field_values(&regions);
+            let value = values.get(&control.name)?;
+            Some((task_body(config, &e.data, template), answer_text(control, value)))
+        })
+        .collect()
+}
+
+/// `body` cut (at a character boundary, with a marker) so that `control`'s conversation fits
+/// in `budget` tokens; unchanged when it already fits.
+fn fit_body(engine: &Engine, control: &ControlTag, shots: &[(String, String)], body: String, budget: usize) -> Result<String, EngineError> {
+    let mut body = body;
+    for _ in 0..8 {
+        let tokens = engine.tokenize_chat(&conversation(control, shots, &body))?.len();
+        if tokens <= budget {
+            return Ok(body);
+        }
+        let chars = body.chars().count();
+        let keep = (chars as f64 * budget as f64 / tokens as f64 * 0.9) as usize;
+        tracing::warn!(control = %control.name, tokens, budget, keep_chars = keep, "task text longer than the context: truncated");
+        body = body.chars().take(keep).collect::<String>() + " …";
+        if keep == 0 {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// Predicts every control of `config` for one task's `data`, with `examples` (most similar
+/// ground truth first) shown before it and the project's prompt `template`, if any.
+pub async fn predict_task(
+    engine: &Engine,
+    config: &LabelConfig,
+    data: &Value,
+    examples: &[&Example],
+    template: Option<&str>,
+    options: &PredictOptions,
+) -> Result<TaskPrediction, EngineError> {
+    let budget = engine.context_length().saturating_sub(ANSWER_RESERVE.max(options.text_max_tokens * 4));
+    let blank = content_free(config, data);
+    let mut scored: Vec<(&ControlTag, Vec<String>)> = Vec::new();
+    let mut questions = Vec::new();
+    let mut generated = Vec::new();
+    for control in &config.controls {
+        let mut shots = shots_for(config, control, examples, template);
+        // Examples never crowd out the task: drop the least similar until it fits.
+        while !shots.is_empty()
+            && engine.tokenize_chat(&conversation(control, &shots, &task_body(config, data, template)))?.len() > budget
+        {
+            shots.pop();
+        }
+        let body = fit_body(engine, control, &shots, task_body(config, data, template), budget)?;
+        match candidates(control) {
+            Some(options) => {
+                let free = conversation(control, &shots, &task_body(config, &blank, template));
+                questions.push(ChoiceQuestion { messages: conversation(control, &shots, &body), candidates: options.clone() });
+                questions.push(ChoiceQuestion { messages: free, candidates: options.clone() });
+                scored.push((control, options));
+            }
+            None => generated.push((control, conversation(control, &shots, &body), body)),
+        }
+    }
+
+    let scoring = async {
+        if questions.is_empty() {
+            Ok(Vec::new())
+        } else {
+            engine.score_choices(questions).await
+        }
+    };
+    let generation = try_join_all(generated.iter().map(|(control, messages, _)| {
+        let max_tokens = match control.kind {
+            ControlKind::Labels { .. } => options.text_max_tokens * 4,
+            ControlKind::Number { .. } => 12,
+            _ => options.text_max_tokens,
+        };
+        let params = SamplingParams { max_tokens: Some(max_tokens), temperature: 0.0, ..SamplingParams::default() };
+        engine.chat(ChatRequest { messages: messages.clone(), params })
+    }));
+    let (scores, texts) = futures::try_join!(scoring, generation)?;
+
+    let mut by_name: BTreeMap<&str, Vec<Region>> = BTreeMap::new();
+    let mut region_scores = Vec::new();
+    for (k, (control, options)) in scored.iter().enumerate() {
+        let (real, free) = (&scores[2 * k], &scores[2 * k + 1]);
+        let probs = calibrated(&real.logprobs, &free.logprobs);
+        let (value, score) = pick(control, options, &probs);
+        region_scores.push(score);
+        by_name.insert(control.name.as_str(), control.regions(&value, Some(score)));
+    }
+    for ((control, _, body), completion) in generated.iter().zip(texts) {
+        if let Some(value) = generated_value(control, completion.text.trim(), data, config, body) {
+            by_name.insert(control.name.as_str(), control.regions(&value, None));
+        }
+    }
+    // Regions in the config's order.
+    let result = config.controls.iter().filter_map(|c| by_name.remove(c.name.as_str())).flatten().collect();
+    let score = (!region_scores.is_empty()).then(|| region_scores.iter().sum::<f64>() / region_scores.len() as f64);
+    Ok(TaskPrediction { result, score })
+}
+
+/// Softmax of `real − free`: the options' probabilities with the model's content-free bias removed.
+pub fn calibrated(real: &[f64], free: &[f64]) -> Vec<f64> {
+    let adjusted: Vec<f64> = real.iter().zip(free).map(|(r, f)| r - f).collect();
+    let max = adjusted.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = adjusted.iter().map(|a| (a - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+/// The value and region score for a scored control from its options' probabilities.
+fn pick(control: &ControlTag, options: &[String], probs: &[f64]) -> (FieldValue, f64) {
+    let best = probs.iter().enumerate().fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
+    match &control.kind {
+        ControlKind::Choices { multiple: true, .. } => {
+            let even = 1.0 / options.len() as f64;
+            let picked: Vec<usize> = (0..options.len()).filter(|&i| i == best || probs[i] > even).collect();
+            let score = picked.iter().map(|&i| probs[i]).sum::<f64>() / picked.len() as f64;
+            (FieldValue::Choices(picked.iter().map(|&i| options[i].clone()).collect()), score)
+        }
+        ControlKind::Choices { .. } => (FieldValue::Choices(vec![options[best].clone()]), probs[best]),
+        ControlKind::Rating { .. } => (FieldValue::Rating(options[best].parse().unwrap_or(1)), probs[best]),
+        _ => (FieldValue::Number(options[best].parse().unwrap_or(0.0)), probs[best]),
+    }
+}
+
+/// The value of a generated answer; None when nothing usable came out (no region then).
+fn generated_value(control: &ControlTag, text: &str, data: &Value, config: &LabelConfig, body: &str) -> Option<FieldValue> {
+    match &control.kind {
+        ControlKind::TextArea => Some(FieldValue::Text(text.to_string())),
+        ControlKind::Number { min, max } => {
+            let n = first_number(text)?;
+            Some(FieldValue::Number(n.clamp(min.unwrap_or(f64::MIN), max.unwrap_or(f64::MAX))))
+        }
+        ControlKind::Rating { max } => {
+            let n = first_number(text)?.round().clamp(1.0, f64::from(*max));
+            Some(FieldValue::Rating(n as u32))
+        }
+        ControlKind::Labels { labels } => {
+            let source = config
+                .object(control.to_name.first().map(String::as_str).unwrap_or_default())
+                .and_then(|o| o.variable.as_deref())
+                .and_then(|v| data_text(data, v))
+                .unwrap_or_else(|| body.to_string());
+            Some(FieldValue::Spans(find_spans(text, &source, labels)))
+        }
+        ControlKind::Choices { .. } => None,
+    }
+}
+
+/// The first decimal number in `text`.
+fn first_number(text: &str) -> Option<f64> {
+    let start = text.find(|c: char| c.is_ascii_digit() || c == '-')?;
+    let tail = &text[start..];
+    let end = tail
+        .char_indices()
+        .skip(1)
+        .find(|(_, c)| !(c.is_ascii_digit() || *c == '.'))
+        .map_or(tail.len(), |(i, _)| i);
+    tail[..end].trim_end_matches('.').parse().ok()
+}
+
+/// Spans of a generated `[{"text", "label"}]` list found in `source` (character offsets, as
+/// Label Studio counts them); entries whose text is not in the source or whose label is not in
+/// the config are dropped, and a phrase is matched once.
+pub fn find_spans(generated: &str, source: &str, labels: &[String]) -> Vec<Span> {
+    let list = generated.find('[').zip(generated.rfind(']')).filter(|(a, b)| a < b);
+    let Some(Value::Array(entries)) = list.and_then(|(a, b)| serde_json::from_str(&generated[a..=b]).ok()) else {
+        return Vec::new();
+    };
+    let mut spans: Vec<Span> = Vec::new();
+    for entry in entries {
+        let (Some(phrase), Some(label)) = (entry.get("text").and_then(Value::as_str), entry.get("label").and_then(Value::as_str)) else {
+            continue;
+        };
+        let Some(label) = labels.iter().find(|l| l.eq_ignore_ascii_case(label.trim())) else { continue };
+        let phrase = phrase.trim();
+        if phrase.is_empty() {
+            continue;
+        }
+        let Some(byte) = source.find(phrase) else { continue };
+        let start = source[..byte].chars().count();
+        let end = start + phrase.chars().count();
+        if spans.iter().any(|s| s.start < end && start < s.end) {
+            continue;
+        }
+        spans.push(Span { start, end, text: phrase.to_string(), label: label.clone() });
+    }
+    spans
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CONFIG: &str = r#"<View><Text name="text" value="$text"/>
+      <Choices name="label" toName="text"><Choice value="human"/><Choice value="location"/></Choices>
+      <Labels name="ner" toName="text"><Label value="PER"/><Label value="LOC"/></Labels></View>"#;
+
+    #[test]
+    fn templates_fill_fields_and_keep_other_braces() {
+        let config = LabelConfig::parse(CONFIG).unwrap();
+        let data = json!({"text": "Who is Ada?", "n": 3});
+        assert_eq!(task_body(&config, &data, Some("Q: {text} ({n}) {missing} {not a field} {")), "Q: Who is Ada? (3)  {not a field} {");
+        assert_eq!(task_body(&config, &data, None), "text: Who is Ada?\n");
+    }
+
+    #[test]
+    fn calibration_removes_the_content_free_bias() {
+        // The model prefers option 0 by 2 nats whatever the task; with the task it prefers it by 1.
+        let p = calibrated(&[-1.0, -2.0], &[-0.5, -2.5]);
+        assert!(p[1] > p[0], "{p:?}");
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        let even = calibrated(&[-1.0, -1.0], &[-3.0, -3.0]);
+        assert!((even[0] - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn multiple_choice_takes_the_options_above_an_even_share() {
+        let config = LabelConfig::parse(
+            r#"<View><Text name="t" value="$t"/><Choices name="c" toName="t" choice="multiple">
+            <Choice value="a"/><Choice value="b"/><Choice value="c"/><Choice value="d"/></Choices></View>"#,
+        )
+        .unwrap();
+        let control = &config.controls[0];
+        let options: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let (value, score) = pick(control, &options, &[0.4, 0.3, 0.2, 0.1]);
+        assert_eq!(value, FieldValue::Choices(vec!["a".into(), "b".into()]));
+        assert!((score - 0.35).abs() < 1e-12);
+        let (value, _) = pick(control, &options, &[0.25, 0.25, 0.25, 0.25]);
+        assert_eq!(value, FieldValue::Choices(vec!["a".into()]));
+    }
+
+    #[test]
+    fn spans_are_found_in_the_source_with_character_offsets() {
+        let labels = vec!["PER".to_string(), "LOC".to_string()];
+        let source = "Café owner Ada lives in London. Ada";
+        let got = find_spans(
+            r#"Sure: [{"text": "Ada", "label": "per"}, {"text": "London", "label": "LOC"}, {"text": "Paris", "label": "LOC"}, {"text": "Ada", "label": "ORG"}]"#,
+            source,
+            &labels,
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].start, got[0].end, got[0].label.as_str()), (11, 14, "PER"));
+        assert_eq!((got[1].start, got[1].end), (24, 30));
+        assert!(find_spans("no list here", source, &labels).is_empty());
+    }
+
+    #[test]
+    fn numbers_are_read_from_generated_text() {
+        assert_eq!(first_number("About 42."), Some(42.0));
+        assert_eq!(first_number("-3.5 degrees"), Some(-3.5));
+        assert_eq!(first_number("none"), None);
+    }
+
+    #[test]
+    fn only_closed_answers_are_scored() {
+        let config = LabelConfig::parse(
+            r#"<View><Text name="t" value="$t"/><Rating name="r" toName="t" maxRating="3"/>
+            <Number name="n" toName="t" min="1" max="4"/><Number name="m" toName="t"/><TextArea name="x" toName="t"/></View>"#,
+        )
+        .unwrap();
+        let got: Vec<Option<Vec<String>>> = config.controls.iter().map(candidates).collect();
+        assert_eq!(got[0].as_deref(), Some(&["1".to_string(), "2".into(), "3".into()][..]));
+        assert_eq!(got[1].as_ref().map(Vec::len), Some(4));
+        assert_eq!(got[2], None);
+        assert_eq!(got[3], None);
+    }
+}

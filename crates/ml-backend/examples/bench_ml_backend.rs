@@ -1,0 +1,215 @@
+//! Benchmark of batchlab-ml-backend (run by `scripts/bench-ml-backend.sh`): the router on a real
+//! socket with the real model, as Label Studio uses it. Prints a markdown table.
+//!
+//! Usage: bench_ml_backend MODEL TREC_JSONL
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use batchlab_core::config::Config;
+use batchlab_core::engine::{ChatRequest, Engine, SamplingParams};
+use batchlab_core::labelstudio::config::LabelConfig;
+use batchlab_core::predict::examples::{Example, ExampleSet};
+use batchlab_core::predict::task::{predict_task, PredictOptions};
+use batchlab_ml_backend::model::Model;
+use batchlab_ml_backend::{router, MlState};
+use serde_json::{json, Value};
+
+const CANDIDATE: &str = include_str!("../../../config/label-configs/candidate-evaluation.xml");
+const TREC_LABELS: [&str; 6] = ["abbreviation", "description", "entity", "human", "location", "numeric"];
+
+fn candidate(i: usize) -> Value {
+    let titles = ["Staff Engineer", "Research Scientist", "Product Manager", "Data Analyst", "Compiler Engineer"];
+    let companies = ["UNIVAC", "Bletchley Park", "Initech", "Globex", "Analytical Engines"];
+    json!({"name": format!("Candidate {i}"), "title": titles[i % 5], "company": companies[(i / 5) % 5]})
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Value {
+    client.post(url).json(body).send().await.unwrap().json().await.unwrap()
+}
+
+fn tasks(range: std::ops::Range<usize>, offset: usize) -> Value {
+    Value::Array(range.map(|i| json!({"id": i + 1, "data": candidate(i + offset)})).collect())
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let model = PathBuf::from(args.next().expect("MODEL"));
+    let trec = PathBuf::from(args.next().expect("TREC_JSONL"));
+    let mut config = Config::default();
+    config.engine.model_path = model;
+    let engine = Engine::load(config.engine.engine_config()).expect("model loads");
+
+    let serve = |deadline: f64| {
+        let mut c = config.clone();
+        c.ml_backend.predict_deadline_seconds = deadline;
+        let app = router(MlState::new(c).unwrap().with_model(Model::ready(engine.clone())));
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            base
+        }
+    };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let mut rows: Vec<[String; 4]> = Vec::new();
+
+    // Baseline: the engine alone generating the TextArea answer's length for one task.
+    let config_xml = CANDIDATE;
+    let lc = LabelConfig::parse(config_xml).unwrap();
+    let messages = vec![
+        batchlab_core::engine::ChatMessage::new("system", batchlab_core::predict::task::SYSTEM),
+        batchlab_core::engine::ChatMessage::new("user", format!("{}\nQuestion: reasoning?", batchlab_core::predict::task::task_body(&lc, &candidate(999), None))),
+    ];
+    let mut base_times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let params = SamplingParams { max_tokens: Some(config.ml_backend.text_max_tokens), temperature: 0.0, ..Default::default() };
+        engine.chat(ChatRequest { messages: messages.clone(), params }).await.unwrap();
+        base_times.push(t.elapsed().as_secs_f64());
+    }
+    let baseline = percentile(&mut base_times, 0.5);
+
+    // 1. One task at a time (an annotator opening tasks), distinct data so nothing is cached.
+    let base = serve(100.0).await;
+    let mut one = Vec::new();
+    for i in 0..10 {
+        let t = Instant::now();
+        let a = post(&client, &format!("{base}/predict"), &json!({"tasks": tasks(i..i + 1, 0), "label_config": config_xml})).await;
+        assert!(a["results"][0]["result"].is_array(), "{a}");
+        one.push(t.elapsed().as_secs_f64());
+    }
+    let p50 = percentile(&mut one, 0.5);
+    rows.push([
+        "`/predict`, one task, candidate-evaluation (3 Choices + TextArea), p50".into(),
+        format!("{p50:.2} s"),
+        format!("{:.2}x a bare {}-token generation ({baseline:.2} s)", p50 / baseline, config.ml_backend.text_max_tokens),
+        "< 1 s".into(),
+    ]);
+
+    // 2 + 3. 100 tasks with a 10 s deadline; /health and /setup probed meanwhile.
+    let base = serve(10.0).await;
+    let body = json!({"tasks": tasks(0..100, 1000), "label_config": config_xml, "project": "1.0"});
+    let started = Instant::now();
+    let bulk = tokio::spawn({
+        let (client, url, body) = (client.clone(), format!("{base}/predict"), body.clone());
+        async move { post(&client, &url, &body).await }
+    });
+    let (mut health, mut setup) = (Vec::new(), Vec::new());
+    while !bulk.is_finished() {
+        let t = Instant::now();
+        client.get(format!("{base}/health")).send().await.unwrap();
+        health.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        post(&client, &format!("{base}/setup"), &json!({"project": "1.0", "schema": config_xml})).await;
+        setup.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = bulk.await.unwrap();
+    let first_s = started.elapsed().as_secs_f64();
+    let in_time = first["results"].as_array().unwrap().iter().filter(|p| p["result"].is_array()).count();
+    loop {
+        let s: Value = client.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+        if s["predictions"]["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_s = started.elapsed().as_secs_f64();
+    let second = post(&client, &format!("{base}/predict"), &body).await;
+    let next = second["results"].as_array().unwrap().iter().filter(|p| p["result"].is_array()).count();
+    let (h99, s99) = (percentile(&mut health, 0.99), percentile(&mut setup, 0.99));
+    rows.push([
+        "`/health` p99 while `/predict` runs at full load".into(),
+        format!("{h99:.1} ms ({} probes)", health.len()),
+        format!("{:.3}x the 1 s Label Studio timeout", h99 / 1000.0),
+        "< 20 ms".into(),
+    ]);
+    rows.push([
+        "`/setup` p99 while `/predict` runs at full load".into(),
+        format!("{s99:.1} ms ({} probes)", setup.len()),
+        format!("{:.3}x the 3 s Label Studio timeout", s99 / 3000.0),
+        "< 20 ms".into(),
+    ]);
+    rows.push([
+        "one `/predict` with 100 tasks, 10 s deadline".into(),
+        format!("{in_time} answered in {first_s:.1} s; all 100 done after {all_s:.1} s; next request: {next}/100"),
+        format!("{:.2} tasks/s, {:.2}x one-at-a-time", 100.0 / all_s, (100.0 / all_s) * p50),
+        "answered in time, all 100 by the next request".into(),
+    ]);
+
+    // 4. TREC agreement through the code /predict runs, zero-shot and with 20 examples.
+    let trec_config = format!(
+        "<View><Text name=\"text\" value=\"$text\"/><Choices name=\"label\" toName=\"text\" choice=\"single\">{}</Choices></View>",
+        TREC_LABELS.iter().map(|l| format!("<Choice value=\"{l}\"/>")).collect::<String>()
+    );
+    let tc = LabelConfig::parse(&trec_config).unwrap();
+    let data: Vec<(String, String)> = std::fs::read_to_string(&trec)
+        .unwrap()
+        .lines()
+        .take(120)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["text"].as_str().unwrap().to_string(), v["label"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let examples: Vec<Example> = data[..20]
+        .iter()
+        .enumerate()
+        .map(|(i, (text, label))| Example {
+            task_id: i as i64,
+            annotation_id: i as i64,
+            data: json!({"text": text}),
+            result: json!([{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]),
+            updated_at_us: 0,
+        })
+        .collect();
+    let options = PredictOptions { text_max_tokens: config.ml_backend.text_max_tokens, examples: config.ml_backend.few_shot_examples };
+    let majority = {
+        let gold: Vec<&str> = data[20..].iter().map(|(_, l)| l.as_str()).collect();
+        TREC_LABELS.iter().map(|l| gold.iter().filter(|g| *g == l).count()).max().unwrap() as f64 / gold.len() as f64
+    };
+    for (name, set) in [("zero-shot", ExampleSet::default()), ("20 ground-truth examples", ExampleSet::new(examples, &tc))] {
+        let t = Instant::now();
+        let futures = data[20..].iter().enumerate().map(|(i, (text, _))| {
+            let (engine, tc, set, options) = (engine.clone(), &tc, &set, &options);
+            async move {
+                let d = json!({"text": text});
+                let shots = set.most_similar(tc, &d, Some(1000 + i as i64), options.examples);
+                let p = predict_task(&engine, tc, &d, &shots, None, options).await.unwrap();
+                p.result[0].value["choices"][0].as_str().unwrap().to_string()
+            }
+        });
+        let predicted: Vec<String> = futures::future::join_all(futures).await;
+        let gold: Vec<&str> = data[20..].iter().map(|(_, l)| l.as_str()).collect();
+        let accuracy = predicted.iter().zip(&gold).filter(|(p, g)| p == *g).count() as f64 / gold.len() as f64;
+        let mut f1s = Vec::new();
+        for l in TREC_LABELS {
+            let tp = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() == l && **g == l).count() as f64;
+            let fp = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() == l && **g != l).count() as f64;
+            let fn_ = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() != l && **g == l).count() as f64;
+            if tp + fp + fn_ > 0.0 {
+                f1s.push(2.0 * tp / (2.0 * tp + fp + fn_));
+            }
+        }
+        let macro_f1 = f1s.iter().sum::<f64>() / f1s.len() as f64;
+        rows.push([
+            format!("TREC, 100 rows, {name}"),
+            format!("accuracy {accuracy:.2}, macro-F1 {macro_f1:.2} ({:.1} s)", t.elapsed().as_secs_f64()),
+            format!("{:.2}x majority-class accuracy ({majority:.2})", accuracy / majority),
+            "reported".into(),
+        ]);
+    }
+
+    println!("| metric | measured | ratio (same run) | target |");
+    println!("| --- | --- | --- | --- |");
+    for [a, b, c, d] in rows {
+        println!("| {a} | {b} | {c} | {d} |");
+    }
+}

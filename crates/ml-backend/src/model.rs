@@ -1,0 +1,76 @@
+//! The loaded engine: loading starts with the service and runs in the background, so `/health`
+//! and `/setup` answer from the first second; requests that need the model wait for it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use batchlab_core::config::EngineSettings;
+use batchlab_core::engine::Engine;
+use tokio::sync::watch;
+
+/// Where the model is.
+#[derive(Clone, Debug)]
+pub enum ModelState {
+    /// Loading has not finished.
+    Loading,
+    /// Ready to answer.
+    Ready(Engine),
+    /// Loading failed; the reason, for error messages.
+    Failed(Arc<str>),
+}
+
+/// The engine slot shared by every handler.
+#[derive(Clone, Debug)]
+pub struct Model {
+    state: watch::Receiver<ModelState>,
+}
+
+impl Model {
+    /// Starts loading the model of `settings` on a blocking thread.
+    pub fn load(settings: &EngineSettings) -> Model {
+        let (tx, rx) = watch::channel(ModelState::Loading);
+        let config = settings.engine_config();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let state = match Engine::load(config) {
+                Ok(engine) => {
+                    tracing::info!(model = engine.model_id(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+                    ModelState::Ready(engine)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model failed to load");
+                    ModelState::Failed(Arc::from(e.to_string()))
+                }
+            };
+            let _ = tx.send(state);
+        });
+        Model { state: rx }
+    }
+
+    /// A slot that never loads anything (tests of the protocol without a model).
+    pub fn unavailable(reason: &str) -> Model {
+        let (_tx, rx) = watch::channel(ModelState::Failed(Arc::from(reason)));
+        Model { state: rx }
+    }
+
+    /// A slot holding an engine already loaded.
+    pub fn ready(engine: Engine) -> Model {
+        let (_tx, rx) = watch::channel(ModelState::Ready(engine));
+        Model { state: rx }
+    }
+
+    /// The state now.
+    pub fn now(&self) -> ModelState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until loading has ended (either way) and returns the outcome.
+    pub async fn wait(&self) -> ModelState {
+        let mut rx = self.state.clone();
+        let outcome = match rx.wait_for(|s| !matches!(s, ModelState::Loading)).await {
+            Ok(state) => state.clone(),
+            Err(_) => ModelState::Failed(Arc::from("the model loader stopped")),
+        };
+        outcome
+    }
+}

@@ -1,0 +1,47 @@
+//! OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`, served by the same loaded
+//! engine as `/predict`: for scripts, playgrounds and health checks that speak OpenAI.
+
+use axum::extract::State;
+use axum::Json;
+use batchlab_core::engine::EngineError;
+use batchlab_core::openai::{chat_completion_object, new_id, parse_chat_body, EngineCall};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use crate::error::MlError;
+use crate::model::ModelState;
+use crate::MlState;
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `GET /v1/models`: the one model this backend serves.
+pub async fn models(State(state): State<MlState>) -> Json<Value> {
+    let id = &state.config.engine.model_id;
+    Json(json!({"object": "list", "data": [{"id": id, "object": "model", "created": 0, "owned_by": "batchlab"}]}))
+}
+
+/// `POST /v1/chat/completions` (no streaming): the answer of the loaded model.
+#[tracing::instrument(skip_all)]
+pub async fn chat_completions(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
+    let body: Value = serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(MlError::BadRequest("stream=true is not supported; ask without streaming".into()));
+    }
+    let (call, _model) = parse_chat_body(body, state.config.engine.default_max_tokens).map_err(MlError::BadRequest)?;
+    let EngineCall::Chat(request) = call else {
+        return Err(MlError::Internal("a chat body parsed as a completion".into()));
+    };
+    let engine = match state.model.wait().await {
+        ModelState::Ready(engine) => engine,
+        ModelState::Failed(reason) => return Err(MlError::Unavailable(format!("the model is not loaded: {reason}"))),
+        ModelState::Loading => return Err(MlError::Unavailable("the model is loading".into())),
+    };
+    let completion = engine.chat(request).await.map_err(|e| match e {
+        EngineError::Overloaded => MlError::Overloaded,
+        EngineError::InvalidRequest(m) | EngineError::Template(m) => MlError::BadRequest(m),
+        other => MlError::Internal(other.to_string()),
+    })?;
+    Ok(Json(chat_completion_object(&new_id("chatcmpl"), engine.model_id(), now(), &completion)))
+}

@@ -1,0 +1,275 @@
+//! `POST /predict`: Label Studio sends every selected task in one request and waits up to
+//! `ML_TIMEOUT_PREDICT` (100 s by default); opening a task without a prediction blocks the
+//! annotator on it. So each task becomes a background job, and the request answers by the
+//! configured deadline: finished tasks with their prediction, unfinished ones with an entry
+//! without `result` (Label Studio skips it and asks again), while their jobs continue into the
+//! prediction cache that answers the next request at once.
+//!
+//! Jobs are keyed by (model version, task data): a task asked for twice runs once. Requests of
+//! one task (an annotator opening it) start at once; bigger ones queue for
+//! `ml_backend.concurrent_tasks` slots in order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::Json;
+use batchlab_core::labelstudio::config::LabelConfig;
+use batchlab_core::labelstudio::version::fnv1a64;
+use batchlab_core::predict::task::{predict_task, PredictOptions};
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::error::MlError;
+use crate::model::ModelState;
+use crate::project::{project_id, ProjectContext};
+use crate::MlState;
+
+/// The body Label Studio 1.23 sends (fields batchlab reads).
+#[derive(Debug, Deserialize)]
+pub struct PredictRequest {
+    /// The tasks, each with `id` and `data`.
+    pub tasks: Vec<Value>,
+    /// `"<project id>.<created unix time>"`.
+    #[serde(default)]
+    pub project: Option<Value>,
+    /// The labeling config (XML).
+    #[serde(default)]
+    pub label_config: Option<String>,
+}
+
+/// A job's outcome: the prediction object, or why there is none (logged).
+type Outcome = Result<Arc<Value>, Arc<str>>;
+type Pending = Shared<BoxFuture<'static, Outcome>>;
+
+/// Cached predictions and running jobs, shared by every request.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<JobsInner>,
+}
+
+struct JobsInner {
+    cache: Mutex<Cache>,
+    running: Mutex<HashMap<u64, Pending>>,
+    slots: Semaphore,
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+struct Cache {
+    map: HashMap<u64, Arc<Value>>,
+    order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Cache {
+    fn insert(&mut self, key: u64, value: Arc<Value>) {
+        if self.map.insert(key, value).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > self.capacity.max(1) {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+}
+
+/// What `/status` reports of the jobs.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct JobCounts {
+    /// Predictions in the cache.
+    pub cached: usize,
+    /// Jobs started and not finished (waiting for a slot or running).
+    pub pending: usize,
+    /// Jobs waiting for a slot.
+    pub queued: usize,
+}
+
+impl Jobs {
+    /// Empty cache holding up to `capacity` predictions; `concurrent` tasks run at once.
+    pub fn new(capacity: usize, concurrent: usize) -> Jobs {
+        Jobs {
+            inner: Arc::new(JobsInner {
+                cache: Mutex::new(Cache { map: HashMap::new(), order: VecDeque::new(), capacity }),
+                running: Mutex::new(HashMap::new()),
+                slots: Semaphore::new(concurrent.max(1)),
+                queued: Default::default(),
+            }),
+        }
+    }
+
+    /// How many predictions are cached, pending and queued.
+    pub fn counts(&self) -> JobCounts {
+        JobCounts {
+            cached: self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.len(),
+            pending: self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            queued: self.inner.queued.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    fn cached(&self, key: u64) -> Option<Arc<Value>> {
+        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key).cloned()
+    }
+
+    /// The job for `key`: the running one, or `work` started now (after a slot unless `urgent`).
+    fn job(&self, key: u64, urgent: bool, work: impl FnOnce() -> BoxFuture<'static, Outcome>) -> Pending {
+        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = running.get(&key) {
+            return p.clone();
+        }
+        let (tx, rx) = oneshot::channel::<Outcome>();
+        let pending: Pending =
+            rx.map(|r| r.unwrap_or_else(|_| Err(Arc::from("the prediction job stopped")))).boxed().shared();
+        running.insert(key, pending.clone());
+        drop(running);
+        let jobs = self.clone();
+        let fut = work();
+        tokio::spawn(async move {
+            let permit = if urgent {
+                None
+            } else {
+                jobs.inner.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = jobs.inner.slots.acquire().await.ok();
+                jobs.inner.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                p
+            };
+            let outcome = fut.await;
+            drop(permit);
+            if let Ok(prediction) = &outcome {
+                jobs.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, prediction.clone());
+            }
+            jobs.inner.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            metrics::counter!("batchlab_ml_tasks_predicted_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
+                .increment(1);
+            let _ = tx.send(outcome);
+        });
+        pending
+    }
+}
+
+/// The cache key of a task: the version (model, config, template, examples) and its data.
+fn task_key(version: &str, data: &Value) -> u64 {
+    fnv1a64(format!("{version}\u{0}{data}").as_bytes())
+}
+
+/// `POST /predict` → `{"results": [...]}`, one entry per task in order.
+#[tracing::instrument(skip_all, fields(tasks))]
+pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(state.config.ml_backend.predict_deadline_seconds.max(0.0));
+    let request: PredictRequest =
+        serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid /predict body: {e}")))?;
+    tracing::Span::current().record("tasks", request.tasks.len());
+    let schema = request.label_config.as_deref().ok_or_else(|| MlError::BadRequest("label_config is missing".into()))?;
+    let config = LabelConfig::parse(schema).map_err(|e| MlError::Unprocessable(e.to_string()))?;
+    config.require_predictable().map_err(|e| MlError::Unprocessable(e.to_string()))?;
+    let project = request
+        .project
+        .as_ref()
+        .and_then(project_id)
+        .or_else(|| request.tasks.first().and_then(|t| t.get("project")).and_then(Value::as_i64));
+    let context = Arc::new(state.project_context(project, schema, Some(&config)).await);
+
+    let engine = match state.model.now() {
+        ModelState::Failed(reason) => return Err(MlError::Unavailable(format!("the model is not loaded: {reason}"))),
+        ModelState::Ready(engine) => Some(engine),
+        ModelState::Loading => None,
+    };
+    let fields = config.data_fields();
+    let config = Arc::new(config);
+    let urgent = request.tasks.len() <= 1;
+    let mut entries: Vec<Option<Pending>> = Vec::with_capacity(request.tasks.len());
+    let mut answers: Vec<Option<Value>> = vec![None; request.tasks.len()];
+    let mut unreadable = 0;
+    for (i, task) in request.tasks.iter().enumerate() {
+        let data = task.get("data").cloned().unwrap_or(Value::Null);
+        let task_id = task.get("id").and_then(Value::as_i64);
+        if !fields.is_empty() && !fields.iter().any(|f| data.get(f).is_some_and(|v| !v.is_null())) {
+            tracing::warn!(task = ?task_id, fields = ?fields, "task has none of the data fields the labeling config reads");
+            unreadable += 1;
+            entries.push(None);
+            continue;
+        }
+        let key = task_key(&context.version, &data);
+        if let Some(hit) = state.jobs.cached(key) {
+            metrics::counter!("batchlab_ml_cache_hits_total").increment(1);
+            answers[i] = Some((*hit).clone());
+            entries.push(None);
+            continue;
+        }
+        let Some(engine) = engine.clone() else {
+            entries.push(None);
+            continue;
+        };
+        let (config, context, options) = (config.clone(), context.clone(), state.predict_options());
+        let pending = state.jobs.job(key, urgent, move || {
+            async move { run_task(engine, config, context, options, data, task_id).await }.boxed()
+        });
+        entries.push(Some(pending));
+    }
+    if unreadable == request.tasks.len() && unreadable > 0 {
+        return Err(MlError::Unprocessable(format!(
+            "no task has any of the data fields the labeling config reads: {}",
+            fields.join(", ")
+        )));
+    }
+    for (i, pending) in entries.into_iter().enumerate() {
+        let Some(pending) = pending else { continue };
+        match tokio::time::timeout_at(deadline, pending).await {
+            Ok(Ok(prediction)) => answers[i] = Some((*prediction).clone()),
+            Ok(Err(reason)) => tracing::warn!(task = i, %reason, "task not predicted"),
+            Err(_) => break,
+        }
+    }
+    let done = answers.iter().filter(|a| a.is_some()).count();
+    metrics::histogram!("batchlab_ml_predict_seconds").record(started.elapsed().as_secs_f64());
+    tracing::info!(tasks = answers.len(), answered = done, version = %context.version, seconds = started.elapsed().as_secs_f64(), "predict");
+    let results: Vec<Value> =
+        answers.into_iter().map(|a| a.unwrap_or_else(|| json!({"model_version": context.version}))).collect();
+    Ok(Json(json!({"results": results})))
+}
+
+/// One task's job: the prediction object Label Studio stores.
+#[tracing::instrument(skip_all, fields(task = ?task_id))]
+async fn run_task(
+    engine: batchlab_core::engine::Engine,
+    config: Arc<LabelConfig>,
+    context: Arc<ProjectContext>,
+    options: PredictOptions,
+    data: Value,
+    task_id: Option<i64>,
+) -> Outcome {
+    let started = Instant::now();
+    let examples = context.examples.most_similar(&config, &data, task_id, options.examples);
+    let prediction = predict_task(&engine, &config, &data, &examples, context.template.as_deref(), &options)
+        .await
+        .map_err(|e| Arc::<str>::from(e.to_string()))?;
+    metrics::histogram!("batchlab_ml_task_seconds").record(started.elapsed().as_secs_f64());
+    Ok(Arc::new(json!({
+        "result": prediction.result,
+        "score": prediction.score,
+        "model_version": context.version,
+    })))
+}
+
+impl MlState {
+    /// How tasks are predicted, from the configuration.
+    pub fn predict_options(&self) -> PredictOptions {
+        let ml = &self.config.ml_backend;
+        PredictOptions { text_max_tokens: ml.text_max_tokens, examples: ml.few_shot_examples }
+    }
+}
+
+/// `GET /status`: whether the model is loaded and how far the predictions are.
+pub async fn status(State(state): State<MlState>) -> Json<Value> {
+    let model = match state.model.now() {
+        ModelState::Loading => json!({"state": "loading"}),
+        ModelState::Ready(engine) => json!({"state": "ready", "id": engine.model_id(), "in_flight": engine.in_flight()}),
+        ModelState::Failed(reason) => json!({"state": "failed", "error": &*reason}),
+    };
+    Json(json!({"model": model, "predictions": state.jobs.counts()}))
+}

@@ -1,0 +1,121 @@
+//! What predictions for one Label Studio project depend on, beside the model: the labeling
+//! config, the prompt template (set through the ML backend's `extra_params` in Label Studio,
+//! announced by `/setup`) and the ground-truth examples (from the shared store, where
+//! batchlab-api records annotations arriving by webhook). `/setup` and `/predict` both derive
+//! the `model_version` here, so the two always agree.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use batchlab_core::labelstudio::config::LabelConfig;
+use batchlab_core::labelstudio::version::prediction_version;
+use batchlab_core::predict::examples::ExampleSet;
+use serde_json::Value;
+
+use crate::MlState;
+
+/// Prompt templates by project id, as the last `/setup` announced them.
+#[derive(Clone, Debug, Default)]
+pub struct Templates(Arc<Mutex<HashMap<i64, String>>>);
+
+impl Templates {
+    /// Remembers (or with `None` forgets) the template of `project`.
+    pub fn set(&self, project: i64, template: Option<String>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match template {
+            Some(t) => map.insert(project, t),
+            None => map.remove(&project),
+        };
+    }
+
+    /// The template of `project`, if one was set.
+    pub fn get(&self, project: i64) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&project).cloned()
+    }
+}
+
+/// The project id in Label Studio's `"<id>.<created unix time>"` (or a bare number).
+pub fn project_id(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.split('.').next()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The prompt template in `extra_params`: an object's `prompt` (or `template`) string, a string
+/// holding such an object as JSON, or a plain non-empty string that is the template itself.
+pub fn template_of(extra_params: Option<&Value>) -> Option<String> {
+    let from_object = |v: &Value| {
+        ["prompt", "template"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(Value::as_str))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+    };
+    match extra_params? {
+        Value::Object(_) => from_object(extra_params?),
+        Value::String(s) if s.trim().is_empty() => None,
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(v @ Value::Object(_)) => from_object(&v),
+            _ => Some(s.trim().to_string()),
+        },
+        _ => None,
+    }
+}
+
+/// Everything one project's predictions depend on, and the version they carry.
+#[derive(Clone, Debug)]
+pub struct ProjectContext {
+    /// The prompt template, if the project set one.
+    pub template: Option<String>,
+    /// The project's ground-truth examples (empty when few-shot is off or nothing is stored).
+    pub examples: ExampleSet,
+    /// The `model_version` of predictions made in this context.
+    pub version: String,
+}
+
+impl MlState {
+    /// The context of `project` (when known) for `config` (the XML `schema`, parsed when it parses).
+    pub async fn project_context(&self, project: Option<i64>, schema: &str, config: Option<&LabelConfig>) -> ProjectContext {
+        let template = project.and_then(|p| self.templates.get(p));
+        let mut examples = ExampleSet::default();
+        if let (Some(store), Some(project), Some(config)) = (&self.store, project, config) {
+            if self.config.ml_backend.few_shot_examples > 0 {
+                match ExampleSet::load(store, project, config).await {
+                    Ok(set) => examples = set,
+                    Err(e) => tracing::warn!(project, error = %e, "ground-truth examples unavailable; predicting zero-shot"),
+                }
+            }
+        }
+        let version = prediction_version(&self.config.engine.model_id, schema, template.as_deref(), examples.fingerprint());
+        self.remember_version(&version);
+        ProjectContext { template, examples, version }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn project_ids_come_from_label_studios_forms() {
+        assert_eq!(project_id(&json!("12.1795812516")), Some(12));
+        assert_eq!(project_id(&json!(7)), Some(7));
+        assert_eq!(project_id(&json!("x")), None);
+        assert_eq!(project_id(&Value::Null), None);
+    }
+
+    #[test]
+    fn templates_come_from_objects_strings_or_nothing() {
+        assert_eq!(template_of(Some(&json!({"prompt": "Q: {text}"}))).as_deref(), Some("Q: {text}"));
+        assert_eq!(template_of(Some(&json!("{\"template\": \"T {text}\"}"))).as_deref(), Some("T {text}"));
+        assert_eq!(template_of(Some(&json!("Classify: {text}"))).as_deref(), Some("Classify: {text}"));
+        assert_eq!(template_of(Some(&json!({"other": 1}))), None);
+        assert_eq!(template_of(Some(&json!(""))), None);
+        assert_eq!(template_of(Some(&Value::Null)), None);
+        assert_eq!(template_of(None), None);
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# batchlab-ml-backend as Label Studio uses it, on the real model, in one run: /predict latency for
+# one task (against a bare generation of the same length, measured in the same run), /health and
+# /setup p99 while a 100-task /predict runs, the 100-task request under a 10 s deadline, and TREC
+# agreement (100 rows) zero-shot and with 20 ground-truth examples. Prints one table.
+#   scripts/bench-ml-backend.sh [MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf]
+# Run it on an idle machine.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODEL="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+TREC="${BATCHLAB_TREC:-$ROOT/../shared/datasets/trec_test.jsonl}"
+[[ -f "$MODEL" ]] || scripts/fetch-model.sh
+[[ -f "$TREC" ]] || { echo "TREC data not found at $TREC (set BATCHLAB_TREC)" >&2; exit 1; }
+cargo build --release -q -p batchlab-ml-backend --example bench_ml_backend
+echo "ml-backend benchmark: $MODEL, commit $(git rev-parse --short HEAD)"
+echo
+RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/examples/bench_ml_backend" "$MODEL" "$TREC"
