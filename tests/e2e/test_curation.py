@@ -261,6 +261,17 @@ def test_curation_flow_with_label_studio(curation, label_studio):
     assert len(predicted) == imp["predictions"], (predicted, imp)
     assert [tasks[t]["data"]["custom_id"] for t in imp["task_ids"]] == [line["custom_id"] for line in out], \
         "task_ids are in output-file order"
+    # The ML backend answers an imported task from the batch's prediction, without the model.
+    if predicted:
+        tid = sorted(predicted)[0]
+        (imported,) = tasks[tid]["predictions"]
+        config = ls.ok("GET", f"/api/projects/{project}/")["label_config"]
+        code, answer = call(f"http://127.0.0.1:{ml_port}/predict", "POST",
+                            {"tasks": [{"id": tid, "data": tasks[tid]["data"]}], "label_config": config,
+                             "project": f"{project}.0"})  # fmt: skip
+        assert code == 200, (code, answer)
+        regions = lambda result: [(r["from_name"], r["value"]) for r in result]  # noqa: E731
+        assert regions(answer["results"][0]["result"]) == regions(imported["result"]), (answer, imported)
     # batchlab heard of the tasks through the TASKS_CREATED webhook.
     wait_counts("the imported tasks", tasks=5, annotations=0)
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use batchlab_core::store::{BatchLine, BatchStatus, FileRecord, LineKind, NewBatch, Store};
+use batchlab_core::store::{BatchLine, BatchStatus, CachedPrediction, FileRecord, LineKind, NewBatch, Store};
 
 fn file(id: &str, purpose: &str) -> FileRecord {
     FileRecord {
@@ -164,6 +164,20 @@ async fn lines_are_recorded_exactly_once(store: Store) {
     assert_eq!(err.len(), 1);
 }
 
+async fn predictions_are_cached_by_key_and_replaced(store: Store) {
+    let row = |key: &str, version: &str, p: &str| CachedPrediction { key: key.into(), model_version: version.into(), prediction: p.into() };
+    assert!(store.cached_predictions(&["k1".into()]).await.unwrap().is_empty());
+    store.cache_predictions(&[row("k1", "v1", r#"{"result":[]}"#), row("k2", "v1", "{}")]).await.unwrap();
+    store.cache_predictions(&[row("k1", "v2", r#"{"result":[1]}"#)]).await.unwrap();
+    // More keys than one statement takes.
+    let mut keys: Vec<String> = (0..1200).map(|i| format!("missing-{i}")).collect();
+    keys.extend(["k1".to_string(), "k2".to_string()]);
+    let found = store.cached_predictions(&keys).await.unwrap();
+    assert_eq!(found.len(), 2);
+    assert_eq!(found["k1"], row("k1", "v2", r#"{"result":[1]}"#));
+    assert_eq!(found["k2"].model_version, "v1");
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -196,6 +210,7 @@ on_both_backends!(
     concurrent_claims_never_share_a_batch,
     transitions_are_guarded_and_stamped,
     lines_are_recorded_exactly_once,
+    predictions_are_cached_by_key_and_replaced,
 );
 
 #[tokio::test]

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::Json;
 use batchlab_core::labelstudio::config::LabelConfig;
-use batchlab_core::labelstudio::version::fnv1a64;
+use batchlab_core::predict::cache::{cache_key, IMPORTED};
+use batchlab_core::store::{CachedPrediction, Store};
 use batchlab_core::predict::task::{predict_task, PredictOptions};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -54,20 +55,20 @@ pub struct Jobs {
 
 struct JobsInner {
     cache: Mutex<Cache>,
-    running: Mutex<HashMap<u64, Pending>>,
+    running: Mutex<HashMap<String, Pending>>,
     slots: Semaphore,
     queued: std::sync::atomic::AtomicUsize,
 }
 
 struct Cache {
-    map: HashMap<u64, Arc<Value>>,
-    order: VecDeque<u64>,
+    map: HashMap<String, Arc<Value>>,
+    order: VecDeque<String>,
     capacity: usize,
 }
 
 impl Cache {
-    fn insert(&mut self, key: u64, value: Arc<Value>) {
-        if self.map.insert(key, value).is_none() {
+    fn insert(&mut self, key: String, value: Arc<Value>) {
+        if self.map.insert(key.clone(), value).is_none() {
             self.order.push_back(key);
         }
         while self.order.len() > self.capacity.max(1) {
@@ -111,12 +112,16 @@ impl Jobs {
         }
     }
 
-    fn cached(&self, key: u64) -> Option<Arc<Value>> {
-        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(&key).cloned()
+    fn cached(&self, key: &str) -> Option<Arc<Value>> {
+        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(key).cloned()
+    }
+
+    fn remember(&self, key: String, prediction: Arc<Value>) {
+        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, prediction);
     }
 
     /// The job for `key`: the running one, or `work` started now (after a slot unless `urgent`).
-    fn job(&self, key: u64, urgent: bool, work: impl FnOnce() -> BoxFuture<'static, Outcome>) -> Pending {
+    fn job(&self, key: String, urgent: bool, work: impl FnOnce() -> BoxFuture<'static, Outcome>) -> Pending {
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = running.get(&key) {
             return p.clone();
@@ -124,7 +129,7 @@ impl Jobs {
         let (tx, rx) = oneshot::channel::<Outcome>();
         let pending: Pending =
             rx.map(|r| r.unwrap_or_else(|_| Err(Arc::from("the prediction job stopped")))).boxed().shared();
-        running.insert(key, pending.clone());
+        running.insert(key.clone(), pending.clone());
         drop(running);
         let jobs = self.clone();
         let fut = work();
@@ -140,7 +145,7 @@ impl Jobs {
             let outcome = fut.await;
             drop(permit);
             if let Ok(prediction) = &outcome {
-                jobs.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, prediction.clone());
+                jobs.remember(key.clone(), prediction.clone());
             }
             jobs.inner.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
             metrics::counter!("batchlab_ml_tasks_predicted_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
@@ -149,11 +154,6 @@ impl Jobs {
         });
         pending
     }
-}
-
-/// The cache key of a task: the version (model, config, template, examples) and its data.
-fn task_key(version: &str, data: &Value) -> u64 {
-    fnv1a64(format!("{version}\u{0}{data}").as_bytes())
 }
 
 /// `POST /predict` → `{"results": [...]}`, one entry per task in order.
@@ -174,16 +174,11 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         .or_else(|| request.tasks.first().and_then(|t| t.get("project")).and_then(Value::as_i64));
     let context = Arc::new(state.project_context(project, schema, Some(&config)).await);
 
-    let engine = match state.model.now() {
-        ModelState::Failed(reason) => return Err(MlError::Unavailable(format!("the model is not loaded: {reason}"))),
-        ModelState::Ready(engine) => Some(engine),
-        ModelState::Loading => None,
-    };
     let fields = config.data_fields();
     let config = Arc::new(config);
     let urgent = request.tasks.len() <= 1;
-    let mut entries: Vec<Option<Pending>> = Vec::with_capacity(request.tasks.len());
     let mut answers: Vec<Option<Value>> = vec![None; request.tasks.len()];
+    let mut misses: Vec<(usize, String, Value, Option<i64>)> = Vec::new();
     let mut unreadable = 0;
     for (i, task) in request.tasks.iter().enumerate() {
         let data = task.get("data").cloned().unwrap_or(Value::Null);
@@ -191,25 +186,41 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         if !fields.is_empty() && !fields.iter().any(|f| data.get(f).is_some_and(|v| !v.is_null())) {
             tracing::warn!(task = ?task_id, fields = ?fields, "task has none of the data fields the labeling config reads");
             unreadable += 1;
-            entries.push(None);
             continue;
         }
-        let key = task_key(&context.version, &data);
-        if let Some(hit) = state.jobs.cached(key) {
-            metrics::counter!("batchlab_ml_cache_hits_total").increment(1);
-            answers[i] = Some((*hit).clone());
-            entries.push(None);
-            continue;
+        let key = cache_key(&context.version, schema, &data);
+        match state.jobs.cached(&key) {
+            Some(hit) => {
+                metrics::counter!("batchlab_ml_cache_hits_total", "cache" => "memory").increment(1);
+                answers[i] = Some((*hit).clone());
+            }
+            None => misses.push((i, key, data, task_id)),
         }
-        let Some(engine) = engine.clone() else {
-            entries.push(None);
-            continue;
-        };
-        let (config, context, options) = (config.clone(), context.clone(), state.predict_options());
-        let pending = state.jobs.job(key, urgent, move || {
-            async move { run_task(engine, config, context, options, data, task_id).await }.boxed()
-        });
-        entries.push(Some(pending));
+    }
+    if let Some(store) = &state.store {
+        from_store(store, &state.jobs, schema, &context.version, &mut misses, &mut answers).await;
+    }
+    let engine = match state.model.now() {
+        ModelState::Failed(reason) if !misses.is_empty() => {
+            return Err(MlError::Unavailable(format!("the model is not loaded: {reason}")))
+        }
+        ModelState::Ready(engine) => Some(engine),
+        ModelState::Failed(_) | ModelState::Loading => None,
+    };
+    let mut entries: Vec<(usize, Pending)> = Vec::with_capacity(misses.len());
+    if let Some(engine) = engine {
+        for (i, key, data, task_id) in misses {
+            let job = TaskJob {
+                engine: engine.clone(),
+                config: config.clone(),
+                context: context.clone(),
+                options: state.predict_options(),
+                store: state.store.clone(),
+                key: key.clone(),
+            };
+            let pending = state.jobs.job(key, urgent, move || async move { run_task(job, data, task_id).await }.boxed());
+            entries.push((i, pending));
+        }
     }
     if unreadable == request.tasks.len() && unreadable > 0 {
         return Err(MlError::Unprocessable(format!(
@@ -217,8 +228,7 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
             fields.join(", ")
         )));
     }
-    for (i, pending) in entries.into_iter().enumerate() {
-        let Some(pending) = pending else { continue };
+    for (i, pending) in entries {
         match tokio::time::timeout_at(deadline, pending).await {
             Ok(Ok(prediction)) => answers[i] = Some((*prediction).clone()),
             Ok(Err(reason)) => tracing::warn!(task = i, %reason, "task not predicted"),
@@ -233,27 +243,78 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
     Ok(Json(json!({"results": results})))
 }
 
-/// One task's job: the prediction object Label Studio stores.
-#[tracing::instrument(skip_all, fields(task = ?task_id))]
-async fn run_task(
+/// What a task's job needs beside the task.
+struct TaskJob {
     engine: batchlab_core::engine::Engine,
     config: Arc<LabelConfig>,
     context: Arc<ProjectContext>,
     options: PredictOptions,
-    data: Value,
-    task_id: Option<i64>,
-) -> Outcome {
+    store: Option<Store>,
+    key: String,
+}
+
+/// One task's job: the prediction object Label Studio stores, also written to the shared cache.
+#[tracing::instrument(skip_all, fields(task = ?task_id))]
+async fn run_task(job: TaskJob, data: Value, task_id: Option<i64>) -> Outcome {
+    let TaskJob { engine, config, context, options, store, key } = job;
     let started = Instant::now();
     let examples = context.examples.most_similar(&config, &data, task_id, options.examples);
     let prediction = predict_task(&engine, &config, &data, &examples, context.template.as_deref(), &options)
         .await
         .map_err(|e| Arc::<str>::from(e.to_string()))?;
     metrics::histogram!("batchlab_ml_task_seconds").record(started.elapsed().as_secs_f64());
-    Ok(Arc::new(json!({
-        "result": prediction.result,
-        "score": prediction.score,
-        "model_version": context.version,
-    })))
+    let stored = json!({"result": prediction.result, "score": prediction.score});
+    if let Some(store) = store {
+        let row = CachedPrediction { key, model_version: context.version.clone(), prediction: stored.to_string() };
+        if let Err(e) = store.cache_predictions(&[row]).await {
+            tracing::warn!(error = %e, "prediction not written to the shared cache");
+        }
+    }
+    Ok(Arc::new(answer(&stored, &context.version)))
+}
+
+/// The prediction object Label Studio stores: a cached `{"result", "score"}` with `version`.
+fn answer(stored: &Value, version: &str) -> Value {
+    json!({"result": stored["result"], "score": stored["score"], "model_version": version})
+}
+
+/// Answers the `misses` found in the shared store (made by this or another ML backend process
+/// under the same version, or imported from batch results for the same config and data) and
+/// leaves the rest in `misses`. A store that cannot be read is logged and skipped.
+async fn from_store(
+    store: &Store,
+    jobs: &Jobs,
+    schema: &str,
+    version: &str,
+    misses: &mut Vec<(usize, String, Value, Option<i64>)>,
+    answers: &mut [Option<Value>],
+) {
+    if misses.is_empty() {
+        return;
+    }
+    let imported: Vec<String> = misses.iter().map(|(_, _, data, _)| cache_key(IMPORTED, schema, data)).collect();
+    let keys: Vec<String> = misses.iter().map(|m| m.1.clone()).chain(imported.iter().cloned()).collect();
+    let found = match store.cached_predictions(&keys).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %e, "shared prediction cache unavailable");
+            return;
+        }
+    };
+    let mut rest = Vec::with_capacity(misses.len());
+    for (miss, imported_key) in misses.drain(..).zip(imported) {
+        let hit = found.get(&miss.1).map(|p| ("store", p)).or_else(|| found.get(&imported_key).map(|p| ("imported", p)));
+        match hit.and_then(|(kind, p)| Some((kind, serde_json::from_str::<Value>(&p.prediction).ok()?))) {
+            Some((kind, stored)) => {
+                metrics::counter!("batchlab_ml_cache_hits_total", "cache" => kind).increment(1);
+                let prediction = answer(&stored, version);
+                jobs.remember(miss.1.clone(), Arc::new(prediction.clone()));
+                answers[miss.0] = Some(prediction);
+            }
+            None => rest.push(miss),
+        }
+    }
+    *misses = rest;
 }
 
 impl MlState {

@@ -250,3 +250,88 @@ async fn unknown_routes_and_methods_answer_json() {
     let r = s.client.get(format!("{}/health", s.base)).send().await.unwrap();
     assert!(r.headers().contains_key("x-request-id"));
 }
+
+/// A server whose ML backend reads the shared store of `db` and has no model.
+async fn serve_with_store(db: &batchlab_core::testing::TestDb) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(MlState::new(Config::default()).unwrap().with_store(db.store.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server { base, client: reqwest::Client::new() }
+}
+
+const TEXT_CONFIG: &str = r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text"><Choice value="human"/><Choice value="location"/></Choices></View>"#;
+
+async fn post_json(s: &Server, path: &str, body: &Value) -> (u16, Value) {
+    json_of(s.client.post(format!("{}{path}", s.base)).json(body).send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn without_a_model_predict_says_so_and_imported_predictions_still_answer() {
+    use batchlab_core::predict::cache::{cache_key, IMPORTED};
+    use batchlab_core::store::CachedPrediction;
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let s = serve_with_store(&db).await;
+    let task = |text: &str| json!({"id": 1, "data": {"text": text, "custom_id": "r-1"}});
+    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"})).await;
+    assert_eq!(status, 503, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("not loaded"), "{e}");
+
+    // A prediction imported from a batch for the same config and data (keys in another order).
+    let data: Value = serde_json::from_str(r#"{"custom_id": "r-1", "text": "Who?"}"#).unwrap();
+    let regions = json!([{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": ["human"]}}]);
+    let row = CachedPrediction {
+        key: cache_key(IMPORTED, TEXT_CONFIG, &data),
+        model_version: "gpt:batch_1".into(),
+        prediction: json!({"result": regions, "score": null}).to_string(),
+    };
+    db.store.cache_predictions(&[row]).await.unwrap();
+    let (_, setup) = post_json(&s, "/setup", &json!({"project": "3.0", "schema": TEXT_CONFIG})).await;
+    let (status, answer) = post_json(&s, "/predict", &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["results"][0]["result"], regions, "{answer}");
+    assert_eq!(answer["results"][0]["model_version"], setup["model_version"], "{answer}");
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn ground_truth_in_the_store_changes_the_model_version() {
+    use batchlab_core::store::{AnnotationRow, NewWebhookEvent, TaskRow};
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let s = serve_with_store(&db).await;
+    let setup = json!({"project": "5.1795812516", "schema": TEXT_CONFIG, "extra_params": null});
+    let (_, before) = post_json(&s, "/setup", &setup).await;
+
+    let (event, _) = db
+        .store
+        .insert_webhook_event(&NewWebhookEvent { delivery_key: "k", action: "ANNOTATION_CREATED", project_id: Some(5), body: "{}" })
+        .await
+        .unwrap();
+    let mut tx = db.store.begin_event(event, "applied").await.unwrap().unwrap();
+    tx.upsert_project(5, "p", TEXT_CONFIG, 1).await.unwrap();
+    tx.upsert_task(&TaskRow { id: 9, project_id: 5, data: r#"{"text": "Who wrote Hamlet ?"}"#.into() }, 1).await.unwrap();
+    let result = r#"[{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": ["human"]}}]"#;
+    tx.upsert_annotation(&AnnotationRow {
+        id: 90,
+        project_id: 5,
+        task_id: 9,
+        result: result.into(),
+        ground_truth: true,
+        was_cancelled: false,
+        lead_time: None,
+        completed_by: None,
+        created_at: None,
+        updated_at: None,
+        updated_at_us: 1,
+        valid: true,
+        invalid_reason: None,
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let (_, after) = post_json(&s, "/setup", &setup).await;
+    assert_ne!(before["model_version"], after["model_version"], "one ground-truth example is a new example set");
+    assert_eq!(post_json(&s, "/setup", &setup).await.1["model_version"], after["model_version"], "stable while the set is");
+    db.cleanup().await;
+}

@@ -18,7 +18,8 @@ use crate::blob::BlobStore;
 use crate::labelstudio::client::LabelStudioClient;
 use crate::labelstudio::config::{ControlKind, LabelConfig};
 use crate::labelstudio::region::Region;
-use crate::store::{BatchRecord, PredictionRow};
+use crate::predict::cache::{cache_key, IMPORTED};
+use crate::store::{BatchRecord, CachedPrediction, PredictionRow};
 
 /// What an import did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -175,11 +176,11 @@ impl Curation {
             };
             pending.push((Value::Object(data), regions));
             if pending.len() >= chunk.max(1) {
-                self.send_chunk(client, project_id, &model_version, &mut pending, &mut report).await?;
+                self.send_chunk(client, project_id, &project.label_config, &model_version, &mut pending, &mut report).await?;
             }
         }
         if !pending.is_empty() {
-            self.send_chunk(client, project_id, &model_version, &mut pending, &mut report).await?;
+            self.send_chunk(client, project_id, &project.label_config, &model_version, &mut pending, &mut report).await?;
         }
         tracing::info!(project_id, batch_id = %batch.id, tasks = report.tasks, predictions = report.predictions,
             values_dropped = report.values_dropped, "batch results imported into Label Studio");
@@ -190,6 +191,7 @@ impl Curation {
         &self,
         client: &LabelStudioClient,
         project_id: i64,
+        label_config: &str,
         model_version: &str,
         pending: &mut Vec<(Value, Option<Vec<Region>>)>,
         report: &mut ImportReport,
@@ -203,8 +205,15 @@ impl Curation {
             .collect();
         let result = client.import_tasks(project_id, &tasks).await?;
         let mut predictions = Vec::new();
-        for ((_, regions), task_id) in pending.iter().zip(&result.task_ids) {
+        let mut cached = Vec::new();
+        for ((data, regions), task_id) in pending.iter().zip(&result.task_ids) {
             if let Some(r) = regions {
+                // The ML backend answers this task from here instead of predicting it again.
+                cached.push(CachedPrediction {
+                    key: cache_key(IMPORTED, label_config, data),
+                    model_version: model_version.to_string(),
+                    prediction: json!({"result": r, "score": null}).to_string(),
+                });
                 predictions.push(PredictionRow {
                     project_id,
                     task_id: *task_id,
@@ -216,6 +225,7 @@ impl Curation {
             }
         }
         self.store.upsert_predictions(&predictions).await?;
+        self.store.cache_predictions(&cached).await?;
         report.tasks += result.task_count;
         report.predictions += result.prediction_count;
         report.task_ids.extend(&result.task_ids);

@@ -5,6 +5,7 @@
 //! [`Backend`]. Migrations for each live in `migrations/sqlite` and `migrations/postgres`.
 
 mod batches;
+mod cache;
 mod curation;
 mod files;
 
@@ -19,6 +20,7 @@ pub use curation::{
     AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, NewWebhookEvent, PredictionRow, ProjectRow,
     TaskRow, WebhookEvent, WebhookEventCounts,
 };
+pub use cache::CachedPrediction;
 pub use files::FileRecord;
 
 /// Which database a [`Store`] talks to.
