@@ -169,7 +169,8 @@ impl Default for StorageConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineSettings {
-    /// Local GGUF file of the model to serve.
+    /// The model to serve: a local GGUF file, or `hf:<owner>/<repo>/<file>[@<revision>]`
+    /// fetched from `HF_ENDPOINT` into the cache under `HF_HOME` at start.
     pub model_path: PathBuf,
     /// Model name reported in responses; requests may name any model, this one answers.
     pub model_id: String,

@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod hub;
 mod metrics;
 mod model;
 mod score;

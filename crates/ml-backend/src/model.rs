@@ -26,13 +26,23 @@ pub struct Model {
 }
 
 impl Model {
-    /// Starts loading the model of `settings` on a blocking thread.
+    /// Starts loading the model of `settings` (fetched first when it names a hub file) in the
+    /// background.
     pub fn load(settings: &EngineSettings) -> Model {
         let (tx, rx) = watch::channel(ModelState::Loading);
-        let config = settings.engine_config();
-        tokio::task::spawn_blocking(move || {
+        let mut config = settings.engine_config();
+        tokio::spawn(async move {
             let started = Instant::now();
-            let state = match Engine::load(config) {
+            let loaded = match batchlab_core::engine::hub::resolve_model(&config.model_path).await {
+                Ok(path) => {
+                    config.model_path = path;
+                    tokio::task::spawn_blocking(move || Engine::load(config))
+                        .await
+                        .unwrap_or_else(|e| Err(batchlab_core::engine::EngineError::Load(e.to_string())))
+                }
+                Err(e) => Err(e),
+            };
+            let state = match loaded {
                 Ok(engine) => {
                     tracing::info!(model = engine.model_id(), seconds = started.elapsed().as_secs_f64(), "model loaded");
                     ModelState::Ready(engine)

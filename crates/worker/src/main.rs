@@ -27,8 +27,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("opening database {}", config.database.url))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let e = &config.engine;
-    let engine_config = e.engine_config();
+    let mut engine_config = e.engine_config();
     let started = std::time::Instant::now();
+    engine_config.model_path = batchlab_core::engine::hub::resolve_model(&engine_config.model_path)
+        .await
+        .with_context(|| format!("finding model {}", e.model_path.display()))?;
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await?
         .with_context(|| format!("loading model {}", e.model_path.display()))?;
