@@ -10,7 +10,7 @@ use batchlab_core::config::Config;
 use batchlab_core::engine::{ChatRequest, Engine, SamplingParams};
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::predict::examples::{Example, ExampleSet};
-use batchlab_core::predict::task::{predict_task, PredictOptions};
+use batchlab_core::predict::task::{predict_task, PredictOptions, Priors};
 use batchlab_ml_backend::model::Model;
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
@@ -58,7 +58,10 @@ async fn main() {
         }
     };
     let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
-    let mut rows: Vec<[String; 4]> = Vec::new();
+    // Rows are printed as they are measured, so a long run shows progress.
+    println!("| metric | measured | ratio (same run) | target |");
+    println!("| --- | --- | --- | --- |");
+    let mut rows = Rows;
 
     // Baseline: the engine alone generating the TextArea answer's length for one task.
     let config_xml = CANDIDATE;
@@ -177,12 +180,14 @@ async fn main() {
     };
     for (name, set) in [("zero-shot", ExampleSet::default()), ("20 ground-truth examples", ExampleSet::new(examples, &tc))] {
         let t = Instant::now();
+        let priors = Priors::default();
+        let priors = &priors;
         let futures = data[20..].iter().enumerate().map(|(i, (text, _))| {
             let (engine, tc, set, options) = (engine.clone(), &tc, &set, &options);
             async move {
                 let d = json!({"text": text});
                 let shots = set.most_similar(tc, &d, Some(1000 + i as i64), options.examples);
-                let p = predict_task(&engine, tc, &d, &shots, None, options).await.unwrap();
+                let p = predict_task(&engine, tc, &d, &shots, None, options, priors).await.unwrap();
                 p.result[0].value["choices"][0].as_str().unwrap().to_string()
             }
         });
@@ -207,9 +212,15 @@ async fn main() {
         ]);
     }
 
-    println!("| metric | measured | ratio (same run) | target |");
-    println!("| --- | --- | --- | --- |");
-    for [a, b, c, d] in rows {
+}
+
+/// The table being printed.
+struct Rows;
+
+impl Rows {
+    fn push(&mut self, [a, b, c, d]: [String; 4]) {
+        use std::io::Write;
         println!("| {a} | {b} | {c} | {d} |");
+        let _ = std::io::stdout().flush();
     }
 }

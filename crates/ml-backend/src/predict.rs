@@ -18,7 +18,7 @@ use axum::Json;
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::predict::cache::{cache_key, IMPORTED};
 use batchlab_core::store::{CachedPrediction, Store};
-use batchlab_core::predict::task::{predict_task, PredictOptions};
+use batchlab_core::predict::task::{predict_task, PredictOptions, Priors};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
@@ -58,6 +58,7 @@ struct JobsInner {
     running: Mutex<HashMap<String, Pending>>,
     slots: Semaphore,
     queued: std::sync::atomic::AtomicUsize,
+    priors: Arc<Priors>,
 }
 
 struct Cache {
@@ -99,6 +100,7 @@ impl Jobs {
                 running: Mutex::new(HashMap::new()),
                 slots: Semaphore::new(concurrent.max(1)),
                 queued: Default::default(),
+                priors: Arc::default(),
             }),
         }
     }
@@ -110,6 +112,11 @@ impl Jobs {
             pending: self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).len(),
             queued: self.inner.queued.load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// The content-free priors shared by every job.
+    fn priors(&self) -> Arc<Priors> {
+        self.inner.priors.clone()
     }
 
     fn cached(&self, key: &str) -> Option<Arc<Value>> {
@@ -215,6 +222,7 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
                 config: config.clone(),
                 context: context.clone(),
                 options: state.predict_options(),
+                priors: state.jobs.priors(),
                 store: state.store.clone(),
                 key: key.clone(),
             };
@@ -249,6 +257,7 @@ struct TaskJob {
     config: Arc<LabelConfig>,
     context: Arc<ProjectContext>,
     options: PredictOptions,
+    priors: Arc<Priors>,
     store: Option<Store>,
     key: String,
 }
@@ -256,10 +265,10 @@ struct TaskJob {
 /// One task's job: the prediction object Label Studio stores, also written to the shared cache.
 #[tracing::instrument(skip_all, fields(task = ?task_id))]
 async fn run_task(job: TaskJob, data: Value, task_id: Option<i64>) -> Outcome {
-    let TaskJob { engine, config, context, options, store, key } = job;
+    let TaskJob { engine, config, context, options, priors, store, key } = job;
     let started = Instant::now();
     let examples = context.examples.most_similar(&config, &data, task_id, options.examples);
-    let prediction = predict_task(&engine, &config, &data, &examples, context.template.as_deref(), &options)
+    let prediction = predict_task(&engine, &config, &data, &examples, context.template.as_deref(), &options, &priors)
         .await
         .map_err(|e| Arc::<str>::from(e.to_string()))?;
     metrics::histogram!("batchlab_ml_task_seconds").record(started.elapsed().as_secs_f64());

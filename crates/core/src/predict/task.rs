@@ -6,7 +6,8 @@
 //!   some answers whatever the question (the first option, a short word); so each question is
 //!   also scored on a content-free copy of the task (every data field "N/A") and the option's
 //!   log-probability there is subtracted before normalising ("contextual calibration", Zhao et
-//!   al. 2021). A region's `score` is the chosen option's calibrated probability (for a
+//!   al. 2021); those content-free scores are kept ([`Priors`]) and reused by every task whose
+//!   content-free question is the same (all tasks of a project without examples). A region's `score` is the chosen option's calibrated probability (for a
 //!   multiple choice, the mean over the options picked: those above an even share, 1/n).
 //! - `TextArea`, other `Number`s and `Labels` are **generated** (greedy, short); `Labels` as a
 //!   JSON list of `{"text", "label"}` whose texts are found in the task to give offsets.
@@ -17,7 +18,8 @@
 //! prefix — system prompt, examples, task — is processed once), the generated ones beside it.
 //! Ground-truth examples (few-shot) come before the task as earlier turns of the conversation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use futures::future::try_join_all;
 use serde_json::Value;
@@ -25,6 +27,7 @@ use serde_json::Value;
 use crate::engine::{ChatMessage, ChatRequest, ChoiceQuestion, Engine, EngineError, SamplingParams};
 use crate::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
 use crate::labelstudio::region::{number_json, FieldValue, Region, Span};
+use crate::labelstudio::version::fnv1a64;
 use crate::predict::examples::Example;
 use crate::predict::prompt::{data_text, task_text};
 
@@ -217,10 +220,13 @@ pub async fn predict_task(
     examples: &[&Example],
     template: Option<&str>,
     options: &PredictOptions,
+    priors: &Priors,
 ) -> Result<TaskPrediction, EngineError> {
     let budget = engine.context_length().saturating_sub(ANSWER_RESERVE.max(options.text_max_tokens * 4));
     let blank = content_free(config, data);
-    let mut scored: Vec<(&ControlTag, Vec<String>)> = Vec::new();
+    // Each scored control: its options, where its scores are among the questions, and its
+    // content-free prior (known already, or the index of the question that computes it).
+    let mut scored: Vec<(&ControlTag, Vec<String>, usize, Prior)> = Vec::new();
     let mut questions = Vec::new();
     let mut generated = Vec::new();
     for control in &config.controls {
@@ -235,9 +241,17 @@ pub async fn predict_task(
         match candidates(control) {
             Some(options) => {
                 let free = conversation(control, &shots, &task_body(config, &blank, template));
+                let key = Priors::key(&free, &options);
+                let real = questions.len();
                 questions.push(ChoiceQuestion { messages: conversation(control, &shots, &body), candidates: options.clone() });
-                questions.push(ChoiceQuestion { messages: free, candidates: options.clone() });
-                scored.push((control, options));
+                let prior = match priors.get(key) {
+                    Some(known) => Prior::Known(known),
+                    None => {
+                        questions.push(ChoiceQuestion { messages: free, candidates: options.clone() });
+                        Prior::Asked(questions.len() - 1, key)
+                    }
+                };
+                scored.push((control, options, real, prior));
             }
             None => generated.push((control, conversation(control, &shots, &body), body)),
         }
@@ -263,9 +277,15 @@ pub async fn predict_task(
 
     let mut by_name: BTreeMap<&str, Vec<Region>> = BTreeMap::new();
     let mut region_scores = Vec::new();
-    for (k, (control, options)) in scored.iter().enumerate() {
-        let (real, free) = (&scores[2 * k], &scores[2 * k + 1]);
-        let probs = calibrated(&real.logprobs, &free.logprobs);
+    for (control, options, real, prior) in &scored {
+        let free = match prior {
+            Prior::Known(free) => free.clone(),
+            Prior::Asked(at, key) => {
+                priors.insert(*key, scores[*at].logprobs.clone());
+                scores[*at].logprobs.clone()
+            }
+        };
+        let probs = calibrated(&scores[*real].logprobs, &free);
         let (value, score) = pick(control, options, &probs);
         region_scores.push(score);
         by_name.insert(control.name.as_str(), control.regions(&value, Some(score)));
@@ -279,6 +299,47 @@ pub async fn predict_task(
     let result = config.controls.iter().filter_map(|c| by_name.remove(c.name.as_str())).flatten().collect();
     let score = (!region_scores.is_empty()).then(|| region_scores.iter().sum::<f64>() / region_scores.len() as f64);
     Ok(TaskPrediction { result, score })
+}
+
+/// A scored control's content-free log-probabilities: known from an earlier task, or asked now.
+enum Prior {
+    Known(Vec<f64>),
+    Asked(usize, u64),
+}
+
+/// Content-free log-probabilities already computed, by conversation and options. Without
+/// examples the content-free question is the same for every task of a project, so each is
+/// computed once instead of once per task. Bounded: cleared when full.
+#[derive(Debug, Default)]
+pub struct Priors(Mutex<HashMap<u64, Vec<f64>>>);
+
+/// Most content-free priors kept.
+const MAX_PRIORS: usize = 4096;
+
+impl Priors {
+    fn key(messages: &[ChatMessage], options: &[String]) -> u64 {
+        let mut text = String::new();
+        for m in messages {
+            text.push_str(&m.role);
+            text.push('\u{0}');
+            text.push_str(&m.content);
+            text.push('\u{1}');
+        }
+        text.push_str(&options.join("\u{2}"));
+        fnv1a64(text.as_bytes())
+    }
+
+    fn get(&self, key: u64) -> Option<Vec<f64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
+    }
+
+    fn insert(&self, key: u64, logprobs: Vec<f64>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_PRIORS {
+            map.clear();
+        }
+        map.insert(key, logprobs);
+    }
 }
 
 /// Softmax of `real − free`: the options' probabilities with the model's content-free bias removed.
