@@ -5,6 +5,8 @@
 # Prints one table with the ratios. llama.cpp comes from llama-cpp-python, built from source
 # (about 4 minutes, once) into .venv-bench.
 #   scripts/bench-engine.sh [MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf] [THREADS=2]
+# BENCH_PROFILE=dev reuses the test build (dependencies and the engine at opt-level 3) instead of
+# a release build: quicker to get, and the engine's hot code is compiled the same way.
 # Run it on an idle machine: both engines spin their threads while they work.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,14 +18,16 @@ if [[ ! -x .venv-bench/bin/python ]] || ! .venv-bench/bin/python -c 'import llam
   python3 -m venv .venv-bench
   CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install --quiet --disable-pip-version-check llama-cpp-python numpy
 fi
-cargo build --release -q -p batchlab-engine --example bench_engine
-OURS="$(RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/examples/bench_engine" "$MODEL" "$THREADS")"
+PROFILE="${BENCH_PROFILE:-release}"
+cargo build --profile "$PROFILE" -q -p batchlab-engine --example bench_engine
+PROFILE_DIR="$([[ "$PROFILE" == dev ]] && echo debug || echo "$PROFILE")"
+OURS="$(RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/$PROFILE_DIR/examples/bench_engine" "$MODEL" "$THREADS")"
 THEIRS="$(.venv-bench/bin/python scripts/bench_llama_cpp.py "$MODEL" "$THREADS")"
 python3 - "$OURS" "$THEIRS" "$MODEL" "$THREADS" <<'PY'
-import json, subprocess, sys
+import json, os, subprocess, sys
 ours, theirs, model, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-print(f"engine benchmark: {model}, {threads} threads, commit {commit}\n")
+print(f"engine benchmark: {model}, {threads} threads, commit {commit}, {os.environ.get('BENCH_PROFILE', 'release')} build\n")
 print(f"| metric | batchlab | llama.cpp | ratio | target |")
 print(f"| --- | --- | --- | --- | --- |")
 def row(name, key, fmt, higher_better, target):
