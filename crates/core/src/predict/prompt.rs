@@ -1,6 +1,7 @@
-//! The chat messages that ask a model to label one task: built from the labeling config and the
-//! task's data. The ML backend sends these; the `jsonl-chat` export pairs them with the human
-//! labels, so a model fine-tuned on the export is trained on exactly the prompts it will see.
+//! The chat messages that ask a model to label one task in one JSON answer: built from the
+//! labeling config and the task's data. The `jsonl-chat` export pairs them with the human labels,
+//! so a model fine-tuned on the export learns to answer them (in a batch, for instance). The ML
+//! backend asks one control at a time instead and scores closed answers (`predict::task`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -137,7 +137,7 @@ pub fn control_question(control: &ControlTag) -> String {
 }
 
 /// An example's answer for `control` as the assistant would write it.
-fn answer_text(control: &ControlTag, value: &FieldValue) -> String {
+fn answer_text(value: &FieldValue) -> String {
     match value {
         FieldValue::Choices(c) => c.join(", "),
         FieldValue::Text(t) => t.clone(),
@@ -146,7 +146,6 @@ fn answer_text(control: &ControlTag, value: &FieldValue) -> String {
         FieldValue::Spans(spans) => {
             let list: Vec<Value> =
                 spans.iter().map(|s| serde_json::json!({"text": s.text, "label": s.label})).collect();
-            let _ = control;
             Value::Array(list).to_string()
         }
     }
@@ -186,7 +185,7 @@ fn shots_for(config: &LabelConfig, control: &ControlTag, examples: &[&Example], 
             let regions: Vec<Region> = serde_json::from_value(e.result.clone()).ok()?;
             let values: BTreeMap<String, FieldValue> = config.field_values(&regions);
             let value = values.get(&control.name)?;
-            Some((task_body(config, &e.data, template), answer_text(control, value)))
+            Some((task_body(config, &e.data, template), answer_text(value)))
         })
         .collect()
 }
