@@ -94,8 +94,12 @@ def test_retrieve_predictions_and_opening_a_task(ml_stack, label_studio):
     ls = label_studio
     setup = run_setup(stack, ls, ml_port)
     project = setup["project_id"]
-    # The project may still list backends of earlier tests (on other ports, now gone): ours is CO.
-    backends = [b for b in ls.ok("GET", f"/api/ml/?project={project}") if b["url"].rstrip("/").endswith(f":{ml_port}")]
+    # The project may still list backends of earlier tests (on other ports, now gone); Label
+    # Studio would ask the first of them, so they go, and ours is CO.
+    for b in ls.ok("GET", f"/api/ml/?project={project}"):
+        if not b["url"].rstrip("/").endswith(f":{ml_port}"):
+            ls.ok("DELETE", f"/api/ml/{b['id']}")
+    backends = ls.ok("GET", f"/api/ml/?project={project}")
     assert [b["state"] for b in backends] == ["CO"], backends
     config = ls.ok("GET", f"/api/projects/{project}/")["label_config"]
     version = ml_version(ml_port, config, project)
