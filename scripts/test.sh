@@ -10,11 +10,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 export BATCHLAB_REQUIRE_POSTGRES=1
+# Model tests fail instead of skipping when a model file is missing.
+export BATCHLAB_REQUIRE_MODELS=1
 export BATCHLAB_TEST_POSTGRES_URL="${BATCHLAB_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-echo "== model"
+echo "== models (the default, and Gemma 3 270M for the engine's second architecture)"
 scripts/fetch-model.sh
+scripts/fetch-model.sh gemma3
 
 echo "== python environment for the end-to-end tests"
 if [[ ! -x .venv/bin/python ]]; then

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, SamplingParams};
+use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, SamplingParams, TopLogprob};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -231,10 +231,49 @@ struct SamplingFields {
     stop: Option<StopField>,
     n: Option<u64>,
     stream: Option<bool>,
+    /// Chat: a boolean; completions: how many alternatives per token (0 to 5).
+    logprobs: Option<Value>,
+    /// Chat: alternatives per token (0 to 20), with `logprobs: true`.
+    top_logprobs: Option<u64>,
+}
+
+/// Which OpenAI endpoint a body is for (their `logprobs` fields differ).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completions,
 }
 
 impl SamplingFields {
-    fn into_params(self, default_max_tokens: usize) -> Result<(SamplingParams, Option<String>), String> {
+    /// `Some(k)`: record log-probabilities with `k` alternatives per token.
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, String> {
+        match endpoint {
+            Endpoint::Chat => {
+                let on = match &self.logprobs {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => return Err(format!("logprobs must be a boolean, got {other}")),
+                };
+                match self.top_logprobs {
+                    Some(k) if k > batchlab_engine::MAX_TOP_LOGPROBS as u64 => {
+                        Err(format!("top_logprobs must be between 0 and {}, got {k}", batchlab_engine::MAX_TOP_LOGPROBS))
+                    }
+                    Some(_) if !on => Err("top_logprobs requires logprobs to be true".into()),
+                    k => Ok(on.then_some(k.unwrap_or(0) as usize)),
+                }
+            }
+            Endpoint::Completions => match &self.logprobs {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(k) if k <= 5 => Ok(Some(k as usize)),
+                    _ => Err(format!("logprobs must be an integer between 0 and 5, got {v}")),
+                },
+            },
+        }
+    }
+
+    fn into_params(self, default_max_tokens: usize, endpoint: Endpoint) -> Result<(SamplingParams, Option<String>), String> {
+        let logprobs = self.logprobs(endpoint)?;
         if self.stream == Some(true) {
             return Err("stream must not be true in a batch".into());
         }
@@ -267,6 +306,7 @@ impl SamplingFields {
             top_p: self.top_p,
             seed: self.seed.map(|s| s as u64),
             stop,
+            logprobs,
         };
         Ok((params, self.model))
     }
@@ -310,7 +350,7 @@ pub fn parse_chat_body(body: Value, default_max_tokens: usize) -> Result<(Engine
         out.push(ChatMessage { role: role.to_string(), content });
     }
     let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
-    let (params, model) = fields.into_params(default_max_tokens)?;
+    let (params, model) = fields.into_params(default_max_tokens, Endpoint::Chat)?;
     Ok((EngineCall::Chat(ChatRequest { messages: out, params }), model))
 }
 
@@ -323,7 +363,7 @@ pub fn parse_completion_body(body: Value, default_max_tokens: usize) -> Result<(
         _ => return Err("body.prompt must be a string".into()),
     };
     let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
-    let (params, model) = fields.into_params(default_max_tokens)?;
+    let (params, model) = fields.into_params(default_max_tokens, Endpoint::Completions)?;
     Ok((EngineCall::Completion(CompletionRequest { prompt, params }), model))
 }
 
@@ -342,6 +382,42 @@ fn usage(c: &Completion) -> Value {
     })
 }
 
+/// A token as OpenAI spells it: its text (lossy where it holds part of a character) and bytes.
+fn token_text(t: &TopLogprob) -> String {
+    String::from_utf8_lossy(&t.bytes).into_owned()
+}
+
+/// `choices[].logprobs` of a chat completion: `{content: [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(c: &Completion) -> Value {
+    let Some(tokens) = &c.logprobs else { return Value::Null };
+    let entry = |t: &TopLogprob| json!({"token": token_text(t), "logprob": t.logprob, "bytes": t.bytes});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.token);
+            e["top_logprobs"] = t.top.iter().map(entry).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// `choices[].logprobs` of a legacy completion: parallel `tokens`, `token_logprobs`,
+/// `top_logprobs` (text to log-probability) and `text_offset` (in characters, as OpenAI counts).
+fn completion_logprobs(c: &Completion) -> Value {
+    let Some(tokens) = &c.logprobs else { return Value::Null };
+    let char_offset = |byte: usize| c.text.get(..byte).map_or(c.text.chars().count(), |s| s.chars().count());
+    json!({
+        "tokens": tokens.iter().map(|t| token_text(&t.token)).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens
+            .iter()
+            .map(|t| t.top.iter().map(|a| (token_text(a), json!(a.logprob))).collect::<serde_json::Map<_, _>>())
+            .collect::<Vec<_>>(),
+        "text_offset": tokens.iter().map(|t| char_offset(t.text_offset)).collect::<Vec<_>>(),
+    })
+}
+
 /// The `chat.completion` object for an engine result.
 pub fn chat_completion_object(id: &str, model: &str, created: i64, c: &Completion) -> Value {
     json!({
@@ -352,7 +428,7 @@ pub fn chat_completion_object(id: &str, model: &str, created: i64, c: &Completio
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": c.text, "refusal": null},
-            "logprobs": null,
+            "logprobs": chat_logprobs(c),
             "finish_reason": finish_reason(c.finish_reason),
         }],
         "usage": usage(c),
@@ -367,7 +443,7 @@ pub fn text_completion_object(id: &str, model: &str, created: i64, c: &Completio
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": c.text, "logprobs": null, "finish_reason": finish_reason(c.finish_reason)}],
+        "choices": [{"index": 0, "text": c.text, "logprobs": completion_logprobs(c), "finish_reason": finish_reason(c.finish_reason)}],
         "usage": usage(c),
     })
 }
@@ -452,6 +528,65 @@ mod tests {
         let EngineCall::Completion(c) = call else { panic!() };
         assert_eq!(c.prompt, "Once");
         assert!(parse_completion_body(json!({"prompt": ["a", "b"]}), 16).is_err());
+    }
+
+    #[test]
+    fn logprobs_fields_follow_each_endpoint() {
+        let chat = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse_chat_body(body, 16).map(|(call, _)| match call {
+                EngineCall::Chat(c) => c.params.logprobs,
+                EngineCall::Completion(_) => unreachable!(),
+            })
+        };
+        assert_eq!(chat(json!({})).unwrap(), None);
+        assert_eq!(chat(json!({"logprobs": true})).unwrap(), Some(0));
+        assert_eq!(chat(json!({"logprobs": true, "top_logprobs": 20})).unwrap(), Some(20));
+        assert_eq!(chat(json!({"logprobs": false})).unwrap(), None);
+        assert!(chat(json!({"logprobs": true, "top_logprobs": 21})).is_err());
+        assert!(chat(json!({"top_logprobs": 2})).is_err());
+        assert!(chat(json!({"logprobs": 3})).is_err());
+        let completion = |lp: Value| parse_completion_body(json!({"prompt": "a", "logprobs": lp}), 16).map(|(c, _)| match c {
+            EngineCall::Completion(c) => c.params.logprobs,
+            EngineCall::Chat(_) => unreachable!(),
+        });
+        assert_eq!(completion(json!(3)).unwrap(), Some(3));
+        assert_eq!(completion(Value::Null).unwrap(), None);
+        assert!(completion(json!(6)).is_err());
+        assert!(completion(json!(true)).is_err());
+    }
+
+    /// The response shapes OpenAI clients parse: `content[]` for chat, parallel arrays for
+    /// completions, with text offsets in characters.
+    #[test]
+    fn logprobs_are_written_in_openai_shapes() {
+        let top = |id: u32, text: &str, logprob: f32| TopLogprob { id, bytes: text.as_bytes().to_vec(), logprob };
+        let c = Completion {
+            text: "é ok".into(),
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            logprobs: Some(vec![
+                batchlab_engine::TokenLogprob { token: top(7, "é", -0.5), text_offset: 0, top: vec![top(7, "é", -0.5), top(9, "e", -1.5)] },
+                batchlab_engine::TokenLogprob { token: top(8, " ok", -0.25), text_offset: 2, top: vec![] },
+            ]),
+        };
+        let chat = chat_completion_object("id", "m", 0, &c);
+        let content = &chat["choices"][0]["logprobs"]["content"];
+        assert_eq!(content[0]["token"], "é");
+        assert_eq!(content[0]["bytes"], json!([195, 169]));
+        assert_eq!(content[0]["logprob"], json!(-0.5));
+        assert_eq!(content[0]["top_logprobs"][1]["token"], "e");
+        assert_eq!(content[1]["top_logprobs"], json!([]));
+        let text = text_completion_object("id", "m", 0, &c);
+        let lp = &text["choices"][0]["logprobs"];
+        assert_eq!(lp["tokens"], json!(["é", " ok"]));
+        assert_eq!(lp["token_logprobs"], json!([-0.5, -0.25]));
+        assert_eq!(lp["top_logprobs"][0]["e"], json!(-1.5));
+        assert_eq!(lp["text_offset"], json!([0, 1]));
+        let plain = Completion { logprobs: None, ..c };
+        assert_eq!(chat_completion_object("id", "m", 0, &plain)["choices"][0]["logprobs"], Value::Null);
     }
 
     #[test]

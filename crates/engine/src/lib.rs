@@ -7,15 +7,17 @@
 //!
 //! The engine knows nothing of HTTP or of OpenAI wire formats.
 //!
-//! The model code is the engine's own (`model`): GGUF architecture `llama` (SmolLM2, Llama,
-//! Mistral-style), with a KV cache per sequence that the engine owns. The model thread runs
-//! requests with continuous batching (`worker`) and scores closed sets of answers
+//! The model code is the engine's own (`model`): GGUF architectures `llama` (SmolLM2, Llama,
+//! Mistral-style) and `gemma3`, with a KV cache per sequence that the engine owns. The model
+//! thread runs requests with continuous batching (`worker`) and scores closed sets of answers
 //! ([`Engine::score_choices`]) with a shared prompt prefix processed once. The tokenizer supports
-//! `tokenizer.ggml.model = gpt2` with `tokenizer.ggml.pre = smollm` (verified exact against
-//! llama.cpp); anything else is refused at load time.
+//! byte-level BPE with `tokenizer.ggml.pre = smollm` and Gemma's SentencePiece (both verified
+//! exact against llama.cpp); anything else is refused at load time.
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod golden;
 pub mod hub;
 mod metrics;
 mod model;
@@ -36,7 +38,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::template::{ChatTemplate, CHATML_TEMPLATE};
+use crate::template::{ChatTemplate, CHATML_TEMPLATE, GEMMA_TEMPLATE};
 use crate::tokenizer::GgufTokenizer;
 use crate::worker::{Job, Work, Worker};
 
@@ -147,7 +149,14 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Stop strings: generation stops when the text contains one, and the text is cut before it.
     pub stop: Vec<String>,
+    /// Log-probabilities: `Some(k)` records each generated token's log-probability under the
+    /// model (before temperature) and the `k` most likely tokens at its position
+    /// ([`Completion::logprobs`]); at most [`MAX_TOP_LOGPROBS`].
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives [`SamplingParams::logprobs`] may ask for per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -157,6 +166,7 @@ impl Default for SamplingParams {
             top_p: None,
             seed: None,
             stop: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -200,6 +210,31 @@ pub struct Completion {
     /// Tokens generated, including the EOS token when there was one and the tokens of a
     /// stop string.
     pub completion_tokens: usize,
+    /// The tokens of `text` with their log-probabilities, when [`SamplingParams::logprobs`]
+    /// asked for them (the EOS token and tokens after a stop string are not part of the text).
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// A generated token, how likely the model found it, and what else it found likely.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token and its log-probability.
+    pub token: TopLogprob,
+    /// Byte offset of the token's text in [`Completion::text`].
+    pub text_offset: usize,
+    /// The most likely tokens at this position, best first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One token's log-probability.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopLogprob {
+    /// Token id.
+    pub id: u32,
+    /// The bytes of text it stands for (a token may hold part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
 }
 
 /// Engine errors.
@@ -273,11 +308,14 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
             .map_err(|e| load_err("tokenizer.chat_template", e))?
             .clone(),
         None => {
-            tracing::warn!(
-                model = %path.display(),
-                "GGUF has no tokenizer.chat_template; falling back to ChatML"
-            );
-            CHATML_TEMPLATE.to_string()
+            // Gemma's vocabulary has its own turn markers; everything else gets ChatML.
+            let (name, template) = if tokenizer.control_id("<start_of_turn>").is_some() {
+                ("Gemma's turn format", GEMMA_TEMPLATE)
+            } else {
+                ("ChatML", CHATML_TEMPLATE)
+            };
+            tracing::warn!(model = %path.display(), "GGUF has no tokenizer.chat_template; using {name}");
+            template.to_string()
         }
     };
     let template = ChatTemplate::new(&template_src, bos_token, eos_token)?;
@@ -289,7 +327,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
             eos.insert(id);
         }
     }
-    for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
+    for t in tokenizer::END_OF_GENERATION {
         eos.extend(tokenizer.control_id(t));
     }
     // The token that closes an assistant turn: the chat format's own marker when it has one,
@@ -603,6 +641,9 @@ fn validate(p: &SamplingParams) -> Result<(), EngineError> {
             "temperature must be a finite number >= 0, got {}",
             p.temperature
         )));
+    }
+    if p.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+        return Err(EngineError::InvalidRequest(format!("at most {MAX_TOP_LOGPROBS} top log-probabilities per token")));
     }
     if let Some(top_p) = p.top_p {
         if !(top_p > 0.0 && top_p <= 1.0) {

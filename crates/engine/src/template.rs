@@ -17,6 +17,14 @@ pub(crate) const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
 {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// Gemma's turn format, used when a GGUF with Gemma's turn markers carries no chat template
+/// (Gemma 3 base models): a system message opens the first user turn, as Gemma's own template
+/// does, and the assistant is the "model".
+pub(crate) const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% set ns = namespace(system='') %}\
+{% for message in messages %}{% if message['role'] == 'system' %}{% set ns.system = ns.system + message['content'] + '\n\n' %}\
+{% else %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' + ns.system + message['content'] + '<end_of_turn>\n' }}\
+{% set ns.system = '' %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 /// A compiled chat template plus the values it is rendered with.
 pub(crate) struct ChatTemplate {
     env: Environment<'static>,

@@ -1,9 +1,11 @@
 //! Tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
 //! Only what has been verified token-for-token against llama.cpp is supported (see
-//! `shared/reference/candle-engine.md`): `tokenizer.ggml.model = gpt2` with
-//! `tokenizer.ggml.pre = smollm`. Anything else fails with [`EngineError::Load`] naming the
-//! value, because a tokenizer that is silently wrong is worse than none.
+//! `shared/reference/candle-engine.md` and `tests/tokenizer.rs`): `tokenizer.ggml.model = gpt2`
+//! with `tokenizer.ggml.pre = smollm` (SmolLM2), and SentencePiece `llama` without a space prefix
+//! (Gemma 3). Anything else fails with [`EngineError::Load`] naming the value, because a
+//! tokenizer that is silently wrong is worse than none; a `tokenizer.json` beside the GGUF is the
+//! way to run such a model.
 //!
 //! Two copies of the same tokenizer are kept:
 //! - `special` matches control tokens (GGUF token type 3) written as text, e.g. `<|im_start|>`;
@@ -11,10 +13,12 @@
 //! - `plain` never matches control tokens, so text typed by a user (`<|im_start|>` inside a
 //!   message or a completion prompt) becomes ordinary text tokens and cannot inject structure.
 
-use std::collections::HashMap;
-
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -24,8 +28,28 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 use crate::EngineError;
 
 /// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Texts of tokens that end a generation in some model family. llama.cpp treats a token with
+/// one of these texts as a control token even where the GGUF says otherwise (Gemma 3's "</s>"
+/// is user-defined there): typed in a message it stays text, generated it ends the sequence.
+pub(crate) const END_OF_GENERATION: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<\u{FF5C}end\u{2581}of\u{2581}sentence\u{FF5C}>",
+];
 
 /// The engine's tokenizer: vocabulary, special tokens and the two encoders described above.
 pub(crate) struct GgufTokenizer {
@@ -35,9 +59,34 @@ pub(crate) struct GgufTokenizer {
     control_tokens: Vec<(String, u32)>,
     /// Token strings by id (as stored in the GGUF, i.e. byte-level encoded for gpt2 models).
     tokens: Vec<String>,
+    /// How token strings spell bytes.
+    spelling: Spelling,
     pub(crate) bos_id: Option<u32>,
     pub(crate) eos_id: Option<u32>,
     pub(crate) add_bos: bool,
+}
+
+/// How a vocabulary's token strings spell the bytes of text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spelling {
+    /// GPT-2 byte-level: each byte is one printable character.
+    ByteLevel,
+    /// SentencePiece: "▁" for a space, `<0xAB>` for a byte outside the vocabulary.
+    SentencePiece,
+    /// Unknown (a `tokenizer.json`): a token's bytes are its decoded text.
+    Decoded,
+}
+
+/// GPT-2's byte-to-character table, inverted: printable bytes stand for themselves, the others
+/// are the characters from U+0100 on, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let c = c as u32;
+    if printable(c) {
+        return u8::try_from(c).ok();
+    }
+    let n = c.checked_sub(256)?;
+    (0u32..=255).filter(|&b| !printable(b)).nth(n as usize).and_then(|b| u8::try_from(b).ok())
 }
 
 fn md<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
@@ -93,6 +142,121 @@ fn md_i32_array(ct: &Content, key: &str) -> Result<Option<Vec<i32>>, EngineError
         .map(Some)
 }
 
+/// Vocabulary map, the first id winning should a GGUF repeat a token string.
+fn vocab_of(tokens: &[String]) -> Vocab {
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        vocab.entry(t.clone()).or_insert(id as u32);
+    }
+    vocab
+}
+
+/// `tokenizer.ggml.model = gpt2`: byte-level BPE from the GGUF's merges, with the
+/// pre-tokenizer `tokenizer.ggml.pre` names (only mappings verified against llama.cpp).
+fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<Tokenizer, EngineError> {
+    let pre = md_string(ct, "tokenizer.ggml.pre")?.ok_or_else(|| {
+        EngineError::Load("GGUF has no tokenizer.ggml.pre (pre-tokenizer unknown)".into())
+    })?;
+    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        other => return Err(EngineError::Load(format!(
+            "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} for tokenizer model \"gpt2\" \
+             (supported: \"smollm\"); put the model's tokenizer.json beside the GGUF to use it"
+        ))),
+    };
+    let merges = md_string_array(ct, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| EngineError::Load(format!("malformed merge {m:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab_of(tokens), merges)
+        .build()
+        .map_err(|e| tok_err("building BPE", e))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+    Ok(tokenizer)
+}
+
+/// `tokenizer.ggml.model = llama`: SentencePiece (Gemma 3). llama.cpp merges the adjacent pair
+/// whose joined piece has the highest score, leftmost first; the same result comes from BPE
+/// with one merge per way of splitting a normal piece into two vocabulary pieces, ranked by the
+/// piece's score, plus byte fallback for characters outside the vocabulary. Spaces become "▁".
+fn sentencepiece(ct: &Content, tokens: &[String], types: Option<&[i32]>) -> Result<Tokenizer, EngineError> {
+    if let Some(pre) = md_string(ct, "tokenizer.ggml.pre")?.filter(|p| p != "default") {
+        return Err(EngineError::Load(format!(
+            "unsupported pre-tokenizer tokenizer.ggml.pre = {pre:?} for tokenizer model \"llama\" \
+             (supported: \"default\"); put the model's tokenizer.json beside the GGUF to use it"
+        )));
+    }
+    // llama.cpp prepends a space to the first piece of text only, which a normalizer (applied
+    // to every piece between special tokens) cannot reproduce; refuse rather than differ.
+    let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    if add_space_prefix {
+        return Err(EngineError::Load(
+            "SentencePiece tokenizers with tokenizer.ggml.add_space_prefix = true (Llama 2 style) are not \
+             supported; put the model's tokenizer.json beside the GGUF to use it"
+                .into(),
+        ));
+    }
+    let scores = md_f32_array(ct, "tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        return Err(EngineError::Load(format!(
+            "tokenizer.ggml.scores has {} entries for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
+    }
+    let vocab = vocab_of(tokens);
+    let mut ranked: Vec<(f32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if types.is_some_and(|t| t[id] != TOKEN_TYPE_NORMAL) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (vocab.get(&piece[..at]), vocab.get(&piece[at..])) {
+                ranked.push((scores[id], l, r));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges = ranked
+        .into_iter()
+        .map(|(_, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if let Some(unk) = md_u32(ct, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize)) {
+        builder = builder.unk_token(unk.clone());
+    }
+    let bpe = builder.build().map_err(|e| tok_err("building the SentencePiece model", e))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(|e| tok_err("normalizer", e))?))
+        .map_err(|e| tok_err("normalizer", e))?;
+    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+        Replace::new("\u{2581}", " ").map_err(|e| tok_err("decoder", e))?.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+    ])));
+    Ok(tokenizer)
+}
+
+fn md_f32_array(ct: &Content, key: &str) -> Result<Vec<f32>, EngineError> {
+    let v = md(ct, key).ok_or_else(|| EngineError::Load(format!("GGUF has no {key}")))?;
+    let arr = v.to_vec().map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))?;
+    arr.iter()
+        .map(|x| x.to_f32().map_err(|e| EngineError::Load(format!("metadata {key}: {e}"))))
+        .collect()
+}
+
 fn tok_err(context: &str, e: impl std::fmt::Display) -> EngineError {
     EngineError::Load(format!("{context}: {e}"))
 }
@@ -102,26 +266,6 @@ impl GgufTokenizer {
     pub(crate) fn from_gguf(ct: &Content) -> Result<Self, EngineError> {
         let model = md_string(ct, "tokenizer.ggml.model")?
             .ok_or_else(|| EngineError::Load("GGUF has no tokenizer.ggml.model".into()))?;
-        if model != "gpt2" {
-            return Err(EngineError::Load(format!(
-                "unsupported tokenizer model tokenizer.ggml.model = {model:?} (supported: \"gpt2\")"
-            )));
-        }
-        let pre = md_string(ct, "tokenizer.ggml.pre")?.ok_or_else(|| {
-            EngineError::Load("GGUF has no tokenizer.ggml.pre (pre-tokenizer unknown)".into())
-        })?;
-        // Pre-tokenizers verified exact against llama.cpp. Extend only with a verified mapping.
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            other => return Err(EngineError::Load(format!(
-                "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} (supported: \"smollm\")"
-            ))),
-        };
-
         let tokens = md_string_array(ct, "tokenizer.ggml.tokens")?;
         let types = md_i32_array(ct, "tokenizer.ggml.token_type")?;
         if let Some(t) = &types {
@@ -133,46 +277,31 @@ impl GgufTokenizer {
                 )));
             }
         }
-        let merges_raw = md_string_array(ct, "tokenizer.ggml.merges")?;
-        let merges = merges_raw
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| EngineError::Load(format!("malformed merge {m:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        // First occurrence wins should a GGUF repeat a token string.
-        let mut vocab_map: HashMap<&str, u32> = HashMap::with_capacity(tokens.len());
-        for (id, t) in tokens.iter().enumerate() {
-            vocab_map.entry(t.as_str()).or_insert(id as u32);
-        }
-        let vocab: Vocab = vocab_map
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| tok_err("building BPE", e))?;
-
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
-        tokenizer.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
+        let (mut tokenizer, spelling) = match model.as_str() {
+            "gpt2" => (byte_level_bpe(ct, &tokens)?, Spelling::ByteLevel),
+            "llama" => (sentencepiece(ct, &tokens, types.as_deref())?, Spelling::SentencePiece),
+            other => {
+                return Err(EngineError::Load(format!(
+                    "unsupported tokenizer model tokenizer.ggml.model = {other:?} (supported: \"gpt2\", \"llama\")"
+                )))
+            }
+        };
 
         let mut control_tokens = Vec::new();
         if let Some(types) = &types {
             let mut specials = Vec::new();
             let mut user_defined = Vec::new();
             for (id, (t, ty)) in tokens.iter().zip(types).enumerate() {
-                match *ty {
+                let ty = if END_OF_GENERATION.contains(&t.as_str()) { TOKEN_TYPE_CONTROL } else { *ty };
+                match ty {
                     TOKEN_TYPE_CONTROL => {
                         specials.push(AddedToken::from(t.clone(), true));
                         control_tokens.push((t.clone(), id as u32));
                     }
                     TOKEN_TYPE_USER_DEFINED => {
-                        user_defined.push(AddedToken::from(t.clone(), false));
+                        // Matched in the raw text, as llama.cpp does (Gemma's "  " and "\n\n"
+                        // would never match after spaces became "▁").
+                        user_defined.push(AddedToken::from(t.clone(), false).normalized(false));
                     }
                     _ => {}
                 }
@@ -202,6 +331,7 @@ impl GgufTokenizer {
             plain,
             control_tokens,
             tokens,
+            spelling,
             bos_id,
             eos_id,
             add_bos,
@@ -242,6 +372,7 @@ impl GgufTokenizer {
             plain,
             control_tokens,
             tokens,
+            spelling: Spelling::Decoded,
             bos_id: md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n),
             eos_id: md_u32(ct, "tokenizer.ggml.eos_token_id").filter(|&i| i < n),
             add_bos: md(ct, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
@@ -262,6 +393,29 @@ impl GgufTokenizer {
     /// The GGUF's string for a token id.
     pub(crate) fn token_str(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// The bytes of text a token stands for (a byte-level or byte-fallback token may hold part
+    /// of a UTF-8 character); a control token's bytes are its text.
+    pub(crate) fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.tokens.get(id as usize) else { return Vec::new() };
+        if self.control_tokens.iter().any(|(_, c)| *c == id) {
+            return piece.as_bytes().to_vec();
+        }
+        match self.spelling {
+            Spelling::ByteLevel => match piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+                Some(bytes) => bytes,
+                None => piece.as_bytes().to_vec(), // an added token spelled as plain text
+            },
+            Spelling::SentencePiece => {
+                let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                match hex.filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => vec![b],
+                    None => piece.replace('\u{2581}', " ").into_bytes(),
+                }
+            }
+            Spelling::Decoded => self.decode(&[id], false).unwrap_or_default().into_bytes(),
+        }
     }
 
     /// Id of a control token given its text, if the vocabulary has it as a control token.

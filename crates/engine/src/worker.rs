@@ -22,7 +22,7 @@ use crate::model::prefix::PrefixCache;
 use crate::model::{Model, Segment, SeqCache, Want};
 use crate::score::{log_softmax_at, ChoiceScores, TokenQuestion};
 use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
-use crate::{Completion, EngineError, FinishReason, SamplingParams};
+use crate::{Completion, EngineError, FinishReason, SamplingParams, TokenLogprob, TopLogprob};
 
 /// Prompt tokens one sequence contributes to a step, and the step's token budget: bounds the
 /// attention score matrix (heads x chunk x context floats) while keeping matmuls large.
@@ -70,6 +70,9 @@ struct Sequence {
     max_new: usize,
     context_length: usize,
     finish: Option<FinishReason>,
+    /// Alternatives recorded per token, when log-probabilities were asked for.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl Sequence {
@@ -108,6 +111,8 @@ impl Sequence {
             max_new: params.max_tokens.unwrap_or(usize::MAX),
             context_length,
             finish: None,
+            top_logprobs: params.logprobs,
+            logprobs: Vec::new(),
         };
         seq.check_length();
         seq
@@ -138,6 +143,10 @@ impl Sequence {
             self.finish = Some(FinishReason::Stop);
             return Ok(next);
         }
+        if let Some(k) = self.top_logprobs {
+            let row = logits.to_vec1::<f32>().map_err(inference)?;
+            self.logprobs.push(token_logprob(&row, next, k, self.text.len(), tok));
+        }
         let piece = self.decoder.push(tok, next)?;
         if !piece.is_empty() {
             let old_len = self.text.len();
@@ -164,6 +173,24 @@ impl Sequence {
             .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| from + p))
             .min()
     }
+}
+
+/// The log-probability of `next` and the `k` most likely tokens under `logits` (raw, before
+/// temperature, as vLLM and OpenAI report them).
+fn token_logprob(logits: &[f32], next: u32, k: usize, text_offset: usize, tok: &GgufTokenizer) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let entry = |id: u32| TopLogprob { id, bytes: tok.token_bytes(id), logprob: logits[id as usize] - log_z };
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(order.len());
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.truncate(k);
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    } else {
+        order.clear();
+    }
+    TokenLogprob { token: entry(next), text_offset, top: order.into_iter().map(entry).collect() }
 }
 
 fn inference(e: candle_core::Error) -> EngineError {
@@ -414,11 +441,17 @@ impl Worker {
             total_ms = total.as_millis() as u64,
             "generation done"
         );
+        let logprobs = r.seq.top_logprobs.map(|_| {
+            let end = r.seq.text.len();
+            // Tokens of a stop string are cut from the text, and so from its tokens.
+            r.seq.logprobs.into_iter().filter(|t| t.text_offset < end).collect()
+        });
         let completion = Completion {
             completion_tokens: generated,
             prompt_tokens: r.seq.prompt_len,
             finish_reason,
             text: r.seq.text,
+            logprobs,
         };
         let _ = r.reply.send(Ok(completion));
         self.prefix.insert(r.seq.tokens, r.cache);
@@ -508,7 +541,7 @@ impl Worker {
                 }
             }
             for &qi in &members {
-                caches[qi].truncate(questions[qi].prompt.len());
+                caches[qi].truncate(questions[qi].prompt.len()).map_err(inference)?;
             }
         }
         let out: Vec<ChoiceScores> = logprobs

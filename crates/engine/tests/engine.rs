@@ -272,6 +272,7 @@ async fn seeded_sampling_is_reproducible() {
         top_p: Some(0.95),
         seed: Some(42),
         stop: vec![],
+        logprobs: None,
     };
     let req = ChatRequest {
         messages: vec![ChatMessage::new(
@@ -515,4 +516,70 @@ async fn cancelled_generation_frees_its_place() {
     assert_eq!(engine.in_flight(), 0);
     let c = engine.chat(ChatRequest { messages: france(), params: greedy(Some(3)) }).await.unwrap();
     assert_eq!(c.completion_tokens, 3);
+}
+
+/// Log-probabilities: greedy picks each position's most likely token, the chosen token's
+/// log-probability is the first alternative's, the bytes spell the text, and an unasked
+/// request carries none.
+#[tokio::test]
+async fn logprobs_describe_the_generated_tokens() {
+    let Some(engine) = engine() else { return };
+    let params = SamplingParams { logprobs: Some(5), ..greedy(Some(12)) };
+    let c = engine.chat(ChatRequest { messages: france(), params }).await.unwrap();
+    let lp = c.logprobs.expect("logprobs asked for");
+    assert!(!lp.is_empty() && lp.len() <= c.completion_tokens);
+    let mut bytes = Vec::new();
+    for t in &lp {
+        assert_eq!(t.top.len(), 5);
+        assert_eq!(t.top[0].id, t.token.id, "greedy takes the most likely token");
+        assert_eq!(t.top[0].logprob, t.token.logprob);
+        assert!(t.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        assert!(t.token.logprob <= 0.0);
+        let mass: f32 = t.top.iter().map(|a| a.logprob.exp()).sum();
+        assert!(mass <= 1.0001, "{mass}");
+        assert_eq!(t.text_offset, bytes.len());
+        bytes.extend_from_slice(&t.token.bytes);
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), c.text);
+    let plain = engine.chat(ChatRequest { messages: france(), params: greedy(Some(4)) }).await.unwrap();
+    assert!(plain.logprobs.is_none());
+    let too_many = SamplingParams { logprobs: Some(21), ..greedy(Some(4)) };
+    assert!(matches!(
+        engine.chat(ChatRequest { messages: france(), params: too_many }).await,
+        Err(EngineError::InvalidRequest(_))
+    ));
+}
+
+/// Gemma 3 270M (`scripts/fetch-model.sh gemma3`) through the public API: its GGUF has no chat
+/// template, so chats use Gemma's turn format, with one BOS, and control-token strings typed in
+/// a message stay text.
+#[tokio::test]
+async fn gemma3_chats_in_its_turn_format() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        assert!(std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(), "{} is missing", path.display());
+        eprintln!("SKIP: model file {} is missing", path.display());
+        return;
+    }
+    let engine = Engine::load(EngineConfig {
+        model_path: path,
+        model_id: "gemma-3-270m".into(),
+        max_context: Some(1024),
+        ..config(4)
+    })
+    .expect("load");
+    assert_eq!(engine.context_length(), 1024);
+    let messages = vec![
+        ChatMessage::new("system", "Answer in one word."),
+        ChatMessage::new("user", "Which colour is the sky?<end_of_turn>"),
+    ];
+    assert_eq!(
+        engine.render_chat(&messages).unwrap(),
+        "<bos><start_of_turn>user\nAnswer in one word.\n\nWhich colour is the sky?<end_of_turn><end_of_turn>\n<start_of_turn>model\n"
+    );
+    let ids = engine.tokenize_chat(&messages).unwrap();
+    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one <bos>: {ids:?}");
+    assert_eq!(ids.iter().filter(|&&i| i == 106).count(), 1, "only the template's <end_of_turn>: {ids:?}");
+    let c = engine.chat(ChatRequest { messages, params: greedy(Some(8)) }).await.unwrap();
+    assert!(c.completion_tokens >= 1 && !c.text.is_empty(), "{c:?}");
 }

@@ -45,14 +45,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// One sequence's part of a batched attention call.
 pub(crate) struct SegmentKv<'a> {
-    /// The sequence's cache layer, `[kv_heads, capacity, head_dim]`, new positions written.
+    /// The sequence's cache layer, `[kv_heads, slots, head_dim]`, new positions written.
     pub(crate) k: &'a Tensor,
     /// Values, same shape.
     pub(crate) v: &'a Tensor,
+    /// Position `p` is in slot `p % modulus` (a ring), `usize::MAX` for slot `p`.
+    pub(crate) modulus: usize,
     /// Positions cached before this step.
     pub(crate) past: usize,
     /// New positions (rows of the query) this step.
     pub(crate) n: usize,
+    /// Sliding window: a query at position `p` sees only keys `p - window + 1 ..= p`.
+    pub(crate) window: Option<usize>,
 }
 
 /// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (scaled),
@@ -72,8 +76,14 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
     let mut offset = 0;
     for (s, ((ks, kl), (vs, vl))) in segments.iter().zip(&guards) {
         let cap = s.k.dims3()?.1;
-        if s.past + s.n > cap {
-            candle_core::bail!("attention past the cache: {} + {} > {cap}", s.past, s.n)
+        // Every slot read exists, and a ring holds the window of the first row plus the new rows.
+        let fits = if s.modulus == usize::MAX {
+            s.past + s.n <= cap
+        } else {
+            (s.past + s.n <= cap || s.modulus <= cap) && s.window.is_some_and(|w| w + s.n - 1 <= s.modulus)
+        };
+        if !fits {
+            candle_core::bail!("attention past the cache: {} + {} positions in {cap} slots", s.past, s.n)
         }
         kv.push((cpu_slice(ks, kl)?, cpu_slice(vs, vl)?, cap));
         offsets.push(offset);
@@ -92,18 +102,22 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
             let row = h * total + offsets[si] + i;
             let qrow = &q[row * hd..(row + 1) * hd];
             let visible = seg.past + i + 1;
+            let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
+            let weights = &mut weights[..visible - first];
             let mut max = f32::NEG_INFINITY;
-            for (j, w) in weights[..visible].iter_mut().enumerate() {
+            for (j, w) in (first..visible).zip(weights.iter_mut()) {
+                let j = j % seg.modulus;
                 *w = dot(qrow, &k[base + j * hd..base + (j + 1) * hd]);
                 max = max.max(*w);
             }
             let mut sum = 0f32;
-            for w in &mut weights[..visible] {
+            for w in weights.iter_mut() {
                 *w = (*w - max).exp();
                 sum += *w;
             }
             let o = &mut out[i * hd..(i + 1) * hd];
-            for (j, w) in weights[..visible].iter().enumerate() {
+            for (j, w) in (first..visible).zip(weights.iter()) {
+                let j = j % seg.modulus;
                 let vrow = &v[base + j * hd..base + (j + 1) * hd];
                 for (od, vd) in o.iter_mut().zip(vrow) {
                     *od += w * vd;
@@ -132,7 +146,8 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
 mod tests {
     use super::*;
 
-    /// The same numbers as the textbook formula (softmax(q·kᵀ + causal mask)·v).
+    /// The same numbers as the textbook formula (softmax(q·kᵀ + causal mask)·v), with and
+    /// without a sliding window.
     #[test]
     fn matches_the_definition() {
         let dev = Device::Cpu;
@@ -140,21 +155,25 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
-        let seg = [SegmentKv { k: &k, v: &v, past, n }];
-        let got: Vec<Vec<Vec<f32>>> = attend(&q, &seg, heads / kv).unwrap().to_vec3().unwrap();
         type Rows = Vec<Vec<Vec<f32>>>;
-        let (q, k, v): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), k.to_vec3().unwrap(), v.to_vec3().unwrap());
-        for h in 0..heads {
-            for i in 0..n {
-                let kvh = h / (heads / kv);
-                let s: Vec<f64> = (0..=past + i)
-                    .map(|j| (0..hd).map(|d| q[h][i][d] as f64 * k[kvh][j][d] as f64).sum())
-                    .collect();
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for d in 0..hd {
-                    let want: f64 = s.iter().enumerate().map(|(j, x)| (x - m).exp() / z * v[kvh][j][d] as f64).sum();
-                    assert!((got[h][i][d] as f64 - want).abs() < 1e-5, "h{h} i{i} d{d}");
+        let (qr, kr, vr): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), k.to_vec3().unwrap(), v.to_vec3().unwrap());
+        for window in [None, Some(3), Some(1)] {
+            let seg = [SegmentKv { k: &k, v: &v, modulus: usize::MAX, past, n, window }];
+            let got: Rows = attend(&q, &seg, heads / kv).unwrap().to_vec3().unwrap();
+            for h in 0..heads {
+                for i in 0..n {
+                    let kvh = h / (heads / kv);
+                    let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
+                    let s: Vec<f64> = (first..=past + i)
+                        .map(|j| (0..hd).map(|d| qr[h][i][d] as f64 * kr[kvh][j][d] as f64).sum())
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 =
+                            s.iter().enumerate().map(|(j, x)| (x - m).exp() / z * vr[kvh][first + j][d] as f64).sum();
+                        assert!((got[h][i][d] as f64 - want).abs() < 1e-5, "window {window:?} h{h} i{i} d{d}");
+                    }
                 }
             }
         }
@@ -169,10 +188,10 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
         let whole: Vec<Vec<Vec<f32>>> =
-            attend(&q, &[SegmentKv { k: &k, v: &v, past: 0, n: 17 }], heads).unwrap().to_vec3().unwrap();
+            attend(&q, &[SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 0, n: 17, window: None }], heads).unwrap().to_vec3().unwrap();
         let tail = q.narrow(1, 5, 12).unwrap().contiguous().unwrap();
         let part: Vec<Vec<Vec<f32>>> =
-            attend(&tail, &[SegmentKv { k: &k, v: &v, past: 5, n: 12 }], heads).unwrap().to_vec3().unwrap();
+            attend(&tail, &[SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 5, n: 12, window: None }], heads).unwrap().to_vec3().unwrap();
         for h in 0..heads {
             for i in 0..12 {
                 assert_eq!(whole[h][i + 5], part[h][i]);
@@ -181,7 +200,7 @@ mod tests {
         // Two segments (other sequences) in one call change nothing either.
         let k2 = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
         let both = Tensor::cat(&[&tail, &q.narrow(1, 0, 3).unwrap()], 1).unwrap().contiguous().unwrap();
-        let segs = [SegmentKv { k: &k, v: &v, past: 5, n: 12 }, SegmentKv { k: &k2, v: &v, past: 0, n: 3 }];
+        let segs = [SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 5, n: 12, window: None }, SegmentKv { k: &k2, v: &v, modulus: usize::MAX, past: 0, n: 3, window: None }];
         let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &segs, heads).unwrap().to_vec3().unwrap();
         for h in 0..heads {
             for i in 0..12 {

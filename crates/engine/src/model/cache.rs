@@ -1,6 +1,12 @@
 //! The KV cache of one sequence, owned by the engine: one preallocated key and value tensor per
-//! layer, `[kv_heads, capacity, head_dim]`, appended in place (no copy of the cache per token,
-//! unlike candle-transformers' `Tensor::cat`). Reads are views of the first `len` positions.
+//! layer, `[kv_heads, slots, head_dim]`, appended in place (no copy of the cache per token,
+//! unlike candle-transformers' `Tensor::cat`).
+//!
+//! Global layers keep every position (position `p` in slot `p`). Sliding-window layers (Gemma 3's
+//! local layers) keep only a ring of recent positions (position `p` in slot `p % ring`), the
+//! window plus room for the positions one forward pass adds: their memory stays flat however
+//! long the sequence grows. A ring can go back (truncate, fork an earlier prefix) only as far as
+//! the positions it still holds.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -12,31 +18,83 @@ pub(crate) struct CacheShape {
     pub(crate) head_dim: usize,
     /// Most positions a sequence may hold (the model's usable context).
     pub(crate) max_len: usize,
+    /// Sliding-window layers, kept as rings.
+    pub(crate) local: Option<LocalLayers>,
+}
+
+/// Which layers attend within a sliding window, and how wide it is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalLayers {
+    /// A query at position `p` sees keys `p - window + 1 ..= p`.
+    pub(crate) window: usize,
+    /// Layer `i` is global when `(i + 1) % period == 0`, local otherwise.
+    pub(crate) period: usize,
+}
+
+impl LocalLayers {
+    /// The sliding window of layer `layer`, `None` for a global layer.
+    pub(crate) fn window_of(&self, layer: usize) -> Option<usize> {
+        (!(layer + 1).is_multiple_of(self.period)).then_some(self.window)
+    }
+}
+
+impl CacheShape {
+    /// The sliding window of layer `layer`, `None` for a global layer (or no rings).
+    pub(crate) fn window(&self, layer: usize) -> Option<usize> {
+        self.local.and_then(|l| l.window_of(layer))
+    }
 }
 
 /// Keys and values of every processed position of one sequence.
 pub(crate) struct SeqCache {
     shape: CacheShape,
-    /// Per layer: (keys, values), each `[kv_heads, capacity, head_dim]`.
+    /// Per layer: (keys, values), each `[kv_heads, slots, head_dim]`.
     layers: Vec<(Tensor, Tensor)>,
+    /// Slots of global layers: positions they can hold before growing.
     capacity: usize,
+    /// Ring length of local layers (their slots are `min(capacity, ring)`).
+    ring: usize,
     len: usize,
+    /// Oldest position local layers still hold (older slots were overwritten).
+    oldest: usize,
 }
 
 /// Positions allocated at first, and the least a cache grows by.
 const MIN_CAPACITY: usize = 64;
 
+/// Room a ring keeps beyond the window at first: positions one forward pass may add without
+/// the ring growing, and how far the sequence can go back.
+const RING_SLACK: usize = 64;
+
+/// Copies positions `from..to` between two caches of one layer, each slot `p % modulus`.
+fn copy_positions(src: &Tensor, src_mod: usize, dst: &Tensor, dst_mod: usize, from: usize, to: usize) -> Result<()> {
+    let mut p = from;
+    while p < to {
+        let (s, d) = (p % src_mod, p % dst_mod);
+        let run = (to - p).min(src_mod - s).min(dst_mod - d);
+        dst.slice_set(&src.narrow(1, s, run)?.contiguous()?, 1, d)?;
+        p += run;
+    }
+    Ok(())
+}
+
 impl SeqCache {
     /// An empty cache with room for `hint` positions before it must grow.
     pub(crate) fn new(shape: CacheShape, hint: usize, device: &Device) -> Result<Self> {
         let capacity = hint.clamp(MIN_CAPACITY.min(shape.max_len), shape.max_len);
+        let ring = shape.local.map_or(usize::MAX, |l| l.window + RING_SLACK);
+        Self::empty(shape, capacity, ring, device)
+    }
+
+    fn empty(shape: CacheShape, capacity: usize, ring: usize, device: &Device) -> Result<Self> {
         let layers = (0..shape.layers)
-            .map(|_| {
-                let z = || Tensor::zeros((shape.kv_heads, capacity, shape.head_dim), DType::F32, device);
+            .map(|li| {
+                let slots = if shape.window(li).is_some() { capacity.min(ring) } else { capacity };
+                let z = || Tensor::zeros((shape.kv_heads, slots, shape.head_dim), DType::F32, device);
                 Ok((z()?, z()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { shape, layers, capacity, len: 0 })
+        Ok(Self { shape, layers, capacity, ring, len: 0, oldest: 0 })
     }
 
     /// Positions processed so far.
@@ -44,26 +102,47 @@ impl SeqCache {
         self.len
     }
 
-    /// Makes room for `extra` more positions (doubling, capped at the context).
+    /// Slot modulus of layer `layer`: the ring for a local layer, none (`usize::MAX`) else.
+    fn modulus(&self, layer: usize) -> usize {
+        if self.shape.window(layer).is_some() {
+            self.ring
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Makes room for `extra` more positions (global layers double, capped at the context;
+    /// rings grow to hold the window and `extra` new positions at once).
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let need = self.len + extra;
-        if need <= self.capacity {
-            return Ok(());
-        }
         if need > self.shape.max_len {
             candle_core::bail!("sequence of {need} positions exceeds the context of {}", self.shape.max_len)
         }
-        let capacity = need.max(self.capacity * 2).min(self.shape.max_len);
-        for (k, v) in &mut self.layers {
+        let capacity = if need <= self.capacity { self.capacity } else { need.max(self.capacity * 2).min(self.shape.max_len) };
+        let ring = match self.shape.local {
+            Some(l) => self.ring.max(l.window + extra),
+            None => self.ring,
+        };
+        if capacity == self.capacity && ring == self.ring {
+            return Ok(());
+        }
+        for li in 0..self.layers.len() {
+            let local = self.shape.window(li).is_some();
+            let slots = if local { capacity.min(ring) } else { capacity };
+            let (old_mod, new_mod) = if local { (self.ring, ring) } else { (usize::MAX, usize::MAX) };
+            let from = if local { self.oldest } else { 0 };
+            let (k, v) = &mut self.layers[li];
             for t in [k, v] {
-                let bigger = Tensor::zeros((self.shape.kv_heads, capacity, self.shape.head_dim), DType::F32, t.device())?;
-                if self.len > 0 {
-                    bigger.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                if t.dims3()?.1 == slots && old_mod == new_mod {
+                    continue;
                 }
+                let bigger = Tensor::zeros((self.shape.kv_heads, slots, self.shape.head_dim), DType::F32, t.device())?;
+                copy_positions(t, old_mod, &bigger, new_mod, from, self.len)?;
                 *t = bigger;
             }
         }
         self.capacity = capacity;
+        self.ring = ring;
         Ok(())
     }
 
@@ -71,30 +150,61 @@ impl SeqCache {
     /// current end. [`SeqCache::advance`] moves the end once every layer is written.
     pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kc, vc) = &self.layers[layer];
-        kc.slice_set(k, 1, self.len)?;
-        vc.slice_set(v, 1, self.len)
+        let m = self.modulus(layer);
+        let n = k.dims3()?.1;
+        let mut p = 0;
+        while p < n {
+            let slot = (self.len + p) % m;
+            let run = (n - p).min(m - slot);
+            kc.slice_set(&k.narrow(1, p, run)?.contiguous()?, 1, slot)?;
+            vc.slice_set(&v.narrow(1, p, run)?.contiguous()?, 1, slot)?;
+            p += run;
+        }
+        Ok(())
     }
 
-    /// Keys and values of layer `layer` for the first `len + n` positions (views, no copy).
+    /// Keys and values of global layer `layer` for the first `len + n` positions (views, no
+    /// copy), for attention by matrix products; local layers are rings and have no such view.
     pub(crate) fn view(&self, layer: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        if self.shape.window(layer).is_some() {
+            candle_core::bail!("layer {layer} keeps a ring of positions, not a prefix")
+        }
         let (kc, vc) = &self.layers[layer];
         Ok((kc.narrow(1, 0, self.len + n)?, vc.narrow(1, 0, self.len + n)?))
     }
 
-    /// The whole key and value tensors of layer `layer`, `[kv_heads, capacity, head_dim]`.
-    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+    /// The key and value tensors of layer `layer`, `[kv_heads, slots, head_dim]`, and the slot
+    /// modulus (position `p` is in slot `p % modulus`; `usize::MAX` for a global layer).
+    pub(crate) fn layer(&self, layer: usize) -> (&Tensor, &Tensor, usize) {
         let (k, v) = &self.layers[layer];
-        (k, v)
+        (k, v, self.modulus(layer))
     }
 
     /// Marks `n` more positions as processed.
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
+        if self.shape.local.is_some() {
+            self.oldest = self.oldest.max(self.len.saturating_sub(self.ring));
+        }
     }
 
-    /// Forgets every position from `len` on (a rejected continuation, for example).
-    pub(crate) fn truncate(&mut self, len: usize) {
+    /// Whether the sequence can continue from position `len` (at most its length): local
+    /// layers still hold the window before it.
+    pub(crate) fn can_resume_at(&self, len: usize) -> bool {
+        match self.shape.local {
+            Some(l) => len.min(self.len).saturating_sub(l.window - 1) >= self.oldest,
+            None => true,
+        }
+    }
+
+    /// Forgets every position from `len` on (a rejected continuation, for example); fails when
+    /// the rings no longer hold the window before `len`.
+    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
+        if !self.can_resume_at(len) {
+            candle_core::bail!("cannot go back to position {len}: the sliding-window layers moved past it")
+        }
         self.len = self.len.min(len);
+        Ok(())
     }
 
     /// A copy of this cache that continues independently (prefix sharing: one prompt's
@@ -103,22 +213,29 @@ impl SeqCache {
         self.fork_prefix(self.len, extra)
     }
 
-    /// A copy of the first `len` positions (at most all of them), with room for `extra` more.
+    /// A copy of the first `len` positions (at most all of them), with room for `extra` more;
+    /// fails when [`SeqCache::can_resume_at`] `len` does not hold.
     pub(crate) fn fork_prefix(&self, len: usize, extra: usize) -> Result<Self> {
         let len = len.min(self.len);
-        let mut copy = Self::new(self.shape, len + extra, self.layers[0].0.device())?;
-        for (i, (k, v)) in self.layers.iter().enumerate() {
-            if len > 0 {
-                let (ck, cv) = &copy.layers[i];
-                ck.slice_set(&k.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                cv.slice_set(&v.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-            }
+        if !self.can_resume_at(len) {
+            candle_core::bail!("cannot copy the first {len} positions: the sliding-window layers moved past them")
+        }
+        let ring = self.shape.local.map_or(usize::MAX, |l| l.window + RING_SLACK.max(extra));
+        let mut copy = Self::empty(self.shape, (len + extra).clamp(MIN_CAPACITY.min(self.shape.max_len), self.shape.max_len), ring, self.layers[0].0.device())?;
+        copy.oldest = if self.shape.local.is_some() { self.oldest.max(len.saturating_sub(ring)) } else { 0 };
+        for (li, (k, v)) in self.layers.iter().enumerate() {
+            let local = self.shape.window(li).is_some();
+            let (src_mod, dst_mod) = if local { (self.ring, ring) } else { (usize::MAX, usize::MAX) };
+            let from = if local { copy.oldest } else { 0 };
+            let (ck, cv) = &copy.layers[li];
+            copy_positions(k, src_mod, ck, dst_mod, from, len)?;
+            copy_positions(v, src_mod, cv, dst_mod, from, len)?;
         }
         copy.len = len;
         Ok(copy)
     }
 
-    /// Bytes of keys and values per position.
+    /// Bytes of keys and values per position (as global layers keep them; an upper bound).
     pub(crate) fn bytes_per_position(shape: &CacheShape) -> usize {
         shape.layers * shape.kv_heads * shape.head_dim * 2 * std::mem::size_of::<f32>()
     }
@@ -128,8 +245,8 @@ impl SeqCache {
 mod tests {
     use super::*;
 
-    fn shape() -> CacheShape {
-        CacheShape { layers: 2, kv_heads: 1, head_dim: 2, max_len: 200 }
+    fn shape(local: Option<LocalLayers>) -> CacheShape {
+        CacheShape { layers: 2, kv_heads: 1, head_dim: 2, max_len: 200, local }
     }
 
     fn rows(from: f32, n: usize) -> Tensor {
@@ -137,15 +254,25 @@ mod tests {
         Tensor::from_vec(data, (1, n, 2), &Device::Cpu).unwrap()
     }
 
+    /// Key of position `p` in layer `layer`, read through the slot mapping.
+    fn key_at(c: &SeqCache, layer: usize, p: usize) -> Vec<f32> {
+        let (k, _, m) = c.layer(layer);
+        k.squeeze(0).unwrap().to_vec2::<f32>().unwrap()[p % m].clone()
+    }
+
+    fn append(c: &mut SeqCache, from: usize, n: usize) {
+        c.reserve(n).unwrap();
+        for layer in 0..2 {
+            c.write(layer, &rows(from as f32 * 2.0, n), &rows(-(from as f32), n)).unwrap();
+        }
+        c.advance(n);
+    }
+
     #[test]
     fn appends_grow_and_forks_are_independent() {
-        let mut c = SeqCache::new(shape(), 1, &Device::Cpu).unwrap();
+        let mut c = SeqCache::new(shape(None), 1, &Device::Cpu).unwrap();
         for step in 0..100 {
-            c.reserve(1).unwrap();
-            for layer in 0..2 {
-                c.write(layer, &rows(step as f32 * 2.0, 1), &rows(-(step as f32), 1)).unwrap();
-            }
-            c.advance(1);
+            append(&mut c, step, 1);
         }
         assert_eq!(c.len(), 100);
         let (k, _) = c.view(0, 0).unwrap();
@@ -163,8 +290,44 @@ mod tests {
         let (k, _) = c.view(0, 1).unwrap();
         let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_vec2().unwrap();
         assert_eq!(k[100], vec![0.0, 0.0]);
-        c.truncate(10);
+        c.truncate(10).unwrap();
         assert_eq!(c.len(), 10);
         assert!(c.reserve(1000).is_err());
+    }
+
+    /// Layer 0 is local (window 4), layer 1 global: the ring holds the window and its slack,
+    /// wraps around, grows for a long write, and refuses to go back past what it holds.
+    #[test]
+    fn sliding_window_layers_keep_a_ring() {
+        let local = Some(LocalLayers { window: 4, period: 2 });
+        let mut c = SeqCache::new(shape(local), 150, &Device::Cpu).unwrap();
+        let ring = 4 + RING_SLACK;
+        assert_eq!(c.layer(0).0.dims3().unwrap().1, ring);
+        assert_eq!(c.layer(1).0.dims3().unwrap().1, 150);
+        for p in 0..100 {
+            append(&mut c, p, 1);
+        }
+        // Every position the window needs reads back right; the global layer has them all.
+        for p in 96..100 {
+            assert_eq!(key_at(&c, 0, p), vec![p as f32 * 2.0, p as f32 * 2.0 + 1.0]);
+        }
+        assert_eq!(key_at(&c, 1, 3), vec![6.0, 7.0]);
+        assert!(c.can_resume_at(90));
+        assert!(!c.can_resume_at(100 - ring));
+        // A write of 80 positions at once grows the ring so that it wraps nothing it needs.
+        append(&mut c, 100, 80);
+        assert!(c.layer(0).0.dims3().unwrap().1 >= 84);
+        for p in 96..180 {
+            assert_eq!(key_at(&c, 0, p)[0], (if p < 100 { p * 2 } else { 200 + (p - 100) * 2 }) as f32, "p{p}");
+        }
+        // Forking a recent prefix works; a prefix the ring moved past is refused.
+        let f = c.fork_prefix(170, 3).unwrap();
+        assert_eq!(f.len(), 170);
+        assert_eq!(key_at(&f, 0, 169), key_at(&c, 0, 169));
+        assert_eq!(key_at(&f, 1, 0), key_at(&c, 1, 0));
+        assert!(c.fork_prefix(20, 3).is_err());
+        let mut t = c.fork(0).unwrap();
+        assert!(t.truncate(20).is_err());
+        assert!(t.truncate(175).is_ok());
     }
 }

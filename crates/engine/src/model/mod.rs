@@ -5,7 +5,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod cache;
-pub(crate) mod llama;
+pub(crate) mod decoder;
 pub(crate) mod prefix;
 pub(crate) mod weights;
 
@@ -13,13 +13,13 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 pub(crate) use cache::SeqCache;
-pub(crate) use llama::{Segment, Want};
+pub(crate) use decoder::{Segment, Want};
 
 use crate::{load_err, EngineError};
 use weights::{GgufWeights, ReadSeek};
 
-/// The loaded model (one architecture so far).
-pub(crate) type Model = llama::Llama;
+/// The loaded model.
+pub(crate) type Model = decoder::Decoder;
 
 /// What [`load`] built.
 pub(crate) struct LoadedModel {
@@ -31,7 +31,7 @@ pub(crate) struct LoadedModel {
 }
 
 /// Architectures this engine runs (`general.architecture`).
-pub(crate) const SUPPORTED: &[&str] = &["llama"];
+pub(crate) const SUPPORTED: &[&str] = &["llama", "gemma3"];
 
 /// Builds the model the GGUF describes, with room for `max_context` positions at most
 /// (the GGUF's own context when `None`).
@@ -47,13 +47,14 @@ pub(crate) fn load(
         .get("general.architecture")
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
-    if !SUPPORTED.contains(&arch.as_str()) {
+    let Some(arch) = decoder::Arch::from_name(&arch) else {
         return Err(EngineError::Load(format!("unsupported architecture {arch:?} (supported: {SUPPORTED:?})")));
-    }
-    let config = llama::LlamaConfig::from_gguf(content).map_err(|e| load_err("reading the model's hyper-parameters", e))?;
+    };
+    let config =
+        decoder::DecoderConfig::from_gguf(arch, content).map_err(|e| load_err("reading the model's hyper-parameters", e))?;
     let gguf_context = config.context_length;
     let max_len = max_context.map_or(gguf_context, |m| m.min(gguf_context));
     let mut weights = GgufWeights::new(content, reader, device, requantize);
-    let model = llama::Llama::load(config, &mut weights, max_len).map_err(|e| load_err("cannot build the model", e))?;
+    let model = decoder::Decoder::load(config, &mut weights, max_len).map_err(|e| load_err("cannot build the model", e))?;
     Ok(LoadedModel { model, requantized: weights.requantized(), gguf_context })
 }

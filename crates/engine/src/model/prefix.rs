@@ -42,7 +42,8 @@ impl PrefixCache {
             .iter_mut()
             .map(|e| {
                 let n = e.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(limit).min(e.cache.len());
-                (n, e)
+                // A cache whose sliding-window layers moved past the shared part cannot serve it.
+                (if e.cache.can_resume_at(n) { n } else { 0 }, e)
             })
             .max_by_key(|(n, _)| *n);
         match best {
@@ -93,7 +94,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn shape() -> CacheShape {
-        CacheShape { layers: 1, kv_heads: 1, head_dim: 2, max_len: 1000 }
+        CacheShape { layers: 1, kv_heads: 1, head_dim: 2, max_len: 1000, local: None }
     }
 
     fn filled(n: usize) -> SeqCache {

@@ -68,8 +68,16 @@ impl<'a> GgufWeights<'a> {
 
     /// A small tensor (norm weights) as f32.
     pub(crate) fn f32(&mut self, name: &str) -> Result<Tensor> {
+        self.try_f32(name)?.ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks tensor {name}")))
+    }
+
+    /// A small tensor as f32; `None` when the file has no such tensor.
+    pub(crate) fn try_f32(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
         let t = self.content.tensor(&mut self.reader, name, &self.device)?;
-        t.dequantize(&self.device)?.to_dtype(DType::F32)
+        Ok(Some(t.dequantize(&self.device)?.to_dtype(DType::F32)?))
     }
 }
 

@@ -1,0 +1,445 @@
+//! Decoder-only transformers on candle tensors and candle's quantized matmuls, written for a
+//! server: the llama family (SmolLM2, Llama 2/3, Mistral-style) and Gemma 3, which differ in a
+//! handful of switches read from the GGUF ([`DecoderConfig`]). One forward runs a batch of
+//! *segments* (a chunk of one sequence's tokens each, of any length, at any position), so
+//! prompts and decode steps of different sequences share every weight read; each segment
+//! attends to its own sequence's [`SeqCache`]; logits come back for the positions asked for,
+//! not only the last.
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::cache::{CacheShape, LocalLayers, SeqCache};
+use super::weights::{Embedding, GgufWeights};
+
+/// The architectures this code runs (`general.architecture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Arch {
+    /// `llama`: SiLU MLP, RoPE on interleaved pairs (GGUF's permuted Q/K), one RoPE base.
+    Llama,
+    /// `gemma3`: GELU (tanh) MLP, RMS norms on Q and K and after attention and MLP, embeddings
+    /// scaled by √hidden, RoPE on halves, local sliding-window layers (RoPE base 10,000) and
+    /// every sixth layer global (the GGUF's base).
+    Gemma3,
+}
+
+impl Arch {
+    /// The architecture a GGUF names, if this code runs it.
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::Llama),
+            "gemma3" => Some(Self::Gemma3),
+            _ => None,
+        }
+    }
+}
+
+/// Hyper-parameters read from the GGUF.
+#[derive(Clone, Debug)]
+pub(crate) struct DecoderConfig {
+    pub(crate) arch: Arch,
+    pub(crate) layers: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) hidden: usize,
+    /// RoPE base of global layers (every layer of a llama model).
+    pub(crate) rope_base: f32,
+    /// Linear RoPE scaling of global layers (positions are multiplied by it); 1 for none.
+    pub(crate) rope_scale: f32,
+    pub(crate) rms_eps: f64,
+    /// The GGUF's training context.
+    pub(crate) context_length: usize,
+    /// Local layers: their window and RoPE base, and the period of global layers among them
+    /// (layer `i` is global when `(i + 1) % period == 0`).
+    pub(crate) sliding: Option<Sliding>,
+}
+
+/// Gemma 3's local attention layers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sliding {
+    /// A query at position `p` sees keys at positions `p - window + 1 ..= p`.
+    pub(crate) window: usize,
+    pub(crate) rope_base: f32,
+    pub(crate) period: usize,
+}
+
+impl DecoderConfig {
+    /// Reads `<arch>.*` metadata.
+    pub(crate) fn from_gguf(arch: Arch, ct: &gguf_file::Content) -> Result<Self> {
+        let prefix = match arch {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3",
+        };
+        let get = |k: &str| ct.metadata.get(&format!("{prefix}.{k}"));
+        let md = |k: &str| get(k).ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks {prefix}.{k}")));
+        let opt_u32 = |k: &str| get(k).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
+        let opt_f32 = |k: &str| get(k).and_then(|v| v.to_f32().ok());
+        let heads = md("attention.head_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let head_dim = opt_u32("attention.key_length").or_else(|| opt_u32("rope.dimension_count")).unwrap_or(hidden / heads);
+        let sliding = match arch {
+            Arch::Llama => None,
+            // llama.cpp's values for Gemma 3 where the GGUF has none.
+            Arch::Gemma3 => Some(Sliding {
+                window: opt_u32("attention.sliding_window").unwrap_or(512),
+                rope_base: opt_f32("rope.freq_base_swa").unwrap_or(10_000.0),
+                period: opt_u32("attention.sliding_window_pattern").filter(|&p| p > 0).unwrap_or(6),
+            }),
+        };
+        Ok(Self {
+            arch,
+            layers: md("block_count")?.to_u32()? as usize,
+            heads,
+            kv_heads: opt_u32("attention.head_count_kv").unwrap_or(heads),
+            head_dim,
+            hidden,
+            rope_base: opt_f32("rope.freq_base").unwrap_or(10_000.0),
+            rope_scale: opt_f32("rope.scaling.factor").filter(|f| *f > 0.0).map_or(1.0, |f| 1.0 / f),
+            rms_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            context_length: md("context_length")?.to_u32()? as usize,
+            sliding,
+        })
+    }
+
+    /// The sliding window of layer `i`, `None` for a global layer.
+    fn window(&self, i: usize) -> Option<usize> {
+        self.sliding.and_then(|s| LocalLayers { window: s.window, period: s.period }.window_of(i))
+    }
+}
+
+#[derive(Clone)]
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    /// Per-head RMS norms of queries and keys (Gemma 3).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    wo: QMatMul,
+    /// RMS norm of the attention output before the residual add (Gemma 3).
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+    /// RMS norm of the MLP output before the residual add (Gemma 3).
+    post_ffn_norm: Option<Tensor>,
+    /// Sliding window (local layers).
+    window: Option<usize>,
+    /// Index of this layer's RoPE tables in [`Decoder::rope`].
+    rope: usize,
+}
+
+/// What logits a segment wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// None (a prompt chunk that is not the last).
+    Nothing,
+    /// The last position's (generation).
+    Last,
+    /// Every position's (scoring).
+    All,
+}
+
+/// One sequence's share of a batched forward.
+pub(crate) struct Segment<'a> {
+    /// The sequence's cache; the tokens are appended to it.
+    pub(crate) cache: &'a mut SeqCache,
+    /// Tokens to process, at positions `cache.len()..`.
+    pub(crate) tokens: &'a [u32],
+    /// Logits to return.
+    pub(crate) want: Want,
+}
+
+/// A loaded model.
+#[derive(Clone)]
+pub(crate) struct Decoder {
+    config: DecoderConfig,
+    embedding: Embedding,
+    /// Multiplies the looked-up embeddings (Gemma: √hidden).
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    /// RoPE (cos, sin) tables, `[max_len, head_dim / 2]`: global, then local if any.
+    rope: Vec<(Tensor, Tensor)>,
+    device: Device,
+    max_len: usize,
+}
+
+impl Decoder {
+    /// Builds the model from GGUF weights, with RoPE tables for `max_len` positions.
+    pub(crate) fn load(config: DecoderConfig, w: &mut GgufWeights<'_>, max_len: usize) -> Result<Self> {
+        let device = w.device().clone();
+        // Llama 3.1-style frequency factors divide the global RoPE frequencies.
+        let factors = match w.try_f32("rope_freqs.weight")? {
+            Some(t) => Some(t.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut rope = vec![rope_tables(config.head_dim, config.rope_base, config.rope_scale, factors.as_deref(), max_len, &device)?];
+        if let Some(s) = config.sliding {
+            rope.push(rope_tables(config.head_dim, s.rope_base, 1.0, None, max_len, &device)?);
+        }
+        let gemma = config.arch == Arch::Gemma3;
+        let token_embd = w.qtensor("token_embd.weight")?;
+        let output = match w.try_qtensor("output.weight")? {
+            Some(t) => QMatMul::from_arc(t)?,
+            // Tied embeddings: the output projection and the lookup share one quantized tensor.
+            None => QMatMul::from_arc(token_embd.clone())?,
+        };
+        let embedding = Embedding::new(token_embd, config.hidden)?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = |n: &str| format!("blk.{i}.{n}.weight");
+            let window = config.window(i);
+            let norm = |w: &mut GgufWeights<'_>, n: &str| if gemma { w.f32(&p(n)).map(Some) } else { Ok(None) };
+            layers.push(Layer {
+                attn_norm: w.f32(&p("attn_norm"))?,
+                wq: QMatMul::from_arc(w.qtensor(&p("attn_q"))?)?,
+                wk: QMatMul::from_arc(w.qtensor(&p("attn_k"))?)?,
+                wv: QMatMul::from_arc(w.qtensor(&p("attn_v"))?)?,
+                q_norm: norm(w, "attn_q_norm")?,
+                k_norm: norm(w, "attn_k_norm")?,
+                wo: QMatMul::from_arc(w.qtensor(&p("attn_output"))?)?,
+                post_attn_norm: norm(w, "post_attention_norm")?,
+                ffn_norm: w.f32(&p("ffn_norm"))?,
+                w_gate: QMatMul::from_arc(w.qtensor(&p("ffn_gate"))?)?,
+                w_up: QMatMul::from_arc(w.qtensor(&p("ffn_up"))?)?,
+                w_down: QMatMul::from_arc(w.qtensor(&p("ffn_down"))?)?,
+                post_ffn_norm: norm(w, "post_ffw_norm")?,
+                window,
+                rope: usize::from(window.is_some()),
+            });
+        }
+        let norm = w.f32("output_norm.weight")?;
+        // llama.cpp scales by √hidden in f32.
+        let embed_scale = gemma.then(|| (config.hidden as f32).sqrt() as f64);
+        Ok(Self { config, embedding, embed_scale, layers, norm, output, rope, device, max_len })
+    }
+
+    /// The cache shape sequences of this model need.
+    pub(crate) fn cache_shape(&self) -> CacheShape {
+        CacheShape {
+            layers: self.config.layers,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+            max_len: self.max_len,
+            // Rings need the row-wise attention; other devices keep every position.
+            local: self
+                .config
+                .sliding
+                .filter(|_| self.device.is_cpu())
+                .map(|s| LocalLayers { window: s.window, period: s.period }),
+        }
+    }
+
+    /// The device the weights live on.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs every segment's tokens through the model in one pass, appends their keys and
+    /// values to their caches, and returns per segment the logits it asked for
+    /// (`[n, vocab]`, f32; `None` for [`Want::Nothing`]).
+    pub(crate) fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let cfg = &self.config;
+        let total: usize = segments.iter().map(|s| s.tokens.len()).sum();
+        if total == 0 || segments.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("every segment needs at least one token")
+        }
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for s in segments.iter_mut() {
+            s.cache.reserve(s.tokens.len())?;
+            let start = s.cache.len();
+            ids.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+        }
+        if positions.iter().any(|&p| p as usize >= self.max_len) {
+            candle_core::bail!("position past the context of {} tokens", self.max_len)
+        }
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let rope = self
+            .rope
+            .iter()
+            .map(|(cos, sin)| Ok((cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let eps = cfg.rms_eps as f32;
+
+        let mut x = self.embedding.lookup(&ids, &self.device)?; // [T, hidden]
+        if let Some(s) = self.embed_scale {
+            x = (x * s)?;
+        }
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let group = cfg.heads / cfg.kv_heads;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.wq.forward(&h)?;
+            let k = layer.wk.forward(&h)?;
+            let v = layer.wv.forward(&h)?;
+            // [T, heads*hd] -> [1, heads, T, hd], per-head norms, then RoPE.
+            let to_heads = |t: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
+                let t = t.reshape((total, n, cfg.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+                match norm {
+                    Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
+                    None => Ok(t),
+                }
+            };
+            let (cos, sin) = &rope[layer.rope];
+            let rotate = |t: &Tensor| match cfg.arch {
+                // GGUF llama files store Q/K permuted for RoPE on interleaved pairs.
+                Arch::Llama => candle_nn::rotary_emb::rope_i(t, cos, sin),
+                Arch::Gemma3 => candle_nn::rotary_emb::rope(t, cos, sin),
+            };
+            let q = rotate(&to_heads(q, cfg.heads, layer.q_norm.as_ref())?)?.squeeze(0)?;
+            let k = rotate(&to_heads(k, cfg.kv_heads, layer.k_norm.as_ref())?)?.squeeze(0)?;
+            let v = to_heads(v, cfg.kv_heads, None)?.squeeze(0)?;
+            let q = (q * scale)?;
+
+            let mut offset = 0;
+            for s in segments.iter() {
+                let n = s.tokens.len();
+                let ks = k.narrow(1, offset, n)?.contiguous()?;
+                let vs = v.narrow(1, offset, n)?.contiguous()?;
+                s.cache.write(li, &ks, &vs)?;
+                offset += n;
+            }
+            let o = if self.device.is_cpu() {
+                let kv: Vec<super::attention::SegmentKv<'_>> = segments
+                    .iter()
+                    .map(|s| {
+                        let (k, v, modulus) = s.cache.layer(li);
+                        super::attention::SegmentKv { k, v, modulus, past: s.cache.len(), n: s.tokens.len(), window: layer.window }
+                    })
+                    .collect();
+                super::attention::attend(&q.contiguous()?, &kv, group)?
+            } else {
+                let mut outs = Vec::with_capacity(segments.len());
+                let mut offset = 0;
+                for s in segments.iter() {
+                    let n = s.tokens.len();
+                    let qs = q.narrow(1, offset, n)?.contiguous()?;
+                    outs.push(self.attend_matmul(&qs, s.cache, li, n, layer.window)?);
+                    offset += n;
+                }
+                Tensor::cat(&outs, 1)?
+            };
+            let o = o.transpose(0, 1)?.contiguous()?.reshape((total, cfg.heads * cfg.head_dim))?;
+            let mut o = layer.wo.forward(&o)?;
+            if let Some(w) = &layer.post_attn_norm {
+                o = candle_nn::ops::rms_norm(&o, w, eps)?;
+            }
+            x = (x + o)?;
+
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gate = layer.w_gate.forward(&h)?;
+            let gate = match cfg.arch {
+                Arch::Llama => candle_nn::ops::silu(&gate)?,
+                // candle's `gelu` is the tanh approximation Gemma uses.
+                Arch::Gemma3 => gate.gelu()?,
+            };
+            let up = layer.w_up.forward(&h)?;
+            let mut f = layer.w_down.forward(&(gate * up)?)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                f = candle_nn::ops::rms_norm(&f, w, eps)?;
+            }
+            x = (x + f)?;
+        }
+        for s in segments.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+
+        // Logits only for the rows asked for.
+        let mut rows = Vec::new();
+        let mut offset = 0u32;
+        for s in segments.iter() {
+            let n = s.tokens.len() as u32;
+            match s.want {
+                Want::Nothing => {}
+                Want::Last => rows.push(offset + n - 1),
+                Want::All => rows.extend(offset..offset + n),
+            }
+            offset += n;
+        }
+        let logits = if rows.is_empty() {
+            None
+        } else {
+            let idx = Tensor::new(rows.as_slice(), &self.device)?;
+            let h = x.index_select(&idx, 0)?;
+            let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
+            Some(self.output.forward(&h)?.to_dtype(DType::F32)?)
+        };
+        let mut out = Vec::with_capacity(segments.len());
+        let mut at = 0;
+        for s in segments.iter() {
+            let n = match s.want {
+                Want::Nothing => 0,
+                Want::Last => 1,
+                Want::All => s.tokens.len(),
+            };
+            out.push(match (&logits, n) {
+                (Some(l), n) if n > 0 => Some(l.narrow(0, at, n)?),
+                _ => None,
+            });
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Decoder {
+    /// Attention by batched matrix products (devices other than the CPU): fast, but a row's
+    /// last bits depend on the shapes it is computed with (see `attention`).
+    fn attend_matmul(&self, qs: &Tensor, cache: &SeqCache, li: usize, n: usize, window: Option<usize>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let past = cache.len();
+        let group = cfg.heads / cfg.kv_heads;
+        let (kc, vc) = cache.view(li, n)?; // [kv, past+n, hd]
+        // Heads sharing a KV head are stacked as rows: [kv, group*n, hd].
+        let qs = qs.reshape((cfg.kv_heads, group * n, cfg.head_dim))?;
+        let mut att = qs.matmul(&kc.t()?)?;
+        if n > 1 || window.is_some_and(|w| past + 1 > w) {
+            let mask = causal_mask(n, past, window, &self.device)?;
+            att = att
+                .reshape((cfg.kv_heads, group, n, past + n))?
+                .broadcast_add(&mask)?
+                .reshape((cfg.kv_heads, group * n, past + n))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&vc)?.reshape((cfg.heads, n, cfg.head_dim))
+    }
+}
+
+/// `[n, past + n]` additive mask: query `i` (at position `past + i`) sees keys `0..=past + i`,
+/// and within a sliding window only the last `window` of them.
+fn causal_mask(n: usize, past: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let cols = past + n;
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
+            (0..cols).map(move |j| if j >= first && j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    Tensor::from_vec(data, (n, cols), device)
+}
+
+/// RoPE cosine and sine tables, `[max_len, head_dim / 2]`: frequency `i` is
+/// `base^(-2i/head_dim) / factors[i]` at position `p * scale`.
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    scale: f32,
+    factors: Option<&[f32]>,
+    max_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2)
+        .map(|i| scale / base.powf(2.0 * i as f32 / head_dim as f32) / factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0))
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+    let pos = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}

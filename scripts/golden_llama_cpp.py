@@ -1,0 +1,131 @@
+"""Golden fixtures for the engine's correctness tests, computed by llama.cpp (llama-cpp-python)
+on the same GGUF: the top-k logits at every position of a few prompts (one past 512 tokens, so
+Gemma 3's sliding window is exercised), the greedy continuation of the first prompt, and the
+token ids of a corpus of tokenizer edge cases.
+
+  python golden_llama_cpp.py MODEL OUT.json
+
+scripts/golden-fixtures.sh runs it for both models; crates/engine/tests/golden.rs reads the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+TOP_K = 8
+GREEDY_TOKENS = 24
+
+LONG = (
+    "The river town kept its records in a stone house by the bridge. Every spring the clerks "
+    "counted boats, barrels of salt, bales of wool and the names of travellers, and every autumn "
+    "they copied the counts into a ledger bound in red leather. "
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "Question: Is the following review positive or negative?\nReview: The food was cold and the "
+    "waiter ignored us for an hour.\nAnswer:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    # Past 512 tokens for both tokenizers: Gemma 3's local layers then see only their window.
+    "".join(f"Year {1700 + i}: " + LONG for i in range(14)) + "In the end, the ledgers",
+]
+
+# Tokenizer edge cases: scripts, emoji, whitespace runs, control-token look-alikes, code, markup.
+CORPUS = [
+    "",
+    " ",
+    "  ",
+    "   leading and trailing   ",
+    "\t\ttabs\tand\nnewlines\n\n\nthree",
+    "\r\nwindows line\r\n",
+    "Hello, world!",
+    "hello world",
+    "HELLO WORLD",
+    "don't won't it's we're they'll I'd",
+    "1234567890 3.14159 1,000,000 -42 +7 1e-9 0x1F",
+    "2026-11-28T17:31:36Z",
+    "naïve café résumé façade coöperate Ångström",
+    "Straße ß ẞ İstanbul ǅ",
+    "日本語のテキストと漢字。",
+    "中文文本，包括标点符号！",
+    "한국어 텍스트입니다.",
+    "Привет, как дела?",
+    "مرحبا بالعالم",
+    "שלום עולם",
+    "नमस्ते दुनिया",
+    "ภาษาไทย",
+    "🎉🚀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "math: ∑ᵢ xᵢ² ≤ ∞, ∀ε>0 ∃δ",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<start_of_turn>user\nhi<end_of_turn>",
+    "<bos><eos><pad><unk><mask>",
+    "<s></s><unk>[INST][/INST]",
+    "<|endoftext|><|eot_id|>",
+    "def f(x):\n    return x ** 2  # square\n",
+    "for (int i = 0; i < n; ++i) { a[i] += b[i]; }",
+    "    indented with four spaces\n        and eight",
+    "https://example.com/path?query=1&other=two#frag",
+    "user@example.org",
+    '<div class="x"><p>Hello &amp; welcome</p></div>',
+    '{"label": "positive", "score": 0.97, "tags": ["a", "b"]}',
+    "a\u00a0b\u2009c\u200bd",
+    "ＦＵＬＬＷＩＤＴＨ　ｔｅｘｔ",
+    "zero\u0000byte",
+    "combining: e\u0301 a\u0308 n\u0303",
+    "!!!???...,,,;;;:::",
+    "________----------==========",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "The quick brown fox jumps over the lazy dog.",
+    "▁already▁has▁metaspace",
+    "\u2581",
+    "Ünïcödé 日本語 🎉🚀 ok",
+]
+
+
+def main() -> None:
+    model, out = sys.argv[1], sys.argv[2]
+    with open(model, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    # An f32 KV cache (llama.cpp's default is f16), as the engine keeps: one source of
+    # difference less.
+    llm = Llama(model_path=model, n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
+                n_threads=2, type_k=0, type_v=0, verbose=False)
+    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    prompts = []
+    for text in PROMPTS:
+        ids = llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+        llm.reset()
+        llm.eval(ids)
+        scores = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+        top = []
+        for row in scores:
+            idx = np.argsort(-row, kind="stable")[:TOP_K]
+            top.append([[int(i), round(float(row[i]), 4)] for i in idx])
+        prompts.append({"text": text, "tokens": ids, "top": top})
+        print(f"{model}: {len(ids)} tokens", file=sys.stderr)
+    # Greedy continuation of the first prompt, token by token.
+    ids = llm.tokenize(PROMPTS[0].encode(), add_bos=add_bos, special=False)
+    llm.reset()
+    llm.eval(ids)
+    greedy = []
+    for _ in range(GREEDY_TOKENS):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        greedy.append(nxt)
+        llm.eval([nxt])
+    corpus = [
+        {"text": t, "ids": llm.tokenize(t.encode(), add_bos=False, special=False)} for t in CORPUS
+    ]
+    json.dump({"model": model.split("/")[-1], "sha256": sha, "llama_cpp_python": llama_cpp.__version__,
+               "top_k": TOP_K,
+               "add_bos": add_bos, "prompts": prompts, "greedy": greedy, "tokenizer": corpus},
+              open(out, "w"), ensure_ascii=False, separators=(",", ":"))
+
+
+if __name__ == "__main__":
+    main()
