@@ -13,6 +13,8 @@ import signal
 import time
 
 import openai
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
 import pytest
 
 CHAT = "/v1/chat/completions"
@@ -163,6 +165,9 @@ def test_chat_batch_completes_with_real_model_output(running):
     client = running.client()
     lines = [chat_line(f"q-{i}", q, max_tokens=16) for i, q in enumerate(QUESTIONS[:4])]
     lines.append(chat_line("q-again", QUESTIONS[0], max_tokens=16))  # same prompt as q-0
+    with_logprobs = chat_line("q-logprobs", QUESTIONS[1], max_tokens=16)
+    with_logprobs["body"].update(logprobs=True, top_logprobs=3)
+    lines.append(with_logprobs)
     data = jsonl(lines)
     f = client.files.create(file=("questions.jsonl", data, "application/jsonl"), purpose="batch")
     assert f.id.startswith("file-") and f.purpose == "batch" and f.bytes == len(data), f
@@ -176,14 +181,14 @@ def test_chat_batch_completes_with_real_model_output(running):
     assert batch.status in ("validating", "in_progress"), batch
     assert batch.endpoint == CHAT and batch.input_file_id == f.id and batch.completion_window == "24h"
     assert batch.metadata == {"suite": "e2e"}
-    assert batch.request_counts.total == 5, batch.request_counts
+    assert batch.request_counts.total == 6, batch.request_counts
     assert batch.id in [b.id for b in client.batches.list(limit=10).data]
 
     history: list = []
     done = wait_status(client, batch.id, "completed", timeout=240, history=history)
     assert_status_order(history)
     counts = done.request_counts
-    assert (counts.total, counts.completed, counts.failed) == (5, 5, 0), counts
+    assert (counts.total, counts.completed, counts.failed) == (6, 6, 0), counts
     assert done.output_file_id and done.error_file_id is None, done
     assert done.errors is None or not done.errors.data, done.errors
     assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at, done
@@ -193,7 +198,7 @@ def test_chat_batch_completes_with_real_model_output(running):
     assert out_file.purpose == "batch_output", out_file
     out = read_jsonl(client, done.output_file_id)
     assert out_file.bytes == len(client.files.content(done.output_file_id).content)
-    assert len(out) == 5
+    assert len(out) == 6
     assert_each_once(out, [line["custom_id"] for line in lines])
     bodies = {line["custom_id"]: assert_chat_output_line(line, 16) for line in out}
     answers = {cid: b["choices"][0]["message"]["content"] for cid, b in bodies.items()}
@@ -202,6 +207,18 @@ def test_chat_batch_completes_with_real_model_output(running):
     # different questions got different answers.
     assert answers["q-again"] == answers["q-0"], answers
     assert len({answers[f"q-{i}"] for i in range(4)}) >= 3, f"answers look canned: {answers}"
+
+    # Log-probabilities, as the openai package parses them: greedy took each position's most
+    # likely token, and the tokens spell the answer.
+    parsed = ChatCompletion.model_validate(bodies["q-logprobs"])
+    assert parsed.choices[0].message.content == answers["q-1"]
+    content = parsed.choices[0].logprobs.content
+    assert content and "".join(t.token for t in content) == answers["q-1"], content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3, t
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, t
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+    assert bodies["q-0"]["choices"][0]["logprobs"] is None
 
     # Batch usage is the sum of the lines' usage.
     assert done.usage is not None
@@ -213,7 +230,9 @@ def test_chat_batch_completes_with_real_model_output(running):
 def test_completions_batch(running):
     client = running.client()
     prompts = {"c-0": "The capital of France is", "c-1": "One, two, three,", "c-2": "The sun rises in the"}
-    batch = create_batch(client, [completion_line(cid, p, 8) for cid, p in prompts.items()], endpoint=COMPLETIONS)
+    lines = [completion_line(cid, p, 8) for cid, p in prompts.items()]
+    lines[2]["body"]["logprobs"] = 2
+    batch = create_batch(client, lines, endpoint=COMPLETIONS)
     assert batch.endpoint == COMPLETIONS
     done = wait_status(client, batch.id, "completed", timeout=180)
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 3, 0)
@@ -227,6 +246,15 @@ def test_completions_batch(running):
         (choice,) = body["choices"]
         assert isinstance(choice["text"], str) and choice["text"].strip(), line
         assert 1 <= body["usage"]["completion_tokens"] <= 8, body
+        if line["custom_id"] != "c-2":
+            assert choice["logprobs"] is None, choice
+    # Legacy completions' log-probabilities, as the openai package parses them.
+    (c2,) = [Completion.model_validate(line["response"]["body"]) for line in out if line["custom_id"] == "c-2"]
+    lp = c2.choices[0].logprobs
+    assert "".join(lp.tokens) == c2.choices[0].text, lp
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(alternatives) == 2 for alternatives in lp.top_logprobs), lp
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
     assert done.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in out)
 
 
