@@ -50,18 +50,8 @@ pub(crate) struct DecoderConfig {
     pub(crate) rms_eps: f64,
     /// The GGUF's training context.
     pub(crate) context_length: usize,
-    /// Local layers: their window and RoPE base, and the period of global layers among them
-    /// (layer `i` is global when `(i + 1) % period == 0`).
-    pub(crate) sliding: Option<Sliding>,
-}
-
-/// Gemma 3's local attention layers.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Sliding {
-    /// A query at position `p` sees keys at positions `p - window + 1 ..= p`.
-    pub(crate) window: usize,
-    pub(crate) rope_base: f32,
-    pub(crate) period: usize,
+    /// Local layers: which ones and their window, and their RoPE base.
+    pub(crate) sliding: Option<(LocalLayers, f32)>,
 }
 
 impl DecoderConfig {
@@ -81,11 +71,13 @@ impl DecoderConfig {
         let sliding = match arch {
             Arch::Llama => None,
             // llama.cpp's values for Gemma 3 where the GGUF has none.
-            Arch::Gemma3 => Some(Sliding {
-                window: opt_u32("attention.sliding_window").unwrap_or(512),
-                rope_base: opt_f32("rope.freq_base_swa").unwrap_or(10_000.0),
-                period: opt_u32("attention.sliding_window_pattern").filter(|&p| p > 0).unwrap_or(6),
-            }),
+            Arch::Gemma3 => Some((
+                LocalLayers {
+                    window: opt_u32("attention.sliding_window").unwrap_or(512),
+                    period: opt_u32("attention.sliding_window_pattern").filter(|&p| p > 0).unwrap_or(6),
+                },
+                opt_f32("rope.freq_base_swa").unwrap_or(10_000.0),
+            )),
         };
         Ok(Self {
             arch,
@@ -104,7 +96,7 @@ impl DecoderConfig {
 
     /// The sliding window of layer `i`, `None` for a global layer.
     fn window(&self, i: usize) -> Option<usize> {
-        self.sliding.and_then(|s| LocalLayers { window: s.window, period: s.period }.window_of(i))
+        self.sliding.and_then(|(l, _)| l.window_of(i))
     }
 }
 
@@ -179,8 +171,8 @@ impl Decoder {
             None => None,
         };
         let mut rope = vec![rope_tables(config.head_dim, config.rope_base, config.rope_scale, factors.as_deref(), max_len, &device)?];
-        if let Some(s) = config.sliding {
-            rope.push(rope_tables(config.head_dim, s.rope_base, 1.0, None, max_len, &device)?);
+        if let Some((_, base)) = config.sliding {
+            rope.push(rope_tables(config.head_dim, base, 1.0, None, max_len, &device)?);
         }
         let gemma = config.arch == Arch::Gemma3;
         let token_embd = w.qtensor("token_embd.weight")?;
@@ -231,7 +223,7 @@ impl Decoder {
                 .config
                 .sliding
                 .filter(|_| self.device.is_cpu())
-                .map(|s| LocalLayers { window: s.window, period: s.period }),
+                .map(|(l, _)| l),
         }
     }
 
