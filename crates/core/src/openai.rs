@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, FinishReason, SamplingParams, TopLogprob};
+use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, FinishReason, SamplingParams, TopLogprob};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -235,6 +235,15 @@ struct SamplingFields {
     logprobs: Option<Value>,
     /// Chat: alternatives per token (0 to 20), with `logprobs: true`.
     top_logprobs: Option<u64>,
+    /// OpenAI's structured output: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    response_format: Option<Value>,
+    /// vLLM's structured-output fields, for clients written against vLLM.
+    guided_json: Option<Value>,
+    guided_regex: Option<String>,
+    guided_choice: Option<Vec<String>>,
+    guided_grammar: Option<String>,
+    /// vLLM's newer spelling of the same: `{"json" | "regex" | "choice" | "grammar": ...}`.
+    structured_outputs: Option<Value>,
 }
 
 /// Which OpenAI endpoint a body is for (their `logprobs` fields differ).
@@ -272,8 +281,78 @@ impl SamplingFields {
         }
     }
 
+    /// The output constraint the body asks for: OpenAI's `response_format`, or vLLM's
+    /// `guided_*` fields or `structured_outputs` object; at most one of them.
+    fn constraint(&self) -> Result<Option<Constraint>, String> {
+        let mut found: Vec<(&str, Constraint)> = Vec::new();
+        match &self.response_format {
+            None | Some(Value::Null) => {}
+            Some(rf) => match rf.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => found.push(("response_format", Constraint::JsonObject)),
+                Some("json_schema") => {
+                    let schema = rf
+                        .get("json_schema")
+                        .and_then(|j| j.get("schema"))
+                        .ok_or("response_format.json_schema.schema is required for type json_schema")?;
+                    found.push(("response_format", Constraint::JsonSchema(json_schema(schema, "response_format.json_schema.schema")?)));
+                }
+                other => {
+                    return Err(format!(
+                        "response_format.type must be \"text\", \"json_object\" or \"json_schema\", got {}",
+                        other.map_or_else(|| "nothing".to_string(), |t| format!("{t:?}"))
+                    ))
+                }
+            },
+        }
+        if let Some(schema) = &self.guided_json {
+            found.push(("guided_json", Constraint::JsonSchema(json_schema(schema, "guided_json")?)));
+        }
+        if let Some(rx) = &self.guided_regex {
+            found.push(("guided_regex", Constraint::Regex(rx.clone())));
+        }
+        if let Some(options) = &self.guided_choice {
+            found.push(("guided_choice", Constraint::Choice(options.clone())));
+        }
+        if let Some(grammar) = &self.guided_grammar {
+            found.push(("guided_grammar", Constraint::Lark(grammar.clone())));
+        }
+        match &self.structured_outputs {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(so)) => {
+                for (key, value) in so {
+                    let c = match (key.as_str(), value) {
+                        (_, Value::Null) => continue,
+                        ("json", schema) => Constraint::JsonSchema(json_schema(schema, "structured_outputs.json")?),
+                        ("json_object", Value::Bool(true)) => Constraint::JsonObject,
+                        ("regex", Value::String(rx)) => Constraint::Regex(rx.clone()),
+                        ("choice", Value::Array(options)) => Constraint::Choice(
+                            options
+                                .iter()
+                                .map(|o| o.as_str().map(str::to_string))
+                                .collect::<Option<_>>()
+                                .ok_or("structured_outputs.choice must be an array of strings")?,
+                        ),
+                        ("grammar", Value::String(g)) => Constraint::Lark(g.clone()),
+                        (key, _) => return Err(format!("structured_outputs.{key} is not supported (json, json_object, regex, choice, grammar)")),
+                    };
+                    found.push(("structured_outputs", c));
+                }
+            }
+            Some(_) => return Err("structured_outputs must be an object".into()),
+        }
+        match found.len() {
+            0 | 1 => Ok(found.pop().map(|(_, c)| c)),
+            _ => Err(format!(
+                "give one output constraint, not several: {}",
+                found.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
     fn into_params(self, default_max_tokens: usize, endpoint: Endpoint) -> Result<(SamplingParams, Option<String>), String> {
         let logprobs = self.logprobs(endpoint)?;
+        let constraint = self.constraint()?;
         if self.stream == Some(true) {
             return Err("stream must not be true in a batch".into());
         }
@@ -307,8 +386,22 @@ impl SamplingFields {
             seed: self.seed.map(|s| s as u64),
             stop,
             logprobs,
+            constraint,
         };
         Ok((params, self.model))
+    }
+}
+
+/// A JSON schema as a body gives it: an object (or a boolean), or the same as a JSON string.
+fn json_schema(value: &Value, field: &str) -> Result<Value, String> {
+    let schema = match value {
+        Value::String(text) => serde_json::from_str(text).map_err(|e| format!("{field} is not valid JSON: {e}"))?,
+        other => other.clone(),
+    };
+    if schema.is_object() || schema.is_boolean() {
+        Ok(schema)
+    } else {
+        Err(format!("{field} must be a JSON schema object"))
     }
 }
 
@@ -587,6 +680,42 @@ mod tests {
         assert_eq!(lp["text_offset"], json!([0, 1]));
         let plain = Completion { logprobs: None, ..c };
         assert_eq!(chat_completion_object("id", "m", 0, &plain)["choices"][0]["logprobs"], Value::Null);
+    }
+
+    #[test]
+    fn output_constraints_come_from_response_format_or_vllm_fields() {
+        let constraint = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            parse_chat_body(body, 16).map(|(c, _)| match c {
+                EngineCall::Chat(c) => c.params.constraint,
+                EngineCall::Completion(_) => unreachable!(),
+            })
+        };
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(constraint(json!({})).unwrap(), None);
+        assert_eq!(constraint(json!({"response_format": {"type": "text"}})).unwrap(), None);
+        assert_eq!(constraint(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(Constraint::JsonObject));
+        let rf = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}});
+        assert_eq!(constraint(rf).unwrap(), Some(Constraint::JsonSchema(schema.clone())));
+        assert_eq!(constraint(json!({"guided_json": schema.to_string()})).unwrap(), Some(Constraint::JsonSchema(schema.clone())));
+        assert_eq!(constraint(json!({"guided_regex": "[0-9]+"})).unwrap(), Some(Constraint::Regex("[0-9]+".into())));
+        assert_eq!(constraint(json!({"guided_choice": ["a", "b"]})).unwrap(), Some(Constraint::Choice(vec!["a".into(), "b".into()])));
+        assert_eq!(constraint(json!({"structured_outputs": {"choice": ["a"]}})).unwrap(), Some(Constraint::Choice(vec!["a".into()])));
+        assert_eq!(constraint(json!({"structured_outputs": {"grammar": "start: \"x\""}})).unwrap(), Some(Constraint::Lark("start: \"x\"".into())));
+        for bad in [
+            json!({"response_format": {"type": "xml"}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}),
+            json!({"guided_json": "{not json"}),
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            json!({"structured_outputs": {"xml": "a"}}),
+        ] {
+            assert!(constraint(bad.clone()).is_err(), "{bad}");
+        }
+        let (call, _) = parse_completion_body(json!({"prompt": "a", "guided_choice": ["yes", "no"]}), 16).unwrap();
+        let EngineCall::Completion(c) = call else { unreachable!() };
+        assert_eq!(c.params.constraint, Some(Constraint::Choice(vec!["yes".into(), "no".into()])));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 #[cfg(test)]
 mod golden;
+mod guidance;
 pub mod hub;
 mod metrics;
 mod model;
@@ -38,10 +39,12 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::guidance::Guidance;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE, GEMMA_TEMPLATE};
 use crate::tokenizer::GgufTokenizer;
 use crate::worker::{Job, Work, Worker};
 
+pub use crate::guidance::Constraint;
 pub use crate::score::{ChoiceQuestion, ChoiceScores, TokenQuestion};
 
 /// How to load a model.
@@ -90,6 +93,7 @@ struct Inner {
     end_of_turn: Option<u32>,
     tokenizer: Arc<GgufTokenizer>,
     template: ChatTemplate,
+    guidance: Guidance,
     tx: mpsc::Sender<Job>,
     /// Requests admitted and not yet answered (waiting or running).
     admitted: AtomicUsize,
@@ -153,6 +157,9 @@ pub struct SamplingParams {
     /// model (before temperature) and the `k` most likely tokens at its position
     /// ([`Completion::logprobs`]); at most [`MAX_TOP_LOGPROBS`].
     pub logprobs: Option<usize>,
+    /// Structured output: the generated text must match this constraint (a JSON schema, a
+    /// regular expression, a set of strings...); generation ends when it is complete.
+    pub constraint: Option<Constraint>,
 }
 
 /// The most alternatives [`SamplingParams::logprobs`] may ask for per token (OpenAI's limit).
@@ -167,6 +174,7 @@ impl Default for SamplingParams {
             seed: None,
             stop: Vec::new(),
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -272,6 +280,7 @@ pub(crate) struct Loaded {
     pub(crate) context_length: usize,
     pub(crate) requantized: usize,
     pub(crate) end_of_turn: Option<u32>,
+    pub(crate) guidance: Guidance,
 }
 
 /// Reads the GGUF and builds tokenizer, template and model (no thread).
@@ -352,6 +361,9 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         return Err(EngineError::Load(format!("context length {context_length} is too small")));
     }
     warm_up(&model, &tokenizer)?;
+    let guidance_start = Instant::now();
+    let guidance = Guidance::new(tokenizer.clone(), &eos, end_of_turn)?;
+    tracing::debug!(ms = guidance_start.elapsed().as_millis() as u64, "structured-output vocabulary built");
     tracing::info!(
         model_id = %config.model_id,
         path = %path.display(),
@@ -382,6 +394,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         context_length,
         requantized,
         end_of_turn,
+        guidance,
     })
 }
 
@@ -424,6 +437,7 @@ impl Engine {
             context_length,
             requantized,
             end_of_turn,
+            guidance,
         } = load_parts(&config)?;
         let metrics = worker.metrics.clone();
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
@@ -440,6 +454,7 @@ impl Engine {
                 end_of_turn,
                 tokenizer,
                 template,
+                guidance,
                 tx,
                 admitted: AtomicUsize::new(0),
                 capacity: config.max_queue.max(1),
@@ -545,12 +560,14 @@ impl Engine {
                 ctx
             )));
         }
+        let guide = params.constraint.as_ref().map(|c| self.inner.guidance.guide(c)).transpose()?;
         let (reply, rx) = oneshot::channel();
         let _admission = self.enqueue(
             kind,
             Work::Generate {
                 prompt,
                 params,
+                guide,
                 reply,
             },
         )?;

@@ -13,6 +13,8 @@
 //! - `plain` never matches control tokens, so text typed by a user (`<|im_start|>` inside a
 //!   message or a completion prompt) becomes ordinary text tokens and cannot inject structure.
 
+use std::collections::HashSet;
+
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -402,6 +404,27 @@ impl GgufTokenizer {
         if self.control_tokens.iter().any(|(_, c)| *c == id) {
             return piece.as_bytes().to_vec();
         }
+        self.text_bytes(id, piece)
+    }
+
+    /// Every token's bytes by id, as [`Self::token_bytes`] but with `marker` before each
+    /// control token's text, which no text can spell (llguidance's token trie wants this).
+    pub(crate) fn vocabulary_bytes(&self, marker: u8) -> Vec<Vec<u8>> {
+        let control: HashSet<u32> = self.control_tokens.iter().map(|(_, id)| *id).collect();
+        (0u32..)
+            .zip(&self.tokens)
+            .map(|(id, piece)| {
+                if control.contains(&id) {
+                    [&[marker], piece.as_bytes()].concat()
+                } else {
+                    self.text_bytes(id, piece)
+                }
+            })
+            .collect()
+    }
+
+    /// The bytes of text an ordinary (not control) token stands for.
+    fn text_bytes(&self, id: u32, piece: &str) -> Vec<u8> {
         match self.spelling {
             Spelling::ByteLevel => match piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
                 Some(bytes) => bytes,

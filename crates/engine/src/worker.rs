@@ -17,6 +17,7 @@ use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::guidance::Guide;
 use crate::metrics::EngineMetrics;
 use crate::model::prefix::PrefixCache;
 use crate::model::{Model, Segment, SeqCache, Want};
@@ -41,6 +42,7 @@ pub(crate) enum Work {
     Generate {
         prompt: Vec<u32>,
         params: SamplingParams,
+        guide: Option<Guide>,
         reply: oneshot::Sender<Result<Completion, EngineError>>,
     },
     /// Score each question's candidates.
@@ -73,10 +75,14 @@ struct Sequence {
     /// Alternatives recorded per token, when log-probabilities were asked for.
     top_logprobs: Option<usize>,
     logprobs: Vec<TokenLogprob>,
+    /// The structured-output constraint's state, when the request has one.
+    guide: Option<Guide>,
+    /// Why this sequence failed on its own (its batch goes on).
+    error: Option<EngineError>,
 }
 
 impl Sequence {
-    fn new(prompt: Vec<u32>, params: &SamplingParams, context_length: usize) -> Self {
+    fn new(prompt: Vec<u32>, params: &SamplingParams, guide: Option<Guide>, context_length: usize) -> Self {
         let seed = params.seed.unwrap_or_else(|| {
             std::collections::hash_map::RandomState::new()
                 .build_hasher()
@@ -113,6 +119,8 @@ impl Sequence {
             finish: None,
             top_logprobs: params.logprobs,
             logprobs: Vec::new(),
+            guide,
+            error: None,
         };
         seq.check_length();
         seq
@@ -130,19 +138,40 @@ impl Sequence {
         }
     }
 
-    /// Samples the next token from `logits` (1-D, vocabulary size) and updates the state.
+    /// Samples the next token from `logits` (1-D, vocabulary size) and updates the state. An
+    /// error is the batch's (candle failed); the sequence's own failures end it alone.
     fn step(
         &mut self,
         logits: &Tensor,
         tok: &GgufTokenizer,
         eos: &HashSet<u32>,
-    ) -> Result<u32, EngineError> {
-        let next = self.sampler.sample(logits).map_err(inference)?;
+    ) -> Result<(), EngineError> {
+        let next = match &mut self.guide {
+            None => self.sampler.sample(logits).map_err(inference)?,
+            Some(guide) => {
+                let mut row = logits.to_vec1::<f32>().map_err(inference)?;
+                if let Err(e) = guide.mask(&mut row) {
+                    self.fail(e);
+                    return Ok(());
+                }
+                let n = row.len();
+                let masked = Tensor::from_vec(row, n, logits.device()).map_err(inference)?;
+                self.sampler.sample(&masked).map_err(inference)?
+            }
+        };
         self.tokens.push(next);
         if eos.contains(&next) {
             self.finish = Some(FinishReason::Stop);
-            return Ok(next);
+            return Ok(());
         }
+        let complete = match self.guide.as_mut().map(|g| g.advance(next)) {
+            Some(Err(e)) => {
+                self.fail(e);
+                return Ok(());
+            }
+            Some(Ok(complete)) => complete,
+            None => false,
+        };
         if let Some(k) = self.top_logprobs {
             let row = logits.to_vec1::<f32>().map_err(inference)?;
             self.logprobs.push(token_logprob(&row, next, k, self.text.len(), tok));
@@ -154,11 +183,21 @@ impl Sequence {
             if let Some(cut) = self.find_stop(old_len) {
                 self.text.truncate(cut);
                 self.finish = Some(FinishReason::Stop);
-                return Ok(next);
+                return Ok(());
             }
         }
+        if complete {
+            self.finish = Some(FinishReason::Stop);
+        }
         self.check_length();
-        Ok(next)
+        Ok(())
+    }
+
+    /// Ends this sequence with `e` (answered by [`Worker::finish`]); the batch goes on.
+    fn fail(&mut self, e: EngineError) {
+        tracing::warn!(error = %e, "sequence failed");
+        self.finish = Some(FinishReason::Stop);
+        self.error = Some(e);
     }
 
     /// Earliest stop string occurrence that ends in the text added after `old_len`.
@@ -289,8 +328,8 @@ impl Worker {
         }
         let Job { kind, enqueued, work } = job;
         match work {
-            Work::Generate { prompt, params, reply } => {
-                let seq = Sequence::new(prompt, &params, self.context_length);
+            Work::Generate { prompt, params, guide, reply } => {
+                let seq = Sequence::new(prompt, &params, guide, self.context_length);
                 if seq.finish.is_some() {
                     // Nothing to generate (max_tokens 0).
                     let now = Instant::now();
@@ -441,6 +480,10 @@ impl Worker {
             total_ms = total.as_millis() as u64,
             "generation done"
         );
+        if let Some(e) = r.seq.error {
+            let _ = r.reply.send(Err(e));
+            return;
+        }
         let logprobs = r.seq.top_logprobs.map(|_| {
             let end = r.seq.text.len();
             // Tokens of a stop string are cut from the text, and so from its tokens.

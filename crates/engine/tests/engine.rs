@@ -6,9 +6,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use batchlab_engine::{
-    ChoiceQuestion, ChatMessage, ChatRequest, CompletionRequest, Engine, EngineConfig, EngineError, FinishReason,
-    SamplingParams,
+    ChoiceQuestion, ChatMessage, ChatRequest, CompletionRequest, Constraint, Engine, EngineConfig, EngineError,
+    FinishReason, SamplingParams,
 };
+use serde_json::{json, Value};
 
 fn model_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -273,6 +274,7 @@ async fn seeded_sampling_is_reproducible() {
         seed: Some(42),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     };
     let req = ChatRequest {
         messages: vec![ChatMessage::new(
@@ -582,4 +584,113 @@ async fn gemma3_chats_in_its_turn_format() {
     assert_eq!(ids.iter().filter(|&&i| i == 106).count(), 1, "only the template's <end_of_turn>: {ids:?}");
     let c = engine.chat(ChatRequest { messages, params: greedy(Some(8)) }).await.unwrap();
     assert!(c.completion_tokens >= 1 && !c.text.is_empty(), "{c:?}");
+
+    // Structured output over a 262k SentencePiece vocabulary.
+    let messages = vec![ChatMessage::new("user", "Describe Ada Lovelace as JSON.")];
+    let params = SamplingParams { constraint: Some(Constraint::JsonSchema(person_schema())), ..greedy(Some(64)) };
+    let c = engine.chat(ChatRequest { messages, params }).await.unwrap();
+    check_person(&c.text);
+}
+
+/// A schema with every kind of constraint a labeling task needs: strings, an integer range,
+/// an enum, an array of enums, required keys and no others.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "city": {"enum": ["Paris", "London", "Tokyo"]},
+            "skills": {"type": "array", "items": {"enum": ["math", "poetry", "music"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "city", "skills"],
+        "additionalProperties": false
+    })
+}
+
+/// The text is a JSON object valid against [`person_schema`].
+fn check_person(text: &str) {
+    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {text}"));
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["age", "city", "name", "skills"], "{text}");
+    assert!(obj["name"].as_str().is_some_and(|n| n.chars().count() <= 40), "{text}");
+    assert!(obj["age"].as_u64().is_some_and(|a| a <= 120), "{text}");
+    assert!(["Paris", "London", "Tokyo"].contains(&obj["city"].as_str().unwrap_or("")), "{text}");
+    let skills = obj["skills"].as_array().unwrap_or_else(|| panic!("skills: {text}"));
+    assert!(skills.len() <= 3 && skills.iter().all(|s| ["math", "poetry", "music"].contains(&s.as_str().unwrap_or(""))), "{text}");
+}
+
+/// With a JSON schema the tiny model's answer always parses and fits the schema, greedy or
+/// sampled; unconstrained, the same request does not (so the constraint is what holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_schema_output_always_fits_the_schema() {
+    let Some(engine) = engine() else { return };
+    let messages = vec![
+        ChatMessage::new("system", "You are a helpful assistant."),
+        ChatMessage::new("user", "Tell me about Marie Curie: name, age at death, city and skills, as JSON."),
+    ];
+    let schema = Some(Constraint::JsonSchema(person_schema()));
+    let free = engine.chat(ChatRequest { messages: messages.clone(), params: greedy(Some(96)) }).await.unwrap();
+    assert!(serde_json::from_str::<Value>(&free.text).is_err(), "unconstrained text parsed: {:?}", free.text);
+    let runs = (0..6u64).map(|seed| {
+        let params = if seed == 0 {
+            SamplingParams { constraint: schema.clone(), ..greedy(Some(96)) }
+        } else {
+            SamplingParams { constraint: schema.clone(), temperature: 1.0, seed: Some(seed), max_tokens: Some(96), ..SamplingParams::default() }
+        };
+        engine.chat(ChatRequest { messages: messages.clone(), params })
+    });
+    for c in futures_join_all(runs).await {
+        let c = c.unwrap();
+        eprintln!("{}", c.text);
+        assert_eq!(c.finish_reason, FinishReason::Stop, "{c:?}");
+        check_person(&c.text);
+    }
+}
+
+/// `json_object`, a regular expression, a closed set of strings and a Lark grammar hold too,
+/// on the completion endpoint as on chat; invalid constraints are refused before they run.
+#[tokio::test]
+async fn regex_choice_lark_and_json_object_constraints_hold() {
+    let Some(engine) = engine() else { return };
+    let ask = |prompt: &str, constraint: Constraint, temperature: f64| {
+        let params = SamplingParams { constraint: Some(constraint), temperature, seed: Some(7), max_tokens: Some(160), ..SamplingParams::default() };
+        engine.chat(ChatRequest { messages: vec![ChatMessage::new("user", prompt)], params })
+    };
+    let c = ask("Give me a JSON object with a cat's name and age.", Constraint::JsonObject, 0.0).await.unwrap();
+    assert!(serde_json::from_str::<Value>(&c.text).is_ok_and(|v| v.is_object()), "{c:?}");
+
+    for temperature in [0.0, 1.0] {
+        let c = ask("What is the phone number?", Constraint::Regex(r"\+33 [1-9]( \d{2}){4}".into()), temperature).await.unwrap();
+        let groups: Vec<&str> = c.text.split(' ').collect();
+        assert!(groups.len() == 6 && groups[0] == "+33" && groups[2..].iter().all(|g| g.len() == 2 && g.bytes().all(|b| b.is_ascii_digit())), "{c:?}");
+        assert_eq!(c.finish_reason, FinishReason::Stop);
+
+        let options = ["positive", "negative", "neutral (mixed)"];
+        let c = ask("Sentiment of 'the food was cold'?", Constraint::Choice(options.map(String::from).to_vec()), temperature).await.unwrap();
+        assert!(options.contains(&c.text.as_str()), "{c:?}");
+    }
+
+    let lark = r#"start: "Answer: " ("yes" | "no") "." "#;
+    let c = engine
+        .complete(CompletionRequest {
+            prompt: "Is the sky blue?".into(),
+            params: SamplingParams { constraint: Some(Constraint::Lark(lark.into())), ..greedy(Some(16)) },
+        })
+        .await
+        .unwrap();
+    assert!(c.text == "Answer: yes." || c.text == "Answer: no.", "{c:?}");
+
+    for bad in [
+        Constraint::Regex("(unclosed".into()),
+        Constraint::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}})),
+        Constraint::JsonSchema(json!(["not", "a", "schema"])),
+        Constraint::Choice(vec![]),
+        Constraint::Lark("start: undefined_rule".into()),
+    ] {
+        let result = ask("hi", bad.clone(), 0.0).await;
+        assert!(matches!(result, Err(EngineError::InvalidRequest(_))), "{bad:?}: {result:?}");
+    }
 }

@@ -9,8 +9,10 @@
 //!   al. 2021); those content-free scores are kept ([`Priors`]) and reused by every task whose
 //!   content-free question is the same (all tasks of a project without examples). A region's `score` is the chosen option's calibrated probability (for a
 //!   multiple choice, the mean over the options picked: those above an even share, 1/n).
-//! - `TextArea`, other `Number`s and `Labels` are **generated** (greedy, short); `Labels` as a
-//!   JSON list of `{"text", "label"}` whose texts are found in the task to give offsets.
+//! - `TextArea`, other `Number`s and `Labels` are **generated** (greedy, short). `Number`s and
+//!   larger `Rating`s are constrained to a number in range, `Labels` to a JSON list of
+//!   `{"text", "label"}` with the config's labels (structured output, [`output_constraint`]);
+//!   the listed texts are found in the task to give offsets.
 //! - The prediction's `score` is the mean of the scored regions' scores (None when nothing was
 //!   scored): the expected share of closed answers that are right, if the model is calibrated.
 //!
@@ -24,7 +26,7 @@ use std::sync::Mutex;
 use futures::future::try_join_all;
 use serde_json::Value;
 
-use crate::engine::{ChatMessage, ChatRequest, ChoiceQuestion, Engine, EngineError, SamplingParams};
+use crate::engine::{ChatMessage, ChatRequest, ChoiceQuestion, Constraint, Engine, EngineError, SamplingParams};
 use crate::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
 use crate::labelstudio::region::{number_json, FieldValue, Region, Span};
 use crate::labelstudio::version::fnv1a64;
@@ -165,6 +167,42 @@ fn candidates(control: &ControlTag) -> Option<Vec<String>> {
     }
 }
 
+/// The most spans one `Labels` answer lists.
+const MAX_SPANS: usize = 16;
+
+/// What a generated answer must look like, so that it always parses: a number in the control's
+/// range, or for `Labels` a JSON list of `{"text", "label"}` with one of the config's labels,
+/// written compactly as the examples are. `TextArea` is free text.
+pub fn output_constraint(control: &ControlTag) -> Option<Constraint> {
+    let schema = match &control.kind {
+        ControlKind::TextArea | ControlKind::Choices { .. } => return None,
+        ControlKind::Rating { max } => serde_json::json!({"type": "integer", "minimum": 1, "maximum": max}),
+        ControlKind::Number { min, max } => {
+            let integral = [min, max].iter().all(|b| b.is_none_or(|b| b.fract() == 0.0));
+            let mut schema = serde_json::json!({"type": if integral { "integer" } else { "number" }});
+            if let Some(lo) = min {
+                schema["minimum"] = number_json(*lo);
+            }
+            if let Some(hi) = max {
+                schema["maximum"] = number_json(*hi);
+            }
+            schema
+        }
+        ControlKind::Labels { labels } => serde_json::json!({
+            "type": "array",
+            "maxItems": MAX_SPANS,
+            "items": {
+                "type": "object",
+                "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 200}, "label": {"enum": labels}},
+                "required": ["text", "label"],
+                "additionalProperties": false
+            },
+            "x-guidance": {"item_separator": ",", "key_separator": ":", "whitespace_flexible": false}
+        }),
+    };
+    Some(Constraint::JsonSchema(schema))
+}
+
 /// The conversation asking `control` about `body`, after the examples.
 fn conversation(control: &ControlTag, shots: &[(String, String)], body: &str) -> Vec<ChatMessage> {
     let question = control_question(control);
@@ -269,7 +307,12 @@ pub async fn predict_task(
             ControlKind::Number { .. } => 12,
             _ => options.text_max_tokens,
         };
-        let params = SamplingParams { max_tokens: Some(max_tokens), temperature: 0.0, ..SamplingParams::default() };
+        let params = SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 0.0,
+            constraint: output_constraint(control),
+            ..SamplingParams::default()
+        };
         engine.chat(ChatRequest { messages: messages.clone(), params })
     }));
     let (scores, texts) = futures::try_join!(scoring, generation)?;
@@ -406,10 +449,7 @@ fn first_number(text: &str) -> Option<f64> {
 /// Label Studio counts them); entries whose text is not in the source or whose label is not in
 /// the config are dropped, and a phrase is matched once.
 pub fn find_spans(generated: &str, source: &str, labels: &[String]) -> Vec<Span> {
-    let list = generated.find('[').zip(generated.rfind(']')).filter(|(a, b)| a < b);
-    let Some(Value::Array(entries)) = list.and_then(|(a, b)| serde_json::from_str(&generated[a..=b]).ok()) else {
-        return Vec::new();
-    };
+    let Some(entries) = json_list(generated) else { return Vec::new() };
     let mut spans: Vec<Span> = Vec::new();
     for entry in entries {
         let (Some(phrase), Some(label)) = (entry.get("text").and_then(Value::as_str), entry.get("label").and_then(Value::as_str)) else {
@@ -429,6 +469,22 @@ pub fn find_spans(generated: &str, source: &str, labels: &[String]) -> Vec<Span>
         spans.push(Span { start, end, text: phrase.to_string(), label: label.clone() });
     }
     spans
+}
+
+/// The JSON list in `generated`; a list cut off by the token limit keeps its whole entries.
+fn json_list(generated: &str) -> Option<Vec<Value>> {
+    let start = generated.find('[')?;
+    let text = &generated[start..];
+    if let Some(end) = text.rfind(']') {
+        if let Ok(Value::Array(entries)) = serde_json::from_str(&text[..=end]) {
+            return Some(entries);
+        }
+    }
+    let last_entry = text.rfind('}')?;
+    match serde_json::from_str(&format!("{}]", &text[..=last_entry])) {
+        Ok(Value::Array(entries)) => Some(entries),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -487,6 +543,30 @@ mod tests {
         assert_eq!((got[0].start, got[0].end, got[0].label.as_str()), (11, 14, "PER"));
         assert_eq!((got[1].start, got[1].end), (24, 30));
         assert!(find_spans("no list here", source, &labels).is_empty());
+        // Cut off by the token limit: the whole entries count.
+        let cut = find_spans(r#"[{"text":"Ada","label":"PER"},{"text":"London","label":"LOC"},{"text":"Lo"#, source, &labels);
+        assert_eq!(cut.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(), ["Ada", "London"]);
+    }
+
+    #[test]
+    fn generated_answers_are_constrained_to_parse() {
+        let config = LabelConfig::parse(
+            r#"<View><Text name="t" value="$t"/><Number name="n" toName="t" min="0" max="2.5"/>
+               <Number name="i" toName="t" min="-3"/><Rating name="r" toName="t" maxRating="50"/>
+               <TextArea name="a" toName="t"/><Labels name="l" toName="t"><Label value="PER"/></Labels></View>"#,
+        )
+        .unwrap();
+        let schema = |name: &str| match output_constraint(config.controls.iter().find(|c| c.name == name).unwrap()) {
+            Some(Constraint::JsonSchema(s)) => Some(s),
+            None => None,
+            Some(other) => panic!("{other:?}"),
+        };
+        assert_eq!(schema("n").unwrap(), json!({"type": "number", "minimum": 0, "maximum": 2.5}));
+        assert_eq!(schema("i").unwrap(), json!({"type": "integer", "minimum": -3}));
+        assert_eq!(schema("r").unwrap(), json!({"type": "integer", "minimum": 1, "maximum": 50}));
+        assert_eq!(schema("a"), None);
+        let labels = schema("l").unwrap();
+        assert_eq!(labels["items"]["properties"]["label"]["enum"], json!(["PER"]));
     }
 
     #[test]
