@@ -23,12 +23,16 @@ use serde::Deserialize;
 use crate::model::{self, Model, Segment, SeqCache, Want};
 use crate::tokenizer::GgufTokenizer;
 
-/// Mean and largest difference allowed between a logit of ours and llama.cpp's, over the
-/// top-k tokens of every position.
-/// Measured: SmolLM2 mean 0.16, max 0.87; Gemma 3 mean 0.21, max 3.5 (p99 0.83) over ~850
-/// positions each.
+/// Mean, 99th-percentile and largest difference allowed between a logit of ours and
+/// llama.cpp's, over the top-k tokens of every position. llama.cpp rounds the activations to
+/// 8 bits before every matmul; the engine computes prompt positions with f32 activations (see
+/// `model::weights::Linear`), which moves rare single logits further from llama.cpp's while
+/// the bulk stays close: the mean and p99 are what catch a wrong layer.
+/// Measured: SmolLM2 mean 0.16, p99 0.56, max 0.87; Gemma 3 mean 0.22, p99 0.78, max 4.8,
+/// over ~850 positions each.
 const MEAN_TOLERANCE: f32 = 0.3;
-const MAX_TOLERANCE: f32 = 4.0;
+const P99_TOLERANCE: f32 = 1.2;
+const MAX_TOLERANCE: f32 = 6.0;
 
 /// A lead of llama.cpp's best token over its second that noise cannot overturn.
 const CLEAR_LEAD: f32 = 1.0;
@@ -133,7 +137,7 @@ fn logits_match_llama_cpp(fixture_file: &str) {
         let mut cache = SeqCache::new(model.cache_shape(), p.tokens.len(), model.device()).unwrap();
         let mut at = 0;
         for chunk in p.tokens.chunks(CHUNK) {
-            let mut seg = [Segment { cache: &mut cache, tokens: chunk, want: Want::All }];
+            let mut seg = [Segment { cache: &mut cache, tokens: chunk, want: Want::All, prompt: true }];
             let logits = model.forward(&mut seg).unwrap().pop().unwrap().unwrap();
             for row in logits.to_vec2::<f32>().unwrap() {
                 let theirs = &p.top[at];
@@ -164,6 +168,7 @@ fn logits_match_llama_cpp(fixture_file: &str) {
         late.iter().sum::<f64>() / late.len().max(1) as f64,
     );
     assert!(mean <= MEAN_TOLERANCE as f64, "mean difference {mean} > {MEAN_TOLERANCE}");
+    assert!(p99 <= P99_TOLERANCE, "99th-percentile difference {p99} > {P99_TOLERANCE}");
     assert!(max <= MAX_TOLERANCE, "largest difference {max} > {MAX_TOLERANCE}");
     assert_eq!(top1_same, clear, "a clearly best token differs");
 }
@@ -179,7 +184,7 @@ fn greedy_matches_llama_cpp(fixture_file: &str) {
     let mut next = prompt.clone();
     let (mut same, mut clear, mut agree, mut common, mut parted) = (0, 0, 0, 0, false);
     for &theirs in &fixture.greedy {
-        let mut seg = [Segment { cache: &mut cache, tokens: &next, want: Want::Last }];
+        let mut seg = [Segment { cache: &mut cache, tokens: &next, want: Want::Last, prompt: false }];
         let logits: Vec<f32> = model.forward(&mut seg).unwrap().pop().unwrap().unwrap().squeeze(0).unwrap().to_vec1().unwrap();
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.select_nth_unstable_by(1, |&a, &b| logits[b].total_cmp(&logits[a]));
@@ -214,7 +219,7 @@ fn gemma3_sliding_window_rings_change_nothing() {
         let mut cache = SeqCache::new(shape, tokens.len(), model.device()).unwrap();
         let mut out = Vec::new();
         for part in tokens.chunks(chunk) {
-            let mut seg = [Segment { cache: &mut cache, tokens: part, want: Want::Last }];
+            let mut seg = [Segment { cache: &mut cache, tokens: part, want: Want::Last, prompt: true }];
             out.push(model.forward(&mut seg).unwrap().pop().unwrap().unwrap().squeeze(0).unwrap().to_vec1().unwrap());
         }
         out

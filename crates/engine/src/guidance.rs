@@ -146,13 +146,14 @@ impl Guidance {
         if let Some(e) = matcher.get_error() {
             return Err(invalid(format!("cannot compile the output constraint: {e}")));
         }
-        Ok(Guide { matcher, eos: self.eos, all_eos: self.all_eos.clone() })
+        Ok(Guide { matcher: Box::new(matcher), eos: self.eos, all_eos: self.all_eos.clone() })
     }
 }
 
 /// One sequence's position in its grammar.
 pub(crate) struct Guide {
-    matcher: Matcher,
+    /// Boxed: llguidance's matcher is large, and guides travel in the request queue.
+    matcher: Box<Matcher>,
     eos: TokenId,
     all_eos: Vec<TokenId>,
 }

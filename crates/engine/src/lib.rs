@@ -419,7 +419,7 @@ fn load_tokenizer(model_path: &std::path::Path, content: &gguf_file::Content) ->
 fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), EngineError> {
     let token = tokenizer.bos_id.or(tokenizer.eos_id).unwrap_or(0);
     let mut cache = model::SeqCache::new(model.cache_shape(), 1, model.device()).map_err(|e| load_err("warm-up", e))?;
-    let mut segment = [model::Segment { cache: &mut cache, tokens: &[token], want: model::Want::Last }];
+    let mut segment = [model::Segment { cache: &mut cache, tokens: &[token], want: model::Want::Last, prompt: false }];
     model.forward(&mut segment).map_err(|e| load_err("warm-up forward pass", e))?;
     Ok(())
 }

@@ -29,6 +29,9 @@ use crate::{Completion, EngineError, FinishReason, SamplingParams, TokenLogprob,
 /// attention score matrix (heads x chunk x context floats) while keeping matmuls large.
 pub(crate) const PREFILL_CHUNK: usize = 512;
 
+/// Memory for the copies of question caches that candidates are scored on, per forward pass.
+const CANDIDATE_FORK_BYTES: usize = 64 << 20;
+
 /// A request as queued for the model thread.
 pub(crate) struct Job {
     pub(crate) kind: &'static str,
@@ -37,6 +40,8 @@ pub(crate) struct Job {
 }
 
 /// What a job asks for, with the channel its answer goes back on.
+// A few hundred bytes moved once through the queue: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Work {
     /// Generate a continuation of `prompt`.
     Generate {
@@ -431,6 +436,7 @@ impl Worker {
                     cache,
                     tokens: &seq.tokens[*fed..*fed + n],
                     want: if ends { Want::Last } else { Want::Nothing },
+                    prompt: *fed < seq.prompt_len,
                 });
             }
             self.model.forward(&mut segments).map_err(inference)?
@@ -500,6 +506,54 @@ impl Worker {
         self.prefix.insert(r.seq.tokens, r.cache);
     }
 
+    /// Feeds each of `tokens` into its cache (every sequence's chunks of one step in one
+    /// forward, at most `prefill_chunk` prompt tokens a step, at least one chunk) and returns
+    /// each one's last-position logits.
+    fn prefill_together(&self, caches: &mut [SeqCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let chunk = self.prefill_chunk.max(1);
+        let mut fed = vec![0usize; tokens.len()];
+        let mut last: Vec<Option<Vec<f32>>> = vec![None; tokens.len()];
+        while fed.iter().zip(tokens).any(|(f, t)| f < &t.len()) {
+            let mut budget = chunk;
+            let mut plan = Vec::new(); // (index, tokens this step)
+            for (i, t) in tokens.iter().enumerate() {
+                let n = (t.len() - fed[i]).min(chunk);
+                if n == 0 || (n > budget && !plan.is_empty()) {
+                    continue;
+                }
+                budget = budget.saturating_sub(n);
+                plan.push((i, n));
+            }
+            let out = {
+                let mut planned = plan.iter().peekable();
+                let mut segments = Vec::with_capacity(plan.len());
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let Some(&&(pi, n)) = planned.peek() else { break };
+                    if pi != i {
+                        continue;
+                    }
+                    planned.next();
+                    let ends = fed[i] + n == tokens[i].len();
+                    segments.push(Segment {
+                        cache,
+                        tokens: &tokens[i][fed[i]..fed[i] + n],
+                        want: if ends { Want::Last } else { Want::Nothing },
+                        prompt: true,
+                    });
+                }
+                self.model.forward(&mut segments).map_err(inference)?
+            };
+            for (&(i, n), logits) in plan.iter().zip(out) {
+                fed[i] += n;
+                if let Some(l) = logits {
+                    last[i] = Some(l.squeeze(0).and_then(|l| l.to_vec1::<f32>()).map_err(inference)?);
+                }
+            }
+            self.metrics.prompt_tokens.increment(plan.iter().map(|&(_, n)| n as u64).sum::<u64>());
+        }
+        last.into_iter().map(|l| l.ok_or_else(|| EngineError::Inference("no logits".into()))).collect()
+    }
+
     /// Feeds `tokens` into `cache` in chunks; the last position's logits when `last`.
     fn prefill(&self, cache: &mut SeqCache, tokens: &[u32]) -> Result<Option<Tensor>, EngineError> {
         let mut logits = None;
@@ -507,7 +561,7 @@ impl Worker {
         while pos < tokens.len() {
             let end = (pos + self.prefill_chunk.max(1)).min(tokens.len());
             let want = if end == tokens.len() { Want::Last } else { Want::Nothing };
-            let mut seg = [Segment { cache: &mut *cache, tokens: &tokens[pos..end], want }];
+            let mut seg = [Segment { cache: &mut *cache, tokens: &tokens[pos..end], want, prompt: true }];
             logits = self.model.forward(&mut seg).map_err(inference)?.pop().flatten();
             pos = end;
         }
@@ -515,10 +569,11 @@ impl Worker {
         Ok(logits)
     }
 
-    /// Scores each question's candidates. The prompt prefix common to every question is
-    /// processed once, each question's own rest once (from a copy of the shared cache), and
-    /// the candidates in rounds: round `r` feeds every question's `r`-th candidate in one
-    /// batched forward, then each cache is cut back to its question's prompt for the next round.
+    /// Scores each question's candidates in three batched passes: the prompt prefix common to
+    /// every question (once, or from the prompt cache), every question's own rest of the prompt
+    /// together (each from a copy of the shared cache), then every candidate together, each on
+    /// a copy of its question's cache ([`CANDIDATE_FORK_BYTES`] of copies per forward at most;
+    /// more candidates take more forwards). Each pass reads the weights once for all rows.
     fn score(&mut self, enqueued: Instant, questions: &[TokenQuestion]) -> Result<Vec<ChoiceScores>, EngineError> {
         let span = tracing::info_span!(
             "engine.score",
@@ -531,7 +586,6 @@ impl Worker {
         let shape = self.model.cache_shape();
         let device = self.model.device().clone();
         let shared = common_prefix(questions.iter().map(|q| q.prompt.as_slice()));
-        let longest_candidate = |q: &TokenQuestion| q.candidates.iter().map(Vec::len).max().unwrap_or(0);
 
         let first = &questions[0].prompt;
         let mut base = match self.prefix.lookup(&first[..=shared], 0).map_err(inference)? {
@@ -543,48 +597,62 @@ impl Worker {
         if reused < shared {
             self.prefill(&mut base, &first[reused..shared])?;
         }
+        let prefix_ms = start.elapsed().as_millis() as u64;
 
         // Each question's own rest of the prompt; its last logits score every candidate's first token.
-        let mut caches = Vec::with_capacity(questions.len());
-        let mut first_logits = Vec::with_capacity(questions.len());
-        for q in questions {
-            let mut cache = base.fork(q.prompt.len() - shared + longest_candidate(q)).map_err(inference)?;
-            let logits = self.prefill(&mut cache, &q.prompt[shared..])?.ok_or_else(|| EngineError::Inference("no logits".into()))?;
-            first_logits.push(logits.squeeze(0).and_then(|l| l.to_vec1::<f32>()).map_err(inference)?);
-            caches.push(cache);
-        }
+        let mut caches = questions
+            .iter()
+            .map(|q| base.fork(q.prompt.len() - shared))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(inference)?;
+        let rests: Vec<&[u32]> = questions.iter().map(|q| &q.prompt[shared..]).collect();
+        let first_logits = self.prefill_together(&mut caches, &rests)?;
         self.prefix.insert(first[..shared].to_vec(), base);
+        let questions_ms = start.elapsed().as_millis() as u64 - prefix_ms;
 
-        let mut logprobs: Vec<Vec<f64>> = questions.iter().map(|q| vec![0.0; q.candidates.len()]).collect();
-        let rounds = questions.iter().map(|q| q.candidates.len()).max().unwrap_or(0);
-        #[allow(clippy::needless_range_loop)] // `round` indexes candidates of every question
-        for round in 0..rounds {
-            let mut members = Vec::new(); // (question, candidate) fed this round
-            {
-                let mut segments = Vec::new();
-                for (qi, (q, cache)) in questions.iter().zip(caches.iter_mut()).enumerate() {
-                    let Some(cand) = q.candidates.get(round) else { continue };
-                    logprobs[qi][round] += log_softmax_at(&first_logits[qi], cand[0]);
-                    if cand.len() > 1 {
-                        members.push(qi);
-                        segments.push(Segment { cache, tokens: &cand[..cand.len() - 1], want: Want::All });
-                    }
+        let mut logprobs: Vec<Vec<f64>> = questions
+            .iter()
+            .zip(&first_logits)
+            .map(|(q, logits)| q.candidates.iter().map(|c| log_softmax_at(logits, c[0])).collect())
+            .collect();
+        // The rest of every longer candidate, in waves of forked caches within the byte budget.
+        let per_position = SeqCache::bytes_per_position(&shape);
+        let mut pending: Vec<(usize, usize)> = questions
+            .iter()
+            .enumerate()
+            .flat_map(|(qi, q)| q.candidates.iter().enumerate().filter(|(_, c)| c.len() > 1).map(move |(ci, _)| (qi, ci)))
+            .collect();
+        pending.reverse();
+        while !pending.is_empty() {
+            let (mut wave, mut bytes, mut rows) = (Vec::new(), 0, 0);
+            while let Some(&(qi, ci)) = pending.last() {
+                let cand = &questions[qi].candidates[ci];
+                let cost = (questions[qi].prompt.len() + cand.len()) * per_position;
+                if !wave.is_empty() && (bytes + cost > CANDIDATE_FORK_BYTES || rows + cand.len() > self.prefill_chunk.max(1)) {
+                    break;
                 }
-                if segments.is_empty() {
-                    continue;
-                }
-                let out = self.model.forward(&mut segments).map_err(inference)?;
-                for (&qi, logits) in members.iter().zip(out) {
-                    let cand = &questions[qi].candidates[round];
-                    let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
-                    let rows = rows.to_vec2::<f32>().map_err(inference)?;
-                    for (k, row) in rows.iter().enumerate() {
-                        logprobs[qi][round] += log_softmax_at(row, cand[k + 1]);
-                    }
-                }
+                bytes += cost;
+                rows += cand.len() - 1;
+                wave.push((qi, ci, caches[qi].fork(cand.len()).map_err(inference)?));
+                pending.pop();
             }
-            for &qi in &members {
-                caches[qi].truncate(questions[qi].prompt.len()).map_err(inference)?;
+            let out = {
+                let mut segments: Vec<Segment<'_>> = wave
+                    .iter_mut()
+                    .map(|(qi, ci, cache)| {
+                        let cand = &questions[*qi].candidates[*ci];
+                        Segment { cache, tokens: &cand[..cand.len() - 1], want: Want::All, prompt: true }
+                    })
+                    .collect();
+                self.model.forward(&mut segments).map_err(inference)?
+            };
+            for ((qi, ci, _), logits) in wave.iter().zip(out) {
+                let cand = &questions[*qi].candidates[*ci];
+                let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
+                let rows = rows.to_vec2::<f32>().map_err(inference)?;
+                for (k, row) in rows.iter().enumerate() {
+                    logprobs[*qi][*ci] += log_softmax_at(row, cand[k + 1]);
+                }
             }
         }
         let out: Vec<ChoiceScores> = logprobs
@@ -592,7 +660,14 @@ impl Worker {
             .zip(questions)
             .map(|(lp, q)| ChoiceScores::from_logprobs(lp, q.prompt.len()))
             .collect();
-        tracing::info!(shared_prefix = shared, total_ms = start.elapsed().as_millis() as u64, "scoring done");
+        tracing::info!(
+            shared_prefix = shared,
+            reused,
+            prefix_ms,
+            questions_ms,
+            total_ms = start.elapsed().as_millis() as u64,
+            "scoring done"
+        );
         Ok(out)
     }
 }
@@ -699,13 +774,14 @@ mod tests {
                 .unwrap();
         let input = Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let theirs: Vec<f32> = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-        // Different summation orders, amplified by the Q8 rounding of activations, move single
-        // logits by up to about one (measured 0.58); a wrong layer would move all of them.
+        // candle-transformers rounds activations to 8 bits, the engine computes prompts with
+        // f32 activations: single logits move by up to about one (measured max 0.64, mean
+        // 0.17); a wrong layer would move all of them.
         assert_eq!(argmax(&ours), argmax(&theirs));
         let d = max_diff(&ours, &theirs);
         let mean = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
         eprintln!("max logit difference {d}, mean {mean}");
-        assert!(d < 1.5 && mean < 0.15, "max logit difference {d}, mean {mean}");
+        assert!(d < 1.5 && mean < 0.25, "max logit difference {d}, mean {mean}");
     }
 
     #[test]
@@ -754,14 +830,14 @@ mod tests {
                     if from == to {
                         continue;
                     }
-                    let mut seg = [Segment { cache: &mut cache, tokens: &scored[from..to], want: Want::All }];
+                    let mut seg = [Segment { cache: &mut cache, tokens: &scored[from..to], want: Want::All, prompt: true }];
                     rows.extend(w.model.forward(&mut seg).unwrap().pop().flatten().unwrap().to_vec2::<f32>().unwrap());
                 }
                 let same_chunks = logprob(&rows, q.prompt.len() - 1);
                 assert!(d(lp, same_chunks) < 1e-4, "candidate {c:?}: {lp} vs {same_chunks}");
                 // In one forward: the same numbers too (row-wise attention).
                 let mut cache = SeqCache::new(w.model.cache_shape(), all.len(), w.model.device()).unwrap();
-                let mut seg = [Segment { cache: &mut cache, tokens: scored, want: Want::All }];
+                let mut seg = [Segment { cache: &mut cache, tokens: scored, want: Want::All, prompt: true }];
                 let rows = w.model.forward(&mut seg).unwrap().pop().flatten().unwrap().to_vec2::<f32>().unwrap();
                 let whole = logprob(&rows, q.prompt.len() - 1);
                 assert!(d(lp, whole) < 1e-9, "candidate {c:?}: {lp} vs {whole}");

@@ -197,16 +197,6 @@ impl SeqCache {
         }
     }
 
-    /// Forgets every position from `len` on (a rejected continuation, for example); fails when
-    /// the rings no longer hold the window before `len`.
-    pub(crate) fn truncate(&mut self, len: usize) -> Result<()> {
-        if !self.can_resume_at(len) {
-            candle_core::bail!("cannot go back to position {len}: the sliding-window layers moved past it")
-        }
-        self.len = self.len.min(len);
-        Ok(())
-    }
-
     /// A copy of this cache that continues independently (prefix sharing: one prompt's
     /// cache serves several continuations), with room for `extra` more positions.
     pub(crate) fn fork(&self, extra: usize) -> Result<Self> {
@@ -290,7 +280,7 @@ mod tests {
         let (k, _) = c.view(0, 1).unwrap();
         let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_vec2().unwrap();
         assert_eq!(k[100], vec![0.0, 0.0]);
-        c.truncate(10).unwrap();
+        let mut c = c.fork_prefix(10, 0).unwrap();
         assert_eq!(c.len(), 10);
         assert!(c.reserve(1000).is_err());
     }
@@ -326,8 +316,5 @@ mod tests {
         assert_eq!(key_at(&f, 0, 169), key_at(&c, 0, 169));
         assert_eq!(key_at(&f, 1, 0), key_at(&c, 1, 0));
         assert!(c.fork_prefix(20, 3).is_err());
-        let mut t = c.fork(0).unwrap();
-        assert!(t.truncate(20).is_err());
-        assert!(t.truncate(175).is_ok());
     }
 }

@@ -10,7 +10,7 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::cache::{CacheShape, LocalLayers, SeqCache};
-use super::weights::{Embedding, GgufWeights};
+use super::weights::{Embedding, GgufWeights, Linear};
 
 /// The architectures this code runs (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,19 +103,19 @@ impl DecoderConfig {
 #[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     /// Per-head RMS norms of queries and keys (Gemma 3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    wo: QMatMul,
+    wo: Linear,
     /// RMS norm of the attention output before the residual add (Gemma 3).
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
     /// RMS norm of the MLP output before the residual add (Gemma 3).
     post_ffn_norm: Option<Tensor>,
     /// Sliding window (local layers).
@@ -143,6 +143,9 @@ pub(crate) struct Segment<'a> {
     pub(crate) tokens: &'a [u32],
     /// Logits to return.
     pub(crate) want: Want,
+    /// Prompt (or scored) tokens, computed with f32 activations; false for a generated token,
+    /// computed with the quantized matmul (see [`Linear`]).
+    pub(crate) prompt: bool,
 }
 
 /// A loaded model.
@@ -189,17 +192,17 @@ impl Decoder {
             let norm = |w: &mut GgufWeights<'_>, n: &str| if gemma { w.f32(&p(n)).map(Some) } else { Ok(None) };
             layers.push(Layer {
                 attn_norm: w.f32(&p("attn_norm"))?,
-                wq: QMatMul::from_arc(w.qtensor(&p("attn_q"))?)?,
-                wk: QMatMul::from_arc(w.qtensor(&p("attn_k"))?)?,
-                wv: QMatMul::from_arc(w.qtensor(&p("attn_v"))?)?,
+                wq: Linear::new(w.qtensor(&p("attn_q"))?)?,
+                wk: Linear::new(w.qtensor(&p("attn_k"))?)?,
+                wv: Linear::new(w.qtensor(&p("attn_v"))?)?,
                 q_norm: norm(w, "attn_q_norm")?,
                 k_norm: norm(w, "attn_k_norm")?,
-                wo: QMatMul::from_arc(w.qtensor(&p("attn_output"))?)?,
+                wo: Linear::new(w.qtensor(&p("attn_output"))?)?,
                 post_attn_norm: norm(w, "post_attention_norm")?,
                 ffn_norm: w.f32(&p("ffn_norm"))?,
-                w_gate: QMatMul::from_arc(w.qtensor(&p("ffn_gate"))?)?,
-                w_up: QMatMul::from_arc(w.qtensor(&p("ffn_up"))?)?,
-                w_down: QMatMul::from_arc(w.qtensor(&p("ffn_down"))?)?,
+                w_gate: Linear::new(w.qtensor(&p("ffn_gate"))?)?,
+                w_up: Linear::new(w.qtensor(&p("ffn_up"))?)?,
+                w_down: Linear::new(w.qtensor(&p("ffn_down"))?)?,
                 post_ffn_norm: norm(w, "post_ffw_norm")?,
                 window,
                 rope: usize::from(window.is_some()),
@@ -241,10 +244,17 @@ impl Decoder {
         if total == 0 || segments.iter().any(|s| s.tokens.is_empty()) {
             candle_core::bail!("every segment needs at least one token")
         }
-        let mut ids = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
         for s in segments.iter_mut() {
             s.cache.reserve(s.tokens.len())?;
+        }
+        // Prompt segments' rows first: the matmuls take them as one block (see `Linear`).
+        let mut order: Vec<usize> = (0..segments.len()).collect();
+        order.sort_by_key(|&i| !segments[i].prompt);
+        let dense_rows: usize = segments.iter().filter(|s| s.prompt).map(|s| s.tokens.len()).sum();
+        let segments_in_order = || order.iter().map(|&i| &segments[i]);
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for s in segments_in_order() {
             let start = s.cache.len();
             ids.extend_from_slice(s.tokens);
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
@@ -268,9 +278,9 @@ impl Decoder {
         let group = cfg.heads / cfg.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&h)?;
-            let k = layer.wk.forward(&h)?;
-            let v = layer.wv.forward(&h)?;
+            let q = layer.wq.forward(&h, dense_rows)?;
+            let k = layer.wk.forward(&h, dense_rows)?;
+            let v = layer.wv.forward(&h, dense_rows)?;
             // [T, heads*hd] -> [1, heads, T, hd], per-head norms, then RoPE.
             let to_heads = |t: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
                 let t = t.reshape((total, n, cfg.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
@@ -291,7 +301,7 @@ impl Decoder {
             let q = (q * scale)?;
 
             let mut offset = 0;
-            for s in segments.iter() {
+            for s in segments_in_order() {
                 let n = s.tokens.len();
                 let ks = k.narrow(1, offset, n)?.contiguous()?;
                 let vs = v.narrow(1, offset, n)?.contiguous()?;
@@ -299,8 +309,7 @@ impl Decoder {
                 offset += n;
             }
             let o = if self.device.is_cpu() {
-                let kv: Vec<super::attention::SegmentKv<'_>> = segments
-                    .iter()
+                let kv: Vec<super::attention::SegmentKv<'_>> = segments_in_order()
                     .map(|s| {
                         let (k, v, modulus) = s.cache.layer(li);
                         super::attention::SegmentKv { k, v, modulus, past: s.cache.len(), n: s.tokens.len(), window: layer.window }
@@ -310,7 +319,7 @@ impl Decoder {
             } else {
                 let mut outs = Vec::with_capacity(segments.len());
                 let mut offset = 0;
-                for s in segments.iter() {
+                for s in segments_in_order() {
                     let n = s.tokens.len();
                     let qs = q.narrow(1, offset, n)?.contiguous()?;
                     outs.push(self.attend_matmul(&qs, s.cache, li, n, layer.window)?);
@@ -319,34 +328,30 @@ impl Decoder {
                 Tensor::cat(&outs, 1)?
             };
             let o = o.transpose(0, 1)?.contiguous()?.reshape((total, cfg.heads * cfg.head_dim))?;
-            let mut o = layer.wo.forward(&o)?;
+            let mut o = layer.wo.forward(&o, dense_rows)?;
             if let Some(w) = &layer.post_attn_norm {
                 o = candle_nn::ops::rms_norm(&o, w, eps)?;
             }
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.w_gate.forward(&h)?;
+            let gate = layer.w_gate.forward(&h, dense_rows)?;
             let gate = match cfg.arch {
                 Arch::Llama => candle_nn::ops::silu(&gate)?,
                 // candle's `gelu` is the tanh approximation Gemma uses.
                 Arch::Gemma3 => gate.gelu()?,
             };
-            let up = layer.w_up.forward(&h)?;
-            let mut f = layer.w_down.forward(&(gate * up)?)?;
+            let up = layer.w_up.forward(&h, dense_rows)?;
+            let mut f = layer.w_down.forward(&(gate * up)?, dense_rows)?;
             if let Some(w) = &layer.post_ffn_norm {
                 f = candle_nn::ops::rms_norm(&f, w, eps)?;
             }
             x = (x + f)?;
         }
-        for s in segments.iter_mut() {
-            s.cache.advance(s.tokens.len());
-        }
-
         // Logits only for the rows asked for.
         let mut rows = Vec::new();
         let mut offset = 0u32;
-        for s in segments.iter() {
+        for s in segments_in_order() {
             let n = s.tokens.len() as u32;
             match s.want {
                 Want::Nothing => {}
@@ -363,19 +368,22 @@ impl Decoder {
             let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
             Some(self.output.forward(&h)?.to_dtype(DType::F32)?)
         };
-        let mut out = Vec::with_capacity(segments.len());
+        let mut out = vec![None; segments.len()];
         let mut at = 0;
-        for s in segments.iter() {
+        for &i in &order {
+            let s = &segments[i];
             let n = match s.want {
                 Want::Nothing => 0,
                 Want::Last => 1,
                 Want::All => s.tokens.len(),
             };
-            out.push(match (&logits, n) {
-                (Some(l), n) if n > 0 => Some(l.narrow(0, at, n)?),
-                _ => None,
-            });
+            if let (Some(l), true) = (&logits, n > 0) {
+                out[i] = Some(l.narrow(0, at, n)?);
+            }
             at += n;
+        }
+        for s in segments.iter_mut() {
+            s.cache.advance(s.tokens.len());
         }
         Ok(out)
     }
