@@ -63,12 +63,14 @@ pub fn answer_regions(config: &LabelConfig, content: &str) -> Result<(Vec<Region
             Err(_) => Ok((Vec::new(), 1)),
         };
     };
+    // Regions in the config's order, whatever the answer's key order.
     let mut regions = Vec::new();
-    let mut dropped = 0;
-    for (key, value) in &object {
-        match config.control(key).map(|c| (c, c.parse_answer(value))) {
-            Some((control, Ok(v))) => regions.extend(control.regions(&v, None)),
-            _ => dropped += 1,
+    let mut dropped = object.keys().filter(|key| config.control(key).is_none()).count() as u64;
+    for control in &config.controls {
+        let Some(value) = object.get(&control.name) else { continue };
+        match control.parse_answer(value) {
+            Ok(v) => regions.extend(control.regions(&v, None)),
+            Err(_) => dropped += 1,
         }
     }
     Ok((regions, dropped))
@@ -246,8 +248,8 @@ mod tests {
         let text = "Here you go:\n```json\n{\"recommendation\": \"Yes\", \"trajectory_rating\": \"stellar\", \"mood\": \"ok\", \"reasoning\": \"Solid.\"}\n```";
         let (regions, dropped) = answer_regions(&config, text).unwrap();
         let names: Vec<&str> = regions.iter().map(|r| r.from_name.as_str()).collect();
-        assert_eq!(names, ["reasoning", "recommendation"]);
-        assert_eq!(regions[1].value, json!({"choices": ["yes"]}));
+        assert_eq!(names, ["recommendation", "reasoning"]);
+        assert_eq!(regions[0].value, json!({"choices": ["yes"]}));
         assert_eq!(dropped, 2, "a value outside the choices and a key outside the config");
         assert_eq!(answer_regions(&config, "strong yes"), Err("unparseable_answer"));
     }
