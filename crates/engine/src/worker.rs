@@ -32,6 +32,10 @@ pub(crate) const PREFILL_CHUNK: usize = 512;
 /// Memory for the copies of question caches that candidates are scored on, per forward pass.
 const CANDIDATE_FORK_BYTES: usize = 64 << 20;
 
+/// Prompt rows that scoring may compute more than once to save a forward pass: a pass of its
+/// own costs about as much as 20 rows (dequantizing every weight once, see `Linear`).
+const FUSED_REST_ROWS: usize = 20;
+
 /// A request as queued for the model thread.
 pub(crate) struct Job {
     pub(crate) kind: &'static str,
@@ -569,11 +573,13 @@ impl Worker {
         Ok(logits)
     }
 
-    /// Scores each question's candidates in three batched passes: the prompt prefix common to
-    /// every question (once, or from the prompt cache), every question's own rest of the prompt
-    /// together (each from a copy of the shared cache), then every candidate together, each on
-    /// a copy of its question's cache ([`CANDIDATE_FORK_BYTES`] of copies per forward at most;
-    /// more candidates take more forwards). Each pass reads the weights once for all rows.
+    /// Scores each question's candidates in batched passes: the prompt prefix common to every
+    /// question (once, or from the prompt cache); then, unless the questions' own rests are
+    /// short enough to ride along with every candidate, every question's rest together (each
+    /// from a copy of the shared cache); then every candidate together, each on a copy of its
+    /// question's cache ([`CANDIDATE_FORK_BYTES`] of copies per pass at most). Each pass reads
+    /// the weights once for all its rows, and every row gets the same bits whichever way it is
+    /// batched.
     fn score(&mut self, enqueued: Instant, questions: &[TokenQuestion]) -> Result<Vec<ChoiceScores>, EngineError> {
         let span = tracing::info_span!(
             "engine.score",
@@ -599,62 +605,76 @@ impl Worker {
         }
         let prefix_ms = start.elapsed().as_millis() as u64;
 
-        // Each question's own rest of the prompt; its last logits score every candidate's first token.
-        let mut caches = questions
-            .iter()
-            .map(|q| base.fork(q.prompt.len() - shared))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(inference)?;
         let rests: Vec<&[u32]> = questions.iter().map(|q| &q.prompt[shared..]).collect();
-        let first_logits = self.prefill_together(&mut caches, &rests)?;
-        self.prefix.insert(first[..shared].to_vec(), base);
+        // When the questions' own rests are short, each candidate's segment carries its
+        // question's rest too (on a copy of the shared cache): a few rows computed again cost
+        // less than a pass of their own. Otherwise every question's rest is one pass, whose last
+        // logits score every candidate's first token, and candidates continue from copies of it.
+        let repeated_rows: usize = questions.iter().zip(&rests).map(|(q, r)| r.len() * (q.candidates.len() - 1)).sum();
+        let fused = repeated_rows <= FUSED_REST_ROWS;
+        let mut logprobs: Vec<Vec<f64>> = questions.iter().map(|q| vec![0.0; q.candidates.len()]).collect();
+        let mut caches = Vec::new();
+        if !fused {
+            caches = questions
+                .iter()
+                .map(|q| base.fork(q.prompt.len() - shared))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(inference)?;
+            let first_logits = self.prefill_together(&mut caches, &rests)?;
+            for ((lp, q), logits) in logprobs.iter_mut().zip(questions).zip(&first_logits) {
+                for (l, c) in lp.iter_mut().zip(&q.candidates) {
+                    *l = log_softmax_at(logits, c[0]);
+                }
+            }
+        }
         let questions_ms = start.elapsed().as_millis() as u64 - prefix_ms;
 
-        let mut logprobs: Vec<Vec<f64>> = questions
-            .iter()
-            .zip(&first_logits)
-            .map(|(q, logits)| q.candidates.iter().map(|c| log_softmax_at(logits, c[0])).collect())
-            .collect();
-        // The rest of every longer candidate, in waves of forked caches within the byte budget.
+        // Every candidate's tokens still to score, in waves of forked caches within the budget.
         let per_position = SeqCache::bytes_per_position(&shape);
         let mut pending: Vec<(usize, usize)> = questions
             .iter()
             .enumerate()
-            .flat_map(|(qi, q)| q.candidates.iter().enumerate().filter(|(_, c)| c.len() > 1).map(move |(ci, _)| (qi, ci)))
+            .flat_map(|(qi, q)| {
+                q.candidates.iter().enumerate().filter(move |(_, c)| fused || c.len() > 1).map(move |(ci, _)| (qi, ci))
+            })
             .collect();
         pending.reverse();
         while !pending.is_empty() {
             let (mut wave, mut bytes, mut rows) = (Vec::new(), 0, 0);
             while let Some(&(qi, ci)) = pending.last() {
                 let cand = &questions[qi].candidates[ci];
+                let lead: &[u32] = if fused { rests[qi] } else { &[] };
+                let tokens = [lead, &cand[..cand.len() - 1]].concat();
                 let cost = (questions[qi].prompt.len() + cand.len()) * per_position;
-                if !wave.is_empty() && (bytes + cost > CANDIDATE_FORK_BYTES || rows + cand.len() > self.prefill_chunk.max(1)) {
+                if !wave.is_empty() && (bytes + cost > CANDIDATE_FORK_BYTES || rows + tokens.len() > self.prefill_chunk.max(1)) {
                     break;
                 }
                 bytes += cost;
-                rows += cand.len() - 1;
-                wave.push((qi, ci, caches[qi].fork(cand.len()).map_err(inference)?));
+                rows += tokens.len();
+                let source = if fused { &base } else { &caches[qi] };
+                let cache = source.fork(tokens.len()).map_err(inference)?;
+                wave.push((qi, ci, tokens, cache));
                 pending.pop();
             }
             let out = {
                 let mut segments: Vec<Segment<'_>> = wave
                     .iter_mut()
-                    .map(|(qi, ci, cache)| {
-                        let cand = &questions[*qi].candidates[*ci];
-                        Segment { cache, tokens: &cand[..cand.len() - 1], want: Want::All, prompt: true }
-                    })
+                    .map(|(_, _, tokens, cache)| Segment { cache, tokens, want: Want::All, prompt: true })
                     .collect();
                 self.model.forward(&mut segments).map_err(inference)?
             };
-            for ((qi, ci, _), logits) in wave.iter().zip(out) {
+            for ((qi, ci, _, _), logits) in wave.iter().zip(out) {
                 let cand = &questions[*qi].candidates[*ci];
                 let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
                 let rows = rows.to_vec2::<f32>().map_err(inference)?;
-                for (k, row) in rows.iter().enumerate() {
-                    logprobs[*qi][*ci] += log_softmax_at(row, cand[k + 1]);
+                // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
+                let (skip, from) = if fused { (rests[*qi].len() - 1, 0) } else { (0, 1) };
+                for k in from..cand.len() {
+                    logprobs[*qi][*ci] += log_softmax_at(&rows[skip + k - from], cand[k]);
                 }
             }
         }
+        self.prefix.insert(first[..shared].to_vec(), base);
         let out: Vec<ChoiceScores> = logprobs
             .into_iter()
             .zip(questions)
@@ -665,6 +685,7 @@ impl Worker {
             reused,
             prefix_ms,
             questions_ms,
+            fused,
             total_ms = start.elapsed().as_millis() as u64,
             "scoring done"
         );
@@ -804,17 +825,34 @@ mod tests {
         let Some((mut w, tok)) = worker(true) else { return };
         let enc = |s: &str| tok.encode_plain(s).unwrap();
         let shared = enc("Review: the food was cold and the waiter was rude. ");
-        let questions: Vec<TokenQuestion> = ["Sentiment:", "Would you return? Answer:"]
-            .iter()
-            .map(|q| TokenQuestion {
-                prompt: [shared.clone(), enc(q)].concat(),
-                candidates: vec![enc(" positive"), enc(" negative"), enc(" neutral, mostly"), enc(" no")],
-            })
-            .collect();
+        let ask = |texts: &[&str]| -> Vec<TokenQuestion> {
+            texts
+                .iter()
+                .map(|q| TokenQuestion {
+                    prompt: [shared.clone(), enc(q)].concat(),
+                    candidates: vec![enc(" positive"), enc(" negative"), enc(" neutral, mostly"), enc(" no")],
+                })
+                .collect()
+        };
+        // One question: its one-token rest rides with every candidate (fused). Two questions
+        // with longer rests: a pass for the rests, then the candidates.
+        let single = ask(&["Sentiment:"]);
+        let alone = w.score(Instant::now(), &single).unwrap();
+        check_scores(&mut w, &single, &alone);
+        let questions = ask(&["Sentiment:", "Would you return? Answer:"]);
+        let rests: usize = questions.iter().map(|q| (q.prompt.len() - common_prefix(questions.iter().map(|q| q.prompt.as_slice()))) * 3).sum();
+        assert!(rests > FUSED_REST_ROWS, "{rests}");
         let fast = w.score(Instant::now(), &questions).unwrap();
+        check_scores(&mut w, &questions, &fast);
+        // Fused or not, alone or with another question: the same bits.
+        assert_eq!(alone[0].logprobs, fast[0].logprobs);
+    }
+
+    /// `fast` (from [`Worker::score`]) equals scoring every candidate from scratch.
+    fn check_scores(w: &mut Worker, questions: &[TokenQuestion], fast: &[ChoiceScores]) {
         let shared_len = common_prefix(questions.iter().map(|q| q.prompt.as_slice()));
         let d = |a: f64, b: f64| (a - b).abs();
-        for (q, scores) in questions.iter().zip(&fast) {
+        for (q, scores) in questions.iter().zip(fast) {
             let mut whole_logprobs = Vec::new();
             for (c, &lp) in q.candidates.iter().zip(&scores.logprobs) {
                 let all: Vec<u32> = [q.prompt.clone(), c.clone()].concat();
