@@ -9,6 +9,9 @@
    (the ML backend puts the most similar ones into its prompts, and its `model_version` changes
    so Label Studio asks again). The numbers are printed and written to
    `$BATCHLAB_REPORT_DIR/trec-agreement.json` when that is set.
+3. The ML backend's OpenAI-compatible chat endpoint with the `openai` package's structured-output
+   helper: `client.chat.completions.parse(response_format=<pydantic model>)` gets an instance of
+   the model back, from the 135M model.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
+import openai
+from pydantic import BaseModel, ConfigDict, Field
 import pytest
 
 from conftest import REPO
@@ -187,3 +193,31 @@ def test_trec_agreement_zero_shot_and_after_ground_truth(ml_stack, label_studio)
     # the rows (at most 34/100 for the commonest class here, with a macro-F1 near 0.1).
     assert few["macro_f1"] > 0.17, report
     assert max(few["predicted"].values()) < 100, report
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recommendation: Literal["strong_yes", "yes", "maybe", "no", "strong_no"]
+    years_of_experience: int = Field(ge=0, le=60)
+    strengths: list[str] = Field(max_length=3)
+
+
+def test_openai_parse_helper_gets_a_valid_object_from_the_ml_backend(stack):
+    _, port = stack.start_ml_backend()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+    messages = [{"role": "user", "content": "Evaluate Ada Lovelace, Research Scientist at Analytical Engines, as JSON."}]
+    deadline = time.monotonic() + 120
+    while True:  # the model loads in the background; until then the endpoint answers 503
+        try:
+            client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
+            break
+        except openai.InternalServerError:
+            assert time.monotonic() < deadline, "the ML backend's model did not load"
+            time.sleep(0.5)
+    completion = client.chat.completions.parse(
+        model="SmolLM2-135M-Instruct", messages=messages, response_format=Candidate, max_tokens=96, temperature=0
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(choice.message.parsed, Candidate), choice.message
+    print(choice.message.parsed)

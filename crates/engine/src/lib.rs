@@ -10,7 +10,9 @@
 //! The model code is the engine's own (`model`): GGUF architectures `llama` (SmolLM2, Llama,
 //! Mistral-style) and `gemma3`, with a KV cache per sequence that the engine owns. The model
 //! thread runs requests with continuous batching (`worker`) and scores closed sets of answers
-//! ([`Engine::score_choices`]) with a shared prompt prefix processed once. The tokenizer supports
+//! ([`Engine::score_choices`]) with a shared prompt prefix processed once. A request may carry
+//! a [`Constraint`] (structured output: a JSON schema, a regex, a set of strings, a Lark
+//! grammar), enforced token by token with llguidance (`guidance`). The tokenizer supports
 //! byte-level BPE with `tokenizer.ggml.pre = smollm` and Gemma's SentencePiece (both verified
 //! exact against llama.cpp); anything else is refused at load time.
 
