@@ -4,7 +4,8 @@
 # /setup p99 while a 100-task /predict runs, the 100-task request under a 10 s deadline, and TREC
 # agreement (100 rows) zero-shot and with 20 ground-truth examples. Prints one table.
 #   scripts/bench-ml-backend.sh [MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf]
-# Run it on an idle machine.
+# BENCH_PROFILE=dev reuses the test build (dependencies and the engine at opt-level 3) instead of
+# a release build. Run it on an idle machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,7 +13,9 @@ MODEL="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 TREC="${BATCHLAB_TREC:-$ROOT/../shared/datasets/trec_test.jsonl}"
 [[ -f "$MODEL" ]] || scripts/fetch-model.sh
 [[ -f "$TREC" ]] || { echo "TREC data not found at $TREC (set BATCHLAB_TREC)" >&2; exit 1; }
-cargo build --release -q -p batchlab-ml-backend --example bench_ml_backend
-echo "ml-backend benchmark: $MODEL, commit $(git rev-parse --short HEAD)"
+PROFILE="${BENCH_PROFILE:-release}"
+cargo build --profile "$PROFILE" -q -p batchlab-ml-backend --example bench_ml_backend
+PROFILE_DIR="$([[ "$PROFILE" == dev ]] && echo debug || echo "$PROFILE")"
+echo "ml-backend benchmark: $MODEL, commit $(git rev-parse --short HEAD), $PROFILE build"
 echo
-RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/release/examples/bench_ml_backend" "$MODEL" "$TREC"
+RUST_LOG=warn "${CARGO_TARGET_DIR:-target}/$PROFILE_DIR/examples/bench_ml_backend" "$MODEL" "$TREC"
