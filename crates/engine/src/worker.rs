@@ -510,7 +510,7 @@ impl Worker {
         self.prefix.insert(r.seq.tokens, r.cache);
     }
 
-    /// Feeds each of `tokens` into its cache (every sequence's chunks of one step in one
+    /// Feeds each of `tokens` into its cache in chunks (every sequence's chunks of one step in one
     /// forward, at most `prefill_chunk` prompt tokens a step, at least one chunk) and returns
     /// each one's last-position logits.
     fn prefill_together(&self, caches: &mut [SeqCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
@@ -558,21 +558,6 @@ impl Worker {
         last.into_iter().map(|l| l.ok_or_else(|| EngineError::Inference("no logits".into()))).collect()
     }
 
-    /// Feeds `tokens` into `cache` in chunks; the last position's logits when `last`.
-    fn prefill(&self, cache: &mut SeqCache, tokens: &[u32]) -> Result<Option<Tensor>, EngineError> {
-        let mut logits = None;
-        let mut pos = 0;
-        while pos < tokens.len() {
-            let end = (pos + self.prefill_chunk.max(1)).min(tokens.len());
-            let want = if end == tokens.len() { Want::Last } else { Want::Nothing };
-            let mut seg = [Segment { cache: &mut *cache, tokens: &tokens[pos..end], want, prompt: true }];
-            logits = self.model.forward(&mut seg).map_err(inference)?.pop().flatten();
-            pos = end;
-        }
-        self.metrics.prompt_tokens.increment(tokens.len() as u64);
-        Ok(logits)
-    }
-
     /// Scores each question's candidates in batched passes: the prompt prefix common to every
     /// question (once, or from the prompt cache); then, unless the questions' own rests are
     /// short enough to ride along with every candidate, every question's rest together (each
@@ -601,7 +586,7 @@ impl Worker {
         self.metrics.reused_prompt_tokens.increment(base.len() as u64);
         let reused = base.len();
         if reused < shared {
-            self.prefill(&mut base, &first[reused..shared])?;
+            self.prefill_together(std::slice::from_mut(&mut base), &[&first[reused..shared]])?;
         }
         let prefix_ms = start.elapsed().as_millis() as u64;
 
@@ -763,7 +748,7 @@ mod tests {
     fn last_logits(w: &Worker, prompt: &[u32], chunk: usize) -> Vec<f32> {
         let mut cache = SeqCache::new(w.model.cache_shape(), prompt.len(), w.model.device()).unwrap();
         let w = Worker { prefill_chunk: chunk, ..clone_worker(w) };
-        w.prefill(&mut cache, prompt).unwrap().unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+        w.prefill_together(std::slice::from_mut(&mut cache), &[prompt]).unwrap().pop().unwrap()
     }
 
     /// A worker sharing `w`'s model is not needed elsewhere; tests only vary the chunk size.
