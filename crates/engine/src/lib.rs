@@ -16,7 +16,6 @@
 //! byte-level BPE with `tokenizer.ggml.pre = smollm` and Gemma's SentencePiece (both verified
 //! exact against llama.cpp); anything else is refused at load time.
 
-#![forbid(unsafe_code)]
 
 #[cfg(test)]
 mod golden;
@@ -374,6 +373,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         context_length,
         gguf_context_length = gguf_ctx,
         requantized_to_q8_0 = requantized,
+        packed_q8_0_kernel = model::packed::available(),
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );

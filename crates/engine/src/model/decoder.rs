@@ -6,8 +6,8 @@
 //! attends to its own sequence's [`SeqCache`]; logits come back for the positions asked for,
 //! not only the last.
 
-use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::cache::{CacheShape, LocalLayers, SeqCache};
 use super::weights::{Embedding, GgufWeights, Linear};
@@ -157,7 +157,7 @@ pub(crate) struct Decoder {
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// RoPE (cos, sin) tables, `[max_len, head_dim / 2]`: global, then local if any.
     rope: Vec<(Tensor, Tensor)>,
     device: Device,
@@ -178,11 +178,11 @@ impl Decoder {
             rope.push(rope_tables(config.head_dim, base, 1.0, None, max_len, &device)?);
         }
         let gemma = config.arch == Arch::Gemma3;
-        let token_embd = w.qtensor("token_embd.weight")?;
+        let token_embd = Linear::new(w.qtensor("token_embd.weight")?)?;
         let output = match w.try_qtensor("output.weight")? {
-            Some(t) => QMatMul::from_arc(t)?,
+            Some(t) => Linear::new(t)?,
             // Tied embeddings: the output projection and the lookup share one quantized tensor.
-            None => QMatMul::from_arc(token_embd.clone())?,
+            None => token_embd.clone(),
         };
         let embedding = Embedding::new(token_embd, config.hidden)?;
         let mut layers = Vec::with_capacity(config.layers);
@@ -366,7 +366,7 @@ impl Decoder {
             let idx = Tensor::new(rows.as_slice(), &self.device)?;
             let h = x.index_select(&idx, 0)?;
             let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
-            Some(self.output.forward(&h)?.to_dtype(DType::F32)?)
+            Some(self.output.forward_quantized(&h)?.to_dtype(DType::F32)?)
         };
         let mut out = vec![None; segments.len()];
         let mut at = 0;

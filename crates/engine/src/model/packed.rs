@@ -1,0 +1,441 @@
+//! Q8_0 weights repacked for a batched integer matrix product on AVX-512 VNNI.
+//!
+//! candle's Q8_0 kernel computes one (row, column) dot product at a time with a single running
+//! sum, so its cost grows with every row a step adds: 16 generated rows took 9x one row's time
+//! here, and aggregate decode barely beat one stream. This layout interleaves 16 output rows
+//! (weight rows) so that one 512-bit register holds 4 consecutive weights of each of 16 outputs;
+//! one `vpdpbusd` against 4 broadcast activation bytes then advances 16 dot products at once,
+//! and each weight register is reused for every activation row of a tile.
+//!
+//! Every output value is computed the same way whatever else is in the call: the integer sum
+//! of a block is exact, and the blocks are added to a row's f32 accumulator in order, one fused
+//! multiply-add each. A row's numbers therefore never depend on its batch, and the portable
+//! [`PackedQ8::matmul_reference`] gives bit-identical results (the tests check both).
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Result, Tensor};
+use half::f16;
+
+/// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
+const LANES: usize = 16;
+/// Values per Q8_0 block.
+const BLOCK: usize = 32;
+/// 4-byte steps per block (one `vpdpbusd` each).
+const STEPS: usize = BLOCK / 4;
+/// Bytes of one Q8_0 block in a GGUF: an f16 scale, then 32 signed bytes.
+const GGUF_BLOCK_BYTES: usize = 2 + BLOCK;
+/// Activation rows that share each loaded weight register.
+const TILE: usize = 4;
+/// Activations are stored as `q + OFFSET` (unsigned, as `vpdpbusd` wants them); the kernel
+/// subtracts `OFFSET × Σ weights` of the block to get the signed dot product back.
+const OFFSET: i32 = 128;
+
+/// A `[rows, cols]` Q8_0 weight matrix in the interleaved layout.
+pub(crate) struct PackedQ8 {
+    rows: usize,
+    cols: usize,
+    blocks: usize,
+    /// `[group][block][step][lane][4]`: weights `4·step..4·step+4` of the block, for the 16
+    /// rows of the group.
+    qs: Vec<i8>,
+    /// `[group][block][lane]`: each block's scale (f16 bits, as stored in the GGUF).
+    scales: Vec<u16>,
+    /// `[group][block][lane]`: each block's sum of weights.
+    sums: Vec<i16>,
+}
+
+/// Whether this CPU runs the packed kernel (AVX-512 with VNNI, checked once).
+pub(crate) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Raw pointer that worker threads write disjoint parts of.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: every user writes only the elements of its own work item.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Activations quantized per row and block: `q + OFFSET` as bytes, and an f32 scale per block.
+struct Activations {
+    q: Vec<u8>,
+    d: Vec<f32>,
+}
+
+impl PackedQ8 {
+    /// Repacks a Q8_0 tensor `[rows, cols]`; `None` when it is not Q8_0, not 2-D, or its shape
+    /// does not fit the layout (rows a multiple of 16, columns of 32).
+    pub(crate) fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
+        let &[rows, cols] = t.shape().dims() else { return Ok(None) };
+        if t.dtype() != GgmlDType::Q8_0 || !rows.is_multiple_of(LANES) || !cols.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        Ok(Some(Self::from_q8_0_bytes(&t.data()?, rows, cols)))
+    }
+
+    /// Repacks GGUF Q8_0 blocks of a row-major `[rows, cols]` matrix.
+    fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Self {
+        let blocks = cols / BLOCK;
+        assert_eq!(data.len(), rows * blocks * GGUF_BLOCK_BYTES, "Q8_0 data of the wrong size");
+        let mut qs = vec![0i8; rows * cols];
+        let mut scales = vec![0u16; rows * blocks];
+        let mut sums = vec![0i16; rows * blocks];
+        for r in 0..rows {
+            let (g, lane) = (r / LANES, r % LANES);
+            for b in 0..blocks {
+                let src = &data[(r * blocks + b) * GGUF_BLOCK_BYTES..][..GGUF_BLOCK_BYTES];
+                let gb = g * blocks + b;
+                scales[gb * LANES + lane] = u16::from_le_bytes([src[0], src[1]]);
+                let q = &src[2..];
+                sums[gb * LANES + lane] = q.iter().map(|&v| i16::from(v as i8)).sum();
+                for s in 0..STEPS {
+                    let dst = ((gb * STEPS + s) * LANES + lane) * 4;
+                    for j in 0..4 {
+                        qs[dst + j] = q[s * 4 + j] as i8;
+                    }
+                }
+            }
+        }
+        Self { rows, cols, blocks, qs, scales, sums }
+    }
+
+    /// Row `r` dequantized into `dst` (`cols` values): `q × scale`, the same f32 products as
+    /// candle's Q8_0 dequantization.
+    fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
+        let (g, lane) = (r / LANES, r % LANES);
+        for b in 0..self.blocks {
+            let gb = g * self.blocks + b;
+            let d = f16::from_bits(self.scales[gb * LANES + lane]).to_f32();
+            for s in 0..STEPS {
+                let src = ((gb * STEPS + s) * LANES + lane) * 4;
+                for j in 0..4 {
+                    dst[b * BLOCK + s * 4 + j] = f32::from(self.qs[src + j]) * d;
+                }
+            }
+        }
+    }
+
+    /// The rows `ids` dequantized, `[ids.len(), cols]` (embedding lookup).
+    pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!("token id {id} is outside the vocabulary of {}", self.rows)
+            }
+            self.dequantize_row(id, &mut out[i * self.cols..(i + 1) * self.cols]);
+        }
+        Tensor::from_vec(out, (ids.len(), self.cols), device)
+    }
+
+    /// The whole matrix in f32, `[rows, cols]`, dequantized on candle's CPU threads.
+    pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let ptr = Out(out.as_mut_ptr());
+        let cols = self.cols;
+        candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
+            for r in groups.start * LANES..groups.end * LANES {
+                // SAFETY: row r lies inside `out` and belongs to this work item only.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.at(r * cols), cols) };
+                self.dequantize_row(r, dst);
+            }
+        });
+        Tensor::from_vec(out, (self.rows, self.cols), device)
+    }
+
+    /// Quantizes `m` rows of `x` to 8 bits per block of 32 (scale = max |x| / 127, values
+    /// rounded to nearest, ties to even).
+    fn quantize(&self, x: &[f32], m: usize) -> Activations {
+        let mut q = vec![0u8; m * self.cols];
+        let mut d = vec![0f32; m * self.blocks];
+        for (i, (block, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: the CPU has the features; both blocks hold 32 values.
+                d[i] = unsafe { quantize_block_avx512(block, qb) };
+                continue;
+            }
+            d[i] = quantize_block(block, qb);
+        }
+        Activations { q, d }
+    }
+
+    /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads.
+    pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, cols) = x.dims2()?;
+        if cols != self.cols {
+            candle_core::bail!("packed matmul: input width {cols}, weights take {}", self.cols)
+        }
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let acts = self.quantize(&xs, m);
+        let mut out = vec![0f32; m * self.rows];
+        let ptr = Out(out.as_mut_ptr());
+        let vector = available();
+        candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
+            for g in groups {
+                // Group g writes only its own 16 columns of each output row.
+                #[cfg(target_arch = "x86_64")]
+                if vector {
+                    // SAFETY: the CPU has the features (`available`); `out` is `[m, rows]`.
+                    unsafe { self.group_avx512(g, &acts, m, ptr.at(0)) };
+                    continue;
+                }
+                self.group_reference(g, &acts, m, ptr.at(0));
+            }
+        });
+        Tensor::from_vec(out, (m, self.rows), x.device())
+    }
+
+    /// [`Self::matmul`] in portable code, one lane at a time with the same arithmetic: the
+    /// reference the vector kernel is tested against.
+    #[cfg(test)]
+    fn matmul_reference(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, _) = x.dims2()?;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let acts = self.quantize(&xs, m);
+        let mut out = vec![0f32; m * self.rows];
+        for g in 0..self.rows / LANES {
+            self.group_reference(g, &acts, m, out.as_mut_ptr());
+        }
+        Tensor::from_vec(out, (m, self.rows), x.device())
+    }
+
+    /// Output columns `16g..16g+16` of every row, one lane at a time.
+    fn group_reference(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
+        for row in 0..m {
+            for lane in 0..LANES {
+                let mut acc = 0f32;
+                for b in 0..self.blocks {
+                    let gb = g * self.blocks + b;
+                    let xq = &acts.q[(row * self.blocks + b) * BLOCK..][..BLOCK];
+                    let mut isum = 0i32;
+                    for s in 0..STEPS {
+                        let w = &self.qs[((gb * STEPS + s) * LANES + lane) * 4..][..4];
+                        for j in 0..4 {
+                            isum += i32::from(xq[s * 4 + j]) * i32::from(w[j]);
+                        }
+                    }
+                    isum -= OFFSET * i32::from(self.sums[gb * LANES + lane]);
+                    let dw = f16::from_bits(self.scales[gb * LANES + lane]).to_f32();
+                    acc = (isum as f32).mul_add(dw * acts.d[row * self.blocks + b], acc);
+                }
+                // SAFETY: (row, 16g + lane) lies inside the `[m, rows]` output.
+                unsafe { *out.add(row * self.rows + g * LANES + lane) = acc };
+            }
+        }
+    }
+
+    /// Output columns `16g..16g+16` of every row, [`TILE`] rows per pass over the weights.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI, and `out` holds `m × rows` values.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_avx512(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
+        let mut row = 0;
+        while row < m {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match m - row {
+                    1 => self.tile_avx512::<1>(g, acts, row, out),
+                    2 => self.tile_avx512::<2>(g, acts, row, out),
+                    3 => self.tile_avx512::<3>(g, acts, row, out),
+                    _ => self.tile_avx512::<TILE>(g, acts, row, out),
+                }
+            }
+            row += TILE;
+        }
+    }
+
+    /// Rows `row0..row0 + R` of group `g`.
+    ///
+    /// # Safety
+    /// As [`Self::group_avx512`], with `row0 + R ≤ m`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_avx512<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32) {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..self.blocks {
+            let gb = g * self.blocks + b;
+            // SAFETY: every offset below stays inside the packed arrays (`gb` < groups × blocks)
+            // and the activations (`row0 + r` < m); unaligned loads throughout.
+            unsafe {
+                let wp = self.qs.as_ptr().add(gb * STEPS * LANES * 4);
+                let mut w = [_mm512_setzero_si512(); STEPS];
+                for (s, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(wp.add(s * LANES * 4).cast());
+                }
+                let sums = _mm256_loadu_si256(self.sums.as_ptr().add(gb * LANES).cast());
+                let corr = _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(sums));
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let at = (row0 + r) * self.blocks + b;
+                    let xp = acts.q.as_ptr().add(at * BLOCK);
+                    // Two running integer sums (exact, so their order does not matter).
+                    let mut even = _mm512_setzero_si512();
+                    let mut odd = _mm512_setzero_si512();
+                    for s in (0..STEPS).step_by(2) {
+                        let a0 = _mm512_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
+                        let a1 = _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
+                        even = _mm512_dpbusd_epi32(even, a0, w[s]);
+                        odd = _mm512_dpbusd_epi32(odd, a1, w[s + 1]);
+                    }
+                    let isum = _mm512_sub_epi32(_mm512_add_epi32(even, odd), corr);
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(at)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: (row0 + r, 16g..16g+16) lies inside the `[m, rows]` output.
+            unsafe { _mm512_storeu_ps(out.add((row0 + r) * self.rows + g * LANES), *acc) };
+        }
+    }
+}
+
+/// One block of activations as `q + OFFSET` bytes; returns its scale. Lane-wise maxima (not
+/// `f32::max`, whose NaN rule keeps the compiler from vectorising).
+fn quantize_block(block: &[f32], q: &mut [u8]) -> f32 {
+    let amax = block.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
+    let scale = amax / 127.0;
+    let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    for (dst, v) in q.iter_mut().zip(block) {
+        *dst = (((v * inv).round_ties_even() as i32).clamp(-127, 127) + OFFSET) as u8;
+    }
+    scale
+}
+
+/// [`quantize_block`] in AVX-512, with the same operations (so the same bytes and scale).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW; `block` and `q` hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8]) -> f32 {
+    use std::arch::x86_64::*;
+    debug_assert!(block.len() == BLOCK && q.len() == BLOCK);
+    // SAFETY: 32 values in, 32 bytes out (the caller's contract); unaligned accesses.
+    unsafe {
+        let lo = _mm512_loadu_ps(block.as_ptr());
+        let hi = _mm512_loadu_ps(block.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        let scale = amax / 127.0;
+        let inv = _mm512_set1_ps(if scale == 0.0 { 0.0 } else { 1.0 / scale });
+        let (min, max, offset) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(OFFSET));
+        for (half, dst) in [lo, hi].into_iter().zip([0, 16]) {
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(half, inv));
+            let i = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), min), max), offset);
+            _mm_storeu_si128(q.as_mut_ptr().add(dst).cast(), _mm512_cvtepi32_epi8(i));
+        }
+        scale
+    }
+}
+
+/// The packed form of `t` when this CPU runs the packed kernel and `t` fits it.
+pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<PackedQ8>> {
+    if !device.is_cpu() || !available() {
+        return Ok(None);
+    }
+    PackedQ8::from_qtensor(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `[rows, cols]` Q8_0 tensor of varied values, and its f32 original.
+    fn weights(rows: usize, cols: usize) -> (QTensor, Tensor) {
+        let v: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32)).collect();
+        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        (QTensor::quantize(&t, GgmlDType::Q8_0).unwrap(), t)
+    }
+
+    fn activations(m: usize, cols: usize, salt: usize) -> Tensor {
+        let v: Vec<f32> = (0..m * cols).map(|i| (((i + salt) * 104729 % 2039) as f32 / 2039.0 - 0.5) * 3.0).collect();
+        Tensor::from_vec(v, (m, cols), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn vector_and_portable_quantization_agree() {
+        if !available() {
+            return;
+        }
+        let x = activations(1, 32 * 40, 9).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut x = x.clone();
+        x[40..72].fill(0.0); // an all-zero block
+        x[100] = 1e-30; // tiny values
+        for block in x.chunks_exact(BLOCK) {
+            let (mut a, mut b) = ([0u8; BLOCK], [0u8; BLOCK]);
+            let da = quantize_block(block, &mut a);
+            // SAFETY: checked `available()`; 32 values each.
+            let db = unsafe { quantize_block_avx512(block, &mut b) };
+            assert_eq!((da.to_bits(), a), (db.to_bits(), b));
+        }
+    }
+
+    #[test]
+    fn dequantize_and_lookup_match_candle() {
+        let (q, _) = weights(48, 96);
+        let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
+        let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(ours, theirs);
+        let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(rows[1], theirs[47 * 96..48 * 96]);
+        assert!(p.lookup(&[48], &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_not_packed() {
+        let (q, _) = weights(24, 64);
+        assert!(PackedQ8::from_qtensor(&q).unwrap().is_none());
+        let f = QTensor::quantize(&Tensor::zeros((32, 64), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
+        assert!(PackedQ8::from_qtensor(&f).unwrap().is_none());
+    }
+
+    #[test]
+    fn matmul_is_close_to_f32_and_a_row_never_depends_on_its_batch() {
+        let (q, w) = weights(64, 256);
+        let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
+        let x = activations(11, 256, 3);
+        let exact = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let reference = p.matmul_reference(&x).unwrap().to_vec2::<f32>().unwrap();
+        let scale = exact.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+        for (e, r) in exact.iter().flatten().zip(reference.iter().flatten()) {
+            assert!((e - r).abs() < 0.02 * scale, "{e} vs {r}");
+        }
+        if !available() {
+            return;
+        }
+        // The vector kernel gives the reference's bits, for all 11 rows at once (tiles of 4,
+        // and a tail of 3) and for every row alone.
+        assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference);
+        for (i, want) in reference.iter().enumerate() {
+            let one = p.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(&one[0], want, "row {i} alone");
+        }
+    }
+}
+
