@@ -225,6 +225,31 @@ impl SeqCache {
         Ok(copy)
     }
 
+    /// This cache without room beyond its positions. The prompt cache keeps caches this way:
+    /// it only ever copies from them, so spare room would hold memory for nothing.
+    pub(crate) fn compact(self) -> Result<Self> {
+        let capacity = self.len.max(1);
+        if self.capacity <= capacity {
+            return Ok(self);
+        }
+        let mut copy = Self::empty(self.shape, capacity, self.ring, self.layers[0].0.device())?;
+        for (li, (k, v)) in self.layers.iter().enumerate() {
+            let m = self.modulus(li);
+            let from = if self.shape.window(li).is_some() { self.oldest } else { 0 };
+            let (ck, cv) = &copy.layers[li];
+            copy_positions(k, m, ck, m, from, self.len)?;
+            copy_positions(v, m, cv, m, from, self.len)?;
+        }
+        copy.len = self.len;
+        copy.oldest = self.oldest;
+        Ok(copy)
+    }
+
+    /// Bytes of keys and values this cache holds, spare room included.
+    pub(crate) fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+    }
+
     /// Bytes of keys and values per position (as global layers keep them; an upper bound).
     pub(crate) fn bytes_per_position(shape: &CacheShape) -> usize {
         shape.layers * shape.kv_heads * shape.head_dim * 2 * std::mem::size_of::<f32>()
@@ -316,5 +341,26 @@ mod tests {
         assert_eq!(key_at(&f, 0, 169), key_at(&c, 0, 169));
         assert_eq!(key_at(&f, 1, 0), key_at(&c, 1, 0));
         assert!(c.fork_prefix(20, 3).is_err());
+    }
+
+    /// A compacted cache holds its positions and no more; a ring that wrapped stays a ring.
+    #[test]
+    fn compact_drops_spare_room_and_keeps_every_position() {
+        for (local, n) in [(None, 30), (Some(LocalLayers { window: 4, period: 2 }), 30), (Some(LocalLayers { window: 4, period: 2 }), 150)] {
+            let mut c = SeqCache::new(shape(local), 190, &Device::Cpu).unwrap();
+            for p in 0..n {
+                append(&mut c, p, 1);
+            }
+            let before = c.bytes();
+            let oldest = c.oldest;
+            let want: Vec<Vec<f32>> = (oldest..n).map(|p| key_at(&c, 1, p)).chain((n - 4..n).map(|p| key_at(&c, 0, p))).collect();
+            let c = c.compact().unwrap();
+            assert!(c.bytes() < before, "{local:?} {n}");
+            assert!(c.bytes() <= n * SeqCache::bytes_per_position(&shape(local)));
+            assert_eq!(c.len(), n);
+            let got: Vec<Vec<f32>> = (oldest..n).map(|p| key_at(&c, 1, p)).chain((n - 4..n).map(|p| key_at(&c, 0, p))).collect();
+            assert_eq!(got, want);
+            assert!(c.can_resume_at(n));
+        }
     }
 }

@@ -13,13 +13,15 @@ pub(crate) const MIN_REUSE: usize = 16;
 struct Entry {
     tokens: Vec<u32>,
     cache: SeqCache,
+    /// Memory of `cache`.
+    bytes: usize,
     last_used: u64,
 }
 
 /// Recently computed prompt caches.
 pub(crate) struct PrefixCache {
     entries: Vec<Entry>,
-    budget_positions: usize,
+    budget_bytes: usize,
     clock: u64,
     /// Prompt tokens served from the cache so far.
     pub(crate) reused_tokens: u64,
@@ -28,8 +30,9 @@ pub(crate) struct PrefixCache {
 impl PrefixCache {
     /// A cache holding at most `budget_bytes` of keys and values (0 turns caching off).
     pub(crate) fn new(shape: &CacheShape, budget_bytes: usize) -> Self {
-        let per = SeqCache::bytes_per_position(shape).max(1);
-        Self { entries: Vec::new(), budget_positions: budget_bytes / per, clock: 0, reused_tokens: 0 }
+        // Nothing fits a budget below one position.
+        let budget_bytes = if budget_bytes < SeqCache::bytes_per_position(shape) { 0 } else { budget_bytes };
+        Self { entries: Vec::new(), budget_bytes, clock: 0, reused_tokens: 0 }
     }
 
     /// A cache for `tokens` holding the longest kept prefix of them (at least [`MIN_REUSE`]
@@ -57,20 +60,26 @@ impl PrefixCache {
         }
     }
 
-    /// Keeps `cache`, which holds the first `cache.len()` of `tokens`.
+    /// Keeps `cache`, which holds the first `cache.len()` of `tokens`, counted against the
+    /// budget by the memory it holds (without spare room: see [`SeqCache::compact`]).
     pub(crate) fn insert(&mut self, mut tokens: Vec<u32>, cache: SeqCache) {
         tokens.truncate(cache.len());
-        if tokens.len() < MIN_REUSE || tokens.len() > self.budget_positions {
+        if tokens.len() < MIN_REUSE || self.budget_bytes == 0 {
+            return;
+        }
+        if self.entries.iter().any(|e| e.tokens.starts_with(&tokens)) {
+            return; // already covered by a longer entry
+        }
+        let Ok(cache) = cache.compact() else { return };
+        let bytes = cache.bytes();
+        if bytes > self.budget_bytes {
             return;
         }
         // An entry that is a prefix of this one is superseded by it.
         self.entries.retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
-        if self.entries.iter().any(|e| e.tokens.starts_with(&tokens)) {
-            return; // already covered by a longer entry
-        }
         self.clock += 1;
-        self.entries.push(Entry { tokens, cache, last_used: self.clock });
-        while self.entries.iter().map(|e| e.tokens.len()).sum::<usize>() > self.budget_positions {
+        self.entries.push(Entry { tokens, cache, bytes, last_used: self.clock });
+        while self.entries.iter().map(|e| e.bytes).sum::<usize>() > self.budget_bytes {
             let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i);
             match oldest {
                 Some(i) => {
