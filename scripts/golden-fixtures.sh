@@ -8,10 +8,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/fetch-model.sh
 scripts/fetch-model.sh gemma3
-if [[ ! -x .venv-bench/bin/python ]] || ! .venv-bench/bin/python -c 'import llama_cpp, numpy' 2>/dev/null; then
-  python3 -m venv .venv-bench
-  CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-bench/bin/pip install --quiet --disable-pip-version-check llama-cpp-python numpy
-fi
+source scripts/lib.sh
+ensure_llama_cpp
 OUT=crates/engine/tests/fixtures
 mkdir -p "$OUT"
 .venv-bench/bin/python scripts/golden_llama_cpp.py models/SmolLM2-135M-Instruct.Q4_1.gguf "$OUT/golden-smollm2.json"
