@@ -6,9 +6,6 @@
 pub(crate) mod attention;
 pub(crate) mod cache;
 pub(crate) mod decoder;
-// GEMM through raw pointers on the CPU pool's threads; every block says why it is sound.
-#[allow(unsafe_code)]
-pub(crate) mod dense;
 // SIMD intrinsics and threads writing disjoint parts of one buffer; every block says why it is sound.
 #[allow(unsafe_code)]
 pub(crate) mod packed;

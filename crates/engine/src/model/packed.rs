@@ -149,16 +149,19 @@ impl PackedQ8 {
         Tensor::from_vec(out, (ids.len(), self.cols), device)
     }
 
-    /// Rows `rows` dequantized into `dst` (`rows.len() × cols` values, row-major).
-    pub(crate) fn dequantize_rows(&self, rows: std::ops::Range<usize>, dst: &mut [f32]) {
-        for (r, dst) in rows.zip(dst.chunks_exact_mut(self.cols)) {
-            self.dequantize_row(r, dst);
-        }
-    }
-
-    /// Output rows (`out` of `x · Wᵀ`).
-    pub(crate) fn rows(&self) -> usize {
-        self.rows
+    /// The whole matrix in f32, `[rows, cols]`, dequantized on candle's CPU threads.
+    pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let ptr = Out(out.as_mut_ptr());
+        let cols = self.cols;
+        candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
+            for r in groups.start * LANES..groups.end * LANES {
+                // SAFETY: row r lies inside `out` and belongs to this work item only.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.at(r * cols), cols) };
+                self.dequantize_row(r, dst);
+            }
+        });
+        Tensor::from_vec(out, (self.rows, self.cols), device)
     }
 
     /// Quantizes `m` rows of `x` to 8 bits per block of 32 (scale = max |x| / 127, values
@@ -396,8 +399,7 @@ mod tests {
     fn dequantize_and_lookup_match_candle() {
         let (q, _) = weights(48, 96);
         let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
-        let mut ours = vec![0f32; 48 * 96];
-        p.dequantize_rows(0..48, &mut ours);
+        let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(ours, theirs);
         let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
