@@ -512,7 +512,9 @@ async fn cancelled_generation_frees_its_place() {
         return;
     }
     let engine = Engine::load(config(1)).unwrap();
-    let long = engine.chat(ChatRequest { messages: france(), params: greedy(Some(2000)) });
+    // The constraint forbids the end of turn before 2000 tokens: the request cannot finish early.
+    let endless = SamplingParams { constraint: Some(Constraint::Regex("[a-z ]{2000,}".into())), ..greedy(Some(2000)) };
+    let long = engine.chat(ChatRequest { messages: france(), params: endless });
     let r = tokio::time::timeout(std::time::Duration::from_millis(300), long).await;
     assert!(r.is_err(), "2000 tokens cannot be done in 300 ms");
     assert_eq!(engine.in_flight(), 0);

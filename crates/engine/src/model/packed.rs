@@ -149,7 +149,9 @@ impl PackedQ8 {
         Tensor::from_vec(out, (ids.len(), self.cols), device)
     }
 
-    /// The whole matrix in f32, `[rows, cols]`, dequantized on candle's CPU threads.
+    /// The whole matrix in f32, `[rows, cols]`, dequantized on candle's CPU threads (tests
+    /// compare it with candle's own dequantization of the GGUF tensor).
+    #[cfg(test)]
     pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
         let mut out = vec![0f32; self.rows * self.cols];
         let ptr = Out(out.as_mut_ptr());
