@@ -12,15 +12,17 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Storage, Tensor, WithDType};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
-/// Contiguous f32 data of a CPU tensor (from its layout's start offset).
-fn cpu_slice<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
+/// Contiguous data of a CPU tensor (from its layout's start offset).
+fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [T]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("attention needs contiguous tensors")
     };
     match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[start..end]),
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[start..end]),
         _ => candle_core::bail!("row-wise attention runs on the CPU"),
     }
 }
@@ -45,7 +47,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// One sequence's part of a batched attention call.
 pub(crate) struct SegmentKv<'a> {
-    /// The sequence's cache layer, `[kv_heads, slots, head_dim]`, new positions written.
+    /// The sequence's cache layer, `[kv_heads, slots, head_dim]` in f16, new positions written.
     pub(crate) k: &'a Tensor,
     /// Values, same shape.
     pub(crate) v: &'a Tensor,
@@ -59,22 +61,45 @@ pub(crate) struct SegmentKv<'a> {
     pub(crate) window: Option<usize>,
 }
 
-/// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (scaled),
-/// the segments' rows one after another in order; query head `h` reads KV head `h / group`.
-/// Returns `[heads, total, head_dim]`. Work items are (segment, head) pairs, run on candle's
-/// own CPU thread pool (the one its matmuls use, so no second pool competes for the cores).
+/// Query rows of one work item at most: a long prompt chunk is split so that both cores get
+/// work even when one sequence runs alone.
+const ROWS_PER_ITEM: usize = 32;
+
+/// Converts positions `from..to` of one KV head (`[slots, head_dim]` f16, position `p` in slot
+/// `p % modulus`) into `dst` (f32, position `from` first).
+fn widen(src: &[f16], modulus: usize, hd: usize, from: usize, to: usize, dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.resize((to - from) * hd, 0.0);
+    let mut p = from;
+    while p < to {
+        let slot = p % modulus;
+        let run = (to - p).min(modulus - slot);
+        let at = (p - from) * hd;
+        src[slot * hd..(slot + run) * hd].convert_to_f32_slice(&mut dst[at..at + run * hd]);
+        p += run;
+    }
+}
+
+/// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (f32,
+/// scaled), the segments' rows one after another in order; query head `h` reads KV head
+/// `h / group`. Returns `[heads, total, head_dim]`. Work items are (segment, KV head, up to
+/// [`ROWS_PER_ITEM`] rows): each widens the keys and values its rows see to f32 once for every
+/// query head that shares them, and runs on candle's own CPU thread pool (the one its matmuls
+/// use, so no second pool competes for the cores).
 pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Result<Tensor> {
     let (heads, total, hd) = q.dims3()?;
     if segments.iter().map(|s| s.n).sum::<usize>() != total {
         candle_core::bail!("attention segments do not cover the query rows")
     }
+    let kv_heads = heads / group;
     let (q_storage, q_layout) = q.storage_and_layout();
-    let q = cpu_slice(&q_storage, q_layout)?;
+    let q = cpu_slice::<f32>(&q_storage, q_layout)?;
     let guards: Vec<_> = segments.iter().map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout())).collect();
     let mut kv = Vec::with_capacity(segments.len());
     let mut offsets = Vec::with_capacity(segments.len());
+    let mut items = Vec::new(); // (segment, kv head, first row, rows)
     let mut offset = 0;
-    for (s, ((ks, kl), (vs, vl))) in segments.iter().zip(&guards) {
+    for (si, (s, ((ks, kl), (vs, vl)))) in segments.iter().zip(&guards).enumerate() {
         let cap = s.k.dims3()?.1;
         // Every slot read exists, and a ring holds the window of the first row plus the new rows.
         let fits = if s.modulus == usize::MAX {
@@ -85,58 +110,74 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         if !fits {
             candle_core::bail!("attention past the cache: {} + {} positions in {cap} slots", s.past, s.n)
         }
-        kv.push((cpu_slice(ks, kl)?, cpu_slice(vs, vl)?, cap));
+        kv.push((cpu_slice::<f16>(ks, kl)?, cpu_slice::<f16>(vs, vl)?, cap));
         offsets.push(offset);
         offset += s.n;
+        for kvh in 0..kv_heads {
+            for r0 in (0..s.n).step_by(ROWS_PER_ITEM) {
+                items.push((si, kvh, r0, (s.n - r0).min(ROWS_PER_ITEM)));
+            }
+        }
     }
-    let items = segments.len() * heads;
-    let results: Vec<Mutex<Vec<f32>>> = (0..items).map(|_| Mutex::new(Vec::new())).collect();
+    let results: Vec<Mutex<Vec<f32>>> = items.iter().map(|_| Mutex::new(Vec::new())).collect();
     let work = |item: usize| {
-        let (si, h) = (item / heads, item % heads);
+        let (si, kvh, r0, rows) = items[item];
         let seg = &segments[si];
         let (k, v, cap) = kv[si];
-        let base = (h / group) * cap * hd;
-        let mut out = vec![0f32; seg.n * hd];
-        let mut weights = vec![0f32; seg.past + seg.n];
-        for i in 0..seg.n {
-            let row = h * total + offsets[si] + i;
-            let qrow = &q[row * hd..(row + 1) * hd];
-            let visible = seg.past + i + 1;
-            let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
-            let weights = &mut weights[..visible - first];
-            let mut max = f32::NEG_INFINITY;
-            for (j, w) in (first..visible).zip(weights.iter_mut()) {
-                let j = j % seg.modulus;
-                *w = dot(qrow, &k[base + j * hd..base + (j + 1) * hd]);
-                max = max.max(*w);
-            }
-            let mut sum = 0f32;
-            for w in weights.iter_mut() {
-                *w = (*w - max).exp();
-                sum += *w;
-            }
-            let o = &mut out[i * hd..(i + 1) * hd];
-            for (j, w) in (first..visible).zip(weights.iter()) {
-                let j = j % seg.modulus;
-                let vrow = &v[base + j * hd..base + (j + 1) * hd];
-                for (od, vd) in o.iter_mut().zip(vrow) {
-                    *od += w * vd;
+        let base = kvh * cap * hd;
+        let (k, v) = (&k[base..base + cap * hd], &v[base..base + cap * hd]);
+        // Positions any of these rows sees, widened once.
+        let lo = seg.window.map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
+        let hi = seg.past + r0 + rows;
+        let (mut kf, mut vf) = (Vec::new(), Vec::new());
+        widen(k, seg.modulus, hd, lo, hi, &mut kf);
+        widen(v, seg.modulus, hd, lo, hi, &mut vf);
+        // [group heads][rows][hd]
+        let mut out = vec![0f32; group * rows * hd];
+        let mut weights = vec![0f32; hi - lo];
+        for g in 0..group {
+            let h = kvh * group + g;
+            for i in r0..r0 + rows {
+                let row = h * total + offsets[si] + i;
+                let qrow = &q[row * hd..(row + 1) * hd];
+                let visible = seg.past + i + 1;
+                let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
+                let weights = &mut weights[..visible - first];
+                let mut max = f32::NEG_INFINITY;
+                for (j, w) in (first..visible).zip(weights.iter_mut()) {
+                    let j = j - lo;
+                    *w = dot(qrow, &kf[j * hd..(j + 1) * hd]);
+                    max = max.max(*w);
                 }
-            }
-            let inv = 1.0 / sum;
-            for od in o.iter_mut() {
-                *od *= inv;
+                let mut sum = 0f32;
+                for w in weights.iter_mut() {
+                    *w = (*w - max).exp();
+                    sum += *w;
+                }
+                let o = &mut out[(g * rows + i - r0) * hd..][..hd];
+                for (j, w) in (first..visible).zip(weights.iter()) {
+                    let j = j - lo;
+                    for (od, vd) in o.iter_mut().zip(&vf[j * hd..(j + 1) * hd]) {
+                        *od += w * vd;
+                    }
+                }
+                let inv = 1.0 / sum;
+                for od in o.iter_mut() {
+                    *od *= inv;
+                }
             }
         }
         *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
     };
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(work));
+    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| range.for_each(work));
     let mut out = vec![0f32; heads * total * hd];
-    for (item, slot) in results.into_iter().enumerate() {
-        let (si, h) = (item / heads, item % heads);
-        let rows = slot.into_inner().unwrap_or_else(|e| e.into_inner());
-        let at = (h * total + offsets[si]) * hd;
-        out[at..at + rows.len()].copy_from_slice(&rows);
+    for (&(si, kvh, r0, rows), slot) in items.iter().zip(results) {
+        let part = slot.into_inner().unwrap_or_else(|e| e.into_inner());
+        for g in 0..group {
+            let h = kvh * group + g;
+            let at = (h * total + offsets[si] + r0) * hd;
+            out[at..at + rows * hd].copy_from_slice(&part[g * rows * hd..(g + 1) * rows * hd]);
+        }
     }
     drop(guards);
     Tensor::from_vec(out, (heads, total, hd), &Device::Cpu)
@@ -145,65 +186,71 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
-    /// The same numbers as the textbook formula (softmax(q·kᵀ + causal mask)·v), with and
-    /// without a sliding window.
+    /// The same numbers as the textbook formula (softmax(q·kᵀ + causal mask)·v) over the keys
+    /// and values as the f16 cache holds them, with and without a sliding window, and on a
+    /// ring that wrapped (position `p` in slot `p % 10`).
     #[test]
     fn matches_the_definition() {
         let dev = Device::Cpu;
-        let (heads, kv, hd, cap, past, n) = (4, 2, 12, 10, 3, 4);
+        let (heads, kv, hd, cap, n) = (4, 2, 12, 10, 4);
         let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
         type Rows = Vec<Vec<Vec<f32>>>;
-        let (qr, kr, vr): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), k.to_vec3().unwrap(), v.to_vec3().unwrap());
-        for window in [None, Some(3), Some(1)] {
-            let seg = [SegmentKv { k: &k, v: &v, modulus: usize::MAX, past, n, window }];
+        let wide = |t: &Tensor| -> Rows { t.to_dtype(DType::F32).unwrap().to_vec3().unwrap() };
+        let (qr, kr, vr): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), wide(&k), wide(&v));
+        let cases = [(3, None, usize::MAX), (3, Some(3), usize::MAX), (3, Some(1), usize::MAX), (12, Some(3), cap)];
+        for (past, window, modulus) in cases {
+            let seg = [SegmentKv { k: &k, v: &v, modulus, past, n, window }];
             let got: Rows = attend(&q, &seg, heads / kv).unwrap().to_vec3().unwrap();
             for h in 0..heads {
                 for i in 0..n {
                     let kvh = h / (heads / kv);
                     let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
                     let s: Vec<f64> = (first..=past + i)
-                        .map(|j| (0..hd).map(|d| qr[h][i][d] as f64 * kr[kvh][j][d] as f64).sum())
+                        .map(|j| (0..hd).map(|d| qr[h][i][d] as f64 * kr[kvh][j % modulus][d] as f64).sum())
                         .collect();
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for d in 0..hd {
-                        let want: f64 =
-                            s.iter().enumerate().map(|(j, x)| (x - m).exp() / z * vr[kvh][first + j][d] as f64).sum();
-                        assert!((got[h][i][d] as f64 - want).abs() < 1e-5, "window {window:?} h{h} i{i} d{d}");
+                        let want: f64 = s
+                            .iter()
+                            .enumerate()
+                            .map(|(j, x)| (x - m).exp() / z * vr[kvh][(first + j) % modulus][d] as f64)
+                            .sum();
+                        assert!((got[h][i][d] as f64 - want).abs() < 1e-5, "past {past} window {window:?} h{h} i{i} d{d}");
                     }
                 }
             }
         }
     }
 
-    /// A row's result does not depend on the rows computed with it.
+    /// A row's result does not depend on the rows computed with it: a prompt split in chunks
+    /// (and in work items of [`ROWS_PER_ITEM`] rows), or sharing a call with other sequences.
     #[test]
     fn rows_do_not_depend_on_the_chunk() {
         let dev = Device::Cpu;
-        let (heads, hd, cap) = (3, 64, 40);
-        let q = Tensor::randn(0f32, 1.0, (heads, 17, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
-        let whole: Vec<Vec<Vec<f32>>> =
-            attend(&q, &[SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 0, n: 17, window: None }], heads).unwrap().to_vec3().unwrap();
-        let tail = q.narrow(1, 5, 12).unwrap().contiguous().unwrap();
-        let part: Vec<Vec<Vec<f32>>> =
-            attend(&tail, &[SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 5, n: 12, window: None }], heads).unwrap().to_vec3().unwrap();
+        let (heads, hd, cap, n) = (3, 64, 90, 70);
+        let kv = |seed: f32| Tensor::randn(seed, 1.0, (1, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
+        let (k, v) = (kv(0.0), kv(0.5));
+        let seg = |k, past, n| SegmentKv { k, v: &v, modulus: usize::MAX, past, n, window: None };
+        let whole: Vec<Vec<Vec<f32>>> = attend(&q, &[seg(&k, 0, n)], heads).unwrap().to_vec3().unwrap();
+        let tail = q.narrow(1, 5, n - 5).unwrap().contiguous().unwrap();
+        let part: Vec<Vec<Vec<f32>>> = attend(&tail, &[seg(&k, 5, n - 5)], heads).unwrap().to_vec3().unwrap();
         for h in 0..heads {
-            for i in 0..12 {
-                assert_eq!(whole[h][i + 5], part[h][i]);
+            for i in 0..n - 5 {
+                assert_eq!(whole[h][i + 5], part[h][i], "h{h} i{i}");
             }
         }
         // Two segments (other sequences) in one call change nothing either.
-        let k2 = Tensor::randn(0f32, 1.0, (1, cap, hd), &dev).unwrap();
+        let k2 = kv(1.0);
         let both = Tensor::cat(&[&tail, &q.narrow(1, 0, 3).unwrap()], 1).unwrap().contiguous().unwrap();
-        let segs = [SegmentKv { k: &k, v: &v, modulus: usize::MAX, past: 5, n: 12, window: None }, SegmentKv { k: &k2, v: &v, modulus: usize::MAX, past: 0, n: 3, window: None }];
-        let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &segs, heads).unwrap().to_vec3().unwrap();
+        let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &[seg(&k, 5, n - 5), seg(&k2, 0, 3)], heads).unwrap().to_vec3().unwrap();
         for h in 0..heads {
-            for i in 0..12 {
+            for i in 0..n - 5 {
                 assert_eq!(mixed[h][i], part[h][i]);
             }
         }

@@ -1,6 +1,8 @@
 //! The KV cache of one sequence, owned by the engine: one preallocated key and value tensor per
 //! layer, `[kv_heads, slots, head_dim]`, appended in place (no copy of the cache per token,
-//! unlike candle-transformers' `Tensor::cat`).
+//! unlike candle-transformers' `Tensor::cat`). Keys and values are kept in f16, as llama.cpp
+//! keeps them by default: half the memory of f32 for running sequences and the prompt cache
+//! alike, read back to f32 by the attention.
 //!
 //! Global layers keep every position (position `p` in slot `p`). Sliding-window layers (Gemma 3's
 //! local layers) keep only a ring of recent positions (position `p` in slot `p % ring`), the
@@ -59,6 +61,9 @@ pub(crate) struct SeqCache {
     oldest: usize,
 }
 
+/// The element type of cached keys and values.
+pub(crate) const KV_DTYPE: DType = DType::F16;
+
 /// Positions allocated at first, and the least a cache grows by.
 const MIN_CAPACITY: usize = 64;
 
@@ -90,7 +95,7 @@ impl SeqCache {
         let layers = (0..shape.layers)
             .map(|li| {
                 let slots = if shape.window(li).is_some() { capacity.min(ring) } else { capacity };
-                let z = || Tensor::zeros((shape.kv_heads, slots, shape.head_dim), DType::F32, device);
+                let z = || Tensor::zeros((shape.kv_heads, slots, shape.head_dim), KV_DTYPE, device);
                 Ok((z()?, z()?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -136,7 +141,7 @@ impl SeqCache {
                 if t.dims3()?.1 == slots && old_mod == new_mod {
                     continue;
                 }
-                let bigger = Tensor::zeros((self.shape.kv_heads, slots, self.shape.head_dim), DType::F32, t.device())?;
+                let bigger = Tensor::zeros((self.shape.kv_heads, slots, self.shape.head_dim), KV_DTYPE, t.device())?;
                 copy_positions(t, old_mod, &bigger, new_mod, from, self.len)?;
                 *t = bigger;
             }
@@ -146,10 +151,11 @@ impl SeqCache {
         Ok(())
     }
 
-    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`, contiguous) of layer `layer` at the
+    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`, any float type) of layer `layer` at the
     /// current end. [`SeqCache::advance`] moves the end once every layer is written.
     pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kc, vc) = &self.layers[layer];
+        let (k, v) = (k.to_dtype(KV_DTYPE)?, v.to_dtype(KV_DTYPE)?);
         let m = self.modulus(layer);
         let n = k.dims3()?.1;
         let mut p = 0;
@@ -252,7 +258,7 @@ impl SeqCache {
 
     /// Bytes of keys and values per position (as global layers keep them; an upper bound).
     pub(crate) fn bytes_per_position(shape: &CacheShape) -> usize {
-        shape.layers * shape.kv_heads * shape.head_dim * 2 * std::mem::size_of::<f32>()
+        shape.layers * shape.kv_heads * shape.head_dim * 2 * KV_DTYPE.size_in_bytes()
     }
 }
 
@@ -272,7 +278,7 @@ mod tests {
     /// Key of position `p` in layer `layer`, read through the slot mapping.
     fn key_at(c: &SeqCache, layer: usize, p: usize) -> Vec<f32> {
         let (k, _, m) = c.layer(layer);
-        k.squeeze(0).unwrap().to_vec2::<f32>().unwrap()[p % m].clone()
+        k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()[p % m].clone()
     }
 
     fn append(c: &mut SeqCache, from: usize, n: usize) {
@@ -291,7 +297,7 @@ mod tests {
         }
         assert_eq!(c.len(), 100);
         let (k, _) = c.view(0, 0).unwrap();
-        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_vec2().unwrap();
+        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
         assert_eq!(k[0], vec![0.0, 1.0]);
         assert_eq!(k[99], vec![198.0, 199.0]);
 
@@ -303,7 +309,7 @@ mod tests {
         // Writing into the fork left the original alone (its slot 100 is still zero).
         c.reserve(1).unwrap();
         let (k, _) = c.view(0, 1).unwrap();
-        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_vec2().unwrap();
+        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
         assert_eq!(k[100], vec![0.0, 0.0]);
         let mut c = c.fork_prefix(10, 0).unwrap();
         assert_eq!(c.len(), 10);

@@ -396,7 +396,8 @@ impl Decoder {
         let cfg = &self.config;
         let past = cache.len();
         let group = cfg.heads / cfg.kv_heads;
-        let (kc, vc) = cache.view(li, n)?; // [kv, past+n, hd]
+        let (kc, vc) = cache.view(li, n)?; // [kv, past+n, hd], f16
+        let (kc, vc) = (kc.to_dtype(qs.dtype())?, vc.to_dtype(qs.dtype())?);
         // Heads sharing a KV head are stacked as rows: [kv, group*n, hd].
         let qs = qs.reshape((cfg.kv_heads, group * n, cfg.head_dim))?;
         let mut att = qs.matmul(&kc.t()?)?;
