@@ -2,7 +2,7 @@
 # The engine against llama.cpp on the same GGUF and thread count, in the same run: prompt
 # tokens/s (300-token prompt), decode tokens/s (one stream), aggregate decode tokens/s with 16
 # concurrent requests, seconds per 5-way choice-scoring field after a 75-token prompt, peak RSS.
-# Runs batchlab twice: without a prompt cache (as llama.cpp runs), and with its default 256 MB one
+# Runs batchlab twice: without a prompt cache (as llama.cpp runs), and with its default 128 MB one
 # (only its peak RSS is reported). Prints one table with the ratios. llama.cpp comes from
 # llama-cpp-python, built from source (about 5 minutes, once) into .venv-bench.
 #   scripts/bench-engine.sh [MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf] [THREADS=2]
@@ -21,10 +21,10 @@ PROFILE="${BENCH_PROFILE:-release}"
 cargo build --profile "$PROFILE" -q -p batchlab-engine --example bench_engine
 PROFILE_DIR="$([[ "$PROFILE" == dev ]] && echo debug || echo "$PROFILE")"
 BENCH="${CARGO_TARGET_DIR:-target}/$PROFILE_DIR/examples/bench_engine"
-# Without a prompt cache, as llama.cpp runs here; then again with batchlab's default 256 MB one,
+# Without a prompt cache, as llama.cpp runs here; then again with batchlab's default 128 MB one,
 # for its peak RSS.
 OURS="$(RUST_LOG=warn "$BENCH" "$MODEL" "$THREADS" 0)"
-OURS_CACHED="$(RUST_LOG=warn "$BENCH" "$MODEL" "$THREADS" 256)"
+OURS_CACHED="$(RUST_LOG=warn "$BENCH" "$MODEL" "$THREADS" 128)"
 THEIRS="$(.venv-bench/bin/python scripts/bench_llama_cpp.py "$MODEL" "$THREADS")"
 python3 - "$OURS" "$THEIRS" "$MODEL" "$THREADS" "$OURS_CACHED" <<'PY'
 import json, os, subprocess, sys
@@ -47,7 +47,7 @@ print(f"| same, prompts' time included | {ours['aggregate16_e2e_tps']:.1f} | n/a
       f"{ours['aggregate16_e2e_tps'] / ours['decode_tps']:.2f}x own one-stream |  |")
 row("choice scoring, 5-way field, 75-token prompt (s)", "scoring_s", ".3f", False, ">= 1.0x (not slower)")
 row("peak RSS (MB), no prompt cache (as llama.cpp)", "peak_rss_mb", ".0f", False, "llama.cpp/batchlab >= 0.67")
-print(f"| peak RSS (MB), default 256 MB prompt cache | {cached['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
+print(f"| peak RSS (MB), default 128 MB prompt cache | {cached['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
       f"{theirs['peak_rss_mb'] / cached['peak_rss_mb']:.2f}x |  |")
 row("load (s)", "load_s", ".2f", False, "")
 PY

@@ -201,7 +201,7 @@ impl Default for EngineSettings {
             model_id: "SmolLM2-135M-Instruct".into(),
             max_queue: 256,
             max_batch: 16,
-            prefix_cache_mb: 256,
+            prefix_cache_mb: 128,
             threads: 0,
             max_context: 0,
             default_max_tokens: 256,

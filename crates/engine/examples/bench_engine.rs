@@ -1,6 +1,6 @@
 //! The engine's side of `scripts/bench-engine.sh`: one JSON object of measurements on a GGUF.
 //!
-//! `bench_engine MODEL THREADS [PREFIX_CACHE_MB=256]` measures, each the median of 3 runs:
+//! `bench_engine MODEL THREADS [PREFIX_CACHE_MB=128]` measures, each the median of 3 runs:
 //! - prompt tokens/s: a 300-token prompt processed once (no cached prefix);
 //! - decode tokens/s, one stream: 64 greedy tokens after a short prompt;
 //! - aggregate decode tokens/s with 16 concurrent requests (continuous batching), measured like
@@ -47,7 +47,7 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let model = args.next().expect("usage: bench_engine MODEL THREADS [PREFIX_CACHE_MB]");
     let threads: usize = args.next().map_or(2, |t| t.parse().expect("THREADS"));
-    let prefix_cache_mb: usize = args.next().map_or(256, |t| t.parse().expect("PREFIX_CACHE_MB"));
+    let prefix_cache_mb: usize = args.next().map_or(128, |t| t.parse().expect("PREFIX_CACHE_MB"));
     let t = Instant::now();
     let engine = Engine::load(EngineConfig {
         model_path: model.into(),
