@@ -190,7 +190,8 @@ pub struct EngineSettings {
     pub max_context: usize,
     /// Completion tokens when a request sets no `max_tokens`.
     pub default_max_tokens: usize,
-    /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load.
+    /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load
+    /// (Q4_1 stays 4-bit where batchlab's packed kernel runs it).
     pub requantize: bool,
 }
 

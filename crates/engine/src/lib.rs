@@ -76,7 +76,8 @@ pub struct EngineConfig {
     /// See [`Engine::context_length`] for the other caps.
     pub max_context: Option<usize>,
     /// Requantize Q4_1, Q5_0 and Q5_1 weights, which candle computes without SIMD, to Q8_0 at
-    /// load: much faster, slightly more memory, answers close to the original.
+    /// load: much faster, slightly more memory, answers close to the original. Q4_1 weights
+    /// the packed kernel runs ([`packed_kernel`]) stay as they are.
     pub requantize: bool,
 }
 
@@ -373,7 +374,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         context_length,
         gguf_context_length = gguf_ctx,
         requantized_to_q8_0 = requantized,
-        packed_q8_0_kernel = model::packed::available(),
+        packed_kernel = packed_kernel(),
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -423,6 +424,13 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
     let mut segment = [model::Segment { cache: &mut cache, tokens: &[token], want: model::Want::Last, prompt: false }];
     model.forward(&mut segment).map_err(|e| load_err("warm-up forward pass", e))?;
     Ok(())
+}
+
+/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0 and
+/// Q4_1 weights are then repacked at load and every matmul row goes through it; elsewhere
+/// candle's kernels run them.
+pub fn packed_kernel() -> bool {
+    model::packed::available()
 }
 
 impl Engine {

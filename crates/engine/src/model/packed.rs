@@ -1,4 +1,4 @@
-//! Q8_0 weights repacked for a batched integer matrix product on AVX-512 VNNI.
+//! Q8_0, Q4_0 and Q4_1 weights repacked for a batched integer matrix product on AVX-512 VNNI.
 //!
 //! candle's Q8_0 kernel computes one (row, column) dot product at a time with a single running
 //! sum, so its cost grows with every row a step adds: 16 generated rows took 9x one row's time
@@ -7,10 +7,17 @@
 //! one `vpdpbusd` against 4 broadcast activation bytes then advances 16 dot products at once,
 //! and each weight register is reused for every activation row of a tile.
 //!
+//! 4-bit weights stay 4-bit (0.625 bytes a weight with their scales, against 1.06 for Q8_0):
+//! one-stream decode reads every weight once per token, so it runs at the speed of memory, and
+//! requantizing a Q4_1 file to Q8_0 made it 1.7x more to read. A register holds the nibbles
+//! of two steps, split with a mask and a shift; the unsigned nibbles are `vpdpbusd`'s unsigned
+//! operand and the activations (plain signed bytes) its signed one, and a block's offset `m`
+//! (Q4_1's minimum, `-8·d` for Q4_0) is added as `m × dx × Σ activation bytes`.
+//!
 //! Every output value is computed the same way whatever else is in the call: the integer sum
 //! of a block is exact, and the blocks are added to a row's f32 accumulator in order, one fused
 //! multiply-add each. A row's numbers therefore never depend on its batch, and the portable
-//! [`PackedQ8::matmul_reference`] gives bit-identical results (the tests check both).
+//! [`Packed::matmul_reference`] gives bit-identical results (the tests check both).
 
 use std::sync::OnceLock;
 
@@ -25,25 +32,39 @@ const BLOCK: usize = 32;
 /// 4-byte steps per block (one `vpdpbusd` each).
 const STEPS: usize = BLOCK / 4;
 /// Bytes of one Q8_0 block in a GGUF: an f16 scale, then 32 signed bytes.
-const GGUF_BLOCK_BYTES: usize = 2 + BLOCK;
+const Q8_0_BYTES: usize = 2 + BLOCK;
+/// Bytes of one Q4_0 block: an f16 scale, then 16 bytes of two 4-bit values (`w = d·(q − 8)`).
+const Q4_0_BYTES: usize = 2 + BLOCK / 2;
+/// Bytes of one Q4_1 block: f16 scale and minimum, then 16 bytes of nibbles (`w = d·q + m`).
+const Q4_1_BYTES: usize = 4 + BLOCK / 2;
+/// 512-bit registers of nibbles per 4-bit block (each holds two steps).
+const NIBBLE_REGS: usize = STEPS / 2;
 /// Activation rows that share each loaded weight register.
 const TILE: usize = 4;
-/// Activations are stored as `q + OFFSET` (unsigned, as `vpdpbusd` wants them); the kernel
-/// subtracts `OFFSET × Σ weights` of the block to get the signed dot product back.
+/// Activations for Q8_0 weights are stored as `q + OFFSET` (unsigned, as `vpdpbusd` wants its
+/// first operand); the kernel subtracts `OFFSET × Σ weights` of the block to get the signed
+/// dot product back. For 4-bit weights (the unsigned operand) they are plain signed bytes.
 const OFFSET: i32 = 128;
 
-/// A `[rows, cols]` Q8_0 weight matrix in the interleaved layout.
-pub(crate) struct PackedQ8 {
+/// The weights of a packed matrix, by format.
+enum Codes {
+    /// Q8_0: `[group][block][step][lane][4]` signed weights `4·step..4·step+4` of the block for
+    /// the 16 rows of the group, and `[group][block][lane]` each block's sum of weights.
+    Q8 { qs: Vec<i8>, sums: Vec<i16> },
+    /// Q4_0 / Q4_1: `[group][block][k][lane][4]` bytes whose low nibbles are the weights of
+    /// step `k` and high nibbles those of step `k + 4` (0..=15), and `[group][block][lane]`
+    /// each block's offset `m` (f16 bits): weight = `d·q + m`.
+    Q4 { qs: Vec<u8>, mins: Vec<u16> },
+}
+
+/// A `[rows, cols]` weight matrix in the interleaved layout.
+pub(crate) struct Packed {
     rows: usize,
     cols: usize,
     blocks: usize,
-    /// `[group][block][step][lane][4]`: weights `4·step..4·step+4` of the block, for the 16
-    /// rows of the group.
-    qs: Vec<i8>,
+    codes: Codes,
     /// `[group][block][lane]`: each block's scale (f16 bits, as stored in the GGUF).
     scales: Vec<u16>,
-    /// `[group][block][lane]`: each block's sum of weights.
-    sums: Vec<i16>,
 }
 
 /// Whether this CPU runs the packed kernel (AVX-512 with VNNI, checked once).
@@ -77,34 +98,41 @@ impl Out {
     }
 }
 
-/// Activations quantized per row and block: `q + OFFSET` as bytes, and an f32 scale per block.
+/// Activations quantized per row and block: `q + offset` as bytes, an f32 scale per block,
+/// and per block `scale × Σ q` (what a 4-bit block's offset `m` multiplies).
 struct Activations {
     q: Vec<u8>,
     d: Vec<f32>,
+    s: Vec<f32>,
 }
 
-impl PackedQ8 {
-    /// Repacks a Q8_0 tensor `[rows, cols]`; `None` when it is not Q8_0, not 2-D, or its shape
-    /// does not fit the layout (rows a multiple of 16, columns of 32).
+impl Packed {
+    /// Repacks a Q8_0, Q4_0 or Q4_1 tensor `[rows, cols]`; `None` for other formats, other
+    /// ranks, shapes that do not fit the layout (rows a multiple of 16, columns of 32), or a
+    /// Q4_0 scale too large for its offset `-8·d` to be an f16.
     pub(crate) fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
         let &[rows, cols] = t.shape().dims() else { return Ok(None) };
-        if t.dtype() != GgmlDType::Q8_0 || !rows.is_multiple_of(LANES) || !cols.is_multiple_of(BLOCK) {
+        if !takes(t.dtype()) || !rows.is_multiple_of(LANES) || !cols.is_multiple_of(BLOCK) {
             return Ok(None);
         }
-        Ok(Some(Self::from_q8_0_bytes(&t.data()?, rows, cols)))
+        let data = t.data()?;
+        Ok(match t.dtype() {
+            GgmlDType::Q8_0 => Some(Self::from_q8_0_bytes(&data, rows, cols)),
+            dtype => Self::from_q4_bytes(&data, dtype == GgmlDType::Q4_1, rows, cols),
+        })
     }
 
     /// Repacks GGUF Q8_0 blocks of a row-major `[rows, cols]` matrix.
     fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
-        assert_eq!(data.len(), rows * blocks * GGUF_BLOCK_BYTES, "Q8_0 data of the wrong size");
+        assert_eq!(data.len(), rows * blocks * Q8_0_BYTES, "Q8_0 data of the wrong size");
         let mut qs = vec![0i8; rows * cols];
         let mut scales = vec![0u16; rows * blocks];
         let mut sums = vec![0i16; rows * blocks];
         for r in 0..rows {
             let (g, lane) = (r / LANES, r % LANES);
             for b in 0..blocks {
-                let src = &data[(r * blocks + b) * GGUF_BLOCK_BYTES..][..GGUF_BLOCK_BYTES];
+                let src = &data[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
                 let gb = g * blocks + b;
                 scales[gb * LANES + lane] = u16::from_le_bytes([src[0], src[1]]);
                 let q = &src[2..];
@@ -117,21 +145,78 @@ impl PackedQ8 {
                 }
             }
         }
-        Self { rows, cols, blocks, qs, scales, sums }
+        Self { rows, cols, blocks, codes: Codes::Q8 { qs, sums }, scales }
     }
 
-    /// Row `r` dequantized into `dst` (`cols` values): `q × scale`, the same f32 products as
-    /// candle's Q8_0 dequantization.
+    /// Repacks GGUF Q4_1 (`with_min`) or Q4_0 blocks of a row-major `[rows, cols]` matrix.
+    fn from_q4_bytes(data: &[u8], with_min: bool, rows: usize, cols: usize) -> Option<Self> {
+        let blocks = cols / BLOCK;
+        let size = if with_min { Q4_1_BYTES } else { Q4_0_BYTES };
+        assert_eq!(data.len(), rows * blocks * size, "4-bit data of the wrong size");
+        let mut qs = vec![0u8; rows * cols / 2];
+        let mut scales = vec![0u16; rows * blocks];
+        let mut mins = vec![0u16; rows * blocks];
+        for r in 0..rows {
+            let (g, lane) = (r / LANES, r % LANES);
+            for b in 0..blocks {
+                let src = &data[(r * blocks + b) * size..][..size];
+                let gb = g * blocks + b;
+                let d = u16::from_le_bytes([src[0], src[1]]);
+                scales[gb * LANES + lane] = d;
+                mins[gb * LANES + lane] = if with_min {
+                    u16::from_le_bytes([src[2], src[3]])
+                } else {
+                    // -8·d is exact in f16 (a power of two) unless it overflows.
+                    let m = f16::from_f32(-8.0 * f16::from_bits(d).to_f32());
+                    if !m.is_finite() {
+                        return None;
+                    }
+                    m.to_bits()
+                };
+                // GGUF: byte i holds value i (low nibble) and value i + 16 (high nibble).
+                let nibbles = &src[size - BLOCK / 2..];
+                let value = |i: usize| if i < 16 { nibbles[i] & 0x0F } else { nibbles[i - 16] >> 4 };
+                for k in 0..NIBBLE_REGS {
+                    let dst = ((gb * NIBBLE_REGS + k) * LANES + lane) * 4;
+                    for j in 0..4 {
+                        qs[dst + j] = value(k * 4 + j) | (value((k + NIBBLE_REGS) * 4 + j) << 4);
+                    }
+                }
+            }
+        }
+        Some(Self { rows, cols, blocks, codes: Codes::Q4 { qs, mins }, scales })
+    }
+
+    /// Weight `(r, b·32 + i)` as its integer code: `(q, m)` with weight = `d·q + m` for 4-bit
+    /// formats, `(q, 0)` for Q8_0.
+    fn code(&self, gb: usize, lane: usize, i: usize) -> i32 {
+        let (s, j) = (i / 4, i % 4);
+        match &self.codes {
+            Codes::Q8 { qs, .. } => i32::from(qs[((gb * STEPS + s) * LANES + lane) * 4 + j]),
+            Codes::Q4 { qs, .. } => {
+                let byte = qs[((gb * NIBBLE_REGS + s % NIBBLE_REGS) * LANES + lane) * 4 + j];
+                i32::from(if s < NIBBLE_REGS { byte & 0x0F } else { byte >> 4 })
+            }
+        }
+    }
+
+    /// Row `r` dequantized into `dst` (`cols` values): the same f32 arithmetic as candle's
+    /// dequantization (`q × d`, or `q × d + m`).
     fn dequantize_row(&self, r: usize, dst: &mut [f32]) {
         let (g, lane) = (r / LANES, r % LANES);
         for b in 0..self.blocks {
             let gb = g * self.blocks + b;
             let d = f16::from_bits(self.scales[gb * LANES + lane]).to_f32();
-            for s in 0..STEPS {
-                let src = ((gb * STEPS + s) * LANES + lane) * 4;
-                for j in 0..4 {
-                    dst[b * BLOCK + s * 4 + j] = f32::from(self.qs[src + j]) * d;
-                }
+            let m = match &self.codes {
+                Codes::Q8 { .. } => None,
+                Codes::Q4 { mins, .. } => Some(f16::from_bits(mins[gb * LANES + lane]).to_f32()),
+            };
+            for i in 0..BLOCK {
+                let q = self.code(gb, lane, i) as f32;
+                dst[b * BLOCK + i] = match m {
+                    None => q * d,
+                    Some(m) => q * d + m,
+                };
             }
         }
     }
@@ -167,20 +252,29 @@ impl PackedQ8 {
     }
 
     /// Quantizes `m` rows of `x` to 8 bits per block of 32 (scale = max |x| / 127, values
-    /// rounded to nearest, ties to even).
+    /// rounded to nearest, ties to even), stored with the offset this format's kernel wants.
     fn quantize(&self, x: &[f32], m: usize) -> Activations {
+        let offset = match self.codes {
+            Codes::Q8 { .. } => OFFSET,
+            Codes::Q4 { .. } => 0,
+        };
         let mut q = vec![0u8; m * self.cols];
         let mut d = vec![0f32; m * self.blocks];
+        let mut s = vec![0f32; m * self.blocks];
         for (i, (block, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
             #[cfg(target_arch = "x86_64")]
-            if available() {
+            let (scale, sum) = if available() {
                 // SAFETY: the CPU has the features; both blocks hold 32 values.
-                d[i] = unsafe { quantize_block_avx512(block, qb) };
-                continue;
-            }
-            d[i] = quantize_block(block, qb);
+                unsafe { quantize_block_avx512(block, qb, offset) }
+            } else {
+                quantize_block(block, qb, offset)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (scale, sum) = quantize_block(block, qb, offset);
+            d[i] = scale;
+            s[i] = scale * sum as f32;
         }
-        Activations { q, d }
+        Activations { q, d, s }
     }
 
     /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads.
@@ -230,17 +324,24 @@ impl PackedQ8 {
                 let mut acc = 0f32;
                 for b in 0..self.blocks {
                     let gb = g * self.blocks + b;
-                    let xq = &acts.q[(row * self.blocks + b) * BLOCK..][..BLOCK];
-                    let mut isum = 0i32;
-                    for s in 0..STEPS {
-                        let w = &self.qs[((gb * STEPS + s) * LANES + lane) * 4..][..4];
-                        for j in 0..4 {
-                            isum += i32::from(xq[s * 4 + j]) * i32::from(w[j]);
+                    let at = row * self.blocks + b;
+                    let xq = &acts.q[at * BLOCK..][..BLOCK];
+                    let dw = f16::from_bits(self.scales[gb * LANES + lane]).to_f32();
+                    match &self.codes {
+                        Codes::Q8 { sums, .. } => {
+                            // The bytes are `q + OFFSET` here.
+                            let isum: i32 = (0..BLOCK).map(|i| self.code(gb, lane, i) * i32::from(xq[i])).sum();
+                            let isum = isum - OFFSET * i32::from(sums[gb * LANES + lane]);
+                            acc = (isum as f32).mul_add(dw * acts.d[at], acc);
+                        }
+                        Codes::Q4 { mins, .. } => {
+                            // The bytes are signed activations here; the codes are unsigned.
+                            let isum: i32 = (0..BLOCK).map(|i| self.code(gb, lane, i) * i32::from(xq[i] as i8)).sum();
+                            let mw = f16::from_bits(mins[gb * LANES + lane]).to_f32();
+                            acc = (isum as f32).mul_add(dw * acts.d[at], acc);
+                            acc = mw.mul_add(acts.s[at], acc);
                         }
                     }
-                    isum -= OFFSET * i32::from(self.sums[gb * LANES + lane]);
-                    let dw = f16::from_bits(self.scales[gb * LANES + lane]).to_f32();
-                    acc = (isum as f32).mul_add(dw * acts.d[row * self.blocks + b], acc);
                 }
                 // SAFETY: (row, 16g + lane) lies inside the `[m, rows]` output.
                 unsafe { *out.add(row * self.rows + g * LANES + lane) = acc };
@@ -259,24 +360,28 @@ impl PackedQ8 {
         while row < m {
             // SAFETY: forwarded from the caller.
             unsafe {
-                match m - row {
-                    1 => self.tile_avx512::<1>(g, acts, row, out),
-                    2 => self.tile_avx512::<2>(g, acts, row, out),
-                    3 => self.tile_avx512::<3>(g, acts, row, out),
-                    _ => self.tile_avx512::<TILE>(g, acts, row, out),
+                match (&self.codes, m - row) {
+                    (Codes::Q8 { qs, sums }, 1) => self.tile_q8::<1>(g, acts, row, out, qs, sums),
+                    (Codes::Q8 { qs, sums }, 2) => self.tile_q8::<2>(g, acts, row, out, qs, sums),
+                    (Codes::Q8 { qs, sums }, 3) => self.tile_q8::<3>(g, acts, row, out, qs, sums),
+                    (Codes::Q8 { qs, sums }, _) => self.tile_q8::<TILE>(g, acts, row, out, qs, sums),
+                    (Codes::Q4 { qs, mins }, 1) => self.tile_q4::<1>(g, acts, row, out, qs, mins),
+                    (Codes::Q4 { qs, mins }, 2) => self.tile_q4::<2>(g, acts, row, out, qs, mins),
+                    (Codes::Q4 { qs, mins }, 3) => self.tile_q4::<3>(g, acts, row, out, qs, mins),
+                    (Codes::Q4 { qs, mins }, _) => self.tile_q4::<TILE>(g, acts, row, out, qs, mins),
                 }
             }
             row += TILE;
         }
     }
 
-    /// Rows `row0..row0 + R` of group `g`.
+    /// Rows `row0..row0 + R` of group `g`, Q8_0 weights.
     ///
     /// # Safety
     /// As [`Self::group_avx512`], with `row0 + R ≤ m`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_avx512<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32) {
+    unsafe fn tile_q8<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32, qs: &[i8], sums: &[i16]) {
         use std::arch::x86_64::*;
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..self.blocks {
@@ -284,12 +389,12 @@ impl PackedQ8 {
             // SAFETY: every offset below stays inside the packed arrays (`gb` < groups × blocks)
             // and the activations (`row0 + r` < m); unaligned loads throughout.
             unsafe {
-                let wp = self.qs.as_ptr().add(gb * STEPS * LANES * 4);
+                let wp = qs.as_ptr().add(gb * STEPS * LANES * 4);
                 let mut w = [_mm512_setzero_si512(); STEPS];
                 for (s, w) in w.iter_mut().enumerate() {
                     *w = _mm512_loadu_si512(wp.add(s * LANES * 4).cast());
                 }
-                let sums = _mm256_loadu_si256(self.sums.as_ptr().add(gb * LANES).cast());
+                let sums = _mm256_loadu_si256(sums.as_ptr().add(gb * LANES).cast());
                 let corr = _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(sums));
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
                 for (r, acc) in acc.iter_mut().enumerate() {
@@ -315,27 +420,79 @@ impl PackedQ8 {
             unsafe { _mm512_storeu_ps(out.add((row0 + r) * self.rows + g * LANES), *acc) };
         }
     }
+
+    /// Rows `row0..row0 + R` of group `g`, 4-bit weights: the same as [`Self::tile_q8`] with
+    /// the nibbles unpacked in registers, and each block's offset added with a second FMA.
+    ///
+    /// # Safety
+    /// As [`Self::group_avx512`], with `row0 + R ≤ m`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_q4<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32, qs: &[u8], mins: &[u16]) {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0x0F);
+        for b in 0..self.blocks {
+            let gb = g * self.blocks + b;
+            // SAFETY: as in `tile_q8`; a 4-bit block is NIBBLE_REGS registers.
+            unsafe {
+                let wp = qs.as_ptr().add(gb * NIBBLE_REGS * LANES * 4);
+                let mut w = [_mm512_setzero_si512(); STEPS];
+                for k in 0..NIBBLE_REGS {
+                    let both = _mm512_loadu_si512(wp.add(k * LANES * 4).cast());
+                    w[k] = _mm512_and_si512(both, low);
+                    w[k + NIBBLE_REGS] = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low);
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(mins.as_ptr().add(gb * LANES).cast()));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let at = (row0 + r) * self.blocks + b;
+                    let xp = acts.q.as_ptr().add(at * BLOCK);
+                    let mut even = _mm512_setzero_si512();
+                    let mut odd = _mm512_setzero_si512();
+                    for s in (0..STEPS).step_by(2) {
+                        let a0 = _mm512_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
+                        let a1 = _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
+                        // Unsigned nibbles first, signed activations second.
+                        even = _mm512_dpbusd_epi32(even, w[s], a0);
+                        odd = _mm512_dpbusd_epi32(odd, w[s + 1], a1);
+                    }
+                    let isum = _mm512_add_epi32(even, odd);
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(at)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(at)), *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: (row0 + r, 16g..16g+16) lies inside the `[m, rows]` output.
+            unsafe { _mm512_storeu_ps(out.add((row0 + r) * self.rows + g * LANES), *acc) };
+        }
+    }
 }
 
-/// One block of activations as `q + OFFSET` bytes; returns its scale. Lane-wise maxima (not
-/// `f32::max`, whose NaN rule keeps the compiler from vectorising).
-fn quantize_block(block: &[f32], q: &mut [u8]) -> f32 {
+/// One block of activations as `q + offset` bytes; returns its scale and `Σ q`. Lane-wise
+/// maxima (not `f32::max`, whose NaN rule keeps the compiler from vectorising).
+fn quantize_block(block: &[f32], q: &mut [u8], offset: i32) -> (f32, i32) {
     let amax = block.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
     let scale = amax / 127.0;
     let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    let mut sum = 0;
     for (dst, v) in q.iter_mut().zip(block) {
-        *dst = (((v * inv).round_ties_even() as i32).clamp(-127, 127) + OFFSET) as u8;
+        let i = ((v * inv).round_ties_even() as i32).clamp(-127, 127);
+        sum += i;
+        *dst = (i + offset) as u8;
     }
-    scale
+    (scale, sum)
 }
 
-/// [`quantize_block`] in AVX-512, with the same operations (so the same bytes and scale).
+/// [`quantize_block`] in AVX-512, with the same operations (so the same bytes, scale and sum).
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW; `block` and `q` hold 32 values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8]) -> f32 {
+unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8], offset: i32) -> (f32, i32) {
     use std::arch::x86_64::*;
     debug_assert!(block.len() == BLOCK && q.len() == BLOCK);
     // SAFETY: 32 values in, 32 bytes out (the caller's contract); unaligned accesses.
@@ -345,33 +502,54 @@ unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8]) -> f32 {
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         let scale = amax / 127.0;
         let inv = _mm512_set1_ps(if scale == 0.0 { 0.0 } else { 1.0 / scale });
-        let (min, max, offset) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(OFFSET));
+        let (min, max, off) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(offset));
+        let mut sum = _mm512_setzero_si512();
         for (half, dst) in [lo, hi].into_iter().zip([0, 16]) {
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(half, inv));
-            let i = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), min), max), offset);
-            _mm_storeu_si128(q.as_mut_ptr().add(dst).cast(), _mm512_cvtepi32_epi8(i));
+            let i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), min), max);
+            sum = _mm512_add_epi32(sum, i);
+            _mm_storeu_si128(q.as_mut_ptr().add(dst).cast(), _mm512_cvtepi32_epi8(_mm512_add_epi32(i, off)));
         }
-        scale
+        (scale, _mm512_reduce_add_epi32(sum))
     }
 }
 
+/// Whether the packed kernel takes weights of this format.
+pub(crate) fn takes(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
+}
+
+/// Whether `t` on `device` will be packed: this CPU runs the kernel, and `t` is a matrix in a
+/// format and shape it takes. (Such 4-bit weights are then kept 4-bit, not requantized.)
+pub(crate) fn fits(t: &QTensor, device: &Device) -> bool {
+    device.is_cpu()
+        && available()
+        && takes(t.dtype())
+        && matches!(t.shape().dims(), &[rows, cols] if rows.is_multiple_of(LANES) && cols.is_multiple_of(BLOCK))
+}
+
 /// The packed form of `t` when this CPU runs the packed kernel and `t` fits it.
-pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<PackedQ8>> {
+pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<Packed>> {
     if !device.is_cpu() || !available() {
         return Ok(None);
     }
-    PackedQ8::from_qtensor(t)
+    Packed::from_qtensor(t)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A `[rows, cols]` Q8_0 tensor of varied values, and its f32 original.
-    fn weights(rows: usize, cols: usize) -> (QTensor, Tensor) {
-        let v: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32)).collect();
+    /// Every format the kernel takes.
+    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+
+    /// A `[rows, cols]` tensor of varied values in `dtype`, and its f32 original.
+    fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> (QTensor, Tensor) {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32) + (i / 64 % 3) as f32 * 0.3)
+            .collect();
         let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
-        (QTensor::quantize(&t, GgmlDType::Q8_0).unwrap(), t)
+        (QTensor::quantize(&t, dtype).unwrap(), t)
     }
 
     fn activations(m: usize, cols: usize, salt: usize) -> Tensor {
@@ -388,56 +566,65 @@ mod tests {
         let mut x = x.clone();
         x[40..72].fill(0.0); // an all-zero block
         x[100] = 1e-30; // tiny values
-        for block in x.chunks_exact(BLOCK) {
-            let (mut a, mut b) = ([0u8; BLOCK], [0u8; BLOCK]);
-            let da = quantize_block(block, &mut a);
-            // SAFETY: checked `available()`; 32 values each.
-            let db = unsafe { quantize_block_avx512(block, &mut b) };
-            assert_eq!((da.to_bits(), a), (db.to_bits(), b));
+        for offset in [OFFSET, 0] {
+            for block in x.chunks_exact(BLOCK) {
+                let (mut a, mut b) = ([0u8; BLOCK], [0u8; BLOCK]);
+                let (da, sa) = quantize_block(block, &mut a, offset);
+                // SAFETY: checked `available()`; 32 values each.
+                let (db, sb) = unsafe { quantize_block_avx512(block, &mut b, offset) };
+                assert_eq!((da.to_bits(), sa, a), (db.to_bits(), sb, b));
+            }
         }
     }
 
     #[test]
     fn dequantize_and_lookup_match_candle() {
-        let (q, _) = weights(48, 96);
-        let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
-        let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(ours, theirs);
-        let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(rows[1], theirs[47 * 96..48 * 96]);
-        assert!(p.lookup(&[48], &Device::Cpu).is_err());
+        for dtype in FORMATS {
+            let (q, _) = weights(48, 96, dtype);
+            let p = Packed::from_qtensor(&q).unwrap().unwrap();
+            let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(ours, theirs, "{dtype:?}");
+            let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(rows[1], theirs[47 * 96..48 * 96]);
+            assert!(p.lookup(&[48], &Device::Cpu).is_err());
+        }
     }
 
     #[test]
     fn shapes_that_do_not_fit_are_not_packed() {
-        let (q, _) = weights(24, 64);
-        assert!(PackedQ8::from_qtensor(&q).unwrap().is_none());
-        let f = QTensor::quantize(&Tensor::zeros((32, 64), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4_0).unwrap();
-        assert!(PackedQ8::from_qtensor(&f).unwrap().is_none());
+        let (q, _) = weights(24, 64, GgmlDType::Q8_0);
+        assert!(Packed::from_qtensor(&q).unwrap().is_none());
+        let (q, _) = weights(24, 64, GgmlDType::Q4_1);
+        assert!(Packed::from_qtensor(&q).unwrap().is_none());
+        let f = QTensor::quantize(&Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+        assert!(Packed::from_qtensor(&f).unwrap().is_none());
     }
 
     #[test]
     fn matmul_is_close_to_f32_and_a_row_never_depends_on_its_batch() {
-        let (q, w) = weights(64, 256);
-        let p = PackedQ8::from_qtensor(&q).unwrap().unwrap();
-        let x = activations(11, 256, 3);
-        let exact = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
-        let reference = p.matmul_reference(&x).unwrap().to_vec2::<f32>().unwrap();
-        let scale = exact.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
-        for (e, r) in exact.iter().flatten().zip(reference.iter().flatten()) {
-            assert!((e - r).abs() < 0.02 * scale, "{e} vs {r}");
-        }
-        if !available() {
-            return;
-        }
-        // The vector kernel gives the reference's bits, for all 11 rows at once (tiles of 4,
-        // and a tail of 3) and for every row alone.
-        assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference);
-        for (i, want) in reference.iter().enumerate() {
-            let one = p.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(&one[0], want, "row {i} alone");
+        for dtype in FORMATS {
+            let (q, _) = weights(64, 256, dtype);
+            // Against the weights as stored (the kernel's only error is the activations').
+            let w = q.dequantize(&Device::Cpu).unwrap();
+            let p = Packed::from_qtensor(&q).unwrap().unwrap();
+            let x = activations(11, 256, 3);
+            let exact = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            let reference = p.matmul_reference(&x).unwrap().to_vec2::<f32>().unwrap();
+            let scale = exact.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+            for (e, r) in exact.iter().flatten().zip(reference.iter().flatten()) {
+                assert!((e - r).abs() < 0.01 * scale, "{dtype:?}: {e} vs {r}");
+            }
+            if !available() {
+                continue;
+            }
+            // The vector kernel gives the reference's bits, for all 11 rows at once (tiles of
+            // 4, and a tail of 3) and for every row alone.
+            assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?}");
+            for (i, want) in reference.iter().enumerate() {
+                let one = p.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(&one[0], want, "{dtype:?} row {i} alone");
+            }
         }
     }
 }
-

@@ -1,5 +1,6 @@
 //! Weights from a GGUF file, tensor by tensor. Formats that candle has no SIMD kernel for
-//! (Q4_1, Q5_0, Q5_1) are requantized to Q8_0 as they are read, when asked: measured here,
+//! (Q4_1, Q5_0, Q5_1) are requantized to Q8_0 as they are read, when asked and unless the
+//! packed kernel takes them as they are (Q4_1 on AVX-512 VNNI CPUs): measured here,
 //! 2.6x faster prompts and 1.3x faster decode on SmolLM2's Q4_1 file, with answers close to the
 //! original (`../shared/reference/candle-engine.md`).
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::packed::{self, PackedQ8};
+use super::packed::{self, Packed};
 
 /// Formats candle computes with scalar code only.
 fn slow(dtype: GgmlDType) -> bool {
@@ -54,7 +55,8 @@ impl<'a> GgufWeights<'a> {
         let t = self.content.tensor(&mut self.reader, name, &self.device)?;
         // Q8_0 blocks hold 32 values along the last dimension.
         let fits = t.shape().dims().last().is_some_and(|d| d % 32 == 0);
-        let t = if self.requantize && slow(t.dtype()) && fits {
+        // The packed kernel runs 4-bit weights as they are: no requantizing for it.
+        let t = if self.requantize && slow(t.dtype()) && fits && !packed::fits(&t, &self.device) {
             self.requantized += 1;
             QTensor::quantize(&t.dequantize(&self.device)?, GgmlDType::Q8_0)?
         } else {
@@ -129,17 +131,17 @@ impl Embedding {
 /// How a [`Linear`] multiplies.
 #[derive(Clone)]
 enum Kernel {
-    /// Q8_0 weights in the interleaved layout of [`PackedQ8`] (AVX-512 VNNI CPUs).
-    Packed(Arc<PackedQ8>),
+    /// Q8_0, Q4_0 or Q4_1 weights in the interleaved layout of [`Packed`] (AVX-512 VNNI CPUs).
+    Packed(Arc<Packed>),
     /// candle's quantized matmul over the weights as stored.
     Candle { quantized: QMatMul, weights: Arc<QTensor> },
 }
 
 /// A weight matrix used as `x · Wᵀ`.
-/// - Q8_0 weights on CPUs with AVX-512 VNNI: every row through [`PackedQ8`] (activations
-///   quantized to 8 bits per block of 32, as llama.cpp does; one weight load serves several
-///   rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x faster than the
-///   dequantized f32 GEMM below.
+/// - Q8_0, Q4_0 and Q4_1 weights on CPUs with AVX-512 VNNI: every row through [`Packed`]
+///   (activations quantized to 8 bits per block of 32, as llama.cpp does; one weight load
+///   serves several rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x
+///   faster than the dequantized f32 GEMM below.
 /// - Other weights (Gemma 3's Q4_K, or CPUs without VNNI): generated tokens (a few rows a step)
 ///   through candle's quantized matmul; prompt and scored tokens through the weights
 ///   dequantized for the call and candle's f32 GEMM, measured 2.5-4x faster than candle's
