@@ -56,7 +56,7 @@ pub struct Jobs {
 struct JobsInner {
     cache: Mutex<Cache>,
     running: Mutex<HashMap<String, Pending>>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     queued: std::sync::atomic::AtomicUsize,
     priors: Arc<Priors>,
 }
@@ -98,7 +98,7 @@ impl Jobs {
             inner: Arc::new(JobsInner {
                 cache: Mutex::new(Cache { map: HashMap::new(), order: VecDeque::new(), capacity }),
                 running: Mutex::new(HashMap::new()),
-                slots: Semaphore::new(concurrent.max(1)),
+                slots: Arc::new(Semaphore::new(concurrent.max(1))),
                 queued: Default::default(),
                 priors: Arc::default(),
             }),
@@ -128,6 +128,9 @@ impl Jobs {
     }
 
     /// The job for `key`: the running one, or `work` started now (after a slot unless `urgent`).
+    /// Jobs get their slots in the order they were asked for: the first tasks of a bulk request
+    /// finish first, so a deadline answers a prefix of them (spawned tasks themselves start in
+    /// no fixed order).
     fn job(&self, key: String, urgent: bool, work: impl FnOnce() -> BoxFuture<'static, Outcome>) -> Pending {
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = running.get(&key) {
@@ -140,15 +143,21 @@ impl Jobs {
         drop(running);
         let jobs = self.clone();
         let fut = work();
+        // Polled once here, the semaphore's waiter queue holds this job's place (it is fair).
+        let mut slot = (!urgent).then(|| self.inner.slots.clone().acquire_owned().boxed());
+        let early = slot.as_mut().and_then(|s| s.now_or_never());
+        if slot.is_some() {
+            self.inner.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         tokio::spawn(async move {
-            let permit = if urgent {
-                None
-            } else {
-                jobs.inner.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = jobs.inner.slots.acquire().await.ok();
-                jobs.inner.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                p
+            let permit = match (early, slot) {
+                (Some(permit), _) => permit.ok(),
+                (None, Some(slot)) => slot.await.ok(),
+                (None, None) => None,
             };
+            if !urgent {
+                jobs.inner.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let outcome = fut.await;
             drop(permit);
             if let Ok(prediction) = &outcome {
@@ -236,11 +245,13 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
             fields.join(", ")
         )));
     }
+    // Wait until every job is done or the deadline passes; then take whatever is done.
+    let _ = tokio::time::timeout_at(deadline, futures::future::join_all(entries.iter().map(|(_, p)| p.clone()))).await;
     for (i, pending) in entries {
-        match tokio::time::timeout_at(deadline, pending).await {
-            Ok(Ok(prediction)) => answers[i] = Some((*prediction).clone()),
-            Ok(Err(reason)) => tracing::warn!(task = i, %reason, "task not predicted"),
-            Err(_) => break,
+        match pending.now_or_never() {
+            Some(Ok(prediction)) => answers[i] = Some((*prediction).clone()),
+            Some(Err(reason)) => tracing::warn!(task = i, %reason, "task not predicted"),
+            None => {}
         }
     }
     let done = answers.iter().filter(|a| a.is_some()).count();
@@ -342,4 +353,44 @@ pub async fn status(State(state): State<MlState>) -> Json<Value> {
         ModelState::Failed(reason) => json!({"state": "failed", "error": &*reason}),
     };
     Json(json!({"model": model, "predictions": state.jobs.counts()}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bulk jobs take their slots in the order they were asked for (spawned tasks start in no
+    /// fixed order on a multi-threaded runtime: the last spawned often runs first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_start_in_the_order_they_were_asked_for() {
+        let jobs = Jobs::new(100, 1);
+        let started = Arc::new(Mutex::new(Vec::new()));
+        // Asked for from a runtime thread, as a request handler does.
+        let pending: Vec<Pending> = tokio::spawn({
+            let (jobs, started) = (jobs.clone(), started.clone());
+            async move {
+                (0..40)
+                    .map(|i| {
+                        let started = started.clone();
+                        jobs.job(format!("task {i}"), false, move || {
+                            async move {
+                                started.lock().unwrap().push(i);
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                                Ok(Arc::new(json!(i)))
+                            }
+                            .boxed()
+                        })
+                    })
+                    .collect()
+            }
+        })
+        .await
+        .unwrap();
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(*p.await.unwrap(), json!(i));
+        }
+        assert_eq!(*started.lock().unwrap(), (0..40).collect::<Vec<_>>());
+        assert_eq!(jobs.counts().queued, 0);
+        assert_eq!(jobs.counts().cached, 40);
+    }
 }
