@@ -26,6 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         threads: None,
         max_context: None,
         requantize: true,
+        device: "cpu".into(),
     })?;
     let mut seen = HashSet::new();
     let mut calls = Vec::new();

@@ -193,6 +193,9 @@ pub struct EngineSettings {
     /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load
     /// (Q4_1 stays 4-bit where batchlab's packed kernel runs it).
     pub requantize: bool,
+    /// Where the model runs: `"cpu"`, or `"cuda"` / `"cuda:N"` in a build with the `cuda`
+    /// feature.
+    pub device: String,
 }
 
 impl Default for EngineSettings {
@@ -207,6 +210,7 @@ impl Default for EngineSettings {
             max_context: 0,
             default_max_tokens: 256,
             requantize: true,
+            device: "cpu".into(),
         }
     }
 }
@@ -223,6 +227,7 @@ impl EngineSettings {
             threads: (self.threads > 0).then_some(self.threads),
             max_context: (self.max_context > 0).then_some(self.max_context),
             requantize: self.requantize,
+            device: self.device.clone(),
         }
     }
 }

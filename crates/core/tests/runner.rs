@@ -30,6 +30,7 @@ fn engine() -> Engine {
                 threads: None,
                 max_context: None,
                 requantize: true,
+                device: "cpu".into(),
             })
             .expect("load the default model")
         })

@@ -58,6 +58,7 @@ async fn main() {
         threads: Some(threads),
         max_context: None,
         requantize: true,
+        device: "cpu".into(),
     })
     .expect("load");
     let load_s = t.elapsed().as_secs_f64();

@@ -79,6 +79,26 @@ pub struct EngineConfig {
     /// load: much faster, slightly more memory, answers close to the original. Q4_1 weights
     /// the packed kernel runs ([`packed_kernel`]) stay as they are.
     pub requantize: bool,
+    /// Where the model runs: `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`. CUDA needs a build
+    /// with the `cuda` feature; the CPU runs batchlab's own kernels and row-wise attention.
+    pub device: String,
+}
+
+/// The candle device `name` names (see [`EngineConfig::device`]).
+fn select_device(name: &str) -> Result<Device, EngineError> {
+    let ordinal = match name.trim() {
+        "" | "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
+            EngineError::Load(format!("unknown device {other:?}: use \"cpu\", \"cuda\" or \"cuda:N\""))
+        })?,
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(EngineError::Load(format!(
+            "device {name:?} needs a build with CUDA support: cargo build --release --features cuda"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| EngineError::Load(format!("CUDA device {ordinal}: {e}")))
 }
 
 /// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
@@ -291,6 +311,7 @@ pub(crate) struct Loaded {
 /// Reads the GGUF and builds tokenizer, template and model (no thread).
 pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     let start = Instant::now();
+    let device = select_device(&config.device)?;
     if let Some(n) = config.threads.filter(|&n| n > 0) {
         // candle reads these once, when its thread pools are first used (see EngineConfig).
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
@@ -357,7 +378,6 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         })
         .or(tokenizer.eos_id);
 
-    let device = Device::Cpu;
     let max_context = config.max_context.filter(|&m| m > 0);
     let model::LoadedModel { model, requantized, gguf_context: gguf_ctx } =
         model::load(&content, &mut reader, &device, config.requantize, max_context)?;
@@ -374,7 +394,8 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         context_length,
         gguf_context_length = gguf_ctx,
         requantized_to_q8_0 = requantized,
-        packed_kernel = packed_kernel(),
+        device = %config.device,
+        packed_kernel = device.is_cpu() && packed_kernel(),
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );

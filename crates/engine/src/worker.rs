@@ -732,6 +732,7 @@ mod tests {
             threads: Some(2),
             max_context: None,
             requantize,
+            device: "cpu".into(),
         })
         .unwrap();
         Some((loaded.worker, loaded.tokenizer))
@@ -911,6 +912,7 @@ mod tokenizer_json_tests {
             threads: Some(2),
             max_context: Some(64),
             requantize: true,
+            device: "cpu".into(),
         };
         let gguf = load_parts(&config(model.clone())).unwrap().tokenizer;
         let dir = tempfile::tempdir().unwrap();

@@ -25,6 +25,7 @@ fn config(max_queue: usize) -> EngineConfig {
         threads: Some(2),
         max_context: None,
         requantize: true,
+        device: "cpu".into(),
     }
 }
 
@@ -392,6 +393,20 @@ fn missing_file_is_load_error() {
     match Engine::load(cfg) {
         Err(EngineError::Load(msg)) => assert!(msg.contains("/nonexistent/model.gguf"), "{msg}"),
         other => panic!("expected Load error, got {other:?}"),
+    }
+}
+
+/// A device this build cannot use, or a name that is no device, fails the load by name
+/// (the default build has no CUDA; `--features cuda` turns it on).
+#[test]
+fn unusable_devices_are_load_errors() {
+    for (device, says) in [("gpu", "unknown device \"gpu\""), ("cuda:x", "unknown device"), ("cuda:1", "cuda")] {
+        let r = Engine::load(EngineConfig { device: device.into(), ..config(4) });
+        match r {
+            Err(EngineError::Load(msg)) => assert!(msg.contains(says), "{device}: {msg}"),
+            Err(other) => panic!("{device}: {other:?}"),
+            Ok(_) => assert!(cfg!(feature = "cuda"), "{device} loaded in a CPU-only build"),
+        }
     }
 }
 

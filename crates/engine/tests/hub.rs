@@ -86,6 +86,7 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
         threads: None,
         max_context: Some(256),
         requantize: true,
+        device: "cpu".into(),
     };
     let engine = Engine::load(config).unwrap();
     let params = SamplingParams { max_tokens: Some(2), temperature: 0.0, ..SamplingParams::default() };
