@@ -356,46 +356,67 @@ impl Packed {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn group_avx512(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
+        let q4 = matches!(self.codes, Codes::Q4 { .. });
         let mut row = 0;
         while row < m {
             // SAFETY: forwarded from the caller.
             unsafe {
-                match (&self.codes, m - row) {
-                    (Codes::Q8 { qs, sums }, 1) => self.tile_q8::<1>(g, acts, row, out, qs, sums),
-                    (Codes::Q8 { qs, sums }, 2) => self.tile_q8::<2>(g, acts, row, out, qs, sums),
-                    (Codes::Q8 { qs, sums }, 3) => self.tile_q8::<3>(g, acts, row, out, qs, sums),
-                    (Codes::Q8 { qs, sums }, _) => self.tile_q8::<TILE>(g, acts, row, out, qs, sums),
-                    (Codes::Q4 { qs, mins }, 1) => self.tile_q4::<1>(g, acts, row, out, qs, mins),
-                    (Codes::Q4 { qs, mins }, 2) => self.tile_q4::<2>(g, acts, row, out, qs, mins),
-                    (Codes::Q4 { qs, mins }, 3) => self.tile_q4::<3>(g, acts, row, out, qs, mins),
-                    (Codes::Q4 { qs, mins }, _) => self.tile_q4::<TILE>(g, acts, row, out, qs, mins),
+                match (q4, m - row) {
+                    (false, 1) => self.tile::<1, false>(g, acts, row, out),
+                    (false, 2) => self.tile::<2, false>(g, acts, row, out),
+                    (false, 3) => self.tile::<3, false>(g, acts, row, out),
+                    (false, _) => self.tile::<TILE, false>(g, acts, row, out),
+                    (true, 1) => self.tile::<1, true>(g, acts, row, out),
+                    (true, 2) => self.tile::<2, true>(g, acts, row, out),
+                    (true, 3) => self.tile::<3, true>(g, acts, row, out),
+                    (true, _) => self.tile::<TILE, true>(g, acts, row, out),
                 }
             }
             row += TILE;
         }
     }
 
-    /// Rows `row0..row0 + R` of group `g`, Q8_0 weights.
+    /// Rows `row0..row0 + R` of group `g`: Q8_0 weights (`Q4` false: offset activations, the
+    /// correction `OFFSET × Σ w` subtracted), or 4-bit ones (`Q4` true: nibbles unpacked in
+    /// registers as the unsigned operand, each block's offset `m` added with a second FMA).
     ///
     /// # Safety
-    /// As [`Self::group_avx512`], with `row0 + R ≤ m`.
+    /// As [`Self::group_avx512`], with `row0 + R ≤ m`, and `Q4` true exactly for 4-bit codes.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_q8<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32, qs: &[i8], sums: &[i16]) {
+    unsafe fn tile<const R: usize, const Q4: bool>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32) {
         use std::arch::x86_64::*;
+        // Weight bytes, and per block and lane the Q8_0 weight sums (i16) or 4-bit offsets (f16).
+        let (codes, extra, regs): (*const u8, *const u16, usize) = match &self.codes {
+            Codes::Q8 { qs, sums } => (qs.as_ptr().cast(), sums.as_ptr().cast(), STEPS),
+            Codes::Q4 { qs, mins } => (qs.as_ptr(), mins.as_ptr(), NIBBLE_REGS),
+        };
         let mut acc = [_mm512_setzero_ps(); R];
+        let low = _mm512_set1_epi8(0x0F);
         for b in 0..self.blocks {
             let gb = g * self.blocks + b;
-            // SAFETY: every offset below stays inside the packed arrays (`gb` < groups × blocks)
-            // and the activations (`row0 + r` < m); unaligned loads throughout.
+            // SAFETY: every offset below stays inside the packed arrays (`gb` < groups × blocks,
+            // `regs` registers a block) and the activations (`row0 + r` < m); unaligned loads.
             unsafe {
-                let wp = qs.as_ptr().add(gb * STEPS * LANES * 4);
+                let wp = codes.add(gb * regs * LANES * 4);
                 let mut w = [_mm512_setzero_si512(); STEPS];
-                for (s, w) in w.iter_mut().enumerate() {
-                    *w = _mm512_loadu_si512(wp.add(s * LANES * 4).cast());
+                if Q4 {
+                    for k in 0..NIBBLE_REGS {
+                        let both = _mm512_loadu_si512(wp.add(k * LANES * 4).cast());
+                        w[k] = _mm512_and_si512(both, low);
+                        w[k + NIBBLE_REGS] = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low);
+                    }
+                } else {
+                    for (s, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_loadu_si512(wp.add(s * LANES * 4).cast());
+                    }
                 }
-                let sums = _mm256_loadu_si256(sums.as_ptr().add(gb * LANES).cast());
-                let corr = _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(sums));
+                let extra = _mm256_loadu_si256(extra.add(gb * LANES).cast());
+                let (corr, mw) = if Q4 {
+                    (_mm512_setzero_si512(), _mm512_cvtph_ps(extra))
+                } else {
+                    (_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(extra)), _mm512_setzero_ps())
+                };
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let at = (row0 + r) * self.blocks + b;
@@ -406,61 +427,24 @@ impl Packed {
                     for s in (0..STEPS).step_by(2) {
                         let a0 = _mm512_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
                         let a1 = _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
-                        even = _mm512_dpbusd_epi32(even, a0, w[s]);
-                        odd = _mm512_dpbusd_epi32(odd, a1, w[s + 1]);
+                        // The unsigned operand first: offset activations, or nibbles.
+                        if Q4 {
+                            even = _mm512_dpbusd_epi32(even, w[s], a0);
+                            odd = _mm512_dpbusd_epi32(odd, w[s + 1], a1);
+                        } else {
+                            even = _mm512_dpbusd_epi32(even, a0, w[s]);
+                            odd = _mm512_dpbusd_epi32(odd, a1, w[s + 1]);
+                        }
                     }
-                    let isum = _mm512_sub_epi32(_mm512_add_epi32(even, odd), corr);
+                    let mut isum = _mm512_add_epi32(even, odd);
+                    if !Q4 {
+                        isum = _mm512_sub_epi32(isum, corr);
+                    }
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(at)));
                     *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: (row0 + r, 16g..16g+16) lies inside the `[m, rows]` output.
-            unsafe { _mm512_storeu_ps(out.add((row0 + r) * self.rows + g * LANES), *acc) };
-        }
-    }
-
-    /// Rows `row0..row0 + R` of group `g`, 4-bit weights: the same as [`Self::tile_q8`] with
-    /// the nibbles unpacked in registers, and each block's offset added with a second FMA.
-    ///
-    /// # Safety
-    /// As [`Self::group_avx512`], with `row0 + R ≤ m`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_q4<const R: usize>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32, qs: &[u8], mins: &[u16]) {
-        use std::arch::x86_64::*;
-        let mut acc = [_mm512_setzero_ps(); R];
-        let low = _mm512_set1_epi8(0x0F);
-        for b in 0..self.blocks {
-            let gb = g * self.blocks + b;
-            // SAFETY: as in `tile_q8`; a 4-bit block is NIBBLE_REGS registers.
-            unsafe {
-                let wp = qs.as_ptr().add(gb * NIBBLE_REGS * LANES * 4);
-                let mut w = [_mm512_setzero_si512(); STEPS];
-                for k in 0..NIBBLE_REGS {
-                    let both = _mm512_loadu_si512(wp.add(k * LANES * 4).cast());
-                    w[k] = _mm512_and_si512(both, low);
-                    w[k + NIBBLE_REGS] = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low);
-                }
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
-                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(mins.as_ptr().add(gb * LANES).cast()));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let at = (row0 + r) * self.blocks + b;
-                    let xp = acts.q.as_ptr().add(at * BLOCK);
-                    let mut even = _mm512_setzero_si512();
-                    let mut odd = _mm512_setzero_si512();
-                    for s in (0..STEPS).step_by(2) {
-                        let a0 = _mm512_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
-                        let a1 = _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
-                        // Unsigned nibbles first, signed activations second.
-                        even = _mm512_dpbusd_epi32(even, w[s], a0);
-                        odd = _mm512_dpbusd_epi32(odd, w[s + 1], a1);
+                    if Q4 {
+                        *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(at)), *acc);
                     }
-                    let isum = _mm512_add_epi32(even, odd);
-                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(at)));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
-                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(at)), *acc);
                 }
             }
         }
