@@ -77,7 +77,8 @@ pub struct EngineConfig {
     pub max_context: Option<usize>,
     /// Requantize Q4_1, Q5_0 and Q5_1 weights, which candle computes without SIMD, to Q8_0 at
     /// load: much faster, slightly more memory, answers close to the original. Q4_1 weights
-    /// the packed kernel runs ([`packed_kernel`]) stay as they are.
+    /// the packed kernel runs ([`packed_kernel`]) stay as they are; k-quant matrices (Q4_K,
+    /// Q6_K, ...) become Q8_0 where it runs, for it to run them.
     pub requantize: bool,
     /// Where the model runs: `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`. CUDA needs a build
     /// with the `cuda` feature; the CPU runs batchlab's own kernels and row-wise attention.

@@ -515,9 +515,13 @@ pub(crate) fn takes(dtype: GgmlDType) -> bool {
 /// Whether `t` on `device` will be packed: this CPU runs the kernel, and `t` is a matrix in a
 /// format and shape it takes. (Such 4-bit weights are then kept 4-bit, not requantized.)
 pub(crate) fn fits(t: &QTensor, device: &Device) -> bool {
+    takes(t.dtype()) && shape_fits(t, device)
+}
+
+/// Whether `t` on `device` would be packed if it were in a format the kernel takes.
+pub(crate) fn shape_fits(t: &QTensor, device: &Device) -> bool {
     device.is_cpu()
         && available()
-        && takes(t.dtype())
         && matches!(t.shape().dims(), &[rows, cols] if rows.is_multiple_of(LANES) && cols.is_multiple_of(BLOCK))
 }
 
