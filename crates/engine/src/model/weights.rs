@@ -1,10 +1,10 @@
 //! Weights from a GGUF file, tensor by tensor. Formats that candle has no SIMD kernel for
 //! (Q4_1, Q5_0, Q5_1) are requantized to Q8_0 as they are read, when asked and unless the
-//! packed kernel takes them as they are (Q4_1 on AVX-512 VNNI CPUs). Where the packed kernel
-//! runs, k-quant matrices (Gemma 3's Q4_K and Q6_K) become Q8_0 too, so that it runs them:
-//! Gemma 3 270M prompts measured 440 -> ~700 tokens/s, decode unchanged. Requantizing: measured here,
-//! 2.6x faster prompts and 1.3x faster decode on SmolLM2's Q4_1 file, with answers close to the
-//! original (`../shared/reference/candle-engine.md`).
+//! packed kernel takes them as they are (Q4_1 on AVX-512 VNNI CPUs): measured here, 2.6x faster
+//! prompts and 1.3x faster decode on SmolLM2's Q4_1 file under candle's kernels, with answers
+//! close to the original (`../shared/reference/candle-engine.md`). Where the packed kernel runs,
+//! k-quant matrices (Gemma 3's Q4_K and Q6_K) become Q8_0 too, so that it runs them: Gemma 3
+//! 270M prompts measured 440 -> ~700 tokens/s, decode unchanged.
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -147,10 +147,10 @@ enum Kernel {
 ///   (activations quantized to 8 bits per block of 32, as llama.cpp does; one weight load
 ///   serves several rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x
 ///   faster than the dequantized f32 GEMM below.
-/// - Other weights (Gemma 3's Q4_K, or CPUs without VNNI): generated tokens (a few rows a step)
-///   through candle's quantized matmul; prompt and scored tokens through the weights
-///   dequantized for the call and candle's f32 GEMM, measured 2.5-4x faster than candle's
-///   quantized kernel from a few dozen rows on 576-wide matrices.
+/// - Other weights (k-quants when requantizing is off, anything on CPUs without VNNI):
+///   generated tokens (a few rows a step) through candle's quantized matmul; prompt and scored
+///   tokens through the weights dequantized for the call and candle's f32 GEMM, measured
+///   2.5-4x faster than candle's quantized kernel from a few dozen rows on 576-wide matrices.
 ///
 /// Which way a row goes depends only on its own segment, never on what else is in the batch;
 /// every kernel gives a row the same bits whatever the other rows (for the f32 GEMM one row
