@@ -572,17 +572,44 @@ async fn logprobs_describe_the_generated_tokens() {
     ));
 }
 
+/// Gemma 3 270M's GGUF (`scripts/fetch-model.sh gemma3`); `None` (the test skips) when it is
+/// missing, unless `BATCHLAB_REQUIRE_MODELS` is set.
+fn gemma_path() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
+    if !path.exists() {
+        assert!(std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(), "{} is missing", path.display());
+        eprintln!("SKIP: model file {} is missing", path.display());
+        return None;
+    }
+    Some(path)
+}
+
+/// Gemma 3's Q5_0 tensors are requantized to Q8_0 on every CPU (and its k-quants where the
+/// packed kernel runs), so this exercises requantizing where the default model's Q4_1 is kept
+/// as it is: the requantized model completes a fact like the file's own formats do.
+#[tokio::test]
+async fn gemma3_requantized_weights_complete_like_the_original_file() {
+    let Some(path) = gemma_path() else { return };
+    let load = |requantize| {
+        Engine::load(EngineConfig { model_path: path.clone(), max_context: Some(256), requantize, ..config(4) }).expect("load")
+    };
+    let (requantized, original) = (load(true), load(false));
+    assert!(requantized.requantized_tensors() >= 18 * 4, "{}", requantized.requantized_tensors());
+    assert_eq!(original.requantized_tensors(), 0);
+    for engine in [&requantized, &original] {
+        for (prompt, fact) in [("The Eiffel Tower is in the city of", "Paris"), ("Monday, Tuesday, Wednesday,", "Thursday, Friday")] {
+            let c = engine.complete(CompletionRequest { prompt: prompt.into(), params: greedy(Some(6)) }).await.unwrap();
+            assert!(c.text.contains(fact), "{} requantized: {prompt:?} -> {:?}", engine.requantized_tensors(), c.text);
+        }
+    }
+}
+
 /// Gemma 3 270M (`scripts/fetch-model.sh gemma3`) through the public API: its GGUF has no chat
 /// template, so chats use Gemma's turn format, with one BOS, and control-token strings typed in
 /// a message stay text.
 #[tokio::test]
 async fn gemma3_chats_in_its_turn_format() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
-    if !path.exists() {
-        assert!(std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(), "{} is missing", path.display());
-        eprintln!("SKIP: model file {} is missing", path.display());
-        return;
-    }
+    let Some(path) = gemma_path() else { return };
     let engine = Engine::load(EngineConfig {
         model_path: path,
         model_id: "gemma-3-270m".into(),
