@@ -397,6 +397,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         requantized_to_q8_0 = requantized,
         device = %config.device,
         packed_kernel = device.is_cpu() && packed_kernel(),
+        amx_tiles = device.is_cpu() && packed_kernel() && model::packed::amx_available(),
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -449,8 +450,8 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
 }
 
 /// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0 and
-/// Q4_1 weights are then repacked at load and every matmul row goes through it; elsewhere
-/// candle's kernels run them.
+/// Q4_1 weights are then repacked at load and every matmul row goes through it (whole tiles of
+/// 16 rows on AMX where the CPU has it); elsewhere candle's kernels run them.
 pub fn packed_kernel() -> bool {
     model::packed::available()
 }

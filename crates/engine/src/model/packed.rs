@@ -21,6 +21,9 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
@@ -278,8 +281,15 @@ impl Packed {
         Activations { q, d, s }
     }
 
-    /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads.
+    /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads, through AMX tiles
+    /// where the CPU has them (see [`amx_available`]).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul_with(x, amx_available())
+    }
+
+    /// [`Self::matmul`], with whole tiles of 16 rows through AMX if `amx` (and the rest, or
+    /// everything, through AVX-512 VNNI). Both give the same bits.
+    fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<Tensor> {
         let (m, cols) = x.dims2()?;
         if cols != self.cols {
             candle_core::bail!("packed matmul: input width {cols}, weights take {}", self.cols)
@@ -289,15 +299,28 @@ impl Packed {
         let mut out = vec![0f32; m * self.rows];
         let ptr = Out(out.as_mut_ptr());
         let vector = available();
+        #[cfg(target_arch = "x86_64")]
+        let tiled = if amx && vector { m / amx::ROWS * amx::ROWS } else { 0 };
         candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
-            for g in groups {
-                // Group g writes only its own 16 columns of each output row.
-                #[cfg(target_arch = "x86_64")]
-                if vector {
-                    // SAFETY: the CPU has the features (`available`); `out` is `[m, rows]`.
-                    unsafe { self.group_avx512(g, &acts, m, ptr.at(0)) };
-                    continue;
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                let mut scratch = amx::Scratch::default();
+                // SAFETY: `tiled` > 0 only where `amx::available()`.
+                let _tiles = (tiled > 0).then(|| unsafe { amx::Tiles::configure() });
+                for g in groups {
+                    // Group g writes only its own 16 columns of each output row.
+                    // SAFETY: the CPU has the features (`available`, `amx::available` with the
+                    // tiles configured above for `tiled` > 0); `out` is `[m, rows]`.
+                    unsafe {
+                        if tiled > 0 {
+                            amx::group(self, g, &acts, tiled, ptr.at(0), &mut scratch);
+                        }
+                        self.group_avx512(g, &acts, tiled, m, ptr.at(0));
+                    }
                 }
+                return;
+            }
+            for g in groups {
                 self.group_reference(g, &acts, m, ptr.at(0));
             }
         });
@@ -350,15 +373,15 @@ impl Packed {
         }
     }
 
-    /// Output columns `16g..16g+16` of every row, [`TILE`] rows per pass over the weights.
+    /// Output columns `16g..16g+16` of rows `from..m`, [`TILE`] rows per pass over the weights.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI, and `out` holds `m × rows` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn group_avx512(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
+    unsafe fn group_avx512(&self, g: usize, acts: &Activations, from: usize, m: usize, out: *mut f32) {
         let q4 = matches!(self.codes, Codes::Q4 { .. });
-        let mut row = 0;
+        let mut row = from;
         while row < m {
             // SAFETY: forwarded from the caller.
             unsafe {
@@ -507,6 +530,19 @@ unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8], offset: i32) -> (f3
     }
 }
 
+/// Whether the packed kernel runs whole tiles of 16 rows on AMX (int8 tiles, and Linux
+/// granted this process their state).
+pub(crate) fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether the packed kernel takes weights of this format.
 pub(crate) fn takes(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
@@ -605,7 +641,8 @@ mod tests {
             // Against the weights as stored (the kernel's only error is the activations').
             let w = q.dequantize(&Device::Cpu).unwrap();
             let p = Packed::from_qtensor(&q).unwrap().unwrap();
-            let x = activations(11, 256, 3);
+            // Two AMX tiles of 16 rows, then a VNNI tile of 8 and a tail of 3.
+            let x = activations(43, 256, 3);
             let exact = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
             let reference = p.matmul_reference(&x).unwrap().to_vec2::<f32>().unwrap();
             let scale = exact.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
@@ -615,9 +652,10 @@ mod tests {
             if !available() {
                 continue;
             }
-            // The vector kernel gives the reference's bits, for all 11 rows at once (a tile of
-            // 8 and a tail of 3) and for every row alone.
-            assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?}");
+            // The vector kernels give the reference's bits, for all rows at once (through AMX
+            // where the CPU has it, and through VNNI alone) and for every row alone.
+            assert_eq!(p.matmul_with(&x, false).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?} VNNI");
+            assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?} AMX {}", amx_available());
             for (i, want) in reference.iter().enumerate() {
                 let one = p.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
                 assert_eq!(&one[0], want, "{dtype:?} row {i} alone");
