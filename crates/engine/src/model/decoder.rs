@@ -9,6 +9,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::activation::{gated, Gate};
 use super::cache::{CacheShape, LocalLayers, SeqCache};
 use super::weights::{Embedding, GgufWeights, Linear};
 
@@ -336,13 +337,12 @@ impl Decoder {
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = layer.w_gate.forward(&h, dense_rows)?;
-            let gate = match cfg.arch {
-                Arch::Llama => candle_nn::ops::silu(&gate)?,
-                // candle's `gelu` is the tanh approximation Gemma uses.
-                Arch::Gemma3 => gate.gelu()?,
-            };
             let up = layer.w_up.forward(&h, dense_rows)?;
-            let mut f = layer.w_down.forward(&(gate * up)?, dense_rows)?;
+            let kind = match cfg.arch {
+                Arch::Llama => Gate::Silu,
+                Arch::Gemma3 => Gate::GeluTanh,
+            };
+            let mut f = layer.w_down.forward(&gated(&gate, &up, kind)?, dense_rows)?;
             if let Some(w) = &layer.post_ffn_norm {
                 f = candle_nn::ops::rms_norm(&f, w, eps)?;
             }

@@ -3,6 +3,9 @@
 //! batch together, any position's logits come back, and one prompt's cache serves several
 //! continuations.
 
+// AVX-512 intrinsics and threads writing disjoint chunks of one buffer, each block with its reason.
+#[allow(unsafe_code)]
+pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod cache;
 pub(crate) mod decoder;
