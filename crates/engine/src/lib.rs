@@ -76,8 +76,8 @@ pub struct EngineConfig {
     /// See [`Engine::context_length`] for the other caps.
     pub max_context: Option<usize>,
     /// Requantize Q4_1, Q5_0 and Q5_1 weights, which candle computes without SIMD, to Q8_0 at
-    /// load: much faster, slightly more memory, answers close to the original. Q4_1 weights
-    /// the packed kernel runs ([`packed_kernel`]) stay as they are; k-quant matrices (Q4_K,
+    /// load: much faster, slightly more memory, answers close to the original. Weights the
+    /// packed kernel runs ([`packed_kernel`]) stay as they are; k-quant matrices (Q4_K,
     /// Q6_K, ...) become Q8_0 where it runs, for it to run them.
     pub requantize: bool,
     /// Where the model runs: `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`. CUDA needs a build
@@ -449,8 +449,8 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
     Ok(())
 }
 
-/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0 and
-/// Q4_1 weights are then repacked at load and every matmul row goes through it (whole tiles of
+/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0,
+/// Q4_1, Q5_0 and Q5_1 weights are then repacked at load and every matmul row goes through it (whole tiles of
 /// 16 rows on AMX where the CPU has it); elsewhere candle's kernels run them.
 pub fn packed_kernel() -> bool {
     model::packed::available()

@@ -10,6 +10,8 @@
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
+use super::packed::Out;
+
 /// Which activation gates the MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gate {
@@ -67,20 +69,6 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
         }
     }
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
-}
-
-/// Raw pointer that worker threads write disjoint chunks of.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every user writes only the values of its own chunk.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// `out = act(g) × u` for one chunk, through AVX-512 where the CPU has it.
@@ -147,7 +135,7 @@ unsafe fn apply_avx512(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    const C: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    const C: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
     let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0)), _mm512_set1_ps(88.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
         x,

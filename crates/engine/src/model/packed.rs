@@ -1,4 +1,5 @@
-//! Q8_0, Q4_0 and Q4_1 weights repacked for a batched integer matrix product on AVX-512 VNNI.
+//! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights repacked for a batched integer matrix product on
+//! AVX-512 VNNI, and on AMX tiles where the CPU has them ([`amx`]).
 //!
 //! candle's Q8_0 kernel computes one (row, column) dot product at a time with a single running
 //! sum, so its cost grows with every row a step adds: 16 generated rows took 9x one row's time
@@ -12,7 +13,9 @@
 //! requantizing a Q4_1 file to Q8_0 made it 1.7x more to read. A register holds the nibbles
 //! of two steps, split with a mask and a shift; the unsigned nibbles are `vpdpbusd`'s unsigned
 //! operand and the activations (plain signed bytes) its signed one, and a block's offset `m`
-//! (Q4_1's minimum, `-8·d` for Q4_0) is added as `m × dx × Σ activation bytes`.
+//! (Q4_1's minimum, `-8·d` for Q4_0) is added as `m × dx × Σ activation bytes`. 5-bit weights
+//! (Gemma 3's Q5_0) keep their fifth bits as one 64-bit mask per register, added as 16 under
+//! the mask (0.69 bytes a weight, where requantizing to Q8_0 read 1.06).
 //!
 //! Every output value is computed the same way whatever else is in the call: the integer sum
 //! of a block is exact, and the blocks are added to a row's f32 accumulator in order, one fused
@@ -20,6 +23,35 @@
 //! [`Packed::matmul_reference`] gives bit-identical results (the tests check both).
 
 use std::sync::OnceLock;
+
+/// The 8 step registers (`[__m512i; 8]`) of 4- or 5-bit block `gb` whose nibble registers
+/// start at `wp`: the nibbles split with a mask and a shift, and where `high` is not null the
+/// fifth bits added. A macro, so that it inlines into both kernels (a `#[target_feature]`
+/// function cannot be forced inline, and returned through memory it cost 12% of decode).
+/// Needs AVX-512 F/BW, and an `unsafe` context where `wp` holds the block's 4 registers and
+/// `high` (if not null) its 8 masks at `gb · 8`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! unpack_nibbles {
+    ($wp:expr, $high:expr, $gb:expr) => {{
+        use std::arch::x86_64::*;
+        let (wp, high, gb): (*const u8, *const u64, usize) = ($wp, $high, $gb);
+        let low = _mm512_set1_epi8(0x0F);
+        let mut w = [_mm512_setzero_si512(); STEPS];
+        for k in 0..NIBBLE_REGS {
+            let both = _mm512_loadu_si512(wp.add(k * LANES * 4).cast());
+            w[k] = _mm512_and_si512(both, low);
+            w[k + NIBBLE_REGS] = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low);
+        }
+        if !high.is_null() {
+            let sixteen = _mm512_set1_epi8(16);
+            for (s, w) in w.iter_mut().enumerate() {
+                let mask = _cvtu64_mask64(high.add(gb * STEPS + s).read_unaligned());
+                *w = _mm512_mask_add_epi8(*w, mask, *w, sixteen);
+            }
+        }
+        w
+    }};
+}
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -40,6 +72,10 @@ const Q8_0_BYTES: usize = 2 + BLOCK;
 const Q4_0_BYTES: usize = 2 + BLOCK / 2;
 /// Bytes of one Q4_1 block: f16 scale and minimum, then 16 bytes of nibbles (`w = d·q + m`).
 const Q4_1_BYTES: usize = 4 + BLOCK / 2;
+/// Bytes of one Q5_0 block: an f16 scale, the 32 fifth bits, the nibbles (`w = d·(q − 16)`).
+const Q5_0_BYTES: usize = 6 + BLOCK / 2;
+/// Bytes of one Q5_1 block: f16 scale and minimum, fifth bits, nibbles (`w = d·q + m`).
+const Q5_1_BYTES: usize = 8 + BLOCK / 2;
 /// 512-bit registers of nibbles per 4-bit block (each holds two steps).
 const NIBBLE_REGS: usize = STEPS / 2;
 /// Activation rows that share each loaded weight register (8 measured 5-20% faster than 4 for
@@ -55,10 +91,12 @@ enum Codes {
     /// Q8_0: `[group][block][step][lane][4]` signed weights `4·step..4·step+4` of the block for
     /// the 16 rows of the group, and `[group][block][lane]` each block's sum of weights.
     Q8 { qs: Vec<i8>, sums: Vec<i16> },
-    /// Q4_0 / Q4_1: `[group][block][k][lane][4]` bytes whose low nibbles are the weights of
-    /// step `k` and high nibbles those of step `k + 4` (0..=15), and `[group][block][lane]`
-    /// each block's offset `m` (f16 bits): weight = `d·q + m`.
-    Q4 { qs: Vec<u8>, mins: Vec<u16> },
+    /// Q4_0 / Q4_1 / Q5_0 / Q5_1: `[group][block][k][lane][4]` bytes whose low nibbles are
+    /// the low 4 bits of step `k`'s weights and high nibbles those of step `k + 4`;
+    /// `[group][block][lane]` each block's offset `m` (f16 bits): weight = `d·q + m`; for
+    /// 5-bit formats `high`, `[group][block][step]` masks of the fifth bit (bit `4·lane + j`
+    /// for weight `4·step + j` of the lane), empty for 4-bit ones.
+    Q4 { qs: Vec<u8>, mins: Vec<u16>, high: Vec<u64> },
 }
 
 /// A `[rows, cols]` weight matrix in the interleaved layout.
@@ -88,16 +126,16 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// Raw pointer that worker threads write disjoint parts of.
+/// Raw pointer that worker threads write disjoint parts of (here and in `activation`).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: every user writes only the elements of its own work item.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(super) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }
@@ -122,7 +160,7 @@ impl Packed {
         let data = t.data()?;
         Ok(match t.dtype() {
             GgmlDType::Q8_0 => Some(Self::from_q8_0_bytes(&data, rows, cols)),
-            dtype => Self::from_q4_bytes(&data, dtype == GgmlDType::Q4_1, rows, cols),
+            dtype => Self::from_nibble_bytes(&data, dtype, rows, cols),
         })
     }
 
@@ -152,14 +190,23 @@ impl Packed {
         Self { rows, cols, blocks, codes: Codes::Q8 { qs, sums }, scales }
     }
 
-    /// Repacks GGUF Q4_1 (`with_min`) or Q4_0 blocks of a row-major `[rows, cols]` matrix.
-    fn from_q4_bytes(data: &[u8], with_min: bool, rows: usize, cols: usize) -> Option<Self> {
+    /// Repacks GGUF Q4_0, Q4_1, Q5_0 or Q5_1 blocks of a row-major `[rows, cols]` matrix;
+    /// `None` where an offset `-8·d` or `-16·d` is too large for an f16.
+    fn from_nibble_bytes(data: &[u8], dtype: GgmlDType, rows: usize, cols: usize) -> Option<Self> {
+        // Block size, whether it stores a minimum, the fifth bits' place, the implicit offset.
+        let (size, with_min, high_at, zero) = match dtype {
+            GgmlDType::Q4_0 => (Q4_0_BYTES, false, None, 8.0),
+            GgmlDType::Q4_1 => (Q4_1_BYTES, true, None, 0.0),
+            GgmlDType::Q5_0 => (Q5_0_BYTES, false, Some(2), 16.0),
+            GgmlDType::Q5_1 => (Q5_1_BYTES, true, Some(4), 0.0),
+            _ => return None,
+        };
         let blocks = cols / BLOCK;
-        let size = if with_min { Q4_1_BYTES } else { Q4_0_BYTES };
-        assert_eq!(data.len(), rows * blocks * size, "4-bit data of the wrong size");
+        assert_eq!(data.len(), rows * blocks * size, "{dtype:?} data of the wrong size");
         let mut qs = vec![0u8; rows * cols / 2];
         let mut scales = vec![0u16; rows * blocks];
         let mut mins = vec![0u16; rows * blocks];
+        let mut high = vec![0u64; if high_at.is_some() { rows * blocks * STEPS } else { 0 }];
         for r in 0..rows {
             let (g, lane) = (r / LANES, r % LANES);
             for b in 0..blocks {
@@ -170,14 +217,15 @@ impl Packed {
                 mins[gb * LANES + lane] = if with_min {
                     u16::from_le_bytes([src[2], src[3]])
                 } else {
-                    // -8·d is exact in f16 (a power of two) unless it overflows.
-                    let m = f16::from_f32(-8.0 * f16::from_bits(d).to_f32());
+                    // -8·d and -16·d are exact in f16 (powers of two) unless they overflow.
+                    let m = f16::from_f32(-zero * f16::from_bits(d).to_f32());
                     if !m.is_finite() {
                         return None;
                     }
                     m.to_bits()
                 };
-                // GGUF: byte i holds value i (low nibble) and value i + 16 (high nibble).
+                // GGUF: byte i holds value i (low nibble) and value i + 16 (high nibble); bit i
+                // of the little-endian u32 before them is value i's fifth bit.
                 let nibbles = &src[size - BLOCK / 2..];
                 let value = |i: usize| if i < 16 { nibbles[i] & 0x0F } else { nibbles[i - 16] >> 4 };
                 for k in 0..NIBBLE_REGS {
@@ -186,9 +234,16 @@ impl Packed {
                         qs[dst + j] = value(k * 4 + j) | (value((k + NIBBLE_REGS) * 4 + j) << 4);
                     }
                 }
+                if let Some(at) = high_at {
+                    let bits = u32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]]);
+                    for i in 0..BLOCK {
+                        let bit = u64::from(bits >> i & 1);
+                        high[gb * STEPS + i / 4] |= bit << (lane * 4 + i % 4);
+                    }
+                }
             }
         }
-        Some(Self { rows, cols, blocks, codes: Codes::Q4 { qs, mins }, scales })
+        Some(Self { rows, cols, blocks, codes: Codes::Q4 { qs, mins, high }, scales })
     }
 
     /// Weight `(r, b·32 + i)` as its integer code: `(q, m)` with weight = `d·q + m` for 4-bit
@@ -197,9 +252,11 @@ impl Packed {
         let (s, j) = (i / 4, i % 4);
         match &self.codes {
             Codes::Q8 { qs, .. } => i32::from(qs[((gb * STEPS + s) * LANES + lane) * 4 + j]),
-            Codes::Q4 { qs, .. } => {
+            Codes::Q4 { qs, high, .. } => {
                 let byte = qs[((gb * NIBBLE_REGS + s % NIBBLE_REGS) * LANES + lane) * 4 + j];
-                i32::from(if s < NIBBLE_REGS { byte & 0x0F } else { byte >> 4 })
+                let low = i32::from(if s < NIBBLE_REGS { byte & 0x0F } else { byte >> 4 });
+                let fifth = high.get(gb * STEPS + s).map_or(0, |m| (m >> (lane * 4 + j) & 1) as i32);
+                low | fifth << 4
             }
         }
     }
@@ -419,12 +476,13 @@ impl Packed {
     unsafe fn tile<const R: usize, const Q4: bool>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32) {
         use std::arch::x86_64::*;
         // Weight bytes, and per block and lane the Q8_0 weight sums (i16) or 4-bit offsets (f16).
-        let (codes, extra, regs): (*const u8, *const u16, usize) = match &self.codes {
-            Codes::Q8 { qs, sums } => (qs.as_ptr().cast(), sums.as_ptr().cast(), STEPS),
-            Codes::Q4 { qs, mins } => (qs.as_ptr(), mins.as_ptr(), NIBBLE_REGS),
+        let (codes, extra, regs, high): (*const u8, *const u16, usize, *const u64) = match &self.codes {
+            Codes::Q8 { qs, sums } => (qs.as_ptr().cast(), sums.as_ptr().cast(), STEPS, std::ptr::null()),
+            Codes::Q4 { qs, mins, high } => {
+                (qs.as_ptr(), mins.as_ptr(), NIBBLE_REGS, if high.is_empty() { std::ptr::null() } else { high.as_ptr() })
+            }
         };
         let mut acc = [_mm512_setzero_ps(); R];
-        let low = _mm512_set1_epi8(0x0F);
         for b in 0..self.blocks {
             let gb = g * self.blocks + b;
             // SAFETY: every offset below stays inside the packed arrays (`gb` < groups × blocks,
@@ -433,11 +491,7 @@ impl Packed {
                 let wp = codes.add(gb * regs * LANES * 4);
                 let mut w = [_mm512_setzero_si512(); STEPS];
                 if Q4 {
-                    for k in 0..NIBBLE_REGS {
-                        let both = _mm512_loadu_si512(wp.add(k * LANES * 4).cast());
-                        w[k] = _mm512_and_si512(both, low);
-                        w[k + NIBBLE_REGS] = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low);
-                    }
+                    w = unpack_nibbles!(wp, high, gb);
                 } else {
                     for (s, w) in w.iter_mut().enumerate() {
                         *w = _mm512_loadu_si512(wp.add(s * LANES * 4).cast());
@@ -545,7 +599,7 @@ pub(crate) fn amx_available() -> bool {
 
 /// Whether the packed kernel takes weights of this format.
 pub(crate) fn takes(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
+    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
 /// Whether `t` on `device` will be packed: this CPU runs the kernel, and `t` is a matrix in a
@@ -574,7 +628,7 @@ mod tests {
     use super::*;
 
     /// Every format the kernel takes.
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    const FORMATS: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
     /// A `[rows, cols]` tensor of varied values in `dtype`, and its f32 original.
     fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> (QTensor, Tensor) {

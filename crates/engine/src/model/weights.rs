@@ -1,6 +1,6 @@
 //! Weights from a GGUF file, tensor by tensor. Formats that candle has no SIMD kernel for
 //! (Q4_1, Q5_0, Q5_1) are requantized to Q8_0 as they are read, when asked and unless the
-//! packed kernel takes them as they are (Q4_1 on AVX-512 VNNI CPUs): measured here, 2.6x faster
+//! packed kernel takes them as they are (on AVX-512 VNNI CPUs): measured here, 2.6x faster
 //! prompts and 1.3x faster decode on SmolLM2's Q4_1 file under candle's kernels, with answers
 //! close to the original (`../shared/reference/candle-engine.md`). Where the packed kernel runs,
 //! k-quant matrices (Gemma 3's Q4_K and Q6_K) become Q8_0 too, so that it runs them: Gemma 3
@@ -57,7 +57,7 @@ impl<'a> GgufWeights<'a> {
         let t = self.content.tensor(&mut self.reader, name, &self.device)?;
         // Q8_0 blocks hold 32 values along the last dimension.
         let fits = t.shape().dims().last().is_some_and(|d| d % 32 == 0);
-        // The packed kernel runs Q4_0/Q4_1 as they are, and k-quant matrices once they are
+        // The packed kernel runs Q4_0/Q4_1/Q5_0/Q5_1 as they are, and k-quant matrices once they are
         // Q8_0 (its 8-bit blocks hold them with finer steps than their own).
         let k_quant = matches!(t.dtype(), GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         let repack = k_quant && packed::shape_fits(&t, &self.device);
@@ -136,14 +136,14 @@ impl Embedding {
 /// How a [`Linear`] multiplies.
 #[derive(Clone)]
 enum Kernel {
-    /// Q8_0, Q4_0 or Q4_1 weights in the interleaved layout of [`Packed`] (AVX-512 VNNI CPUs).
+    /// Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 weights in the interleaved layout of [`Packed`] (AVX-512 VNNI CPUs).
     Packed(Arc<Packed>),
     /// candle's quantized matmul over the weights as stored.
     Candle { quantized: QMatMul, weights: Arc<QTensor> },
 }
 
 /// A weight matrix used as `x · Wᵀ`.
-/// - Q8_0, Q4_0 and Q4_1 weights on CPUs with AVX-512 VNNI: every row through [`Packed`]
+/// - Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights on CPUs with AVX-512 VNNI: every row through [`Packed`]
 ///   (activations quantized to 8 bits per block of 32, as llama.cpp does; one weight load
 ///   serves several rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x
 ///   faster than the dequantized f32 GEMM below.

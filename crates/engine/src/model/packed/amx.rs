@@ -75,20 +75,15 @@ struct TileConfig {
 /// rows of one block (32 bytes each), `tmm2`/`tmm5` one block of weights (8 steps of 16 lanes
 /// × 4 bytes).
 const CONFIG: TileConfig = {
+    // (bytes per row, rows) of one set: sums, activations, weights.
+    let set = [((LANES * 4) as u16, ROWS as u8), (BLOCK as u16, ROWS as u8), (STEP_BYTES as u16, STEPS as u8)];
     let mut colsb = [0u16; 16];
     let mut rows = [0u8; 16];
-    colsb[0] = (LANES * 4) as u16;
-    rows[0] = ROWS as u8;
-    colsb[1] = BLOCK as u16;
-    rows[1] = ROWS as u8;
-    colsb[2] = STEP_BYTES as u16;
-    rows[2] = STEPS as u8;
-    colsb[3] = (LANES * 4) as u16;
-    rows[3] = ROWS as u8;
-    colsb[4] = BLOCK as u16;
-    rows[4] = ROWS as u8;
-    colsb[5] = STEP_BYTES as u16;
-    rows[5] = STEPS as u8;
+    let mut t = 0;
+    while t < 6 {
+        (colsb[t], rows[t]) = set[t % 3];
+        t += 1;
+    }
     TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb, rows }
 };
 
@@ -130,7 +125,7 @@ struct Sums([i32; ROWS * LANES]);
 /// # Safety
 /// [`available`] returned true and this thread holds [`Tiles`]; `rows ≤ m` of `acts`, and
 /// `out` holds the `[m, p.rows]` output.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn group(p: &Packed, g: usize, acts: &Activations, rows: usize, out: *mut f32, scratch: &mut Scratch) {
     let blocks = p.blocks;
     // The group's weights in tile form: Q8_0's bytes are already; 4-bit codes are unpacked to
@@ -141,22 +136,17 @@ pub(super) unsafe fn group(p: &Packed, g: usize, acts: &Activations, rows: usize
             scratch.0.extend((0..blocks * LANES).map(|i| -OFFSET * i32::from(sums[g * blocks * LANES + i])));
             (qs[g * blocks * BLOCK_BYTES..].as_ptr().cast(), false)
         }
-        Codes::Q4 { qs, .. } => {
+        Codes::Q4 { qs, high, .. } => {
             scratch.0.resize(blocks * BLOCK_BYTES / 4, 0);
-            let low = _mm512_set1_epi8(0x0F);
+            let high = if high.is_empty() { std::ptr::null() } else { high.as_ptr() };
             for b in 0..blocks {
-                for k in 0..NIBBLE_REGS {
-                    let at = (b * NIBBLE_REGS + k) * STEP_BYTES;
-                    // SAFETY: block b's nibble registers lie inside the group's codes, and its
-                    // unpacked steps k and k + 4 inside the scratch; unaligned accesses.
-                    unsafe {
-                        let both = _mm512_loadu_si512(qs.as_ptr().add(g * blocks * BLOCK_BYTES / 2 + at).cast());
-                        let dst = scratch.0.as_mut_ptr().cast::<u8>().add(b * BLOCK_BYTES);
-                        _mm512_storeu_si512(dst.add(k * STEP_BYTES).cast(), _mm512_and_si512(both, low));
-                        _mm512_storeu_si512(
-                            dst.add((k + NIBBLE_REGS) * STEP_BYTES).cast(),
-                            _mm512_and_si512(_mm512_srli_epi16::<4>(both), low),
-                        );
+                // SAFETY: block b's nibble registers (and fifth bits) lie inside the group's
+                // codes, its 8 unpacked steps inside the scratch; unaligned accesses.
+                unsafe {
+                    let w = unpack_nibbles!(qs.as_ptr().add((g * blocks + b) * BLOCK_BYTES / 2), high, g * blocks + b);
+                    let dst = scratch.0.as_mut_ptr().cast::<u8>().add(b * BLOCK_BYTES);
+                    for (s, w) in w.iter().enumerate() {
+                        _mm512_storeu_si512(dst.add(s * STEP_BYTES).cast(), *w);
                     }
                 }
             }
@@ -178,7 +168,7 @@ pub(super) unsafe fn group(p: &Packed, g: usize, acts: &Activations, rows: usize
 ///
 /// # Safety
 /// As [`group`].
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn sums<const Q4: bool>(
     p: &Packed,
     g: usize,
@@ -296,7 +286,7 @@ unsafe fn store(b: usize, sums: &mut Sums) {
     let c = sums.0.as_mut_ptr();
     // SAFETY: the caller's contract; the store writes the 1 KB of `sums`.
     unsafe {
-        if b % 2 == 0 {
+        if b.is_multiple_of(2) {
             asm!("tilestored [{c} + {s} * 1], tmm0", c = in(reg) c, s = in(reg) STEP_BYTES, options(nostack, preserves_flags));
         } else {
             asm!("tilestored [{c} + {s} * 1], tmm3", c = in(reg) c, s = in(reg) STEP_BYTES, options(nostack, preserves_flags));
