@@ -191,8 +191,8 @@ pub struct EngineSettings {
     /// Completion tokens when a request sets no `max_tokens`.
     pub default_max_tokens: usize,
     /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load
-    /// (they stay as they are where batchlab's packed kernel runs them; k-quants become Q8_0 there, for
-    /// it to run them).
+    /// (they stay as they are where batchlab's packed kernel runs them, as Q4_K does; other
+    /// k-quants become Q8_0 there, for it to run them).
     pub requantize: bool,
     /// Where the model runs: `"cpu"`, or `"cuda"` / `"cuda:N"` in a build with the `cuda`
     /// feature.

@@ -77,8 +77,8 @@ pub struct EngineConfig {
     pub max_context: Option<usize>,
     /// Requantize Q4_1, Q5_0 and Q5_1 weights, which candle computes without SIMD, to Q8_0 at
     /// load: much faster, slightly more memory, answers close to the original. Weights the
-    /// packed kernel runs ([`packed_kernel`]) stay as they are; k-quant matrices (Q4_K,
-    /// Q6_K, ...) become Q8_0 where it runs, for it to run them.
+    /// packed kernel runs ([`packed_kernel`]) stay as they are (Q4_K too); other k-quant
+    /// matrices (Q6_K, ...) become Q8_0 where it runs, for it to run them.
     pub requantize: bool,
     /// Where the model runs: `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`. CUDA needs a build
     /// with the `cuda` feature; the CPU runs batchlab's own kernels and row-wise attention.
@@ -450,7 +450,7 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
 }
 
 /// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0,
-/// Q4_1, Q5_0 and Q5_1 weights are then repacked at load and every matmul row goes through it (whole tiles of
+/// Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and every matmul row goes through it (whole tiles of
 /// 16 rows on AMX where the CPU has it); elsewhere candle's kernels run them.
 pub fn packed_kernel() -> bool {
     model::packed::available()

@@ -584,10 +584,10 @@ fn gemma_path() -> Option<PathBuf> {
     Some(path)
 }
 
-/// Gemma 3's k-quant tensors (Q4_K, Q6_K) are requantized to Q8_0 where the packed kernel
-/// runs, its Q5_0 ones where it does not: so this exercises requantizing on every CPU, where
-/// the default model's Q4_1 is kept as it is. The requantized model completes a fact like the
-/// file's own formats do.
+/// Gemma 3's Q6_K tensors are requantized to Q8_0 where the packed kernel runs (its 16-value
+/// sub-blocks do not fit the kernel's 32-value blocks), its Q5_0 ones where it does not: so
+/// this exercises requantizing on every CPU, where the default model's Q4_1 is kept as it is.
+/// The requantized model completes a fact like the file's own formats do.
 #[tokio::test]
 async fn gemma3_requantized_weights_complete_like_the_original_file() {
     let Some(path) = gemma_path() else { return };
@@ -595,8 +595,8 @@ async fn gemma3_requantized_weights_complete_like_the_original_file() {
         Engine::load(EngineConfig { model_path: path.clone(), max_context: Some(256), requantize, ..config(4) }).expect("load")
     };
     let (requantized, original) = (load(true), load(false));
-    // Every layer's attention output and MLP down projection at least.
-    assert!(requantized.requantized_tensors() >= 18 * 2, "{}", requantized.requantized_tensors());
+    // Nine Q6_K MLP down projections at least (72 Q5_0 matrices without the packed kernel).
+    assert!(requantized.requantized_tensors() >= 9, "{}", requantized.requantized_tensors());
     assert_eq!(original.requantized_tensors(), 0);
     for engine in [&requantized, &original] {
         for (prompt, fact) in [("The Eiffel Tower is in the city of", "Paris"), ("Monday, Tuesday, Wednesday,", "Thursday, Friday")] {

@@ -1,5 +1,5 @@
-//! Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights repacked for a batched integer matrix product on
-//! AVX-512 VNNI, and on AMX tiles where the CPU has them ([`amx`]).
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights repacked for a batched integer matrix product
+//! on AVX-512 VNNI, and on AMX tiles where the CPU has them ([`amx`]).
 //!
 //! candle's Q8_0 kernel computes one (row, column) dot product at a time with a single running
 //! sum, so its cost grows with every row a step adds: 16 generated rows took 9x one row's time
@@ -15,7 +15,8 @@
 //! operand and the activations (plain signed bytes) its signed one, and a block's offset `m`
 //! (Q4_1's minimum, `-8·d` for Q4_0) is added as `m × dx × Σ activation bytes`. 5-bit weights
 //! (Gemma 3's Q5_0) keep their fifth bits as one 64-bit mask per register, added as 16 under
-//! the mask (0.69 bytes a weight, where requantizing to Q8_0 read 1.06).
+//! the mask (0.69 bytes a weight, where requantizing to Q8_0 read 1.06). Q4_K's 32-value
+//! sub-blocks are Q4_1 blocks once their scale and minimum are multiplied out.
 //!
 //! Every output value is computed the same way whatever else is in the call: the integer sum
 //! of a block is exact, and the blocks are added to a row's f32 accumulator in order, one fused
@@ -160,6 +161,7 @@ impl Packed {
         let data = t.data()?;
         Ok(match t.dtype() {
             GgmlDType::Q8_0 => Some(Self::from_q8_0_bytes(&data, rows, cols)),
+            GgmlDType::Q4K => q4_k_as_q4_1(&data).and_then(|q| Self::from_nibble_bytes(&q, GgmlDType::Q4_1, rows, cols)),
             dtype => Self::from_nibble_bytes(&data, dtype, rows, cols),
         })
     }
@@ -599,7 +601,46 @@ pub(crate) fn amx_available() -> bool {
 
 /// Whether the packed kernel takes weights of this format.
 pub(crate) fn takes(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4K)
+}
+
+/// Bytes of one Q4_K super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
+/// minima, 128 bytes of nibbles, for 256 values.
+const Q4_K_BYTES: usize = 4 + 12 + 128;
+
+/// Q4_K super-blocks rewritten as Q4_1 blocks: each 32-value sub-block's value is
+/// `d·sc·q − dmin·m`, so it is a Q4_1 block with scale `d·sc` and minimum `−dmin·m` (both
+/// rounded to f16, a relative 2⁻¹¹: far finer than requantizing to Q8_0, at 0.625 bytes a
+/// weight instead of 1.06). `None` if a scale does not fit an f16.
+fn q4_k_as_q4_1(data: &[u8]) -> Option<Vec<u8>> {
+    if !data.len().is_multiple_of(Q4_K_BYTES) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() / Q4_K_BYTES * 8 * Q4_1_BYTES);
+    for sb in data.chunks_exact(Q4_K_BYTES) {
+        let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+        let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+        let (scales, qs) = (&sb[4..16], &sb[16..]);
+        for j in 0..8 {
+            // llama.cpp's `get_scale_min_k4`: 6-bit scale and minimum of sub-block j.
+            let (sc, m) = if j < 4 {
+                (scales[j] & 63, scales[j + 4] & 63)
+            } else {
+                ((scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+            };
+            let (scale, min) = (f16::from_f32(d * f32::from(sc)), f16::from_f32(-(dmin * f32::from(m))));
+            if !scale.is_finite() || !min.is_finite() {
+                return None;
+            }
+            out.extend_from_slice(&scale.to_le_bytes());
+            out.extend_from_slice(&min.to_le_bytes());
+            // Sub-blocks 2k and 2k + 1 are the low and high nibbles of bytes 32k..32k+32.
+            let (bytes, shift) = (&qs[j / 2 * 32..][..32], if j % 2 == 0 { 0 } else { 4 });
+            let value = |l: usize| (bytes[l] >> shift) & 0x0F;
+            out.extend((0..16).map(|i| value(i) | value(i + 16) << 4));
+        }
+    }
+    Some(out)
 }
 
 /// Whether `t` on `device` will be packed: this CPU runs the kernel, and `t` is a matrix in a
@@ -628,7 +669,8 @@ mod tests {
     use super::*;
 
     /// Every format the kernel takes.
-    const FORMATS: [GgmlDType; 5] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
+    const FORMATS: [GgmlDType; 6] =
+        [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4K];
 
     /// A `[rows, cols]` tensor of varied values in `dtype`, and its f32 original.
     fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> (QTensor, Tensor) {
@@ -667,24 +709,35 @@ mod tests {
     #[test]
     fn dequantize_and_lookup_match_candle() {
         for dtype in FORMATS {
-            let (q, _) = weights(48, 96, dtype);
+            let (q, _) = weights(48, 256, dtype);
             let p = Packed::from_qtensor(&q).unwrap().unwrap();
             let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(ours, theirs, "{dtype:?}");
+            if dtype == GgmlDType::Q4K {
+                // Sub-block scales and minima rounded to f16 (a relative 2⁻¹¹ each).
+                for (block, (a, b)) in ours.chunks(BLOCK).zip(theirs.chunks(BLOCK)).enumerate() {
+                    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (x, y) in a.iter().zip(b) {
+                        assert!((x - y).abs() <= amax * 2e-3, "Q4_K block {block}: {x} vs {y}");
+                    }
+                }
+            } else {
+                assert_eq!(ours, theirs, "{dtype:?}");
+            }
             let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(rows[1], theirs[47 * 96..48 * 96]);
+            assert_eq!(rows[1], ours[47 * 256..48 * 256]);
             assert!(p.lookup(&[48], &Device::Cpu).is_err());
         }
     }
 
     #[test]
-    fn shapes_that_do_not_fit_are_not_packed() {
+    fn shapes_and_formats_that_do_not_fit_are_not_packed() {
         let (q, _) = weights(24, 64, GgmlDType::Q8_0);
         assert!(Packed::from_qtensor(&q).unwrap().is_none());
         let (q, _) = weights(24, 64, GgmlDType::Q4_1);
         assert!(Packed::from_qtensor(&q).unwrap().is_none());
-        let f = QTensor::quantize(&Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+        // 16-value sub-blocks do not fit 32-value blocks.
+        let f = QTensor::quantize(&Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q6K).unwrap();
         assert!(Packed::from_qtensor(&f).unwrap().is_none());
     }
 

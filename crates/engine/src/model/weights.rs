@@ -3,8 +3,8 @@
 //! packed kernel takes them as they are (on AVX-512 VNNI CPUs): measured here, 2.6x faster
 //! prompts and 1.3x faster decode on SmolLM2's Q4_1 file under candle's kernels, with answers
 //! close to the original (`../shared/reference/candle-engine.md`). Where the packed kernel runs,
-//! k-quant matrices (Gemma 3's Q4_K and Q6_K) become Q8_0 too, so that it runs them: Gemma 3
-//! 270M prompts measured 440 -> ~700 tokens/s, decode unchanged.
+//! it takes Q4_K as Q4_1 blocks (see `packed`), and the other k-quant matrices (Gemma 3's Q6_K)
+//! become Q8_0 so that it runs them: Gemma 3 270M prompts measured 440 -> ~700 tokens/s.
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -57,8 +57,8 @@ impl<'a> GgufWeights<'a> {
         let t = self.content.tensor(&mut self.reader, name, &self.device)?;
         // Q8_0 blocks hold 32 values along the last dimension.
         let fits = t.shape().dims().last().is_some_and(|d| d % 32 == 0);
-        // The packed kernel runs Q4_0/Q4_1/Q5_0/Q5_1 as they are, and k-quant matrices once they are
-        // Q8_0 (its 8-bit blocks hold them with finer steps than their own).
+        // The packed kernel runs Q4_0/Q4_1/Q5_0/Q5_1/Q4_K as they are, and other k-quant
+        // matrices once they are Q8_0 (its 8-bit blocks hold them with finer steps than their own).
         let k_quant = matches!(t.dtype(), GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         let repack = k_quant && packed::shape_fits(&t, &self.device);
         let t = if self.requantize && fits && !packed::fits(&t, &self.device) && (slow(t.dtype()) || repack) {
