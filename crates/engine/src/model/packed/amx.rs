@@ -225,10 +225,29 @@ unsafe fn sums<const Q4: bool>(
     }
 }
 
+/// Starting sums of 4-bit codes' products: zero.
+static ZERO_SUMS: [i32; LANES] = [0; LANES];
+
+/// One block's product into tile `$c` from `$a` (activations) and `$w` (weights) with `$op`,
+/// onto the 16 starting sums at `$init` (loaded for every row: stride 0).
+macro_rules! tile_product {
+    ($op:literal, $c:literal, $a:literal, $w:literal, $init:expr, $a_ptr:expr, $row_bytes:expr, $w_ptr:expr) => {
+        asm!(
+            concat!("tileloadd ", $c, ", [{init} + {zero} * 1]"),
+            concat!("tileloadd ", $a, ", [{a} + {sa} * 1]"),
+            concat!("tileloadd ", $w, ", [{w} + {sw} * 1]"),
+            concat!($op, " ", $c, ", ", $a, ", ", $w),
+            init = in(reg) $init, zero = in(reg) 0usize, a = in(reg) $a_ptr, sa = in(reg) $row_bytes,
+            w = in(reg) $w_ptr, sw = in(reg) STEP_BYTES, options(nostack, preserves_flags, readonly)
+        )
+    };
+}
+
 /// Starts block `b`'s product in `tmm0` (even blocks, from `tmm1`, `tmm2`) or `tmm3` (odd,
-/// from `tmm4`, `tmm5`): the 16 activation rows
-/// at `a` (`row_bytes` apart) times the group's weights, onto Q8_0's starting sums (`init`,
-/// 16 per block) or zero for 4-bit codes.
+/// from `tmm4`, `tmm5`): the 16 activation rows at `a` (`row_bytes` apart) times the group's
+/// weights, onto Q8_0's starting sums (`init`, 16 per block; `tdpbusd`: unsigned offset
+/// activations, signed weights) or zero for 4-bit codes (`tdpbsud`: signed activations,
+/// unsigned codes).
 ///
 /// # Safety
 /// This thread holds [`Tiles`]; `a` has 16 rows of `b + 1` blocks, `weights` and `init` block b.
@@ -239,40 +258,12 @@ unsafe fn product(q4: bool, b: usize, a: *const u8, row_bytes: usize, weights: *
     unsafe {
         let a = a.add(b * BLOCK);
         let w = weights.add(b * BLOCK_BYTES);
-        let init = init.wrapping_add(b * LANES);
+        let init = if q4 { ZERO_SUMS.as_ptr() } else { init.add(b * LANES) };
         match (q4, b % 2) {
-            (false, 0) => asm!(
-                "tileloadd tmm0, [{init} + {zero} * 1]",
-                "tileloadd tmm1, [{a} + {sa} * 1]",
-                "tileloadd tmm2, [{w} + {sw} * 1]",
-                "tdpbusd tmm0, tmm1, tmm2",
-                init = in(reg) init, zero = in(reg) 0usize, a = in(reg) a, sa = in(reg) row_bytes,
-                w = in(reg) w, sw = in(reg) STEP_BYTES, options(nostack, preserves_flags, readonly)
-            ),
-            (false, _) => asm!(
-                "tileloadd tmm3, [{init} + {zero} * 1]",
-                "tileloadd tmm4, [{a} + {sa} * 1]",
-                "tileloadd tmm5, [{w} + {sw} * 1]",
-                "tdpbusd tmm3, tmm4, tmm5",
-                init = in(reg) init, zero = in(reg) 0usize, a = in(reg) a, sa = in(reg) row_bytes,
-                w = in(reg) w, sw = in(reg) STEP_BYTES, options(nostack, preserves_flags, readonly)
-            ),
-            (true, 0) => asm!(
-                "tilezero tmm0",
-                "tileloadd tmm1, [{a} + {sa} * 1]",
-                "tileloadd tmm2, [{w} + {sw} * 1]",
-                "tdpbsud tmm0, tmm1, tmm2",
-                a = in(reg) a, sa = in(reg) row_bytes, w = in(reg) w, sw = in(reg) STEP_BYTES,
-                options(nostack, preserves_flags, readonly)
-            ),
-            (true, _) => asm!(
-                "tilezero tmm3",
-                "tileloadd tmm4, [{a} + {sa} * 1]",
-                "tileloadd tmm5, [{w} + {sw} * 1]",
-                "tdpbsud tmm3, tmm4, tmm5",
-                a = in(reg) a, sa = in(reg) row_bytes, w = in(reg) w, sw = in(reg) STEP_BYTES,
-                options(nostack, preserves_flags, readonly)
-            ),
+            (false, 0) => tile_product!("tdpbusd", "tmm0", "tmm1", "tmm2", init, a, row_bytes, w),
+            (false, _) => tile_product!("tdpbusd", "tmm3", "tmm4", "tmm5", init, a, row_bytes, w),
+            (true, 0) => tile_product!("tdpbsud", "tmm0", "tmm1", "tmm2", init, a, row_bytes, w),
+            (true, _) => tile_product!("tdpbsud", "tmm3", "tmm4", "tmm5", init, a, row_bytes, w),
         }
     }
 }
