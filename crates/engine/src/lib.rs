@@ -450,8 +450,9 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
 }
 
 /// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0,
-/// Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and every matmul row goes through it (whole tiles of
-/// 16 rows on AMX where the CPU has it); elsewhere candle's kernels run them.
+/// Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and every matmul row goes
+/// through it (whole tiles of 16 rows on AMX where the CPU has it); elsewhere candle's kernels
+/// run them.
 pub fn packed_kernel() -> bool {
     model::packed::available()
 }

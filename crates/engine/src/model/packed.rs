@@ -441,6 +441,7 @@ impl Packed {
     unsafe fn group_avx512(&self, g: usize, acts: &Activations, from: usize, m: usize, out: *mut f32) {
         let q4 = matches!(self.codes, Codes::Q4 { .. });
         let mut row = from;
+        // One flat match: a const-generic helper per format measured ~10% slower decode.
         while row < m {
             // SAFETY: forwarded from the caller.
             unsafe {

@@ -136,18 +136,20 @@ impl Embedding {
 /// How a [`Linear`] multiplies.
 #[derive(Clone)]
 enum Kernel {
-    /// Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 weights in the interleaved layout of [`Packed`] (AVX-512 VNNI CPUs).
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K weights in the interleaved layout of [`Packed`]
+    /// (AVX-512 VNNI CPUs).
     Packed(Arc<Packed>),
     /// candle's quantized matmul over the weights as stored.
     Candle { quantized: QMatMul, weights: Arc<QTensor> },
 }
 
 /// A weight matrix used as `x · Wᵀ`.
-/// - Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights on CPUs with AVX-512 VNNI: every row through [`Packed`]
+/// - Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights on CPUs with AVX-512 VNNI: every row
+///   through [`Packed`] (AMX tiles for whole tiles of 16 rows where the CPU has them)
 ///   (activations quantized to 8 bits per block of 32, as llama.cpp does; one weight load
 ///   serves several rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x
 ///   faster than the dequantized f32 GEMM below.
-/// - Other weights (k-quants when requantizing is off, anything on CPUs without VNNI):
+/// - Other weights (k-quants but Q4_K when requantizing is off, anything on CPUs without VNNI):
 ///   generated tokens (a few rows a step) through candle's quantized matmul; prompt and scored
 ///   tokens through the weights dequantized for the call and candle's f32 GEMM, measured
 ///   2.5-4x faster than candle's quantized kernel from a few dozen rows on 576-wide matrices.
