@@ -179,7 +179,13 @@ def test_trec_agreement_zero_shot_and_after_ground_truth(ml_stack, label_studio)
         regions = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [rows[k]["label"]]}}]
         ls.ok("POST", f"/api/tasks/{task_id}/annotations/", {"result": regions, "was_cancelled": False,
                                                              "ground_truth": True})  # fmt: skip
+    # Label Studio delivers the webhooks in the background: the examples (and so the version)
+    # are complete once batchlab-api has recorded all 20. Reading the version before that could
+    # catch an intermediate one (seen: 19 of 20) that Label Studio's later /setup never asks for.
     deadline = time.monotonic() + 60
+    while json_request(f"{api}/v1/label-studio/projects/{project}")[1].get("counts", {}).get("ground_truth") != 20:
+        assert time.monotonic() < deadline, "batchlab-api never recorded the 20 ground-truth annotations"
+        time.sleep(0.5)
     while (few_version := ml_version(ml_port, TREC_CONFIG, project)) == zero_version:
         assert time.monotonic() < deadline, "20 ground-truth annotations never changed the model version"
         time.sleep(0.5)
