@@ -138,11 +138,23 @@ fail() {
 # Lines the service logged since this run started it.
 new_log() { tail -c "+$((${LOG_OFFSET[$1]} + 1))" "$LOG_DIR/$1.log"; }
 
-http_ok() {  # URL -> exit 0 when it answers 200
-  "$PYTHON" - "$1" <<'PY' 2>/dev/null
-import sys, urllib.request
+# The ML backend's basic-auth credentials as the service reads them (BATCHLAB_ names win over
+# Label Studio's): its /health answers 401 without them, as Label Studio expects.
+ML_USER="${BATCHLAB_ML_BACKEND__BASIC_AUTH_USER:-${BASIC_AUTH_USER:-}}"
+ML_PASS="${BATCHLAB_ML_BACKEND__BASIC_AUTH_PASS:-${BASIC_AUTH_PASS:-}}"
+
+# URL [USER PASS] -> exit 0 when it answers 200. Credentials travel through the environment of
+# the probe, never its command line.
+http_ok() {
+  PROBE_USER="${2:-}" PROBE_PASS="${3:-}" "$PYTHON" - "$1" <<'PY' 2>/dev/null
+import base64, os, sys, urllib.request
+request = urllib.request.Request(sys.argv[1])
+user, password = os.environ.get("PROBE_USER", ""), os.environ.get("PROBE_PASS", "")
+if user and password:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=2) as r:
+    with urllib.request.urlopen(request, timeout=2) as r:
         sys.exit(0 if r.status == 200 else 1)
 except Exception:
     sys.exit(1)
@@ -150,9 +162,9 @@ PY
 }
 
 wait_http() {
-  local name="$1" url="$2" pid deadline=$((SECONDS + TIMEOUT))
+  local name="$1" url="$2" user="${3:-}" pass="${4:-}" pid deadline=$((SECONDS + TIMEOUT))
   pid="$(cat "$RUN_DIR/$name.pid")"
-  until http_ok "$url"; do
+  until http_ok "$url" "$user" "$pass"; do
     running "$pid" "$name" || fail "$name" "exited before $url answered"
     ((SECONDS < deadline)) || fail "$name" "did not answer $url within ${TIMEOUT}s"
     sleep 0.5
@@ -179,7 +191,7 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found (needed for the health
 start batchlab-api
 wait_http batchlab-api "http://$API_HOST:$API_PORT/health"
 start batchlab-ml-backend
-wait_http batchlab-ml-backend "http://$ML_HOST:$ML_PORT/health"
+wait_http batchlab-ml-backend "http://$ML_HOST:$ML_PORT/health" "$ML_USER" "$ML_PASS"
 start batchlab-worker
 wait_worker
 

@@ -5,7 +5,7 @@ Covers: project, ML backend (state CO) and secret-header webhook created on the 
 nothing created on a second run (legacy token) nor on a third (personal access token, exchanged
 for a Bearer access token); a changed labeling config is written to the existing project; clear
 one-line failures for a wrong key and an unreachable Label Studio; Label Studio's Start Training
-reaching batchlab-ml-backend's /webhook, which hands the event on to batchlab-api.
+reaching batchlab-ml-backend's /webhook, which stores the event where batchlab-api applies it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def services(stack, label_studio, log_sources):
     log_sources.append(label_studio)
     stack.start_api(BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET=SECRET)
     ml, ml_port = stack.start_ml_backend(
-        BATCHLAB_ML_BACKEND__API_URL=f"http://127.0.0.1:{stack.api_port}",
         BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET=SECRET,
     )
     return stack, ml, ml_port
@@ -117,26 +116,26 @@ def test_setup_is_idempotent_with_both_kinds_of_key_and_training_is_handed_on(se
     assert down.returncode != 0 and "unreachable" in down.stderr.strip().splitlines()[-1], down.stderr
 
     # Start Training: Label Studio posts START_TRAINING to the ML backend's /webhook only; the
-    # ML backend acknowledges and hands it on to batchlab-api's webhook endpoint.
+    # ML backend stores it in the shared store, where batchlab-api's processor applies it.
     ls.ok("POST", f"/api/ml/{first['ml_backend_id']}/train", {})
     deadline = time.monotonic() + 30
     metrics = ""
     while time.monotonic() < deadline:
         _, metrics = http_get(f"{ml_url}/metrics")
-        if 'batchlab_ml_webhook_handoffs_total{action="START_TRAINING"' in metrics:
+        if 'batchlab_ml_webhook_events_total{action="START_TRAINING"' in metrics:
             break
         time.sleep(0.2)
     else:
-        ml.fail(f"no START_TRAINING hand-off counted; metrics:\n{metrics}")
-    assert 'batchlab_ml_webhook_events_total{action="START_TRAINING"} 1' in metrics, metrics
+        ml.fail(f"no START_TRAINING event counted; metrics:\n{metrics}")
+    assert re.search(r'batchlab_ml_webhook_events_total\{action="START_TRAINING",status="accepted"\} 1\b', metrics), \
+        [m for m in metrics.splitlines() if "webhook_events" in m]
     log = ml.log_text()
-    assert "START_TRAINING" in log and "/v1/webhooks/label-studio" in log, log[-3000:]
-    # batchlab-api accepted the hand-off and exported the project's training data (no annotations
-    # here: an empty export) to data/training/ under its working directory.
+    assert "START_TRAINING" in log and "webhook event stored" in log, log[-3000:]
+    assert "handoff" not in metrics, "nothing is relayed over HTTP any more"
+    # batchlab-api applied the stored event and exported the project's training data (no
+    # annotations here: an empty export) to data/training/ under its working directory.
     import json
 
-    assert re.search(r'batchlab_ml_webhook_handoffs_total\{action="START_TRAINING",outcome="ok"\} 1\b', metrics), \
-        [m for m in metrics.splitlines() if "handoffs" in m]
     deadline = time.monotonic() + 10
     doc: dict = {}
     while time.monotonic() < deadline:

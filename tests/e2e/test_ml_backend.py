@@ -49,7 +49,6 @@ def ml_stack(stack, label_studio, log_sources):
         BATCHLAB_LABEL_STUDIO__TIMEOUT_SECONDS="60",
     )
     ml, ml_port = stack.start_ml_backend(
-        BATCHLAB_ML_BACKEND__API_URL=f"http://127.0.0.1:{stack.api_port}",
         BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET=SECRET,
     )
     return stack, ml, ml_port

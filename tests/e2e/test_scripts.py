@@ -3,6 +3,7 @@ non-default ports, data, logs and PIDs in a temporary directory)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -30,6 +31,12 @@ def script_env(tmp: Path, api_port: int, ml_port: int) -> dict[str, str]:
             "BATCHLAB_STORAGE__FILES_DIR": str(tmp / "data" / "files"),
             "BATCHLAB_ENGINE__MODEL_PATH": str(MODEL),
             "NO_COLOR": "1",
+            # Every credential set, as a deployment beyond loopback must have them: the script's
+            # health probe of the ML backend must send basic auth.
+            "BATCHLAB_API__API_KEY": "script-api-key",
+            "BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET": "script-webhook-secret",
+            "BASIC_AUTH_USER": "ml-user",
+            "BASIC_AUTH_PASS": "ml-pass",
         }
     )
     if os.environ.get("BATCHLAB_SKIP_BUILD"):
@@ -75,8 +82,15 @@ def test_start_and_stop_services(tmp_path, log_sources):
 
         status, body = http_get(f"http://127.0.0.1:{api_port}/health")
         assert status == 200 and json.loads(body)["status"] == "ok", body
-        status, body = http_get(f"http://127.0.0.1:{ml_port}/health")
+        status, _ = http_get(f"http://127.0.0.1:{ml_port}/health")
+        assert status == 401, "the ML backend's basic auth is on"
+        basic = base64.b64encode(b"ml-user:ml-pass").decode()
+        status, body = http_get(f"http://127.0.0.1:{ml_port}/health", headers={"Authorization": f"Basic {basic}"})
         assert status == 200 and json.loads(body) == {"status": "UP", "model_class": "batchlab"}, body
+        for name in SERVICES:
+            log = (log_dir / f"{name}.log").read_text()
+            for secret in ("script-api-key", "script-webhook-secret", "ml-pass"):
+                assert secret not in log, f"{name} logged a secret"
         # The services use the temporary data directory given through the environment.
         assert (tmp_path / "data" / "batchlab.db").is_file()
 
@@ -118,3 +132,27 @@ def test_every_binary_answers_help_and_refuses_bad_configuration(service: str, t
                              env={k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")})
     assert refused.returncode != 0
     assert "prot" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "env", "named"),
+    [
+        ("batchlab-api", {"BATCHLAB_API__HOST": "0.0.0.0"}, "BATCHLAB_API__API_KEY"),
+        ("batchlab-api", {"BATCHLAB_API__HOST": "0.0.0.0", "BATCHLAB_API__API_KEY": "k"},
+         "BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET"),
+        ("batchlab-ml-backend", {"BATCHLAB_ML_BACKEND__HOST": "0.0.0.0"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+        ("batchlab-ml-backend", {"BASIC_AUTH_USER": "ml"}, "BASIC_AUTH_PASS is not"),
+        ("batchlab-ml-backend", {"BASIC_AUTH_PASS": "pw"}, "BASIC_AUTH_USER is not"),
+    ],
+)
+def test_services_refuse_to_start_open(service: str, env: dict[str, str], named: str, tmp_path: Path) -> None:
+    """Secure by default: beyond loopback without credentials, or with half of basic auth, a
+    service refuses to start and names the missing setting (before it opens anything)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_") and not k.startswith("BASIC_AUTH")}
+    clean.update(env, BATCHLAB_DATABASE__URL=f"sqlite://{tmp_path / 'db.sqlite'}",
+                 BATCHLAB_ENGINE__MODEL_PATH=str(tmp_path / "no-model.gguf"))
+    refused = subprocess.run([BIN_DIR / service], capture_output=True, text=True, timeout=30, env=clean,
+                             stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0, refused.stdout
+    assert "refusing to start" in refused.stderr and named in refused.stderr, refused.stderr
+    assert not (tmp_path / "db.sqlite").exists(), "nothing is opened before the check"

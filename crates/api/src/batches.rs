@@ -22,10 +22,19 @@ pub struct CreateBatch {
 
 /// `POST /v1/batches`: checks the request and the input file, then queues the batch in
 /// `validating`; a worker validates each line and runs it.
-pub async fn create(State(state): State<AppState>, ApiJson(req): ApiJson<CreateBatch>) -> Result<Json<Value>, ApiError> {
-    let input_file_id =
-        req.input_file_id.ok_or_else(|| ApiError::invalid("missing required parameter 'input_file_id'", "input_file_id"))?;
-    let endpoint = req.endpoint.ok_or_else(|| ApiError::invalid("missing required parameter 'endpoint'", "endpoint"))?;
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateBatch>,
+) -> Result<Json<Value>, ApiError> {
+    let input_file_id = req.input_file_id.ok_or_else(|| {
+        ApiError::invalid(
+            "missing required parameter 'input_file_id'",
+            "input_file_id",
+        )
+    })?;
+    let endpoint = req
+        .endpoint
+        .ok_or_else(|| ApiError::invalid("missing required parameter 'endpoint'", "endpoint"))?;
     if !BATCH_ENDPOINTS.contains(&endpoint.as_str()) {
         return Err(ApiError::invalid(
             format!("endpoint '{endpoint}' is not supported; use one of {BATCH_ENDPOINTS:?}"),
@@ -46,6 +55,13 @@ pub async fn create(State(state): State<AppState>, ApiJson(req): ApiJson<CreateB
             Some(m.to_string())
         }
     };
+    if input_file_id.contains('\0') {
+        // No id holds U+0000 (PostgreSQL could not even compare one).
+        return Err(ApiError::NotFound(format!(
+            "No such File object: {}",
+            input_file_id.escape_debug()
+        )));
+    }
     let file = state
         .store
         .get_file(&input_file_id)
@@ -53,7 +69,10 @@ pub async fn create(State(state): State<AppState>, ApiJson(req): ApiJson<CreateB
         .ok_or_else(|| ApiError::NotFound(format!("No such File object: {input_file_id}")))?;
     if file.purpose != "batch" {
         return Err(ApiError::invalid(
-            format!("file {input_file_id} has purpose '{}'; batch input files need purpose 'batch'", file.purpose),
+            format!(
+                "file {input_file_id} has purpose '{}'; batch input files need purpose 'batch'",
+                file.purpose
+            ),
             "input_file_id",
         ));
     }
@@ -75,11 +94,24 @@ pub async fn create(State(state): State<AppState>, ApiJson(req): ApiJson<CreateB
 }
 
 async fn find(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
-    state.store.get_batch(id).await?.ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))
+    if id.contains('\0') {
+        return Err(ApiError::NotFound(format!(
+            "No such Batch object: {}",
+            id.escape_debug()
+        )));
+    }
+    state
+        .store
+        .get_batch(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))
 }
 
 /// `GET /v1/batches/{id}`.
-pub async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn retrieve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(openai::batch_object(&find(&state, &id).await?)))
 }
 
@@ -91,24 +123,39 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/batches`: newest first, `limit` 1..100 (default 20), `after` a batch id.
-pub async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
-        return Err(ApiError::invalid("limit must be between 1 and 100", "limit"));
+        return Err(ApiError::invalid(
+            "limit must be between 1 and 100",
+            "limit",
+        ));
     }
     let mut rows = state.store.list_batches(q.after.as_deref(), limit).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    Ok(Json(openai::list_page(rows.iter().map(openai::batch_object).collect(), has_more)))
+    Ok(Json(openai::list_page(
+        rows.iter().map(openai::batch_object).collect(),
+        has_more,
+    )))
 }
 
 /// `POST /v1/batches/{id}/cancel`: an active batch moves to `cancelling`; a worker writes its
 /// finished lines out and ends it `cancelled`.
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let before = find(&state, &id).await?;
     if !before.status.is_active() {
         return Err(ApiError::InvalidRequest {
-            message: format!("cannot cancel a batch with status '{}'", before.status.as_str()),
+            message: format!(
+                "cannot cancel a batch with status '{}'",
+                before.status.as_str()
+            ),
             param: None,
         });
     }

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
@@ -16,22 +16,13 @@ use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::extract::{ApiBytes, ApiJson, ApiPath, ApiQuery};
-use batchlab_core::http::constant_time_eq;
 use crate::AppState;
 
-/// `POST /v1/webhooks/label-studio`: checks the shared secret, stores the event and answers at
-/// once; a background processor applies it. A body seen before is acknowledged as `duplicate`.
-pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, ApiBytes(body): ApiBytes) -> Result<Json<Ingested>, ApiError> {
-    let ls = &state.config.label_studio;
-    if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
-        let given = headers.get(ls.webhook_secret_header.as_str()).and_then(|v| v.to_str().ok());
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), secret.as_bytes())) {
-            return Err(ApiError::WebhookUnauthorized(format!(
-                "missing or wrong webhook secret: send it in the {} header",
-                ls.webhook_secret_header
-            )));
-        }
-    }
+/// `POST /v1/webhooks/label-studio`: stores the event and answers at once; a background
+/// processor applies it. A body seen before is acknowledged as `duplicate`. The shared secret
+/// and the limit on concurrent deliveries are checked before the body is read
+/// ([`crate::http::guard_webhook`]).
+pub async fn webhook(State(state): State<AppState>, ApiBytes(body): ApiBytes) -> Result<Json<Ingested>, ApiError> {
     Ok(Json(state.curation.ingest(&body).await?))
 }
 

@@ -2,7 +2,7 @@
 
 use axum::extract::multipart::MultipartError;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::blob::BlobError;
@@ -44,10 +44,16 @@ pub enum ApiError {
     /// The upload or body is too large (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Too much is in flight already (503 with `Retry-After`): retry later.
+    #[error("{0}")]
+    Busy(String),
     /// Something broke inside; logged, and answered without details (500).
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// Seconds a client is asked to wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "2";
 
 impl ApiError {
     /// A 400 naming the parameter at fault.
@@ -64,6 +70,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +88,7 @@ impl IntoResponse for ApiError {
             Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
             Self::MethodNotAllowed => (self.to_string(), "invalid_request_error", None, Some("method_not_allowed")),
             Self::TooLarge(m) => (m.clone(), "invalid_request_error", Some("file"), Some("file_too_large")),
+            Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 ("The server had an error while processing your request.".to_string(), "server_error", None, None)
@@ -94,7 +102,11 @@ impl IntoResponse for ApiError {
                 code: code.map(str::to_string),
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 

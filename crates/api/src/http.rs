@@ -28,18 +28,47 @@ pub async fn metrics() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
-/// Requires `Authorization: Bearer <key>` when an API key is configured.
+/// Requires `Authorization: Bearer <key>` when an API key is configured. The scheme is matched
+/// without regard to case and blanks around the parts are ignored (RFC 9110 §11.1); the key
+/// itself is compared exactly, in constant time.
 pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
     if let Some(key) = state.config.api.api_key.as_deref().filter(|k| !k.is_empty()) {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
         if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return Err(ApiError::Unauthorized);
         }
     }
+    Ok(next.run(request).await)
+}
+
+/// The token of an `Authorization: Bearer <token>` value.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Guards the webhook route before its body is read: the shared secret when one is configured
+/// (a wrong one costs no body read), then a place among `api.max_concurrent_webhooks`
+/// deliveries being read at once (503 with `Retry-After` past it), so that many large bodies
+/// cannot exhaust memory together.
+pub async fn guard_webhook(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let ls = &state.config.label_studio;
+    if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
+        let given = request.headers().get(ls.webhook_secret_header.as_str()).map(|v| v.as_bytes());
+        if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g, secret.as_bytes())) {
+            return Err(ApiError::WebhookUnauthorized(format!(
+                "missing or wrong webhook secret: send it in the {} header",
+                ls.webhook_secret_header
+            )));
+        }
+    }
+    let Ok(_permit) = state.webhook_slots.clone().try_acquire_owned() else {
+        metrics::counter!("batchlab_webhook_refused_total", "reason" => "busy").increment(1);
+        return Err(ApiError::Busy(format!(
+            "{} webhook deliveries are being read already (api.max_concurrent_webhooks); retry shortly",
+            state.config.api.max_concurrent_webhooks
+        )));
+    };
     Ok(next.run(request).await)
 }
 

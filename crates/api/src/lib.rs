@@ -32,13 +32,16 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Webhook events, exports and accuracy.
     pub curation: Curation,
+    /// Places for webhook bodies being read at once (`api.max_concurrent_webhooks`).
+    pub webhook_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     /// The state over an open store and blob store.
     pub fn new(store: Store, blobs: BlobStore, config: Config) -> AppState {
         let curation = Curation::new(store.clone(), config.curation.clone());
-        AppState { store, blobs, config: Arc::new(config), curation }
+        let webhook_slots = Arc::new(tokio::sync::Semaphore::new(config.api.max_concurrent_webhooks.max(1)));
+        AppState { store, blobs, config: Arc::new(config), curation, webhook_slots }
     }
 
     /// Starts the background work the API owns: applying stored webhook events.
@@ -67,7 +70,8 @@ pub fn router(state: AppState) -> Router {
     // Label Studio authenticates with the webhook's shared-secret header, not the bearer key.
     let webhook_limit = state.config.api.max_webhook_bytes as usize;
     let webhooks = Router::new()
-        .route("/webhooks/label-studio", post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)));
+        .route("/webhooks/label-studio", post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::guard_webhook));
     let app = Router::new()
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))

@@ -4,8 +4,9 @@
 use anyhow::Context;
 use batchlab_api::cli::{Args, Command, SetupArgs};
 use batchlab_core::blob::BlobStore;
-use batchlab_core::config::Config;
+use batchlab_core::config::{Config, Service};
 use batchlab_core::labelstudio::client::LabelStudioClient;
+use batchlab_core::secret::redact_url;
 use batchlab_core::store::Store;
 use clap::Parser;
 
@@ -26,9 +27,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    config.check_security(Service::Api)?;
     let store = Store::open(&config.database)
         .await
-        .with_context(|| format!("opening database {}", config.database.url))?;
+        .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let addr = format!("{}:{}", config.api.host, config.api.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;

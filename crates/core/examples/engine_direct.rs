@@ -27,11 +27,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_context: None,
         requantize: true,
         device: "cpu".into(),
+        limits: Default::default(),
     })?;
     let mut seen = HashSet::new();
     let mut calls = Vec::new();
     for line in std::fs::read_to_string(&input)?.lines().filter(|l| !l.trim().is_empty()) {
-        calls.push(parse_request_line(line, "/v1/chat/completions", &mut seen, 256).map_err(|e| e.message)?.request);
+        calls.push(parse_request_line(line, "/v1/chat/completions", &mut seen, &Default::default()).map_err(|e| e.message)?.request);
     }
     let started = Instant::now();
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));

@@ -56,6 +56,10 @@ pub struct WriteStats {
     /// Offset of the first byte that breaks UTF-8, if any (only checked, not rejected, when
     /// [`WriteLimits::require_utf8`] is off).
     pub invalid_utf8_at: Option<u64>,
+    /// Bytes in the longest line, newline excluded (batch inputs bound it per line).
+    pub longest_line: u64,
+    /// 1-based number of the (first) longest line; 0 for an empty body.
+    pub longest_line_no: u64,
 }
 
 /// File bodies stored as files in one directory.
@@ -65,7 +69,11 @@ pub struct BlobStore {
 }
 
 fn check_id(id: &str) -> Result<(), BlobError> {
-    let ok = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -81,6 +89,10 @@ struct ContentScan {
     last_byte: Option<u8>,
     carry: Vec<u8>,
     invalid_utf8_at: Option<u64>,
+    /// Bytes of the line being read so far.
+    line_len: u64,
+    longest_line: u64,
+    longest_line_no: u64,
 }
 
 impl ContentScan {
@@ -93,7 +105,8 @@ impl ContentScan {
             buf.extend_from_slice(chunk);
             if let Err(e) = std::str::from_utf8(&buf) {
                 if e.error_len().is_some() {
-                    let offset = self.bytes - (buf.len() - chunk.len()) as u64 + e.valid_up_to() as u64;
+                    let offset =
+                        self.bytes - (buf.len() - chunk.len()) as u64 + e.valid_up_to() as u64;
                     if limits.require_utf8 {
                         return Err(BlobError::NotUtf8(offset));
                     }
@@ -103,7 +116,13 @@ impl ContentScan {
                 }
             }
         }
-        self.lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            self.end_line(self.line_len + i as u64);
+            self.line_len = 0;
+            rest = &rest[i + 1..];
+        }
+        self.line_len += rest.len() as u64;
         self.bytes += chunk.len() as u64;
         if let Some(&b) = chunk.last() {
             self.last_byte = Some(b);
@@ -111,6 +130,15 @@ impl ContentScan {
         match limits.max_lines {
             Some(max) if self.lines > max => Err(BlobError::TooManyLines(max)),
             _ => Ok(()),
+        }
+    }
+
+    /// Counts a line of `len` bytes that just ended.
+    fn end_line(&mut self, len: u64) {
+        self.lines += 1;
+        if len > self.longest_line || self.longest_line_no == 0 {
+            self.longest_line = len;
+            self.longest_line_no = self.lines;
         }
     }
 
@@ -123,11 +151,17 @@ impl ContentScan {
             self.invalid_utf8_at = Some(offset);
         }
         if matches!(self.last_byte, Some(b) if b != b'\n') {
-            self.lines += 1;
+            self.end_line(self.line_len);
         }
         match limits.max_lines {
             Some(max) if self.lines > max => Err(BlobError::TooManyLines(max)),
-            _ => Ok(WriteStats { bytes: self.bytes, lines: self.lines, invalid_utf8_at: self.invalid_utf8_at }),
+            _ => Ok(WriteStats {
+                bytes: self.bytes,
+                lines: self.lines,
+                invalid_utf8_at: self.invalid_utf8_at,
+                longest_line: self.longest_line,
+                longest_line_no: self.longest_line_no,
+            }),
         }
     }
 }
@@ -146,7 +180,12 @@ impl BlobStore {
     }
 
     /// Streams a body in under `id`, enforcing `limits`; nothing is kept if a limit is hit.
-    pub async fn put_stream<S, E>(&self, id: &str, mut body: S, limits: WriteLimits) -> Result<WriteStats, BlobError>
+    pub async fn put_stream<S, E>(
+        &self,
+        id: &str,
+        mut body: S,
+        limits: WriteLimits,
+    ) -> Result<WriteStats, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -177,18 +216,27 @@ impl BlobStore {
     /// Starts writing a body under `id`; it appears only when [`BlobWriter::finish`] is called.
     pub async fn writer(&self, id: &str) -> Result<BlobWriter, BlobError> {
         let path = self.path(id)?;
-        let tmp = self.root.join(format!(".{id}.{:08x}.tmp", rand::random::<u32>()));
+        let tmp = self
+            .root
+            .join(format!(".{id}.{:08x}.tmp", rand::random::<u32>()));
         let file = tokio::fs::File::create(&tmp).await?;
-        Ok(BlobWriter { file: BufWriter::with_capacity(1 << 16, file), tmp, path, bytes: 0 })
+        Ok(BlobWriter {
+            file: BufWriter::with_capacity(1 << 16, file),
+            tmp,
+            path,
+            bytes: 0,
+        })
     }
 
     /// Opens a stored body for streaming reads.
     pub async fn open_read(&self, id: &str) -> Result<tokio::fs::File, BlobError> {
         let path = self.path(id)?;
-        tokio::fs::File::open(&path).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => BlobError::NotFound(id.to_string()),
-            _ => BlobError::Io(e),
-        })
+        tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => BlobError::NotFound(id.to_string()),
+                _ => BlobError::Io(e),
+            })
     }
 
     /// Removes a body; removing a missing one is not an error.
@@ -237,11 +285,20 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn limits(max_bytes: u64, max_lines: Option<u64>) -> WriteLimits {
-        WriteLimits { max_bytes, max_lines, require_utf8: true }
+        WriteLimits {
+            max_bytes,
+            max_lines,
+            require_utf8: true,
+        }
     }
 
     fn chunks(parts: &[&[u8]]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
-        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::copy_from_slice(p))).collect::<Vec<_>>())
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::copy_from_slice(p)))
+                .collect::<Vec<_>>(),
+        )
     }
 
     #[tokio::test]
@@ -249,32 +306,106 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         // "é" split across two chunks must still count as valid UTF-8.
-        let stats = store.put_stream("file-a", chunks(&[b"one\ntw\xc3", b"\xa9\nthree"]), limits(100, Some(3))).await.unwrap();
-        assert_eq!(stats, WriteStats { bytes: 14, lines: 3, invalid_utf8_at: None });
+        let stats = store
+            .put_stream(
+                "file-a",
+                chunks(&[b"one\ntw\xc3", b"\xa9\nthree"]),
+                limits(100, Some(3)),
+            )
+            .await
+            .unwrap();
+        let expected = WriteStats {
+            bytes: 14,
+            lines: 3,
+            invalid_utf8_at: None,
+            longest_line: 5,
+            longest_line_no: 3,
+        };
+        assert_eq!(stats, expected);
         let mut body = String::new();
-        store.open_read("file-a").await.unwrap().read_to_string(&mut body).await.unwrap();
+        store
+            .open_read("file-a")
+            .await
+            .unwrap()
+            .read_to_string(&mut body)
+            .await
+            .unwrap();
         assert_eq!(body, "one\ntwé\nthree");
         store.delete("file-a").await.unwrap();
-        assert!(matches!(store.open_read("file-a").await, Err(BlobError::NotFound(_))));
+        assert!(matches!(
+            store.open_read("file-a").await,
+            Err(BlobError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
     async fn limits_reject_and_leave_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let too_big = store.put_stream("f1", chunks(&[b"12345", b"6789"]), limits(8, None)).await;
+        let too_big = store
+            .put_stream("f1", chunks(&[b"12345", b"6789"]), limits(8, None))
+            .await;
         assert!(matches!(too_big, Err(BlobError::TooLarge(8))));
-        let too_many = store.put_stream("f2", chunks(&[b"a\nb\nc\n"]), limits(100, Some(2))).await;
+        let too_many = store
+            .put_stream("f2", chunks(&[b"a\nb\nc\n"]), limits(100, Some(2)))
+            .await;
         assert!(matches!(too_many, Err(BlobError::TooManyLines(2))));
-        let not_utf8 = store.put_stream("f3", chunks(&[b"ok\n", b"\xff\n"]), limits(100, None)).await;
+        let not_utf8 = store
+            .put_stream("f3", chunks(&[b"ok\n", b"\xff\n"]), limits(100, None))
+            .await;
         assert!(matches!(not_utf8, Err(BlobError::NotUtf8(3))));
-        let truncated = store.put_stream("f4", chunks(&[b"ok\xc3"]), limits(100, None)).await;
+        let truncated = store
+            .put_stream("f4", chunks(&[b"ok\xc3"]), limits(100, None))
+            .await;
         assert!(matches!(truncated, Err(BlobError::NotUtf8(2))));
-        let lenient = WriteLimits { require_utf8: false, ..limits(100, None) };
-        let noted = store.put_stream("f5", chunks(&[b"ok\n", b"\xff\n"]), lenient).await.unwrap();
+        let lenient = WriteLimits {
+            require_utf8: false,
+            ..limits(100, None)
+        };
+        let noted = store
+            .put_stream("f5", chunks(&[b"ok\n", b"\xff\n"]), lenient)
+            .await
+            .unwrap();
         assert_eq!(noted.invalid_utf8_at, Some(3));
         store.delete("f5").await.unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no partial files may remain");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no partial files may remain"
+        );
+    }
+
+    /// The longest line is measured across chunk boundaries without holding it.
+    #[tokio::test]
+    async fn the_longest_line_is_found_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let stats = store
+            .put_stream(
+                "f",
+                chunks(&[b"ab\nabc", b"def", b"g\n\nxy"]),
+                limits(100, None),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (stats.lines, stats.longest_line, stats.longest_line_no),
+            (4, 7, 2)
+        );
+        let stats = store
+            .put_stream("g", chunks(&[b"a\n", b"abcd"]), limits(100, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            (stats.lines, stats.longest_line, stats.longest_line_no),
+            (2, 4, 2),
+            "a last line without newline"
+        );
+        let stats = store
+            .put_stream("h", chunks(&[b"\n\n"]), limits(100, None))
+            .await
+            .unwrap();
+        assert_eq!((stats.longest_line, stats.longest_line_no), (0, 1));
     }
 
     #[tokio::test]
@@ -282,7 +413,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         for bad in ["../x", "a/b", "", ".hidden"] {
-            assert!(matches!(store.open_read(bad).await, Err(BlobError::InvalidId(_))), "{bad}");
+            assert!(
+                matches!(store.open_read(bad).await, Err(BlobError::InvalidId(_))),
+                "{bad}"
+            );
         }
     }
 }

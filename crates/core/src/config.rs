@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::secret::Secret;
+
 /// Where the default configuration file lives, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 
@@ -48,12 +50,18 @@ pub struct ApiConfig {
     pub port: u16,
     /// Optional bearer key; when set every `/v1` route requires `Authorization: Bearer <key>`.
     /// Set it through `BATCHLAB_API__API_KEY`, not in a file.
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Largest accepted upload in bytes (OpenAI's batch input limit is 200 MB).
     pub max_upload_bytes: u64,
     /// Largest accepted Label Studio webhook body in bytes: a TASKS_CREATED of a big import
     /// carries every task, so this is generous; larger bodies get 413.
     pub max_webhook_bytes: u64,
+    /// Webhook bodies read at once; more concurrent deliveries get 503 with `Retry-After`, so
+    /// that many large bodies cannot exhaust memory together.
+    pub max_concurrent_webhooks: usize,
+    /// Serve on a non-loopback address without an API key or webhook secret. Off by default:
+    /// such a start is refused, naming the missing setting.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +72,8 @@ impl Default for ApiConfig {
             api_key: None,
             max_upload_bytes: 200 * 1024 * 1024,
             max_webhook_bytes: 64 * 1024 * 1024,
+            max_concurrent_webhooks: 64,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -77,13 +87,14 @@ pub struct MlBackendConfig {
     /// Port to bind (4082 by default).
     pub port: u16,
     /// HTTP basic-auth user required on every route when set together with `basic_auth_pass`
-    /// (Label Studio's `BASIC_AUTH` method; environment `BASIC_AUTH_USER`).
+    /// (Label Studio's `BASIC_AUTH` method; environment `BASIC_AUTH_USER`). Setting only one of
+    /// the two is refused at start rather than leaving the service open.
     pub basic_auth_user: Option<String>,
     /// HTTP basic-auth password (environment `BASIC_AUTH_PASS`).
-    pub basic_auth_pass: Option<String>,
-    /// Base URL of batchlab-api, where START_TRAINING and other Label Studio events are handed on
-    /// (Label Studio sends START_TRAINING only to the ML backend).
-    pub api_url: String,
+    pub basic_auth_pass: Option<Secret>,
+    /// Serve on a non-loopback address without basic auth. Off by default: such a start is
+    /// refused, naming the missing settings.
+    pub allow_unauthenticated: bool,
     /// Seconds a `/predict` answers within: tasks finished by then get predictions, the rest an
     /// entry without `result` (Label Studio asks again) while they finish into the cache.
     /// Keep it below Label Studio's `ML_TIMEOUT_PREDICT` (100 s by default).
@@ -99,6 +110,16 @@ pub struct MlBackendConfig {
     pub few_shot_examples: usize,
     /// Predictions kept in memory for the next request (least recently made dropped first).
     pub cache_entries: usize,
+    /// Tasks waiting for or running a prediction at most; a `/predict` that would queue more
+    /// gets 503 with `Retry-After` (Label Studio asks again), so no request grows the queue
+    /// without bound.
+    pub max_pending_tasks: usize,
+    /// Options (`<Choice>`, `<Label>`) one control may list for `/predict`: each option is
+    /// scored by the model, so this bounds one task's work. More is answered 400.
+    pub max_choices: usize,
+    /// Projects whose prompt template and model versions are remembered (least recently
+    /// announced dropped first).
+    pub max_projects: usize,
 }
 
 impl Default for MlBackendConfig {
@@ -108,12 +129,37 @@ impl Default for MlBackendConfig {
             port: 4082,
             basic_auth_user: None,
             basic_auth_pass: None,
-            api_url: "http://127.0.0.1:4080".into(),
+            allow_unauthenticated: false,
             predict_deadline_seconds: 20.0,
             concurrent_tasks: 2,
             text_max_tokens: 48,
             few_shot_examples: 4,
             cache_entries: 100_000,
+            max_pending_tasks: 10_000,
+            max_choices: 1_000,
+            max_projects: 10_000,
+        }
+    }
+}
+
+impl MlBackendConfig {
+    /// The basic-auth user and password when both are set, `None` when neither is, and an
+    /// error naming the missing one when only one is: auth never fails open.
+    pub fn basic_auth(&self) -> Result<Option<(&str, &str)>, ConfigError> {
+        fn set(v: Option<&str>) -> Option<&str> {
+            v.filter(|v| !v.trim().is_empty())
+        }
+        let missing = |set: &str, unset: &str| {
+            Err(ConfigError::Insecure(format!(
+                "{set} is set but {unset} is not: basic auth needs both, and the ML backend will not \
+                 start open when half of it is configured"
+            )))
+        };
+        match (set(self.basic_auth_user.as_deref()), set(self.basic_auth_pass.as_deref())) {
+            (Some(u), Some(p)) => Ok(Some((u, p))),
+            (None, None) => Ok(None),
+            (Some(_), None) => missing("BASIC_AUTH_USER", "BASIC_AUTH_PASS"),
+            (None, Some(_)) => missing("BASIC_AUTH_PASS", "BASIC_AUTH_USER"),
         }
     }
 }
@@ -190,6 +236,11 @@ pub struct EngineSettings {
     pub max_context: usize,
     /// Completion tokens when a request sets no `max_tokens`.
     pub default_max_tokens: usize,
+    /// Largest `max_tokens` / `max_completion_tokens` a request may ask for; more is refused
+    /// as a bad request, so no request holds a generation slot for an unbounded time.
+    pub max_tokens_limit: usize,
+    /// Most chat `messages` in one request (batch line or ML-backend body); more is refused.
+    pub max_messages: usize,
     /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load
     /// (they stay as they are where batchlab's packed kernel runs them, as Q4_K does; other
     /// k-quants become Q8_0 there, for it to run them).
@@ -210,6 +261,8 @@ impl Default for EngineSettings {
             threads: 0,
             max_context: 0,
             default_max_tokens: 256,
+            max_tokens_limit: 4096,
+            max_messages: 4096,
             requantize: true,
             device: "cpu".into(),
         }
@@ -229,6 +282,7 @@ impl EngineSettings {
             max_context: (self.max_context > 0).then_some(self.max_context),
             requantize: self.requantize,
             device: self.device.clone(),
+            limits: batchlab_engine::RequestLimits { max_messages: self.max_messages, ..Default::default() },
         }
     }
 }
@@ -241,11 +295,17 @@ pub struct BatchLimits {
     pub max_input_bytes: u64,
     /// Most request lines in one batch input file.
     pub max_lines: u64,
+    /// Longest request line in bytes (newline excluded): longer lines are refused at upload, and
+    /// a worker reads at most this much of one (the line becomes a `line_too_long` error line).
+    pub max_line_bytes: u64,
+    /// Times a worker may fail to process a batch (database or disk errors) before the batch
+    /// ends `failed`, so one batch that cannot run never holds up the queue.
+    pub max_attempts: u32,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        Self { max_input_bytes: 200 * 1024 * 1024, max_lines: 50_000 }
+        Self { max_input_bytes: 200 * 1024 * 1024, max_lines: 50_000, max_line_bytes: 2 * 1024 * 1024, max_attempts: 3 }
     }
 }
 
@@ -256,12 +316,12 @@ pub struct LabelStudioConfig {
     /// Label Studio's base URL (environment `LABEL_STUDIO_URL`).
     pub url: String,
     /// A legacy token or a personal access token (environment `LABEL_STUDIO_API_KEY`).
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Header Label Studio must send with every webhook delivery when `webhook_secret` is set.
     pub webhook_secret_header: String,
     /// Shared secret expected in `webhook_secret_header`; unset accepts deliveries without it.
     /// Set it through `BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET`, not in a file.
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<Secret>,
     /// Tasks per request when importing into Label Studio.
     pub import_chunk_size: usize,
     /// Seconds to wait for one Label Studio REST call.
@@ -308,6 +368,28 @@ pub enum ConfigError {
     /// A value has the wrong type, a key is unknown, or a file does not parse.
     #[error("invalid configuration: {0}")]
     Invalid(#[from] Box<figment::Error>),
+    /// The settings would leave a service open that must not be (see [`Config::check_security`]).
+    #[error("refusing to start: {0}")]
+    Insecure(String),
+}
+
+/// The network services whose start [`Config::check_security`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// batchlab-api: the API key and the webhook secret.
+    Api,
+    /// batchlab-ml-backend: basic auth.
+    MlBackend,
+}
+
+/// Whether `host` (an address or a name to bind) reaches only this machine.
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_set(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.trim().is_empty())
 }
 
 /// `<PREFIX><SECTION>__<KEY>` variables. Every setting lives in a section, so variables without
@@ -388,6 +470,49 @@ impl Config {
         figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
+    /// Refuses settings that leave `service` open: basic auth half configured (one of user and
+    /// password set), or a non-loopback bind without the service's credentials unless its
+    /// `allow_unauthenticated` says so. The message names the missing settings.
+    pub fn check_security(&self, service: Service) -> Result<(), ConfigError> {
+        let refuse = |m: String| Err(ConfigError::Insecure(m));
+        match service {
+            Service::Api => {
+                let api = &self.api;
+                if is_loopback(&api.host) || api.allow_unauthenticated {
+                    return Ok(());
+                }
+                let mut missing = Vec::new();
+                if !is_set(api.api_key.as_deref()) {
+                    missing.push("the API key (BATCHLAB_API__API_KEY)");
+                }
+                if !is_set(self.label_studio.webhook_secret.as_deref()) {
+                    missing.push("the webhook secret (BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET)");
+                }
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                refuse(format!(
+                    "batchlab-api would listen on {} without {}; set it, bind to 127.0.0.1, or set \
+                     BATCHLAB_API__ALLOW_UNAUTHENTICATED=true to serve unauthenticated on purpose",
+                    api.host,
+                    missing.join(" and ")
+                ))
+            }
+            Service::MlBackend => {
+                let ml = &self.ml_backend;
+                if ml.basic_auth()?.is_some() || is_loopback(&ml.host) || ml.allow_unauthenticated {
+                    return Ok(());
+                }
+                refuse(format!(
+                    "batchlab-ml-backend would listen on {} without basic auth; set BASIC_AUTH_USER and \
+                     BASIC_AUTH_PASS, bind to 127.0.0.1, or set BATCHLAB_ML_BACKEND__ALLOW_UNAUTHENTICATED=true \
+                     to serve unauthenticated on purpose",
+                    ml.host
+                ))
+            }
+        }
+    }
+
     /// The worker id to use: the configured one, or one made from host name, pid and randomness.
     pub fn worker_id(&self) -> String {
         if !self.worker.id.is_empty() {
@@ -454,6 +579,65 @@ mod tests {
             assert_eq!(c.api.api_key.as_deref(), Some("0123"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut c = Config::default();
+        c.api.api_key = Some("api-hunter2".into());
+        c.ml_backend.basic_auth_pass = Some("ml-hunter2".into());
+        c.label_studio.api_key = Some("ls-hunter2".into());
+        c.label_studio.webhook_secret = Some("hook-hunter2".into());
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("***"));
+    }
+
+    #[test]
+    fn half_configured_basic_auth_refuses_to_start() {
+        let mut c = Config::default();
+        c.ml_backend.basic_auth_user = Some("ml".into());
+        let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
+        assert!(err.contains("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is not"), "{err}");
+        c.ml_backend.basic_auth_user = None;
+        c.ml_backend.basic_auth_pass = Some("pw".into());
+        let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
+        assert!(err.contains("BASIC_AUTH_PASS is set but BASIC_AUTH_USER is not"), "{err}");
+        c.ml_backend.basic_auth_user = Some("  ".into());
+        assert!(c.check_security(Service::MlBackend).is_err(), "a blank user is no user");
+        c.ml_backend.basic_auth_user = Some("ml".into());
+        assert!(c.check_security(Service::MlBackend).is_ok());
+    }
+
+    #[test]
+    fn non_loopback_binds_need_credentials_or_an_explicit_opt_out() {
+        let mut c = Config::default();
+        assert!(c.check_security(Service::Api).is_ok() && c.check_security(Service::MlBackend).is_ok(), "loopback defaults");
+        for host in ["0.0.0.0", "::", "192.0.2.7", "api.example"] {
+            c.api.host = host.into();
+            c.ml_backend.host = host.into();
+            let err = c.check_security(Service::Api).unwrap_err().to_string();
+            assert!(err.contains("BATCHLAB_API__API_KEY") && err.contains("BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET"), "{err}");
+            let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
+            assert!(err.contains("BASIC_AUTH_USER and BASIC_AUTH_PASS"), "{err}");
+        }
+        c.api.api_key = Some("k".into());
+        let err = c.check_security(Service::Api).unwrap_err().to_string();
+        assert!(!err.contains("BATCHLAB_API__API_KEY") && err.contains("WEBHOOK_SECRET"), "{err}");
+        c.label_studio.webhook_secret = Some("s".into());
+        assert!(c.check_security(Service::Api).is_ok());
+        c.api.api_key = None;
+        c.api.allow_unauthenticated = true;
+        assert!(c.check_security(Service::Api).is_ok());
+        c.ml_backend.allow_unauthenticated = true;
+        assert!(c.check_security(Service::MlBackend).is_ok());
+        c.ml_backend.allow_unauthenticated = false;
+        c.ml_backend.basic_auth_user = Some("ml".into());
+        c.ml_backend.basic_auth_pass = Some("pw".into());
+        assert!(c.check_security(Service::MlBackend).is_ok());
+        for host in ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"] {
+            assert!(is_loopback(host), "{host}");
+        }
     }
 
     #[test]

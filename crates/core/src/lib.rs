@@ -9,6 +9,7 @@ pub mod labelstudio;
 pub mod openai;
 pub mod predict;
 pub mod runner;
+pub mod secret;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

@@ -3,16 +3,27 @@
 
 use std::collections::HashSet;
 
-use batchlab_engine::{ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, FinishReason, SamplingParams, TopLogprob};
+use batchlab_engine::{
+    ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, FinishReason,
+    SamplingParams, TopLogprob,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::config::EngineSettings;
 use crate::store::{BatchRecord, FileRecord};
 
 /// Endpoints a batch may target.
 pub const BATCH_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
 /// File purposes accepted on upload.
-pub const UPLOAD_PURPOSES: [&str; 6] = ["assistants", "batch", "fine-tune", "vision", "user_data", "evals"];
+pub const UPLOAD_PURPOSES: [&str; 6] = [
+    "assistants",
+    "batch",
+    "fine-tune",
+    "vision",
+    "user_data",
+    "evals",
+];
 /// The only completion window OpenAI accepts.
 pub const COMPLETION_WINDOW: &str = "24h";
 /// `24h` in seconds.
@@ -66,7 +77,10 @@ pub fn batch_object(b: &BatchRecord) -> Value {
         .as_deref()
         .and_then(|e| serde_json::from_str::<Value>(e).ok())
         .map(|data| json!({"object": "list", "data": data}));
-    let metadata = b.metadata.as_deref().and_then(|m| serde_json::from_str::<Value>(m).ok());
+    let metadata = b
+        .metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str::<Value>(m).ok());
     json!({
         "id": b.id,
         "object": "batch",
@@ -117,14 +131,19 @@ pub fn validate_metadata(metadata: &Value) -> Result<(), String> {
         return Err("metadata must be an object of string keys and string values".into());
     };
     if map.len() > 16 {
-        return Err(format!("metadata may hold at most 16 pairs, got {}", map.len()));
+        return Err(format!(
+            "metadata may hold at most 16 pairs, got {}",
+            map.len()
+        ));
     }
     for (k, v) in map {
         let Some(v) = v.as_str() else {
             return Err(format!("metadata value of {k:?} must be a string"));
         };
         if k.chars().count() > 64 || v.chars().count() > 512 {
-            return Err(format!("metadata key {k:?}: keys may be 64 and values 512 characters long at most"));
+            return Err(format!(
+                "metadata key {k:?}: keys may be 64 and values 512 characters long at most"
+            ));
         }
     }
     Ok(())
@@ -143,7 +162,11 @@ pub struct LineError {
 
 impl LineError {
     fn new(code: &'static str, message: impl Into<String>, custom_id: Option<String>) -> Self {
-        Self { code, message: message.into(), custom_id }
+        Self {
+            code,
+            message: message.into(),
+            custom_id,
+        }
     }
 }
 
@@ -167,31 +190,94 @@ pub enum EngineCall {
     Completion(CompletionRequest),
 }
 
+/// Defaults and bounds applied while parsing a request body (a batch line's or the ML
+/// backend's): they keep one request from asking the engine for unbounded work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// `max_tokens` for bodies that set none (capped at `max_tokens_limit`).
+    pub default_max_tokens: usize,
+    /// Largest `max_tokens` / `max_completion_tokens` a body may ask for; more is refused.
+    pub max_tokens_limit: usize,
+    /// Most chat `messages` one body may hold; more is refused before any is converted.
+    pub max_messages: usize,
+}
+
+impl BodyLimits {
+    /// The limits the engine settings configure (`[engine]` in the configuration).
+    pub fn from_settings(settings: &EngineSettings) -> BodyLimits {
+        BodyLimits {
+            default_max_tokens: settings.default_max_tokens,
+            max_tokens_limit: settings.max_tokens_limit,
+            max_messages: settings.max_messages,
+        }
+    }
+}
+
+impl Default for BodyLimits {
+    /// The limits of the default configuration.
+    fn default() -> Self {
+        BodyLimits::from_settings(&EngineSettings::default())
+    }
+}
+
 /// Validates one input line against the batch's endpoint. `seen` collects `custom_id`s so a
-/// duplicate is caught; `default_max_tokens` applies when the body sets none.
+/// duplicate is caught; `limits` supply the default `max_tokens` and bound the body.
+///
+/// A `custom_id` holding U+0000 is refused (`invalid_custom_id`): PostgreSQL text cannot store
+/// it, and OpenAI would reject such an input as invalid too.
 pub fn parse_request_line(
     line: &str,
     endpoint: &str,
     seen: &mut HashSet<String>,
-    default_max_tokens: usize,
+    limits: &BodyLimits,
 ) -> Result<RequestLine, LineError> {
-    let value: Value = serde_json::from_str(line)
-        .map_err(|e| LineError::new("invalid_json_line", format!("line is not valid JSON: {e}"), None))?;
-    let Some(obj) = value.as_object() else {
-        return Err(LineError::new("invalid_json_line", "line must be a JSON object", None));
+    let value: Value = serde_json::from_str(line).map_err(|e| {
+        LineError::new(
+            "invalid_json_line",
+            format!("line is not valid JSON: {e}"),
+            None,
+        )
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(LineError::new(
+            "invalid_json_line",
+            "line must be a JSON object",
+            None,
+        ));
     };
-    let custom_id = match obj.get("custom_id") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => return Err(LineError::new("missing_custom_id", "line has no string custom_id", None)),
+    let custom_id = match obj.remove("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s,
+        _ => {
+            return Err(LineError::new(
+                "missing_custom_id",
+                "line has no string custom_id",
+                None,
+            ))
+        }
     };
     let cid = Some(custom_id.clone());
+    if custom_id.contains('\0') {
+        return Err(LineError::new(
+            "invalid_custom_id",
+            "custom_id must not contain the NUL character (U+0000)",
+            cid,
+        ));
+    }
     if seen.contains(&custom_id) {
-        return Err(LineError::new("duplicate_custom_id", format!("custom_id {custom_id:?} appears more than once"), cid));
+        return Err(LineError::new(
+            "duplicate_custom_id",
+            format!("custom_id {custom_id:?} appears more than once"),
+            cid,
+        ));
     }
     match obj.get("method").and_then(Value::as_str) {
         Some("POST") => {}
         other => {
-            return Err(LineError::new("invalid_method", format!("method must be \"POST\", got {other:?}"), cid));
+            return Err(LineError::new(
+                "invalid_method",
+                format!("method must be \"POST\", got {other:?}"),
+                cid,
+            ));
         }
     }
     let url = obj.get("url").and_then(Value::as_str).unwrap_or_default();
@@ -202,15 +288,19 @@ pub fn parse_request_line(
             cid,
         ));
     }
-    let body = obj.get("body").cloned().unwrap_or(Value::Null);
+    let body = obj.remove("body").unwrap_or(Value::Null);
     let parsed = match endpoint {
-        "/v1/chat/completions" => parse_chat_body(body, default_max_tokens),
-        "/v1/completions" => parse_completion_body(body, default_max_tokens),
+        "/v1/chat/completions" => parse_chat_body(body, limits),
+        "/v1/completions" => parse_completion_body(body, limits),
         other => Err(format!("unsupported endpoint {other}")),
     };
     let (request, model) = parsed.map_err(|m| LineError::new("invalid_body", m, cid.clone()))?;
     seen.insert(custom_id.clone());
-    Ok(RequestLine { custom_id, request, model })
+    Ok(RequestLine {
+        custom_id,
+        request,
+        model,
+    })
 }
 
 #[derive(Deserialize)]
@@ -264,9 +354,10 @@ impl SamplingFields {
                     Some(other) => return Err(format!("logprobs must be a boolean, got {other}")),
                 };
                 match self.top_logprobs {
-                    Some(k) if k > batchlab_engine::MAX_TOP_LOGPROBS as u64 => {
-                        Err(format!("top_logprobs must be between 0 and {}, got {k}", batchlab_engine::MAX_TOP_LOGPROBS))
-                    }
+                    Some(k) if k > batchlab_engine::MAX_TOP_LOGPROBS as u64 => Err(format!(
+                        "top_logprobs must be between 0 and {}, got {k}",
+                        batchlab_engine::MAX_TOP_LOGPROBS
+                    )),
                     Some(_) if !on => Err("top_logprobs requires logprobs to be true".into()),
                     k => Ok(on.then_some(k.unwrap_or(0) as usize)),
                 }
@@ -275,7 +366,9 @@ impl SamplingFields {
                 None | Some(Value::Null) => Ok(None),
                 Some(v) => match v.as_u64() {
                     Some(k) if k <= 5 => Ok(Some(k as usize)),
-                    _ => Err(format!("logprobs must be an integer between 0 and 5, got {v}")),
+                    _ => Err(format!(
+                        "logprobs must be an integer between 0 and 5, got {v}"
+                    )),
                 },
             },
         }
@@ -306,7 +399,10 @@ impl SamplingFields {
             },
         }
         if let Some(schema) = &self.guided_json {
-            found.push(("guided_json", Constraint::JsonSchema(json_schema(schema, "guided_json")?)));
+            found.push((
+                "guided_json",
+                Constraint::JsonSchema(json_schema(schema, "guided_json")?),
+            ));
         }
         if let Some(rx) = &self.guided_regex {
             found.push(("guided_regex", Constraint::Regex(rx.clone())));
@@ -345,12 +441,20 @@ impl SamplingFields {
             0 | 1 => Ok(found.pop().map(|(_, c)| c)),
             _ => Err(format!(
                 "give one output constraint, not several: {}",
-                found.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
     }
 
-    fn into_params(self, default_max_tokens: usize, endpoint: Endpoint) -> Result<(SamplingParams, Option<String>), String> {
+    fn into_params(
+        self,
+        limits: &BodyLimits,
+        endpoint: Endpoint,
+    ) -> Result<(SamplingParams, Option<String>), String> {
         let logprobs = self.logprobs(endpoint)?;
         let constraint = self.constraint()?;
         if self.stream == Some(true) {
@@ -361,14 +465,35 @@ impl SamplingFields {
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(format!("temperature must be between 0 and 2, got {temperature}"));
+            return Err(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
                 return Err(format!("top_p must be in (0, 1], got {p}"));
             }
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens).map(|m| m as usize).unwrap_or(default_max_tokens);
+        for (field, asked) in [
+            ("max_completion_tokens", self.max_completion_tokens),
+            ("max_tokens", self.max_tokens),
+        ] {
+            match asked {
+                Some(n) if n > limits.max_tokens_limit as u64 => {
+                    return Err(format!(
+                        "{field} {n} exceeds this server's limit of {}",
+                        limits.max_tokens_limit
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let default = limits.default_max_tokens.min(limits.max_tokens_limit);
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .map(|m| m as usize)
+            .unwrap_or(default);
         if max_tokens == 0 {
             return Err("max_tokens must be at least 1".into());
         }
@@ -395,7 +520,9 @@ impl SamplingFields {
 /// A JSON schema as a body gives it: an object (or a boolean), or the same as a JSON string.
 fn json_schema(value: &Value, field: &str) -> Result<Value, String> {
     let schema = match value {
-        Value::String(text) => serde_json::from_str(text).map_err(|e| format!("{field} is not valid JSON: {e}"))?,
+        Value::String(text) => {
+            serde_json::from_str(text).map_err(|e| format!("{field} is not valid JSON: {e}"))?
+        }
         other => other.clone(),
     };
     if schema.is_object() || schema.is_boolean() {
@@ -405,16 +532,24 @@ fn json_schema(value: &Value, field: &str) -> Result<Value, String> {
     }
 }
 
-fn message_content(content: &Value) -> Result<String, String> {
+/// A message's text, moved out of the parsed body (the text is not copied when it is one string
+/// or one text part).
+fn message_content(content: Value) -> Result<String, String> {
     match content {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => Ok(s),
         Value::Null => Ok(String::new()),
         Value::Array(parts) => {
             let mut text = String::new();
-            for part in parts {
-                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(format!("content part of type {kind:?} is not supported; only text")),
+            for mut part in parts {
+                let part_text = part.get_mut("text").map(Value::take);
+                match (part.get("type").and_then(Value::as_str), part_text) {
+                    (Some("text"), Some(Value::String(t))) if text.is_empty() => text = t,
+                    (Some("text"), Some(Value::String(t))) => text.push_str(&t),
+                    (kind, _) => {
+                        return Err(format!(
+                            "content part of type {kind:?} is not supported; only text"
+                        ))
+                    }
                 }
             }
             Ok(text)
@@ -423,41 +558,78 @@ fn message_content(content: &Value) -> Result<String, String> {
     }
 }
 
-/// Validates a `/v1/chat/completions` body.
-pub fn parse_chat_body(body: Value, default_max_tokens: usize) -> Result<(EngineCall, Option<String>), String> {
-    let Some(obj) = body.as_object() else {
+/// Validates a `/v1/chat/completions` body, moving the message texts out of it. At most
+/// `limits.max_messages` messages are accepted, and `max_tokens` is bounded (see [`BodyLimits`]).
+pub fn parse_chat_body(
+    mut body: Value,
+    limits: &BodyLimits,
+) -> Result<(EngineCall, Option<String>), String> {
+    let Some(obj) = body.as_object_mut() else {
         return Err("body must be a JSON object".into());
     };
-    let messages = obj.get("messages").and_then(Value::as_array).ok_or("body.messages must be an array")?;
+    let Some(Value::Array(messages)) = obj.remove("messages") else {
+        return Err("body.messages must be an array".into());
+    };
     if messages.is_empty() {
         return Err("body.messages must not be empty".into());
     }
+    if messages.len() > limits.max_messages {
+        return Err(format!(
+            "body.messages holds {} messages; this server accepts {} at most",
+            messages.len(),
+            limits.max_messages
+        ));
+    }
     let mut out = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).ok_or(format!("messages[{i}].role is missing"))?;
+    for (i, mut m) in messages.into_iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or(format!("messages[{i}].role is missing"))?;
         if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
             return Err(format!("messages[{i}].role {role:?} is not a known role"));
         }
-        let role = if role == "developer" { "system" } else { role };
-        let content = message_content(m.get("content").unwrap_or(&Value::Null)).map_err(|e| format!("messages[{i}]: {e}"))?;
-        out.push(ChatMessage { role: role.to_string(), content });
+        let role = if role == "developer" { "system" } else { role }.to_string();
+        let content = m.get_mut("content").map(Value::take).unwrap_or(Value::Null);
+        let content = message_content(content).map_err(|e| format!("messages[{i}]: {e}"))?;
+        out.push(ChatMessage { role, content });
     }
-    let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
-    let (params, model) = fields.into_params(default_max_tokens, Endpoint::Chat)?;
-    Ok((EngineCall::Chat(ChatRequest { messages: out, params }), model))
+    let fields: SamplingFields =
+        serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
+    let (params, model) = fields.into_params(limits, Endpoint::Chat)?;
+    Ok((
+        EngineCall::Chat(ChatRequest {
+            messages: out,
+            params,
+        }),
+        model,
+    ))
 }
 
-/// Validates a `/v1/completions` body.
-pub fn parse_completion_body(body: Value, default_max_tokens: usize) -> Result<(EngineCall, Option<String>), String> {
-    let prompt = match body.get("prompt") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Some(Value::Array(_)) => return Err("prompt must be one string (arrays of prompts are not supported)".into()),
+/// Validates a `/v1/completions` body, moving the prompt out of it; `max_tokens` is bounded
+/// (see [`BodyLimits`]).
+pub fn parse_completion_body(
+    mut body: Value,
+    limits: &BodyLimits,
+) -> Result<(EngineCall, Option<String>), String> {
+    let prompt = match body.as_object_mut().and_then(|o| o.remove("prompt")) {
+        Some(Value::String(s)) => s,
+        Some(Value::Array(mut a)) if a.len() == 1 && a[0].is_string() => match a.pop() {
+            Some(Value::String(s)) => s,
+            _ => unreachable!("checked to be one string"),
+        },
+        Some(Value::Array(_)) => {
+            return Err("prompt must be one string (arrays of prompts are not supported)".into())
+        }
         _ => return Err("body.prompt must be a string".into()),
     };
-    let fields: SamplingFields = serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
-    let (params, model) = fields.into_params(default_max_tokens, Endpoint::Completions)?;
-    Ok((EngineCall::Completion(CompletionRequest { prompt, params }), model))
+    let fields: SamplingFields =
+        serde_json::from_value(body).map_err(|e| format!("invalid body: {e}"))?;
+    let (params, model) = fields.into_params(limits, Endpoint::Completions)?;
+    Ok((
+        EngineCall::Completion(CompletionRequest { prompt, params }),
+        model,
+    ))
 }
 
 fn finish_reason(r: FinishReason) -> &'static str {
@@ -482,8 +654,11 @@ fn token_text(t: &TopLogprob) -> String {
 
 /// `choices[].logprobs` of a chat completion: `{content: [{token, logprob, bytes, top_logprobs}]}`.
 fn chat_logprobs(c: &Completion) -> Value {
-    let Some(tokens) = &c.logprobs else { return Value::Null };
-    let entry = |t: &TopLogprob| json!({"token": token_text(t), "logprob": t.logprob, "bytes": t.bytes});
+    let Some(tokens) = &c.logprobs else {
+        return Value::Null;
+    };
+    let entry =
+        |t: &TopLogprob| json!({"token": token_text(t), "logprob": t.logprob, "bytes": t.bytes});
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {
@@ -498,8 +673,14 @@ fn chat_logprobs(c: &Completion) -> Value {
 /// `choices[].logprobs` of a legacy completion: parallel `tokens`, `token_logprobs`,
 /// `top_logprobs` (text to log-probability) and `text_offset` (in characters, as OpenAI counts).
 fn completion_logprobs(c: &Completion) -> Value {
-    let Some(tokens) = &c.logprobs else { return Value::Null };
-    let char_offset = |byte: usize| c.text.get(..byte).map_or(c.text.chars().count(), |s| s.chars().count());
+    let Some(tokens) = &c.logprobs else {
+        return Value::Null;
+    };
+    let char_offset = |byte: usize| {
+        c.text
+            .get(..byte)
+            .map_or(c.text.chars().count(), |s| s.chars().count())
+    };
     json!({
         "tokens": tokens.iter().map(|t| token_text(&t.token)).collect::<Vec<_>>(),
         "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
@@ -572,8 +753,16 @@ pub fn batch_error(code: &str, message: &str, line: Option<i64>) -> Value {
 mod tests {
     use super::*;
 
+    fn limits() -> BodyLimits {
+        BodyLimits {
+            default_max_tokens: 16,
+            max_tokens_limit: 4096,
+            max_messages: 8,
+        }
+    }
+
     fn parse(line: &str, seen: &mut HashSet<String>) -> Result<RequestLine, LineError> {
-        parse_request_line(line, "/v1/chat/completions", seen, 16)
+        parse_request_line(line, "/v1/chat/completions", seen, &limits())
     }
 
     #[test]
@@ -583,7 +772,9 @@ mod tests {
         let r = parse(line, &mut seen).unwrap();
         assert_eq!(r.custom_id, "a");
         assert_eq!(r.model.as_deref(), Some("m"));
-        let EngineCall::Chat(chat) = r.request else { panic!("chat expected") };
+        let EngineCall::Chat(chat) = r.request else {
+            panic!("chat expected")
+        };
         assert_eq!(chat.messages.len(), 2);
         assert_eq!(chat.messages[1].content, "Hi");
         assert_eq!(chat.params.max_tokens, Some(7));
@@ -602,11 +793,26 @@ mod tests {
             ("[1]", "invalid_json_line"),
             (r#"{"method":"POST"}"#, "missing_custom_id"),
             (ok, "duplicate_custom_id"),
-            (r#"{"custom_id":"b","method":"GET","url":"/v1/chat/completions","body":{}}"#, "invalid_method"),
-            (r#"{"custom_id":"c","method":"POST","url":"/v1/completions","body":{}}"#, "mismatched_url"),
-            (r#"{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}"#, "invalid_body"),
-            (r#"{"custom_id":"e","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"stream":true}}"#, "invalid_body"),
-            (r#"{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"temperature":3}}"#, "invalid_body"),
+            (
+                r#"{"custom_id":"b","method":"GET","url":"/v1/chat/completions","body":{}}"#,
+                "invalid_method",
+            ),
+            (
+                r#"{"custom_id":"c","method":"POST","url":"/v1/completions","body":{}}"#,
+                "mismatched_url",
+            ),
+            (
+                r#"{"custom_id":"d","method":"POST","url":"/v1/chat/completions","body":{"messages":[]}}"#,
+                "invalid_body",
+            ),
+            (
+                r#"{"custom_id":"e","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"stream":true}}"#,
+                "invalid_body",
+            ),
+            (
+                r#"{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}],"temperature":3}}"#,
+                "invalid_body",
+            ),
         ];
         for (line, code) in cases {
             assert_eq!(parse(line, &mut seen).unwrap_err().code, code, "{line}");
@@ -617,33 +823,45 @@ mod tests {
 
     #[test]
     fn completion_bodies_take_one_prompt() {
-        let (call, _) = parse_completion_body(json!({"prompt": ["Once"], "max_tokens": 5}), 16).unwrap();
-        let EngineCall::Completion(c) = call else { panic!() };
+        let (call, _) =
+            parse_completion_body(json!({"prompt": ["Once"], "max_tokens": 5}), &limits()).unwrap();
+        let EngineCall::Completion(c) = call else {
+            panic!()
+        };
         assert_eq!(c.prompt, "Once");
-        assert!(parse_completion_body(json!({"prompt": ["a", "b"]}), 16).is_err());
+        assert!(parse_completion_body(json!({"prompt": ["a", "b"]}), &limits()).is_err());
     }
 
     #[test]
     fn logprobs_fields_follow_each_endpoint() {
         let chat = |extra: Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
-            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            parse_chat_body(body, 16).map(|(call, _)| match call {
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse_chat_body(body, &limits()).map(|(call, _)| match call {
                 EngineCall::Chat(c) => c.params.logprobs,
                 EngineCall::Completion(_) => unreachable!(),
             })
         };
         assert_eq!(chat(json!({})).unwrap(), None);
         assert_eq!(chat(json!({"logprobs": true})).unwrap(), Some(0));
-        assert_eq!(chat(json!({"logprobs": true, "top_logprobs": 20})).unwrap(), Some(20));
+        assert_eq!(
+            chat(json!({"logprobs": true, "top_logprobs": 20})).unwrap(),
+            Some(20)
+        );
         assert_eq!(chat(json!({"logprobs": false})).unwrap(), None);
         assert!(chat(json!({"logprobs": true, "top_logprobs": 21})).is_err());
         assert!(chat(json!({"top_logprobs": 2})).is_err());
         assert!(chat(json!({"logprobs": 3})).is_err());
-        let completion = |lp: Value| parse_completion_body(json!({"prompt": "a", "logprobs": lp}), 16).map(|(c, _)| match c {
-            EngineCall::Completion(c) => c.params.logprobs,
-            EngineCall::Chat(_) => unreachable!(),
-        });
+        let completion = |lp: Value| {
+            parse_completion_body(json!({"prompt": "a", "logprobs": lp}), &limits()).map(
+                |(c, _)| match c {
+                    EngineCall::Completion(c) => c.params.logprobs,
+                    EngineCall::Chat(_) => unreachable!(),
+                },
+            )
+        };
         assert_eq!(completion(json!(3)).unwrap(), Some(3));
         assert_eq!(completion(Value::Null).unwrap(), None);
         assert!(completion(json!(6)).is_err());
@@ -654,15 +872,27 @@ mod tests {
     /// completions, with text offsets in characters.
     #[test]
     fn logprobs_are_written_in_openai_shapes() {
-        let top = |id: u32, text: &str, logprob: f32| TopLogprob { id, bytes: text.as_bytes().to_vec(), logprob };
+        let top = |id: u32, text: &str, logprob: f32| TopLogprob {
+            id,
+            bytes: text.as_bytes().to_vec(),
+            logprob,
+        };
         let c = Completion {
             text: "é ok".into(),
             finish_reason: FinishReason::Stop,
             prompt_tokens: 3,
             completion_tokens: 2,
             logprobs: Some(vec![
-                batchlab_engine::TokenLogprob { token: top(7, "é", -0.5), text_offset: 0, top: vec![top(7, "é", -0.5), top(9, "e", -1.5)] },
-                batchlab_engine::TokenLogprob { token: top(8, " ok", -0.25), text_offset: 2, top: vec![] },
+                batchlab_engine::TokenLogprob {
+                    token: top(7, "é", -0.5),
+                    text_offset: 0,
+                    top: vec![top(7, "é", -0.5), top(9, "e", -1.5)],
+                },
+                batchlab_engine::TokenLogprob {
+                    token: top(8, " ok", -0.25),
+                    text_offset: 2,
+                    top: vec![],
+                },
             ]),
         };
         let chat = chat_completion_object("id", "m", 0, &c);
@@ -678,31 +908,63 @@ mod tests {
         assert_eq!(lp["token_logprobs"], json!([-0.5, -0.25]));
         assert_eq!(lp["top_logprobs"][0]["e"], json!(-1.5));
         assert_eq!(lp["text_offset"], json!([0, 1]));
-        let plain = Completion { logprobs: None, ..c };
-        assert_eq!(chat_completion_object("id", "m", 0, &plain)["choices"][0]["logprobs"], Value::Null);
+        let plain = Completion {
+            logprobs: None,
+            ..c
+        };
+        assert_eq!(
+            chat_completion_object("id", "m", 0, &plain)["choices"][0]["logprobs"],
+            Value::Null
+        );
     }
 
     #[test]
     fn output_constraints_come_from_response_format_or_vllm_fields() {
         let constraint = |extra: Value| {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
-            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            parse_chat_body(body, 16).map(|(c, _)| match c {
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            parse_chat_body(body, &limits()).map(|(c, _)| match c {
                 EngineCall::Chat(c) => c.params.constraint,
                 EngineCall::Completion(_) => unreachable!(),
             })
         };
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
         assert_eq!(constraint(json!({})).unwrap(), None);
-        assert_eq!(constraint(json!({"response_format": {"type": "text"}})).unwrap(), None);
-        assert_eq!(constraint(json!({"response_format": {"type": "json_object"}})).unwrap(), Some(Constraint::JsonObject));
+        assert_eq!(
+            constraint(json!({"response_format": {"type": "text"}})).unwrap(),
+            None
+        );
+        assert_eq!(
+            constraint(json!({"response_format": {"type": "json_object"}})).unwrap(),
+            Some(Constraint::JsonObject)
+        );
         let rf = json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}});
-        assert_eq!(constraint(rf).unwrap(), Some(Constraint::JsonSchema(schema.clone())));
-        assert_eq!(constraint(json!({"guided_json": schema.to_string()})).unwrap(), Some(Constraint::JsonSchema(schema.clone())));
-        assert_eq!(constraint(json!({"guided_regex": "[0-9]+"})).unwrap(), Some(Constraint::Regex("[0-9]+".into())));
-        assert_eq!(constraint(json!({"guided_choice": ["a", "b"]})).unwrap(), Some(Constraint::Choice(vec!["a".into(), "b".into()])));
-        assert_eq!(constraint(json!({"structured_outputs": {"choice": ["a"]}})).unwrap(), Some(Constraint::Choice(vec!["a".into()])));
-        assert_eq!(constraint(json!({"structured_outputs": {"grammar": "start: \"x\""}})).unwrap(), Some(Constraint::Lark("start: \"x\"".into())));
+        assert_eq!(
+            constraint(rf).unwrap(),
+            Some(Constraint::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            constraint(json!({"guided_json": schema.to_string()})).unwrap(),
+            Some(Constraint::JsonSchema(schema.clone()))
+        );
+        assert_eq!(
+            constraint(json!({"guided_regex": "[0-9]+"})).unwrap(),
+            Some(Constraint::Regex("[0-9]+".into()))
+        );
+        assert_eq!(
+            constraint(json!({"guided_choice": ["a", "b"]})).unwrap(),
+            Some(Constraint::Choice(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            constraint(json!({"structured_outputs": {"choice": ["a"]}})).unwrap(),
+            Some(Constraint::Choice(vec!["a".into()]))
+        );
+        assert_eq!(
+            constraint(json!({"structured_outputs": {"grammar": "start: \"x\""}})).unwrap(),
+            Some(Constraint::Lark("start: \"x\"".into()))
+        );
         for bad in [
             json!({"response_format": {"type": "xml"}}),
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
@@ -713,9 +975,109 @@ mod tests {
         ] {
             assert!(constraint(bad.clone()).is_err(), "{bad}");
         }
-        let (call, _) = parse_completion_body(json!({"prompt": "a", "guided_choice": ["yes", "no"]}), 16).unwrap();
-        let EngineCall::Completion(c) = call else { unreachable!() };
-        assert_eq!(c.params.constraint, Some(Constraint::Choice(vec!["yes".into(), "no".into()])));
+        let (call, _) = parse_completion_body(
+            json!({"prompt": "a", "guided_choice": ["yes", "no"]}),
+            &limits(),
+        )
+        .unwrap();
+        let EngineCall::Completion(c) = call else {
+            unreachable!()
+        };
+        assert_eq!(
+            c.params.constraint,
+            Some(Constraint::Choice(vec!["yes".into(), "no".into()]))
+        );
+    }
+
+    /// `max_tokens` and `max_completion_tokens` are bounded by the server's limit, named in the
+    /// error; the default never exceeds it.
+    #[test]
+    fn max_tokens_above_the_limit_is_refused_naming_it() {
+        let body = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "x"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            body
+        };
+        let err =
+            parse_chat_body(body(json!({"max_tokens": 1_000_000_000})), &limits()).unwrap_err();
+        assert_eq!(
+            err,
+            "max_tokens 1000000000 exceeds this server's limit of 4096"
+        );
+        let err =
+            parse_chat_body(body(json!({"max_completion_tokens": 4097})), &limits()).unwrap_err();
+        assert_eq!(
+            err,
+            "max_completion_tokens 4097 exceeds this server's limit of 4096"
+        );
+        let err = parse_completion_body(json!({"prompt": "a", "max_tokens": 5000}), &limits())
+            .unwrap_err();
+        assert!(err.contains("limit of 4096"), "{err}");
+        let (call, _) = parse_chat_body(body(json!({"max_tokens": 4096})), &limits()).unwrap();
+        let EngineCall::Chat(c) = call else {
+            unreachable!()
+        };
+        assert_eq!(c.params.max_tokens, Some(4096));
+        let small = BodyLimits {
+            default_max_tokens: 256,
+            max_tokens_limit: 100,
+            max_messages: 8,
+        };
+        let (call, _) = parse_chat_body(body(json!({})), &small).unwrap();
+        let EngineCall::Chat(c) = call else {
+            unreachable!()
+        };
+        assert_eq!(
+            c.params.max_tokens,
+            Some(100),
+            "the default is capped by the limit"
+        );
+        // In a batch line it is that line's invalid_body error.
+        let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body(json!({"max_tokens": 1_000_000_000}))});
+        let err = parse(&line.to_string(), &mut HashSet::new()).unwrap_err();
+        assert_eq!(
+            (err.code, err.custom_id.as_deref()),
+            ("invalid_body", Some("a"))
+        );
+        assert!(err.message.contains("limit of 4096"), "{}", err.message);
+    }
+
+    #[test]
+    fn too_many_messages_are_refused() {
+        let messages =
+            |n: usize| json!({"messages": vec![json!({"role": "user", "content": "x"}); n]});
+        assert!(parse_chat_body(messages(8), &limits()).is_ok());
+        let err = parse_chat_body(messages(9), &limits()).unwrap_err();
+        assert_eq!(
+            err,
+            "body.messages holds 9 messages; this server accepts 8 at most"
+        );
+    }
+
+    #[test]
+    fn a_custom_id_holding_nul_is_refused() {
+        let line = r#"{"custom_id":"a\u0000b","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"x"}]}}"#;
+        let err = parse(line, &mut HashSet::new()).unwrap_err();
+        assert_eq!(err.code, "invalid_custom_id");
+        assert_eq!(
+            err.custom_id.as_deref(),
+            Some("a\0b"),
+            "the id is kept for the (JSON-escaped) error line"
+        );
+    }
+
+    #[test]
+    fn content_parts_are_joined() {
+        let body = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        let (call, _) = parse_chat_body(body, &limits()).unwrap();
+        let EngineCall::Chat(c) = call else {
+            unreachable!()
+        };
+        assert_eq!(c.messages[0].content, "ab");
+        let image = json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+        assert!(parse_chat_body(image, &limits()).is_err());
     }
 
     #[test]
@@ -723,7 +1085,8 @@ mod tests {
         assert!(validate_metadata(&json!({"k": "v"})).is_ok());
         assert!(validate_metadata(&json!({"k": 1})).is_err());
         assert!(validate_metadata(&json!("x")).is_err());
-        let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let many: serde_json::Map<String, Value> =
+            (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
         assert!(validate_metadata(&Value::Object(many)).is_err());
     }
 }

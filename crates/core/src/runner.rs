@@ -3,13 +3,21 @@
 //!
 //! Every finished line is committed to `batch_lines` together with its count, so a worker killed
 //! at any point leaves a batch another worker resumes without redoing or losing a `custom_id`.
+//!
+//! One bad batch never blocks the queue: a batch that cannot run (its input file is gone) ends
+//! `failed` at once, and one whose processing keeps failing (database or disk errors, a panic)
+//! goes behind the other batches after each failure and ends `failed` after
+//! [`RunnerSettings::max_attempts`]. Input lines are read with a bounded buffer: a line longer
+//! than [`RunnerSettings::max_line_bytes`] becomes that line's `line_too_long` error.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use batchlab_engine::{Engine, EngineError};
+use futures::FutureExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Semaphore;
@@ -17,8 +25,10 @@ use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::blob::{BlobError, BlobStore};
-use crate::openai::{self, EngineCall, LineError};
-use crate::store::{now, BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, Store, StoreError};
+use crate::openai::{self, BodyLimits, EngineCall, LineError};
+use crate::store::{
+    now, BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, Store, StoreError,
+};
 
 /// Why running a batch stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +39,38 @@ pub enum RunError {
     /// A file body could not be read or written.
     #[error(transparent)]
     Blob(#[from] BlobError),
+    /// The batch's input file is gone (deleted, or its body removed): the batch cannot run.
+    #[error("the input file {file_id} no longer exists")]
+    InputMissing {
+        /// The batch's `input_file_id`.
+        file_id: String,
+        /// What the blob store said.
+        #[source]
+        source: BlobError,
+    },
     /// Reading the input file failed.
     #[error("reading input: {0}")]
     Io(#[from] std::io::Error),
+    /// Processing the batch panicked (a bug); the batch is retried like any failure.
+    #[error("processing panicked: {0}")]
+    Panicked(String),
+}
+
+impl RunError {
+    /// Whether no retry can help: the batch fails at once instead of being tried again.
+    fn is_permanent(&self) -> bool {
+        matches!(self, RunError::InputMissing { .. })
+    }
+
+    /// A panic's payload as a [`RunError::Panicked`].
+    fn from_panic(payload: Box<dyn std::any::Any + Send>) -> RunError {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        RunError::Panicked(message)
+    }
 }
 
 /// How a worker runs batches.
@@ -45,8 +84,28 @@ pub struct RunnerSettings {
     pub concurrency: usize,
     /// `max_tokens` for lines that set none.
     pub default_max_tokens: usize,
+    /// Largest `max_tokens` a line may ask for (`engine.max_tokens_limit`).
+    pub max_tokens_limit: usize,
+    /// Most chat messages in one line (`engine.max_messages`).
+    pub max_messages: usize,
     /// Most lines a batch input may have.
     pub max_lines: u64,
+    /// Longest input line in bytes (`batch.max_line_bytes`); longer lines are never buffered
+    /// whole and become `line_too_long` error lines.
+    pub max_line_bytes: u64,
+    /// Failed processing attempts after which a batch ends `failed` (`batch.max_attempts`).
+    pub max_attempts: u32,
+}
+
+impl RunnerSettings {
+    /// The request-body limits every line is parsed with.
+    fn body_limits(&self) -> BodyLimits {
+        BodyLimits {
+            default_max_tokens: self.default_max_tokens,
+            max_tokens_limit: self.max_tokens_limit,
+            max_messages: self.max_messages,
+        }
+    }
 }
 
 /// A worker's batch loop.
@@ -71,23 +130,115 @@ enum Stop {
 impl Runner {
     /// A runner over the shared store, blob directory and loaded engine.
     pub fn new(store: Store, blobs: BlobStore, engine: Engine, settings: RunnerSettings) -> Runner {
-        Runner { store, blobs, engine, settings }
+        Runner {
+            store,
+            blobs,
+            engine,
+            settings,
+        }
     }
 
     /// Claims one batch and drives it as far as it goes; `None` when the queue had nothing.
+    ///
+    /// A batch that cannot run ends `failed` (answered as `Ok`). Any other failure is counted
+    /// against the batch, which goes behind batches with fewer failures, and returned as the
+    /// error, until the batch has failed [`RunnerSettings::max_attempts`] times and ends `failed`.
     pub async fn run_once(&self) -> Result<Option<BatchRecord>, RunError> {
-        let Some(batch) = self.store.claim_batch(&self.settings.worker_id, self.settings.lease_seconds).await? else {
+        let Some(batch) = self
+            .store
+            .claim_batch(&self.settings.worker_id, self.settings.lease_seconds)
+            .await?
+        else {
             return Ok(None);
         };
         let span = info_span!("batch", id = %batch.id, status = batch.status.as_str());
-        let result = self.drive(batch.clone()).instrument(span).await;
-        self.store.release_lease(&batch.id, &self.settings.worker_id).await?;
-        result?;
+        let result = AssertUnwindSafe(self.drive(batch.clone()).instrument(span.clone()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(RunError::from_panic(panic)));
+        match result {
+            Ok(()) => {
+                self.store
+                    .release_lease(&batch.id, &self.settings.worker_id)
+                    .await?
+            }
+            Err(e) => self.after_failure(&batch, e).instrument(span).await?,
+        }
         Ok(self.store.get_batch(&batch.id).await?)
     }
 
+    /// Fails the batch when `error` is permanent or its attempts are used up (answering `Ok`);
+    /// otherwise counts the attempt, gives the lease up and answers `error`.
+    async fn after_failure(&self, batch: &BatchRecord, error: RunError) -> Result<(), RunError> {
+        let worker = &self.settings.worker_id;
+        let entry = if error.is_permanent() {
+            openai::batch_error(
+                "input_file_missing",
+                &format!("{error}; the batch cannot run"),
+                None,
+            )
+        } else {
+            let attempts = self.store.note_failed_attempt(&batch.id, worker).await;
+            match attempts {
+                Ok(Some(n)) if n >= i64::from(self.settings.max_attempts.max(1)) => {
+                    let message = format!("processing failed {n} times; the last error: {error}");
+                    openai::batch_error("processing_failed", &message, None)
+                }
+                other => {
+                    if let Err(e) = &other {
+                        warn!(error = %e, "counting the failed attempt failed");
+                    }
+                    warn!(error = %error, attempts = ?other.ok().flatten(), "batch processing failed; it will be retried");
+                    self.store.release_lease(&batch.id, worker).await?;
+                    return Err(error);
+                }
+            }
+        };
+        warn!(error = %error, "the batch cannot run; failing it");
+        self.keep_finished_lines(batch).await;
+        let failed = self
+            .store
+            .fail_batch(&batch.id, worker, &Value::Array(vec![entry]).to_string())
+            .await;
+        self.store.release_lease(&batch.id, worker).await?;
+        if failed? {
+            metrics::counter!("batchlab_batches_finished_total", "status" => BatchStatus::Failed.as_str()).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Before a batch that ran some lines fails: writes the lines it finished to its output and
+    /// error files, so no answered request is lost. Best effort: a failure is only logged.
+    async fn keep_finished_lines(&self, batch: &BatchRecord) {
+        let result = async {
+            let Some(current) = self.store.get_batch(&batch.id).await? else {
+                return Ok(());
+            };
+            if current.completed + current.failed == 0
+                || current.output_file_id.is_some()
+                || current.error_file_id.is_some()
+            {
+                return Ok(());
+            }
+            let output = self.write_lines_file(&batch.id, LineKind::Output).await?;
+            let error = self.write_lines_file(&batch.id, LineKind::Error).await?;
+            self.store
+                .set_output_files(&batch.id, output.as_deref(), error.as_deref())
+                .await?;
+            Ok::<(), RunError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(error = %e, "could not write the finished lines of a failing batch");
+        }
+    }
+
     /// Polls the queue until `shutdown` resolves, sleeping `poll` when it is empty.
-    pub async fn run_forever(&self, poll: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run_forever(
+        &self,
+        poll: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         loop {
             let next = tokio::select! {
@@ -108,15 +259,18 @@ impl Runner {
 
     async fn drive(&self, batch: BatchRecord) -> Result<(), RunError> {
         let lost = Arc::new(AtomicBool::new(false));
-        let heartbeat = self.spawn_heartbeat(&batch.id, lost.clone());
-        let result = self.drive_leased(batch, &lost).await;
-        heartbeat.abort();
-        result
+        // Aborted on drop, so that a panic while driving does not leave the lease renewed forever.
+        let _heartbeat = AbortOnDrop(self.spawn_heartbeat(&batch.id, lost.clone()));
+        self.drive_leased(batch, &lost).await
     }
 
     fn spawn_heartbeat(&self, id: &str, lost: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
-        let (store, id, worker, lease) =
-            (self.store.clone(), id.to_string(), self.settings.worker_id.clone(), self.settings.lease_seconds);
+        let (store, id, worker, lease) = (
+            self.store.clone(),
+            id.to_string(),
+            self.settings.worker_id.clone(),
+            self.settings.lease_seconds,
+        );
         tokio::spawn(async move {
             let period = Duration::from_millis((lease as u64 * 1000 / 3).max(200));
             loop {
@@ -134,7 +288,11 @@ impl Runner {
         })
     }
 
-    async fn drive_leased(&self, mut batch: BatchRecord, lost: &AtomicBool) -> Result<(), RunError> {
+    async fn drive_leased(
+        &self,
+        mut batch: BatchRecord,
+        lost: &AtomicBool,
+    ) -> Result<(), RunError> {
         let worker = self.settings.worker_id.clone();
         loop {
             if lost.load(Ordering::SeqCst) {
@@ -148,26 +306,41 @@ impl Runner {
                 }
                 BatchStatus::InProgress => match self.execute(&batch, lost).await? {
                     Stop::Done => {
-                        self.store.transition(&batch.id, &worker, &[BatchStatus::InProgress], BatchStatus::Finalizing).await?;
+                        self.store
+                            .transition(
+                                &batch.id,
+                                &worker,
+                                &[BatchStatus::InProgress],
+                                BatchStatus::Finalizing,
+                            )
+                            .await?;
                     }
                     Stop::Expired => {
                         self.expire_unfinished(&batch).await?;
-                        self.finalize(&batch, BatchStatus::InProgress, BatchStatus::Expired).await?;
+                        self.finalize(&batch, BatchStatus::InProgress, BatchStatus::Expired)
+                            .await?;
                     }
                     Stop::Cancelled => {}
                     Stop::LeaseLost => return Ok(()),
                 },
                 BatchStatus::Finalizing => {
-                    self.finalize(&batch, BatchStatus::Finalizing, BatchStatus::Completed).await?;
+                    self.finalize(&batch, BatchStatus::Finalizing, BatchStatus::Completed)
+                        .await?;
                 }
                 BatchStatus::Cancelling => {
-                    self.finalize(&batch, BatchStatus::Cancelling, BatchStatus::Cancelled).await?;
+                    self.finalize(&batch, BatchStatus::Cancelling, BatchStatus::Cancelled)
+                        .await?;
                 }
-                BatchStatus::Failed | BatchStatus::Completed | BatchStatus::Expired | BatchStatus::Cancelled => {
+                BatchStatus::Failed
+                | BatchStatus::Completed
+                | BatchStatus::Expired
+                | BatchStatus::Cancelled => {
                     return Ok(());
                 }
             }
-            let Some(next) = self.store.get_batch(&batch.id).await? else { return Ok(()) };
+            let Some(next) = self.store.get_batch(&batch.id).await? else {
+                return Ok(());
+            };
             if next.status == batch.status && next.status != BatchStatus::Cancelling {
                 // No progress was possible (another worker or a racing cancel); let the queue decide.
                 return Ok(());
@@ -184,13 +357,18 @@ impl Runner {
         let mut valid = 0u64;
         let mut total = 0u64;
         let mut errors: Vec<(i64, LineError)> = Vec::new();
-        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        let mut lines = self.input_lines(batch).await?;
         while let Some((line_no, line)) = lines.next().await? {
             total += 1;
             if total > self.settings.max_lines {
-                let msg = format!("the input file has more than {} requests", self.settings.max_lines);
+                let msg = format!(
+                    "the input file has more than {} requests",
+                    self.settings.max_lines
+                );
                 let errs = json!([openai::batch_error("too_many_requests", &msg, None)]);
-                self.store.fail_batch(&batch.id, worker, &errs.to_string()).await?;
+                self.store
+                    .fail_batch(&batch.id, worker, &errs.to_string())
+                    .await?;
                 return Ok(false);
             }
             match self.parse(batch, line, &mut seen) {
@@ -205,28 +383,53 @@ impl Runner {
                 .map(|(n, e)| openai::batch_error(e.code, &e.message, Some(*n)))
                 .collect();
             if total == 0 {
-                data.push(openai::batch_error("empty_file", "the input file has no request lines", None));
+                data.push(openai::batch_error(
+                    "empty_file",
+                    "the input file has no request lines",
+                    None,
+                ));
             }
             info!(lines = total, "input has no usable line; batch failed");
-            self.store.fail_batch(&batch.id, worker, &Value::Array(data).to_string()).await?;
+            self.store
+                .fail_batch(&batch.id, worker, &Value::Array(data).to_string())
+                .await?;
             return Ok(false);
         }
         for (line_no, e) in &errors {
-            self.store.record_line(&batch.id, &failed_line(*line_no, e.custom_id.clone(), e.code, &e.message)).await?;
+            self.store
+                .record_line(
+                    &batch.id,
+                    &failed_line(*line_no, e.custom_id.clone(), e.code, &e.message),
+                )
+                .await?;
         }
-        self.store.set_total(&batch.id, total as i64, self.engine.model_id()).await?;
+        self.store
+            .set_total(&batch.id, total as i64, self.engine.model_id())
+            .await?;
         info!(valid, invalid = errors.len(), "input validated");
-        self.store.transition(&batch.id, worker, &[BatchStatus::Validating], BatchStatus::InProgress).await?;
+        self.store
+            .transition(
+                &batch.id,
+                worker,
+                &[BatchStatus::Validating],
+                BatchStatus::InProgress,
+            )
+            .await?;
         Ok(true)
     }
 
     /// Runs every unfinished line, `concurrency` at a time, until done, cancelled or expired.
     async fn execute(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Stop, RunError> {
-        let done: HashSet<i64> = self.store.finished_line_numbers(&batch.id).await?.into_iter().collect();
+        let done: HashSet<i64> = self
+            .store
+            .finished_line_numbers(&batch.id)
+            .await?
+            .into_iter()
+            .collect();
         let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
         let mut seen = HashSet::new();
-        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        let mut lines = self.input_lines(batch).await?;
         let mut last_check = std::time::Instant::now();
         let mut stop = Stop::Done;
         while let Some((line_no, line)) = lines.next().await? {
@@ -241,7 +444,11 @@ impl Runner {
                     break;
                 }
             }
-            let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
             let (runner, batch_id) = (self.clone(), batch.id.clone());
             tasks.spawn(async move {
                 let _permit = permit;
@@ -251,7 +458,7 @@ impl Runner {
             });
             // Reap finished tasks eagerly so errors surface quickly.
             while let Some(r) = tasks.try_join_next() {
-                r.expect("line task panicked")?;
+                joined(r)?;
             }
         }
         if !matches!(stop, Stop::Done) {
@@ -260,37 +467,56 @@ impl Runner {
             return Ok(stop);
         }
         while let Some(r) = tasks.join_next().await {
-            r.expect("line task panicked")?;
+            joined(r)?;
         }
         Ok(self.should_stop(batch, lost).await?.unwrap_or(Stop::Done))
     }
 
-    async fn should_stop(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Option<Stop>, RunError> {
+    async fn should_stop(
+        &self,
+        batch: &BatchRecord,
+        lost: &AtomicBool,
+    ) -> Result<Option<Stop>, RunError> {
         if lost.load(Ordering::SeqCst) {
             return Ok(Some(Stop::LeaseLost));
         }
         let current = self.store.get_batch(&batch.id).await?;
         Ok(match current {
             Some(b) if b.status == BatchStatus::Cancelling => Some(Stop::Cancelled),
-            Some(b) if b.lease_owner.as_deref() != Some(self.settings.worker_id.as_str()) => Some(Stop::LeaseLost),
+            Some(b) if b.lease_owner.as_deref() != Some(self.settings.worker_id.as_str()) => {
+                Some(Stop::LeaseLost)
+            }
             Some(b) if b.expires_at.is_some_and(|e| now() >= e) => Some(Stop::Expired),
             Some(_) => None,
             None => Some(Stop::Cancelled),
         })
     }
 
+    /// Opens the batch's input for reading line by line; a missing input is
+    /// [`RunError::InputMissing`].
+    async fn input_lines(&self, batch: &BatchRecord) -> Result<InputLines, RunError> {
+        let max = usize::try_from(self.settings.max_line_bytes).unwrap_or(usize::MAX);
+        InputLines::open(&self.blobs, &batch.input_file_id, max).await
+    }
+
     /// Validates one input line against the batch's endpoint (see [`openai::parse_request_line`]).
     fn parse(
         &self,
         batch: &BatchRecord,
-        line: Result<String, LineError>,
+        line: Result<&str, LineError>,
         seen: &mut HashSet<String>,
     ) -> Result<openai::RequestLine, LineError> {
-        line.and_then(|l| openai::parse_request_line(&l, &batch.endpoint, seen, self.settings.default_max_tokens))
+        line.and_then(|l| {
+            openai::parse_request_line(l, &batch.endpoint, seen, &self.settings.body_limits())
+        })
     }
 
     /// Runs one validated line and turns the outcome into its output- or error-file line.
-    async fn run_line(&self, line_no: i64, parsed: Result<openai::RequestLine, LineError>) -> BatchLine {
+    async fn run_line(
+        &self,
+        line_no: i64,
+        parsed: Result<openai::RequestLine, LineError>,
+    ) -> BatchLine {
         let request = match parsed {
             Ok(r) => r,
             Err(e) => return failed_line(line_no, e.custom_id, e.code, &e.message),
@@ -305,7 +531,9 @@ impl Runner {
                     EngineCall::Completion(c) => self.engine.complete(c.clone()).await,
                 };
                 match result {
-                    Err(EngineError::Overloaded) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(EngineError::Overloaded) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
                     other => return other,
                 }
             }
@@ -315,8 +543,15 @@ impl Runner {
         match outcome {
             Ok(c) => {
                 let body = match &request.request {
-                    EngineCall::Chat(_) => openai::chat_completion_object(&openai::new_id("chatcmpl-"), &model, now(), &c),
-                    EngineCall::Completion(_) => openai::text_completion_object(&openai::new_id("cmpl-"), &model, now(), &c),
+                    EngineCall::Chat(_) => openai::chat_completion_object(
+                        &openai::new_id("chatcmpl-"),
+                        &model,
+                        now(),
+                        &c,
+                    ),
+                    EngineCall::Completion(_) => {
+                        openai::text_completion_object(&openai::new_id("cmpl-"), &model, now(), &c)
+                    }
                 };
                 BatchLine {
                     line_no,
@@ -329,7 +564,9 @@ impl Runner {
             }
             Err(e) => {
                 let (status, kind) = match e {
-                    EngineError::InvalidRequest(_) | EngineError::Template(_) => (400, "invalid_request_error"),
+                    EngineError::InvalidRequest(_) | EngineError::Template(_) => {
+                        (400, "invalid_request_error")
+                    }
                     _ => (500, "server_error"),
                 };
                 warn!(line_no, custom_id = %custom_id, error = %e, "request failed");
@@ -348,39 +585,68 @@ impl Runner {
 
     /// Writes `batch_expired` error lines for every line that never ran.
     async fn expire_unfinished(&self, batch: &BatchRecord) -> Result<(), RunError> {
-        let done: HashSet<i64> = self.store.finished_line_numbers(&batch.id).await?.into_iter().collect();
+        let done: HashSet<i64> = self
+            .store
+            .finished_line_numbers(&batch.id)
+            .await?
+            .into_iter()
+            .collect();
         let mut seen = HashSet::new();
-        let mut lines = InputLines::open(&self.blobs, &batch.input_file_id).await?;
+        let mut lines = self.input_lines(batch).await?;
         while let Some((line_no, line)) = lines.next().await? {
             let parsed = self.parse(batch, line, &mut seen);
             if done.contains(&line_no) {
                 continue;
             }
             let custom_id = parsed.ok().map(|r| r.custom_id);
-            let line = failed_line(line_no, custom_id, "batch_expired", "the batch expired before this request ran");
+            let line = failed_line(
+                line_no,
+                custom_id,
+                "batch_expired",
+                "the batch expired before this request ran",
+            );
             self.store.record_line(&batch.id, &line).await?;
         }
         Ok(())
     }
 
     /// Writes the output and error files from the persisted lines and ends the batch in `to`.
-    async fn finalize(&self, batch: &BatchRecord, from: BatchStatus, to: BatchStatus) -> Result<(), RunError> {
-        let current = self.store.get_batch(&batch.id).await?.unwrap_or_else(|| batch.clone());
+    async fn finalize(
+        &self,
+        batch: &BatchRecord,
+        from: BatchStatus,
+        to: BatchStatus,
+    ) -> Result<(), RunError> {
+        let current = self
+            .store
+            .get_batch(&batch.id)
+            .await?
+            .unwrap_or_else(|| batch.clone());
         if current.output_file_id.is_none() && current.error_file_id.is_none() {
             let output = self.write_lines_file(&batch.id, LineKind::Output).await?;
             let error = self.write_lines_file(&batch.id, LineKind::Error).await?;
-            self.store.set_output_files(&batch.id, output.as_deref(), error.as_deref()).await?;
+            self.store
+                .set_output_files(&batch.id, output.as_deref(), error.as_deref())
+                .await?;
         }
-        let moved = self.store.transition(&batch.id, &self.settings.worker_id, &[from], to).await?;
+        let moved = self
+            .store
+            .transition(&batch.id, &self.settings.worker_id, &[from], to)
+            .await?;
         if moved {
-            metrics::counter!("batchlab_batches_finished_total", "status" => to.as_str()).increment(1);
+            metrics::counter!("batchlab_batches_finished_total", "status" => to.as_str())
+                .increment(1);
             info!(status = to.as_str(), "batch finished");
         }
         Ok(())
     }
 
     /// Copies one kind of persisted line into a new `batch_output` file; `None` if there are none.
-    async fn write_lines_file(&self, batch_id: &str, kind: LineKind) -> Result<Option<String>, RunError> {
+    async fn write_lines_file(
+        &self,
+        batch_id: &str,
+        kind: LineKind,
+    ) -> Result<Option<String>, RunError> {
         let id = openai::new_id("file-");
         let mut writer = self.blobs.writer(&id).await?;
         let (mut after, mut count) = (0i64, 0i64);
@@ -417,43 +683,190 @@ impl Runner {
     }
 }
 
-/// The error-file line of a request that never ran.
-fn failed_line(line_no: i64, custom_id: Option<String>, code: &str, message: &str) -> BatchLine {
-    let body = openai::error_line(custom_id.as_deref(), code, message);
-    BatchLine { line_no, custom_id, kind: LineKind::Error, body, input_tokens: 0, output_tokens: 0 }
+/// Aborts a spawned task when dropped (on every path out of its owner, unwinding included).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
-/// Non-blank lines of a stored input file with 1-based line numbers; a line that is not UTF-8
-/// comes back as a line error instead of ending the read.
+/// A line task's outcome, its panic turned into [`RunError::Panicked`].
+fn joined(r: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+    match r {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(RunError::from_panic(e.into_panic())),
+        Err(e) => Err(RunError::Panicked(e.to_string())),
+    }
+}
+
+/// The error-file line of a request that never ran. A `custom_id` holding U+0000 is kept in
+/// the line's JSON (escaped there) but not in the `custom_id` column, which cannot hold it.
+fn failed_line(line_no: i64, custom_id: Option<String>, code: &str, message: &str) -> BatchLine {
+    let body = openai::error_line(custom_id.as_deref(), code, message);
+    let custom_id = custom_id.filter(|c| !c.contains('\0'));
+    BatchLine {
+        line_no,
+        custom_id,
+        kind: LineKind::Error,
+        body,
+        input_tokens: 0,
+        output_tokens: 0,
+    }
+}
+
+/// Non-blank lines of a stored input file with 1-based line numbers, lent out of one reused
+/// buffer. A line that is not UTF-8, or longer than the limit, comes back as a line error
+/// instead of ending the read; at most `max_line_bytes + 1` bytes of a line are ever held.
 struct InputLines {
     reader: BufReader<tokio::fs::File>,
     line_no: i64,
     buf: Vec<u8>,
+    max_line_bytes: usize,
 }
 
 impl InputLines {
-    async fn open(blobs: &BlobStore, file_id: &str) -> Result<InputLines, RunError> {
-        let file = blobs.open_read(file_id).await?;
-        Ok(InputLines { reader: BufReader::with_capacity(1 << 16, file), line_no: 0, buf: Vec::new() })
+    async fn open(
+        blobs: &BlobStore,
+        file_id: &str,
+        max_line_bytes: usize,
+    ) -> Result<InputLines, RunError> {
+        let file = blobs.open_read(file_id).await.map_err(|e| match e {
+            BlobError::NotFound(_) | BlobError::InvalidId(_) => RunError::InputMissing {
+                file_id: file_id.to_string(),
+                source: e,
+            },
+            other => RunError::Blob(other),
+        })?;
+        Ok(InputLines {
+            reader: BufReader::with_capacity(1 << 16, file),
+            line_no: 0,
+            buf: Vec::new(),
+            max_line_bytes,
+        })
     }
 
-    async fn next(&mut self) -> Result<Option<(i64, Result<String, LineError>)>, RunError> {
-        loop {
-            self.buf.clear();
-            if self.reader.read_until(b'\n', &mut self.buf).await? == 0 {
-                return Ok(None);
+    /// Reads the next line into `buf`, keeping at most `max_line_bytes + 1` of its bytes and
+    /// skipping the rest; answers the line's length without its newline, `None` at the end.
+    async fn read_line(&mut self) -> Result<Option<usize>, std::io::Error> {
+        self.buf.clear();
+        let (mut total, mut ended) = (0usize, false);
+        while !ended {
+            let chunk = self.reader.fill_buf().await?;
+            if chunk.is_empty() {
+                break;
             }
+            let take = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    ended = true;
+                    i
+                }
+                None => chunk.len(),
+            };
+            let room = (self.max_line_bytes.saturating_add(1)).saturating_sub(self.buf.len());
+            self.buf.extend_from_slice(&chunk[..take.min(room)]);
+            total = total.saturating_add(take);
+            self.reader.consume(take + usize::from(ended));
+        }
+        Ok((total > 0 || ended).then_some(total))
+    }
+
+    async fn next(&mut self) -> Result<Option<(i64, Result<&str, LineError>)>, RunError> {
+        loop {
+            let Some(len) = self.read_line().await? else {
+                return Ok(None);
+            };
             self.line_no += 1;
-            let text = match std::str::from_utf8(&self.buf) {
-                Ok(t) => t.trim(),
+            if len > self.max_line_bytes {
+                let message = format!(
+                    "line is {len} bytes long; request lines may be {} bytes at most",
+                    self.max_line_bytes
+                );
+                let e = LineError {
+                    code: "line_too_long",
+                    message,
+                    custom_id: None,
+                };
+                return Ok(Some((self.line_no, Err(e))));
+            }
+            match std::str::from_utf8(&self.buf) {
+                Ok(t) if t.trim().is_empty() => continue,
+                Ok(_) => {}
                 Err(_) => {
-                    let e = LineError { code: "invalid_json_line", message: "line is not valid UTF-8".into(), custom_id: None };
+                    let e = LineError {
+                        code: "invalid_json_line",
+                        message: "line is not valid UTF-8".into(),
+                        custom_id: None,
+                    };
                     return Ok(Some((self.line_no, Err(e))));
                 }
-            };
-            if !text.is_empty() {
-                return Ok(Some((self.line_no, Ok(text.to_string()))));
             }
+            let text = std::str::from_utf8(&self.buf)
+                .map(str::trim)
+                .unwrap_or_default();
+            return Ok(Some((self.line_no, Ok(text))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines_of(
+        body: &[u8],
+        max: usize,
+    ) -> (Vec<(i64, Result<String, &'static str>)>, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let mut writer = blobs.writer("file-in").await.unwrap();
+        writer.write(body).await.unwrap();
+        writer.finish().await.unwrap();
+        let mut lines = InputLines::open(&blobs, "file-in", max).await.unwrap();
+        let (mut out, mut most_held) = (Vec::new(), 0);
+        while let Some((n, line)) = lines.next().await.unwrap() {
+            out.push((n, line.map(str::to_string).map_err(|e| e.code)));
+            most_held = most_held.max(lines.buf.capacity());
+        }
+        (out, most_held)
+    }
+
+    /// An over-long line is that line's error, read past without holding it: the buffer never
+    /// grows much beyond the limit however long the line is.
+    #[tokio::test]
+    async fn an_over_long_line_is_an_error_and_never_held_whole() {
+        let mut body = b"{\"a\":1}\n".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 8 << 20));
+        body.extend_from_slice(b"\n\n  \n{\"b\":2}\r\n\xff\n12345678\n123456789");
+        let (lines, most_held) = lines_of(&body, 8).await;
+        let expected: Vec<(i64, Result<String, &str>)> = vec![
+            (1, Ok("{\"a\":1}".into())),
+            (2, Err("line_too_long")),
+            (5, Ok("{\"b\":2}".into())),
+            (6, Err("invalid_json_line")),
+            (7, Ok("12345678".into())),
+            (8, Err("line_too_long")),
+        ];
+        assert_eq!(lines, expected);
+        assert!(
+            most_held <= 64,
+            "a line buffer of {most_held} bytes for a limit of 8"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_input_is_input_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path()).unwrap();
+        let err = InputLines::open(&blobs, "file-gone", 10)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, RunError::InputMissing { file_id, .. } if file_id == "file-gone"),
+            "{err:?}"
+        );
+        assert!(err.is_permanent());
     }
 }

@@ -78,8 +78,8 @@ async fn replay_in_order_twice(store: Store) {
     }
     drain(&c).await;
     assert_final_state(&c).await;
-    assert_eq!(store.webhook_event_counts().await.unwrap().received, 11);
-    assert_eq!(store.webhook_event_counts().await.unwrap().pending, 0);
+    assert_eq!(store.webhook_event_counts(None).await.unwrap().received, 11);
+    assert_eq!(store.webhook_event_counts(None).await.unwrap().pending, 0);
 
     // Milestones 2 and 3 were crossed once each; START_TRAINING exported on demand.
     let status = c.status(1).await.unwrap();
@@ -144,7 +144,7 @@ async fn invalid_annotations_are_kept_flagged_and_left_out(store: Store) {
     let with_invalid = export(&c, ExportFormat::Json, ExportFilter { include_invalid: true, ..Default::default() }).await;
     let with_invalid: Value = serde_json::from_str(&with_invalid).unwrap();
     assert_eq!(with_invalid[0]["annotations"][0]["valid"], json!(false));
-    assert_eq!(store.webhook_event_counts().await.unwrap().pending, 0, "unknown and payload-less events are acknowledged");
+    assert_eq!(store.webhook_event_counts(None).await.unwrap().pending, 0, "unknown and payload-less events are acknowledged");
 }
 
 async fn accuracy_and_chat_export(store: Store) {

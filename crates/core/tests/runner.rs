@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 use batchlab_core::blob::{BlobStore, WriteLimits};
 use batchlab_core::engine::{Engine, EngineConfig};
 use batchlab_core::runner::{Runner, RunnerSettings};
-use batchlab_core::store::{BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, NewBatch, Store};
+use batchlab_core::store::{
+    BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, NewBatch, Store,
+};
 use batchlab_core::testing::TestDb;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
@@ -17,10 +19,17 @@ fn engine() -> Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let path = std::env::var("BATCHLAB_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
-            assert!(path.exists(), "model {} missing: run scripts/fetch-model.sh", path.display());
+            let path = std::env::var("BATCHLAB_MODEL")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+                });
+            assert!(
+                path.exists(),
+                "model {} missing: run scripts/fetch-model.sh",
+                path.display()
+            );
             Engine::load(EngineConfig {
                 model_path: path,
                 model_id: "SmolLM2-135M-Instruct".into(),
@@ -31,6 +40,7 @@ fn engine() -> Engine {
                 max_context: None,
                 requantize: true,
                 device: "cpu".into(),
+                limits: Default::default(),
             })
             .expect("load the default model")
         })
@@ -40,28 +50,57 @@ fn engine() -> Engine {
 struct Fixture {
     db: TestDb,
     blobs: BlobStore,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Fixture {
     async fn new() -> Fixture {
+        Fixture::on(TestDb::sqlite().await)
+    }
+
+    /// A fixture over a given database (SQLite or PostgreSQL).
+    fn on(db: TestDb) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path().join("files")).unwrap();
-        Fixture { db: TestDb::sqlite().await, blobs, _dir: dir }
+        Fixture { db, blobs, dir }
+    }
+
+    /// Fixtures over a fresh SQLite database and, when a server answers, a PostgreSQL one.
+    async fn both() -> Vec<Fixture> {
+        let mut all = vec![Fixture::new().await];
+        if let Some(pg) = TestDb::postgres().await {
+            all.push(Fixture::on(pg));
+        }
+        all
+    }
+
+    async fn cleanup(self) {
+        self.db.cleanup().await;
     }
 
     fn store(&self) -> &Store {
         &self.db.store
     }
 
-    fn runner(&self, worker: &str) -> Runner {
-        let settings = RunnerSettings {
+    fn settings(worker: &str) -> RunnerSettings {
+        RunnerSettings {
             worker_id: worker.into(),
             lease_seconds: 30,
             concurrency: 2,
             default_max_tokens: 8,
+            max_tokens_limit: 64,
+            max_messages: 16,
             max_lines: 100,
-        };
+            max_line_bytes: 4096,
+            max_attempts: 3,
+        }
+    }
+
+    fn runner(&self, worker: &str) -> Runner {
+        self.runner_with(Fixture::settings(worker))
+    }
+
+    fn runner_with(&self, settings: RunnerSettings) -> Runner {
         Runner::new(self.store().clone(), self.blobs.clone(), engine(), settings)
     }
 
@@ -69,8 +108,16 @@ impl Fixture {
         let body = lines.join("\n") + "\n";
         let file_id = format!("file-{id}");
         let chunks = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(body))]);
-        let limits = WriteLimits { max_bytes: 1 << 20, max_lines: None, require_utf8: true };
-        let stats = self.blobs.put_stream(&file_id, chunks, limits).await.unwrap();
+        let limits = WriteLimits {
+            max_bytes: 64 << 20,
+            max_lines: None,
+            require_utf8: true,
+        };
+        let stats = self
+            .blobs
+            .put_stream(&file_id, chunks, limits)
+            .await
+            .unwrap();
         let file = FileRecord {
             id: file_id.clone(),
             filename: "in.jsonl".into(),
@@ -96,8 +143,16 @@ impl Fixture {
     async fn lines_of(&self, file_id: Option<&str>) -> Vec<Value> {
         let Some(id) = file_id else { return vec![] };
         let mut text = String::new();
-        self.blobs.open_read(id).await.unwrap().read_to_string(&mut text).await.unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        self.blobs
+            .open_read(id)
+            .await
+            .unwrap()
+            .read_to_string(&mut text)
+            .await
+            .unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -110,7 +165,10 @@ fn chat(custom_id: &str, question: &str) -> String {
 }
 
 fn custom_ids(lines: &[Value]) -> Vec<String> {
-    let mut ids: Vec<String> = lines.iter().map(|l| l["custom_id"].as_str().unwrap_or("<null>").to_string()).collect();
+    let mut ids: Vec<String> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap_or("<null>").to_string())
+        .collect();
     ids.sort();
     ids
 }
@@ -131,22 +189,42 @@ async fn good_lines_complete_and_bad_lines_become_error_lines() {
     assert_eq!(done.status, BatchStatus::Completed, "{done:?}");
     assert_eq!((done.total, done.completed, done.failed), (5, 2, 3));
     assert!(done.input_tokens > 0 && done.output_tokens > 0);
-    assert!(done.in_progress_at.is_some() && done.finalizing_at.is_some() && done.completed_at.is_some());
+    assert!(
+        done.in_progress_at.is_some()
+            && done.finalizing_at.is_some()
+            && done.completed_at.is_some()
+    );
 
     let out = f.lines_of(done.output_file_id.as_deref()).await;
     assert_eq!(custom_ids(&out), ["a", "b"]);
     for line in &out {
         assert_eq!(line["response"]["status_code"], 200);
-        let text = line["response"]["body"]["choices"][0]["message"]["content"].as_str().unwrap();
+        let text = line["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
         assert!(!text.trim().is_empty(), "the model answered {line}");
         assert!(line["error"].is_null());
     }
     let errors = f.lines_of(done.error_file_id.as_deref()).await;
-    let codes: Vec<&str> = errors.iter().map(|l| l["error"]["code"].as_str().unwrap()).collect();
-    assert_eq!(codes, ["invalid_json_line", "mismatched_url", "duplicate_custom_id"]);
+    let codes: Vec<&str> = errors
+        .iter()
+        .map(|l| l["error"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        ["invalid_json_line", "mismatched_url", "duplicate_custom_id"]
+    );
     assert_eq!(custom_ids(&errors), ["<null>", "a", "c"]);
-    let outputs = f.store().get_file(done.output_file_id.as_deref().unwrap()).await.unwrap().unwrap();
-    assert_eq!((outputs.purpose.as_str(), outputs.lines), ("batch_output", 2));
+    let outputs = f
+        .store()
+        .get_file(done.output_file_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (outputs.purpose.as_str(), outputs.lines),
+        ("batch_output", 2)
+    );
 }
 
 #[tokio::test]
@@ -157,7 +235,12 @@ async fn a_file_without_a_usable_line_fails_with_line_numbers() {
     let done = f.runner("w1").run_once().await.unwrap().unwrap();
     assert_eq!(done.status, BatchStatus::Failed);
     let errors: Value = serde_json::from_str(done.errors.as_deref().unwrap()).unwrap();
-    let lines: Vec<i64> = errors.as_array().unwrap().iter().map(|e| e["line"].as_i64().unwrap()).collect();
+    let lines: Vec<i64> = errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["line"].as_i64().unwrap())
+        .collect();
     assert_eq!(lines, [1, 2]);
     assert_eq!(errors[1]["code"], "invalid_method");
     assert!(done.output_file_id.is_none());
@@ -171,7 +254,15 @@ async fn a_resumed_batch_never_redoes_a_finished_line() {
     // A first worker validated the batch, finished line 2 and died holding an expired lease.
     let dead = "dead-worker";
     f.store().claim_batch(dead, 30).await.unwrap().unwrap();
-    f.store().transition(&b.id, dead, &[BatchStatus::Validating], BatchStatus::InProgress).await.unwrap();
+    f.store()
+        .transition(
+            &b.id,
+            dead,
+            &[BatchStatus::Validating],
+            BatchStatus::InProgress,
+        )
+        .await
+        .unwrap();
     let marker = r#"{"custom_id":"b","from":"the first worker"}"#;
     let finished = BatchLine {
         line_no: 2,
@@ -189,7 +280,10 @@ async fn a_resumed_batch_never_redoes_a_finished_line() {
     assert_eq!((done.completed, done.failed), (3, 0));
     let out = f.lines_of(done.output_file_id.as_deref()).await;
     assert_eq!(custom_ids(&out), ["a", "b", "c"]);
-    assert_eq!(out[1]["from"], "the first worker", "line 2 was kept, not redone");
+    assert_eq!(
+        out[1]["from"], "the first worker",
+        "line 2 was kept, not redone"
+    );
 }
 
 #[tokio::test]
@@ -210,14 +304,21 @@ async fn cancelling_keeps_finished_lines_and_expiry_reports_the_rest() {
     let done = f.runner("w1").run_once().await.unwrap().unwrap();
     assert_eq!(done.status, BatchStatus::Cancelled);
     assert!(done.cancelled_at.is_some());
-    assert_eq!(custom_ids(&f.lines_of(done.output_file_id.as_deref()).await), ["k0"]);
+    assert_eq!(
+        custom_ids(&f.lines_of(done.output_file_id.as_deref()).await),
+        ["k0"]
+    );
 
     let lines: Vec<String> = (0..4).map(|i| chat(&format!("e{i}"), "Hi")).collect();
     f.batch("batch_expire", &lines, 0).await;
     let done = f.runner("w1").run_once().await.unwrap().unwrap();
     assert_eq!(done.status, BatchStatus::Expired, "{done:?}");
     assert!(done.expired_at.is_some());
-    assert_eq!(done.completed + done.failed, 4, "every line is accounted for");
+    assert_eq!(
+        done.completed + done.failed,
+        4,
+        "every line is accounted for"
+    );
     let errors = f.lines_of(done.error_file_id.as_deref()).await;
     assert!(errors.iter().all(|l| l["error"]["code"] == "batch_expired"));
     let out = f.lines_of(done.output_file_id.as_deref()).await;
@@ -225,4 +326,205 @@ async fn cancelling_keeps_finished_lines_and_expiry_reports_the_rest() {
     all.extend(custom_ids(&errors));
     all.sort();
     assert_eq!(all, ["e0", "e1", "e2", "e3"]);
+}
+
+/// A batch whose input file is gone cannot run: it ends `failed` with an `errors.data[]` entry
+/// saying so, and the batch queued after it runs (before, the worker retried it forever).
+#[tokio::test]
+async fn a_batch_whose_input_file_vanished_fails_and_the_queue_moves_on() {
+    for f in Fixture::both().await {
+        let gone = f.batch("batch_gone", &[chat("a", "Hi")], 86_400).await;
+        f.blobs.delete(&gone.input_file_id).await.unwrap();
+        f.store().delete_file(&gone.input_file_id).await.unwrap();
+        f.batch("batch_next", &[chat("b", "Hi")], 86_400).await;
+        let runner = f.runner("w1");
+
+        let failed = runner
+            .run_once()
+            .await
+            .expect("a missing input is the batch's failure, not the worker's")
+            .unwrap();
+        assert_eq!(
+            (failed.id.as_str(), failed.status),
+            ("batch_gone", BatchStatus::Failed),
+            "{failed:?}"
+        );
+        assert!(failed.failed_at.is_some());
+        let errors: Value = serde_json::from_str(failed.errors.as_deref().unwrap()).unwrap();
+        assert_eq!(errors[0]["code"], "input_file_missing", "{errors}");
+        assert!(
+            errors[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&gone.input_file_id),
+            "{errors}"
+        );
+
+        let next = runner.run_once().await.unwrap().unwrap();
+        assert_eq!(
+            (next.id.as_str(), next.status),
+            ("batch_next", BatchStatus::Completed),
+            "{next:?}"
+        );
+        assert!(
+            runner.run_once().await.unwrap().is_none(),
+            "nothing is left in the queue"
+        );
+        f.cleanup().await;
+    }
+}
+
+/// PostgreSQL text cannot hold U+0000: a `custom_id` holding one is refused at validation as
+/// that line's error (its id echoed, escaped, in the error file) and the rest of the batch runs.
+#[tokio::test]
+async fn a_nul_in_a_custom_id_is_that_lines_error_and_the_batch_completes() {
+    for f in Fixture::both().await {
+        f.batch(
+            "batch_nul",
+            &[chat("ok", "Hi"), chat("bad\u{0}id", "Hi")],
+            86_400,
+        )
+        .await;
+        f.batch("batch_after", &[chat("c", "Hi")], 86_400).await;
+        let runner = f.runner("w1");
+        let done = runner
+            .run_once()
+            .await
+            .expect("a NUL must not break the worker")
+            .unwrap();
+        assert_eq!(
+            (done.id.as_str(), done.status),
+            ("batch_nul", BatchStatus::Completed),
+            "{done:?}"
+        );
+        assert_eq!((done.completed, done.failed), (1, 1));
+        assert_eq!(
+            custom_ids(&f.lines_of(done.output_file_id.as_deref()).await),
+            ["ok"]
+        );
+        let errors = f.lines_of(done.error_file_id.as_deref()).await;
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0]["error"]["code"], "invalid_custom_id",
+            "{}",
+            errors[0]
+        );
+        assert_eq!(
+            errors[0]["custom_id"], "bad\u{0}id",
+            "the id is echoed, JSON-escaped"
+        );
+        let after = runner.run_once().await.unwrap().unwrap();
+        assert_eq!(
+            (after.id.as_str(), after.status),
+            ("batch_after", BatchStatus::Completed)
+        );
+        f.cleanup().await;
+    }
+}
+
+/// A line longer than `max_line_bytes` is that line's `line_too_long` error (read past, never
+/// held whole); the other lines run.
+#[tokio::test]
+async fn an_over_long_line_is_that_lines_error_and_the_rest_runs() {
+    let f = Fixture::new().await;
+    let huge = chat("huge", &"word ".repeat(1 << 20));
+    let lines = vec![chat("a", "Hi"), huge, chat("b", "Hi")];
+    f.batch("batch_long", &lines, 86_400).await;
+    let done = f.runner("w1").run_once().await.unwrap().unwrap();
+    assert_eq!(done.status, BatchStatus::Completed, "{done:?}");
+    assert_eq!((done.total, done.completed, done.failed), (3, 2, 1));
+    assert_eq!(
+        custom_ids(&f.lines_of(done.output_file_id.as_deref()).await),
+        ["a", "b"]
+    );
+    let errors = f.lines_of(done.error_file_id.as_deref()).await;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0]["error"]["code"], "line_too_long", "{}", errors[0]);
+    assert!(
+        errors[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("4096 bytes at most"),
+        "{}",
+        errors[0]
+    );
+    f.cleanup().await;
+}
+
+/// `max_tokens` above the server's limit is that line's `invalid_body` error naming the limit.
+#[tokio::test]
+async fn max_tokens_above_the_limit_is_that_lines_error() {
+    let f = Fixture::new().await;
+    let greedy = chat("greedy", "Hi").replace("\"max_tokens\":6", "\"max_tokens\":1000000000");
+    f.batch("batch_greedy", &[chat("a", "Hi"), greedy], 86_400)
+        .await;
+    let done = f.runner("w1").run_once().await.unwrap().unwrap();
+    assert_eq!(
+        (done.status, done.completed, done.failed),
+        (BatchStatus::Completed, 1, 1),
+        "{done:?}"
+    );
+    let errors = f.lines_of(done.error_file_id.as_deref()).await;
+    assert_eq!(errors[0]["custom_id"], "greedy");
+    assert_eq!(errors[0]["error"]["code"], "invalid_body");
+    assert_eq!(
+        errors[0]["error"]["message"],
+        "max_tokens 1000000000 exceeds this server's limit of 64"
+    );
+    f.cleanup().await;
+}
+
+/// A batch whose processing keeps failing (here: its input cannot be read) goes behind the
+/// other batches after each failure and ends `failed` after `max_attempts`.
+#[tokio::test]
+async fn a_batch_that_keeps_failing_lets_others_pass_then_fails() {
+    for f in Fixture::both().await {
+        let broken = f.batch("batch_broken", &[chat("a", "Hi")], 86_400).await;
+        // A directory where the input's body should be: opening works, every read fails.
+        f.blobs.delete(&broken.input_file_id).await.unwrap();
+        std::fs::create_dir(f.dir.path().join("files").join(&broken.input_file_id)).unwrap();
+        f.batch("batch_fine", &[chat("b", "Hi")], 86_400).await;
+        let runner = f.runner_with(RunnerSettings {
+            max_attempts: 2,
+            ..Fixture::settings("w1")
+        });
+
+        assert!(
+            runner.run_once().await.is_err(),
+            "the first failure is reported and retried later"
+        );
+        let broken_now = f.store().get_batch("batch_broken").await.unwrap().unwrap();
+        assert_eq!(
+            (broken_now.status, broken_now.lease_owner.as_deref()),
+            (BatchStatus::Validating, None)
+        );
+        let fine = runner.run_once().await.unwrap().unwrap();
+        assert_eq!(
+            (fine.id.as_str(), fine.status),
+            ("batch_fine", BatchStatus::Completed),
+            "the queue moved on"
+        );
+
+        let failed = runner
+            .run_once()
+            .await
+            .expect("the last attempt fails the batch")
+            .unwrap();
+        assert_eq!(
+            (failed.id.as_str(), failed.status),
+            ("batch_broken", BatchStatus::Failed),
+            "{failed:?}"
+        );
+        let errors: Value = serde_json::from_str(failed.errors.as_deref().unwrap()).unwrap();
+        assert_eq!(errors[0]["code"], "processing_failed", "{errors}");
+        assert!(
+            errors[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("failed 2 times"),
+            "{errors}"
+        );
+        assert!(runner.run_once().await.unwrap().is_none());
+        f.cleanup().await;
+    }
 }

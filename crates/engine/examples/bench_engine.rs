@@ -59,6 +59,7 @@ async fn main() {
         max_context: None,
         requantize: true,
         device: "cpu".into(),
+        limits: Default::default(),
     })
     .expect("load");
     let load_s = t.elapsed().as_secs_f64();

@@ -83,6 +83,45 @@ pub struct EngineConfig {
     /// Where the model runs: `"cpu"`, `"cuda"` (the first GPU) or `"cuda:N"`. CUDA needs a build
     /// with the `cuda` feature; the CPU runs batchlab's own kernels and row-wise attention.
     pub device: String,
+    /// Bounds on one request's size ([`RequestLimits::default`] unless a deployment needs
+    /// other values); larger requests fail with [`EngineError::InvalidRequest`].
+    pub limits: RequestLimits,
+}
+
+/// Default for [`RequestLimits::max_messages`]: far more turns than any context the engine
+/// runs can hold (a message costs a few tokens of markers even when empty), while 20,000
+/// messages in a 2 MB body are refused before any template work.
+pub const DEFAULT_MAX_MESSAGES: usize = 4096;
+
+/// Default for [`RequestLimits::max_chat_bytes`]: 4 MiB of text, several times what the
+/// largest supported context (Gemma 3: 32k tokens) can hold, so no prompt that fits a context
+/// is refused for it.
+pub const DEFAULT_MAX_CHAT_BYTES: usize = 4 << 20;
+
+/// Default for [`RequestLimits::max_candidates`]: a labeling config has tens of choices, not
+/// thousands; each candidate costs the model thread a row of every forward pass it is in.
+pub const DEFAULT_MAX_CANDIDATES: usize = 1024;
+
+/// Bounds on what one request may ask of the engine: rendering, encoding and scoring cost
+/// grows with each of these, and an unbounded request would occupy the engine's threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most messages in one chat (each question of a scoring request is one chat).
+    pub max_messages: usize,
+    /// Most bytes of roles and contents together in one chat.
+    pub max_chat_bytes: usize,
+    /// Most candidate answers in one scoring request, over all its questions.
+    pub max_candidates: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_chat_bytes: DEFAULT_MAX_CHAT_BYTES,
+            max_candidates: DEFAULT_MAX_CANDIDATES,
+        }
+    }
 }
 
 /// The candle device `name` names (see [`EngineConfig::device`]).
@@ -125,6 +164,8 @@ struct Inner {
     /// Requests admitted and not yet answered (waiting or running).
     admitted: AtomicUsize,
     capacity: usize,
+    /// Most candidates in one scoring request ([`RequestLimits::max_candidates`]).
+    max_candidates: usize,
     metrics: Arc<metrics::EngineMetrics>,
 }
 
@@ -331,30 +372,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
 
     let tokenizer = Arc::new(load_tokenizer(path, &content)?);
 
-    let token_text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.token_str(i))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let bos_token = token_text(tokenizer.bos_id);
-    let eos_token = token_text(tokenizer.eos_id);
-    let template_src = match content.metadata.get("tokenizer.chat_template") {
-        Some(v) => v
-            .to_string()
-            .map_err(|e| load_err("tokenizer.chat_template", e))?
-            .clone(),
-        None => {
-            // Gemma's vocabulary has its own turn markers; everything else gets ChatML.
-            let (name, template) = if tokenizer.control_id("<start_of_turn>").is_some() {
-                ("Gemma's turn format", GEMMA_TEMPLATE)
-            } else {
-                ("ChatML", CHATML_TEMPLATE)
-            };
-            tracing::warn!(model = %path.display(), "GGUF has no tokenizer.chat_template; using {name}");
-            template.to_string()
-        }
-    };
-    let template = ChatTemplate::new(&template_src, bos_token, eos_token)?;
+    let template = chat_template(path, &content, &tokenizer, config.limits)?;
 
     let mut eos = HashSet::new();
     eos.extend(tokenizer.eos_id);
@@ -421,6 +439,59 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         requantized,
         end_of_turn,
     })
+}
+
+/// The model's chat template: the GGUF's `tokenizer.chat_template`, or Gemma's turn format or
+/// ChatML when it has none; `path` only names the file in the warning.
+pub(crate) fn chat_template(
+    path: &std::path::Path,
+    content: &gguf_file::Content,
+    tokenizer: &GgufTokenizer,
+    limits: RequestLimits,
+) -> Result<ChatTemplate, EngineError> {
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.token_str(i))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let bos_token = token_text(tokenizer.bos_id);
+    let eos_token = token_text(tokenizer.eos_id);
+    let template_src = match content.metadata.get("tokenizer.chat_template") {
+        Some(v) => v
+            .to_string()
+            .map_err(|e| load_err("tokenizer.chat_template", e))?
+            .clone(),
+        None => {
+            // Gemma's vocabulary has its own turn markers; everything else gets ChatML.
+            let (name, template) = if tokenizer.control_id("<start_of_turn>").is_some() {
+                ("Gemma's turn format", GEMMA_TEMPLATE)
+            } else {
+                ("ChatML", CHATML_TEMPLATE)
+            };
+            tracing::warn!(model = %path.display(), "GGUF has no tokenizer.chat_template; using {name}");
+            template.to_string()
+        }
+    };
+    ChatTemplate::new(&template_src, bos_token, eos_token, limits)
+}
+
+/// A model file under `models/` for tests: `None` (the test skips, saying so) when it is
+/// missing, unless `BATCHLAB_REQUIRE_MODELS` is set, which makes a missing file fail the test.
+#[cfg(test)]
+pub(crate) fn test_model(file: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models")
+        .join(file);
+    if !path.exists() {
+        assert!(
+            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
+            "{} is missing",
+            path.display()
+        );
+        eprintln!("SKIP: model file {} is missing", path.display());
+        return None;
+    }
+    Some(path)
 }
 
 /// The tokenizer: a `tokenizer.json` beside the model file overrides the one the GGUF's
@@ -492,6 +563,7 @@ impl Engine {
                 tx,
                 admitted: AtomicUsize::new(0),
                 capacity: config.max_queue.max(1),
+                max_candidates: config.limits.max_candidates,
                 metrics,
             }),
         })
@@ -620,6 +692,8 @@ impl Engine {
         &self,
         questions: Vec<ChoiceQuestion>,
     ) -> Result<Vec<ChoiceScores>, EngineError> {
+        // Before any encoding: 50,000 candidates are refused without tokenizing one.
+        self.check_candidates(questions.iter().map(|q| q.candidates.len()))?;
         let mut token_questions = Vec::with_capacity(questions.len());
         for q in questions {
             let prompt = self.tokenize_chat(&q.messages)?;
@@ -651,6 +725,7 @@ impl Engine {
         &self,
         questions: Vec<TokenQuestion>,
     ) -> Result<Vec<ChoiceScores>, EngineError> {
+        self.check_candidates(questions.iter().map(|q| q.candidates.len()))?;
         for q in &questions {
             score::validate(q, self.inner.context_length)?;
         }
@@ -660,6 +735,22 @@ impl Engine {
         let (reply, rx) = oneshot::channel();
         let _admission = self.enqueue("score", Work::Score { questions, reply })?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Refuses a scoring request with more candidates, over all its questions, than
+    /// [`RequestLimits::max_candidates`].
+    fn check_candidates(
+        &self,
+        per_question: impl Iterator<Item = usize>,
+    ) -> Result<(), EngineError> {
+        let total = per_question.fold(0usize, usize::saturating_add);
+        let max = self.inner.max_candidates;
+        if total > max {
+            return Err(EngineError::InvalidRequest(format!(
+                "a scoring request may have at most {max} candidates in all, got {total}"
+            )));
+        }
+        Ok(())
     }
 
     /// The structured-output compiler, built (off the async threads) on first use.

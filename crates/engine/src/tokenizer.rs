@@ -15,6 +15,7 @@
 
 use std::collections::HashSet;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -57,8 +58,11 @@ pub(crate) const END_OF_GENERATION: &[&str] = &[
 pub(crate) struct GgufTokenizer {
     special: Tokenizer,
     plain: Tokenizer,
-    /// Control tokens as (text, id), longest text first (for leftmost-longest matching).
+    /// Control tokens as (text, id), longest text first, then by id.
     control_tokens: Vec<(String, u32)>,
+    /// Every control-token text at once, leftmost-longest, built once at load: finding all
+    /// markers in a text is one pass over it, however many control tokens the model has.
+    control_matcher: ControlMatcher,
     /// Token strings by id (as stored in the GGUF, i.e. byte-level encoded for gpt2 models).
     tokens: Vec<String>,
     /// How token strings spell bytes.
@@ -328,10 +332,12 @@ impl GgufTokenizer {
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
 
+        let control_matcher = ControlMatcher::new(&control_tokens)?;
         Ok(Self {
             special,
             plain,
             control_tokens,
+            control_matcher,
             tokens,
             spelling,
             bos_id,
@@ -369,10 +375,12 @@ impl GgufTokenizer {
         let mut plain = tokenizer;
         plain.set_encode_special_tokens(true);
         let n = n as u32;
+        let control_matcher = ControlMatcher::new(&control_tokens)?;
         Ok(Self {
             special,
             plain,
             control_tokens,
+            control_matcher,
             tokens,
             spelling: Spelling::Decoded,
             bos_id: md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n),
@@ -471,31 +479,122 @@ impl GgufTokenizer {
             .map_err(|e| EngineError::Inference(format!("detokenization failed: {e}")))
     }
 
-    /// Finds the leftmost (then longest) control-token string in `text` at or after `from`.
+    /// Finds the leftmost (then longest) control-token string in `text` at or after `from`, as
+    /// `(start, length, id)`.
+    #[cfg(test)]
     pub(crate) fn find_control(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
-        let mut best: Option<(usize, usize, u32)> = None;
-        for (t, id) in &self.control_tokens {
-            if t.is_empty() {
-                continue;
-            }
-            if let Some(pos) = text[from..].find(t.as_str()) {
-                let start = from + pos;
-                let better = match best {
-                    None => true,
-                    Some((s, len, _)) => start < s || (start == s && t.len() > len),
-                };
-                if better {
-                    best = Some((start, t.len(), *id));
-                }
-            }
-        }
-        best
+        self.control_matcher.find(text, from)
+    }
+
+    /// Every control-token string in `text`, left to right, as `(start, length, id)`: the
+    /// leftmost (then longest) match, then the same again after its end, in one pass.
+    pub(crate) fn control_matches<'a>(
+        &'a self,
+        text: &'a str,
+    ) -> impl Iterator<Item = (usize, usize, u32)> + 'a {
+        self.control_matcher.find_all(text)
     }
 
     /// Whether `text` contains any control-token string.
     pub(crate) fn contains_control(&self, text: &str) -> bool {
-        self.find_control(text, 0).is_some()
+        self.control_matcher.is_match(text)
     }
+}
+
+/// All control-token texts in one Aho-Corasick automaton (leftmost-longest), so that a text is
+/// scanned once for every marker instead of once per control token per marker found (which made
+/// encoding a long conversation quadratic).
+struct ControlMatcher {
+    automaton: AhoCorasick,
+    /// Token id by pattern index.
+    ids: Vec<u32>,
+}
+
+impl ControlMatcher {
+    /// Builds the matcher over `control_tokens` (longest first, then by id, as
+    /// [`GgufTokenizer`] keeps them). Empty texts never match; a text listed twice keeps its
+    /// first id, the one the former per-token search reported.
+    fn new(control_tokens: &[(String, u32)]) -> Result<Self, EngineError> {
+        let mut seen = HashSet::new();
+        let (patterns, ids): (Vec<&str>, Vec<u32>) = control_tokens
+            .iter()
+            .filter(|(t, _)| !t.is_empty() && seen.insert(t.as_str()))
+            .map(|(t, id)| (t.as_str(), *id))
+            .unzip();
+        let automaton = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .map_err(|e| tok_err("building the control-token matcher", e))?;
+        Ok(Self { automaton, ids })
+    }
+
+    #[cfg(test)]
+    fn find(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        count_scanned(text.len() - from);
+        let input = aho_corasick::Input::new(text).span(from..text.len());
+        self.automaton
+            .find(input)
+            .map(|m| (m.start(), m.len(), self.ids[m.pattern().as_usize()]))
+    }
+
+    fn find_all<'a>(&'a self, text: &'a str) -> impl Iterator<Item = (usize, usize, u32)> + 'a {
+        #[cfg(test)]
+        count_scanned(text.len());
+        self.automaton
+            .find_iter(text)
+            .map(|m| (m.start(), m.len(), self.ids[m.pattern().as_usize()]))
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        #[cfg(test)]
+        count_scanned(text.len());
+        self.automaton.is_match(text)
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Bytes of text this thread handed to control-token searches (tests count work with it).
+    static SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(test)]
+fn count_scanned(bytes: usize) {
+    SCANNED.with(|s| s.set(s.get() + bytes));
+}
+
+/// Bytes of text this thread has searched for control tokens so far: a structural measure of
+/// how often a text is rescanned.
+#[cfg(test)]
+pub(crate) fn scanned_bytes() -> usize {
+    SCANNED.with(std::cell::Cell::get)
+}
+
+/// The per-token search the matcher replaced, kept as the reference it is tested against:
+/// the leftmost occurrence of any control text at or after `from`, the longest at a tie.
+#[cfg(test)]
+pub(crate) fn find_control_reference(
+    control_tokens: &[(String, u32)],
+    text: &str,
+    from: usize,
+) -> Option<(usize, usize, u32)> {
+    let mut best: Option<(usize, usize, u32)> = None;
+    for (t, id) in control_tokens {
+        if t.is_empty() {
+            continue;
+        }
+        if let Some(pos) = text[from..].find(t.as_str()) {
+            let start = from + pos;
+            let better = match best {
+                None => true,
+                Some((s, len, _)) => start < s || (start == s && t.len() > len),
+            };
+            if better {
+                best = Some((start, t.len(), *id));
+            }
+        }
+    }
+    best
 }
 
 /// Incremental detokenizer: turns generated ids into text without ever emitting a partial
@@ -548,16 +647,27 @@ fn encode_with(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, EngineErro
 mod tests {
     use super::*;
 
-    fn tokenizer() -> Option<GgufTokenizer> {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !path.exists() {
-            eprintln!("SKIP: model file {} is missing", path.display());
-            return None;
-        }
-        let mut f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-        let ct = Content::read(&mut f).unwrap();
-        Some(GgufTokenizer::from_gguf(&ct).unwrap())
+    /// A model's tokenizer from its GGUF metadata, built once per test binary; `None` (skip)
+    /// when the file is missing, a failure under `BATCHLAB_REQUIRE_MODELS`.
+    pub(crate) fn model_tokenizer(file: &'static str) -> Option<&'static GgufTokenizer> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static LOADED: OnceLock<Mutex<HashMap<&'static str, &'static GgufTokenizer>>> =
+            OnceLock::new();
+        let path = crate::test_model(file)?;
+        let mut loaded = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some(*loaded.entry(file).or_insert_with(|| {
+            let mut f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+            let ct = Content::read(&mut f).unwrap();
+            Box::leak(Box::new(GgufTokenizer::from_gguf(&ct).unwrap()))
+        }))
+    }
+
+    fn tokenizer() -> Option<&'static GgufTokenizer> {
+        model_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
     }
 
     #[test]
@@ -568,7 +678,7 @@ mod tests {
         let mut dec = IncrementalDecoder::default();
         let mut out = String::new();
         for id in ids {
-            let piece = dec.push(&tok, id).unwrap();
+            let piece = dec.push(tok, id).unwrap();
             assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
             out.push_str(&piece);
         }
@@ -585,5 +695,116 @@ mod tests {
         assert_eq!(tok.control_id("<|im_end|>"), Some(2));
         assert_eq!(tok.encode_trusted("<|im_start|>user").unwrap()[0], 1);
         assert!(!tok.encode_plain("<|im_start|>user").unwrap().contains(&1));
+    }
+
+    /// `control_tokens` sorted as [`GgufTokenizer`] keeps them (longest first, then by id).
+    fn sorted(mut control_tokens: Vec<(String, u32)>) -> Vec<(String, u32)> {
+        control_tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        control_tokens
+    }
+
+    /// The matcher against the per-token reference on `text`: the same match from every
+    /// character boundary, and the same sequence of matches as calling the reference again
+    /// after each one (what the chat encoder did).
+    fn assert_matches_reference(
+        matcher: &ControlMatcher,
+        control_tokens: &[(String, u32)],
+        text: &str,
+        every_from: bool,
+    ) {
+        if every_from {
+            for from in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                assert_eq!(
+                    matcher.find(text, from),
+                    find_control_reference(control_tokens, text, from),
+                    "text {text:?} from {from}, tokens {control_tokens:?}"
+                );
+            }
+        }
+        let mut expected = Vec::new();
+        let mut pos = 0;
+        while let Some((start, len, id)) = find_control_reference(control_tokens, text, pos) {
+            expected.push((start, len, id));
+            pos = start + len;
+        }
+        assert_eq!(
+            matcher.find_all(text).collect::<Vec<_>>(),
+            expected,
+            "text {text:?}, tokens {control_tokens:?}"
+        );
+        assert_eq!(matcher.is_match(text), !expected.is_empty());
+    }
+
+    #[test]
+    fn control_matcher_equals_the_per_token_search_on_adversarial_tokens() {
+        // Prefixes of each other, a shared suffix, a repeated text with two ids, an empty text.
+        let tokens = sorted(
+            [
+                ("<|im_start|>", 1),
+                ("<|im_end|>", 2),
+                ("<|im", 7),
+                ("<", 9),
+                ("|>", 4),
+                ("<|im_end|>", 3),
+                ("", 5),
+                ("im_", 6),
+            ]
+            .into_iter()
+            .map(|(t, id)| (t.to_string(), id))
+            .collect(),
+        );
+        let matcher = ControlMatcher::new(&tokens).unwrap();
+        for text in [
+            "",
+            "plain text",
+            "<|im<|im_start|><<|im_end|>|>",
+            "<|im_start|<|im_end|<|im_start|>user\n<|im_end|>",
+            "<<<<|||>>>|>|>",
+            "é<|imé<|im_end|>é",
+            "im_im_<|im_",
+        ] {
+            assert_matches_reference(&matcher, &tokens, text, true);
+        }
+        // No control tokens at all: nothing ever matches.
+        let none = ControlMatcher::new(&[]).unwrap();
+        assert_matches_reference(&none, &[], "<|im_start|>", true);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 64, ..Default::default() })]
+
+        /// Random token sets over a tiny alphabet (so that tokens overlap, nest and repeat)
+        /// against random texts over the same alphabet.
+        #[test]
+        fn control_matcher_equals_the_per_token_search_on_random_tokens(
+            tokens in proptest::collection::vec(("[<|ab>é]{0,4}", 0u32..12), 0..8),
+            text in "[<|ab>é ]{0,48}",
+        ) {
+            let tokens = sorted(tokens);
+            let matcher = ControlMatcher::new(&tokens).unwrap();
+            assert_matches_reference(&matcher, &tokens, &text, true);
+        }
+
+        /// The real models' control tokens (Gemma 3 has hundreds) on texts made of them, their
+        /// pieces and noise.
+        #[test]
+        fn control_matcher_equals_the_per_token_search_on_the_models_tokens(
+            picks in proptest::collection::vec((0usize..10_000, 0usize..4, "[<|_a-z>\n ]{0,3}"), 0..12),
+        ) {
+            for file in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
+                let Some(tok) = model_tokenizer(file) else { continue };
+                let tokens = tok.control_tokens();
+                let mut text = String::new();
+                for (i, cut, noise) in &picks {
+                    let t = &tokens[i % tokens.len()].0;
+                    // The whole token, or a prefix of it cut at a character boundary.
+                    let end = (0..=t.len()).rev().filter(|&e| t.is_char_boundary(e)).nth(*cut).unwrap_or(0);
+                    text.push_str(&t[..end]);
+                    text.push_str(noise);
+                }
+                assert_matches_reference(&tok.control_matcher, tokens, &text, false);
+                assert_eq!(tok.find_control(&text, 0), find_control_reference(tokens, &text, 0));
+            }
+        }
     }
 }

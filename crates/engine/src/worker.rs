@@ -5,9 +5,11 @@
 //! next token and prompts contribute chunks within the step's token budget, so sequences of
 //! different lengths join and leave the batch between steps and share every weight read.
 //! Per-request state (tokens, sampler, detokenizer, stop conditions) is a [`Sequence`].
-//! Choice scoring jobs run between steps ([`Worker::score`]).
+//! Choice scoring jobs advance one bounded forward pass per turn of the loop, taking turns with
+//! each other and with the generation step ([`Worker::tick`]), so that no scoring request,
+//! however many candidates it has, stalls the running generations.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -275,61 +277,93 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Serves jobs until every sender is dropped and the running batch is empty.
+    /// Serves jobs until every sender is dropped and nothing is left to run.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut running: Vec<Running> = Vec::new();
+        let mut batch = Batch::default();
         let mut open = true;
         loop {
-            // Admit: block only when idle.
-            if running.is_empty() {
+            // Admit: block only when idle. Scoring jobs hold caches too: they count toward
+            // `max_batch`.
+            if batch.is_empty() {
                 if !open {
                     break;
                 }
                 match rx.blocking_recv() {
-                    Some(job) => self.admit(job, &mut running),
+                    Some(job) => self.admit(job, &mut batch),
                     None => break,
                 }
             }
-            while open && running.len() < self.max_batch.max(1) {
+            while open && batch.len() < self.max_batch.max(1) {
                 match rx.try_recv() {
-                    Ok(job) => self.admit(job, &mut running),
+                    Ok(job) => self.admit(job, &mut batch),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            running.retain(|r| {
-                let keep = !r.reply.is_closed();
-                if !keep {
-                    tracing::info!(kind = r.kind, generated = r.seq.generated(), "request cancelled mid-generation");
-                }
-                keep
-            });
-            self.metrics.running.set(running.len() as f64);
-            if running.is_empty() {
-                continue;
-            }
-            if let Err(e) = guarded(|| self.step(&mut running)) {
-                // A failed forward fails the whole batch: their caches are in an unknown state.
-                for r in running.drain(..) {
-                    let _ = r.reply.send(Err(EngineError::Inference(e.to_string())));
-                }
-            }
-            let mut i = 0;
-            while i < running.len() {
-                if running[i].seq.finish.is_some() {
-                    let r = running.swap_remove(i);
-                    self.finish(r);
-                } else {
-                    i += 1;
-                }
-            }
+            self.tick(&mut batch);
         }
         self.metrics.running.set(0.0);
         tracing::debug!("engine queue closed; model thread exits");
     }
 
-    /// Starts a generation, or runs a scoring job to the end.
-    fn admit(&mut self, job: Job, running: &mut Vec<Running>) {
+    /// One turn of the model thread: drops cancelled work, advances the first scoring job by
+    /// one forward pass (it then goes to the back of the line), runs one generation step, and
+    /// answers what finished. So a scoring job, however many candidates it has, delays each
+    /// generation step by one bounded pass at most, and scoring jobs take turns.
+    fn tick(&mut self, batch: &mut Batch) {
+        batch.running.retain(|r| {
+            let keep = !r.reply.is_closed();
+            if !keep {
+                tracing::info!(
+                    kind = r.kind,
+                    generated = r.seq.generated(),
+                    "request cancelled mid-generation"
+                );
+            }
+            keep
+        });
+        batch.scoring.retain(|s| {
+            let keep = !s.reply.is_closed();
+            if !keep {
+                tracing::info!(passes = s.state.passes, "scoring request cancelled mid-way");
+            }
+            keep
+        });
+        self.metrics.running.set(batch.running.len() as f64);
+        if let Some(mut job) = batch.scoring.pop_front() {
+            match guarded(|| self.score_pass(&mut job.state)) {
+                Ok(false) => batch.scoring.push_back(job),
+                Ok(true) => {
+                    let scores = self.finish_score(job.state);
+                    let _ = job.reply.send(Ok(scores));
+                }
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        if batch.running.is_empty() {
+            return;
+        }
+        if let Err(e) = guarded(|| self.step(&mut batch.running)) {
+            // A failed forward fails the whole batch: their caches are in an unknown state.
+            for r in batch.running.drain(..) {
+                let _ = r.reply.send(Err(EngineError::Inference(e.to_string())));
+            }
+        }
+        let mut i = 0;
+        while i < batch.running.len() {
+            if batch.running[i].seq.finish.is_some() {
+                let r = batch.running.swap_remove(i);
+                self.finish(r);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts a generation or a scoring job (both then advance in [`Worker::tick`]).
+    fn admit(&mut self, job: Job, batch: &mut Batch) {
         self.metrics.waiting.decrement(1.0);
         if job.work.is_cancelled() {
             tracing::debug!("request cancelled before it started");
@@ -373,7 +407,7 @@ impl Worker {
                         let fed = cache.len();
                         self.metrics.reused_prompt_tokens.increment(fed as u64);
                         self.metrics.queue_seconds.record(enqueued.elapsed().as_secs_f64());
-                        running.push(Running {
+                        batch.running.push(Running {
                             kind,
                             seq,
                             cache,
@@ -390,8 +424,12 @@ impl Worker {
                 }
             }
             Work::Score { questions, reply } => {
-                let result = guarded(|| self.score(enqueued, &questions));
-                let _ = reply.send(result);
+                match guarded(|| self.begin_score(enqueued, questions)) {
+                    Ok(state) => batch.scoring.push_back(ScoreJob { state, reply }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
         }
     }
@@ -512,169 +550,412 @@ impl Worker {
 
     /// Feeds each of `tokens` into its cache in chunks (every sequence's chunks of one step in one
     /// forward, at most `prefill_chunk` prompt tokens a step, at least one chunk) and returns
-    /// each one's last-position logits.
+    /// each one's last-position logits (tests; scoring runs [`Worker::prefill_step`] itself).
+    #[cfg(test)]
     fn prefill_together(&self, caches: &mut [SeqCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
-        let chunk = self.prefill_chunk.max(1);
-        let mut fed = vec![0usize; tokens.len()];
-        let mut last: Vec<Option<Vec<f32>>> = vec![None; tokens.len()];
-        while fed.iter().zip(tokens).any(|(f, t)| f < &t.len()) {
-            let mut budget = chunk;
-            let mut plan = Vec::new(); // (index, tokens this step)
-            for (i, t) in tokens.iter().enumerate() {
-                let n = (t.len() - fed[i]).min(chunk);
-                if n == 0 || (n > budget && !plan.is_empty()) {
-                    continue;
-                }
-                budget = budget.saturating_sub(n);
-                plan.push((i, n));
-            }
-            let out = {
-                let mut planned = plan.iter().peekable();
-                let mut segments = Vec::with_capacity(plan.len());
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let Some(&&(pi, n)) = planned.peek() else { break };
-                    if pi != i {
-                        continue;
-                    }
-                    planned.next();
-                    let ends = fed[i] + n == tokens[i].len();
-                    segments.push(Segment {
-                        cache,
-                        tokens: &tokens[i][fed[i]..fed[i] + n],
-                        want: if ends { Want::Last } else { Want::Nothing },
-                        prompt: true,
-                    });
-                }
-                self.model.forward(&mut segments).map_err(inference)?
-            };
-            for (&(i, n), logits) in plan.iter().zip(out) {
-                fed[i] += n;
-                if let Some(l) = logits {
-                    last[i] = Some(l.squeeze(0).and_then(|l| l.to_vec1::<f32>()).map_err(inference)?);
-                }
-            }
-            self.metrics.prompt_tokens.increment(plan.iter().map(|&(_, n)| n as u64).sum::<u64>());
+        let mut state = Prefill::new(tokens.len());
+        while !state.done(tokens) {
+            self.prefill_step(caches, tokens, &mut state)?;
         }
-        last.into_iter().map(|l| l.ok_or_else(|| EngineError::Inference("no logits".into()))).collect()
+        state.into_last()
     }
 
-    /// Scores each question's candidates in batched passes: the prompt prefix common to every
-    /// question (once, or from the prompt cache); then, unless the questions' own rests are
-    /// short enough to ride along with every candidate, every question's rest together (each
-    /// from a copy of the shared cache); then every candidate together, each on a copy of its
-    /// question's cache ([`CANDIDATE_FORK_BYTES`] of copies per pass at most). Each pass reads
+    /// One forward pass of a chunked prefill: the next chunk of each of `tokens` while the
+    /// step's budget lasts (one chunk at least), recorded in `state`; returns the rows (tokens)
+    /// it ran.
+    fn prefill_step(
+        &self,
+        caches: &mut [SeqCache],
+        tokens: &[&[u32]],
+        state: &mut Prefill,
+    ) -> Result<usize, EngineError> {
+        let chunk = self.prefill_chunk.max(1);
+        let Prefill { fed, last } = state;
+        let mut budget = chunk;
+        let mut plan = Vec::new(); // (index, tokens this step)
+        for (i, t) in tokens.iter().enumerate() {
+            let n = (t.len() - fed[i]).min(chunk);
+            if n == 0 || (n > budget && !plan.is_empty()) {
+                continue;
+            }
+            budget = budget.saturating_sub(n);
+            plan.push((i, n));
+        }
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        let out = {
+            let mut planned = plan.iter().peekable();
+            let mut segments = Vec::with_capacity(plan.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let Some(&&(pi, n)) = planned.peek() else {
+                    break;
+                };
+                if pi != i {
+                    continue;
+                }
+                planned.next();
+                let ends = fed[i] + n == tokens[i].len();
+                segments.push(Segment {
+                    cache,
+                    tokens: &tokens[i][fed[i]..fed[i] + n],
+                    want: if ends { Want::Last } else { Want::Nothing },
+                    prompt: true,
+                });
+            }
+            self.model.forward(&mut segments).map_err(inference)?
+        };
+        for (&(i, n), logits) in plan.iter().zip(out) {
+            fed[i] += n;
+            if let Some(l) = logits {
+                last[i] = Some(
+                    l.squeeze(0)
+                        .and_then(|l| l.to_vec1::<f32>())
+                        .map_err(inference)?,
+                );
+            }
+        }
+        let rows: usize = plan.iter().map(|&(_, n)| n).sum();
+        self.metrics.prompt_tokens.increment(rows as u64);
+        Ok(rows)
+    }
+
+    /// Scores each question's candidates to the end at once (tests; the model thread runs the
+    /// same passes one per [`Worker::tick`]).
+    #[cfg(test)]
+    fn score(
+        &mut self,
+        enqueued: Instant,
+        questions: &[TokenQuestion],
+    ) -> Result<Vec<ChoiceScores>, EngineError> {
+        let mut state = self.begin_score(enqueued, questions.to_vec())?;
+        while !self.score_pass(&mut state)? {}
+        Ok(self.finish_score(state))
+    }
+
+    /// Starts scoring each question's candidates in batched passes, one per
+    /// [`Worker::score_pass`]: the prompt prefix common to every question (once, or from the
+    /// prompt cache); then, unless the questions' own rests are short enough to ride along with
+    /// every candidate, every question's rest together (each from a copy of the shared cache);
+    /// then every candidate, in waves, each on a copy of its question's cache (at most
+    /// `prefill_chunk` rows and [`CANDIDATE_FORK_BYTES`] of copies per pass). Each pass reads
     /// the weights once for all its rows, and every row gets the same bits whichever way it is
     /// batched.
-    fn score(&mut self, enqueued: Instant, questions: &[TokenQuestion]) -> Result<Vec<ChoiceScores>, EngineError> {
+    fn begin_score(
+        &mut self,
+        enqueued: Instant,
+        questions: Vec<TokenQuestion>,
+    ) -> Result<ScoreState, EngineError> {
         let span = tracing::info_span!(
             "engine.score",
             questions = questions.len(),
             queue_ms = enqueued.elapsed().as_millis() as u64,
         );
-        let _enter = span.enter();
         let start = Instant::now();
         self.metrics.scoring_jobs.increment(1);
         let shape = self.model.cache_shape();
-        let device = self.model.device().clone();
         let shared = common_prefix(questions.iter().map(|q| q.prompt.as_slice()));
-
         let first = &questions[0].prompt;
-        let mut base = match self.prefix.lookup(&first[..=shared], 0).map_err(inference)? {
+        let base = match self
+            .prefix
+            .lookup(&first[..=shared], 0)
+            .map_err(inference)?
+        {
             Some(cache) => cache,
-            None => SeqCache::new(shape, shared, &device).map_err(inference)?,
+            None => SeqCache::new(shape, shared, self.model.device()).map_err(inference)?,
         };
         self.metrics.reused_prompt_tokens.increment(base.len() as u64);
         let reused = base.len();
-        if reused < shared {
-            self.prefill_together(std::slice::from_mut(&mut base), &[&first[reused..shared]])?;
-        }
-        let prefix_ms = start.elapsed().as_millis() as u64;
-
-        let rests: Vec<&[u32]> = questions.iter().map(|q| &q.prompt[shared..]).collect();
-        // When the questions' own rests are short, each candidate's segment carries its
-        // question's rest too (on a copy of the shared cache): a few rows computed again cost
-        // less than a pass of their own. Otherwise every question's rest is one pass, whose last
-        // logits score every candidate's first token, and candidates continue from copies of it.
-        let repeated_rows: usize = questions.iter().zip(&rests).map(|(q, r)| r.len() * (q.candidates.len() - 1)).sum();
-        let fused = repeated_rows <= FUSED_REST_ROWS;
-        let mut logprobs: Vec<Vec<f64>> = questions.iter().map(|q| vec![0.0; q.candidates.len()]).collect();
-        let mut caches = Vec::new();
-        if !fused {
-            caches = questions
-                .iter()
-                .map(|q| base.fork(q.prompt.len() - shared))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .map_err(inference)?;
-            let first_logits = self.prefill_together(&mut caches, &rests)?;
-            for ((lp, q), logits) in logprobs.iter_mut().zip(questions).zip(&first_logits) {
-                for (l, c) in lp.iter_mut().zip(&q.candidates) {
-                    *l = log_softmax_at(logits, c[0]);
-                }
-            }
-        }
-        let questions_ms = start.elapsed().as_millis() as u64 - prefix_ms;
-
-        // Every candidate's tokens still to score, in waves of forked caches within the budget.
-        let per_position = SeqCache::bytes_per_position(&shape);
-        let mut pending: Vec<(usize, usize)> = questions
+        let logprobs = questions
             .iter()
-            .enumerate()
-            .flat_map(|(qi, q)| {
-                q.candidates.iter().enumerate().filter(move |(_, c)| fused || c.len() > 1).map(move |(ci, _)| (qi, ci))
-            })
+            .map(|q| vec![0.0; q.candidates.len()])
             .collect();
-        pending.reverse();
-        while !pending.is_empty() {
-            let (mut wave, mut bytes, mut rows) = (Vec::new(), 0, 0);
-            while let Some(&(qi, ci)) = pending.last() {
-                let cand = &questions[qi].candidates[ci];
-                let lead: &[u32] = if fused { rests[qi] } else { &[] };
-                let tokens = [lead, &cand[..cand.len() - 1]].concat();
-                let cost = (questions[qi].prompt.len() + cand.len()) * per_position;
-                if !wave.is_empty() && (bytes + cost > CANDIDATE_FORK_BYTES || rows + tokens.len() > self.prefill_chunk.max(1)) {
-                    break;
+        Ok(ScoreState {
+            questions,
+            span,
+            start,
+            shared,
+            reused,
+            base,
+            fused: false,
+            caches: Vec::new(),
+            logprobs,
+            pending: Vec::new(),
+            stage: Stage::Prefix(Prefill::new(1)),
+            prefix_ms: 0,
+            questions_ms: 0,
+            passes: 0,
+            largest_pass: 0,
+        })
+    }
+
+    /// Runs the next forward pass of a scoring job (none when it only moves to its next stage);
+    /// true when every candidate is scored and [`Worker::finish_score`] may answer.
+    fn score_pass(&mut self, s: &mut ScoreState) -> Result<bool, EngineError> {
+        let _enter = s.span.clone().entered();
+        loop {
+            match &mut s.stage {
+                Stage::Prefix(state) => {
+                    let first = &s.questions[0].prompt;
+                    let prefix: [&[u32]; 1] = [&first[s.reused..s.shared]];
+                    if !state.done(&prefix) {
+                        let rows =
+                            self.prefill_step(std::slice::from_mut(&mut s.base), &prefix, state)?;
+                        s.record_pass(rows);
+                        return Ok(false);
+                    }
+                    s.prefix_ms = s.start.elapsed().as_millis() as u64;
+                    // When the questions' own rests are short, each candidate's segment carries
+                    // its question's rest too (on a copy of the shared cache): a few rows
+                    // computed again cost less than a pass of their own. Otherwise every
+                    // question's rest is one pass, whose last logits score every candidate's
+                    // first token, and candidates continue from copies of it.
+                    let repeated_rows: usize = s
+                        .questions
+                        .iter()
+                        .map(|q| (q.prompt.len() - s.shared) * (q.candidates.len() - 1))
+                        .sum();
+                    s.fused = repeated_rows <= FUSED_REST_ROWS;
+                    if s.fused {
+                        s.begin_candidates();
+                    } else {
+                        s.caches = s
+                            .questions
+                            .iter()
+                            .map(|q| s.base.fork(q.prompt.len() - s.shared))
+                            .collect::<candle_core::Result<Vec<_>>>()
+                            .map_err(inference)?;
+                        s.stage = Stage::Rests(Prefill::new(s.questions.len()));
+                    }
                 }
-                bytes += cost;
-                rows += tokens.len();
-                let source = if fused { &base } else { &caches[qi] };
-                let cache = source.fork(tokens.len()).map_err(inference)?;
-                wave.push((qi, ci, tokens, cache));
-                pending.pop();
-            }
-            let out = {
-                let mut segments: Vec<Segment<'_>> = wave
-                    .iter_mut()
-                    .map(|(_, _, tokens, cache)| Segment { cache, tokens, want: Want::All, prompt: true })
-                    .collect();
-                self.model.forward(&mut segments).map_err(inference)?
-            };
-            for ((qi, ci, _, _), logits) in wave.iter().zip(out) {
-                let cand = &questions[*qi].candidates[*ci];
-                let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
-                let rows = rows.to_vec2::<f32>().map_err(inference)?;
-                // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
-                let (skip, from) = if fused { (rests[*qi].len() - 1, 0) } else { (0, 1) };
-                for k in from..cand.len() {
-                    logprobs[*qi][*ci] += log_softmax_at(&rows[skip + k - from], cand[k]);
+                Stage::Rests(state) => {
+                    let rests: Vec<&[u32]> =
+                        s.questions.iter().map(|q| &q.prompt[s.shared..]).collect();
+                    if !state.done(&rests) {
+                        let rows = self.prefill_step(&mut s.caches, &rests, state)?;
+                        s.record_pass(rows);
+                        return Ok(false);
+                    }
+                    let first_logits = std::mem::replace(state, Prefill::new(0)).into_last()?;
+                    for ((lp, q), logits) in
+                        s.logprobs.iter_mut().zip(&s.questions).zip(&first_logits)
+                    {
+                        for (l, c) in lp.iter_mut().zip(&q.candidates) {
+                            *l = log_softmax_at(logits, c[0]);
+                        }
+                    }
+                    s.begin_candidates();
+                }
+                Stage::Candidates => {
+                    if s.pending.is_empty() {
+                        return Ok(true);
+                    }
+                    let rows = self.candidate_wave(s)?;
+                    s.record_pass(rows);
+                    return Ok(s.pending.is_empty());
                 }
             }
         }
-        self.prefix.insert(first[..shared].to_vec(), base);
-        let out: Vec<ChoiceScores> = logprobs
+    }
+
+    /// One wave of candidates: as many as fit `prefill_chunk` rows and
+    /// [`CANDIDATE_FORK_BYTES`] of cache copies (one at least), in one forward pass; returns
+    /// the rows it ran.
+    fn candidate_wave(&mut self, s: &mut ScoreState) -> Result<usize, EngineError> {
+        let per_position = SeqCache::bytes_per_position(&self.model.cache_shape());
+        let rest = |qi: usize| -> &[u32] { &s.questions[qi].prompt[s.shared..] };
+        let (mut wave, mut bytes, mut rows) = (Vec::new(), 0, 0);
+        while let Some(&(qi, ci)) = s.pending.last() {
+            let cand = &s.questions[qi].candidates[ci];
+            let lead: &[u32] = if s.fused { rest(qi) } else { &[] };
+            let tokens = [lead, &cand[..cand.len() - 1]].concat();
+            let cost = (s.questions[qi].prompt.len() + cand.len()) * per_position;
+            if !wave.is_empty()
+                && (bytes + cost > CANDIDATE_FORK_BYTES
+                    || rows + tokens.len() > self.prefill_chunk.max(1))
+            {
+                break;
+            }
+            bytes += cost;
+            rows += tokens.len();
+            let source = if s.fused { &s.base } else { &s.caches[qi] };
+            let cache = source.fork(tokens.len()).map_err(inference)?;
+            wave.push((qi, ci, tokens, cache));
+            s.pending.pop();
+        }
+        let out = {
+            let mut segments: Vec<Segment<'_>> = wave
+                .iter_mut()
+                .map(|(_, _, tokens, cache)| Segment {
+                    cache,
+                    tokens,
+                    want: Want::All,
+                    prompt: true,
+                })
+                .collect();
+            self.model.forward(&mut segments).map_err(inference)?
+        };
+        for ((qi, ci, _, _), logits) in wave.iter().zip(out) {
+            let cand = &s.questions[*qi].candidates[*ci];
+            let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
+            let rows = rows.to_vec2::<f32>().map_err(inference)?;
+            // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
+            let (skip, from) = if s.fused {
+                (rest(*qi).len() - 1, 0)
+            } else {
+                (0, 1)
+            };
+            for k in from..cand.len() {
+                s.logprobs[*qi][*ci] += log_softmax_at(&rows[skip + k - from], cand[k]);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The scores of a job whose passes are done; its shared prefix goes to the prompt cache.
+    fn finish_score(&mut self, s: ScoreState) -> Vec<ChoiceScores> {
+        let _enter = s.span.enter();
+        let shared = s.shared;
+        self.prefix
+            .insert(s.questions[0].prompt[..shared].to_vec(), s.base);
+        let out: Vec<ChoiceScores> = s
+            .logprobs
             .into_iter()
-            .zip(questions)
+            .zip(&s.questions)
             .map(|(lp, q)| ChoiceScores::from_logprobs(lp, q.prompt.len()))
             .collect();
         tracing::info!(
             shared_prefix = shared,
-            reused,
-            prefix_ms,
-            questions_ms,
-            fused,
-            total_ms = start.elapsed().as_millis() as u64,
+            reused = s.reused,
+            prefix_ms = s.prefix_ms,
+            questions_ms = s.questions_ms,
+            fused = s.fused,
+            passes = s.passes,
+            largest_pass = s.largest_pass,
+            total_ms = s.start.elapsed().as_millis() as u64,
             "scoring done"
         );
-        Ok(out)
+        out
+    }
+}
+
+/// What the model thread is working on: the running generations, and scoring jobs, which
+/// advance one forward pass per [`Worker::tick`] in turn.
+#[derive(Default)]
+pub(crate) struct Batch {
+    running: Vec<Running>,
+    scoring: VecDeque<ScoreJob>,
+}
+
+impl Batch {
+    /// Generations and scoring jobs admitted.
+    fn len(&self) -> usize {
+        self.running.len() + self.scoring.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A scoring job in progress and the channel its answer goes back on.
+struct ScoreJob {
+    state: ScoreState,
+    reply: oneshot::Sender<Result<Vec<ChoiceScores>, EngineError>>,
+}
+
+/// Where a scoring job stands (see [`Worker::begin_score`]).
+struct ScoreState {
+    questions: Vec<TokenQuestion>,
+    span: tracing::Span,
+    start: Instant,
+    /// Prompt tokens common to every question.
+    shared: usize,
+    /// Of those, tokens the prompt cache had.
+    reused: usize,
+    /// The shared prefix's cache.
+    base: SeqCache,
+    /// Whether each candidate carries its question's rest (see [`Worker::score_pass`]).
+    fused: bool,
+    /// Each question's cache after its rest, when not fused.
+    caches: Vec<SeqCache>,
+    /// Summed log-probabilities so far, by question and candidate.
+    logprobs: Vec<Vec<f64>>,
+    /// (question, candidate) still to score, the next one last.
+    pending: Vec<(usize, usize)>,
+    stage: Stage,
+    prefix_ms: u64,
+    questions_ms: u64,
+    /// Forward passes run so far.
+    passes: usize,
+    /// Rows (tokens) of the largest pass so far: `prefill_chunk` at most, or one candidate
+    /// longer than that alone.
+    largest_pass: usize,
+}
+
+impl ScoreState {
+    fn record_pass(&mut self, rows: usize) {
+        self.passes += 1;
+        self.largest_pass = self.largest_pass.max(rows);
+    }
+
+    /// Queues every candidate with tokens still to score and moves to the candidate stage.
+    fn begin_candidates(&mut self) {
+        self.questions_ms =
+            (self.start.elapsed().as_millis() as u64).saturating_sub(self.prefix_ms);
+        let fused = self.fused;
+        self.pending = self
+            .questions
+            .iter()
+            .enumerate()
+            .flat_map(|(qi, q)| {
+                q.candidates
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, c)| fused || c.len() > 1)
+                    .map(move |(ci, _)| (qi, ci))
+            })
+            .collect();
+        self.pending.reverse();
+        self.stage = Stage::Candidates;
+    }
+}
+
+/// A scoring job's stage.
+enum Stage {
+    /// Feeding the prompt prefix common to every question.
+    Prefix(Prefill),
+    /// Feeding every question's own rest (not fused).
+    Rests(Prefill),
+    /// Scoring candidates in waves.
+    Candidates,
+}
+
+/// Progress of [`Worker::prefill_together`]: tokens fed and last logits, per sequence.
+struct Prefill {
+    fed: Vec<usize>,
+    last: Vec<Option<Vec<f32>>>,
+}
+
+impl Prefill {
+    fn new(n: usize) -> Self {
+        Self {
+            fed: vec![0; n],
+            last: vec![None; n],
+        }
+    }
+
+    /// Whether every one of `tokens` is fed.
+    fn done(&self, tokens: &[&[u32]]) -> bool {
+        self.fed.iter().zip(tokens).all(|(f, t)| *f >= t.len())
+    }
+
+    /// Each sequence's last-position logits.
+    fn into_last(self) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.last
+            .into_iter()
+            .map(|l| l.ok_or_else(|| EngineError::Inference("no logits".into())))
+            .collect()
     }
 }
 
@@ -718,11 +999,7 @@ mod tests {
     }
 
     fn worker(requantize: bool) -> Option<(Worker, Arc<GgufTokenizer>)> {
-        let path = model_path();
-        if !path.exists() {
-            eprintln!("SKIP: model file {} is missing", path.display());
-            return None;
-        }
+        let path = crate::test_model("SmolLM2-135M-Instruct.Q4_1.gguf")?;
         let loaded = load_parts(&EngineConfig {
             model_path: path,
             model_id: "test".into(),
@@ -733,6 +1010,7 @@ mod tests {
             max_context: None,
             requantize,
             device: "cpu".into(),
+            limits: Default::default(),
         })
         .unwrap();
         Some((loaded.worker, loaded.tokenizer))
@@ -834,6 +1112,146 @@ mod tests {
         assert_eq!(alone[0].logprobs, fast[0].logprobs);
     }
 
+    /// A scoring job no longer runs to its end when admitted: it advances one bounded
+    /// forward pass per turn of the model thread, so a generation and a small scoring job
+    /// admitted after a large scoring job are answered while the large one still has passes
+    /// to go; and the large one's scores are those of scoring it on its own.
+    #[test]
+    fn scoring_passes_interleave_with_generation_and_other_scoring() {
+        let Some((mut w, tok)) = worker(true) else {
+            return;
+        };
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        // Small waves: the large job needs many passes (at most 16 rows each).
+        w.prefill_chunk = 16;
+        let large = TokenQuestion {
+            prompt: enc("Pick a number between one and forty:"),
+            candidates: (1..=40)
+                .map(|i| enc(&format!(" number {i} of forty")))
+                .collect(),
+        };
+        let small = TokenQuestion {
+            prompt: enc("Is water wet? Answer:"),
+            candidates: vec![enc(" yes"), enc(" no")],
+        };
+        let job = |work| Job {
+            kind: "test",
+            enqueued: Instant::now(),
+            work,
+        };
+        let mut batch = Batch::default();
+        let (reply, mut large_rx) = oneshot::channel();
+        w.admit(
+            job(Work::Score {
+                questions: vec![large.clone()],
+                reply,
+            }),
+            &mut batch,
+        );
+        assert!(
+            matches!(
+                large_rx.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ),
+            "admitting a scoring job runs none of it"
+        );
+        let (reply, mut generate_rx) = oneshot::channel();
+        let params = SamplingParams {
+            max_tokens: Some(3),
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        w.admit(
+            job(Work::Generate {
+                prompt: enc("The capital of France is"),
+                params,
+                guide: None,
+                reply,
+            }),
+            &mut batch,
+        );
+        let (reply, mut small_rx) = oneshot::channel();
+        w.admit(
+            job(Work::Score {
+                questions: vec![small.clone()],
+                reply,
+            }),
+            &mut batch,
+        );
+
+        let (mut generated, mut small_scores, mut ticks) = (None, None, 0);
+        while generated.is_none() || small_scores.is_none() {
+            w.tick(&mut batch);
+            ticks += 1;
+            generated = generated.or_else(|| generate_rx.try_recv().ok());
+            small_scores = small_scores.or_else(|| small_rx.try_recv().ok());
+            assert!(
+                ticks < 50,
+                "the generation and the small job never finished"
+            );
+        }
+        assert_eq!(generated.unwrap().unwrap().completion_tokens, 3);
+        assert!(
+            matches!(
+                large_rx.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ),
+            "the large job is still running"
+        );
+        let large_passes = batch.scoring.front().map(|j| j.state.passes).unwrap();
+        assert!(
+            large_passes <= ticks,
+            "one pass per turn at most: {large_passes} in {ticks}"
+        );
+        while !batch.is_empty() {
+            w.tick(&mut batch);
+        }
+        let large_scores = large_rx.try_recv().unwrap().unwrap();
+
+        let alone = w.score(Instant::now(), &[large]).unwrap();
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        assert!(
+            close(&large_scores[0].logprobs, &alone[0].logprobs),
+            "{large_scores:?} vs {alone:?}"
+        );
+        let small_alone = w.score(Instant::now(), &[small]).unwrap();
+        assert!(close(
+            &small_scores.unwrap().unwrap()[0].logprobs,
+            &small_alone[0].logprobs
+        ));
+    }
+
+    /// Every pass of a scoring job is bounded by the step's row budget, so the largest job
+    /// admitted costs the running generations one bounded pass per step: 200 candidates take
+    /// many passes of at most `prefill_chunk` rows each.
+    #[test]
+    fn scoring_passes_are_bounded_by_the_step_budget() {
+        let Some((mut w, tok)) = worker(true) else {
+            return;
+        };
+        w.prefill_chunk = 64;
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        let question = TokenQuestion {
+            prompt: enc("Label:"),
+            candidates: (0..200).map(|i| enc(&format!(" label {i}"))).collect(),
+        };
+        let rows: usize = question.candidates.iter().map(|c| c.len() - 1).sum();
+        let mut state = w.begin_score(Instant::now(), vec![question]).unwrap();
+        while !w.score_pass(&mut state).unwrap() {}
+        assert!(
+            state.largest_pass <= 64,
+            "a pass of {} rows",
+            state.largest_pass
+        );
+        assert!(
+            state.passes >= rows.div_ceil(64),
+            "{} passes for {rows} rows",
+            state.passes
+        );
+        let scores = w.finish_score(state);
+        assert_eq!(scores[0].probs.len(), 200);
+    }
+
     /// `fast` (from [`Worker::score`]) equals scoring every candidate from scratch.
     fn check_scores(w: &mut Worker, questions: &[TokenQuestion], fast: &[ChoiceScores]) {
         let shared_len = common_prefix(questions.iter().map(|q| q.prompt.as_slice()));
@@ -898,11 +1316,9 @@ mod tokenizer_json_tests {
     /// with a lower-casing normalizer added encodes "HELLO" as "hello".
     #[test]
     fn tokenizer_json_beside_the_model_overrides_the_gguf() {
-        let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !model.exists() {
-            eprintln!("SKIP: model file {} is missing", model.display());
+        let Some(model) = crate::test_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
             return;
-        }
+        };
         let config = |path: std::path::PathBuf| EngineConfig {
             model_path: path,
             model_id: "t".into(),
@@ -913,6 +1329,7 @@ mod tokenizer_json_tests {
             max_context: Some(64),
             requantize: true,
             device: "cpu".into(),
+            limits: Default::default(),
         };
         let gguf = load_parts(&config(model.clone())).unwrap().tokenizer;
         let dir = tempfile::tempdir().unwrap();

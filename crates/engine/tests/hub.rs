@@ -87,6 +87,7 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
         max_context: Some(256),
         requantize: true,
         device: "cpu".into(),
+        limits: Default::default(),
     };
     let engine = Engine::load(config).unwrap();
     let params = SamplingParams { max_tokens: Some(2), temperature: 0.0, ..SamplingParams::default() };

@@ -4,6 +4,7 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use batchlab_core::curation::CurationError;
 use serde_json::json;
 
 /// A failed ML backend request.
@@ -31,10 +32,22 @@ pub enum MlError {
     /// The engine's queue is full (429): retry later.
     #[error("the model is busy; retry shortly")]
     Overloaded,
+    /// A queue is full (503 with `Retry-After`): the message says which; retry later.
+    #[error("{0}")]
+    Busy(String),
+    /// The service cannot start with this configuration (never an HTTP answer in practice).
+    #[error(transparent)]
+    Config(#[from] batchlab_core::config::ConfigError),
+    /// Webhook ingestion failed: a body that cannot be read is 400, a store failure 503.
+    #[error(transparent)]
+    Curation(#[from] batchlab_core::curation::CurationError),
     /// Something broke inside; logged, answered without details (500).
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// Seconds a client is asked to wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "5";
 
 impl MlError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
@@ -46,7 +59,14 @@ impl MlError {
             Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_unavailable"),
             Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded"),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error"),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "busy"),
+            Self::Curation(CurationError::Webhook(_) | CurationError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_body")
+            }
+            Self::Curation(CurationError::Store(_)) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "store_unavailable"),
+            Self::Config(_) | Self::Curation(_) | Self::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error")
+            }
         }
     }
 }
@@ -54,12 +74,11 @@ impl MlError {
 impl IntoResponse for MlError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
-        let message = match &self {
-            Self::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                "The ML backend had an error while processing the request.".to_string()
-            }
-            other => other.to_string(),
+        let message = if status.is_server_error() && !matches!(self, Self::Unavailable(_) | Self::Busy(_)) {
+            tracing::error!(error = %self, "internal error");
+            "The ML backend had an error while processing the request.".to_string()
+        } else {
+            self.to_string()
         };
         let body = Json(json!({"error": {"message": message, "type": kind, "code": code}}));
         let mut response = (status, body).into_response();
@@ -67,6 +86,9 @@ impl IntoResponse for MlError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"batchlab-ml-backend\""));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECONDS));
         }
         response
     }

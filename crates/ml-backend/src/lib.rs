@@ -11,58 +11,57 @@ pub mod project;
 pub mod setup;
 pub mod webhook;
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchlab_core::config::Config;
+use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
 use serde_json::{json, Value};
 
 pub use error::MlError;
-
-/// How long a hand-off to batchlab-api may take before it is given up.
-const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct MlState {
     /// The loaded configuration.
     pub config: Arc<Config>,
-    /// The `Authorization` value required on every route, when basic auth is configured.
-    pub basic_auth: Option<Arc<str>>,
-    /// Client for handing webhook events on to batchlab-api.
-    pub http: reqwest::Client,
+    /// The `user:password` basic auth requires on every route, when it is configured.
+    pub basic_auth: Option<Arc<auth::Credentials>>,
     /// The engine, loading in the background or loaded.
     pub model: model::Model,
     /// The shared store, where ground-truth annotations are read from (few-shot); none in
     /// tests of the protocol alone.
     pub store: Option<Store>,
+    /// Records Label Studio's webhook events in the store (batchlab-api applies them).
+    pub curation: Option<Curation>,
     /// Prompt templates by project, from `/setup`'s `extra_params`.
     pub templates: project::Templates,
     /// Prediction jobs and the prediction cache.
     pub jobs: predict::Jobs,
-    versions: Arc<Mutex<BTreeSet<String>>>,
+    versions: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl MlState {
     /// State for `config`.
+    /// Refuses half-configured basic auth (see [`Config::check_security`]); the bind address
+    /// is checked by the binary, which knows where it listens.
     pub fn new(config: Config) -> Result<Self, MlError> {
-        let basic_auth = auth::expected_header(config.ml_backend.basic_auth_user.as_deref(), config.ml_backend.basic_auth_pass.as_deref())
-            .map(Arc::from);
-        let http = reqwest::Client::builder().timeout(HANDOFF_TIMEOUT).build().map_err(|e| MlError::Internal(e.to_string()))?;
-        let jobs = predict::Jobs::new(config.ml_backend.cache_entries, config.ml_backend.concurrent_tasks);
+        let ml = &config.ml_backend;
+        let basic_auth = auth::Credentials::from_config(ml).map_err(MlError::Config)?.map(Arc::new);
+        let jobs = predict::Jobs::new(ml.cache_entries, ml.concurrent_tasks, ml.max_pending_tasks);
+        let templates = project::Templates::new(ml.max_projects);
         Ok(Self {
             config: Arc::new(config),
             basic_auth,
-            http,
             model: model::Model::unavailable("no model was loaded into this service"),
             store: None,
-            templates: project::Templates::default(),
+            curation: None,
+            templates,
             jobs,
             versions: Arc::default(),
         })
@@ -76,21 +75,32 @@ impl MlState {
 
     /// The same state reading ground truth from `store`.
     pub fn with_store(mut self, store: Store) -> Self {
+        self.curation = Some(Curation::new(store.clone(), self.config.curation.clone()));
         self.store = Some(store);
         self
     }
 
-    /// Remembers `version` for `/versions`.
+    /// Remembers `version` for `/versions`: the latest `ml_backend.max_projects` distinct
+    /// versions are kept (each ground-truth change makes a new one, so the set is bounded).
     pub fn remember_version(&self, version: &str) {
         let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
-        if !versions.contains(version) {
-            versions.insert(version.to_string());
+        if let Some(i) = versions.iter().position(|v| v == version) {
+            if i + 1 == versions.len() {
+                return;
+            }
+            versions.remove(i);
+        }
+        versions.push_back(version.to_string());
+        while versions.len() > self.config.ml_backend.max_projects.max(1) {
+            versions.pop_front();
         }
     }
 
-    /// Every model version answered so far, sorted.
+    /// The model versions answered lately (see [`MlState::remember_version`]), sorted.
     pub fn known_versions(&self) -> Vec<String> {
-        self.versions.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        let mut versions: Vec<String> = self.versions.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        versions.sort_unstable();
+        versions
     }
 }
 

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::Json;
 use batchlab_core::engine::EngineError;
-use batchlab_core::openai::{chat_completion_object, new_id, parse_chat_body, EngineCall};
+use batchlab_core::openai::{chat_completion_object, new_id, parse_chat_body, BodyLimits, EngineCall};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
@@ -29,7 +29,7 @@ pub async fn chat_completions(State(state): State<MlState>, body: Bytes) -> Resu
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err(MlError::BadRequest("stream=true is not supported; ask without streaming".into()));
     }
-    let (call, _model) = parse_chat_body(body, state.config.engine.default_max_tokens).map_err(MlError::BadRequest)?;
+    let (call, _model) = parse_chat_body(body, &BodyLimits::from_settings(&state.config.engine)).map_err(MlError::BadRequest)?;
     let EngineCall::Chat(request) = call else {
         return Err(MlError::Internal("a chat body parsed as a completion".into()));
     };

@@ -59,6 +59,7 @@ struct JobsInner {
     slots: Arc<Semaphore>,
     queued: std::sync::atomic::AtomicUsize,
     priors: Arc<Priors>,
+    max_pending: usize,
 }
 
 struct Cache {
@@ -92,8 +93,9 @@ pub struct JobCounts {
 }
 
 impl Jobs {
-    /// Empty cache holding up to `capacity` predictions; `concurrent` tasks run at once.
-    pub fn new(capacity: usize, concurrent: usize) -> Jobs {
+    /// Empty cache holding up to `capacity` predictions; `concurrent` tasks run at once and at
+    /// most `max_pending` wait or run (see [`Jobs::admit`]).
+    pub fn new(capacity: usize, concurrent: usize, max_pending: usize) -> Jobs {
         Jobs {
             inner: Arc::new(JobsInner {
                 cache: Mutex::new(Cache { map: HashMap::new(), order: VecDeque::new(), capacity }),
@@ -101,8 +103,25 @@ impl Jobs {
                 slots: Arc::new(Semaphore::new(concurrent.max(1))),
                 queued: Default::default(),
                 priors: Arc::default(),
+                max_pending: max_pending.max(1),
             }),
         }
+    }
+
+    /// Whether `new` more jobs fit under the limit of pending ones. A request that would pass
+    /// it is refused whole (503, Label Studio asks again later) rather than growing the queue
+    /// without bound; one task alone (an annotator waiting on it) is always admitted.
+    pub fn admit(&self, new: usize) -> Result<(), MlError> {
+        let pending = self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).len();
+        if new > 1 && pending + new > self.inner.max_pending {
+            metrics::counter!("batchlab_ml_predict_refused_total", "reason" => "queue_full").increment(1);
+            return Err(MlError::Busy(format!(
+                "{pending} tasks are being predicted and this request would add {new}, over the limit of {} \
+                 (ml_backend.max_pending_tasks); retry later",
+                self.inner.max_pending
+            )));
+        }
+        Ok(())
     }
 
     /// How many predictions are cached, pending and queued.
@@ -181,8 +200,16 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid /predict body: {e}")))?;
     tracing::Span::current().record("tasks", request.tasks.len());
     let schema = request.label_config.as_deref().ok_or_else(|| MlError::BadRequest("label_config is missing".into()))?;
-    let config = LabelConfig::parse(schema).map_err(|e| MlError::Unprocessable(e.to_string()))?;
-    config.require_predictable().map_err(|e| MlError::Unprocessable(e.to_string()))?;
+    let config = LabelConfig::parse(schema).map_err(config_error)?;
+    config.require_predictable().map_err(config_error)?;
+    let max_choices = state.config.ml_backend.max_choices;
+    if let Some(c) = config.controls.iter().find(|c| c.options().len() > max_choices) {
+        return Err(MlError::BadRequest(format!(
+            "control {:?} lists {} options; this ML backend scores at most {max_choices} (ml_backend.max_choices)",
+            c.name,
+            c.options().len()
+        )));
+    }
     let project = request
         .project
         .as_ref()
@@ -224,6 +251,9 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         ModelState::Failed(_) | ModelState::Loading => None,
     };
     let mut entries: Vec<(usize, Pending)> = Vec::with_capacity(misses.len());
+    if engine.is_some() {
+        state.jobs.admit(misses.len())?;
+    }
     if let Some(engine) = engine {
         for (i, key, data, task_id) in misses {
             let job = TaskJob {
@@ -260,6 +290,16 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
     let results: Vec<Value> =
         answers.into_iter().map(|a| a.unwrap_or_else(|| json!({"model_version": context.version}))).collect();
     Ok(Json(json!({"results": results})))
+}
+
+/// A labeling config refused for its size is the request's fault (400, naming the limit); one
+/// that cannot be predicted is 422.
+pub fn config_error(e: batchlab_core::labelstudio::config::LabelConfigError) -> MlError {
+    if e.is_limit() {
+        MlError::BadRequest(e.to_string())
+    } else {
+        MlError::Unprocessable(e.to_string())
+    }
 }
 
 /// What a task's job needs beside the task.
@@ -363,7 +403,7 @@ mod tests {
     /// fixed order on a multi-threaded runtime: the last spawned often runs first).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_start_in_the_order_they_were_asked_for() {
-        let jobs = Jobs::new(100, 1);
+        let jobs = Jobs::new(100, 1, 1_000);
         let started = Arc::new(Mutex::new(Vec::new()));
         // Asked for from a runtime thread, as a request handler does.
         let pending: Vec<Pending> = tokio::spawn({

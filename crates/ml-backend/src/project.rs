@@ -4,7 +4,7 @@
 //! batchlab-api records annotations arriving by webhook). `/setup` and `/predict` both derive
 //! the `model_version` here, so the two always agree.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use batchlab_core::labelstudio::config::LabelConfig;
@@ -14,23 +14,61 @@ use serde_json::Value;
 
 use crate::MlState;
 
-/// Prompt templates by project id, as the last `/setup` announced them.
-#[derive(Clone, Debug, Default)]
-pub struct Templates(Arc<Mutex<HashMap<i64, String>>>);
+/// Prompt templates by project id, as the last `/setup` announced them: at most `capacity`
+/// projects, the one announced longest ago forgotten first (it is announced again by Label
+/// Studio's next `/setup` for it).
+#[derive(Clone, Debug)]
+pub struct Templates(Arc<Mutex<TemplateMap>>);
+
+#[derive(Debug, Default)]
+struct TemplateMap {
+    map: HashMap<i64, String>,
+    order: VecDeque<i64>,
+    capacity: usize,
+}
 
 impl Templates {
+    /// Room for the templates of `capacity` projects.
+    pub fn new(capacity: usize) -> Templates {
+        Templates(Arc::new(Mutex::new(TemplateMap { capacity: capacity.max(1), ..TemplateMap::default() })))
+    }
+
     /// Remembers (or with `None` forgets) the template of `project`.
     pub fn set(&self, project: i64, template: Option<String>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match template {
-            Some(t) => map.insert(project, t),
-            None => map.remove(&project),
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let known = match template {
+            Some(template) => t.map.insert(project, template).is_some(),
+            None => {
+                let known = t.map.remove(&project).is_some();
+                if known {
+                    t.order.retain(|p| *p != project);
+                }
+                return;
+            }
         };
+        if !known {
+            t.order.push_back(project);
+        }
+        while t.map.len() > t.capacity {
+            if let Some(oldest) = t.order.pop_front() {
+                t.map.remove(&oldest);
+            }
+        }
     }
 
     /// The template of `project`, if one was set.
     pub fn get(&self, project: i64) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&project).cloned()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).map.get(&project).cloned()
+    }
+
+    /// How many projects have a template remembered.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).map.len()
+    }
+
+    /// Whether no project has a template remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -106,6 +144,21 @@ mod tests {
         assert_eq!(project_id(&json!(7)), Some(7));
         assert_eq!(project_id(&json!("x")), None);
         assert_eq!(project_id(&Value::Null), None);
+    }
+
+    #[test]
+    fn templates_are_kept_for_a_bounded_number_of_projects() {
+        let t = Templates::new(3);
+        for p in 0..10_000 {
+            t.set(p, Some(format!("T{p} {{text}}")));
+        }
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(9_999).as_deref(), Some("T9999 {text}"));
+        assert_eq!(t.get(0), None);
+        t.set(9_999, None);
+        t.set(1, Some("again".into()));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(1).as_deref(), Some("again"));
     }
 
     #[test]

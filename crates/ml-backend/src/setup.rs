@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use batchlab_core::labelstudio::config::LabelConfig;
 
 use crate::error::MlError;
+use crate::predict::config_error;
 use crate::project::{project_id, template_of};
 use crate::MlState;
 
@@ -45,7 +46,13 @@ pub async fn setup(State(state): State<MlState>, body: Bytes) -> Result<Json<Val
     if let Some(project) = project {
         state.templates.set(project, template_of(request.extra_params.as_ref()));
     }
-    let config = LabelConfig::parse(schema).ok();
+    // A config that does not parse still gets a version (Label Studio shows the error from
+    // /predict); one refused for its size is refused here already.
+    let config = match LabelConfig::parse(schema) {
+        Ok(config) => Some(config),
+        Err(e) if e.is_limit() => return Err(config_error(e)),
+        Err(_) => None,
+    };
     let version = state.project_context(project, schema, config.as_ref()).await.version;
     tracing::info!(project = ?request.project, hostname = ?request.hostname, model_version = %version, "setup");
     metrics::counter!("batchlab_ml_setup_total").increment(1);

@@ -1,8 +1,9 @@
 //! `POST /webhook`: Label Studio's events. Adding an ML backend makes Label Studio send every
-//! project event here, and START_TRAINING comes only here; so each event is acknowledged at
-//! once (Label Studio waits 1 s and never retries) and handed on, in a background task, to
-//! batchlab-api's webhook endpoint with the body unchanged and the shared-secret header.
-//! A failed hand-off is logged and counted, never turned into an error for Label Studio.
+//! project event here, and START_TRAINING comes only here. Each event is stored in the shared
+//! store exactly as batchlab-api's webhook route stores it (idempotently: the copy Label Studio
+//! also sends to the API is a duplicate, a no-op), and batchlab-api's event processor, which
+//! polls the store, applies it. Nothing is relayed over HTTP, so no credential leaves this
+//! service: the route is exactly as trusted as the ML backend's basic auth makes it.
 
 use axum::extract::State;
 use axum::Json;
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use crate::error::MlError;
 use crate::MlState;
 
-/// Actions batchlab knows; others are acknowledged and logged.
+/// Actions batchlab knows; others are stored (and acknowledged) all the same, counted as `other`.
 const KNOWN_ACTIONS: [&str; 8] = [
     "ANNOTATION_CREATED",
     "ANNOTATIONS_CREATED",
@@ -24,53 +25,18 @@ const KNOWN_ACTIONS: [&str; 8] = [
     "START_TRAINING",
 ];
 
-/// The path on batchlab-api that receives handed-on events.
-pub const API_WEBHOOK_PATH: &str = "/v1/webhooks/label-studio";
-
-/// `POST /webhook` → `{}` at once; the event goes on to batchlab-api in the background.
+/// `POST /webhook` → `{}` once the event is stored (a single insert: well inside the second
+/// Label Studio waits). Counted as `batchlab_ml_webhook_events_total{action, status}` with
+/// status `accepted` or `duplicate`.
 #[tracing::instrument(skip_all, fields(action))]
 pub async fn webhook(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
-    let doc: Value = serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid webhook body: {e}")))?;
-    let action = doc
-        .get("action")
-        .and_then(Value::as_str)
-        .ok_or_else(|| MlError::BadRequest("webhook body has no string `action`".into()))?
-        .to_string();
-    tracing::Span::current().record("action", action.as_str());
-    let label = if KNOWN_ACTIONS.contains(&action.as_str()) {
-        tracing::info!(%action, "webhook event");
-        action.clone()
-    } else {
-        tracing::info!(%action, "webhook event with an unknown action; acknowledged");
-        "other".to_string()
+    let Some(curation) = &state.curation else {
+        return Err(MlError::Unavailable("this ML backend has no store to record webhook events in".into()));
     };
-    metrics::counter!("batchlab_ml_webhook_events_total", "action" => label.clone()).increment(1);
-    tokio::spawn(hand_on(state, label, body));
+    let ingested = curation.ingest(&body).await?;
+    tracing::Span::current().record("action", ingested.action.as_str());
+    let label = if KNOWN_ACTIONS.contains(&ingested.action.as_str()) { ingested.action.clone() } else { "other".to_string() };
+    tracing::info!(action = %ingested.action, event_id = ingested.event_id, status = ingested.status, "webhook event stored");
+    metrics::counter!("batchlab_ml_webhook_events_total", "action" => label, "status" => ingested.status).increment(1);
     Ok(Json(json!({})))
-}
-
-/// Posts `body` unchanged to batchlab-api; logs and counts the outcome
-/// (`batchlab_ml_webhook_handoffs_total{action, outcome="ok"|"rejected"|"failed"}`).
-async fn hand_on(state: MlState, action: String, body: Bytes) {
-    let url = format!("{}{}", state.config.ml_backend.api_url.trim_end_matches('/'), API_WEBHOOK_PATH);
-    let mut request = state.http.post(&url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
-    let ls = &state.config.label_studio;
-    if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
-        request = request.header(ls.webhook_secret_header.as_str(), secret);
-    }
-    let outcome = match request.send().await {
-        Ok(r) if r.status().is_success() => {
-            tracing::info!(%action, %url, status = r.status().as_u16(), "webhook event handed on");
-            "ok"
-        }
-        Ok(r) => {
-            tracing::warn!(%action, %url, status = r.status().as_u16(), "webhook hand-off rejected by batchlab-api");
-            "rejected"
-        }
-        Err(e) => {
-            tracing::warn!(%action, %url, error = %e, "webhook hand-off failed");
-            "failed"
-        }
-    };
-    metrics::counter!("batchlab_ml_webhook_handoffs_total", "action" => action, "outcome" => outcome).increment(1);
 }

@@ -1,18 +1,13 @@
 //! The ML backend over a real socket, replaying the requests a real Label Studio 1.23 sent
 //! (`tests/fixtures/label-studio-1.23` at the repository root): health, setup,
-//! webhooks; basic auth; the webhook hand-off to a receiving server bound in the test.
+//! webhooks stored in the shared store; basic auth.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use axum::routing::post;
 use batchlab_core::config::Config;
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/label-studio-1.23")
@@ -71,34 +66,6 @@ async fn json_of(response: reqwest::Response) -> (u16, Value) {
     (status, response.json().await.unwrap())
 }
 
-/// A batchlab-api stand-in: records each webhook hand-off (headers, body), after `delay`.
-async fn receiver(delay: Duration) -> (String, mpsc::UnboundedReceiver<(HeaderMap, Bytes)>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let tx = Arc::new(tx);
-    let app = axum::Router::new().route(
-        "/v1/webhooks/label-studio",
-        post(move |headers: HeaderMap, body: Bytes| {
-            let tx = tx.clone();
-            async move {
-                tokio::time::sleep(delay).await;
-                let _ = tx.send((headers, body));
-                axum::Json(json!({"status": "ok"}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, rx)
-}
-
-fn config_with_api(api_url: &str) -> Config {
-    let mut c = Config::default();
-    c.ml_backend.api_url = api_url.to_string();
-    c.label_studio.webhook_secret = Some("s3cret".into());
-    c
-}
-
 #[tokio::test]
 async fn health_fixtures_answer_up() {
     let s = serve(Config::default()).await;
@@ -155,67 +122,110 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
     assert_eq!(json_of(s2.replay(f).await).await.1["model_version"], v.as_str());
 }
 
+/// A server whose ML backend records webhook events in `db`'s store, with `config`.
+async fn serve_config_with_store(config: Config, db: &batchlab_core::testing::TestDb) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(MlState::new(config).unwrap().with_store(db.store.clone()));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server { base, client: reqwest::Client::new() }
+}
+
+/// Every event Label Studio sent to the ML backend is stored in the shared store, body for body,
+/// where batchlab-api's processor applies it; a second delivery of a body is a duplicate.
 #[tokio::test]
-async fn every_webhook_fixture_is_acknowledged_and_handed_on_unchanged() {
-    let (api, mut rx) = receiver(Duration::ZERO).await;
-    let s = serve(config_with_api(&api)).await;
+async fn every_webhook_fixture_is_stored_for_the_api_to_apply() {
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let s = serve_config_with_store(Config::default(), &db).await;
     let fx = fixtures("webhook");
     for (name, f) in &fx {
         let (status, body) = json_of(s.replay(f).await).await;
         assert_eq!((status, body), (200, json!({})), "{name}");
     }
-    for _ in 0..fx.len() {
-        let (headers, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a hand-off").unwrap();
-        assert_eq!(headers.get("x-batchlab-secret").unwrap(), "s3cret");
-        let doc: Value = serde_json::from_slice(&body).unwrap();
-        // Hand-offs run concurrently: match each by content.
-        assert!(fx.iter().any(|(_, f)| f["body"] == doc), "handed-on body matches no fixture: {doc}");
+    let distinct: std::collections::BTreeSet<String> = fx.iter().map(|(_, f)| f["body"].to_string()).collect();
+    let counts = db.store.webhook_event_counts(None).await.unwrap();
+    assert_eq!(counts.received as usize, distinct.len(), "one stored event per distinct body");
+    let stored = db.store.pending_webhook_events(1_000).await.unwrap();
+    for event in &stored {
+        let doc: Value = serde_json::from_str(&event.body).unwrap();
+        assert!(fx.iter().any(|(_, f)| f["body"] == doc), "stored body matches no fixture: {doc}");
     }
+    // Replayed: acknowledged, stored nothing new.
+    for (name, f) in &fx {
+        assert_eq!(s.replay(f).await.status(), 200, "{name}");
+    }
+    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, counts.received);
     let metrics = s.client.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("batchlab_ml_webhook_events_total"), "{metrics}");
-    assert!(metrics.contains("batchlab_ml_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("status=\"duplicate\""), "{metrics}");
+    db.cleanup().await;
 }
 
+/// START_TRAINING, which Label Studio sends only to the ML backend, is stored with the bytes
+/// Label Studio sent. Before, the ML backend relayed any body to batchlab-api adding the
+/// webhook secret itself, so anyone who reached it bypassed the secret.
 #[tokio::test]
-async fn start_training_reaches_the_api_with_the_secret_and_the_same_bytes() {
-    let (api, mut rx) = receiver(Duration::ZERO).await;
-    let s = serve(config_with_api(&api)).await;
+async fn start_training_is_stored_byte_for_byte_and_nothing_is_relayed() {
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let mut config = Config::default();
+    config.label_studio.webhook_secret = Some("s3cret".into());
+    let s = serve_config_with_store(config, &db).await;
     let (_, f) = fixtures("webhook").into_iter().find(|(n, _)| n.starts_with("39-")).expect("fixture 39");
     let sent = serde_json::to_vec(&f["body"]).unwrap();
     let r = s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(sent.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let (headers, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
-    assert_eq!(body.as_ref(), sent.as_slice(), "body handed on byte for byte");
-    assert_eq!(headers.get("x-batchlab-secret").unwrap(), "s3cret");
-    assert_eq!(headers.get("content-type").unwrap(), "application/json");
+    let stored = db.store.pending_webhook_events(10).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].action, "START_TRAINING");
+    assert_eq!(stored[0].body.as_bytes(), sent.as_slice(), "stored byte for byte");
+    db.cleanup().await;
 }
 
+/// With basic auth on, `/webhook` is exactly as trusted as every other route: no credentials,
+/// nothing stored.
 #[tokio::test]
-async fn webhook_answers_before_a_slow_api_finishes() {
-    let (api, mut rx) = receiver(Duration::from_secs(3)).await;
-    let s = serve(config_with_api(&api)).await;
-    let started = Instant::now();
-    let r = s.client.post(format!("{}/webhook", s.base)).json(&json!({"action": "START_TRAINING", "project": {"id": 1}})).send().await.unwrap();
+async fn webhook_events_need_the_ml_backends_credentials() {
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let mut config = Config::default();
+    config.ml_backend.basic_auth_user = Some("ml".into());
+    config.ml_backend.basic_auth_pass = Some("pw".into());
+    let s = serve_config_with_store(config, &db).await;
+    let event = json!({"action": "START_TRAINING", "project": {"id": 1}});
+    let r = s.client.post(format!("{}/webhook", s.base)).json(&event).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 0);
+    let r = s.client.post(format!("{}/webhook", s.base)).basic_auth("ml", Some("pw")).json(&event).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(1), "acknowledged after {:?}", started.elapsed());
-    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("the hand-off still arrives").unwrap();
+    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 1);
+    db.cleanup().await;
 }
 
 #[tokio::test]
 async fn webhook_bodies_without_payload_unknown_actions_and_malformed_json() {
-    // Nothing listens on the API URL: the hand-off fails, Label Studio still gets 200.
-    let s = serve(config_with_api("http://127.0.0.1:9")).await;
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let s = serve_config_with_store(Config::default(), &db).await;
     let post = |body: &'static str| {
         s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(body).send()
     };
     assert_eq!(json_of(post(r#"{"action": "TASKS_CREATED"}"#).await.unwrap()).await, (200, json!({})));
     assert_eq!(json_of(post(r#"{"action": "SOMETHING_NEW", "x": 1}"#).await.unwrap()).await, (200, json!({})));
-    for bad in [r#"{"action": "#, "[1,2]", r#"{"no_action": true}"#] {
+    for bad in [r#"{"action": "#, "[1,2]", r#"{"no_action": true}"#, "\u{0}"] {
         let (status, body) = json_of(post(bad).await.unwrap()).await;
         assert_eq!(status, 400, "{bad}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
         assert!(body["error"]["message"].is_string() && body["error"]["code"].is_string(), "{body}");
     }
+    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 2);
+    db.cleanup().await;
+}
+
+/// Without a store (a protocol-only setup) events cannot be kept: 503, never a silent drop.
+#[tokio::test]
+async fn webhook_without_a_store_is_unavailable() {
+    let s = serve(Config::default()).await;
+    let r = s.client.post(format!("{}/webhook", s.base)).json(&json!({"action": "START_TRAINING"})).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
 }
 
 #[tokio::test]
@@ -334,4 +344,52 @@ async fn ground_truth_in_the_store_changes_the_model_version() {
     assert_ne!(before["model_version"], after["model_version"], "one ground-truth example is a new example set");
     assert_eq!(post_json(&s, "/setup", &setup).await.1["model_version"], after["model_version"], "stable while the set is");
     db.cleanup().await;
+}
+
+/// Hostile labeling configs and templates: each a 400 naming the limit (or a quick answer),
+/// and the service answers `/health` afterwards. A config nested 20,000 deep once aborted the
+/// process (stack overflow); a template of a million `{` took minutes of a runtime thread.
+#[tokio::test]
+async fn hostile_configs_and_templates_cost_one_answer() {
+    let s = serve(Config::default()).await;
+    let deep = format!(
+        "{}<Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\"><Choice value=\"a\"/></Choices>{}",
+        "<View>".repeat(20_000),
+        "</View>".repeat(20_000)
+    );
+    let (status, e) = post_json(&s, "/setup", &json!({"project": "1.0", "schema": deep})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("deeper than 64 levels"), "{e}");
+    let task = json!({"id": 1, "data": {"text": "x"}});
+    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": deep})).await;
+    assert_eq!(status, 400, "{e}");
+
+    let choices: String = (0..5_000).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+    let wide = format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>");
+    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": wide})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("ml_backend.max_choices"), "{e}");
+    let choices: String = (0..50_000).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+    let wider = format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>");
+    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": wider})).await;
+    assert_eq!(status, 400, "{e}");
+
+    let entity = r#"<!DOCTYPE v [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><View><Text name="t" value="&b;"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
+    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": entity})).await;
+    assert_eq!(status, 422, "a config with a DTD does not parse: {e}");
+
+    let template = format!("{}{{text}}", "{".repeat(1_000_000));
+    let (status, e) = post_json(&s, "/setup", &json!({"project": "2.0", "schema": TEXT_CONFIG, "extra_params": {"prompt": template}})).await;
+    assert_eq!(status, 200, "{e}");
+
+    for bad in [format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(), b"\xff\xfe".to_vec(), Vec::new()] {
+        for path in ["/setup", "/predict", "/webhook"] {
+            let r = s.client.post(format!("{}{path}", s.base)).header("content-type", "application/json").body(bad.clone()).send().await.unwrap();
+            let status = r.status().as_u16();
+            assert!((400..500).contains(&status) || (path == "/webhook" && status == 503), "{path}: {status}");
+            let body: Value = r.json().await.unwrap();
+            assert!(body["error"]["message"].is_string(), "{path}: {body}");
+        }
+    }
+    assert_eq!(s.client.get(format!("{}/health", s.base)).send().await.unwrap().status(), 200);
 }

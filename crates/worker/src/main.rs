@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let worker_id = config.worker_id();
     let store = Store::open(&config.database)
         .await
-        .with_context(|| format!("opening database {}", config.database.url))?;
+        .with_context(|| format!("opening database {}", batchlab_core::secret::redact_url(&config.database.url)))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let e = &config.engine;
     let mut engine_config = e.engine_config();
@@ -41,7 +41,11 @@ async fn main() -> anyhow::Result<()> {
         lease_seconds: config.worker.lease_seconds as i64,
         concurrency: config.worker.concurrency,
         default_max_tokens: config.engine.default_max_tokens,
+        max_tokens_limit: config.engine.max_tokens_limit,
+        max_messages: config.engine.max_messages,
         max_lines: config.batch.max_lines,
+        max_line_bytes: config.batch.max_line_bytes,
+        max_attempts: config.batch.max_attempts,
     };
     let runner = Runner::new(store, blobs, engine, settings);
     runner

@@ -6,9 +6,11 @@
 //! processed; every write is guarded so a duplicate or out-of-order delivery changes nothing.
 
 use std::collections::{BTreeSet, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde::Serialize;
 use serde_json::Value;
 use tracing::Instrument;
@@ -59,15 +61,21 @@ impl Curation {
     }
 
     /// Runs the processor until the process ends: a pass whenever an event arrives, and every
-    /// second in case another process stored one.
+    /// second in case another process (the ML backend, another API) stored one. A pass that
+    /// fails (the database is away) or panics is logged and counted, and the loop goes on: the
+    /// processor never stops silently.
     pub fn spawn_processor(&self) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                match this.process_pending().await {
-                    Ok(n) if n as i64 == PASS => continue,
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "webhook processing pass failed; retrying"),
+                match AssertUnwindSafe(this.process_pending()).catch_unwind().await {
+                    Ok(Ok(n)) if n as i64 == PASS => continue,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "webhook processing pass failed; retrying"),
+                    Err(panic) => {
+                        metrics::counter!("batchlab_webhook_processor_panics_total").increment(1);
+                        tracing::error!(panic = %panic_message(&*panic), "webhook processing pass panicked; retrying");
+                    }
                 }
                 tokio::select! {
                     _ = this.wake.notified() => {}
@@ -87,7 +95,20 @@ impl Curation {
         let mut train = BTreeSet::new();
         for event in &events {
             let span = tracing::info_span!("webhook_event", id = event.id, action = %event.action);
-            match self.process_one(event, &mut configs).instrument(span).await? {
+            let applied = match AssertUnwindSafe(self.process_one(event, &mut configs).instrument(span)).catch_unwind().await {
+                Ok(applied) => applied?,
+                Err(panic) => {
+                    // A poison event: whatever it holds, it must not stop the events behind it.
+                    let reason = format!("panicked while applying: {}", panic_message(&*panic));
+                    tracing::error!(id = event.id, action = %event.action, %reason, "webhook event failed");
+                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
+                    self.store.fail_event(event.id, &reason).await?;
+                    // The cache may hold a half-built entry; start the pass's cache afresh.
+                    configs.clear();
+                    None
+                }
+            };
+            match applied {
                 Some((Action::StartTraining, Some(p))) => {
                     train.insert(p);
                 }
@@ -106,11 +127,21 @@ impl Curation {
                 Err(e) => tracing::error!(project_id = project, error = %e, "START_TRAINING export failed"),
             }
         }
-        if let Ok(counts) = self.store.webhook_event_counts().await {
+        if let Ok(counts) = self.store.webhook_event_counts(None).await {
             metrics::gauge!("batchlab_webhook_events_pending").set(counts.pending as f64);
+            metrics::gauge!("batchlab_webhook_events_failed").set(counts.failed as f64);
         }
         Ok(events.len())
     }
+}
+
+/// The text a panic carried, when it carried text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 impl Curation {
@@ -119,6 +150,7 @@ impl Curation {
         let body: Value = match serde_json::from_str(&event.body) {
             Ok(v) => v,
             Err(e) => {
+                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
                 self.store.fail_event(event.id, &format!("unreadable body: {e}")).await?;
                 return Ok(None);
             }
@@ -140,7 +172,7 @@ impl Curation {
             Err(e) => {
                 drop(tx);
                 tracing::warn!(error = %e, "webhook event could not be applied");
-                self.store.fail_event(event.id, &format!("error: {e}")).await?;
+                self.store.fail_event(event.id, &e.to_string()).await?;
                 metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
                 Ok(None)
             }
@@ -150,6 +182,10 @@ impl Curation {
 
 /// Applies one event inside its transaction; answers the outcome to record.
 async fn apply(tx: &mut CurationTx, action: &Action, body: &Value, configs: &mut ConfigCache) -> Result<String, CurationError> {
+    #[cfg(test)]
+    if matches!(action, Action::Unknown(name) if name == tests::PANIC_ACTION) {
+        panic!("injected by a test");
+    }
     let project_id = webhook::project_id(body);
     if let Some(p) = ProjectPayload::read(body).filter(|p| !p.label_config.is_empty()) {
         let changed = tx.upsert_project(p.id, &p.title, &p.label_config, p.updated_at_us).await?;
@@ -280,4 +316,82 @@ async fn revalidate(tx: &mut CurationTx, project: i64, configs: &mut ConfigCache
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::config::CurationConfig;
+    use crate::curation::Curation;
+    use crate::testing::TestDb;
+
+    /// An action whose application panics (test builds only): a stand-in for any bug that a
+    /// hostile or unforeseen event could trigger.
+    pub(super) const PANIC_ACTION: &str = "BATCHLAB_TEST_PANIC";
+
+    fn project_event(action: &str, id: i64, config: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({"action": action, "project": {"id": id, "title": "p", "label_config": config}})).unwrap()
+    }
+
+    const CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
+
+    /// A poison event is marked failed with its reason, counted, shown in the project status,
+    /// and the events behind it are applied; the processor loop keeps running.
+    #[tokio::test]
+    async fn a_panicking_event_is_failed_and_the_processor_goes_on() {
+        let db = TestDb::sqlite().await;
+        let dir = tempfile::tempdir().unwrap();
+        let curation = Curation::new(
+            db.store.clone(),
+            CurationConfig { training_dir: dir.path().into(), milestones: vec![], accuracy_every: 0 },
+        );
+        curation.ingest(&project_event("PROJECT_CREATED", 7, CONFIG)).await.unwrap();
+        curation.ingest(&project_event(PANIC_ACTION, 7, CONFIG)).await.unwrap();
+        let renamed = serde_json::to_vec(&json!({"action": "PROJECT_UPDATED", "project": {"id": 7, "title": "renamed", "label_config": CONFIG}})).unwrap();
+        curation.ingest(&renamed).await.unwrap();
+
+        let processor = curation.spawn_processor();
+        let status = loop {
+            let counts = db.store.webhook_event_counts(Some(7)).await.unwrap();
+            if counts.pending == 0 {
+                break curation.status(7).await.unwrap();
+            }
+            assert!(!processor.is_finished(), "the processor stopped");
+            curation.wake.notify_one();
+            tokio::task::yield_now().await;
+        };
+        assert!(!processor.is_finished(), "the processor must survive a poison event");
+        processor.abort();
+        assert_eq!(status.title, "renamed", "the event after the poison one was applied");
+        assert_eq!(status.webhook_events.failed, 1);
+        assert_eq!(status.failed_events.len(), 1);
+        assert_eq!(status.failed_events[0].action, PANIC_ACTION);
+        assert!(status.failed_events[0].reason.contains("panicked while applying: injected by a test"), "{:?}", status.failed_events);
+        db.cleanup().await;
+    }
+
+    /// A labeling config nested 20,000 deep once overflowed the stack of batchlab-api's event
+    /// processor, on every restart (the event stayed pending). Now the project is recorded and
+    /// its annotations are kept unvalidated, like any config that does not parse.
+    #[tokio::test]
+    async fn a_deeply_nested_config_in_a_webhook_is_survived() {
+        let db = TestDb::sqlite().await;
+        let dir = tempfile::tempdir().unwrap();
+        let curation = Curation::new(
+            db.store.clone(),
+            CurationConfig { training_dir: dir.path().into(), milestones: vec![], accuracy_every: 0 },
+        );
+        let deep = format!("{}<Text name=\"t\" value=\"$text\"/>{}", "<View>".repeat(20_000), "</View>".repeat(20_000));
+        curation.ingest(&project_event("PROJECT_UPDATED", 3, &deep)).await.unwrap();
+        let annotation = json!({"action": "ANNOTATION_CREATED", "project": {"id": 3},
+            "task": {"id": 1, "project": 3, "data": {"text": "x"}},
+            "annotation": {"id": 1, "task": 1, "project": 3, "result": [], "was_cancelled": false}});
+        curation.ingest(&serde_json::to_vec(&annotation).unwrap()).await.unwrap();
+        while curation.process_pending().await.unwrap() > 0 {}
+        let status = curation.status(3).await.unwrap();
+        assert_eq!(status.counts.annotations, 1);
+        assert_eq!(status.webhook_events.pending, 0);
+        db.cleanup().await;
+    }
 }

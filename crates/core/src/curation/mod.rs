@@ -19,7 +19,7 @@ use crate::config::CurationConfig;
 use crate::labelstudio::config::{LabelConfig, LabelConfigError};
 use crate::labelstudio::region::{field_values, FieldValue, Region};
 use crate::labelstudio::webhook::WebhookError;
-use crate::store::{AnnotationCounts, ExportRecord, ProjectRow, Store, StoreError};
+use crate::store::{AnnotationCounts, ExportRecord, FailedWebhookEvent, ProjectRow, Store, StoreError, WebhookEventCounts};
 
 pub use events::Ingested;
 
@@ -88,6 +88,10 @@ pub struct ProjectStatus {
     pub invalid_annotations: Vec<Value>,
     /// Accuracy records kept, oldest first: checkpoint and overall accuracy per model version.
     pub accuracy_history: Vec<Value>,
+    /// Webhook deliveries about this project: received, still pending, failed.
+    pub webhook_events: WebhookEventCounts,
+    /// Up to 100 of the latest deliveries that could not be applied, with the reason.
+    pub failed_events: Vec<FailedWebhookEvent>,
 }
 
 impl Curation {
@@ -126,6 +130,8 @@ impl Curation {
         let exports = self.store.exports(id).await?;
         let invalid = self.store.invalid_annotations(id, 100).await?;
         let history = self.store.accuracy_records(id).await?;
+        let webhook_events = self.store.webhook_event_counts(Some(id)).await?;
+        let failed_events = self.store.failed_webhook_events(id, 100).await?;
         Ok(ProjectStatus {
             id,
             title: project.title,
@@ -145,6 +151,8 @@ impl Curation {
                     serde_json::json!({"checkpoint": r.checkpoint, "created_at": r.created_at, "model_versions": report})
                 })
                 .collect(),
+            webhook_events,
+            failed_events,
         })
     }
 

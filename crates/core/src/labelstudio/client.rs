@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use crate::secret::Secret;
+
 /// How much of an error body is kept in [`LabelStudioError::Status`].
 const ERROR_BODY_LIMIT: usize = 500;
 
@@ -102,7 +104,8 @@ pub struct LsMlBackend {
     pub error_message: Option<String>,
 }
 
-/// What batchlab asks Label Studio to create or change for an ML backend.
+/// What batchlab asks Label Studio to create or change for an ML backend. Its `Debug` (and so
+/// any log line or span that records it) shows the password as `***`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct MlBackendSpec {
     /// The URL Label Studio calls (`/health`, `/setup`, `/predict`, `/webhook` are appended).
@@ -120,7 +123,7 @@ pub struct MlBackendSpec {
     pub basic_auth_user: Option<String>,
     /// Basic-auth password when `auth_method` is `BASIC_AUTH`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub basic_auth_pass: Option<String>,
+    pub basic_auth_pass: Option<Secret>,
 }
 
 impl MlBackendSpec {
@@ -141,7 +144,7 @@ impl MlBackendSpec {
     pub fn with_basic_auth(mut self, user: &str, pass: &str) -> Self {
         self.auth_method = "BASIC_AUTH".into();
         self.basic_auth_user = Some(user.to_string());
-        self.basic_auth_pass = Some(pass.to_string());
+        self.basic_auth_pass = Some(pass.into());
         self
     }
 }
@@ -174,8 +177,9 @@ pub struct LsWebhook {
     pub actions: Vec<String>,
 }
 
-/// What batchlab asks Label Studio to create or change for a webhook.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// What batchlab asks Label Studio to create or change for a webhook. Its `Debug` shows header
+/// values (batchlab's shared secret among them) as `***`.
+#[derive(Clone, Serialize, PartialEq)]
 pub struct WebhookSpec {
     /// Project the webhook belongs to.
     pub project: i64,
@@ -189,6 +193,20 @@ pub struct WebhookSpec {
     pub headers: serde_json::Map<String, Value>,
     /// Deliver at all.
     pub is_active: bool,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&String, &str)> = self.headers.keys().map(|k| (k, "***")).collect();
+        f.debug_struct("WebhookSpec")
+            .field("project", &self.project)
+            .field("url", &self.url)
+            .field("send_payload", &self.send_payload)
+            .field("send_for_all_actions", &self.send_for_all_actions)
+            .field("headers", &headers)
+            .field("is_active", &self.is_active)
+            .finish()
+    }
 }
 
 impl WebhookSpec {

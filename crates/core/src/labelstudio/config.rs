@@ -149,6 +149,21 @@ pub enum LabelConfigError {
     /// A `Choices` or `Labels` control lists no options.
     #[error("control {0:?} has no options to choose from")]
     NoOptions(String),
+    /// Tags are nested deeper than [`MAX_DEPTH`]: Label Studio's own configs are a few levels
+    /// deep, and an unbounded walk could exhaust the stack.
+    #[error("labeling config nests tags deeper than {limit} levels")]
+    TooDeep {
+        /// The limit, [`MAX_DEPTH`].
+        limit: usize,
+    },
+    /// A control lists more options than [`MAX_OPTIONS`].
+    #[error("control {control:?} lists more than {limit} options")]
+    TooManyOptions {
+        /// The control's name.
+        control: String,
+        /// The limit, [`MAX_OPTIONS`].
+        limit: usize,
+    },
     /// No control in the config is one batchlab can predict.
     #[error("{}", nothing_to_predict(unsupported))]
     NothingToPredict {
@@ -156,6 +171,22 @@ pub enum LabelConfigError {
         unsupported: Vec<String>,
     },
 }
+
+impl LabelConfigError {
+    /// Whether the config was refused for its size (nesting, options) rather than its meaning:
+    /// services answer these with 400, naming the limit.
+    pub fn is_limit(&self) -> bool {
+        matches!(self, Self::TooDeep { .. } | Self::TooManyOptions { .. })
+    }
+}
+
+/// Deepest nesting of tags accepted. Label Studio's own templates nest a few levels; 64 leaves
+/// room for any layout a person writes while keeping the walk's stack small.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most options (`<Choice>`, `<Label>`) one control may list. Validation and prompts stay
+/// cheap; the ML backend applies its own, smaller limit before scoring options.
+pub const MAX_OPTIONS: usize = 10_000;
 
 fn nothing_to_predict(unsupported: &[String]) -> String {
     if unsupported.is_empty() {
@@ -181,7 +212,7 @@ impl LabelConfig {
             return Err(LabelConfigError::NoView);
         }
         let mut walk = Walk::default();
-        walk.children(root, attr(root, "visibleWhen").is_some())?;
+        walk.children(root, attr(root, "visibleWhen").is_some(), 1)?;
         walk.finish()
     }
 
@@ -267,6 +298,16 @@ impl LabelConfig {
 }
 
 impl ControlTag {
+    /// The closed set a labeler picks from (`Choices` options, `Labels` labels); empty for
+    /// controls that take free text or numbers.
+    pub fn options(&self) -> &[String] {
+        match &self.kind {
+            ControlKind::Choices { options, .. } => options,
+            ControlKind::Labels { labels } => labels,
+            _ => &[],
+        }
+    }
+
     /// "choices" | "textarea" | "rating" | "number" | "labels": the region `type`.
     pub fn type_name(&self) -> &'static str {
         match self.kind {
@@ -600,9 +641,13 @@ struct Walk {
 }
 
 impl Walk {
-    fn children(&mut self, node: Node<'_, '_>, conditional: bool) -> Result<(), LabelConfigError> {
+    /// Walks the element children of `node`, which sits `depth` levels below the document.
+    fn children(&mut self, node: Node<'_, '_>, conditional: bool, depth: usize) -> Result<(), LabelConfigError> {
+        if depth >= MAX_DEPTH && node.children().any(|c| c.is_element()) {
+            return Err(LabelConfigError::TooDeep { limit: MAX_DEPTH });
+        }
         for child in node.children().filter(Node::is_element) {
-            self.element(child, conditional || attr(child, "visibleWhen").is_some())?;
+            self.element(child, conditional || attr(child, "visibleWhen").is_some(), depth + 1)?;
         }
         Ok(())
     }
@@ -614,7 +659,7 @@ impl Walk {
         Ok(())
     }
 
-    fn element(&mut self, node: Node<'_, '_>, conditional: bool) -> Result<(), LabelConfigError> {
+    fn element(&mut self, node: Node<'_, '_>, conditional: bool, depth: usize) -> Result<(), LabelConfigError> {
         let tag = node.tag_name().name().to_ascii_lowercase();
         let missing = |attribute: &str| LabelConfigError::MissingAttribute {
             tag: describe(node),
@@ -698,7 +743,7 @@ impl Walk {
                 }
                 self.unsupported.push(UnsupportedTag { tag: node.tag_name().name().to_owned(), name });
             }
-            _ => self.children(node, conditional)?,
+            _ => self.children(node, conditional, depth)?,
         }
         Ok(())
     }
@@ -743,8 +788,10 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
         attribute: attribute.to_owned(),
         value: value.to_owned(),
     };
-    let options = |child: &str| -> Vec<String> {
-        node.descendants()
+    let name = || attr(node, "name").unwrap_or_default().to_owned();
+    let options = |child: &str| -> Result<Vec<String>, LabelConfigError> {
+        let options: Vec<String> = node
+            .descendants()
             .filter(|d| d.is_element() && d.tag_name().name().eq_ignore_ascii_case(child))
             .filter_map(|d| {
                 attr(d, "value")
@@ -752,12 +799,16 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
                     .map(str::to_owned)
                     .or_else(|| d.text().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
             })
-            .collect()
+            .take(MAX_OPTIONS + 1)
+            .collect();
+        if options.len() > MAX_OPTIONS {
+            return Err(LabelConfigError::TooManyOptions { control: name(), limit: MAX_OPTIONS });
+        }
+        Ok(options)
     };
-    let name = || attr(node, "name").unwrap_or_default().to_owned();
     Ok(match tag {
         "choices" => {
-            let options = options("choice");
+            let options = options("choice")?;
             if options.is_empty() {
                 return Err(LabelConfigError::NoOptions(name()));
             }
@@ -765,7 +816,7 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
             ControlKind::Choices { options, multiple }
         }
         "labels" => {
-            let labels = options("label");
+            let labels = options("label")?;
             if labels.is_empty() {
                 return Err(LabelConfigError::NoOptions(name()));
             }
@@ -1267,5 +1318,50 @@ mod tests {
         ));
         let empty = LabelConfig::parse("<View><Header value=\"Nothing here\"/></View>").unwrap();
         assert!(empty.require_predictable().unwrap_err().to_string().contains("no control tag"));
+    }
+
+    /// A config nested 20,000 levels deep once overflowed the walk's stack and aborted the
+    /// process (both services parse configs from requests and webhooks).
+    #[test]
+    fn deeply_nested_configs_are_refused_naming_the_limit() {
+        let deep = format!(
+            "{}<Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\"><Choice value=\"a\"/></Choices>{}",
+            "<View>".repeat(20_000),
+            "</View>".repeat(20_000)
+        );
+        let err = LabelConfig::parse(&deep).unwrap_err();
+        assert_eq!(err, LabelConfigError::TooDeep { limit: MAX_DEPTH });
+        assert!(err.is_limit());
+        assert!(err.to_string().contains("64 levels"), "{err}");
+
+        // Exactly at the limit is fine: the control sits at depth MAX_DEPTH.
+        let nest = |levels: usize| {
+            format!(
+                "{}<Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\"><Choice value=\"a\"/></Choices>{}",
+                "<View>".repeat(levels),
+                "</View>".repeat(levels)
+            )
+        };
+        assert!(LabelConfig::parse(&nest(MAX_DEPTH - 1)).is_ok());
+        assert_eq!(LabelConfig::parse(&nest(MAX_DEPTH)).unwrap_err(), LabelConfigError::TooDeep { limit: MAX_DEPTH });
+    }
+
+    #[test]
+    fn controls_with_too_many_options_are_refused() {
+        let wide = |n: usize| {
+            let choices: String = (0..n).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+            format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>")
+        };
+        assert!(LabelConfig::parse(&wide(MAX_OPTIONS)).is_ok());
+        let err = LabelConfig::parse(&wide(50_000)).unwrap_err();
+        assert_eq!(err, LabelConfigError::TooManyOptions { control: "c".into(), limit: MAX_OPTIONS });
+        assert!(err.is_limit());
+    }
+
+    /// Entity declarations (the "billion laughs") are refused: no DTD is processed at all.
+    #[test]
+    fn entity_declarations_are_refused() {
+        let xml = r#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]><View><Text name="t" value="&lol2;"/></View>"#;
+        assert!(matches!(LabelConfig::parse(xml), Err(LabelConfigError::Xml(_))));
     }
 }

@@ -9,8 +9,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::client::{LabelStudioClient, LabelStudioError, LsWebhook, MlBackendSpec, WebhookSpec};
+use crate::secret::Secret;
 
-/// What to set up.
+/// What to set up. Its `Debug` shows the password and the shared secret as `***`.
 #[derive(Clone, Debug)]
 pub struct SetupOptions {
     /// Project title; an existing project with exactly this title is reused.
@@ -24,11 +25,11 @@ pub struct SetupOptions {
     /// Title of a newly connected ML backend.
     pub ml_backend_title: String,
     /// Basic-auth user and password of the ML backend, when it requires them.
-    pub ml_backend_basic_auth: Option<(String, String)>,
+    pub ml_backend_basic_auth: Option<(String, Secret)>,
     /// URL of batchlab-api's webhook endpoint as Label Studio reaches it; `None` registers none.
     pub webhook_url: Option<String>,
     /// The shared-secret header (name, value) every webhook delivery carries.
-    pub webhook_header: Option<(String, String)>,
+    pub webhook_header: Option<(String, Secret)>,
 }
 
 /// What setup found, created and changed.
@@ -117,7 +118,7 @@ pub async fn setup(client: &LabelStudioClient, opts: &SetupOptions) -> Result<Se
     if let Some(url) = &opts.webhook_url {
         let mut headers = serde_json::Map::new();
         if let Some((name, value)) = &opts.webhook_header {
-            headers.insert(name.clone(), Value::String(value.clone()));
+            headers.insert(name.clone(), Value::String(value.expose().to_owned()));
         }
         let spec = WebhookSpec::all_actions(project.id, url, headers);
         let existing = client.list_webhooks(project.id).await?.into_iter().find(|w| same_url(&w.url, url));

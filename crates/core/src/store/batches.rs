@@ -61,7 +61,10 @@ impl BatchStatus {
 
     /// True for states a worker still has to act on.
     pub fn is_active(self) -> bool {
-        matches!(self, Self::Validating | Self::InProgress | Self::Finalizing | Self::Cancelling)
+        matches!(
+            self,
+            Self::Validating | Self::InProgress | Self::Finalizing | Self::Cancelling
+        )
     }
 
     /// The column holding the time this status was entered.
@@ -200,7 +203,8 @@ fn from_row(row: &AnyRow) -> Result<BatchRecord, StoreError> {
         endpoint: row.try_get("endpoint")?,
         input_file_id: row.try_get("input_file_id")?,
         completion_window: row.try_get("completion_window")?,
-        status: BatchStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("batch status {status:?}")))?,
+        status: BatchStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("batch status {status:?}")))?,
         metadata: row.try_get("metadata")?,
         model: row.try_get("model")?,
         errors: row.try_get("errors")?,
@@ -224,13 +228,62 @@ fn from_row(row: &AnyRow) -> Result<BatchRecord, StoreError> {
     })
 }
 
+/// Text PostgreSQL cannot store: U+0000. Refused before the query on both backends (SQLite could
+/// store it) so a value fails the same way everywhere, as an encoding error naming the column.
+#[derive(Debug, thiserror::Error)]
+#[error("{column} must not contain the NUL character (U+0000)")]
+pub struct NulInText {
+    /// The column the value was meant for.
+    pub column: &'static str,
+}
+
+/// Refuses `value` for `column` when it holds U+0000 (see [`NulInText`]).
+fn check_text(column: &'static str, value: &str) -> Result<(), StoreError> {
+    if value.contains('\0') {
+        return Err(StoreError::Database(sqlx::Error::Encode(Box::new(
+            NulInText { column },
+        ))));
+    }
+    Ok(())
+}
+
+/// The statuses of a batch a worker still has to act on, as an SQL list.
+const ACTIVE: &str = "'validating', 'in_progress', 'finalizing', 'cancelling'";
+
+/// What [`Store::delete_file_if_unused`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileDeletion {
+    /// The file's row is gone.
+    Deleted,
+    /// There was no such file.
+    NotFound,
+    /// An unfinished batch reads this file as its input; nothing was deleted.
+    InUse {
+        /// That batch.
+        batch_id: String,
+        /// Its status (validating, in_progress, finalizing or cancelling).
+        status: BatchStatus,
+    },
+}
+
 fn status_list(statuses: &[BatchStatus]) -> String {
-    statuses.iter().map(|s| format!("'{}'", s.as_str())).collect::<Vec<_>>().join(", ")
+    statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Store {
     /// Queues a new batch in `validating`.
     pub async fn insert_batch(&self, b: &NewBatch) -> Result<BatchRecord, StoreError> {
+        check_text("batches.id", &b.id)?;
+        check_text("batches.endpoint", &b.endpoint)?;
+        check_text("batches.input_file_id", &b.input_file_id)?;
+        check_text(
+            "batches.metadata",
+            b.metadata.as_deref().unwrap_or_default(),
+        )?;
         let created = now();
         sqlx::query(
             "INSERT INTO batches (id, endpoint, input_file_id, completion_window, status, metadata, \
@@ -246,7 +299,9 @@ impl Store {
         .bind(b.total)
         .execute(&self.pool)
         .await?;
-        self.get_batch(&b.id).await?.ok_or_else(|| StoreError::Corrupt(format!("batch {} vanished", b.id)))
+        self.get_batch(&b.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("batch {} vanished", b.id)))
     }
 
     /// One batch by id.
@@ -259,7 +314,11 @@ impl Store {
     }
 
     /// A page of batches, newest first, starting after batch `after`; `limit + 1` rows at most.
-    pub async fn list_batches(&self, after: Option<&str>, limit: i64) -> Result<Vec<BatchRecord>, StoreError> {
+    pub async fn list_batches(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<BatchRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM batches \
              WHERE ($1 IS NULL OR seq < (SELECT seq FROM batches WHERE id = $1)) \
@@ -287,9 +346,15 @@ impl Store {
     }
 
     /// Claims the oldest batch that needs a worker and has no live lease, leasing it to
-    /// `worker` for `lease_seconds`. On PostgreSQL, `FOR UPDATE SKIP LOCKED` lets many workers
-    /// poll at once without blocking each other; SQLite serialises writers anyway.
-    pub async fn claim_batch(&self, worker: &str, lease_seconds: i64) -> Result<Option<BatchRecord>, StoreError> {
+    /// `worker` for `lease_seconds`; batches that failed fewer processing attempts come first
+    /// (see [`Store::note_failed_attempt`]), so a batch that keeps failing cannot hold up the
+    /// queue. On PostgreSQL, `FOR UPDATE SKIP LOCKED` lets many workers poll at once without
+    /// blocking each other; SQLite serialises writers anyway.
+    pub async fn claim_batch(
+        &self,
+        worker: &str,
+        lease_seconds: i64,
+    ) -> Result<Option<BatchRecord>, StoreError> {
         let lock = match self.backend {
             Backend::Postgres => "FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
@@ -298,9 +363,9 @@ impl Store {
         let row = sqlx::query(&format!(
             "UPDATE batches SET lease_owner = $1, lease_expires_at = $2 WHERE id = ( \
                SELECT id FROM batches \
-               WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling') \
+               WHERE status IN ({ACTIVE}) \
                  AND (lease_expires_at IS NULL OR lease_expires_at < $3) \
-               ORDER BY seq LIMIT 1 {lock}) \
+               ORDER BY attempts, seq LIMIT 1 {lock}) \
              RETURNING {COLUMNS}"
         ))
         .bind(worker)
@@ -312,13 +377,20 @@ impl Store {
     }
 
     /// Extends `worker`'s lease on a batch; `false` when the lease was lost to another worker.
-    pub async fn renew_lease(&self, id: &str, worker: &str, lease_seconds: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE batches SET lease_expires_at = $3 WHERE id = $1 AND lease_owner = $2")
-            .bind(id)
-            .bind(worker)
-            .bind(now() + lease_seconds)
-            .execute(&self.pool)
-            .await?;
+    pub async fn renew_lease(
+        &self,
+        id: &str,
+        worker: &str,
+        lease_seconds: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE batches SET lease_expires_at = $3 WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(now() + lease_seconds)
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -341,23 +413,38 @@ impl Store {
         from: &[BatchStatus],
         to: BatchStatus,
     ) -> Result<bool, StoreError> {
-        let stamp = to.timestamp_column().map(|c| format!(", {c} = COALESCE({c}, $3)")).unwrap_or_default();
+        let stamp = to
+            .timestamp_column()
+            .map(|c| format!(", {c} = COALESCE({c}, $3)"))
+            .unwrap_or_default();
         let sql = format!(
             "UPDATE batches SET status = '{}'{stamp} WHERE id = $1 AND lease_owner = $2 AND status IN ({})",
             to.as_str(),
             status_list(from)
         );
         let query = sqlx::query(&sql).bind(id).bind(worker);
-        let query = if stamp.is_empty() { query } else { query.bind(now()) };
+        let query = if stamp.is_empty() {
+            query
+        } else {
+            query.bind(now())
+        };
         Ok(query.execute(&self.pool).await?.rows_affected() > 0)
     }
 
-    /// Fails a batch whose input had no usable line, with its per-line errors (JSON array text).
-    pub async fn fail_batch(&self, id: &str, worker: &str, errors: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+    /// Fails an unfinished batch leased to `worker` (one whose input had no usable line, or
+    /// that cannot run at all), with its errors (JSON array text of `errors.data[]`). `false`
+    /// when the batch is leased elsewhere or already ended.
+    pub async fn fail_batch(
+        &self,
+        id: &str,
+        worker: &str,
+        errors: &str,
+    ) -> Result<bool, StoreError> {
+        check_text("batches.errors", errors)?;
+        let done = sqlx::query(&format!(
             "UPDATE batches SET status = 'failed', failed_at = $3, errors = $4 \
-             WHERE id = $1 AND lease_owner = $2 AND status = 'validating'",
-        )
+             WHERE id = $1 AND lease_owner = $2 AND status IN ({ACTIVE})"
+        ))
         .bind(id)
         .bind(worker)
         .bind(now())
@@ -367,8 +454,59 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Counts a failed processing attempt of a batch leased to `worker`: the batch goes behind
+    /// batches with fewer failures in [`Store::claim_batch`]. Returns the attempts so far, or
+    /// `None` when the batch is leased elsewhere (nothing changes then). The lease is kept (the
+    /// caller may still fail the batch) until [`Store::release_lease`].
+    pub async fn note_failed_attempt(
+        &self,
+        id: &str,
+        worker: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE batches SET attempts = attempts + 1 WHERE id = $1 AND lease_owner = $2 RETURNING attempts",
+        )
+        .bind(id)
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.try_get::<i64, _>("attempts")).transpose()?)
+    }
+
+    /// Deletes a file's row unless an unfinished batch (validating, in_progress, finalizing or
+    /// cancelling) reads it as its input, in one statement, so a worker never finds the input
+    /// of a queued batch gone. The caller removes the body after [`FileDeletion::Deleted`].
+    pub async fn delete_file_if_unused(&self, file_id: &str) -> Result<FileDeletion, StoreError> {
+        let deleted = sqlx::query(&format!(
+            "DELETE FROM files WHERE id = $1 AND NOT EXISTS ( \
+               SELECT 1 FROM batches WHERE input_file_id = $1 AND status IN ({ACTIVE}))"
+        ))
+        .bind(file_id)
+        .execute(&self.pool)
+        .await?;
+        if deleted.rows_affected() > 0 {
+            return Ok(FileDeletion::Deleted);
+        }
+        let user = sqlx::query(&format!(
+            "SELECT id, status FROM batches WHERE input_file_id = $1 AND status IN ({ACTIVE}) ORDER BY seq LIMIT 1"
+        ))
+        .bind(file_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = user else {
+            return Ok(FileDeletion::NotFound);
+        };
+        let status: String = row.try_get("status")?;
+        Ok(FileDeletion::InUse {
+            batch_id: row.try_get("id")?,
+            status: BatchStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("batch status {status:?}")))?,
+        })
+    }
+
     /// Records the request count found by validation and the model that will answer.
     pub async fn set_total(&self, id: &str, total: i64, model: &str) -> Result<(), StoreError> {
+        check_text("batches.model", model)?;
         sqlx::query("UPDATE batches SET total = $2, model = $3 WHERE id = $1")
             .bind(id)
             .bind(total)
@@ -396,7 +534,14 @@ impl Store {
 
     /// Persists one finished line and counts it, atomically and at most once: `false` when the
     /// line was already recorded (by an earlier, killed worker), in which case nothing changes.
+    ///
+    /// Text holding U+0000 (which PostgreSQL cannot store) is refused on every backend.
     pub async fn record_line(&self, batch_id: &str, line: &BatchLine) -> Result<bool, StoreError> {
+        check_text(
+            "batch_lines.custom_id",
+            line.custom_id.as_deref().unwrap_or_default(),
+        )?;
+        check_text("batch_lines.body", &line.body)?;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO batch_lines (batch_id, line_no, custom_id, kind, body, input_tokens, output_tokens) \
@@ -438,7 +583,10 @@ impl Store {
             .bind(batch_id)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(|r| r.try_get::<i64, _>("line_no")).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>("line_no"))
+            .collect::<Result<_, _>>()?)
     }
 
     /// Up to `limit` finished lines of one kind with line numbers above `after`, in order.

@@ -34,14 +34,36 @@ pub struct WebhookEvent {
     pub body: String,
 }
 
-/// How many deliveries were recorded and how many still wait.
+/// How many deliveries were recorded, how many still wait and how many could not be applied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct WebhookEventCounts {
     /// Every delivery recorded.
     pub received: i64,
     /// Deliveries not processed yet.
     pub pending: i64,
+    /// Deliveries that could not be applied (see [`Store::fail_event`]).
+    pub failed: i64,
 }
+
+/// A delivery that could not be applied, as the project status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FailedWebhookEvent {
+    /// The stored event.
+    pub id: i64,
+    /// Label Studio's `action`.
+    pub action: String,
+    /// Why it could not be applied.
+    pub reason: String,
+    /// When it arrived (unix seconds, as every time in the store).
+    pub received_at: i64,
+}
+
+/// The start of every failed event's `outcome`, so failures can be told from other outcomes.
+/// (Before it existed, failures were recorded as `error: ...` or `unreadable body: ...`.)
+pub const FAILED_OUTCOME: &str = "failed: ";
+
+/// SQL condition matching failed events' outcomes, the older spellings included.
+const FAILED_CONDITION: &str = "(outcome LIKE 'failed: %' OR outcome LIKE 'error: %' OR outcome LIKE 'unreadable body%')";
 
 /// A Label Studio project as batchlab last heard of it.
 #[derive(Clone, Debug, PartialEq)]
@@ -244,15 +266,40 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Deliveries recorded and still pending.
-    pub async fn webhook_event_counts(&self) -> Result<WebhookEventCounts, StoreError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS received, COALESCE(SUM(CASE WHEN processed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending \
-             FROM webhook_events",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(WebhookEventCounts { received: row.try_get("received")?, pending: row.try_get("pending")? })
+    /// Deliveries recorded, still pending and failed; of one project when `project` is given.
+    pub async fn webhook_event_counts(&self, project: Option<i64>) -> Result<WebhookEventCounts, StoreError> {
+        let sql = format!(
+            "SELECT COUNT(*) AS received, COALESCE(SUM(CASE WHEN processed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
+             COALESCE(SUM(CASE WHEN {FAILED_CONDITION} THEN 1 ELSE 0 END), 0) AS failed \
+             FROM webhook_events WHERE ($1 IS NULL OR project_id = $1)"
+        );
+        let row = sqlx::query(&sql).bind(project).fetch_one(&self.pool).await?;
+        Ok(WebhookEventCounts {
+            received: row.try_get("received")?,
+            pending: row.try_get("pending")?,
+            failed: row.try_get("failed")?,
+        })
+    }
+
+    /// The latest `limit` deliveries about `project` that could not be applied, newest first.
+    pub async fn failed_webhook_events(&self, project: i64, limit: i64) -> Result<Vec<FailedWebhookEvent>, StoreError> {
+        let sql = format!(
+            "SELECT id, action, outcome, received_at FROM webhook_events WHERE project_id = $1 AND {FAILED_CONDITION} \
+             ORDER BY id DESC LIMIT $2"
+        );
+        let rows = sqlx::query(&sql).bind(project).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let outcome: String = r.try_get("outcome")?;
+                Ok(FailedWebhookEvent {
+                    id: r.try_get("id")?,
+                    action: r.try_get("action")?,
+                    reason: outcome.strip_prefix(FAILED_OUTCOME).unwrap_or(&outcome).to_owned(),
+                    received_at: r.try_get("received_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
     }
 
     /// Starts applying one event: the transaction first claims the event (its first statement is
@@ -274,12 +321,14 @@ impl Store {
         Ok(Some(CurationTx { tx, event_id }))
     }
 
-    /// Marks an event processed after applying it failed, so that one bad event cannot stall
-    /// the ones behind it; the reason stays in `outcome`.
+    /// Marks an event processed after applying it failed, so that one bad ("poison") event
+    /// cannot stall the ones behind it; the reason stays in `outcome`, after [`FAILED_OUTCOME`].
     pub async fn fail_event(&self, event_id: i64, reason: &str) -> Result<(), StoreError> {
+        // PostgreSQL text cannot hold NUL; a reason may quote hostile input.
+        let outcome = format!("{FAILED_OUTCOME}{}", reason.replace('\0', "\u{FFFD}"));
         sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3 AND processed_at IS NULL")
             .bind(now())
-            .bind(reason)
+            .bind(outcome)
             .bind(event_id)
             .execute(&self.pool)
             .await?;

@@ -15,10 +15,10 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
-pub use batches::{BatchLine, BatchRecord, BatchStatus, LineKind, NewBatch};
+pub use batches::{BatchLine, BatchRecord, BatchStatus, FileDeletion, LineKind, NewBatch, NulInText};
 pub use curation::{
     AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, NewWebhookEvent, PredictionRow, ProjectRow,
-    TaskRow, WebhookEvent, WebhookEventCounts,
+    TaskRow, WebhookEvent, WebhookEventCounts, FailedWebhookEvent, FAILED_OUTCOME,
 };
 pub use cache::CachedPrediction;
 pub use files::FileRecord;
@@ -71,7 +71,7 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(StoreError::UnsupportedUrl(url.to_string()));
+            return Err(StoreError::UnsupportedUrl(crate::secret::redact_url(url)));
         };
         let mut url = url.to_string();
         if backend == Backend::Sqlite {
