@@ -382,8 +382,18 @@ async fn hostile_configs_and_templates_cost_one_answer() {
     let (status, e) = post_json(&s, "/setup", &json!({"project": "2.0", "schema": TEXT_CONFIG, "extra_params": {"prompt": template}})).await;
     assert_eq!(status, 200, "{e}");
 
+    // OpenAI's chat endpoint: absurd bodies are refused before any model work.
+    let empty: Vec<Value> = (0..20_000).map(|_| json!({"role": "user", "content": ""})).collect();
+    let (status, e) = post_json(&s, "/v1/chat/completions", &json!({"model": "m", "messages": empty})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("4096"), "{e}");
+    let one = json!([{"role": "user", "content": "hi"}]);
+    let (status, e) = post_json(&s, "/v1/chat/completions", &json!({"model": "m", "messages": one, "max_tokens": 1_000_000_000u64})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("exceeds this server's limit of 4096"), "{e}");
+
     for bad in [format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(), b"\xff\xfe".to_vec(), Vec::new()] {
-        for path in ["/setup", "/predict", "/webhook"] {
+        for path in ["/setup", "/predict", "/webhook", "/v1/chat/completions"] {
             let r = s.client.post(format!("{}{path}", s.base)).header("content-type", "application/json").body(bad.clone()).send().await.unwrap();
             let status = r.status().as_u16();
             assert!((400..500).contains(&status) || (path == "/webhook" && status == 503), "{path}: {status}");
