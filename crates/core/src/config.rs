@@ -241,6 +241,11 @@ pub struct EngineSettings {
     pub max_tokens_limit: usize,
     /// Most chat `messages` in one request (batch line or ML-backend body); more is refused.
     pub max_messages: usize,
+    /// Most bytes of roles and contents in one chat the engine renders; more is refused.
+    pub max_chat_bytes: usize,
+    /// Most candidate answers in one scoring request (options of the controls of one task);
+    /// more is refused, since each is a row of every forward pass it is in.
+    pub max_candidates: usize,
     /// Requantize weights candle has no fast kernel for (Q4_1, Q5_0, Q5_1) to Q8_0 at load
     /// (they stay as they are where batchlab's packed kernel runs them, as Q4_K does; other
     /// k-quants become Q8_0 there, for it to run them).
@@ -263,6 +268,8 @@ impl Default for EngineSettings {
             default_max_tokens: 256,
             max_tokens_limit: 4096,
             max_messages: 4096,
+            max_chat_bytes: batchlab_engine::DEFAULT_MAX_CHAT_BYTES,
+            max_candidates: batchlab_engine::DEFAULT_MAX_CANDIDATES,
             requantize: true,
             device: "cpu".into(),
         }
@@ -282,7 +289,11 @@ impl EngineSettings {
             max_context: (self.max_context > 0).then_some(self.max_context),
             requantize: self.requantize,
             device: self.device.clone(),
-            limits: batchlab_engine::RequestLimits { max_messages: self.max_messages, ..Default::default() },
+            limits: batchlab_engine::RequestLimits {
+                max_messages: self.max_messages,
+                max_chat_bytes: self.max_chat_bytes,
+                max_candidates: self.max_candidates,
+            },
         }
     }
 }
