@@ -29,7 +29,8 @@ use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 
 /// The Label Studio 1.23 delivery the bodies are modelled on (captured from a real instance).
-const FIXTURE: &str = include_str!("../../../tests/fixtures/label-studio-1.23/22-webhook-ANNOTATION_CREATED.json");
+const FIXTURE: &str =
+    include_str!("../../../tests/fixtures/label-studio-1.23/22-webhook-ANNOTATION_CREATED.json");
 
 const RECOMMENDATION: [&str; 5] = ["strong_yes", "yes", "maybe", "no", "strong_no"];
 const RATING: [&str; 5] = ["exceptional", "strong", "good", "average", "weak"];
@@ -106,9 +107,22 @@ fn process_ticks(pid: &str) -> Option<u64> {
 /// Busy ticks of all cores together, from the first line of `/proc/stat` (idle and iowait excluded).
 fn machine_busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal (guest time is already in user).
-    ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum()
+    ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum()
 }
 
 impl CpuSnap {
@@ -122,7 +136,8 @@ impl CpuSnap {
 
     /// Cores busy on average between `self` and `later`, over `wall`.
     fn cores(&self, later: &CpuSnap, wall: Duration, hz: u64) -> Value {
-        let cores = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / hz.max(1) as f64 / wall.as_secs_f64();
+        let cores =
+            |a: u64, b: u64| (b.saturating_sub(a)) as f64 / hz.max(1) as f64 / wall.as_secs_f64();
         json!({
             "api": self.api.zip(later.api).map(|(a, b)| cores(a, b)),
             "load_generator": cores(self.me, later.me),
@@ -185,7 +200,13 @@ enum Request {
 
 /// Runs `count` requests (`offset..offset + count` of the prepared bodies) from `senders`
 /// concurrent senders and times each.
-async fn drive(client: &reqwest::Client, args: &Args, request: &Request, offset: usize, count: usize) -> Run {
+async fn drive(
+    client: &reqwest::Client,
+    args: &Args,
+    request: &Request,
+    offset: usize,
+    count: usize,
+) -> Run {
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = CpuSnap::now(args.api_pid);
     let started = Instant::now();
@@ -221,11 +242,17 @@ async fn drive(client: &reqwest::Client, args: &Args, request: &Request, offset:
                         let body = resp.bytes().await;
                         let latency = sent.elapsed();
                         let duplicate = matches!(&request, Request::Webhook(_))
-                            && body.as_ref().is_ok_and(|b| b.windows(11).any(|w| w == b"\"duplicate\""));
+                            && body
+                                .as_ref()
+                                .is_ok_and(|b| b.windows(11).any(|w| w == b"\"duplicate\""));
                         if body.is_err() {
                             errors += 1;
                         }
-                        samples.push(Sample { latency, status, duplicate });
+                        samples.push(Sample {
+                            latency,
+                            status,
+                            duplicate,
+                        });
                     }
                     Err(_) => errors += 1,
                 }
@@ -233,7 +260,12 @@ async fn drive(client: &reqwest::Client, args: &Args, request: &Request, offset:
             (samples, errors)
         });
     }
-    let mut run = Run { samples: Vec::with_capacity(count), wall: Duration::ZERO, transport_errors: 0, cpu: Value::Null };
+    let mut run = Run {
+        samples: Vec::with_capacity(count),
+        wall: Duration::ZERO,
+        transport_errors: 0,
+        cpu: Value::Null,
+    };
     while let Some(done) = senders.join_next().await {
         let (samples, errors) = done.expect("a sender panicked");
         run.samples.extend(samples);
@@ -248,7 +280,12 @@ async fn drive(client: &reqwest::Client, args: &Args, request: &Request, offset:
 fn timestamp(us: u64) -> String {
     let us = us % 86_400_000_000;
     let (secs, frac) = (us / 1_000_000, us % 1_000_000);
-    format!("2026-11-27T{:02}:{:02}:{:02}.{frac:06}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "2026-11-27T{:02}:{:02}:{:02}.{frac:06}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Answers of the three Choices fields for event or task `i`.
@@ -257,7 +294,15 @@ fn answers(i: usize) -> [&'static str; 3] {
 }
 
 /// The captured delivery's body, with this event's ids, times and answers.
-fn event_body(template: &Value, project: i64, annotation_id: i64, task_id: i64, seq: usize, ground_truth: bool, choice: [&str; 3]) -> bytes::Bytes {
+fn event_body(
+    template: &Value,
+    project: i64,
+    annotation_id: i64,
+    task_id: i64,
+    seq: usize,
+    ground_truth: bool,
+    choice: [&str; 3],
+) -> bytes::Bytes {
     let mut body = template.clone();
     // Events about 1 ms apart, starting at 08:00 so the created/updated order is plausible.
     let t = 8 * 3_600_000_000 + seq as u64 * 1_000;
@@ -285,12 +330,17 @@ fn event_body(template: &Value, project: i64, annotation_id: i64, task_id: i64, 
     t_task["project"] = json!(project);
     t_task["updated_at"] = json!(timestamp(t + 60));
     t_task["data"]["name"] = json!(format!("Candidate {task_id}"));
-    serde_json::to_vec(&body).expect("a JSON value serializes").into()
+    serde_json::to_vec(&body)
+        .expect("a JSON value serializes")
+        .into()
 }
 
 /// `counts` of a project, or `None` while batchlab has not heard of it.
 async fn project_counts(client: &reqwest::Client, args: &Args, project: i64) -> Option<Value> {
-    let url = format!("{}/v1/label-studio/projects/{project}", args.url.trim_end_matches('/'));
+    let url = format!(
+        "{}/v1/label-studio/projects/{project}",
+        args.url.trim_end_matches('/')
+    );
     let resp = client.get(url).send().await.ok()?;
     if !resp.status().is_success() {
         return None;
@@ -300,7 +350,12 @@ async fn project_counts(client: &reqwest::Client, args: &Args, project: i64) -> 
 
 /// Polls until the project shows `valid` valid annotations; answers the time waited and the
 /// cores busy meanwhile.
-async fn wait_valid(client: &reqwest::Client, args: &Args, project: i64, valid: i64) -> Result<(Duration, Value), String> {
+async fn wait_valid(
+    client: &reqwest::Client,
+    args: &Args,
+    project: i64,
+    valid: i64,
+) -> Result<(Duration, Value), String> {
     let cpu_before = CpuSnap::now(args.api_pid);
     let started = Instant::now();
     let mut last = Value::Null;
@@ -308,13 +363,19 @@ async fn wait_valid(client: &reqwest::Client, args: &Args, project: i64, valid: 
         if let Some(counts) = project_counts(client, args, project).await {
             if counts["valid"].as_i64() == Some(valid) {
                 let waited = started.elapsed();
-                return Ok((waited, cpu_before.cores(&CpuSnap::now(args.api_pid), waited, args.clk_tck)));
+                return Ok((
+                    waited,
+                    cpu_before.cores(&CpuSnap::now(args.api_pid), waited, args.clk_tck),
+                ));
             }
             last = counts;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    Err(format!("project {project} did not reach {valid} valid annotations in {} s; last counts {last}", args.wait_timeout))
+    Err(format!(
+        "project {project} did not reach {valid} valid annotations in {} s; last counts {last}",
+        args.wait_timeout
+    ))
 }
 
 fn report(label: &str, s: &Value) {
@@ -336,11 +397,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .timeout(Duration::from_secs(120))
         .build()?;
     let template: Value = serde_json::from_str::<Value>(FIXTURE)?["body"].clone();
-    let mut out = json!({"mode": format!("{:?}", args.mode).to_lowercase(), "senders": args.senders});
+    let mut out =
+        json!({"mode": format!("{:?}", args.mode).to_lowercase(), "senders": args.senders});
     match args.mode {
         Mode::Health => {
             drive(&client, &args, &Request::Health, 0, args.warmup).await;
-            let run = drive(&client, &args, &Request::Health, 0, args.events).await.summary();
+            let run = drive(&client, &args, &Request::Health, 0, args.events)
+                .await
+                .summary();
             report("GET /health", &run);
             out["run"] = run;
         }
@@ -354,13 +418,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let bodies: Vec<bytes::Bytes> = (0..total)
                 .map(|n| {
                     let task = base + 1 + ((n * 7_919) % tasks) as i64;
-                    event_body(&template, project, base + 1 + n as i64, task, n, false, answers(n))
+                    event_body(
+                        &template,
+                        project,
+                        base + 1 + n as i64,
+                        task,
+                        n,
+                        false,
+                        answers(n),
+                    )
                 })
                 .collect();
             let avg = bodies.iter().map(|b| b.len()).sum::<usize>() / bodies.len().max(1);
             let request = Request::Webhook(Arc::new(bodies));
             drive(&client, &args, &request, 0, args.warmup).await;
-            let run = drive(&client, &args, &request, args.warmup, args.events).await.summary();
+            let run = drive(&client, &args, &request, args.warmup, args.events)
+                .await
+                .summary();
             report("POST /v1/webhooks/label-studio", &run);
             out["run"] = run;
             out["body_bytes_avg"] = json!(avg);
@@ -378,9 +452,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let base = (project - 1) * 1_000_000;
             let tasks = args.tasks.max(1);
             let bodies: Vec<bytes::Bytes> = (0..tasks)
-                .map(|i| event_body(&template, project, base + 1 + i as i64, base + 1 + i as i64, i, true, answers(i)))
+                .map(|i| {
+                    event_body(
+                        &template,
+                        project,
+                        base + 1 + i as i64,
+                        base + 1 + i as i64,
+                        i,
+                        true,
+                        answers(i),
+                    )
+                })
                 .collect();
-            let run = drive(&client, &args, &Request::Webhook(Arc::new(bodies)), 0, tasks).await.summary();
+            let run = drive(
+                &client,
+                &args,
+                &Request::Webhook(Arc::new(bodies)),
+                0,
+                tasks,
+            )
+            .await
+            .summary();
             report("ground truth ingest", &run);
             out["ingest"] = run;
             out["project"] = json!(project);
@@ -406,18 +498,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         "recommendation": a[0], "trajectory_rating": a[1], "pedigree_rating": a[2]}})
                 })
                 .collect();
-            let body = bytes::Bytes::from(serde_json::to_vec(&json!({"predictions": predictions}))?);
-            let url = format!("{}/v1/label-studio/accuracy/{project}", args.url.trim_end_matches('/'));
+            let body =
+                bytes::Bytes::from(serde_json::to_vec(&json!({"predictions": predictions}))?);
+            let url = format!(
+                "{}/v1/label-studio/accuracy/{project}",
+                args.url.trim_end_matches('/')
+            );
             let mut calls_ms = Vec::new();
             let mut answer = Value::Null;
             for _ in 0..3 {
                 let sent = Instant::now();
-                let resp = client.post(&url).header("Content-Type", "application/json").body(body.clone()).send().await?;
+                let resp = client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
                 let status = resp.status();
                 let text = resp.bytes().await?;
                 calls_ms.push(sent.elapsed().as_secs_f64() * 1e3);
                 if !status.is_success() {
-                    return Err(format!("accuracy call answered {status}: {}", String::from_utf8_lossy(&text)).into());
+                    return Err(format!(
+                        "accuracy call answered {status}: {}",
+                        String::from_utf8_lossy(&text)
+                    )
+                    .into());
                 }
                 answer = serde_json::from_slice(&text)?;
             }

@@ -23,7 +23,9 @@ pub struct Args {
 impl Args {
     /// The configuration options shared with the other binaries.
     pub fn config_args(&self) -> ConfigArgs {
-        ConfigArgs { config: self.config.clone() }
+        ConfigArgs {
+            config: self.config.clone(),
+        }
     }
 }
 
@@ -46,7 +48,11 @@ pub struct SetupArgs {
     #[arg(long, default_value = "Candidate Evaluation")]
     pub title: String,
     /// Labeling config (XML file).
-    #[arg(long, value_name = "FILE", default_value = "config/label-configs/candidate-evaluation.xml")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "config/label-configs/candidate-evaluation.xml"
+    )]
     pub label_config: PathBuf,
     /// Description of a newly created project.
     #[arg(long, default_value = "Created by batchlab")]
@@ -72,17 +78,31 @@ pub struct SetupArgs {
 impl SetupArgs {
     /// The setup to run, with defaults and the secret header taken from `config`.
     pub fn options(&self, config: &Config) -> Result<SetupOptions, String> {
-        let label_config = std::fs::read_to_string(&self.label_config)
-            .map_err(|e| format!("cannot read labeling config {}: {e}", self.label_config.display()))?;
+        let label_config = std::fs::read_to_string(&self.label_config).map_err(|e| {
+            format!(
+                "cannot read labeling config {}: {e}",
+                self.label_config.display()
+            )
+        })?;
         let ml_backend_url = (!self.no_ml_backend).then(|| {
-            self.ml_backend_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}", config.ml_backend.port))
+            self.ml_backend_url
+                .clone()
+                .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.ml_backend.port))
         });
         let webhook_url = (!self.no_webhook).then(|| {
-            self.webhook_url.clone().unwrap_or_else(|| format!("http://127.0.0.1:{}/v1/webhooks/label-studio", config.api.port))
+            self.webhook_url.clone().unwrap_or_else(|| {
+                format!(
+                    "http://127.0.0.1:{}/v1/webhooks/label-studio",
+                    config.api.port
+                )
+            })
         });
         let ls = &config.label_studio;
-        let webhook_header =
-            ls.webhook_secret.as_ref().filter(|s| !s.is_empty()).map(|s| (ls.webhook_secret_header.clone(), s.clone()));
+        let webhook_header = ls
+            .webhook_secret
+            .as_ref()
+            .filter(|s| !s.is_empty())
+            .map(|s| (ls.webhook_secret_header.clone(), s.clone()));
         let ml = &config.ml_backend;
         let ml_backend_basic_auth = match (&ml.basic_auth_user, &ml.basic_auth_pass) {
             (Some(u), Some(p)) if !u.is_empty() && !p.is_empty() => Some((u.clone(), p.clone())),

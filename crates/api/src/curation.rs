@@ -22,13 +22,19 @@ use crate::AppState;
 /// processor applies it. A body seen before is acknowledged as `duplicate`. The shared secret
 /// and the limit on concurrent deliveries are checked before the body is read
 /// ([`crate::http::guard_webhook`]).
-pub async fn webhook(State(state): State<AppState>, ApiBytes(body): ApiBytes) -> Result<Json<Ingested>, ApiError> {
+pub async fn webhook(
+    State(state): State<AppState>,
+    ApiBytes(body): ApiBytes,
+) -> Result<Json<Ingested>, ApiError> {
     Ok(Json(state.curation.ingest(&body).await?))
 }
 
 /// `GET /v1/label-studio/projects/{id}`: counts, ground truth, milestones, exports, invalid
 /// annotations and accuracy history.
-pub async fn project(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Result<Json<ProjectStatus>, ApiError> {
+pub async fn project(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<ProjectStatus>, ApiError> {
     Ok(Json(state.curation.status(id).await?))
 }
 
@@ -54,13 +60,23 @@ fn since_us(since: &str) -> Result<i64, ApiError> {
     if let Ok(secs) = since.parse::<i64>() {
         return Ok(secs.saturating_mul(1_000_000));
     }
-    parse_timestamp_us(since)
-        .ok_or_else(|| ApiError::invalid(format!("since {since:?} is neither RFC 3339 nor unix seconds"), "since"))
+    parse_timestamp_us(since).ok_or_else(|| {
+        ApiError::invalid(
+            format!("since {since:?} is neither RFC 3339 nor unix seconds"),
+            "since",
+        )
+    })
 }
 
 /// `GET /v1/label-studio/export/{project_id}`: the curated training data, streamed.
-pub async fn export(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiQuery(q): ApiQuery<ExportQuery>) -> Result<Response, ApiError> {
-    let format: ExportFormat = q.format.as_deref().unwrap_or("json").parse().map_err(|e: batchlab_core::curation::CurationError| ApiError::invalid(e.to_string(), "format"))?;
+pub async fn export(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let format: ExportFormat = q.format.as_deref().unwrap_or("json").parse().map_err(
+        |e: batchlab_core::curation::CurationError| ApiError::invalid(e.to_string(), "format"),
+    )?;
     let filter = ExportFilter {
         ground_truth_only: q.ground_truth_only,
         since_us: q.since.as_deref().map(since_us).transpose()?,
@@ -68,12 +84,21 @@ pub async fn export(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, Ap
         include_invalid: q.include_invalid,
     };
     let cursor = state.curation.export_cursor(id, format, filter).await?;
-    let stream = cursor.into_stream().inspect_err(move |e| tracing::error!(project_id = id, error = %e, "export stream failed"));
-    let extension = if format == ExportFormat::Json { "json" } else { "jsonl" };
+    let stream = cursor
+        .into_stream()
+        .inspect_err(move |e| tracing::error!(project_id = id, error = %e, "export stream failed"));
+    let extension = if format == ExportFormat::Json {
+        "json"
+    } else {
+        "jsonl"
+    };
     Ok((
         [
             (header::CONTENT_TYPE, format.content_type().to_string()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"project_{id}_export.{extension}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"project_{id}_export.{extension}\""),
+            ),
         ],
         Body::from_stream(stream),
     )
@@ -94,8 +119,16 @@ pub struct PredictionInput {
 }
 
 /// `POST /v1/label-studio/accuracy/{project_id}`: the given predictions against ground truth.
-pub async fn accuracy(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiJson(req): ApiJson<AccuracyRequest>) -> Result<Json<Value>, ApiError> {
-    let preds: Vec<(i64, Map<String, Value>)> = req.predictions.into_iter().map(|p| (p.task_id, p.prediction)).collect();
+pub async fn accuracy(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<AccuracyRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let preds: Vec<(i64, Map<String, Value>)> = req
+        .predictions
+        .into_iter()
+        .map(|p| (p.task_id, p.prediction))
+        .collect();
     let report = state.curation.accuracy_of(id, &preds).await?;
     let mut body = serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?;
     body["project_id"] = json!(id);
@@ -104,10 +137,15 @@ pub async fn accuracy(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, 
 
 /// `GET /v1/label-studio/accuracy/{project_id}`: stored predictions against ground truth, per
 /// model version, with the records kept every `accuracy_every` annotations.
-pub async fn stored_accuracy(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Result<Json<Value>, ApiError> {
+pub async fn stored_accuracy(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Value>, ApiError> {
     let reports = state.curation.stored_accuracy(id).await?;
     let history = state.curation.status(id).await?.accuracy_history;
-    Ok(Json(json!({"project_id": id, "model_versions": reports, "history": history})))
+    Ok(Json(
+        json!({"project_id": id, "model_versions": reports, "history": history}),
+    ))
 }
 
 /// Body of `POST /v1/label-studio/import/{project_id}`.
@@ -120,20 +158,42 @@ pub struct ImportRequest {
 
 /// `POST /v1/label-studio/import/{project_id}`: a finished batch's results into Label Studio as
 /// tasks with predictions.
-pub async fn import(State(state): State<AppState>, ApiPath(id): ApiPath<i64>, ApiJson(req): ApiJson<ImportRequest>) -> Result<Json<ImportReport>, ApiError> {
-    let batch = state
-        .store
-        .get_batch(&req.batch_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("No batch found with id '{}'.", req.batch_id)))?;
+pub async fn import(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<ImportRequest>,
+) -> Result<Json<ImportReport>, ApiError> {
+    let batch =
+        state.store.get_batch(&req.batch_id).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("No batch found with id '{}'.", req.batch_id))
+        })?;
     let Some(batch_output) = batch.output_file_id.clone() else {
-        return Err(ApiError::invalid(format!("batch {} has no output file yet (status {})", batch.id, batch.status.as_str()), "batch_id"));
+        return Err(ApiError::invalid(
+            format!(
+                "batch {} has no output file yet (status {})",
+                batch.id,
+                batch.status.as_str()
+            ),
+            "batch_id",
+        ));
     };
     let output_file_id = req.output_file_id.unwrap_or_else(|| batch_output.clone());
     if output_file_id != batch_output {
-        return Err(ApiError::invalid(format!("file {output_file_id} is not the output file of batch {}", batch.id), "output_file_id"));
+        return Err(ApiError::invalid(
+            format!(
+                "file {output_file_id} is not the output file of batch {}",
+                batch.id
+            ),
+            "output_file_id",
+        ));
     }
-    let client = LabelStudioClient::from_config(&state.config.label_studio).map_err(|e| ApiError::Conflict(format!("Label Studio is not configured: {e}")))?;
+    let client = LabelStudioClient::from_config(&state.config.label_studio)
+        .map_err(|e| ApiError::Conflict(format!("Label Studio is not configured: {e}")))?;
     let chunk = state.config.label_studio.import_chunk_size;
-    Ok(Json(state.curation.import_batch(&client, &state.blobs, id, &batch, &output_file_id, chunk).await?))
+    Ok(Json(
+        state
+            .curation
+            .import_batch(&client, &state.blobs, id, &batch, &output_file_id, chunk)
+            .await?,
+    ))
 }

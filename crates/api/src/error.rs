@@ -58,7 +58,10 @@ const RETRY_AFTER_SECONDS: &str = "2";
 impl ApiError {
     /// A 400 naming the parameter at fault.
     pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
-        Self::InvalidRequest { message: message.into(), param: Some(param) }
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param),
+        }
     }
 
     fn status(&self) -> StatusCode {
@@ -80,18 +83,50 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let (message, kind, param, code) = match &self {
-            Self::InvalidRequest { message, param } => (message.clone(), "invalid_request_error", *param, None),
-            Self::Unauthorized => (self.to_string(), "invalid_request_error", None, Some("invalid_api_key")),
-            Self::WebhookUnauthorized(m) => (m.clone(), "invalid_request_error", None, Some("invalid_webhook_secret")),
+            Self::InvalidRequest { message, param } => {
+                (message.clone(), "invalid_request_error", *param, None)
+            }
+            Self::Unauthorized => (
+                self.to_string(),
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            Self::WebhookUnauthorized(m) => (
+                m.clone(),
+                "invalid_request_error",
+                None,
+                Some("invalid_webhook_secret"),
+            ),
             Self::Conflict(m) => (m.clone(), "invalid_request_error", None, Some("conflict")),
-            Self::Upstream(m) => (m.clone(), "upstream_error", None, Some("label_studio_error")),
+            Self::Upstream(m) => (
+                m.clone(),
+                "upstream_error",
+                None,
+                Some("label_studio_error"),
+            ),
             Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
-            Self::MethodNotAllowed => (self.to_string(), "invalid_request_error", None, Some("method_not_allowed")),
-            Self::TooLarge(m) => (m.clone(), "invalid_request_error", Some("file"), Some("file_too_large")),
+            Self::MethodNotAllowed => (
+                self.to_string(),
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            Self::TooLarge(m) => (
+                m.clone(),
+                "invalid_request_error",
+                Some("file"),
+                Some("file_too_large"),
+            ),
             Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
-                ("The server had an error while processing your request.".to_string(), "server_error", None, None)
+                (
+                    "The server had an error while processing your request.".to_string(),
+                    "server_error",
+                    None,
+                    None,
+                )
             }
         };
         let body = ErrorBody {
@@ -104,7 +139,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
         }
         response
     }
@@ -120,7 +158,9 @@ impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         match e {
             BlobError::TooLarge(_) => Self::TooLarge(e.to_string()),
-            BlobError::TooManyLines(_) | BlobError::NotUtf8(_) => Self::invalid(e.to_string(), "file"),
+            BlobError::TooManyLines(_) | BlobError::NotUtf8(_) => {
+                Self::invalid(e.to_string(), "file")
+            }
             BlobError::Source(_) => Self::invalid(e.to_string(), "file"),
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
             BlobError::Io(_) => Self::Internal(e.to_string()),
@@ -133,7 +173,10 @@ impl From<CurationError> for ApiError {
         match e {
             CurationError::UnknownProject(_) => Self::NotFound(e.to_string()),
             CurationError::LabelConfig { .. } => Self::Conflict(e.to_string()),
-            CurationError::Invalid(_) | CurationError::Webhook(_) => Self::InvalidRequest { message: e.to_string(), param: None },
+            CurationError::Invalid(_) | CurationError::Webhook(_) => Self::InvalidRequest {
+                message: e.to_string(),
+                param: None,
+            },
             CurationError::Store(_) | CurationError::Io(_) => Self::Internal(e.to_string()),
             CurationError::LabelStudio(LabelStudioError::Status { status: 404, .. }) => {
                 Self::NotFound(format!("Label Studio does not know this project: {e}"))
@@ -145,7 +188,10 @@ impl From<CurationError> for ApiError {
 
 impl From<PathRejection> for ApiError {
     fn from(e: PathRejection) -> Self {
-        Self::InvalidRequest { message: format!("invalid path: {}", e.body_text()), param: None }
+        Self::InvalidRequest {
+            message: format!("invalid path: {}", e.body_text()),
+            param: None,
+        }
     }
 }
 
@@ -153,14 +199,20 @@ impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge(e.body_text()),
-            _ => Self::InvalidRequest { message: format!("invalid JSON body: {}", e.body_text()), param: None },
+            _ => Self::InvalidRequest {
+                message: format!("invalid JSON body: {}", e.body_text()),
+                param: None,
+            },
         }
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(e: QueryRejection) -> Self {
-        Self::InvalidRequest { message: format!("invalid query: {}", e.body_text()), param: None }
+        Self::InvalidRequest {
+            message: format!("invalid query: {}", e.body_text()),
+            param: None,
+        }
     }
 }
 
@@ -175,6 +227,9 @@ impl From<MultipartError> for ApiError {
 
 impl From<axum::extract::multipart::MultipartRejection> for ApiError {
     fn from(e: axum::extract::multipart::MultipartRejection) -> Self {
-        Self::invalid(format!("expected a multipart/form-data body: {}", e.body_text()), "file")
+        Self::invalid(
+            format!("expected a multipart/form-data body: {}", e.body_text()),
+            "file",
+        )
     }
 }

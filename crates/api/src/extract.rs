@@ -27,7 +27,10 @@ impl<S: Send + Sync> FromRequest<S> for ApiMultipart {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Multipart::from_request(req, state).await.map(ApiMultipart).map_err(ApiError::from)
+        axum::extract::Multipart::from_request(req, state)
+            .await
+            .map(ApiMultipart)
+            .map_err(ApiError::from)
     }
 }
 
@@ -38,9 +41,18 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        axum::body::Bytes::from_request(req, state).await.map(ApiBytes).map_err(|e| match e.status() {
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!("the body is larger than allowed: {}", e.body_text())),
-            _ => ApiError::InvalidRequest { message: format!("unreadable body: {}", e.body_text()), param: None },
-        })
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(ApiBytes)
+            .map_err(|e| match e.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!(
+                    "the body is larger than allowed: {}",
+                    e.body_text()
+                )),
+                _ => ApiError::InvalidRequest {
+                    message: format!("unreadable body: {}", e.body_text()),
+                    param: None,
+                },
+            })
     }
 }

@@ -17,7 +17,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
         Ok(()) => Json(json!({"status": "ok", "database": "ok"})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "health check: database unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "error"}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "database": "error"})),
+            )
+                .into_response()
         }
     }
 }
@@ -31,10 +35,26 @@ pub async fn metrics() -> impl IntoResponse {
 /// Requires `Authorization: Bearer <key>` when an API key is configured. The scheme is matched
 /// without regard to case and blanks around the parts are ignored (RFC 9110 §11.1); the key
 /// itself is compared exactly, in constant time.
-pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
-    if let Some(key) = state.config.api.api_key.as_deref().filter(|k| !k.is_empty()) {
-        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer_token);
-        if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g.as_bytes(), key.as_bytes())) {
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(key) = state
+        .config
+        .api
+        .api_key
+        .as_deref()
+        .filter(|k| !k.is_empty())
+    {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token);
+        if !given
+            .is_some_and(|g| batchlab_core::http::constant_time_eq(g.as_bytes(), key.as_bytes()))
+        {
             return Err(ApiError::Unauthorized);
         }
     }
@@ -51,10 +71,17 @@ fn bearer_token(value: &str) -> Option<&str> {
 /// (a wrong one costs no body read), then a place among `api.max_concurrent_webhooks`
 /// deliveries being read at once (503 with `Retry-After` past it), so that many large bodies
 /// cannot exhaust memory together.
-pub async fn guard_webhook(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn guard_webhook(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let ls = &state.config.label_studio;
     if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
-        let given = request.headers().get(ls.webhook_secret_header.as_str()).map(|v| v.as_bytes());
+        let given = request
+            .headers()
+            .get(ls.webhook_secret_header.as_str())
+            .map(|v| v.as_bytes());
         if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g, secret.as_bytes())) {
             return Err(ApiError::WebhookUnauthorized(format!(
                 "missing or wrong webhook secret: send it in the {} header",
@@ -83,6 +110,8 @@ async fn method_not_allowed() -> ApiError {
 /// Wraps a router in the layers every batchlab HTTP service uses (see
 /// [`batchlab_core::http::observe_layers`]), with the API's OpenAI-shaped 404 and 405 answers.
 pub fn common_layers(router: Router) -> Router {
-    let router = router.fallback(not_found).method_not_allowed_fallback(method_not_allowed);
+    let router = router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     batchlab_core::http::observe_layers(router, "batchlab")
 }

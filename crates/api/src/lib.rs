@@ -40,8 +40,16 @@ impl AppState {
     /// The state over an open store and blob store.
     pub fn new(store: Store, blobs: BlobStore, config: Config) -> AppState {
         let curation = Curation::new(store.clone(), config.curation.clone());
-        let webhook_slots = Arc::new(tokio::sync::Semaphore::new(config.api.max_concurrent_webhooks.max(1)));
-        AppState { store, blobs, config: Arc::new(config), curation, webhook_slots }
+        let webhook_slots = Arc::new(tokio::sync::Semaphore::new(
+            config.api.max_concurrent_webhooks.max(1),
+        ));
+        AppState {
+            store,
+            blobs,
+            config: Arc::new(config),
+            curation,
+            webhook_slots,
+        }
     }
 
     /// Starts the background work the API owns: applying stored webhook events.
@@ -54,9 +62,19 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     // Install the metrics recorder before the first request is counted.
     let _ = batchlab_core::telemetry::metrics_handle();
-    let upload_limit = state.config.api.max_upload_bytes.max(state.config.batch.max_input_bytes) as usize + (1 << 20);
+    let upload_limit = state
+        .config
+        .api
+        .max_upload_bytes
+        .max(state.config.batch.max_input_bytes) as usize
+        + (1 << 20);
     let v1 = Router::new()
-        .route("/files", post(files::create).get(files::list).layer(DefaultBodyLimit::max(upload_limit)))
+        .route(
+            "/files",
+            post(files::create)
+                .get(files::list)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/files/{id}/content", get(files::content))
         .route("/batches", post(batches::create).get(batches::list))
@@ -65,13 +83,25 @@ pub fn router(state: AppState) -> Router {
         .route("/label-studio/projects/{id}", get(curation::project))
         .route("/label-studio/export/{id}", get(curation::export))
         .route("/label-studio/import/{id}", post(curation::import))
-        .route("/label-studio/accuracy/{id}", post(curation::accuracy).get(curation::stored_accuracy))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_api_key));
+        .route(
+            "/label-studio/accuracy/{id}",
+            post(curation::accuracy).get(curation::stored_accuracy),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::require_api_key,
+        ));
     // Label Studio authenticates with the webhook's shared-secret header, not the bearer key.
     let webhook_limit = state.config.api.max_webhook_bytes as usize;
     let webhooks = Router::new()
-        .route("/webhooks/label-studio", post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::guard_webhook));
+        .route(
+            "/webhooks/label-studio",
+            post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http::guard_webhook,
+        ));
     let app = Router::new()
         .route("/health", get(http::health))
         .route("/metrics", get(http::metrics))

@@ -33,12 +33,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let addr = format!("{}:{}", config.api.host, config.api.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, database = ?store.backend(), "batchlab-api listening");
     let state = batchlab_api::AppState::new(store, blobs, config);
     state.start_background();
     let app = batchlab_api::router(state);
-    axum::serve(listener, app).with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())
+        .await?;
     Ok(())
 }
 
@@ -48,6 +52,9 @@ async fn setup_label_studio(config: &Config, args: &SetupArgs) -> Result<(), Str
     let report = batchlab_core::labelstudio::setup::setup(&client, &options)
         .await
         .map_err(|e| format!("{e} (Label Studio at {})", client.base_url()))?;
-    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+    );
     Ok(())
 }

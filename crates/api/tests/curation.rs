@@ -9,7 +9,10 @@ use common::{assert_openai_error, Server};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/label-studio-1.23");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/label-studio-1.23"
+);
 const SECRET: &str = "s3cret";
 
 /// The API with a webhook secret unless `configure` removes it.
@@ -21,8 +24,15 @@ async fn start(configure: impl FnOnce(&mut batchlab_core::config::Config)) -> Se
     .await
 }
 
-async fn deliver(s: &Server, body: impl Into<reqwest::Body>, secret: Option<&str>) -> reqwest::Response {
-    let mut req = s.client.post(s.url("/v1/webhooks/label-studio")).header("content-type", "application/json");
+async fn deliver(
+    s: &Server,
+    body: impl Into<reqwest::Body>,
+    secret: Option<&str>,
+) -> reqwest::Response {
+    let mut req = s
+        .client
+        .post(s.url("/v1/webhooks/label-studio"))
+        .header("content-type", "application/json");
     if let Some(secret) = secret {
         req = req.header("X-Batchlab-Secret", secret);
     }
@@ -32,7 +42,12 @@ async fn deliver(s: &Server, body: impl Into<reqwest::Body>, secret: Option<&str
 /// Polls the project until `check` holds (the processor runs in the background).
 async fn project_until(s: &Server, id: i64, check: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..100 {
-        let resp = s.client.get(s.url(&format!("/v1/label-studio/projects/{id}"))).send().await.unwrap();
+        let resp = s
+            .client
+            .get(s.url(&format!("/v1/label-studio/projects/{id}")))
+            .send()
+            .await
+            .unwrap();
         if resp.status() == StatusCode::OK {
             let v: Value = resp.json().await.unwrap();
             if check(&v) {
@@ -45,7 +60,8 @@ async fn project_until(s: &Server, id: i64, check: impl Fn(&Value) -> bool) -> V
 }
 
 fn fixture_body(name: &str) -> Value {
-    let request: Value = serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{name}")).unwrap()).unwrap();
+    let request: Value =
+        serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{name}")).unwrap()).unwrap();
     request["body"].clone()
 }
 
@@ -61,10 +77,27 @@ async fn assert_error(resp: reqwest::Response, status: StatusCode, code: Option<
 async fn the_secret_header_is_required_when_configured() {
     let s = start(|_| {}).await;
     let body = serde_json::to_vec(&fixture_body("06-webhook-TASKS_CREATED.json")).unwrap();
-    assert_error(deliver(&s, body.clone(), None).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
-    assert_error(deliver(&s, body.clone(), Some("wrong")).await, StatusCode::UNAUTHORIZED, Some("invalid_webhook_secret")).await;
-    let first: Value = deliver(&s, body.clone(), Some(SECRET)).await.json().await.unwrap();
-    assert_eq!((first["status"].as_str(), first["action"].as_str()), (Some("accepted"), Some("TASKS_CREATED")));
+    assert_error(
+        deliver(&s, body.clone(), None).await,
+        StatusCode::UNAUTHORIZED,
+        Some("invalid_webhook_secret"),
+    )
+    .await;
+    assert_error(
+        deliver(&s, body.clone(), Some("wrong")).await,
+        StatusCode::UNAUTHORIZED,
+        Some("invalid_webhook_secret"),
+    )
+    .await;
+    let first: Value = deliver(&s, body.clone(), Some(SECRET))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (first["status"].as_str(), first["action"].as_str()),
+        (Some("accepted"), Some("TASKS_CREATED"))
+    );
     let again: Value = deliver(&s, body, Some(SECRET)).await.json().await.unwrap();
     assert_eq!(again["status"], json!("duplicate"));
     assert_eq!(again["event_id"], first["event_id"]);
@@ -74,20 +107,49 @@ async fn the_secret_header_is_required_when_configured() {
 #[tokio::test]
 async fn bad_bodies_get_clear_errors_and_odd_ones_are_acknowledged() {
     let s = start(|c| c.label_studio.webhook_secret = None).await;
-    assert_error(deliver(&s, "{not json", None).await, StatusCode::BAD_REQUEST, None).await;
-    assert_error(deliver(&s, "[1, 2]", None).await, StatusCode::BAD_REQUEST, None).await;
-    assert_error(deliver(&s, r#"{"no_action": true}"#, None).await, StatusCode::BAD_REQUEST, None).await;
-    for body in [r#"{"action": "PROJECT_UPDATED"}"#, r#"{"action": "SOMETHING_NEW", "x": 1}"#] {
+    assert_error(
+        deliver(&s, "{not json", None).await,
+        StatusCode::BAD_REQUEST,
+        None,
+    )
+    .await;
+    assert_error(
+        deliver(&s, "[1, 2]", None).await,
+        StatusCode::BAD_REQUEST,
+        None,
+    )
+    .await;
+    assert_error(
+        deliver(&s, r#"{"no_action": true}"#, None).await,
+        StatusCode::BAD_REQUEST,
+        None,
+    )
+    .await;
+    for body in [
+        r#"{"action": "PROJECT_UPDATED"}"#,
+        r#"{"action": "SOMETHING_NEW", "x": 1}"#,
+    ] {
         let resp = deliver(&s, body, None).await;
         assert_eq!(resp.status(), StatusCode::OK, "{body}");
     }
     // An annotation naming a label outside the config is kept, flagged, and not counted valid.
     let mut event = fixture_body("22-webhook-ANNOTATION_CREATED.json");
     event["annotation"]["result"][0]["value"]["choices"] = json!(["definitely"]);
-    assert_eq!(deliver(&s, serde_json::to_vec(&event).unwrap(), None).await.status(), StatusCode::OK);
+    assert_eq!(
+        deliver(&s, serde_json::to_vec(&event).unwrap(), None)
+            .await
+            .status(),
+        StatusCode::OK
+    );
     let p = project_until(&s, 1, |p| p["counts"]["annotations"] == json!(1)).await;
     assert_eq!(p["counts"]["valid"], json!(0));
-    assert!(p["invalid_annotations"][0]["reason"].as_str().unwrap().contains("definitely"), "{p}");
+    assert!(
+        p["invalid_annotations"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("definitely"),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -99,7 +161,9 @@ async fn a_ten_megabyte_import_event_is_stored_and_bodies_over_the_limit_get_413
     .await;
     let mut event = fixture_body("06-webhook-TASKS_CREATED.json");
     let text = "x".repeat(10_000);
-    let tasks: Vec<Value> = (1..=1_000).map(|i| json!({"id": i, "project": 1, "data": {"name": format!("{i} {text}")}})).collect();
+    let tasks: Vec<Value> = (1..=1_000)
+        .map(|i| json!({"id": i, "project": 1, "data": {"name": format!("{i} {text}")}}))
+        .collect();
     event["tasks"] = Value::Array(tasks);
     let body = serde_json::to_vec(&event).unwrap();
     assert!(body.len() > 10_000_000);
@@ -107,35 +171,104 @@ async fn a_ten_megabyte_import_event_is_stored_and_bodies_over_the_limit_get_413
     project_until(&s, 1, |p| p["counts"]["tasks"] == json!(1_000)).await;
 
     let huge = vec![b' '; 17 * 1024 * 1024];
-    assert_error(deliver(&s, huge, None).await, StatusCode::PAYLOAD_TOO_LARGE, None).await;
+    assert_error(
+        deliver(&s, huge, None).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        None,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_projects_and_bad_queries_are_named() {
     let s = start(|_| {}).await;
-    for path in ["/v1/label-studio/projects/999", "/v1/label-studio/export/999", "/v1/label-studio/accuracy/999"] {
-        assert_error(s.client.get(s.url(path)).send().await.unwrap(), StatusCode::NOT_FOUND, Some("not_found")).await;
+    for path in [
+        "/v1/label-studio/projects/999",
+        "/v1/label-studio/export/999",
+        "/v1/label-studio/accuracy/999",
+    ] {
+        assert_error(
+            s.client.get(s.url(path)).send().await.unwrap(),
+            StatusCode::NOT_FOUND,
+            Some("not_found"),
+        )
+        .await;
     }
-    let resp = s.client.post(s.url("/v1/label-studio/accuracy/999")).json(&json!({"predictions": []})).send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/label-studio/accuracy/999"))
+        .json(&json!({"predictions": []}))
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, None).await;
-    let resp = s.client.post(s.url("/v1/label-studio/accuracy/1")).json(&json!({"nope": 1})).send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/label-studio/accuracy/1"))
+        .json(&json!({"nope": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, None).await;
-    assert_error(s.client.get(s.url("/v1/label-studio/projects/abc")).send().await.unwrap(), StatusCode::BAD_REQUEST, None).await;
+    assert_error(
+        s.client
+            .get(s.url("/v1/label-studio/projects/abc"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        None,
+    )
+    .await;
 
-    deliver(&s, serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(), Some(SECRET)).await;
+    deliver(
+        &s,
+        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
+        Some(SECRET),
+    )
+    .await;
     project_until(&s, 1, |p| p["counts"]["valid"] == json!(1)).await;
-    let bad_format = s.client.get(s.url("/v1/label-studio/export/1?format=csv")).send().await.unwrap();
+    let bad_format = s
+        .client
+        .get(s.url("/v1/label-studio/export/1?format=csv"))
+        .send()
+        .await
+        .unwrap();
     let body = assert_error(bad_format, StatusCode::BAD_REQUEST, None).await;
     assert_eq!(body["error"]["param"], json!("format"));
-    let bad_since = s.client.get(s.url("/v1/label-studio/export/1?since=yesterday")).send().await.unwrap();
+    let bad_since = s
+        .client
+        .get(s.url("/v1/label-studio/export/1?since=yesterday"))
+        .send()
+        .await
+        .unwrap();
     assert_error(bad_since, StatusCode::BAD_REQUEST, None).await;
 
-    let export = s.client.get(s.url("/v1/label-studio/export/1?format=jsonl-chat")).send().await.unwrap();
+    let export = s
+        .client
+        .get(s.url("/v1/label-studio/export/1?format=jsonl-chat"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(export.headers()["content-type"], "application/jsonl");
     assert_eq!(export.text().await.unwrap().lines().count(), 1);
-    let export: Value = s.client.get(s.url("/v1/label-studio/export/1?since=2026-01-01T00:00:00Z")).send().await.unwrap().json().await.unwrap();
+    let export: Value = s
+        .client
+        .get(s.url("/v1/label-studio/export/1?since=2026-01-01T00:00:00Z"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(export[0]["annotations"][0]["id"], json!(1));
 
-    let import = s.client.post(s.url("/v1/label-studio/import/1")).json(&json!({"batch_id": "batch_nope"})).send().await.unwrap();
+    let import = s
+        .client
+        .post(s.url("/v1/label-studio/import/1"))
+        .json(&json!({"batch_id": "batch_nope"}))
+        .send()
+        .await
+        .unwrap();
     assert_error(import, StatusCode::NOT_FOUND, Some("not_found")).await;
 }

@@ -31,7 +31,10 @@ async fn start(configure: impl FnOnce(&mut batchlab_core::config::Config)) -> Se
 /// `/health` answers 200 within [`HEALTH_WITHIN`]; answers how long it took.
 async fn health_ok(s: &Server) -> Duration {
     let started = Instant::now();
-    let r = tokio::time::timeout(HEALTH_WITHIN, s.client.get(s.url("/health")).send()).await.expect("/health stalled").unwrap();
+    let r = tokio::time::timeout(HEALTH_WITHIN, s.client.get(s.url("/health")).send())
+        .await
+        .expect("/health stalled")
+        .unwrap();
     assert_eq!(r.status(), 200);
     started.elapsed()
 }
@@ -41,7 +44,12 @@ async fn health_ok(s: &Server) -> Duration {
 #[tokio::test]
 async fn the_api_key_table() {
     let s = start(|_| {}).await;
-    let routes = ["/v1/files", "/v1/batches", "/v1/label-studio/projects/1", "/v1/files/file-nope"];
+    let routes = [
+        "/v1/files",
+        "/v1/batches",
+        "/v1/label-studio/projects/1",
+        "/v1/files/file-nope",
+    ];
     let credentials: [(Option<String>, bool); 9] = [
         (None, false),
         (Some(format!("Bearer {KEY}x")), false),
@@ -64,20 +72,41 @@ async fn the_api_key_table() {
                 assert_ne!(r.status(), StatusCode::UNAUTHORIZED, "{route} {header:?}");
             } else {
                 let body = assert_openai_error(r, StatusCode::UNAUTHORIZED).await;
-                assert_eq!(body["error"]["code"], "invalid_api_key", "{route} {header:?}");
+                assert_eq!(
+                    body["error"]["code"], "invalid_api_key",
+                    "{route} {header:?}"
+                );
             }
         }
     }
     // The webhook takes its secret, not the key; /health and /metrics take nothing.
-    let hook = s.client.post(s.url("/v1/webhooks/label-studio")).header("authorization", format!("Bearer {KEY}")).body("{}").send();
-    assert_eq!(assert_openai_error(hook.await.unwrap(), StatusCode::UNAUTHORIZED).await["error"]["code"], "invalid_webhook_secret");
-    assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);
+    let hook = s
+        .client
+        .post(s.url("/v1/webhooks/label-studio"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .body("{}")
+        .send();
+    assert_eq!(
+        assert_openai_error(hook.await.unwrap(), StatusCode::UNAUTHORIZED).await["error"]["code"],
+        "invalid_webhook_secret"
+    );
+    assert_eq!(
+        s.client
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     health_ok(&s).await;
 }
 
 /// A body that sends one chunk and then never ends.
 fn endless_body() -> reqwest::Body {
-    let first = futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"action\": \"")) });
+    let first = futures::stream::once(async {
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{\"action\": \""))
+    });
     reqwest::Body::wrap_stream(futures::StreamExt::chain(first, futures::stream::pending()))
 }
 
@@ -87,7 +116,10 @@ fn endless_body() -> reqwest::Body {
 async fn a_wrong_secret_is_refused_before_the_body_is_read() {
     let s = start(|_| {}).await;
     for secret in [None, Some("wrong")] {
-        let mut request = s.client.post(s.url("/v1/webhooks/label-studio")).header("content-type", "application/json");
+        let mut request = s
+            .client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("content-type", "application/json");
         if let Some(secret) = secret {
             request = request.header("X-Batchlab-Secret", secret);
         }
@@ -95,7 +127,10 @@ async fn a_wrong_secret_is_refused_before_the_body_is_read() {
             .await
             .expect("answered without waiting for the body")
             .unwrap();
-        assert_eq!(assert_openai_error(r, StatusCode::UNAUTHORIZED).await["error"]["code"], "invalid_webhook_secret");
+        assert_eq!(
+            assert_openai_error(r, StatusCode::UNAUTHORIZED).await["error"]["code"],
+            "invalid_webhook_secret"
+        );
     }
     health_ok(&s).await;
 }
@@ -115,7 +150,14 @@ async fn concurrent_webhook_bodies_are_bounded() {
     // Wait until the first delivery holds the only place.
     let mut refused = None;
     for _ in 0..200 {
-        let r = s.client.post(s.url("/v1/webhooks/label-studio")).header("X-Batchlab-Secret", SECRET).body(r#"{"action": "X"}"#).send().await.unwrap();
+        let r = s
+            .client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("X-Batchlab-Secret", SECRET)
+            .body(r#"{"action": "X"}"#)
+            .send()
+            .await
+            .unwrap();
         if r.status() == StatusCode::SERVICE_UNAVAILABLE {
             refused = Some(r);
             break;
@@ -123,13 +165,28 @@ async fn concurrent_webhook_bodies_are_bounded() {
         tokio::task::yield_now().await;
     }
     let r = refused.expect("a second concurrent delivery was refused");
-    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("2".into()));
-    assert_eq!(assert_openai_error(r, StatusCode::SERVICE_UNAVAILABLE).await["error"]["code"], "busy");
+    assert_eq!(
+        r.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string()),
+        Some("2".into())
+    );
+    assert_eq!(
+        assert_openai_error(r, StatusCode::SERVICE_UNAVAILABLE).await["error"]["code"],
+        "busy"
+    );
     holder.abort();
     // The aborted delivery's place comes back once the server notices the closed connection.
     let mut accepted = false;
     for _ in 0..200 {
-        let r = s.client.post(s.url("/v1/webhooks/label-studio")).header("X-Batchlab-Secret", SECRET).body(r#"{"action": "Y"}"#).send().await.unwrap();
+        let r = s
+            .client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("X-Batchlab-Secret", SECRET)
+            .body(r#"{"action": "Y"}"#)
+            .send()
+            .await
+            .unwrap();
         if r.status() == StatusCode::OK {
             accepted = true;
             break;
@@ -146,26 +203,58 @@ async fn concurrent_webhook_bodies_are_bounded() {
 async fn hostile_webhook_bodies_cost_one_error_each() {
     let s = start(|_| {}).await;
     let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let deep_object = format!("{{\"action\": \"PROJECT_UPDATED\", \"x\": {}1{}}}", "{\"a\":".repeat(50_000), "}".repeat(50_000));
+    let deep_object = format!(
+        "{{\"action\": \"PROJECT_UPDATED\", \"x\": {}1{}}}",
+        "{\"a\":".repeat(50_000),
+        "}".repeat(50_000)
+    );
     let cases: Vec<(&str, Vec<u8>, StatusCode)> = vec![
         ("empty", Vec::new(), StatusCode::BAD_REQUEST),
         ("not JSON", b"{nope".to_vec(), StatusCode::BAD_REQUEST),
-        ("not UTF-8", b"{\"action\": \"\xff\xfe\"}".to_vec(), StatusCode::BAD_REQUEST),
-        ("array 100,000 deep", deep_json.into_bytes(), StatusCode::BAD_REQUEST),
-        ("object 50,000 deep", deep_object.into_bytes(), StatusCode::BAD_REQUEST),
-        ("NUL", b"{\"action\": \"A\x00\"}".to_vec(), StatusCode::BAD_REQUEST),
-        ("70 MB", {
-            let mut b = b"{\"action\": \"TASKS_CREATED\", \"pad\": \"".to_vec();
-            b.resize(70 << 20, b'a');
-            b.extend_from_slice(b"\"}");
-            b
-        }, StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            "not UTF-8",
+            b"{\"action\": \"\xff\xfe\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "array 100,000 deep",
+            deep_json.into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "object 50,000 deep",
+            deep_object.into_bytes(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "NUL",
+            b"{\"action\": \"A\x00\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "70 MB",
+            {
+                let mut b = b"{\"action\": \"TASKS_CREATED\", \"pad\": \"".to_vec();
+                b.resize(70 << 20, b'a');
+                b.extend_from_slice(b"\"}");
+                b
+            },
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
     ];
     let mut worst_health = Duration::ZERO;
     for (name, body, status) in cases {
         let started = Instant::now();
-        let send = s.client.post(s.url("/v1/webhooks/label-studio")).header("X-Batchlab-Secret", SECRET).body(body).send();
-        let r = tokio::time::timeout(ANSWER_WITHIN, send).await.unwrap_or_else(|_| panic!("{name}: no answer")).unwrap();
+        let send = s
+            .client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("X-Batchlab-Secret", SECRET)
+            .body(body)
+            .send();
+        let r = tokio::time::timeout(ANSWER_WITHIN, send)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no answer"))
+            .unwrap();
         let answered = started.elapsed();
         assert_eq!(r.status(), status, "{name}");
         assert_openai_error(r, status).await;
@@ -180,18 +269,35 @@ async fn hostile_webhook_bodies_cost_one_error_each() {
 #[tokio::test]
 async fn a_deeply_nested_config_does_not_stop_webhook_processing() {
     let s = start(|_| {}).await;
-    let deep = format!("{}<Text name=\"t\" value=\"$text\"/>{}", "<View>".repeat(20_000), "</View>".repeat(20_000));
+    let deep = format!(
+        "{}<Text name=\"t\" value=\"$text\"/>{}",
+        "<View>".repeat(20_000),
+        "</View>".repeat(20_000)
+    );
     let events = [
         json!({"action": "PROJECT_UPDATED", "project": {"id": 4, "title": "deep", "label_config": deep}}),
         json!({"action": "TASKS_CREATED", "project": {"id": 4}, "tasks": [{"id": 1, "project": 4, "data": {"text": "x"}}]}),
     ];
     for event in &events {
-        let r = s.client.post(s.url("/v1/webhooks/label-studio")).header("X-Batchlab-Secret", SECRET).json(event).send().await.unwrap();
+        let r = s
+            .client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("X-Batchlab-Secret", SECRET)
+            .json(event)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     let mut status = Value::Null;
     for _ in 0..200 {
-        let r = s.client.get(s.url("/v1/label-studio/projects/4")).bearer_auth(KEY).send().await.unwrap();
+        let r = s
+            .client
+            .get(s.url("/v1/label-studio/projects/4"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
         if r.status() == 200 {
             status = r.json().await.unwrap();
             if status["counts"]["tasks"] == 1 {

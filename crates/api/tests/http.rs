@@ -33,26 +33,87 @@ async fn files_upload_list_retrieve_content_delete() {
     assert!(f["id"].as_str().unwrap().starts_with("file-"));
     let id = f["id"].as_str().unwrap().to_string();
 
-    let second: Value = s.upload(b"x".to_vec(), "fine-tune").await.json().await.unwrap();
-    let list: Value = s.client.get(s.url("/v1/files?limit=1")).send().await.unwrap().json().await.unwrap();
+    let second: Value = s
+        .upload(b"x".to_vec(), "fine-tune")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let list: Value = s
+        .client
+        .get(s.url("/v1/files?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["object"], "list");
     assert_eq!(list["has_more"], true);
     assert_eq!(list["data"][0]["id"], second["id"]);
-    let after = format!("/v1/files?limit=1&after={}", list["last_id"].as_str().unwrap());
-    let page2: Value = s.client.get(s.url(&after)).send().await.unwrap().json().await.unwrap();
+    let after = format!(
+        "/v1/files?limit=1&after={}",
+        list["last_id"].as_str().unwrap()
+    );
+    let page2: Value = s
+        .client
+        .get(s.url(&after))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page2["data"][0]["id"], id.as_str());
     assert_eq!(page2["has_more"], false);
-    let only_batch: Value = s.client.get(s.url("/v1/files?purpose=batch")).send().await.unwrap().json().await.unwrap();
+    let only_batch: Value = s
+        .client
+        .get(s.url("/v1/files?purpose=batch"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(only_batch["data"].as_array().unwrap().len(), 1);
 
-    let got: Value = s.client.get(s.url(&format!("/v1/files/{id}"))).send().await.unwrap().json().await.unwrap();
+    let got: Value = s
+        .client
+        .get(s.url(&format!("/v1/files/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(got, f);
-    let content = s.client.get(s.url(&format!("/v1/files/{id}/content"))).send().await.unwrap();
+    let content = s
+        .client
+        .get(s.url(&format!("/v1/files/{id}/content")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(content.text().await.unwrap(), body);
 
-    let deleted: Value = s.client.delete(s.url(&format!("/v1/files/{id}"))).send().await.unwrap().json().await.unwrap();
-    assert_eq!(deleted, json!({"id": id, "object": "file", "deleted": true}));
-    let gone = s.client.get(s.url(&format!("/v1/files/{id}/content"))).send().await.unwrap();
+    let deleted: Value = s
+        .client
+        .delete(s.url(&format!("/v1/files/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted,
+        json!({"id": id, "object": "file", "deleted": true})
+    );
+    let gone = s
+        .client
+        .get(s.url(&format!("/v1/files/{id}/content")))
+        .send()
+        .await
+        .unwrap();
     assert_error(gone, StatusCode::NOT_FOUND, None).await;
 }
 
@@ -63,49 +124,147 @@ async fn bad_uploads_are_refused_clearly() {
         c.batch.max_lines = 3;
     })
     .await;
-    assert_error(s.upload(vec![], "batch").await, StatusCode::BAD_REQUEST, Some("file")).await;
-    assert_error(s.upload(b"ok\n\xff\xfe\n".to_vec(), "batch").await, StatusCode::BAD_REQUEST, Some("file")).await;
-    assert_error(s.upload(vec![b'x'; 2000], "batch").await, StatusCode::PAYLOAD_TOO_LARGE, None).await;
-    assert_error(s.upload(b"1\n2\n3\n4\n".to_vec(), "batch").await, StatusCode::BAD_REQUEST, Some("file")).await;
-    assert_error(s.upload(b"x".to_vec(), "nonsense").await, StatusCode::BAD_REQUEST, Some("purpose")).await;
+    assert_error(
+        s.upload(vec![], "batch").await,
+        StatusCode::BAD_REQUEST,
+        Some("file"),
+    )
+    .await;
+    assert_error(
+        s.upload(b"ok\n\xff\xfe\n".to_vec(), "batch").await,
+        StatusCode::BAD_REQUEST,
+        Some("file"),
+    )
+    .await;
+    assert_error(
+        s.upload(vec![b'x'; 2000], "batch").await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        None,
+    )
+    .await;
+    assert_error(
+        s.upload(b"1\n2\n3\n4\n".to_vec(), "batch").await,
+        StatusCode::BAD_REQUEST,
+        Some("file"),
+    )
+    .await;
+    assert_error(
+        s.upload(b"x".to_vec(), "nonsense").await,
+        StatusCode::BAD_REQUEST,
+        Some("purpose"),
+    )
+    .await;
     let no_purpose = Form::new().part("file", Part::bytes(b"x".to_vec()).file_name("a"));
-    let resp = s.client.post(s.url("/v1/files")).multipart(no_purpose).send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/files"))
+        .multipart(no_purpose)
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, Some("purpose")).await;
-    let resp = s.client.post(s.url("/v1/files")).body("plain").send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/files"))
+        .body("plain")
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, None).await;
     // Nothing half-written was kept.
-    let list: Value = s.client.get(s.url("/v1/files")).send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .client
+        .get(s.url("/v1/files"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["data"], json!([]));
 }
 
 #[tokio::test]
 async fn batches_are_created_listed_and_cancelled() {
     let s = start(|_| {}).await;
-    let file: Value = s.upload(format!("{LINE}\n").into_bytes(), "batch").await.json().await.unwrap();
+    let file: Value = s
+        .upload(format!("{LINE}\n").into_bytes(), "batch")
+        .await
+        .json()
+        .await
+        .unwrap();
     let create = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h", "metadata": {"run": "t1"}});
     let resp = s.create_batch(create.clone()).await;
     assert_eq!(resp.status(), 200);
     let b: Value = resp.json().await.unwrap();
     assert_eq!(b["object"], "batch");
     assert_eq!(b["status"], "validating");
-    assert_eq!(b["request_counts"], json!({"total": 1, "completed": 0, "failed": 0}));
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 1, "completed": 0, "failed": 0})
+    );
     assert_eq!(b["metadata"], json!({"run": "t1"}));
-    assert_eq!(b["expires_at"].as_i64().unwrap() - b["created_at"].as_i64().unwrap(), 86_400);
-    for key in ["output_file_id", "error_file_id", "in_progress_at", "completed_at", "cancelled_at", "errors"] {
+    assert_eq!(
+        b["expires_at"].as_i64().unwrap() - b["created_at"].as_i64().unwrap(),
+        86_400
+    );
+    for key in [
+        "output_file_id",
+        "error_file_id",
+        "in_progress_at",
+        "completed_at",
+        "cancelled_at",
+        "errors",
+    ] {
         assert!(b[key].is_null(), "{key} starts null");
     }
     assert_eq!(b["usage"]["total_tokens"], 0);
     let id = b["id"].as_str().unwrap();
 
     let b2: Value = s.create_batch(create).await.json().await.unwrap();
-    let list: Value = s.client.get(s.url("/v1/batches?limit=1")).send().await.unwrap().json().await.unwrap();
-    assert_eq!((list["data"][0]["id"].clone(), list["has_more"].clone()), (b2["id"].clone(), json!(true)));
-    let rest: Value = s.client.get(s.url(&format!("/v1/batches?after={}", b2["id"].as_str().unwrap()))).send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .client
+        .get(s.url("/v1/batches?limit=1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (list["data"][0]["id"].clone(), list["has_more"].clone()),
+        (b2["id"].clone(), json!(true))
+    );
+    let rest: Value = s
+        .client
+        .get(s.url(&format!("/v1/batches?after={}", b2["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(rest["data"][0]["id"], id);
 
-    let got: Value = s.client.get(s.url(&format!("/v1/batches/{id}"))).send().await.unwrap().json().await.unwrap();
+    let got: Value = s
+        .client
+        .get(s.url(&format!("/v1/batches/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(got["id"], id);
-    let cancelled: Value = s.client.post(s.url(&format!("/v1/batches/{id}/cancel"))).send().await.unwrap().json().await.unwrap();
+    let cancelled: Value = s
+        .client
+        .post(s.url(&format!("/v1/batches/{id}/cancel")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(cancelled["status"], "cancelling");
     assert!(cancelled["cancelling_at"].is_i64());
 }
@@ -113,27 +272,92 @@ async fn batches_are_created_listed_and_cancelled() {
 #[tokio::test]
 async fn bad_batch_requests_name_the_parameter() {
     let s = start(|_| {}).await;
-    let file: Value = s.upload(format!("{LINE}\n").into_bytes(), "batch").await.json().await.unwrap();
-    let other: Value = s.upload(b"x".to_vec(), "fine-tune").await.json().await.unwrap();
+    let file: Value = s
+        .upload(format!("{LINE}\n").into_bytes(), "batch")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let other: Value = s
+        .upload(b"x".to_vec(), "fine-tune")
+        .await
+        .json()
+        .await
+        .unwrap();
     let ok = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"});
     let with = |k: &str, v: Value| {
         let mut b = ok.clone();
         b[k] = v;
         b
     };
-    assert_error(s.create_batch(with("endpoint", json!("/v1/embeddings"))).await, StatusCode::BAD_REQUEST, Some("endpoint")).await;
-    assert_error(s.create_batch(with("completion_window", json!("1h"))).await, StatusCode::BAD_REQUEST, Some("completion_window")).await;
-    assert_error(s.create_batch(with("metadata", json!({"k": 1}))).await, StatusCode::BAD_REQUEST, Some("metadata")).await;
-    assert_error(s.create_batch(with("input_file_id", other["id"].clone())).await, StatusCode::BAD_REQUEST, Some("input_file_id")).await;
-    assert_error(s.create_batch(with("input_file_id", json!("file-nope"))).await, StatusCode::NOT_FOUND, None).await;
-    let bad_json = s.client.post(s.url("/v1/batches")).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    assert_error(
+        s.create_batch(with("endpoint", json!("/v1/embeddings")))
+            .await,
+        StatusCode::BAD_REQUEST,
+        Some("endpoint"),
+    )
+    .await;
+    assert_error(
+        s.create_batch(with("completion_window", json!("1h"))).await,
+        StatusCode::BAD_REQUEST,
+        Some("completion_window"),
+    )
+    .await;
+    assert_error(
+        s.create_batch(with("metadata", json!({"k": 1}))).await,
+        StatusCode::BAD_REQUEST,
+        Some("metadata"),
+    )
+    .await;
+    assert_error(
+        s.create_batch(with("input_file_id", other["id"].clone()))
+            .await,
+        StatusCode::BAD_REQUEST,
+        Some("input_file_id"),
+    )
+    .await;
+    assert_error(
+        s.create_batch(with("input_file_id", json!("file-nope")))
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    )
+    .await;
+    let bad_json = s
+        .client
+        .post(s.url("/v1/batches"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_error(bad_json, StatusCode::BAD_REQUEST, None).await;
-    for path in ["/v1/batches/batch_nope", "/v1/files/file-nope", "/v1/files/..%2F..%2Fetc/content", "/v1/nothing"] {
-        assert_error(s.client.get(s.url(path)).send().await.unwrap(), StatusCode::NOT_FOUND, None).await;
+    for path in [
+        "/v1/batches/batch_nope",
+        "/v1/files/file-nope",
+        "/v1/files/..%2F..%2Fetc/content",
+        "/v1/nothing",
+    ] {
+        assert_error(
+            s.client.get(s.url(path)).send().await.unwrap(),
+            StatusCode::NOT_FOUND,
+            None,
+        )
+        .await;
     }
-    let resp = s.client.post(s.url("/v1/batches/batch_nope/cancel")).send().await.unwrap();
+    let resp = s
+        .client
+        .post(s.url("/v1/batches/batch_nope/cancel"))
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::NOT_FOUND, None).await;
-    let resp = s.client.get(s.url("/v1/batches?limit=0")).send().await.unwrap();
+    let resp = s
+        .client
+        .get(s.url("/v1/batches?limit=0"))
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, StatusCode::BAD_REQUEST, Some("limit")).await;
     let resp = s.client.put(s.url("/v1/batches")).send().await.unwrap();
     assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, None).await;
@@ -142,13 +366,49 @@ async fn bad_batch_requests_name_the_parameter() {
 #[tokio::test]
 async fn the_api_key_guards_v1_but_not_health() {
     let s = start(|c| c.api.api_key = Some("sekret".into())).await;
-    assert_error(s.client.get(s.url("/v1/files")).send().await.unwrap(), StatusCode::UNAUTHORIZED, None).await;
-    let wrong = s.client.get(s.url("/v1/files")).bearer_auth("nope").send().await.unwrap();
+    assert_error(
+        s.client.get(s.url("/v1/files")).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        None,
+    )
+    .await;
+    let wrong = s
+        .client
+        .get(s.url("/v1/files"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_error(wrong, StatusCode::UNAUTHORIZED, None).await;
-    let right = s.client.get(s.url("/v1/files")).bearer_auth("sekret").send().await.unwrap();
+    let right = s
+        .client
+        .get(s.url("/v1/files"))
+        .bearer_auth("sekret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(right.status(), 200);
-    let health: Value = s.client.get(s.url("/health")).send().await.unwrap().json().await.unwrap();
+    let health: Value = s
+        .client
+        .get(s.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(health["status"], "ok");
-    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("batchlab_http_requests_total"), "{metrics}");
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("batchlab_http_requests_total"),
+        "{metrics}"
+    );
 }

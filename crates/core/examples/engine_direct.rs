@@ -31,8 +31,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     let mut seen = HashSet::new();
     let mut calls = Vec::new();
-    for line in std::fs::read_to_string(&input)?.lines().filter(|l| !l.trim().is_empty()) {
-        calls.push(parse_request_line(line, "/v1/chat/completions", &mut seen, &Default::default()).map_err(|e| e.message)?.request);
+    for line in std::fs::read_to_string(&input)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        calls.push(
+            parse_request_line(line, "/v1/chat/completions", &mut seen, &Default::default())
+                .map_err(|e| e.message)?
+                .request,
+        );
     }
     let started = Instant::now();
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
@@ -53,6 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         requests += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!("{}", serde_json::json!({"requests": requests, "seconds": seconds, "completion_tokens": tokens}));
+    println!(
+        "{}",
+        serde_json::json!({"requests": requests, "seconds": seconds, "completion_tokens": tokens})
+    );
     Ok(())
 }

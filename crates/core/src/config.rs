@@ -155,7 +155,10 @@ impl MlBackendConfig {
                  start open when half of it is configured"
             )))
         };
-        match (set(self.basic_auth_user.as_deref()), set(self.basic_auth_pass.as_deref())) {
+        match (
+            set(self.basic_auth_user.as_deref()),
+            set(self.basic_auth_pass.as_deref()),
+        ) {
             (Some(u), Some(p)) => Ok(Some((u, p))),
             (None, None) => Ok(None),
             (Some(_), None) => missing("BASIC_AUTH_USER", "BASIC_AUTH_PASS"),
@@ -180,7 +183,12 @@ pub struct WorkerConfig {
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { id: String::new(), poll_interval_ms: 500, lease_seconds: 30, concurrency: 4 }
+        Self {
+            id: String::new(),
+            poll_interval_ms: 500,
+            lease_seconds: 30,
+            concurrency: 4,
+        }
     }
 }
 
@@ -196,7 +204,10 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: "sqlite://data/batchlab.db".into(), max_connections: 8 }
+        Self {
+            url: "sqlite://data/batchlab.db".into(),
+            max_connections: 8,
+        }
     }
 }
 
@@ -210,7 +221,9 @@ pub struct StorageConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { files_dir: PathBuf::from("data/files") }
+        Self {
+            files_dir: PathBuf::from("data/files"),
+        }
     }
 }
 
@@ -316,7 +329,12 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        Self { max_input_bytes: 200 * 1024 * 1024, max_lines: 50_000, max_line_bytes: 2 * 1024 * 1024, max_attempts: 3 }
+        Self {
+            max_input_bytes: 200 * 1024 * 1024,
+            max_lines: 50_000,
+            max_line_bytes: 2 * 1024 * 1024,
+            max_attempts: 3,
+        }
     }
 }
 
@@ -366,7 +384,11 @@ pub struct CurationConfig {
 
 impl Default for CurationConfig {
     fn default() -> Self {
-        Self { training_dir: PathBuf::from("data/training"), milestones: vec![100, 500, 1_000, 5_000, 10_000], accuracy_every: 100 }
+        Self {
+            training_dir: PathBuf::from("data/training"),
+            milestones: vec![100, 500, 1_000, 5_000, 10_000],
+            accuracy_every: 100,
+        }
     }
 }
 
@@ -396,7 +418,10 @@ pub enum Service {
 /// Whether `host` (an address or a name to bind) reaches only this machine.
 pub fn is_loopback(host: &str) -> bool {
     let host = host.trim().trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn is_set(value: Option<&str>) -> bool {
@@ -406,7 +431,9 @@ fn is_set(value: Option<&str>) -> bool {
 /// `<PREFIX><SECTION>__<KEY>` variables. Every setting lives in a section, so variables without
 /// `__` (`BATCHLAB_PROFILE`, `BATCHLAB_REQUIRE_POSTGRES`, ...) belong to scripts and tests, not here.
 fn env_overrides(prefix: &str) -> Env {
-    Env::prefixed(prefix).filter(|key| key.as_str().contains("__")).split("__")
+    Env::prefixed(prefix)
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 /// The names Label Studio's own tools use (`label_studio_ml` and the SDK), mapped onto settings.
@@ -460,10 +487,21 @@ impl EnvSource<'_> {
 impl Config {
     /// Loads defaults, `config/default.toml` if present, `file` if given, then `BATCHLAB_*`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), file, EnvSource { prefix: "BATCHLAB_", label_studio_names: true })
+        Self::load_from(
+            Path::new(DEFAULT_CONFIG_FILE),
+            file,
+            EnvSource {
+                prefix: "BATCHLAB_",
+                label_studio_names: true,
+            },
+        )
     }
 
-    fn load_from(default_file: &Path, file: Option<&Path>, env: EnvSource<'_>) -> Result<Config, ConfigError> {
+    fn load_from(
+        default_file: &Path,
+        file: Option<&Path>,
+        env: EnvSource<'_>,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if default_file.exists() {
             figment = figment.merge(Toml::file(default_file));
@@ -478,7 +516,9 @@ impl Config {
         for (key, value) in env.text_values() {
             figment = figment.merge(Serialized::default(key, value));
         }
-        figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
     }
 
     /// Refuses settings that leave `service` open: basic auth half configured (one of user and
@@ -529,9 +569,19 @@ impl Config {
         if !self.worker.id.is_empty() {
             return self.worker.id.clone();
         }
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-        let host = if host.is_empty() { "worker".to_string() } else { host };
-        format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let host = if host.is_empty() {
+            "worker".to_string()
+        } else {
+            host
+        };
+        format!(
+            "{host}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        )
     }
 }
 
@@ -553,18 +603,40 @@ mod tests {
     #[test]
     fn shipped_default_toml_parses_and_equals_the_built_in_defaults() {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/default.toml");
-        let c = Config::load_from(&shipped, None, EnvSource { prefix: "BATCHLAB_NO_SUCH_PREFIX_", label_studio_names: false }).unwrap();
-        assert_eq!(c, Config::default(), "config/default.toml drifted from Config::default()");
+        let c = Config::load_from(
+            &shipped,
+            None,
+            EnvSource {
+                prefix: "BATCHLAB_NO_SUCH_PREFIX_",
+                label_studio_names: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Config::default(),
+            "config/default.toml drifted from Config::default()"
+        );
     }
 
     #[test]
     fn file_then_environment_override_defaults() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("extra.toml", "[api]\nport = 5000\n[worker]\nconcurrency = 2\n")?;
+            jail.create_file(
+                "extra.toml",
+                "[api]\nport = 5000\n[worker]\nconcurrency = 2\n",
+            )?;
             jail.set_env("TESTCFG_API__PORT", "6000");
             jail.set_env("TESTCFG_DATABASE__URL", "postgres://x@localhost/db");
             jail.set_env("TESTCFG_PROFILE", "not a setting: ignored");
-            let c = Config::load_from(Path::new("none.toml"), Some(Path::new("extra.toml")), EnvSource { prefix: "TESTCFG_", label_studio_names: false })
+            let c = Config::load_from(
+                Path::new("none.toml"),
+                Some(Path::new("extra.toml")),
+                EnvSource {
+                    prefix: "TESTCFG_",
+                    label_studio_names: false,
+                },
+            )
             .map_err(|e| e.to_string())?;
             assert_eq!(c.api.port, 6000);
             assert_eq!(c.worker.concurrency, 2);
@@ -582,11 +654,23 @@ mod tests {
             jail.set_env("BASIC_AUTH_PASS", "0042");
             jail.set_env("TESTLS_ML_BACKEND__BASIC_AUTH_USER", "override");
             jail.set_env("TESTLS_API__API_KEY", "0123");
-            let c = Config::load_from(Path::new("none.toml"), None, EnvSource { prefix: "TESTLS_", label_studio_names: true }).map_err(|e| e.to_string())?;
+            let c = Config::load_from(
+                Path::new("none.toml"),
+                None,
+                EnvSource {
+                    prefix: "TESTLS_",
+                    label_studio_names: true,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             assert_eq!(c.label_studio.url, "http://ls.example:8080");
             assert_eq!(c.label_studio.api_key.as_deref(), Some("secret-key"));
             assert_eq!(c.ml_backend.basic_auth_user.as_deref(), Some("override"));
-            assert_eq!(c.ml_backend.basic_auth_pass.as_deref(), Some("0042"), "digits stay text, leading zeros too");
+            assert_eq!(
+                c.ml_backend.basic_auth_pass.as_deref(),
+                Some("0042"),
+                "digits stay text, leading zeros too"
+            );
             assert_eq!(c.api.api_key.as_deref(), Some("0123"));
             Ok(())
         });
@@ -608,14 +692,29 @@ mod tests {
     fn half_configured_basic_auth_refuses_to_start() {
         let mut c = Config::default();
         c.ml_backend.basic_auth_user = Some("ml".into());
-        let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
-        assert!(err.contains("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is not"), "{err}");
+        let err = c
+            .check_security(Service::MlBackend)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is not"),
+            "{err}"
+        );
         c.ml_backend.basic_auth_user = None;
         c.ml_backend.basic_auth_pass = Some("pw".into());
-        let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
-        assert!(err.contains("BASIC_AUTH_PASS is set but BASIC_AUTH_USER is not"), "{err}");
+        let err = c
+            .check_security(Service::MlBackend)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BASIC_AUTH_PASS is set but BASIC_AUTH_USER is not"),
+            "{err}"
+        );
         c.ml_backend.basic_auth_user = Some("  ".into());
-        assert!(c.check_security(Service::MlBackend).is_err(), "a blank user is no user");
+        assert!(
+            c.check_security(Service::MlBackend).is_err(),
+            "a blank user is no user"
+        );
         c.ml_backend.basic_auth_user = Some("ml".into());
         assert!(c.check_security(Service::MlBackend).is_ok());
     }
@@ -623,18 +722,31 @@ mod tests {
     #[test]
     fn non_loopback_binds_need_credentials_or_an_explicit_opt_out() {
         let mut c = Config::default();
-        assert!(c.check_security(Service::Api).is_ok() && c.check_security(Service::MlBackend).is_ok(), "loopback defaults");
+        assert!(
+            c.check_security(Service::Api).is_ok() && c.check_security(Service::MlBackend).is_ok(),
+            "loopback defaults"
+        );
         for host in ["0.0.0.0", "::", "192.0.2.7", "api.example"] {
             c.api.host = host.into();
             c.ml_backend.host = host.into();
             let err = c.check_security(Service::Api).unwrap_err().to_string();
-            assert!(err.contains("BATCHLAB_API__API_KEY") && err.contains("BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET"), "{err}");
-            let err = c.check_security(Service::MlBackend).unwrap_err().to_string();
+            assert!(
+                err.contains("BATCHLAB_API__API_KEY")
+                    && err.contains("BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET"),
+                "{err}"
+            );
+            let err = c
+                .check_security(Service::MlBackend)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("BASIC_AUTH_USER and BASIC_AUTH_PASS"), "{err}");
         }
         c.api.api_key = Some("k".into());
         let err = c.check_security(Service::Api).unwrap_err().to_string();
-        assert!(!err.contains("BATCHLAB_API__API_KEY") && err.contains("WEBHOOK_SECRET"), "{err}");
+        assert!(
+            !err.contains("BATCHLAB_API__API_KEY") && err.contains("WEBHOOK_SECRET"),
+            "{err}"
+        );
         c.label_studio.webhook_secret = Some("s".into());
         assert!(c.check_security(Service::Api).is_ok());
         c.api.api_key = None;
@@ -655,9 +767,23 @@ mod tests {
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[api]\nprot = 1\n")?;
-            let err = Config::load_from(Path::new("x"), Some(Path::new("bad.toml")), EnvSource { prefix: "NOPE_", label_studio_names: false });
+            let err = Config::load_from(
+                Path::new("x"),
+                Some(Path::new("bad.toml")),
+                EnvSource {
+                    prefix: "NOPE_",
+                    label_studio_names: false,
+                },
+            );
             assert!(err.unwrap_err().to_string().contains("prot"));
-            let err = Config::load_from(Path::new("x"), Some(Path::new("missing.toml")), EnvSource { prefix: "NOPE_", label_studio_names: false });
+            let err = Config::load_from(
+                Path::new("x"),
+                Some(Path::new("missing.toml")),
+                EnvSource {
+                    prefix: "NOPE_",
+                    label_studio_names: false,
+                },
+            );
             assert!(matches!(err, Err(ConfigError::Missing(_))));
             Ok(())
         });

@@ -17,14 +17,19 @@ use tower_http::trace::TraceLayer;
 /// Counts requests as `<prefix>_http_requests_total` and times them as
 /// `<prefix>_http_request_duration_seconds`, labelled by method, matched route and status.
 async fn record_metrics(prefix: &'static str, request: Request, next: Next) -> Response {
-    let path = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let method = request.method().to_string();
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     let labels = [("method", method), ("path", path), ("status", status)];
     metrics::counter!(format!("{prefix}_http_requests_total"), &labels).increment(1);
-    metrics::histogram!(format!("{prefix}_http_request_duration_seconds"), &labels).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(format!("{prefix}_http_request_duration_seconds"), &labels)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 

@@ -60,8 +60,16 @@ pub fn redact_url(url: &str) -> String {
             match authority.rsplit_once('@') {
                 Some((userinfo, host)) => {
                     let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                    let hidden = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
-                    format!("{}{hidden}@{host}{}", &base[..authority_start], &rest[authority_end..])
+                    let hidden = if userinfo.contains(':') {
+                        format!("{user}:***")
+                    } else {
+                        user.to_owned()
+                    };
+                    format!(
+                        "{}{hidden}@{host}{}",
+                        &base[..authority_start],
+                        &rest[authority_end..]
+                    )
                 }
                 None => base.to_owned(),
             }
@@ -84,7 +92,9 @@ pub fn redact_url(url: &str) -> String {
 
 fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "passwd", "secret", "token", "key"].iter().any(|s| key.contains(s))
+    ["password", "passwd", "secret", "token", "key"]
+        .iter()
+        .any(|s| key.contains(s))
 }
 
 #[cfg(test)]
@@ -97,17 +107,32 @@ mod tests {
         assert_eq!(format!("{s:?}"), "\"***\"");
         assert_eq!(format!("{:?}", Some(s.clone())), "Some(\"***\")");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"hunter2\"");
-        assert_eq!(serde_json::from_str::<Secret>("\"x\"").unwrap().expose(), "x");
+        assert_eq!(
+            serde_json::from_str::<Secret>("\"x\"").unwrap().expose(),
+            "x"
+        );
         assert_eq!(&*s, "hunter2");
     }
 
     #[test]
     fn urls_lose_their_passwords() {
-        assert_eq!(redact_url("postgres://bl:hunter2@db:5432/bl"), "postgres://bl:***@db:5432/bl");
-        assert_eq!(redact_url("postgres://bl:p%40ss@word@db/bl"), "postgres://bl:***@db/bl");
+        assert_eq!(
+            redact_url("postgres://bl:hunter2@db:5432/bl"),
+            "postgres://bl:***@db:5432/bl"
+        );
+        assert_eq!(
+            redact_url("postgres://bl:p%40ss@word@db/bl"),
+            "postgres://bl:***@db/bl"
+        );
         assert_eq!(redact_url("postgres://bl@db/bl"), "postgres://bl@db/bl");
-        assert_eq!(redact_url("postgres://db/bl?user=x&password=hunter2"), "postgres://db/bl?user=x&password=***");
-        assert_eq!(redact_url("sqlite://data/batchlab.db?mode=rwc"), "sqlite://data/batchlab.db?mode=rwc");
+        assert_eq!(
+            redact_url("postgres://db/bl?user=x&password=hunter2"),
+            "postgres://db/bl?user=x&password=***"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/batchlab.db?mode=rwc"),
+            "sqlite://data/batchlab.db?mode=rwc"
+        );
         assert_eq!(redact_url("s3://bucket/prefix"), "s3://bucket/prefix");
         assert!(!redact_url("postgres://u:hunter2@h/d?sslpassword=hunter2").contains("hunter2"));
     }

@@ -11,7 +11,8 @@ use crate::store::Store;
 
 /// The admin URL PostgreSQL test databases are created through.
 pub fn postgres_admin_url() -> String {
-    std::env::var("BATCHLAB_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("BATCHLAB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database that exists for one test.
@@ -30,7 +31,12 @@ impl TestDb {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
         let store = Store::connect(&url, 4).await.expect("open sqlite");
-        TestDb { store, url, _dir: Some(dir), pg_name: None }
+        TestDb {
+            store,
+            url,
+            _dir: Some(dir),
+            pg_name: None,
+        }
     }
 
     /// A new PostgreSQL database, or `None` (after saying why) when no server answers and
@@ -41,7 +47,9 @@ impl TestDb {
         let mut conn = match sqlx::AnyConnection::connect(&admin).await {
             Ok(c) => c,
             Err(e) if std::env::var("BATCHLAB_REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-                panic!("PostgreSQL is required (BATCHLAB_REQUIRE_POSTGRES=1) but {admin} failed: {e}")
+                panic!(
+                    "PostgreSQL is required (BATCHLAB_REQUIRE_POSTGRES=1) but {admin} failed: {e}"
+                )
             }
             Err(e) => {
                 eprintln!("skipping PostgreSQL test: {admin} unreachable ({e}); set BATCHLAB_REQUIRE_POSTGRES=1 to fail instead");
@@ -49,11 +57,20 @@ impl TestDb {
             }
         };
         let name = format!("batchlab_test_{}", uuid::Uuid::new_v4().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
         let _ = conn.close().await;
         let url = with_database(&admin, &name);
-        let store = Store::connect(&url, 8).await.expect("open postgres test database");
-        Some(TestDb { store, url, _dir: None, pg_name: Some(name) })
+        let store = Store::connect(&url, 8)
+            .await
+            .expect("open postgres test database");
+        Some(TestDb {
+            store,
+            url,
+            _dir: None,
+            pg_name: Some(name),
+        })
     }
 
     /// Closes the pool and drops a PostgreSQL database (SQLite files go with the temp dir).
@@ -61,7 +78,9 @@ impl TestDb {
         self.store.close().await;
         if let Some(name) = &self.pg_name {
             if let Ok(mut conn) = sqlx::AnyConnection::connect(&postgres_admin_url()).await {
-                let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                let _ = conn
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await;
             }
         }
     }
@@ -69,7 +88,10 @@ impl TestDb {
 
 /// `admin` with its database name replaced by `name` (query parameters kept).
 fn with_database(admin: &str, name: &str) -> String {
-    let (base, query) = admin.split_once('?').map(|(b, q)| (b, format!("?{q}"))).unwrap_or((admin, String::new()));
+    let (base, query) = admin
+        .split_once('?')
+        .map(|(b, q)| (b, format!("?{q}")))
+        .unwrap_or((admin, String::new()));
     let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
     let server = match base[authority_start..].find('/') {
         Some(slash) => &base[..authority_start + slash],
@@ -82,8 +104,17 @@ fn with_database(admin: &str, name: &str) -> String {
 mod tests {
     #[test]
     fn database_names_are_swapped_in_urls() {
-        assert_eq!(super::with_database("postgres://u@h:5432/postgres", "x"), "postgres://u@h:5432/x");
-        assert_eq!(super::with_database("postgres://u@h", "x"), "postgres://u@h/x");
-        assert_eq!(super::with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            super::with_database("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h", "x"),
+            "postgres://u@h/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
     }
 }

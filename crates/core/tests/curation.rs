@@ -10,7 +10,10 @@ use batchlab_core::store::Store;
 use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/label-studio-1.23");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/label-studio-1.23"
+);
 
 /// The bodies Label Studio posted to the API's webhook, in the order it sent them, and the
 /// START_TRAINING it sent to the ML backend (which hands it on).
@@ -36,7 +39,11 @@ fn body_of(path: &Path) -> Vec<u8> {
 fn curation(store: &Store, dir: &Path, milestones: Vec<u64>) -> Curation {
     Curation::new(
         store.clone(),
-        CurationConfig { training_dir: dir.to_path_buf(), milestones, accuracy_every: 2 },
+        CurationConfig {
+            training_dir: dir.to_path_buf(),
+            milestones,
+            accuracy_every: 2,
+        },
     )
 }
 
@@ -59,12 +66,33 @@ async fn assert_final_state(c: &Curation) {
     let status = c.status(1).await.unwrap();
     assert_eq!(status.title, "Candidate Evaluation");
     let counts = status.counts;
-    assert_eq!((counts.tasks, counts.annotations, counts.valid, counts.ground_truth), (4, 3, 3, 1), "{counts:?}");
+    assert_eq!(
+        (
+            counts.tasks,
+            counts.annotations,
+            counts.valid,
+            counts.ground_truth
+        ),
+        (4, 3, 3, 1),
+        "{counts:?}"
+    );
     assert_eq!(counts.invalid, 0);
-    let exported: Value = serde_json::from_str(&export(c, ExportFormat::Json, ExportFilter::default()).await).unwrap();
+    let exported: Value =
+        serde_json::from_str(&export(c, ExportFormat::Json, ExportFilter::default()).await)
+            .unwrap();
     let tasks = exported.as_array().unwrap();
-    assert_eq!(tasks.iter().map(|t| t["id"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);
-    assert_eq!(tasks[0]["annotations"][0]["result"][0]["value"]["choices"], json!(["no"]), "the newer update wins");
+    assert_eq!(
+        tasks
+            .iter()
+            .map(|t| t["id"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    assert_eq!(
+        tasks[0]["annotations"][0]["result"][0]["value"]["choices"],
+        json!(["no"]),
+        "the newer update wins"
+    );
     assert_eq!(tasks[1]["annotations"][0]["ground_truth"], json!(true));
     assert_eq!(tasks[0]["data"]["name"], json!("Ada Lovelace"));
 }
@@ -86,19 +114,41 @@ async fn replay_in_order_twice(store: Store) {
     assert_eq!(status.milestones_reached, vec![2, 3]);
     let reasons: Vec<&str> = status.exports.iter().map(|e| e.reason.as_str()).collect();
     assert_eq!(reasons.iter().filter(|r| **r == "milestone").count(), 2);
-    assert_eq!(reasons.iter().filter(|r| **r == "start_training").count(), 1);
-    let file: Value = serde_json::from_slice(&std::fs::read(dir.path().join("project_1_export.json")).unwrap()).unwrap();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "start_training").count(),
+        1
+    );
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("project_1_export.json")).unwrap())
+            .unwrap();
     assert_eq!(file.as_array().unwrap().len(), 3);
     // Processing again changes nothing, and writes no milestone twice.
     c.check_milestones(1).await.unwrap();
     assert_eq!(c.status(1).await.unwrap().exports.len(), 3);
     // A claim whose export was never written is not shown, and is taken over once stale.
     assert!(store.claim_milestone(1, 7, "p", 600).await.unwrap());
-    assert!(!store.claim_milestone(1, 7, "p", 600).await.unwrap(), "claimed once");
-    assert_eq!(c.status(1).await.unwrap().exports.len(), 3, "unwritten claims are not listed");
-    assert!(store.claim_milestone(1, 7, "p", -1).await.unwrap(), "a stale claim is taken over");
+    assert!(
+        !store.claim_milestone(1, 7, "p", 600).await.unwrap(),
+        "claimed once"
+    );
+    assert_eq!(
+        c.status(1).await.unwrap().exports.len(),
+        3,
+        "unwritten claims are not listed"
+    );
+    assert!(
+        store.claim_milestone(1, 7, "p", -1).await.unwrap(),
+        "a stale claim is taken over"
+    );
     // An accuracy record was kept at checkpoint 2 (accuracy_every = 2).
-    assert_eq!(status.accuracy_history.iter().map(|h| h["checkpoint"].as_i64().unwrap()).collect::<Vec<_>>(), [2]);
+    assert_eq!(
+        status
+            .accuracy_history
+            .iter()
+            .map(|h| h["checkpoint"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [2]
+    );
 }
 
 async fn replay_backwards(store: Store) {
@@ -130,21 +180,55 @@ async fn replay_one_by_one_with_late_duplicates(store: Store) {
 async fn invalid_annotations_are_kept_flagged_and_left_out(store: Store) {
     let dir = tempfile::tempdir().unwrap();
     let c = curation(&store, dir.path(), vec![]);
-    let mut event: Value = serde_json::from_slice(&body_of(&Path::new(FIXTURES).join("22-webhook-ANNOTATION_CREATED.json"))).unwrap();
+    let mut event: Value = serde_json::from_slice(&body_of(
+        &Path::new(FIXTURES).join("22-webhook-ANNOTATION_CREATED.json"),
+    ))
+    .unwrap();
     event["annotation"]["result"][0]["value"]["choices"] = json!(["maybe_not"]);
-    c.ingest(&serde_json::to_vec(&event).unwrap()).await.unwrap();
-    c.ingest(br#"{"action": "LABEL_LINK_CREATED", "label_link": {"id": 1}}"#).await.unwrap();
+    c.ingest(&serde_json::to_vec(&event).unwrap())
+        .await
+        .unwrap();
+    c.ingest(br#"{"action": "LABEL_LINK_CREATED", "label_link": {"id": 1}}"#)
+        .await
+        .unwrap();
     c.ingest(br#"{"action": "PROJECT_UPDATED"}"#).await.unwrap();
     drain(&c).await;
     let status = c.status(1).await.unwrap();
-    assert_eq!((status.counts.annotations, status.counts.valid, status.counts.invalid), (1, 0, 1));
+    assert_eq!(
+        (
+            status.counts.annotations,
+            status.counts.valid,
+            status.counts.invalid
+        ),
+        (1, 0, 1)
+    );
     let reason = status.invalid_annotations[0]["reason"].as_str().unwrap();
-    assert!(reason.contains("recommendation") && reason.contains("maybe_not"), "{reason}");
-    assert_eq!(export(&c, ExportFormat::Json, ExportFilter::default()).await.trim(), "[]");
-    let with_invalid = export(&c, ExportFormat::Json, ExportFilter { include_invalid: true, ..Default::default() }).await;
+    assert!(
+        reason.contains("recommendation") && reason.contains("maybe_not"),
+        "{reason}"
+    );
+    assert_eq!(
+        export(&c, ExportFormat::Json, ExportFilter::default())
+            .await
+            .trim(),
+        "[]"
+    );
+    let with_invalid = export(
+        &c,
+        ExportFormat::Json,
+        ExportFilter {
+            include_invalid: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let with_invalid: Value = serde_json::from_str(&with_invalid).unwrap();
     assert_eq!(with_invalid[0]["annotations"][0]["valid"], json!(false));
-    assert_eq!(store.webhook_event_counts(None).await.unwrap().pending, 0, "unknown and payload-less events are acknowledged");
+    assert_eq!(
+        store.webhook_event_counts(None).await.unwrap().pending,
+        0,
+        "unknown and payload-less events are acknowledged"
+    );
 }
 
 async fn accuracy_and_chat_export(store: Store) {
@@ -156,10 +240,16 @@ async fn accuracy_and_chat_export(store: Store) {
     drain(&c).await;
     // Ground truth is task 2 only: maybe / good / good / "annotator reasoning 1".
     let preds = vec![
-        (2, json!({"recommendation": "Maybe", "trajectory_rating": "good", "pedigree_rating": "strong"})),
+        (
+            2,
+            json!({"recommendation": "Maybe", "trajectory_rating": "good", "pedigree_rating": "strong"}),
+        ),
         (1, json!({"recommendation": "no"})),
     ];
-    let preds: Vec<_> = preds.into_iter().map(|(t, p)| (t, p.as_object().unwrap().clone())).collect();
+    let preds: Vec<_> = preds
+        .into_iter()
+        .map(|(t, p)| (t, p.as_object().unwrap().clone()))
+        .collect();
     let report = c.accuracy_of(1, &preds).await.unwrap();
     assert_eq!(report.counts.tasks_compared, 1);
     assert_eq!(report.counts.skipped_no_ground_truth, 1);
@@ -169,17 +259,48 @@ async fn accuracy_and_chat_export(store: Store) {
     assert!(c.accuracy_of(99, &preds).await.is_err(), "unknown project");
 
     let chat = export(&c, ExportFormat::JsonlChat, ExportFilter::default()).await;
-    let lines: Vec<Value> = chat.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = chat
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
     let messages = lines[1]["messages"].as_array().unwrap();
-    assert_eq!(messages.iter().map(|m| m["role"].as_str().unwrap()).collect::<Vec<_>>(), ["system", "user", "assistant"]);
-    assert!(messages[1]["content"].as_str().unwrap().contains("Grace Hopper"));
+    assert_eq!(
+        messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["system", "user", "assistant"]
+    );
+    assert!(messages[1]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Grace Hopper"));
     let answer: Value = serde_json::from_str(messages[2]["content"].as_str().unwrap()).unwrap();
-    assert_eq!(answer, json!({"recommendation": "maybe", "trajectory_rating": "good", "pedigree_rating": "good",
-        "reasoning": "annotator reasoning 1"}));
-    let gt_only = export(&c, ExportFormat::JsonlChat, ExportFilter { ground_truth_only: true, ..Default::default() }).await;
+    assert_eq!(
+        answer,
+        json!({"recommendation": "maybe", "trajectory_rating": "good", "pedigree_rating": "good",
+        "reasoning": "annotator reasoning 1"})
+    );
+    let gt_only = export(
+        &c,
+        ExportFormat::JsonlChat,
+        ExportFilter {
+            ground_truth_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(gt_only.lines().count(), 1);
-    let future = export(&c, ExportFormat::Json, ExportFilter { since_us: Some(i64::MAX), ..Default::default() }).await;
+    let future = export(
+        &c,
+        ExportFormat::Json,
+        ExportFilter {
+            since_us: Some(i64::MAX),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(future.trim(), "[]");
 }
 

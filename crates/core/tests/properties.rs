@@ -8,7 +8,10 @@ use batchlab_core::labelstudio::webhook;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/label-studio-1.23");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/label-studio-1.23"
+);
 
 /// The labeling configs and webhook bodies Label Studio sent, as the seeds of the generators.
 fn fixture_bodies() -> Vec<Value> {
@@ -16,7 +19,9 @@ fn fixture_bodies() -> Vec<Value> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| serde_json::from_slice::<Value>(&std::fs::read(&p).unwrap()).unwrap()["body"].clone())
+        .map(|p| {
+            serde_json::from_slice::<Value>(&std::fs::read(&p).unwrap()).unwrap()["body"].clone()
+        })
         .filter(|b| !b.is_null())
         .collect();
     bodies.sort_by_key(|b| b.to_string());
@@ -27,7 +32,12 @@ fn fixture_bodies() -> Vec<Value> {
 fn fixture_configs() -> Vec<String> {
     let mut configs: Vec<String> = fixture_bodies()
         .iter()
-        .filter_map(|b| b.get("schema").or_else(|| b.pointer("/project/label_config")).and_then(Value::as_str).map(str::to_owned))
+        .filter_map(|b| {
+            b.get("schema")
+                .or_else(|| b.pointer("/project/label_config"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
         .collect();
     configs.sort();
     configs.dedup();
@@ -42,11 +52,20 @@ fn config_of(depth: usize, objects: &[String], choices: &[Vec<String>]) -> Strin
     for (i, name) in objects.iter().enumerate() {
         body.push_str(&format!("<Text name=\"{name}\" value=\"${name}\"/>"));
         if let Some(options) = choices.get(i) {
-            let opts: String = options.iter().map(|o| format!("<Choice value=\"{o}\"/>")).collect();
-            body.push_str(&format!("<Choices name=\"c_{name}\" toName=\"{name}\">{opts}</Choices>"));
+            let opts: String = options
+                .iter()
+                .map(|o| format!("<Choice value=\"{o}\"/>"))
+                .collect();
+            body.push_str(&format!(
+                "<Choices name=\"c_{name}\" toName=\"{name}\">{opts}</Choices>"
+            ));
         }
     }
-    format!("{}{body}{}", "<View>".repeat(depth), "</View>".repeat(depth))
+    format!(
+        "{}{body}{}",
+        "<View>".repeat(depth),
+        "</View>".repeat(depth)
+    )
 }
 
 proptest! {

@@ -12,10 +12,17 @@
 
 use std::time::Instant;
 
-use batchlab_engine::{ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Engine, EngineConfig, SamplingParams};
+use batchlab_engine::{
+    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Engine, EngineConfig,
+    SamplingParams,
+};
 
 fn greedy(max_tokens: usize) -> SamplingParams {
-    SamplingParams { max_tokens: Some(max_tokens), temperature: 0.0, ..SamplingParams::default() }
+    SamplingParams {
+        max_tokens: Some(max_tokens),
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -26,8 +33,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
@@ -45,9 +60,13 @@ fn prompt_of(engine: &Engine, n: usize, salt: usize) -> String {
 #[tokio::main]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let model = args.next().expect("usage: bench_engine MODEL THREADS [PREFIX_CACHE_MB]");
+    let model = args
+        .next()
+        .expect("usage: bench_engine MODEL THREADS [PREFIX_CACHE_MB]");
     let threads: usize = args.next().map_or(2, |t| t.parse().expect("THREADS"));
-    let prefix_cache_mb: usize = args.next().map_or(128, |t| t.parse().expect("PREFIX_CACHE_MB"));
+    let prefix_cache_mb: usize = args
+        .next()
+        .map_or(128, |t| t.parse().expect("PREFIX_CACHE_MB"));
     let t = Instant::now();
     let engine = Engine::load(EngineConfig {
         model_path: model.into(),
@@ -64,14 +83,26 @@ async fn main() {
     .expect("load");
     let load_s = t.elapsed().as_secs_f64();
     // Warm-up.
-    engine.complete(CompletionRequest { prompt: "Hello".into(), params: greedy(4) }).await.unwrap();
+    engine
+        .complete(CompletionRequest {
+            prompt: "Hello".into(),
+            params: greedy(4),
+        })
+        .await
+        .unwrap();
 
     eprintln!("peak RSS after load and warm-up: {:.0} MB", peak_rss_mb());
     let mut prompt_tps = Vec::new();
     for run in 0..3 {
         let prompt = prompt_of(&engine, 300, run);
         let t = Instant::now();
-        let c = engine.complete(CompletionRequest { prompt, params: greedy(1) }).await.unwrap();
+        let c = engine
+            .complete(CompletionRequest {
+                prompt,
+                params: greedy(1),
+            })
+            .await
+            .unwrap();
         prompt_tps.push(c.prompt_tokens as f64 / t.elapsed().as_secs_f64());
     }
 
@@ -83,7 +114,13 @@ async fn main() {
             let engine = engine.clone();
             async move {
                 let t = Instant::now();
-                let c = engine.complete(CompletionRequest { prompt, params: greedy(n) }).await.unwrap();
+                let c = engine
+                    .complete(CompletionRequest {
+                        prompt,
+                        params: greedy(n),
+                    })
+                    .await
+                    .unwrap();
                 (t.elapsed().as_secs_f64(), c.completion_tokens)
             }
         };
@@ -106,9 +143,19 @@ async fn main() {
                     .map(|i| {
                         let engine = engine.clone();
                         tokio::spawn(async move {
-                            let content = format!("Tell story number {i} (run {salt}) about a lighthouse.");
-                            let params = SamplingParams { stop: vec![], ..greedy(n) };
-                            engine.chat(ChatRequest { messages: vec![ChatMessage::new("user", content)], params }).await.unwrap()
+                            let content =
+                                format!("Tell story number {i} (run {salt}) about a lighthouse.");
+                            let params = SamplingParams {
+                                stop: vec![],
+                                ..greedy(n)
+                            };
+                            engine
+                                .chat(ChatRequest {
+                                    messages: vec![ChatMessage::new("user", content)],
+                                    params,
+                                })
+                                .await
+                                .unwrap()
                         })
                     })
                     .collect();

@@ -60,14 +60,19 @@ impl Constraint {
                 return Constraint::JsonSchema(serde_json::json!({"type": "object"})).grammar();
             }
             Constraint::Regex(rx) => {
-                regex_syntax::Parser::new().parse(rx).map_err(|e| invalid(format!("invalid regular expression: {e}")))?;
+                regex_syntax::Parser::new()
+                    .parse(rx)
+                    .map_err(|e| invalid(format!("invalid regular expression: {e}")))?;
                 TopLevelGrammar::from_regex(rx)
             }
             Constraint::Choice(options) => {
                 if options.is_empty() || options.iter().any(String::is_empty) {
-                    return Err(invalid("a choice constraint needs at least one option, none of them empty"));
+                    return Err(invalid(
+                        "a choice constraint needs at least one option, none of them empty",
+                    ));
                 }
-                let alternatives: Vec<String> = options.iter().map(|o| regex_syntax::escape(o)).collect();
+                let alternatives: Vec<String> =
+                    options.iter().map(|o| regex_syntax::escape(o)).collect();
                 TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|")))
             }
             Constraint::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
@@ -92,7 +97,10 @@ impl TokenizerEnv for Vocabulary {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        match std::str::from_utf8(s).ok().and_then(|text| self.tokenizer.encode_plain(text).ok()) {
+        match std::str::from_utf8(s)
+            .ok()
+            .and_then(|text| self.tokenizer.encode_plain(text).ok())
+        {
             Some(ids) => ids,
             None => self.trie.greedy_tokenize(s),
         }
@@ -121,7 +129,9 @@ impl Guidance {
         all_eos.sort_unstable();
         let tok_eos = end_of_turn
             .or_else(|| all_eos.first().copied())
-            .ok_or_else(|| EngineError::Load("structured output needs an end-of-sequence token".into()))?;
+            .ok_or_else(|| {
+                EngineError::Load("structured output needs an end-of-sequence token".into())
+            })?;
         let words = tokenizer.vocabulary_bytes(TokTrie::SPECIAL_TOKEN_MARKER);
         let mut info = TokRxInfo::new(words.len() as u32, tok_eos);
         info.tok_bos = tokenizer.bos_id;
@@ -131,7 +141,11 @@ impl Guidance {
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| EngineError::Load(format!("structured output: {e}")))?;
         factory.quiet();
-        Ok(Self { factory, eos: tok_eos, all_eos })
+        Ok(Self {
+            factory,
+            eos: tok_eos,
+            all_eos,
+        })
     }
 
     /// Compiles `constraint` into a fresh guide; a schema, regex or grammar llguidance cannot
@@ -144,9 +158,15 @@ impl Guidance {
             .map_err(|e| invalid(format!("cannot compile the output constraint: {e}")))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(invalid(format!("cannot compile the output constraint: {e}")));
+            return Err(invalid(format!(
+                "cannot compile the output constraint: {e}"
+            )));
         }
-        Ok(Guide { matcher: Box::new(matcher), eos: self.eos, all_eos: self.all_eos.clone() })
+        Ok(Guide {
+            matcher: Box::new(matcher),
+            eos: self.eos,
+            all_eos: self.all_eos.clone(),
+        })
     }
 }
 
@@ -160,7 +180,9 @@ pub(crate) struct Guide {
 
 impl std::fmt::Debug for Guide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Guide").field("stopped", &self.matcher.is_stopped()).finish_non_exhaustive()
+        f.debug_struct("Guide")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,7 +194,11 @@ impl Guide {
         let eos_allowed = allowed.is_allowed(self.eos);
         for (id, logit) in logits.iter_mut().enumerate() {
             let id = id as TokenId;
-            let ok = if self.all_eos.contains(&id) { eos_allowed } else { id < allowed.len() as u32 && allowed.is_allowed(id) };
+            let ok = if self.all_eos.contains(&id) {
+                eos_allowed
+            } else {
+                id < allowed.len() as u32 && allowed.is_allowed(id)
+            };
             if !ok {
                 *logit = f32::NEG_INFINITY;
             }
@@ -183,7 +209,9 @@ impl Guide {
     /// Advances past a generated (allowed, not end-of-sequence) token; true when the grammar
     /// is complete and allows nothing more.
     pub(crate) fn advance(&mut self, token: TokenId) -> Result<bool, EngineError> {
-        self.matcher.consume_token(token).map_err(|e| grammar_error(&e))?;
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| grammar_error(&e))?;
         Ok(self.matcher.is_stopped())
     }
 }

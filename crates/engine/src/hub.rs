@@ -30,7 +30,8 @@ impl HubFile {
             _ => (rest, "main"),
         };
         let mut parts = path.trim_start_matches('/').splitn(3, '/');
-        let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next())
+        else {
             return Some(Err(EngineError::Load(format!(
                 "{spec:?} names no file: write hf:<owner>/<repo>/<file>[@<revision>]"
             ))));
@@ -40,7 +41,11 @@ impl HubFile {
                 "{spec:?} names no file: write hf:<owner>/<repo>/<file>[@<revision>]"
             ))));
         }
-        Some(Ok(HubFile { repo: format!("{owner}/{name}"), file: file.to_string(), revision: revision.to_string() }))
+        Some(Ok(HubFile {
+            repo: format!("{owner}/{name}"),
+            file: file.to_string(),
+            revision: revision.to_string(),
+        }))
     }
 
     /// The local copy of the file: from the cache, or downloaded into it first.
@@ -52,7 +57,10 @@ impl HubFile {
         let repo = Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone());
         tracing::info!(repo = %self.repo, file = %self.file, revision = %self.revision, "fetching model from the hub");
         api.repo(repo).get(&self.file).await.map_err(|e| {
-            EngineError::Load(format!("downloading {} from {}@{}: {e}", self.file, self.repo, self.revision))
+            EngineError::Load(format!(
+                "downloading {} from {}@{}: {e}",
+                self.file, self.repo, self.revision
+            ))
         })
     }
 }
@@ -71,10 +79,24 @@ mod tests {
 
     #[test]
     fn specs_name_repo_file_and_revision() {
-        let f = HubFile::parse("hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2.q4_1.gguf").unwrap().unwrap();
-        assert_eq!((f.repo.as_str(), f.file.as_str(), f.revision.as_str()), ("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "smollm2.q4_1.gguf", "main"));
-        let f = HubFile::parse("hf:o/r/sub/dir/m.gguf@v1.0").unwrap().unwrap();
-        assert_eq!((f.file.as_str(), f.revision.as_str()), ("sub/dir/m.gguf", "v1.0"));
+        let f = HubFile::parse("hf:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2.q4_1.gguf")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f.repo.as_str(), f.file.as_str(), f.revision.as_str()),
+            (
+                "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+                "smollm2.q4_1.gguf",
+                "main"
+            )
+        );
+        let f = HubFile::parse("hf:o/r/sub/dir/m.gguf@v1.0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f.file.as_str(), f.revision.as_str()),
+            ("sub/dir/m.gguf", "v1.0")
+        );
         assert!(HubFile::parse("models/m.gguf").is_none());
         assert!(HubFile::parse("hf:owner/repo").unwrap().is_err());
         assert!(HubFile::parse("hf:owner//m.gguf").unwrap().is_err());

@@ -16,7 +16,6 @@
 //! byte-level BPE with `tokenizer.ggml.pre = smollm` and Gemma's SentencePiece (both verified
 //! exact against llama.cpp); anything else is refused at load time.
 
-
 #[cfg(test)]
 mod golden;
 mod guidance;
@@ -129,9 +128,14 @@ fn select_device(name: &str) -> Result<Device, EngineError> {
     let ordinal = match name.trim() {
         "" | "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
-        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).ok_or_else(|| {
-            EngineError::Load(format!("unknown device {other:?}: use \"cpu\", \"cuda\" or \"cuda:N\""))
-        })?,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                EngineError::Load(format!(
+                    "unknown device {other:?}: use \"cpu\", \"cuda\" or \"cuda:N\""
+                ))
+            })?,
     };
     if !cfg!(feature = "cuda") {
         return Err(EngineError::Load(format!(
@@ -398,11 +402,22 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         .or(tokenizer.eos_id);
 
     let max_context = config.max_context.filter(|&m| m > 0);
-    let model::LoadedModel { model, requantized, gguf_context: gguf_ctx } =
-        model::load(&content, &mut reader, &device, config.requantize, max_context)?;
+    let model::LoadedModel {
+        model,
+        requantized,
+        gguf_context: gguf_ctx,
+    } = model::load(
+        &content,
+        &mut reader,
+        &device,
+        config.requantize,
+        max_context,
+    )?;
     let context_length = max_context.map_or(gguf_ctx, |m| m.min(gguf_ctx));
     if context_length < 2 {
-        return Err(EngineError::Load(format!("context length {context_length} is too small")));
+        return Err(EngineError::Load(format!(
+            "context length {context_length} is too small"
+        )));
     }
     warm_up(&model, &tokenizer)?;
     tracing::info!(
@@ -496,7 +511,10 @@ pub(crate) fn test_model(file: &str) -> Option<PathBuf> {
 
 /// The tokenizer: a `tokenizer.json` beside the model file overrides the one the GGUF's
 /// metadata describes (for tokenizers the engine cannot build from metadata, or fixes to them).
-fn load_tokenizer(model_path: &std::path::Path, content: &gguf_file::Content) -> Result<GgufTokenizer, EngineError> {
+fn load_tokenizer(
+    model_path: &std::path::Path,
+    content: &gguf_file::Content,
+) -> Result<GgufTokenizer, EngineError> {
     let beside = model_path.with_file_name("tokenizer.json");
     if !beside.is_file() {
         return GgufTokenizer::from_gguf(content);
@@ -514,9 +532,17 @@ fn load_tokenizer(model_path: &std::path::Path, content: &gguf_file::Content) ->
 /// candle's thread pools, and proves the model runs, so that readiness means "answers now".
 fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), EngineError> {
     let token = tokenizer.bos_id.or(tokenizer.eos_id).unwrap_or(0);
-    let mut cache = model::SeqCache::new(model.cache_shape(), 1, model.device()).map_err(|e| load_err("warm-up", e))?;
-    let mut segment = [model::Segment { cache: &mut cache, tokens: &[token], want: model::Want::Last, prompt: false }];
-    model.forward(&mut segment).map_err(|e| load_err("warm-up forward pass", e))?;
+    let mut cache = model::SeqCache::new(model.cache_shape(), 1, model.device())
+        .map_err(|e| load_err("warm-up", e))?;
+    let mut segment = [model::Segment {
+        cache: &mut cache,
+        tokens: &[token],
+        want: model::Want::Last,
+        prompt: false,
+    }];
+    model
+        .forward(&mut segment)
+        .map_err(|e| load_err("warm-up forward pass", e))?;
     Ok(())
 }
 
@@ -759,12 +785,23 @@ impl Engine {
         inner
             .guidance
             .get_or_try_init(|| async {
-                let (tokenizer, eos, end_of_turn) = (inner.tokenizer.clone(), inner.eos.clone(), inner.end_of_turn);
+                let (tokenizer, eos, end_of_turn) = (
+                    inner.tokenizer.clone(),
+                    inner.eos.clone(),
+                    inner.end_of_turn,
+                );
                 let start = Instant::now();
-                let built = tokio::task::spawn_blocking(move || Guidance::new(tokenizer, &eos, end_of_turn))
-                    .await
-                    .map_err(|e| EngineError::Inference(format!("building structured output failed: {e}")))??;
-                tracing::info!(ms = start.elapsed().as_millis() as u64, "structured output ready");
+                let built = tokio::task::spawn_blocking(move || {
+                    Guidance::new(tokenizer, &eos, end_of_turn)
+                })
+                .await
+                .map_err(|e| {
+                    EngineError::Inference(format!("building structured output failed: {e}"))
+                })??;
+                tracing::info!(
+                    ms = start.elapsed().as_millis() as u64,
+                    "structured output ready"
+                );
                 Ok(built)
             })
             .await
@@ -805,7 +842,9 @@ fn validate(p: &SamplingParams) -> Result<(), EngineError> {
         )));
     }
     if p.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
-        return Err(EngineError::InvalidRequest(format!("at most {MAX_TOP_LOGPROBS} top log-probabilities per token")));
+        return Err(EngineError::InvalidRequest(format!(
+            "at most {MAX_TOP_LOGPROBS} top log-probabilities per token"
+        )));
     }
     if let Some(top_p) = p.top_p {
         if !(top_p > 0.0 && top_p <= 1.0) {

@@ -131,9 +131,25 @@ mod tests {
         };
         validate(&ok, 10).unwrap();
         let err = |q: TokenQuestion| validate(&q, 4).unwrap_err().to_string();
-        assert!(err(TokenQuestion { prompt: vec![], ..ok.clone() }).contains("empty"));
-        assert!(err(TokenQuestion { candidates: vec![], ..ok.clone() }).contains("at least one"));
-        assert!(err(TokenQuestion { candidates: vec![vec![]], ..ok.clone() }).contains("empty"));
-        assert!(err(TokenQuestion { prompt: vec![1, 2, 3], ..ok.clone() }).contains("exceed"));
+        assert!(err(TokenQuestion {
+            prompt: vec![],
+            ..ok.clone()
+        })
+        .contains("empty"));
+        assert!(err(TokenQuestion {
+            candidates: vec![],
+            ..ok.clone()
+        })
+        .contains("at least one"));
+        assert!(err(TokenQuestion {
+            candidates: vec![vec![]],
+            ..ok.clone()
+        })
+        .contains("empty"));
+        assert!(err(TokenQuestion {
+            prompt: vec![1, 2, 3],
+            ..ok.clone()
+        })
+        .contains("exceed"));
     }
 }

@@ -21,8 +21,8 @@ use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
-use tokenizers::normalizers::replace::Replace;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -86,13 +86,17 @@ enum Spelling {
 /// GPT-2's byte-to-character table, inverted: printable bytes stand for themselves, the others
 /// are the characters from U+0100 on, in byte order.
 fn byte_level_byte(c: char) -> Option<u8> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let c = c as u32;
     if printable(c) {
         return u8::try_from(c).ok();
     }
     let n = c.checked_sub(256)?;
-    (0u32..=255).filter(|&b| !printable(b)).nth(n as usize).and_then(|b| u8::try_from(b).ok())
+    (0u32..=255)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 fn md<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
@@ -169,10 +173,12 @@ fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<Tokenizer, EngineEr
             ByteLevel::new(false, true, true).into(),
         ])
         .into(),
-        other => return Err(EngineError::Load(format!(
+        other => {
+            return Err(EngineError::Load(format!(
             "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} for tokenizer model \"gpt2\" \
              (supported: \"smollm\"); put the model's tokenizer.json beside the GGUF to use it"
-        ))),
+        )))
+        }
     };
     let merges = md_string_array(ct, "tokenizer.ggml.merges")?
         .iter()
@@ -196,7 +202,11 @@ fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<Tokenizer, EngineEr
 /// whose joined piece has the highest score, leftmost first; the same result comes from BPE
 /// with one merge per way of splitting a normal piece into two vocabulary pieces, ranked by the
 /// piece's score, plus byte fallback for characters outside the vocabulary. Spaces become "▁".
-fn sentencepiece(ct: &Content, tokens: &[String], types: Option<&[i32]>) -> Result<Tokenizer, EngineError> {
+fn sentencepiece(
+    ct: &Content,
+    tokens: &[String],
+    types: Option<&[i32]>,
+) -> Result<Tokenizer, EngineError> {
     if let Some(pre) = md_string(ct, "tokenizer.ggml.pre")?.filter(|p| p != "default") {
         return Err(EngineError::Load(format!(
             "unsupported pre-tokenizer tokenizer.ggml.pre = {pre:?} for tokenizer model \"llama\" \
@@ -205,7 +215,9 @@ fn sentencepiece(ct: &Content, tokens: &[String], types: Option<&[i32]>) -> Resu
     }
     // llama.cpp prepends a space to the first piece of text only, which a normalizer (applied
     // to every piece between special tokens) cannot reproduce; refuse rather than differ.
-    let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
     if add_space_prefix {
         return Err(EngineError::Load(
             "SentencePiece tokenizers with tokenizer.ggml.add_space_prefix = true (Llama 2 style) are not \
@@ -238,17 +250,28 @@ fn sentencepiece(ct: &Content, tokens: &[String], types: Option<&[i32]>) -> Resu
         .into_iter()
         .map(|(_, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
         .collect();
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-    if let Some(unk) = md_u32(ct, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize)) {
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) =
+        md_u32(ct, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize))
+    {
         builder = builder.unk_token(unk.clone());
     }
-    let bpe = builder.build().map_err(|e| tok_err("building the SentencePiece model", e))?;
+    let bpe = builder
+        .build()
+        .map_err(|e| tok_err("building the SentencePiece model", e))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer
-        .with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(|e| tok_err("normalizer", e))?))
+        .with_normalizer(Some(
+            Replace::new(" ", "\u{2581}").map_err(|e| tok_err("normalizer", e))?,
+        ))
         .map_err(|e| tok_err("normalizer", e))?;
     tokenizer.with_decoder(Some(DecoderSequence::new(vec![
-        Replace::new("\u{2581}", " ").map_err(|e| tok_err("decoder", e))?.into(),
+        Replace::new("\u{2581}", " ")
+            .map_err(|e| tok_err("decoder", e))?
+            .into(),
         ByteFallback::new().into(),
         Fuse::new().into(),
     ])));
@@ -257,9 +280,14 @@ fn sentencepiece(ct: &Content, tokens: &[String], types: Option<&[i32]>) -> Resu
 
 fn md_f32_array(ct: &Content, key: &str) -> Result<Vec<f32>, EngineError> {
     let v = md(ct, key).ok_or_else(|| EngineError::Load(format!("GGUF has no {key}")))?;
-    let arr = v.to_vec().map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))?;
+    let arr = v
+        .to_vec()
+        .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))?;
     arr.iter()
-        .map(|x| x.to_f32().map_err(|e| EngineError::Load(format!("metadata {key}: {e}"))))
+        .map(|x| {
+            x.to_f32()
+                .map_err(|e| EngineError::Load(format!("metadata {key}: {e}")))
+        })
         .collect()
 }
 
@@ -298,7 +326,11 @@ impl GgufTokenizer {
             let mut specials = Vec::new();
             let mut user_defined = Vec::new();
             for (id, (t, ty)) in tokens.iter().zip(types).enumerate() {
-                let ty = if END_OF_GENERATION.contains(&t.as_str()) { TOKEN_TYPE_CONTROL } else { *ty };
+                let ty = if END_OF_GENERATION.contains(&t.as_str()) {
+                    TOKEN_TYPE_CONTROL
+                } else {
+                    *ty
+                };
                 match ty {
                     TOKEN_TYPE_CONTROL => {
                         specials.push(AddedToken::from(t.clone(), true));
@@ -349,8 +381,13 @@ impl GgufTokenizer {
     /// The tokenizer of a `tokenizer.json` file (Hugging Face format) instead of the GGUF's
     /// metadata; BOS/EOS ids and `add_bos_token` still come from the GGUF. Its vocabulary must
     /// not be larger than the model's (`vocab_size`).
-    pub(crate) fn from_tokenizer_json(path: &std::path::Path, ct: &Content, vocab_size: usize) -> Result<Self, EngineError> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| tok_err(&format!("cannot read {}", path.display()), e))?;
+    pub(crate) fn from_tokenizer_json(
+        path: &std::path::Path,
+        ct: &Content,
+        vocab_size: usize,
+    ) -> Result<Self, EngineError> {
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| tok_err(&format!("cannot read {}", path.display()), e))?;
         let n = tokenizer.get_vocab_size(true);
         if n == 0 || n > vocab_size {
             return Err(EngineError::Load(format!(
@@ -385,14 +422,18 @@ impl GgufTokenizer {
             spelling: Spelling::Decoded,
             bos_id: md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n),
             eos_id: md_u32(ct, "tokenizer.ggml.eos_token_id").filter(|&i| i < n),
-            add_bos: md(ct, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            add_bos: md(ct, "tokenizer.ggml.add_bos_token")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false),
         })
     }
 
     /// Writes the tokenizer in Hugging Face's `tokenizer.json` format (tests and tools).
     #[cfg(test)]
     pub(crate) fn save_json(&self, path: &std::path::Path) -> Result<(), EngineError> {
-        self.special.save(path, false).map_err(|e| tok_err("saving tokenizer.json", e))
+        self.special
+            .save(path, false)
+            .map_err(|e| tok_err("saving tokenizer.json", e))
     }
 
     /// Number of tokens in the vocabulary.
@@ -408,7 +449,9 @@ impl GgufTokenizer {
     /// The bytes of text a token stands for (a byte-level or byte-fallback token may hold part
     /// of a UTF-8 character); a control token's bytes are its text.
     pub(crate) fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(piece) = self.tokens.get(id as usize) else { return Vec::new() };
+        let Some(piece) = self.tokens.get(id as usize) else {
+            return Vec::new();
+        };
         if self.control_tokens.iter().any(|(_, c)| *c == id) {
             return piece.as_bytes().to_vec();
         }
@@ -434,13 +477,20 @@ impl GgufTokenizer {
     /// The bytes of text an ordinary (not control) token stands for.
     fn text_bytes(&self, id: u32, piece: &str) -> Vec<u8> {
         match self.spelling {
-            Spelling::ByteLevel => match piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+            Spelling::ByteLevel => match piece
+                .chars()
+                .map(byte_level_byte)
+                .collect::<Option<Vec<u8>>>()
+            {
                 Some(bytes) => bytes,
                 None => piece.as_bytes().to_vec(), // an added token spelled as plain text
             },
             Spelling::SentencePiece => {
                 let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
-                match hex.filter(|h| h.len() == 2).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                match hex
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     Some(b) => vec![b],
                     None => piece.replace('\u{2581}', " ").into_bytes(),
                 }

@@ -93,7 +93,12 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(prompt: Vec<u32>, params: &SamplingParams, guide: Option<Guide>, context_length: usize) -> Self {
+    fn new(
+        prompt: Vec<u32>,
+        params: &SamplingParams,
+        guide: Option<Guide>,
+        context_length: usize,
+    ) -> Self {
         let seed = params.seed.unwrap_or_else(|| {
             std::collections::hash_map::RandomState::new()
                 .build_hasher()
@@ -185,7 +190,8 @@ impl Sequence {
         };
         if let Some(k) = self.top_logprobs {
             let row = logits.to_vec1::<f32>().map_err(inference)?;
-            self.logprobs.push(token_logprob(&row, next, k, self.text.len(), tok));
+            self.logprobs
+                .push(token_logprob(&row, next, k, self.text.len(), tok));
         }
         let piece = self.decoder.push(tok, next)?;
         if !piece.is_empty() {
@@ -227,20 +233,47 @@ impl Sequence {
 
 /// The log-probability of `next` and the `k` most likely tokens under `logits` (raw, before
 /// temperature, as vLLM and OpenAI report them).
-fn token_logprob(logits: &[f32], next: u32, k: usize, text_offset: usize, tok: &GgufTokenizer) -> TokenLogprob {
+fn token_logprob(
+    logits: &[f32],
+    next: u32,
+    k: usize,
+    text_offset: usize,
+    tok: &GgufTokenizer,
+) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_z = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
-    let entry = |id: u32| TopLogprob { id, bytes: tok.token_bytes(id), logprob: logits[id as usize] - log_z };
+    let log_z = max
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let entry = |id: u32| TopLogprob {
+        id,
+        bytes: tok.token_bytes(id),
+        logprob: logits[id as usize] - log_z,
+    };
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     let k = k.min(order.len());
     if k > 0 {
-        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
         order.truncate(k);
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
     } else {
         order.clear();
     }
-    TokenLogprob { token: entry(next), text_offset, top: order.into_iter().map(entry).collect() }
+    TokenLogprob {
+        token: entry(next),
+        text_offset,
+        top: order.into_iter().map(entry).collect(),
+    }
 }
 
 fn inference(e: candle_core::Error) -> EngineError {
@@ -369,9 +402,18 @@ impl Worker {
             tracing::debug!("request cancelled before it started");
             return;
         }
-        let Job { kind, enqueued, work } = job;
+        let Job {
+            kind,
+            enqueued,
+            work,
+        } = job;
         match work {
-            Work::Generate { prompt, params, guide, reply } => {
+            Work::Generate {
+                prompt,
+                params,
+                guide,
+                reply,
+            } => {
                 let seq = Sequence::new(prompt, &params, guide, self.context_length);
                 if seq.finish.is_some() {
                     // Nothing to generate (max_tokens 0).
@@ -379,7 +421,8 @@ impl Worker {
                     self.finish(Running {
                         kind,
                         seq,
-                        cache: match SeqCache::new(self.model.cache_shape(), 1, self.model.device()) {
+                        cache: match SeqCache::new(self.model.cache_shape(), 1, self.model.device())
+                        {
                             Ok(c) => c,
                             Err(e) => {
                                 let _ = reply.send(Err(inference(e)));
@@ -406,7 +449,9 @@ impl Worker {
                     Ok(cache) => {
                         let fed = cache.len();
                         self.metrics.reused_prompt_tokens.increment(fed as u64);
-                        self.metrics.queue_seconds.record(enqueued.elapsed().as_secs_f64());
+                        self.metrics
+                            .queue_seconds
+                            .record(enqueued.elapsed().as_secs_f64());
                         batch.running.push(Running {
                             kind,
                             seq,
@@ -447,7 +492,11 @@ impl Worker {
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens this step)
         for (i, r) in running.iter().enumerate() {
             let pending = r.seq.tokens.len() - r.fed;
-            let n = if pending <= 1 { pending } else { pending.min(chunk - r.fed % chunk) };
+            let n = if pending <= 1 {
+                pending
+            } else {
+                pending.min(chunk - r.fed % chunk)
+            };
             if n == 0 {
                 continue;
             }
@@ -467,12 +516,16 @@ impl Worker {
             let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
             let mut wanted = plan.iter().peekable();
             for (i, r) in running.iter_mut().enumerate() {
-                let Some(&&(pi, n)) = wanted.peek() else { break };
+                let Some(&&(pi, n)) = wanted.peek() else {
+                    break;
+                };
                 if pi != i {
                     continue;
                 }
                 wanted.next();
-                let Running { seq, cache, fed, .. } = r;
+                let Running {
+                    seq, cache, fed, ..
+                } = r;
                 let ends = *fed + n == seq.tokens.len();
                 segments.push(Segment {
                     cache,
@@ -535,7 +588,11 @@ impl Worker {
         let logprobs = r.seq.top_logprobs.map(|_| {
             let end = r.seq.text.len();
             // Tokens of a stop string are cut from the text, and so from its tokens.
-            r.seq.logprobs.into_iter().filter(|t| t.text_offset < end).collect()
+            r.seq
+                .logprobs
+                .into_iter()
+                .filter(|t| t.text_offset < end)
+                .collect()
         });
         let completion = Completion {
             completion_tokens: generated,
@@ -552,7 +609,11 @@ impl Worker {
     /// forward, at most `prefill_chunk` prompt tokens a step, at least one chunk) and returns
     /// each one's last-position logits (tests; scoring runs [`Worker::prefill_step`] itself).
     #[cfg(test)]
-    fn prefill_together(&self, caches: &mut [SeqCache], tokens: &[&[u32]]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn prefill_together(
+        &self,
+        caches: &mut [SeqCache],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut state = Prefill::new(tokens.len());
         while !state.done(tokens) {
             self.prefill_step(caches, tokens, &mut state)?;
@@ -664,7 +725,9 @@ impl Worker {
             Some(cache) => cache,
             None => SeqCache::new(shape, shared, self.model.device()).map_err(inference)?,
         };
-        self.metrics.reused_prompt_tokens.increment(base.len() as u64);
+        self.metrics
+            .reused_prompt_tokens
+            .increment(base.len() as u64);
         let reused = base.len();
         let logprobs = questions
             .iter()
@@ -962,7 +1025,9 @@ impl Prefill {
 /// Length of the longest common prefix of `prompts`, leaving every prompt at least one token
 /// of its own (its last position's logits are needed).
 fn common_prefix<'a>(mut prompts: impl Iterator<Item = &'a [u32]>) -> usize {
-    let Some(first) = prompts.next() else { return 0 };
+    let Some(first) = prompts.next() else {
+        return 0;
+    };
     let mut n = first.len();
     let mut shortest = first.len();
     for p in prompts {
@@ -988,14 +1053,14 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineErr
     result
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{load_parts, EngineConfig};
 
     fn model_path() -> std::path::PathBuf {
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
     }
 
     fn worker(requantize: bool) -> Option<(Worker, Arc<GgufTokenizer>)> {
@@ -1017,17 +1082,31 @@ mod tests {
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
     }
 
     fn argmax(v: &[f32]) -> usize {
-        v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap()
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap()
     }
 
     fn last_logits(w: &Worker, prompt: &[u32], chunk: usize) -> Vec<f32> {
-        let mut cache = SeqCache::new(w.model.cache_shape(), prompt.len(), w.model.device()).unwrap();
-        let w = Worker { prefill_chunk: chunk, ..clone_worker(w) };
-        w.prefill_together(std::slice::from_mut(&mut cache), &[prompt]).unwrap().pop().unwrap()
+        let mut cache =
+            SeqCache::new(w.model.cache_shape(), prompt.len(), w.model.device()).unwrap();
+        let w = Worker {
+            prefill_chunk: chunk,
+            ..clone_worker(w)
+        };
+        w.prefill_together(std::slice::from_mut(&mut cache), &[prompt])
+            .unwrap()
+            .pop()
+            .unwrap()
     }
 
     /// A worker sharing `w`'s model is not needed elsewhere; tests only vary the chunk size.
@@ -1048,31 +1127,57 @@ mod tests {
     /// (not requantized) file: same last-position logits up to float noise.
     #[test]
     fn own_model_matches_candle_transformers_quantized_llama() {
-        let Some((w, tok)) = worker(false) else { return };
-        let prompt = tok.encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(8)).unwrap();
+        let Some((w, tok)) = worker(false) else {
+            return;
+        };
+        let prompt = tok
+            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(8))
+            .unwrap();
         let ours = last_logits(&w, &prompt, usize::MAX);
 
         let mut file = std::fs::File::open(model_path()).unwrap();
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-        let mut reference =
-            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &candle_core::Device::Cpu)
-                .unwrap();
-        let input = Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let theirs: Vec<f32> = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let mut reference = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let input = Tensor::new(prompt.as_slice(), &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let theirs: Vec<f32> = reference
+            .forward(&input, 0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // candle-transformers rounds activations to 8 bits, the engine computes prompts with
         // f32 activations: single logits move by up to about one (measured max 0.64, mean
         // 0.17); a wrong layer would move all of them.
         assert_eq!(argmax(&ours), argmax(&theirs));
         let d = max_diff(&ours, &theirs);
-        let mean = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
+        let mean = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / ours.len() as f32;
         eprintln!("max logit difference {d}, mean {mean}");
-        assert!(d < 1.5 && mean < 0.25, "max logit difference {d}, mean {mean}");
+        assert!(
+            d < 1.5 && mean < 0.25,
+            "max logit difference {d}, mean {mean}"
+        );
     }
 
     #[test]
     fn chunked_prefill_matches_one_shot() {
         let Some((w, tok)) = worker(true) else { return };
-        let prompt = tok.encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12)).unwrap();
+        let prompt = tok
+            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
+            .unwrap();
         assert!(prompt.len() > 100, "{}", prompt.len());
         let whole = last_logits(&w, &prompt, usize::MAX);
         // Attention runs row by row and matmul rows are independent, so chunks of any size
@@ -1086,7 +1191,9 @@ mod tests {
     /// prompt followed by each candidate from scratch.
     #[test]
     fn scoring_equals_rerunning_the_prompt_for_every_candidate() {
-        let Some((mut w, tok)) = worker(true) else { return };
+        let Some((mut w, tok)) = worker(true) else {
+            return;
+        };
         let enc = |s: &str| tok.encode_plain(s).unwrap();
         let shared = enc("Review: the food was cold and the waiter was rude. ");
         let ask = |texts: &[&str]| -> Vec<TokenQuestion> {
@@ -1094,7 +1201,12 @@ mod tests {
                 .iter()
                 .map(|q| TokenQuestion {
                     prompt: [shared.clone(), enc(q)].concat(),
-                    candidates: vec![enc(" positive"), enc(" negative"), enc(" neutral, mostly"), enc(" no")],
+                    candidates: vec![
+                        enc(" positive"),
+                        enc(" negative"),
+                        enc(" neutral, mostly"),
+                        enc(" no"),
+                    ],
                 })
                 .collect()
         };
@@ -1104,7 +1216,12 @@ mod tests {
         let alone = w.score(Instant::now(), &single).unwrap();
         check_scores(&mut w, &single, &alone);
         let questions = ask(&["Sentiment:", "Would you return? Answer:"]);
-        let rests: usize = questions.iter().map(|q| (q.prompt.len() - common_prefix(questions.iter().map(|q| q.prompt.as_slice()))) * 3).sum();
+        let rests: usize = questions
+            .iter()
+            .map(|q| {
+                (q.prompt.len() - common_prefix(questions.iter().map(|q| q.prompt.as_slice()))) * 3
+            })
+            .sum();
         assert!(rests > FUSED_REST_ROWS, "{rests}");
         let fast = w.score(Instant::now(), &questions).unwrap();
         check_scores(&mut w, &questions, &fast);
@@ -1262,25 +1379,63 @@ mod tests {
                 let all: Vec<u32> = [q.prompt.clone(), c.clone()].concat();
                 let scored = &all[..all.len() - 1];
                 let logprob = |rows: &[Vec<f32>], first_row: usize| -> f64 {
-                    (0..c.len()).map(|k| log_softmax_at(&rows[first_row + k], c[k])).sum()
+                    (0..c.len())
+                        .map(|k| log_softmax_at(&rows[first_row + k], c[k]))
+                        .sum()
                 };
                 // From scratch with the same chunk boundaries (shared prefix, question, candidate):
                 // the same arithmetic, so the same numbers.
-                let mut cache = SeqCache::new(w.model.cache_shape(), all.len(), w.model.device()).unwrap();
+                let mut cache =
+                    SeqCache::new(w.model.cache_shape(), all.len(), w.model.device()).unwrap();
                 let mut rows = Vec::new();
-                for (from, to) in [(0, shared_len), (shared_len, q.prompt.len()), (q.prompt.len(), scored.len())] {
+                for (from, to) in [
+                    (0, shared_len),
+                    (shared_len, q.prompt.len()),
+                    (q.prompt.len(), scored.len()),
+                ] {
                     if from == to {
                         continue;
                     }
-                    let mut seg = [Segment { cache: &mut cache, tokens: &scored[from..to], want: Want::All, prompt: true }];
-                    rows.extend(w.model.forward(&mut seg).unwrap().pop().flatten().unwrap().to_vec2::<f32>().unwrap());
+                    let mut seg = [Segment {
+                        cache: &mut cache,
+                        tokens: &scored[from..to],
+                        want: Want::All,
+                        prompt: true,
+                    }];
+                    rows.extend(
+                        w.model
+                            .forward(&mut seg)
+                            .unwrap()
+                            .pop()
+                            .flatten()
+                            .unwrap()
+                            .to_vec2::<f32>()
+                            .unwrap(),
+                    );
                 }
                 let same_chunks = logprob(&rows, q.prompt.len() - 1);
-                assert!(d(lp, same_chunks) < 1e-4, "candidate {c:?}: {lp} vs {same_chunks}");
+                assert!(
+                    d(lp, same_chunks) < 1e-4,
+                    "candidate {c:?}: {lp} vs {same_chunks}"
+                );
                 // In one forward: the same numbers too (row-wise attention).
-                let mut cache = SeqCache::new(w.model.cache_shape(), all.len(), w.model.device()).unwrap();
-                let mut seg = [Segment { cache: &mut cache, tokens: scored, want: Want::All, prompt: true }];
-                let rows = w.model.forward(&mut seg).unwrap().pop().flatten().unwrap().to_vec2::<f32>().unwrap();
+                let mut cache =
+                    SeqCache::new(w.model.cache_shape(), all.len(), w.model.device()).unwrap();
+                let mut seg = [Segment {
+                    cache: &mut cache,
+                    tokens: scored,
+                    want: Want::All,
+                    prompt: true,
+                }];
+                let rows = w
+                    .model
+                    .forward(&mut seg)
+                    .unwrap()
+                    .pop()
+                    .flatten()
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
                 let whole = logprob(&rows, q.prompt.len() - 1);
                 assert!(d(lp, whole) < 1e-9, "candidate {c:?}: {lp} vs {whole}");
                 whole_logprobs.push(whole);
@@ -1293,7 +1448,11 @@ mod tests {
             let total: f64 = scores.probs.iter().sum();
             assert!((total - 1.0).abs() < 1e-9);
         }
-        assert!(fast[0].probs[1] > fast[0].probs[0], "a cold meal and a rude waiter are negative: {:?}", fast[0].probs);
+        assert!(
+            fast[0].probs[1] > fast[0].probs[0],
+            "a cold meal and a rude waiter are negative: {:?}",
+            fast[0].probs
+        );
     }
 
     #[test]
@@ -1304,7 +1463,10 @@ mod tests {
         assert_eq!(common_prefix([a.as_slice(), b.as_slice()].into_iter()), 3);
         assert_eq!(common_prefix([a.as_slice(), a.as_slice()].into_iter()), 3);
         assert_eq!(common_prefix([a.as_slice()].into_iter()), 3);
-        assert_eq!(common_prefix([p(&[7]).as_slice(), a.as_slice()].into_iter()), 0);
+        assert_eq!(
+            common_prefix([p(&[7]).as_slice(), a.as_slice()].into_iter()),
+            0
+        );
     }
 }
 
@@ -1339,14 +1501,24 @@ mod tokenizer_json_tests {
         gguf.save_json(&json_path).unwrap();
         // The GGUF's own tokenizer written out and read back: the same ids.
         let same = load_parts(&config(linked.clone())).unwrap().tokenizer;
-        assert_eq!(same.encode_plain("Year 2024, <|im_start|> ok").unwrap(), gguf.encode_plain("Year 2024, <|im_start|> ok").unwrap());
+        assert_eq!(
+            same.encode_plain("Year 2024, <|im_start|> ok").unwrap(),
+            gguf.encode_plain("Year 2024, <|im_start|> ok").unwrap()
+        );
         assert_eq!(same.control_id("<|im_end|>"), gguf.control_id("<|im_end|>"));
         // With a lower-casing normalizer, the override shows.
-        let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
         doc["normalizer"] = serde_json::json!({"type": "Lowercase"});
         std::fs::write(&json_path, doc.to_string()).unwrap();
         let changed = load_parts(&config(linked)).unwrap().tokenizer;
-        assert_ne!(gguf.encode_plain("HELLO").unwrap(), gguf.encode_plain("hello").unwrap());
-        assert_eq!(changed.encode_plain("HELLO").unwrap(), gguf.encode_plain("hello").unwrap());
+        assert_ne!(
+            gguf.encode_plain("HELLO").unwrap(),
+            gguf.encode_plain("hello").unwrap()
+        );
+        assert_eq!(
+            changed.encode_plain("HELLO").unwrap(),
+            gguf.encode_plain("hello").unwrap()
+        );
     }
 }

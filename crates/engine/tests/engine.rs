@@ -431,8 +431,15 @@ fn missing_file_is_load_error() {
 /// (the default build has no CUDA; `--features cuda` turns it on).
 #[test]
 fn unusable_devices_are_load_errors() {
-    for (device, says) in [("gpu", "unknown device \"gpu\""), ("cuda:x", "unknown device"), ("cuda:1", "cuda")] {
-        let r = Engine::load(EngineConfig { device: device.into(), ..config(4) });
+    for (device, says) in [
+        ("gpu", "unknown device \"gpu\""),
+        ("cuda:x", "unknown device"),
+        ("cuda:1", "cuda"),
+    ] {
+        let r = Engine::load(EngineConfig {
+            device: device.into(),
+            ..config(4)
+        });
         match r {
             Err(EngineError::Load(msg)) => assert!(msg.contains(says), "{device}: {msg}"),
             Err(other) => panic!("{device}: {other:?}"),
@@ -458,16 +465,34 @@ async fn requantized_weights_answer_like_the_original_file() {
     let Some(requantized) = engine() else { return };
     // Every Q4_1 tensor of the default file (210 of them) becomes Q8_0 by default, unless the
     // packed kernel runs them as they are.
-    let want = if batchlab_engine::packed_kernel() { 0 } else { 210 };
+    let want = if batchlab_engine::packed_kernel() {
+        0
+    } else {
+        210
+    };
     assert_eq!(requantized.requantized_tensors(), want);
-    let original = Engine::load(EngineConfig { requantize: false, ..config(4) }).expect("load without requantizing");
+    let original = Engine::load(EngineConfig {
+        requantize: false,
+        ..config(4)
+    })
+    .expect("load without requantizing");
     assert_eq!(original.requantized_tensors(), 0);
     let ask = |e: &Engine| {
         let e = e.clone();
-        async move { e.chat(ChatRequest { messages: france(), params: greedy(Some(12)) }).await.unwrap() }
+        async move {
+            e.chat(ChatRequest {
+                messages: france(),
+                params: greedy(Some(12)),
+            })
+            .await
+            .unwrap()
+        }
     };
     let (a, b) = (ask(requantized).await, ask(&original).await);
-    assert!(a.text.contains("Paris") && b.text.contains("Paris"), "{a:?} / {b:?}");
+    assert!(
+        a.text.contains("Paris") && b.text.contains("Paris"),
+        "{a:?} / {b:?}"
+    );
     assert_eq!(a.prompt_tokens, b.prompt_tokens);
 }
 
@@ -478,13 +503,30 @@ async fn requantized_weights_answer_like_the_original_file() {
 async fn sixteen_prompts_together_match_each_alone() {
     let Some(engine) = engine() else { return };
     const TOPICS: [&str; 16] = [
-        "the sea", "a cat", "winter", "Rust", "bread", "the moon", "a library", "rain", "trains", "coffee", "maps",
-        "bees", "music", "glass", "snow", "a bridge",
+        "the sea",
+        "a cat",
+        "winter",
+        "Rust",
+        "bread",
+        "the moon",
+        "a library",
+        "rain",
+        "trains",
+        "coffee",
+        "maps",
+        "bees",
+        "music",
+        "glass",
+        "snow",
+        "a bridge",
     ];
     let request = |i: usize| ChatRequest {
         messages: vec![
             ChatMessage::new("system", "You are a helpful assistant."),
-            ChatMessage::new("user", format!("Write {} short sentences about {}.", 1 + i % 3, TOPICS[i])),
+            ChatMessage::new(
+                "user",
+                format!("Write {} short sentences about {}.", 1 + i % 3, TOPICS[i]),
+            ),
         ],
         params: greedy(Some(6 + 3 * (i % 5))),
     };
@@ -501,7 +543,14 @@ async fn sixteen_prompts_together_match_each_alone() {
         assert_eq!(a.text, t.text, "prompt {i}");
         assert_eq!(a.completion_tokens, t.completion_tokens, "prompt {i}");
     }
-    assert!(alone.iter().map(|c| c.prompt_tokens).collect::<std::collections::HashSet<_>>().len() > 1);
+    assert!(
+        alone
+            .iter()
+            .map(|c| c.prompt_tokens)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1
+    );
 }
 
 /// Runs the futures concurrently on the runtime and returns their outputs in order.
@@ -523,7 +572,10 @@ async fn choice_scoring_picks_paris_with_an_honest_probability() {
     let Some(engine) = engine() else { return };
     let scores = engine
         .score_choices(vec![
-            ChoiceQuestion { messages: france(), candidates: vec!["London".into(), "Paris".into(), "Berlin".into()] },
+            ChoiceQuestion {
+                messages: france(),
+                candidates: vec!["London".into(), "Paris".into(), "Berlin".into()],
+            },
             ChoiceQuestion {
                 messages: vec![
                     ChatMessage::new("system", "You are a helpful assistant."),
@@ -547,9 +599,15 @@ async fn choice_scoring_picks_paris_with_an_honest_probability() {
     assert_eq!(yes.len(), engine.tokenize("yes").unwrap().len() + 1);
     assert!(matches!(engine.score_choices(vec![]).await, Ok(v) if v.is_empty()));
     let bad = engine
-        .score_choices(vec![ChoiceQuestion { messages: france(), candidates: vec![] }])
+        .score_choices(vec![ChoiceQuestion {
+            messages: france(),
+            candidates: vec![],
+        }])
         .await;
-    assert!(matches!(bad, Err(EngineError::InvalidRequest(_))), "{bad:?}");
+    assert!(
+        matches!(bad, Err(EngineError::InvalidRequest(_))),
+        "{bad:?}"
+    );
 }
 
 /// A caller that goes away mid-generation frees its place (an engine admitting one request
@@ -562,12 +620,24 @@ async fn cancelled_generation_frees_its_place() {
     }
     let engine = Engine::load(config(1)).unwrap();
     // The constraint forbids the end of turn before 2000 tokens: the request cannot finish early.
-    let endless = SamplingParams { constraint: Some(Constraint::Regex("[a-z ]{2000,}".into())), ..greedy(Some(2000)) };
-    let long = engine.chat(ChatRequest { messages: france(), params: endless });
+    let endless = SamplingParams {
+        constraint: Some(Constraint::Regex("[a-z ]{2000,}".into())),
+        ..greedy(Some(2000))
+    };
+    let long = engine.chat(ChatRequest {
+        messages: france(),
+        params: endless,
+    });
     let r = tokio::time::timeout(std::time::Duration::from_millis(300), long).await;
     assert!(r.is_err(), "2000 tokens cannot be done in 300 ms");
     assert_eq!(engine.in_flight(), 0);
-    let c = engine.chat(ChatRequest { messages: france(), params: greedy(Some(3)) }).await.unwrap();
+    let c = engine
+        .chat(ChatRequest {
+            messages: france(),
+            params: greedy(Some(3)),
+        })
+        .await
+        .unwrap();
     assert_eq!(c.completion_tokens, 3);
 }
 
@@ -577,14 +647,26 @@ async fn cancelled_generation_frees_its_place() {
 #[tokio::test]
 async fn logprobs_describe_the_generated_tokens() {
     let Some(engine) = engine() else { return };
-    let params = SamplingParams { logprobs: Some(5), ..greedy(Some(12)) };
-    let c = engine.chat(ChatRequest { messages: france(), params }).await.unwrap();
+    let params = SamplingParams {
+        logprobs: Some(5),
+        ..greedy(Some(12))
+    };
+    let c = engine
+        .chat(ChatRequest {
+            messages: france(),
+            params,
+        })
+        .await
+        .unwrap();
     let lp = c.logprobs.expect("logprobs asked for");
     assert!(!lp.is_empty() && lp.len() <= c.completion_tokens);
     let mut bytes = Vec::new();
     for t in &lp {
         assert_eq!(t.top.len(), 5);
-        assert_eq!(t.top[0].id, t.token.id, "greedy takes the most likely token");
+        assert_eq!(
+            t.top[0].id, t.token.id,
+            "greedy takes the most likely token"
+        );
         assert_eq!(t.top[0].logprob, t.token.logprob);
         assert!(t.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
         assert!(t.token.logprob <= 0.0);
@@ -594,11 +676,25 @@ async fn logprobs_describe_the_generated_tokens() {
         bytes.extend_from_slice(&t.token.bytes);
     }
     assert_eq!(String::from_utf8(bytes).unwrap(), c.text);
-    let plain = engine.chat(ChatRequest { messages: france(), params: greedy(Some(4)) }).await.unwrap();
+    let plain = engine
+        .chat(ChatRequest {
+            messages: france(),
+            params: greedy(Some(4)),
+        })
+        .await
+        .unwrap();
     assert!(plain.logprobs.is_none());
-    let too_many = SamplingParams { logprobs: Some(21), ..greedy(Some(4)) };
+    let too_many = SamplingParams {
+        logprobs: Some(21),
+        ..greedy(Some(4))
+    };
     assert!(matches!(
-        engine.chat(ChatRequest { messages: france(), params: too_many }).await,
+        engine
+            .chat(ChatRequest {
+                messages: france(),
+                params: too_many
+            })
+            .await,
         Err(EngineError::InvalidRequest(_))
     ));
 }
@@ -606,9 +702,14 @@ async fn logprobs_describe_the_generated_tokens() {
 /// Gemma 3 270M's GGUF (`scripts/fetch-model.sh gemma3`); `None` (the test skips) when it is
 /// missing, unless `BATCHLAB_REQUIRE_MODELS` is set.
 fn gemma_path() -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
     if !path.exists() {
-        assert!(std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(), "{} is missing", path.display());
+        assert!(
+            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
+            "{} is missing",
+            path.display()
+        );
         eprintln!("SKIP: model file {} is missing", path.display());
         return None;
     }
@@ -623,16 +724,40 @@ fn gemma_path() -> Option<PathBuf> {
 async fn gemma3_requantized_weights_complete_like_the_original_file() {
     let Some(path) = gemma_path() else { return };
     let load = |requantize| {
-        Engine::load(EngineConfig { model_path: path.clone(), max_context: Some(256), requantize, ..config(4) }).expect("load")
+        Engine::load(EngineConfig {
+            model_path: path.clone(),
+            max_context: Some(256),
+            requantize,
+            ..config(4)
+        })
+        .expect("load")
     };
     let (requantized, original) = (load(true), load(false));
     // Nine Q6_K MLP down projections at least (72 Q5_0 matrices without the packed kernel).
-    assert!(requantized.requantized_tensors() >= 9, "{}", requantized.requantized_tensors());
+    assert!(
+        requantized.requantized_tensors() >= 9,
+        "{}",
+        requantized.requantized_tensors()
+    );
     assert_eq!(original.requantized_tensors(), 0);
     for engine in [&requantized, &original] {
-        for (prompt, fact) in [("The Eiffel Tower is in the city of", "Paris"), ("Monday, Tuesday, Wednesday,", "Thursday, Friday")] {
-            let c = engine.complete(CompletionRequest { prompt: prompt.into(), params: greedy(Some(6)) }).await.unwrap();
-            assert!(c.text.contains(fact), "{} requantized: {prompt:?} -> {:?}", engine.requantized_tensors(), c.text);
+        for (prompt, fact) in [
+            ("The Eiffel Tower is in the city of", "Paris"),
+            ("Monday, Tuesday, Wednesday,", "Thursday, Friday"),
+        ] {
+            let c = engine
+                .complete(CompletionRequest {
+                    prompt: prompt.into(),
+                    params: greedy(Some(6)),
+                })
+                .await
+                .unwrap();
+            assert!(
+                c.text.contains(fact),
+                "{} requantized: {prompt:?} -> {:?}",
+                engine.requantized_tensors(),
+                c.text
+            );
         }
     }
 }
@@ -660,14 +785,31 @@ async fn gemma3_chats_in_its_turn_format() {
         "<bos><start_of_turn>user\nAnswer in one word.\n\nWhich colour is the sky?<end_of_turn><end_of_turn>\n<start_of_turn>model\n"
     );
     let ids = engine.tokenize_chat(&messages).unwrap();
-    assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one <bos>: {ids:?}");
-    assert_eq!(ids.iter().filter(|&&i| i == 106).count(), 1, "only the template's <end_of_turn>: {ids:?}");
-    let c = engine.chat(ChatRequest { messages, params: greedy(Some(8)) }).await.unwrap();
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 2).count(),
+        1,
+        "one <bos>: {ids:?}"
+    );
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 106).count(),
+        1,
+        "only the template's <end_of_turn>: {ids:?}"
+    );
+    let c = engine
+        .chat(ChatRequest {
+            messages,
+            params: greedy(Some(8)),
+        })
+        .await
+        .unwrap();
     assert!(c.completion_tokens >= 1 && !c.text.is_empty(), "{c:?}");
 
     // Structured output over a 262k SentencePiece vocabulary.
     let messages = vec![ChatMessage::new("user", "Describe Ada Lovelace as JSON.")];
-    let params = SamplingParams { constraint: Some(Constraint::JsonSchema(person_schema())), ..greedy(Some(64)) };
+    let params = SamplingParams {
+        constraint: Some(Constraint::JsonSchema(person_schema())),
+        ..greedy(Some(64))
+    };
     let c = engine.chat(ChatRequest { messages, params }).await.unwrap();
     check_person(&c.text);
 }
@@ -690,16 +832,35 @@ fn person_schema() -> Value {
 
 /// The text is a JSON object valid against [`person_schema`].
 fn check_person(text: &str) {
-    let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
-    let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {text}"));
+    let v: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let obj = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {text}"));
     let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["age", "city", "name", "skills"], "{text}");
-    assert!(obj["name"].as_str().is_some_and(|n| n.chars().count() <= 40), "{text}");
+    assert!(
+        obj["name"]
+            .as_str()
+            .is_some_and(|n| n.chars().count() <= 40),
+        "{text}"
+    );
     assert!(obj["age"].as_u64().is_some_and(|a| a <= 120), "{text}");
-    assert!(["Paris", "London", "Tokyo"].contains(&obj["city"].as_str().unwrap_or("")), "{text}");
-    let skills = obj["skills"].as_array().unwrap_or_else(|| panic!("skills: {text}"));
-    assert!(skills.len() <= 3 && skills.iter().all(|s| ["math", "poetry", "music"].contains(&s.as_str().unwrap_or(""))), "{text}");
+    assert!(
+        ["Paris", "London", "Tokyo"].contains(&obj["city"].as_str().unwrap_or("")),
+        "{text}"
+    );
+    let skills = obj["skills"]
+        .as_array()
+        .unwrap_or_else(|| panic!("skills: {text}"));
+    assert!(
+        skills.len() <= 3
+            && skills
+                .iter()
+                .all(|s| ["math", "poetry", "music"].contains(&s.as_str().unwrap_or(""))),
+        "{text}"
+    );
 }
 
 /// With a JSON schema the tiny model's answer always parses and fits the schema, greedy or
@@ -709,18 +870,43 @@ async fn json_schema_output_always_fits_the_schema() {
     let Some(engine) = engine() else { return };
     let messages = vec![
         ChatMessage::new("system", "You are a helpful assistant."),
-        ChatMessage::new("user", "Tell me about Marie Curie: name, age at death, city and skills, as JSON."),
+        ChatMessage::new(
+            "user",
+            "Tell me about Marie Curie: name, age at death, city and skills, as JSON.",
+        ),
     ];
     let schema = Some(Constraint::JsonSchema(person_schema()));
-    let free = engine.chat(ChatRequest { messages: messages.clone(), params: greedy(Some(96)) }).await.unwrap();
-    assert!(serde_json::from_str::<Value>(&free.text).is_err(), "unconstrained text parsed: {:?}", free.text);
+    let free = engine
+        .chat(ChatRequest {
+            messages: messages.clone(),
+            params: greedy(Some(96)),
+        })
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_str::<Value>(&free.text).is_err(),
+        "unconstrained text parsed: {:?}",
+        free.text
+    );
     let runs = (0..6u64).map(|seed| {
         let params = if seed == 0 {
-            SamplingParams { constraint: schema.clone(), ..greedy(Some(96)) }
+            SamplingParams {
+                constraint: schema.clone(),
+                ..greedy(Some(96))
+            }
         } else {
-            SamplingParams { constraint: schema.clone(), temperature: 1.0, seed: Some(seed), max_tokens: Some(96), ..SamplingParams::default() }
+            SamplingParams {
+                constraint: schema.clone(),
+                temperature: 1.0,
+                seed: Some(seed),
+                max_tokens: Some(96),
+                ..SamplingParams::default()
+            }
         };
-        engine.chat(ChatRequest { messages: messages.clone(), params })
+        engine.chat(ChatRequest {
+            messages: messages.clone(),
+            params,
+        })
     });
     for c in futures_join_all(runs).await {
         let c = c.unwrap();
@@ -736,20 +922,57 @@ async fn json_schema_output_always_fits_the_schema() {
 async fn regex_choice_lark_and_json_object_constraints_hold() {
     let Some(engine) = engine() else { return };
     let ask = |prompt: &str, constraint: Constraint, temperature: f64| {
-        let params = SamplingParams { constraint: Some(constraint), temperature, seed: Some(7), max_tokens: Some(160), ..SamplingParams::default() };
-        engine.chat(ChatRequest { messages: vec![ChatMessage::new("user", prompt)], params })
+        let params = SamplingParams {
+            constraint: Some(constraint),
+            temperature,
+            seed: Some(7),
+            max_tokens: Some(160),
+            ..SamplingParams::default()
+        };
+        engine.chat(ChatRequest {
+            messages: vec![ChatMessage::new("user", prompt)],
+            params,
+        })
     };
-    let c = ask("Give me a JSON object with a cat's name and age.", Constraint::JsonObject, 0.0).await.unwrap();
-    assert!(serde_json::from_str::<Value>(&c.text).is_ok_and(|v| v.is_object()), "{c:?}");
+    let c = ask(
+        "Give me a JSON object with a cat's name and age.",
+        Constraint::JsonObject,
+        0.0,
+    )
+    .await
+    .unwrap();
+    assert!(
+        serde_json::from_str::<Value>(&c.text).is_ok_and(|v| v.is_object()),
+        "{c:?}"
+    );
 
     for temperature in [0.0, 1.0] {
-        let c = ask("What is the phone number?", Constraint::Regex(r"\+33 [1-9]( \d{2}){4}".into()), temperature).await.unwrap();
+        let c = ask(
+            "What is the phone number?",
+            Constraint::Regex(r"\+33 [1-9]( \d{2}){4}".into()),
+            temperature,
+        )
+        .await
+        .unwrap();
         let groups: Vec<&str> = c.text.split(' ').collect();
-        assert!(groups.len() == 6 && groups[0] == "+33" && groups[2..].iter().all(|g| g.len() == 2 && g.bytes().all(|b| b.is_ascii_digit())), "{c:?}");
+        assert!(
+            groups.len() == 6
+                && groups[0] == "+33"
+                && groups[2..]
+                    .iter()
+                    .all(|g| g.len() == 2 && g.bytes().all(|b| b.is_ascii_digit())),
+            "{c:?}"
+        );
         assert_eq!(c.finish_reason, FinishReason::Stop);
 
         let options = ["positive", "negative", "neutral (mixed)"];
-        let c = ask("Sentiment of 'the food was cold'?", Constraint::Choice(options.map(String::from).to_vec()), temperature).await.unwrap();
+        let c = ask(
+            "Sentiment of 'the food was cold'?",
+            Constraint::Choice(options.map(String::from).to_vec()),
+            temperature,
+        )
+        .await
+        .unwrap();
         assert!(options.contains(&c.text.as_str()), "{c:?}");
     }
 
@@ -757,7 +980,10 @@ async fn regex_choice_lark_and_json_object_constraints_hold() {
     let c = engine
         .complete(CompletionRequest {
             prompt: "Is the sky blue?".into(),
-            params: SamplingParams { constraint: Some(Constraint::Lark(lark.into())), ..greedy(Some(16)) },
+            params: SamplingParams {
+                constraint: Some(Constraint::Lark(lark.into())),
+                ..greedy(Some(16))
+            },
         })
         .await
         .unwrap();
@@ -765,13 +991,18 @@ async fn regex_choice_lark_and_json_object_constraints_hold() {
 
     for bad in [
         Constraint::Regex("(unclosed".into()),
-        Constraint::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}})),
+        Constraint::JsonSchema(
+            json!({"type": "object", "properties": {"a": {"type": "no-such-type"}}}),
+        ),
         Constraint::JsonSchema(json!(["not", "a", "schema"])),
         Constraint::Choice(vec![]),
         Constraint::Lark("start: undefined_rule".into()),
     ] {
         let result = ask("hi", bad.clone(), 0.0).await;
-        assert!(matches!(result, Err(EngineError::InvalidRequest(_))), "{bad:?}: {result:?}");
+        assert!(
+            matches!(result, Err(EngineError::InvalidRequest(_))),
+            "{bad:?}: {result:?}"
+        );
     }
 }
 

@@ -15,9 +15,12 @@ use batchlab_engine::hub::resolve_model;
 use batchlab_engine::{ChatMessage, ChatRequest, Engine, EngineConfig, SamplingParams};
 
 fn model_path() -> PathBuf {
-    std::env::var("BATCHLAB_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var("BATCHLAB_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 #[derive(Clone)]
@@ -30,13 +33,27 @@ struct Hub {
 async fn resolve(State(hub): State<Hub>, Path(path): Path<String>, headers: HeaderMap) -> Response {
     hub.requests.fetch_add(1, Ordering::SeqCst);
     if path != "test-owner/smol/resolve/main/model.gguf" {
-        return Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("not found")).unwrap();
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::from("not found"))
+            .unwrap();
     }
     let size = hub.body.len();
     let (start, end) = headers
         .get(header::RANGE)
-        .and_then(|r| r.to_str().ok()?.strip_prefix("bytes=")?.split_once('-').map(|(a, b)| (a.to_string(), b.to_string())))
-        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?.min(size - 1))))
+        .and_then(|r| {
+            r.to_str()
+                .ok()?
+                .strip_prefix("bytes=")?
+                .split_once('-')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .and_then(|(a, b)| {
+            Some((
+                a.parse::<usize>().ok()?,
+                b.parse::<usize>().ok()?.min(size - 1),
+            ))
+        })
         .unwrap_or((0, size - 1));
     Response::builder()
         .status(StatusCode::PARTIAL_CONTENT)
@@ -50,9 +67,19 @@ async fn resolve(State(hub): State<Hub>, Path(path): Path<String>, headers: Head
 #[tokio::test]
 async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
     let model = model_path();
-    let body = std::fs::read(&model).unwrap_or_else(|e| panic!("model {}: {e} (run scripts/fetch-model.sh)", model.display()));
-    let hub = Hub { body: Arc::new(body), requests: Arc::default() };
-    let app = axum::Router::new().route("/{*path}", axum::routing::get(resolve)).with_state(hub.clone());
+    let body = std::fs::read(&model).unwrap_or_else(|e| {
+        panic!(
+            "model {}: {e} (run scripts/fetch-model.sh)",
+            model.display()
+        )
+    });
+    let hub = Hub {
+        body: Arc::new(body),
+        requests: Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route("/{*path}", axum::routing::get(resolve))
+        .with_state(hub.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -61,19 +88,36 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
     std::env::set_var("HF_ENDPOINT", &endpoint);
     std::env::set_var("HF_HOME", home.path());
 
-    let path = resolve_model(std::path::Path::new("hf:test-owner/smol/model.gguf")).await.unwrap();
-    assert!(path.starts_with(home.path()), "{} is not under HF_HOME", path.display());
+    let path = resolve_model(std::path::Path::new("hf:test-owner/smol/model.gguf"))
+        .await
+        .unwrap();
+    assert!(
+        path.starts_with(home.path()),
+        "{} is not under HF_HOME",
+        path.display()
+    );
     assert_eq!(std::fs::read(&path).unwrap().len(), hub.body.len());
     let served = hub.requests.load(Ordering::SeqCst);
     assert!(served >= 2, "a metadata request and the download: {served}");
 
     // Cached: the second time asks nothing.
-    assert_eq!(resolve_model(std::path::Path::new("hf:test-owner/smol/model.gguf")).await.unwrap(), path);
+    assert_eq!(
+        resolve_model(std::path::Path::new("hf:test-owner/smol/model.gguf"))
+            .await
+            .unwrap(),
+        path
+    );
     assert_eq!(hub.requests.load(Ordering::SeqCst), served);
 
     // A file the hub does not have fails by name; a local path is left alone.
-    let err = resolve_model(std::path::Path::new("hf:test-owner/smol/missing.gguf")).await.unwrap_err().to_string();
-    assert!(err.contains("missing.gguf") && err.contains("test-owner/smol"), "{err}");
+    let err = resolve_model(std::path::Path::new("hf:test-owner/smol/missing.gguf"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing.gguf") && err.contains("test-owner/smol"),
+        "{err}"
+    );
     assert_eq!(resolve_model(&model).await.unwrap(), model);
 
     // What came down is the model.
@@ -90,7 +134,17 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
         limits: Default::default(),
     };
     let engine = Engine::load(config).unwrap();
-    let params = SamplingParams { max_tokens: Some(2), temperature: 0.0, ..SamplingParams::default() };
-    let c = engine.chat(ChatRequest { messages: vec![ChatMessage::new("user", "Hi")], params }).await.unwrap();
+    let params = SamplingParams {
+        max_tokens: Some(2),
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    let c = engine
+        .chat(ChatRequest {
+            messages: vec![ChatMessage::new("user", "Hi")],
+            params,
+        })
+        .await
+        .unwrap();
     assert!(c.completion_tokens >= 1);
 }

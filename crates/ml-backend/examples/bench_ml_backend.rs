@@ -16,11 +16,30 @@ use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
 
 const CANDIDATE: &str = include_str!("../../../config/label-configs/candidate-evaluation.xml");
-const TREC_LABELS: [&str; 6] = ["abbreviation", "description", "entity", "human", "location", "numeric"];
+const TREC_LABELS: [&str; 6] = [
+    "abbreviation",
+    "description",
+    "entity",
+    "human",
+    "location",
+    "numeric",
+];
 
 fn candidate(i: usize) -> Value {
-    let titles = ["Staff Engineer", "Research Scientist", "Product Manager", "Data Analyst", "Compiler Engineer"];
-    let companies = ["UNIVAC", "Bletchley Park", "Initech", "Globex", "Analytical Engines"];
+    let titles = [
+        "Staff Engineer",
+        "Research Scientist",
+        "Product Manager",
+        "Data Analyst",
+        "Compiler Engineer",
+    ];
+    let companies = [
+        "UNIVAC",
+        "Bletchley Park",
+        "Initech",
+        "Globex",
+        "Analytical Engines",
+    ];
     json!({"name": format!("Candidate {i}"), "title": titles[i % 5], "company": companies[(i / 5) % 5]})
 }
 
@@ -30,11 +49,23 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Value {
-    client.post(url).json(body).send().await.unwrap().json().await.unwrap()
+    client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn tasks(range: std::ops::Range<usize>, offset: usize) -> Value {
-    Value::Array(range.map(|i| json!({"id": i + 1, "data": candidate(i + offset)})).collect())
+    Value::Array(
+        range
+            .map(|i| json!({"id": i + 1, "data": candidate(i + offset)}))
+            .collect(),
+    )
 }
 
 #[tokio::main]
@@ -49,7 +80,11 @@ async fn main() {
     let serve = |deadline: f64| {
         let mut c = config.clone();
         c.ml_backend.predict_deadline_seconds = deadline;
-        let app = router(MlState::new(c).unwrap().with_model(Model::ready(engine.clone())));
+        let app = router(
+            MlState::new(c)
+                .unwrap()
+                .with_model(Model::ready(engine.clone())),
+        );
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let base = format!("http://{}", listener.local_addr().unwrap());
@@ -57,7 +92,10 @@ async fn main() {
             base
         }
     };
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
     // Rows are printed as they are measured, so a long run shows progress.
     println!("| metric | measured | ratio (same run) | target |");
     println!("| --- | --- | --- | --- |");
@@ -68,13 +106,29 @@ async fn main() {
     let lc = LabelConfig::parse(config_xml).unwrap();
     let messages = vec![
         batchlab_core::engine::ChatMessage::new("system", batchlab_core::predict::task::SYSTEM),
-        batchlab_core::engine::ChatMessage::new("user", format!("{}\nQuestion: reasoning?", batchlab_core::predict::task::task_body(&lc, &candidate(999), None))),
+        batchlab_core::engine::ChatMessage::new(
+            "user",
+            format!(
+                "{}\nQuestion: reasoning?",
+                batchlab_core::predict::task::task_body(&lc, &candidate(999), None)
+            ),
+        ),
     ];
     let mut base_times = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let params = SamplingParams { max_tokens: Some(config.ml_backend.text_max_tokens), temperature: 0.0, ..Default::default() };
-        engine.chat(ChatRequest { messages: messages.clone(), params }).await.unwrap();
+        let params = SamplingParams {
+            max_tokens: Some(config.ml_backend.text_max_tokens),
+            temperature: 0.0,
+            ..Default::default()
+        };
+        engine
+            .chat(ChatRequest {
+                messages: messages.clone(),
+                params,
+            })
+            .await
+            .unwrap();
         base_times.push(t.elapsed().as_secs_f64());
     }
     let baseline = percentile(&mut base_times, 0.5);
@@ -84,7 +138,12 @@ async fn main() {
     let mut one = Vec::new();
     for i in 0..10 {
         let t = Instant::now();
-        let a = post(&client, &format!("{base}/predict"), &json!({"tasks": tasks(i..i + 1, 0), "label_config": config_xml})).await;
+        let a = post(
+            &client,
+            &format!("{base}/predict"),
+            &json!({"tasks": tasks(i..i + 1, 0), "label_config": config_xml}),
+        )
+        .await;
         assert!(a["results"][0]["result"].is_array(), "{a}");
         one.push(t.elapsed().as_secs_f64());
     }
@@ -92,7 +151,11 @@ async fn main() {
     rows.push([
         "`/predict`, one task, candidate-evaluation (3 Choices + TextArea), p50".into(),
         format!("{p50:.2} s"),
-        format!("{:.2}x a bare {}-token generation ({baseline:.2} s)", p50 / baseline, config.ml_backend.text_max_tokens),
+        format!(
+            "{:.2}x a bare {}-token generation ({baseline:.2} s)",
+            p50 / baseline,
+            config.ml_backend.text_max_tokens
+        ),
         "< 1 s".into(),
     ]);
 
@@ -110,15 +173,32 @@ async fn main() {
         client.get(format!("{base}/health")).send().await.unwrap();
         health.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
-        post(&client, &format!("{base}/setup"), &json!({"project": "1.0", "schema": config_xml})).await;
+        post(
+            &client,
+            &format!("{base}/setup"),
+            &json!({"project": "1.0", "schema": config_xml}),
+        )
+        .await;
         setup.push(t.elapsed().as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first = bulk.await.unwrap();
     let first_s = started.elapsed().as_secs_f64();
-    let in_time = first["results"].as_array().unwrap().iter().filter(|p| p["result"].is_array()).count();
+    let in_time = first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["result"].is_array())
+        .count();
     loop {
-        let s: Value = client.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+        let s: Value = client
+            .get(format!("{base}/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if s["predictions"]["pending"] == 0 {
             break;
         }
@@ -126,7 +206,12 @@ async fn main() {
     }
     let all_s = started.elapsed().as_secs_f64();
     let second = post(&client, &format!("{base}/predict"), &body).await;
-    let next = second["results"].as_array().unwrap().iter().filter(|p| p["result"].is_array()).count();
+    let next = second["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["result"].is_array())
+        .count();
     let (h99, s99) = (percentile(&mut health, 0.99), percentile(&mut setup, 0.99));
     rows.push([
         "`/health` p99 while `/predict` runs at full load".into(),
@@ -159,7 +244,10 @@ async fn main() {
         .take(120)
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap();
-            (v["text"].as_str().unwrap().to_string(), v["label"].as_str().unwrap().to_string())
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["label"].as_str().unwrap().to_string(),
+            )
         })
         .collect();
     let examples: Vec<Example> = data[..20]
@@ -173,12 +261,23 @@ async fn main() {
             updated_at_us: 0,
         })
         .collect();
-    let options = PredictOptions { text_max_tokens: config.ml_backend.text_max_tokens, examples: config.ml_backend.few_shot_examples };
+    let options = PredictOptions {
+        text_max_tokens: config.ml_backend.text_max_tokens,
+        examples: config.ml_backend.few_shot_examples,
+    };
     let majority = {
         let gold: Vec<&str> = data[20..].iter().map(|(_, l)| l.as_str()).collect();
-        TREC_LABELS.iter().map(|l| gold.iter().filter(|g| *g == l).count()).max().unwrap() as f64 / gold.len() as f64
+        TREC_LABELS
+            .iter()
+            .map(|l| gold.iter().filter(|g| *g == l).count())
+            .max()
+            .unwrap() as f64
+            / gold.len() as f64
     };
-    for (name, set) in [("zero-shot", ExampleSet::default()), ("20 ground-truth examples", ExampleSet::new(examples, &tc))] {
+    for (name, set) in [
+        ("zero-shot", ExampleSet::default()),
+        ("20 ground-truth examples", ExampleSet::new(examples, &tc)),
+    ] {
         let t = Instant::now();
         let priors = Priors::default();
         let priors = &priors;
@@ -187,18 +286,36 @@ async fn main() {
             async move {
                 let d = json!({"text": text});
                 let shots = set.most_similar(tc, &d, Some(1000 + i as i64), options.examples);
-                let p = predict_task(&engine, tc, &d, &shots, None, options, priors).await.unwrap();
-                p.result[0].value["choices"][0].as_str().unwrap().to_string()
+                let p = predict_task(&engine, tc, &d, &shots, None, options, priors)
+                    .await
+                    .unwrap();
+                p.result[0].value["choices"][0]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             }
         });
         let predicted: Vec<String> = futures::future::join_all(futures).await;
         let gold: Vec<&str> = data[20..].iter().map(|(_, l)| l.as_str()).collect();
-        let accuracy = predicted.iter().zip(&gold).filter(|(p, g)| p == *g).count() as f64 / gold.len() as f64;
+        let accuracy =
+            predicted.iter().zip(&gold).filter(|(p, g)| p == *g).count() as f64 / gold.len() as f64;
         let mut f1s = Vec::new();
         for l in TREC_LABELS {
-            let tp = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() == l && **g == l).count() as f64;
-            let fp = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() == l && **g != l).count() as f64;
-            let fn_ = predicted.iter().zip(&gold).filter(|(p, g)| p.as_str() != l && **g == l).count() as f64;
+            let tp = predicted
+                .iter()
+                .zip(&gold)
+                .filter(|(p, g)| p.as_str() == l && **g == l)
+                .count() as f64;
+            let fp = predicted
+                .iter()
+                .zip(&gold)
+                .filter(|(p, g)| p.as_str() == l && **g != l)
+                .count() as f64;
+            let fn_ = predicted
+                .iter()
+                .zip(&gold)
+                .filter(|(p, g)| p.as_str() != l && **g == l)
+                .count() as f64;
             if tp + fp + fn_ > 0.0 {
                 f1s.push(2.0 * tp / (2.0 * tp + fp + fn_));
             }
@@ -206,12 +323,17 @@ async fn main() {
         let macro_f1 = f1s.iter().sum::<f64>() / f1s.len() as f64;
         rows.push([
             format!("TREC, 100 rows, {name}"),
-            format!("accuracy {accuracy:.2}, macro-F1 {macro_f1:.2} ({:.1} s)", t.elapsed().as_secs_f64()),
-            format!("{:.2}x majority-class accuracy ({majority:.2})", accuracy / majority),
+            format!(
+                "accuracy {accuracy:.2}, macro-F1 {macro_f1:.2} ({:.1} s)",
+                t.elapsed().as_secs_f64()
+            ),
+            format!(
+                "{:.2}x majority-class accuracy ({majority:.2})",
+                accuracy / majority
+            ),
             "reported".into(),
         ]);
     }
-
 }
 
 /// The table being printed.

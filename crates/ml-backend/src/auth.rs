@@ -28,28 +28,44 @@ impl Credentials {
     /// Credentials from the configuration; `None` when basic auth is off, an error naming the
     /// missing setting when only one of user and password is set.
     pub fn from_config(ml: &MlBackendConfig) -> Result<Option<Credentials>, ConfigError> {
-        Ok(ml.basic_auth()?.map(|(u, p)| Credentials { expected: format!("{u}:{p}").into_bytes() }))
+        Ok(ml.basic_auth()?.map(|(u, p)| Credentials {
+            expected: format!("{u}:{p}").into_bytes(),
+        }))
     }
 
     /// Whether an `Authorization` header value carries these credentials. The scheme is
     /// matched without regard to case and surrounding blanks are ignored (RFC 9110 §11.1);
     /// the credentials themselves are compared in constant time.
     pub fn admit(&self, header: &[u8]) -> bool {
-        let Ok(text) = std::str::from_utf8(header) else { return false };
+        let Ok(text) = std::str::from_utf8(header) else {
+            return false;
+        };
         let text = text.trim();
-        let Some((scheme, token)) = text.split_once(char::is_whitespace) else { return false };
+        let Some((scheme, token)) = text.split_once(char::is_whitespace) else {
+            return false;
+        };
         if !scheme.eq_ignore_ascii_case("basic") {
             return false;
         }
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(token.trim()) else { return false };
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(token.trim()) else {
+            return false;
+        };
         batchlab_core::http::constant_time_eq(&decoded, &self.expected)
     }
 }
 
 /// Middleware: passes the request on when basic auth is off or the credentials match.
-pub async fn require_basic_auth(State(state): State<MlState>, request: Request, next: Next) -> Result<Response, MlError> {
+pub async fn require_basic_auth(
+    State(state): State<MlState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, MlError> {
     if let Some(credentials) = state.basic_auth.as_deref() {
-        let given = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if !credentials.admit(given) {
             tracing::info!(path = %request.uri().path(), "basic auth failed");
             return Err(MlError::Unauthorized);
@@ -76,8 +92,14 @@ mod tests {
 
     #[test]
     fn headers_are_read_as_rfc_9110_says() {
-        let c = Credentials::from_config(&config(Some("ml"), Some("pw"))).unwrap().unwrap();
-        for ok in [format!("Basic {}", basic("ml:pw")), format!("basic {}", basic("ml:pw")), format!("  BASIC   {} ", basic("ml:pw"))] {
+        let c = Credentials::from_config(&config(Some("ml"), Some("pw")))
+            .unwrap()
+            .unwrap();
+        for ok in [
+            format!("Basic {}", basic("ml:pw")),
+            format!("basic {}", basic("ml:pw")),
+            format!("  BASIC   {} ", basic("ml:pw")),
+        ] {
             assert!(c.admit(ok.as_bytes()), "{ok:?}");
         }
         for bad in [
@@ -96,11 +118,19 @@ mod tests {
 
     #[test]
     fn half_configured_credentials_are_refused() {
-        assert!(Credentials::from_config(&config(None, None)).unwrap().is_none());
-        assert!(Credentials::from_config(&config(Some(""), Some(" "))).unwrap().is_none());
-        let e = Credentials::from_config(&config(Some("ml"), None)).unwrap_err().to_string();
+        assert!(Credentials::from_config(&config(None, None))
+            .unwrap()
+            .is_none());
+        assert!(Credentials::from_config(&config(Some(""), Some(" ")))
+            .unwrap()
+            .is_none());
+        let e = Credentials::from_config(&config(Some("ml"), None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("BASIC_AUTH_PASS is not"), "{e}");
-        let e = Credentials::from_config(&config(None, Some("pw"))).unwrap_err().to_string();
+        let e = Credentials::from_config(&config(None, Some("pw")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("BASIC_AUTH_USER is not"), "{e}");
     }
 }

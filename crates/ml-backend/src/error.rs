@@ -52,21 +52,53 @@ const RETRY_AFTER_SECONDS: &str = "5";
 impl MlError {
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_body"),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", "unauthorized"),
+            Self::BadRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_body",
+            ),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "unauthorized",
+            ),
             Self::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
-            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed"),
-            Self::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "unsupported"),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "model_unavailable"),
-            Self::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "overloaded"),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            Self::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "unsupported",
+            ),
+            Self::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_unavailable",
+            ),
+            Self::Overloaded => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "overloaded",
+            ),
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "busy"),
-            Self::Curation(CurationError::Webhook(_) | CurationError::Invalid(_)) => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_body")
-            }
-            Self::Curation(CurationError::Store(_)) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "store_unavailable"),
-            Self::Config(_) | Self::Curation(_) | Self::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error")
-            }
+            Self::Curation(CurationError::Webhook(_) | CurationError::Invalid(_)) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_body",
+            ),
+            Self::Curation(CurationError::Store(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "store_unavailable",
+            ),
+            Self::Config(_) | Self::Curation(_) | Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
         }
     }
 }
@@ -74,21 +106,26 @@ impl MlError {
 impl IntoResponse for MlError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
-        let message = if status.is_server_error() && !matches!(self, Self::Unavailable(_) | Self::Busy(_)) {
-            tracing::error!(error = %self, "internal error");
-            "The ML backend had an error while processing the request.".to_string()
-        } else {
-            self.to_string()
-        };
+        let message =
+            if status.is_server_error() && !matches!(self, Self::Unavailable(_) | Self::Busy(_)) {
+                tracing::error!(error = %self, "internal error");
+                "The ML backend had an error while processing the request.".to_string()
+            } else {
+                self.to_string()
+            };
         let body = Json(json!({"error": {"message": message, "type": kind, "code": code}}));
         let mut response = (status, body).into_response();
         if matches!(self, Self::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"batchlab-ml-backend\""));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"batchlab-ml-backend\""),
+            );
         }
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
         }
         response
     }

@@ -52,7 +52,9 @@ impl MlState {
     /// is checked by the binary, which knows where it listens.
     pub fn new(config: Config) -> Result<Self, MlError> {
         let ml = &config.ml_backend;
-        let basic_auth = auth::Credentials::from_config(ml).map_err(MlError::Config)?.map(Arc::new);
+        let basic_auth = auth::Credentials::from_config(ml)
+            .map_err(MlError::Config)?
+            .map(Arc::new);
         let jobs = predict::Jobs::new(ml.cache_entries, ml.concurrent_tasks, ml.max_pending_tasks);
         let templates = project::Templates::new(ml.max_projects);
         Ok(Self {
@@ -98,7 +100,13 @@ impl MlState {
 
     /// The model versions answered lately (see [`MlState::remember_version`]), sorted.
     pub fn known_versions(&self) -> Vec<String> {
-        let mut versions: Vec<String> = self.versions.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        let mut versions: Vec<String> = self
+            .versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         versions.sort_unstable();
         versions
     }
@@ -140,7 +148,10 @@ pub fn router(state: MlState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_basic_auth))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_basic_auth,
+        ))
         .with_state(state);
     batchlab_core::http::observe_layers(app, "batchlab_ml")
 }

@@ -21,10 +21,19 @@ async fn main() -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
     let store = batchlab_core::store::Store::open(&config.database)
         .await
-        .with_context(|| format!("opening database {}", batchlab_core::secret::redact_url(&config.database.url)))?;
+        .with_context(|| {
+            format!(
+                "opening database {}",
+                batchlab_core::secret::redact_url(&config.database.url)
+            )
+        })?;
     let model = batchlab_ml_backend::model::Model::load(&config.engine);
-    let state = batchlab_ml_backend::MlState::new(config)?.with_model(model).with_store(store);
-    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+    let state = batchlab_ml_backend::MlState::new(config)?
+        .with_model(model)
+        .with_store(store);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, basic_auth = state.basic_auth.is_some(), "batchlab-ml-backend listening");
     axum::serve(listener, batchlab_ml_backend::router(state))
         .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())

@@ -38,13 +38,19 @@ impl Model {
                     config.model_path = path;
                     tokio::task::spawn_blocking(move || Engine::load(config))
                         .await
-                        .unwrap_or_else(|e| Err(batchlab_core::engine::EngineError::Load(e.to_string())))
+                        .unwrap_or_else(|e| {
+                            Err(batchlab_core::engine::EngineError::Load(e.to_string()))
+                        })
                 }
                 Err(e) => Err(e),
             };
             let state = match loaded {
                 Ok(engine) => {
-                    tracing::info!(model = engine.model_id(), seconds = started.elapsed().as_secs_f64(), "model loaded");
+                    tracing::info!(
+                        model = engine.model_id(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "model loaded"
+                    );
                     ModelState::Ready(engine)
                 }
                 Err(e) => {

@@ -4,7 +4,9 @@
 use axum::extract::State;
 use axum::Json;
 use batchlab_core::engine::EngineError;
-use batchlab_core::openai::{chat_completion_object, new_id, parse_chat_body, BodyLimits, EngineCall};
+use batchlab_core::openai::{
+    chat_completion_object, new_id, parse_chat_body, BodyLimits, EngineCall,
+};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
@@ -13,29 +15,46 @@ use crate::model::ModelState;
 use crate::MlState;
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `GET /v1/models`: the one model this backend serves.
 pub async fn models(State(state): State<MlState>) -> Json<Value> {
     let id = &state.config.engine.model_id;
-    Json(json!({"object": "list", "data": [{"id": id, "object": "model", "created": 0, "owned_by": "batchlab"}]}))
+    Json(
+        json!({"object": "list", "data": [{"id": id, "object": "model", "created": 0, "owned_by": "batchlab"}]}),
+    )
 }
 
 /// `POST /v1/chat/completions` (no streaming): the answer of the loaded model.
 #[tracing::instrument(skip_all)]
-pub async fn chat_completions(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
-    let body: Value = serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid JSON body: {e}")))?;
+pub async fn chat_completions(
+    State(state): State<MlState>,
+    body: Bytes,
+) -> Result<Json<Value>, MlError> {
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| MlError::BadRequest(format!("invalid JSON body: {e}")))?;
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(MlError::BadRequest("stream=true is not supported; ask without streaming".into()));
+        return Err(MlError::BadRequest(
+            "stream=true is not supported; ask without streaming".into(),
+        ));
     }
-    let (call, _model) = parse_chat_body(body, &BodyLimits::from_settings(&state.config.engine)).map_err(MlError::BadRequest)?;
+    let (call, _model) = parse_chat_body(body, &BodyLimits::from_settings(&state.config.engine))
+        .map_err(MlError::BadRequest)?;
     let EngineCall::Chat(request) = call else {
-        return Err(MlError::Internal("a chat body parsed as a completion".into()));
+        return Err(MlError::Internal(
+            "a chat body parsed as a completion".into(),
+        ));
     };
     let engine = match state.model.wait().await {
         ModelState::Ready(engine) => engine,
-        ModelState::Failed(reason) => return Err(MlError::Unavailable(format!("the model is not loaded: {reason}"))),
+        ModelState::Failed(reason) => {
+            return Err(MlError::Unavailable(format!(
+                "the model is not loaded: {reason}"
+            )))
+        }
         ModelState::Loading => return Err(MlError::Unavailable("the model is loading".into())),
     };
     let completion = engine.chat(request).await.map_err(|e| match e {
@@ -43,5 +62,10 @@ pub async fn chat_completions(State(state): State<MlState>, body: Bytes) -> Resu
         EngineError::InvalidRequest(m) | EngineError::Template(m) => MlError::BadRequest(m),
         other => MlError::Internal(other.to_string()),
     })?;
-    Ok(Json(chat_completion_object(&new_id("chatcmpl"), engine.model_id(), now(), &completion)))
+    Ok(Json(chat_completion_object(
+        &new_id("chatcmpl"),
+        engine.model_id(),
+        now(),
+        &completion,
+    )))
 }

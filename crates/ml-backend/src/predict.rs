@@ -17,8 +17,8 @@ use axum::extract::State;
 use axum::Json;
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::predict::cache::{cache_key, IMPORTED};
-use batchlab_core::store::{CachedPrediction, Store};
 use batchlab_core::predict::task::{predict_task, PredictOptions, Priors};
+use batchlab_core::store::{CachedPrediction, Store};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
@@ -98,7 +98,11 @@ impl Jobs {
     pub fn new(capacity: usize, concurrent: usize, max_pending: usize) -> Jobs {
         Jobs {
             inner: Arc::new(JobsInner {
-                cache: Mutex::new(Cache { map: HashMap::new(), order: VecDeque::new(), capacity }),
+                cache: Mutex::new(Cache {
+                    map: HashMap::new(),
+                    order: VecDeque::new(),
+                    capacity,
+                }),
                 running: Mutex::new(HashMap::new()),
                 slots: Arc::new(Semaphore::new(concurrent.max(1))),
                 queued: Default::default(),
@@ -112,9 +116,15 @@ impl Jobs {
     /// it is refused whole (503, Label Studio asks again later) rather than growing the queue
     /// without bound; one task alone (an annotator waiting on it) is always admitted.
     pub fn admit(&self, new: usize) -> Result<(), MlError> {
-        let pending = self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let pending = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
         if new > 1 && pending + new > self.inner.max_pending {
-            metrics::counter!("batchlab_ml_predict_refused_total", "reason" => "queue_full").increment(1);
+            metrics::counter!("batchlab_ml_predict_refused_total", "reason" => "queue_full")
+                .increment(1);
             return Err(MlError::Busy(format!(
                 "{pending} tasks are being predicted and this request would add {new}, over the limit of {} \
                  (ml_backend.max_pending_tasks); retry later",
@@ -127,8 +137,19 @@ impl Jobs {
     /// How many predictions are cached, pending and queued.
     pub fn counts(&self) -> JobCounts {
         JobCounts {
-            cached: self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.len(),
-            pending: self.inner.running.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            cached: self
+                .inner
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map
+                .len(),
+            pending: self
+                .inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
             queued: self.inner.queued.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -139,25 +160,42 @@ impl Jobs {
     }
 
     fn cached(&self, key: &str) -> Option<Arc<Value>> {
-        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).map.get(key).cloned()
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .get(key)
+            .cloned()
     }
 
     fn remember(&self, key: String, prediction: Arc<Value>) {
-        self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, prediction);
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, prediction);
     }
 
     /// The job for `key`: the running one, or `work` started now (after a slot unless `urgent`).
     /// Jobs get their slots in the order they were asked for: the first tasks of a bulk request
     /// finish first, so a deadline answers a prefix of them (spawned tasks themselves start in
     /// no fixed order).
-    fn job(&self, key: String, urgent: bool, work: impl FnOnce() -> BoxFuture<'static, Outcome>) -> Pending {
+    fn job(
+        &self,
+        key: String,
+        urgent: bool,
+        work: impl FnOnce() -> BoxFuture<'static, Outcome>,
+    ) -> Pending {
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = running.get(&key) {
             return p.clone();
         }
         let (tx, rx) = oneshot::channel::<Outcome>();
-        let pending: Pending =
-            rx.map(|r| r.unwrap_or_else(|_| Err(Arc::from("the prediction job stopped")))).boxed().shared();
+        let pending: Pending = rx
+            .map(|r| r.unwrap_or_else(|_| Err(Arc::from("the prediction job stopped"))))
+            .boxed()
+            .shared();
         running.insert(key.clone(), pending.clone());
         drop(running);
         let jobs = self.clone();
@@ -166,7 +204,9 @@ impl Jobs {
         let mut slot = (!urgent).then(|| self.inner.slots.clone().acquire_owned().boxed());
         let early = slot.as_mut().and_then(|s| s.now_or_never());
         if slot.is_some() {
-            self.inner.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner
+                .queued
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         tokio::spawn(async move {
             let permit = match (early, slot) {
@@ -175,14 +215,20 @@ impl Jobs {
                 (None, None) => None,
             };
             if !urgent {
-                jobs.inner.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                jobs.inner
+                    .queued
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             let outcome = fut.await;
             drop(permit);
             if let Ok(prediction) = &outcome {
                 jobs.remember(key.clone(), prediction.clone());
             }
-            jobs.inner.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            jobs.inner
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             metrics::counter!("batchlab_ml_tasks_predicted_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
                 .increment(1);
             let _ = tx.send(outcome);
@@ -195,26 +241,36 @@ impl Jobs {
 #[tracing::instrument(skip_all, fields(tasks))]
 pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(state.config.ml_backend.predict_deadline_seconds.max(0.0));
-    let request: PredictRequest =
-        serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid /predict body: {e}")))?;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs_f64(state.config.ml_backend.predict_deadline_seconds.max(0.0));
+    let request: PredictRequest = serde_json::from_slice(&body)
+        .map_err(|e| MlError::BadRequest(format!("invalid /predict body: {e}")))?;
     tracing::Span::current().record("tasks", request.tasks.len());
-    let schema = request.label_config.as_deref().ok_or_else(|| MlError::BadRequest("label_config is missing".into()))?;
+    let schema = request
+        .label_config
+        .as_deref()
+        .ok_or_else(|| MlError::BadRequest("label_config is missing".into()))?;
     let config = LabelConfig::parse(schema).map_err(config_error)?;
     config.require_predictable().map_err(config_error)?;
     let max_choices = state.config.ml_backend.max_choices;
-    if let Some(c) = config.controls.iter().find(|c| c.options().len() > max_choices) {
+    if let Some(c) = config
+        .controls
+        .iter()
+        .find(|c| c.options().len() > max_choices)
+    {
         return Err(MlError::BadRequest(format!(
             "control {:?} lists {} options; this ML backend scores at most {max_choices} (ml_backend.max_choices)",
             c.name,
             c.options().len()
         )));
     }
-    let project = request
-        .project
-        .as_ref()
-        .and_then(project_id)
-        .or_else(|| request.tasks.first().and_then(|t| t.get("project")).and_then(Value::as_i64));
+    let project = request.project.as_ref().and_then(project_id).or_else(|| {
+        request
+            .tasks
+            .first()
+            .and_then(|t| t.get("project"))
+            .and_then(Value::as_i64)
+    });
     let context = Arc::new(state.project_context(project, schema, Some(&config)).await);
 
     let fields = config.data_fields();
@@ -226,7 +282,11 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
     for (i, task) in request.tasks.iter().enumerate() {
         let data = task.get("data").cloned().unwrap_or(Value::Null);
         let task_id = task.get("id").and_then(Value::as_i64);
-        if !fields.is_empty() && !fields.iter().any(|f| data.get(f).is_some_and(|v| !v.is_null())) {
+        if !fields.is_empty()
+            && !fields
+                .iter()
+                .any(|f| data.get(f).is_some_and(|v| !v.is_null()))
+        {
             tracing::warn!(task = ?task_id, fields = ?fields, "task has none of the data fields the labeling config reads");
             unreadable += 1;
             continue;
@@ -241,11 +301,21 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         }
     }
     if let Some(store) = &state.store {
-        from_store(store, &state.jobs, schema, &context.version, &mut misses, &mut answers).await;
+        from_store(
+            store,
+            &state.jobs,
+            schema,
+            &context.version,
+            &mut misses,
+            &mut answers,
+        )
+        .await;
     }
     let engine = match state.model.now() {
         ModelState::Failed(reason) if !misses.is_empty() => {
-            return Err(MlError::Unavailable(format!("the model is not loaded: {reason}")))
+            return Err(MlError::Unavailable(format!(
+                "the model is not loaded: {reason}"
+            )))
         }
         ModelState::Ready(engine) => Some(engine),
         ModelState::Failed(_) | ModelState::Loading => None,
@@ -265,7 +335,9 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
                 store: state.store.clone(),
                 key: key.clone(),
             };
-            let pending = state.jobs.job(key, urgent, move || async move { run_task(job, data, task_id).await }.boxed());
+            let pending = state.jobs.job(key, urgent, move || {
+                async move { run_task(job, data, task_id).await }.boxed()
+            });
             entries.push((i, pending));
         }
     }
@@ -276,7 +348,11 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         )));
     }
     // Wait until every job is done or the deadline passes; then take whatever is done.
-    let _ = tokio::time::timeout_at(deadline, futures::future::join_all(entries.iter().map(|(_, p)| p.clone()))).await;
+    let _ = tokio::time::timeout_at(
+        deadline,
+        futures::future::join_all(entries.iter().map(|(_, p)| p.clone())),
+    )
+    .await;
     for (i, pending) in entries {
         match pending.now_or_never() {
             Some(Ok(prediction)) => answers[i] = Some((*prediction).clone()),
@@ -287,8 +363,10 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
     let done = answers.iter().filter(|a| a.is_some()).count();
     metrics::histogram!("batchlab_ml_predict_seconds").record(started.elapsed().as_secs_f64());
     tracing::info!(tasks = answers.len(), answered = done, version = %context.version, seconds = started.elapsed().as_secs_f64(), "predict");
-    let results: Vec<Value> =
-        answers.into_iter().map(|a| a.unwrap_or_else(|| json!({"model_version": context.version}))).collect();
+    let results: Vec<Value> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| json!({"model_version": context.version})))
+        .collect();
     Ok(Json(json!({"results": results})))
 }
 
@@ -316,16 +394,38 @@ struct TaskJob {
 /// One task's job: the prediction object Label Studio stores, also written to the shared cache.
 #[tracing::instrument(skip_all, fields(task = ?task_id))]
 async fn run_task(job: TaskJob, data: Value, task_id: Option<i64>) -> Outcome {
-    let TaskJob { engine, config, context, options, priors, store, key } = job;
+    let TaskJob {
+        engine,
+        config,
+        context,
+        options,
+        priors,
+        store,
+        key,
+    } = job;
     let started = Instant::now();
-    let examples = context.examples.most_similar(&config, &data, task_id, options.examples);
-    let prediction = predict_task(&engine, &config, &data, &examples, context.template.as_deref(), &options, &priors)
-        .await
-        .map_err(|e| Arc::<str>::from(e.to_string()))?;
+    let examples = context
+        .examples
+        .most_similar(&config, &data, task_id, options.examples);
+    let prediction = predict_task(
+        &engine,
+        &config,
+        &data,
+        &examples,
+        context.template.as_deref(),
+        &options,
+        &priors,
+    )
+    .await
+    .map_err(|e| Arc::<str>::from(e.to_string()))?;
     metrics::histogram!("batchlab_ml_task_seconds").record(started.elapsed().as_secs_f64());
     let stored = json!({"result": prediction.result, "score": prediction.score});
     if let Some(store) = store {
-        let row = CachedPrediction { key, model_version: context.version.clone(), prediction: stored.to_string() };
+        let row = CachedPrediction {
+            key,
+            model_version: context.version.clone(),
+            prediction: stored.to_string(),
+        };
         if let Err(e) = store.cache_predictions(&[row]).await {
             tracing::warn!(error = %e, "prediction not written to the shared cache");
         }
@@ -352,8 +452,15 @@ async fn from_store(
     if misses.is_empty() {
         return;
     }
-    let imported: Vec<String> = misses.iter().map(|(_, _, data, _)| cache_key(IMPORTED, schema, data)).collect();
-    let keys: Vec<String> = misses.iter().map(|m| m.1.clone()).chain(imported.iter().cloned()).collect();
+    let imported: Vec<String> = misses
+        .iter()
+        .map(|(_, _, data, _)| cache_key(IMPORTED, schema, data))
+        .collect();
+    let keys: Vec<String> = misses
+        .iter()
+        .map(|m| m.1.clone())
+        .chain(imported.iter().cloned())
+        .collect();
     let found = match store.cached_predictions(&keys).await {
         Ok(found) => found,
         Err(e) => {
@@ -363,8 +470,13 @@ async fn from_store(
     };
     let mut rest = Vec::with_capacity(misses.len());
     for (miss, imported_key) in misses.drain(..).zip(imported) {
-        let hit = found.get(&miss.1).map(|p| ("store", p)).or_else(|| found.get(&imported_key).map(|p| ("imported", p)));
-        match hit.and_then(|(kind, p)| Some((kind, serde_json::from_str::<Value>(&p.prediction).ok()?))) {
+        let hit = found
+            .get(&miss.1)
+            .map(|p| ("store", p))
+            .or_else(|| found.get(&imported_key).map(|p| ("imported", p)));
+        match hit
+            .and_then(|(kind, p)| Some((kind, serde_json::from_str::<Value>(&p.prediction).ok()?)))
+        {
             Some((kind, stored)) => {
                 metrics::counter!("batchlab_ml_cache_hits_total", "cache" => kind).increment(1);
                 let prediction = answer(&stored, version);
@@ -381,7 +493,10 @@ impl MlState {
     /// How tasks are predicted, from the configuration.
     pub fn predict_options(&self) -> PredictOptions {
         let ml = &self.config.ml_backend;
-        PredictOptions { text_max_tokens: ml.text_max_tokens, examples: ml.few_shot_examples }
+        PredictOptions {
+            text_max_tokens: ml.text_max_tokens,
+            examples: ml.few_shot_examples,
+        }
     }
 }
 
@@ -389,7 +504,9 @@ impl MlState {
 pub async fn status(State(state): State<MlState>) -> Json<Value> {
     let model = match state.model.now() {
         ModelState::Loading => json!({"state": "loading"}),
-        ModelState::Ready(engine) => json!({"state": "ready", "id": engine.model_id(), "in_flight": engine.in_flight()}),
+        ModelState::Ready(engine) => {
+            json!({"state": "ready", "id": engine.model_id(), "in_flight": engine.in_flight()})
+        }
         ModelState::Failed(reason) => json!({"state": "failed", "error": &*reason}),
     };
     Json(json!({"model": model, "predictions": state.jobs.counts()}))

@@ -30,7 +30,10 @@ struct TemplateMap {
 impl Templates {
     /// Room for the templates of `capacity` projects.
     pub fn new(capacity: usize) -> Templates {
-        Templates(Arc::new(Mutex::new(TemplateMap { capacity: capacity.max(1), ..TemplateMap::default() })))
+        Templates(Arc::new(Mutex::new(TemplateMap {
+            capacity: capacity.max(1),
+            ..TemplateMap::default()
+        })))
     }
 
     /// Remembers (or with `None` forgets) the template of `project`.
@@ -58,7 +61,12 @@ impl Templates {
 
     /// The template of `project`, if one was set.
     pub fn get(&self, project: i64) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).map.get(&project).cloned()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .get(&project)
+            .cloned()
     }
 
     /// How many projects have a template remembered.
@@ -116,20 +124,36 @@ pub struct ProjectContext {
 
 impl MlState {
     /// The context of `project` (when known) for `config` (the XML `schema`, parsed when it parses).
-    pub async fn project_context(&self, project: Option<i64>, schema: &str, config: Option<&LabelConfig>) -> ProjectContext {
+    pub async fn project_context(
+        &self,
+        project: Option<i64>,
+        schema: &str,
+        config: Option<&LabelConfig>,
+    ) -> ProjectContext {
         let template = project.and_then(|p| self.templates.get(p));
         let mut examples = ExampleSet::default();
         if let (Some(store), Some(project), Some(config)) = (&self.store, project, config) {
             if self.config.ml_backend.few_shot_examples > 0 {
                 match ExampleSet::load(store, project, config).await {
                     Ok(set) => examples = set,
-                    Err(e) => tracing::warn!(project, error = %e, "ground-truth examples unavailable; predicting zero-shot"),
+                    Err(e) => {
+                        tracing::warn!(project, error = %e, "ground-truth examples unavailable; predicting zero-shot")
+                    }
                 }
             }
         }
-        let version = prediction_version(&self.config.engine.model_id, schema, template.as_deref(), examples.fingerprint());
+        let version = prediction_version(
+            &self.config.engine.model_id,
+            schema,
+            template.as_deref(),
+            examples.fingerprint(),
+        );
         self.remember_version(&version);
-        ProjectContext { template, examples, version }
+        ProjectContext {
+            template,
+            examples,
+            version,
+        }
     }
 }
 
@@ -163,9 +187,18 @@ mod tests {
 
     #[test]
     fn templates_come_from_objects_strings_or_nothing() {
-        assert_eq!(template_of(Some(&json!({"prompt": "Q: {text}"}))).as_deref(), Some("Q: {text}"));
-        assert_eq!(template_of(Some(&json!("{\"template\": \"T {text}\"}"))).as_deref(), Some("T {text}"));
-        assert_eq!(template_of(Some(&json!("Classify: {text}"))).as_deref(), Some("Classify: {text}"));
+        assert_eq!(
+            template_of(Some(&json!({"prompt": "Q: {text}"}))).as_deref(),
+            Some("Q: {text}")
+        );
+        assert_eq!(
+            template_of(Some(&json!("{\"template\": \"T {text}\"}"))).as_deref(),
+            Some("T {text}")
+        );
+        assert_eq!(
+            template_of(Some(&json!("Classify: {text}"))).as_deref(),
+            Some("Classify: {text}")
+        );
         assert_eq!(template_of(Some(&json!({"other": 1}))), None);
         assert_eq!(template_of(Some(&json!(""))), None);
         assert_eq!(template_of(Some(&Value::Null)), None);

@@ -39,12 +39,14 @@ pub struct SetupRequest {
 /// `POST /setup` → `{"model_version": V}`.
 #[tracing::instrument(skip_all)]
 pub async fn setup(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
-    let request: SetupRequest =
-        serde_json::from_slice(&body).map_err(|e| MlError::BadRequest(format!("invalid /setup body: {e}")))?;
+    let request: SetupRequest = serde_json::from_slice(&body)
+        .map_err(|e| MlError::BadRequest(format!("invalid /setup body: {e}")))?;
     let schema = request.schema.as_deref().unwrap_or("");
     let project = request.project.as_ref().and_then(project_id);
     if let Some(project) = project {
-        state.templates.set(project, template_of(request.extra_params.as_ref()));
+        state
+            .templates
+            .set(project, template_of(request.extra_params.as_ref()));
     }
     // A config that does not parse still gets a version (Label Studio shows the error from
     // /predict); one refused for its size is refused here already.
@@ -53,7 +55,10 @@ pub async fn setup(State(state): State<MlState>, body: Bytes) -> Result<Json<Val
         Err(e) if e.is_limit() => return Err(config_error(e)),
         Err(_) => None,
     };
-    let version = state.project_context(project, schema, config.as_ref()).await.version;
+    let version = state
+        .project_context(project, schema, config.as_ref())
+        .await
+        .version;
     tracing::info!(project = ?request.project, hostname = ?request.hostname, model_version = %version, "setup");
     metrics::counter!("batchlab_ml_setup_total").increment(1);
     Ok(Json(json!({"model_version": version})))

@@ -31,11 +31,17 @@ const KNOWN_ACTIONS: [&str; 8] = [
 #[tracing::instrument(skip_all, fields(action))]
 pub async fn webhook(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
     let Some(curation) = &state.curation else {
-        return Err(MlError::Unavailable("this ML backend has no store to record webhook events in".into()));
+        return Err(MlError::Unavailable(
+            "this ML backend has no store to record webhook events in".into(),
+        ));
     };
     let ingested = curation.ingest(&body).await?;
     tracing::Span::current().record("action", ingested.action.as_str());
-    let label = if KNOWN_ACTIONS.contains(&ingested.action.as_str()) { ingested.action.clone() } else { "other".to_string() };
+    let label = if KNOWN_ACTIONS.contains(&ingested.action.as_str()) {
+        ingested.action.clone()
+    } else {
+        "other".to_string()
+    };
     tracing::info!(action = %ingested.action, event_id = ingested.event_id, status = ingested.status, "webhook event stored");
     metrics::counter!("batchlab_ml_webhook_events_total", "action" => label, "status" => ingested.status).increment(1);
     Ok(Json(json!({})))

@@ -13,9 +13,12 @@ use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
 
 fn model_path() -> PathBuf {
-    std::env::var("BATCHLAB_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var("BATCHLAB_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 fn config() -> Config {
@@ -34,38 +37,66 @@ fn engine() -> Engine {
     ENGINE
         .get_or_init(|| {
             let path = model_path();
-            assert!(path.is_file(), "model {} is missing: run scripts/fetch-model.sh", path.display());
+            assert!(
+                path.is_file(),
+                "model {} is missing: run scripts/fetch-model.sh",
+                path.display()
+            );
             Engine::load(config().engine.engine_config()).expect("the default model loads")
         })
         .clone()
 }
 
 async fn serve(config: Config) -> String {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("warn")
+        .try_init();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(MlState::new(config).unwrap().with_model(Model::ready(engine())));
+    let app = router(
+        MlState::new(config)
+            .unwrap()
+            .with_model(Model::ready(engine())),
+    );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     base
 }
 
 async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new().post(format!("{base}{path}")).json(body).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/label-studio-1.23").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/label-studio-1.23")
+        .join(name);
     serde_json::from_slice::<Value>(&std::fs::read(&path).unwrap()).unwrap()["body"].clone()
 }
 
-const CONTROLS: [&str; 4] = ["recommendation", "trajectory_rating", "pedigree_rating", "reasoning"];
+const CONTROLS: [&str; 4] = [
+    "recommendation",
+    "trajectory_rating",
+    "pedigree_rating",
+    "reasoning",
+];
 
 fn check_candidate_prediction(p: &Value, version: &str) {
     assert_eq!(p["model_version"], version, "{p}");
-    let regions = p["result"].as_array().unwrap_or_else(|| panic!("no result: {p}"));
-    let names: Vec<&str> = regions.iter().map(|r| r["from_name"].as_str().unwrap()).collect();
+    let regions = p["result"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no result: {p}"));
+    let names: Vec<&str> = regions
+        .iter()
+        .map(|r| r["from_name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, CONTROLS, "{p}");
     let ratings = ["exceptional", "strong", "good", "average", "weak"];
     for r in regions {
@@ -93,7 +124,12 @@ fn check_candidate_prediction(p: &Value, version: &str) {
 #[tokio::test]
 async fn label_studios_predict_requests_get_a_prediction_per_task_with_the_setup_version() {
     let base = serve(config()).await;
-    for name in ["09-ml-predict.json", "12-ml-predict.json", "13-ml-predict.json", "20-ml-predict.json"] {
+    for name in [
+        "09-ml-predict.json",
+        "12-ml-predict.json",
+        "13-ml-predict.json",
+        "20-ml-predict.json",
+    ] {
         let body = fixture(name);
         let (status, setup) =
             post(&base, "/setup", &json!({"project": body["project"], "schema": body["label_config"], "extra_params": null})).await;
@@ -102,7 +138,11 @@ async fn label_studios_predict_requests_get_a_prediction_per_task_with_the_setup
         let (status, answer) = post(&base, "/predict", &body).await;
         assert_eq!(status, 200, "{name}: {answer}");
         let results = answer["results"].as_array().unwrap();
-        assert_eq!(results.len(), body["tasks"].as_array().unwrap().len(), "{name}");
+        assert_eq!(
+            results.len(),
+            body["tasks"].as_array().unwrap().len(),
+            "{name}"
+        );
         for p in results {
             check_candidate_prediction(p, &version);
         }
@@ -124,13 +164,25 @@ async fn unfinished_tasks_answer_without_result_and_finish_into_the_cache() {
     let n = body["tasks"].as_array().unwrap().len();
     let results = answer["results"].as_array().unwrap();
     assert_eq!(results.len(), n);
-    assert!(results.iter().all(|p| p.get("result").is_none() && p["model_version"].is_string()), "{answer}");
+    assert!(
+        results
+            .iter()
+            .all(|p| p.get("result").is_none() && p["model_version"].is_string()),
+        "{answer}"
+    );
 
     // The jobs continue; /status shows them, and the next request is answered from the cache.
     let client = reqwest::Client::new();
     let mut cached = 0;
     for _ in 0..600 {
-        let status: Value = client.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+        let status: Value = client
+            .get(format!("{base}/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(status["model"]["state"], "ready", "{status}");
         cached = status["predictions"]["cached"].as_u64().unwrap();
         if cached as usize >= n {
@@ -141,7 +193,10 @@ async fn unfinished_tasks_answer_without_result_and_finish_into_the_cache() {
     assert!(cached as usize >= n, "jobs never finished: {cached} of {n}");
     let (_, again) = post(&base, "/predict", &body).await;
     for p in again["results"].as_array().unwrap() {
-        assert!(p["result"].is_array(), "deadline 0 answers only what is cached: {again}");
+        assert!(
+            p["result"].is_array(),
+            "deadline 0 answers only what is cached: {again}"
+        );
     }
 }
 
@@ -149,27 +204,64 @@ async fn unfinished_tasks_answer_without_result_and_finish_into_the_cache() {
 async fn bad_input_gets_a_clear_json_error() {
     let base = serve(config()).await;
     let client = reqwest::Client::new();
-    let r = client.post(format!("{base}/predict")).body("{not json").send().await.unwrap();
+    let r = client
+        .post(format!("{base}/predict"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
-    assert!(e["error"]["message"].as_str().unwrap().contains("invalid /predict body"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid /predict body"),
+        "{e}"
+    );
 
     let image = r#"<View><Image name="img" value="$image"/><RectangleLabels name="box" toName="img"><Label value="cat"/></RectangleLabels></View>"#;
-    let (status, e) = post(&base, "/predict", &json!({"tasks": [{"id": 1, "data": {"image": "x.png"}}], "label_config": image})).await;
+    let (status, e) = post(
+        &base,
+        "/predict",
+        &json!({"tasks": [{"id": 1, "data": {"image": "x.png"}}], "label_config": image}),
+    )
+    .await;
     assert_eq!(status, 422, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("RectangleLabels"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("RectangleLabels"),
+        "{e}"
+    );
 
     let text = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>"#;
-    let (status, e) = post(&base, "/predict", &json!({"tasks": [{"id": 1, "data": {"other": "x"}}], "label_config": text})).await;
+    let (status, e) = post(
+        &base,
+        "/predict",
+        &json!({"tasks": [{"id": 1, "data": {"other": "x"}}], "label_config": text}),
+    )
+    .await;
     assert_eq!(status, 422, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("text"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("text"),
+        "{e}"
+    );
 
     // A text far longer than the context is cut to fit (and logged), not refused.
     let long = "The candidate wrote many compilers. ".repeat(400);
-    let (status, answer) =
-        post(&base, "/predict", &json!({"tasks": [{"id": 2, "data": {"text": long}}], "label_config": text})).await;
+    let (status, answer) = post(
+        &base,
+        "/predict",
+        &json!({"tasks": [{"id": 2, "data": {"text": long}}], "label_config": text}),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["results"][0]["result"][0]["from_name"], "c", "{answer}");
+    assert_eq!(
+        answer["results"][0]["result"][0]["from_name"], "c",
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -181,17 +273,40 @@ async fn every_predictable_control_kind_gets_a_region() {
       <Number name="year" toName="t" min="1900" max="2100"/>
       <Labels name="ner" toName="t"><Label value="PERSON"/><Label value="CITY"/></Labels></View>"#;
     let data = json!({"text": "In 1905 Albert Einstein published special relativity while living in Bern."});
-    let (status, answer) = post(&base, "/predict", &json!({"tasks": [{"id": 1, "data": data}], "label_config": xml})).await;
+    let (status, answer) = post(
+        &base,
+        "/predict",
+        &json!({"tasks": [{"id": 1, "data": data}], "label_config": xml}),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     let regions = answer["results"][0]["result"].as_array().unwrap();
-    let by = |name: &str| regions.iter().find(|r| r["from_name"] == name).unwrap_or_else(|| panic!("no {name}: {answer}"));
-    assert!(!by("topic")["value"]["choices"].as_array().unwrap().is_empty(), "{answer}");
+    let by = |name: &str| {
+        regions
+            .iter()
+            .find(|r| r["from_name"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {answer}"))
+    };
+    assert!(
+        !by("topic")["value"]["choices"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{answer}"
+    );
     let stars = by("quality")["value"]["rating"].as_u64().unwrap();
     assert!((1..=5).contains(&stars), "{answer}");
     let text = data["text"].as_str().unwrap();
     for span in regions.iter().filter(|r| r["type"] == "labels") {
-        let (s, e) = (span["value"]["start"].as_u64().unwrap() as usize, span["value"]["end"].as_u64().unwrap() as usize);
-        assert_eq!(&text[s..e], span["value"]["text"].as_str().unwrap(), "{span}");
+        let (s, e) = (
+            span["value"]["start"].as_u64().unwrap() as usize,
+            span["value"]["end"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(
+            &text[s..e],
+            span["value"]["text"].as_str().unwrap(),
+            "{span}"
+        );
     }
     eprintln!("{}", serde_json::to_string_pretty(regions).unwrap());
     // Structured output: the number is always one, in range.
@@ -203,7 +318,14 @@ async fn every_predictable_control_kind_gets_a_region() {
 async fn openai_chat_completions_and_models() {
     let base = serve(config()).await;
     let client = reqwest::Client::new();
-    let models: Value = client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+    let models: Value = client
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct", "{models}");
     let (status, c) = post(
         &base,
@@ -213,7 +335,13 @@ async fn openai_chat_completions_and_models() {
     .await;
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["object"], "chat.completion");
-    assert!(!c["choices"][0]["message"]["content"].as_str().unwrap().is_empty(), "{c}");
+    assert!(
+        !c["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{c}"
+    );
     assert!(c["usage"]["completion_tokens"].as_u64().unwrap() <= 8);
     let (status, e) = post(&base, "/v1/chat/completions", &json!({"messages": []})).await;
     assert_eq!(status, 400, "{e}");

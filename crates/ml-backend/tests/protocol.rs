@@ -19,13 +19,27 @@ fn fixtures(kind: &str) -> Vec<(String, Value)> {
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("fixtures at {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-ml-{kind}")))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains(&format!("-ml-{kind}"))
+        })
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no -ml-{kind} fixtures in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no -ml-{kind} fixtures in {}",
+        dir.display()
+    );
     files
         .into_iter()
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -39,16 +53,26 @@ async fn serve(config: Config) -> Server {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = router(MlState::new(config).unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { base, client: reqwest::Client::new() }
+    Server {
+        base,
+        client: reqwest::Client::new(),
+    }
 }
 
 impl Server {
     /// Sends a fixture's method, path, headers (minus hop-by-hop ones) and body.
     async fn replay(&self, fixture: &Value) -> reqwest::Response {
-        let method = reqwest::Method::from_bytes(fixture["method"].as_str().unwrap().as_bytes()).unwrap();
-        let mut request = self.client.request(method, format!("{}{}", self.base, fixture["path"].as_str().unwrap()));
+        let method =
+            reqwest::Method::from_bytes(fixture["method"].as_str().unwrap().as_bytes()).unwrap();
+        let mut request = self.client.request(
+            method,
+            format!("{}{}", self.base, fixture["path"].as_str().unwrap()),
+        );
         for (name, value) in fixture["headers"].as_object().unwrap() {
-            if !matches!(name.to_ascii_lowercase().as_str(), "host" | "content-length" | "connection" | "accept-encoding") {
+            if !matches!(
+                name.to_ascii_lowercase().as_str(),
+                "host" | "content-length" | "connection" | "accept-encoding"
+            ) {
                 request = request.header(name.as_str(), value.as_str().unwrap());
             }
         }
@@ -61,7 +85,11 @@ impl Server {
 
 async fn json_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
-    let ct = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let ct = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     assert!(ct.starts_with("application/json"), "content type {ct:?}");
     (status, response.json().await.unwrap())
 }
@@ -84,13 +112,25 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
         let started = Instant::now();
         let (status, body) = json_of(s.replay(&f).await).await;
         assert_eq!(status, 200, "{name}: {body}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{name}: /setup must answer at once");
-        versions.push(body["model_version"].as_str().unwrap_or_else(|| panic!("{name}: {body}")).to_string());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{name}: /setup must answer at once"
+        );
+        versions.push(
+            body["model_version"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: {body}"))
+                .to_string(),
+        );
     }
     // Every captured /setup carried the same schema, so the same version.
     assert!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
     let v = &versions[0];
-    assert!(v.starts_with("batchlab-SmolLM2-135M-Instruct-") && v.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{v}");
+    assert!(
+        v.starts_with("batchlab-SmolLM2-135M-Instruct-")
+            && v.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8,
+        "{v}"
+    );
 
     // Another schema: another version; extra_params without a prompt changes nothing more.
     let (_, f) = &fixtures("setup")[0];
@@ -102,16 +142,32 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
     let w = body["model_version"].as_str().unwrap().to_string();
     assert_ne!(&w, v);
     other["body"]["extra_params"] = Value::Null;
-    assert_eq!(json_of(s.replay(&other).await).await.1["model_version"], w.as_str());
+    assert_eq!(
+        json_of(s.replay(&other).await).await.1["model_version"],
+        w.as_str()
+    );
     // A prompt template, as an object or a plain string, is part of the version.
     other["body"]["extra_params"] = json!({"prompt": "Classify: {text}"});
-    let t = json_of(s.replay(&other).await).await.1["model_version"].as_str().unwrap().to_string();
+    let t = json_of(s.replay(&other).await).await.1["model_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_ne!(t, w);
     other["body"]["extra_params"] = json!("Classify: {text}");
-    assert_eq!(json_of(s.replay(&other).await).await.1["model_version"], t.as_str());
+    assert_eq!(
+        json_of(s.replay(&other).await).await.1["model_version"],
+        t.as_str()
+    );
 
     // /versions lists all three.
-    let (status, body) = json_of(s.client.get(format!("{}/versions", s.base)).send().await.unwrap()).await;
+    let (status, body) = json_of(
+        s.client
+            .get(format!("{}/versions", s.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 200);
     let mut expected = vec![v.clone(), w, t];
     expected.sort();
@@ -119,7 +175,10 @@ async fn setup_fixtures_answer_a_stable_version_that_follows_the_schema() {
 
     // A restarted backend answers the same version (no per-process hashing).
     let s2 = serve(Config::default()).await;
-    assert_eq!(json_of(s2.replay(f).await).await.1["model_version"], v.as_str());
+    assert_eq!(
+        json_of(s2.replay(f).await).await.1["model_version"],
+        v.as_str()
+    );
 }
 
 /// A server whose ML backend records webhook events in `db`'s store, with `config`.
@@ -128,7 +187,10 @@ async fn serve_config_with_store(config: Config, db: &batchlab_core::testing::Te
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = router(MlState::new(config).unwrap().with_store(db.store.clone()));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { base, client: reqwest::Client::new() }
+    Server {
+        base,
+        client: reqwest::Client::new(),
+    }
 }
 
 /// Every event Label Studio sent to the ML backend is stored in the shared store, body for body,
@@ -142,21 +204,43 @@ async fn every_webhook_fixture_is_stored_for_the_api_to_apply() {
         let (status, body) = json_of(s.replay(f).await).await;
         assert_eq!((status, body), (200, json!({})), "{name}");
     }
-    let distinct: std::collections::BTreeSet<String> = fx.iter().map(|(_, f)| f["body"].to_string()).collect();
+    let distinct: std::collections::BTreeSet<String> =
+        fx.iter().map(|(_, f)| f["body"].to_string()).collect();
     let counts = db.store.webhook_event_counts(None).await.unwrap();
-    assert_eq!(counts.received as usize, distinct.len(), "one stored event per distinct body");
+    assert_eq!(
+        counts.received as usize,
+        distinct.len(),
+        "one stored event per distinct body"
+    );
     let stored = db.store.pending_webhook_events(1_000).await.unwrap();
     for event in &stored {
         let doc: Value = serde_json::from_str(&event.body).unwrap();
-        assert!(fx.iter().any(|(_, f)| f["body"] == doc), "stored body matches no fixture: {doc}");
+        assert!(
+            fx.iter().any(|(_, f)| f["body"] == doc),
+            "stored body matches no fixture: {doc}"
+        );
     }
     // Replayed: acknowledged, stored nothing new.
     for (name, f) in &fx {
         assert_eq!(s.replay(f).await.status(), 200, "{name}");
     }
-    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, counts.received);
-    let metrics = s.client.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("batchlab_ml_webhook_events_total"), "{metrics}");
+    assert_eq!(
+        db.store.webhook_event_counts(None).await.unwrap().received,
+        counts.received
+    );
+    let metrics = s
+        .client
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("batchlab_ml_webhook_events_total"),
+        "{metrics}"
+    );
     assert!(metrics.contains("status=\"duplicate\""), "{metrics}");
     db.cleanup().await;
 }
@@ -170,14 +254,28 @@ async fn start_training_is_stored_byte_for_byte_and_nothing_is_relayed() {
     let mut config = Config::default();
     config.label_studio.webhook_secret = Some("s3cret".into());
     let s = serve_config_with_store(config, &db).await;
-    let (_, f) = fixtures("webhook").into_iter().find(|(n, _)| n.starts_with("39-")).expect("fixture 39");
+    let (_, f) = fixtures("webhook")
+        .into_iter()
+        .find(|(n, _)| n.starts_with("39-"))
+        .expect("fixture 39");
     let sent = serde_json::to_vec(&f["body"]).unwrap();
-    let r = s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(sent.clone()).send().await.unwrap();
+    let r = s
+        .client
+        .post(format!("{}/webhook", s.base))
+        .header("content-type", "application/json")
+        .body(sent.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let stored = db.store.pending_webhook_events(10).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].action, "START_TRAINING");
-    assert_eq!(stored[0].body.as_bytes(), sent.as_slice(), "stored byte for byte");
+    assert_eq!(
+        stored[0].body.as_bytes(),
+        sent.as_slice(),
+        "stored byte for byte"
+    );
     db.cleanup().await;
 }
 
@@ -191,12 +289,31 @@ async fn webhook_events_need_the_ml_backends_credentials() {
     config.ml_backend.basic_auth_pass = Some("pw".into());
     let s = serve_config_with_store(config, &db).await;
     let event = json!({"action": "START_TRAINING", "project": {"id": 1}});
-    let r = s.client.post(format!("{}/webhook", s.base)).json(&event).send().await.unwrap();
+    let r = s
+        .client
+        .post(format!("{}/webhook", s.base))
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 0);
-    let r = s.client.post(format!("{}/webhook", s.base)).basic_auth("ml", Some("pw")).json(&event).send().await.unwrap();
+    assert_eq!(
+        db.store.webhook_event_counts(None).await.unwrap().received,
+        0
+    );
+    let r = s
+        .client
+        .post(format!("{}/webhook", s.base))
+        .basic_auth("ml", Some("pw"))
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 1);
+    assert_eq!(
+        db.store.webhook_event_counts(None).await.unwrap().received,
+        1
+    );
     db.cleanup().await;
 }
 
@@ -205,17 +322,38 @@ async fn webhook_bodies_without_payload_unknown_actions_and_malformed_json() {
     let db = batchlab_core::testing::TestDb::sqlite().await;
     let s = serve_config_with_store(Config::default(), &db).await;
     let post = |body: &'static str| {
-        s.client.post(format!("{}/webhook", s.base)).header("content-type", "application/json").body(body).send()
+        s.client
+            .post(format!("{}/webhook", s.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
-    assert_eq!(json_of(post(r#"{"action": "TASKS_CREATED"}"#).await.unwrap()).await, (200, json!({})));
-    assert_eq!(json_of(post(r#"{"action": "SOMETHING_NEW", "x": 1}"#).await.unwrap()).await, (200, json!({})));
+    assert_eq!(
+        json_of(post(r#"{"action": "TASKS_CREATED"}"#).await.unwrap()).await,
+        (200, json!({}))
+    );
+    assert_eq!(
+        json_of(
+            post(r#"{"action": "SOMETHING_NEW", "x": 1}"#)
+                .await
+                .unwrap()
+        )
+        .await,
+        (200, json!({}))
+    );
     for bad in [r#"{"action": "#, "[1,2]", r#"{"no_action": true}"#, "\u{0}"] {
         let (status, body) = json_of(post(bad).await.unwrap()).await;
         assert_eq!(status, 400, "{bad}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
-        assert!(body["error"]["message"].is_string() && body["error"]["code"].is_string(), "{body}");
+        assert!(
+            body["error"]["message"].is_string() && body["error"]["code"].is_string(),
+            "{body}"
+        );
     }
-    assert_eq!(db.store.webhook_event_counts(None).await.unwrap().received, 2);
+    assert_eq!(
+        db.store.webhook_event_counts(None).await.unwrap().received,
+        2
+    );
     db.cleanup().await;
 }
 
@@ -223,7 +361,13 @@ async fn webhook_bodies_without_payload_unknown_actions_and_malformed_json() {
 #[tokio::test]
 async fn webhook_without_a_store_is_unavailable() {
     let s = serve(Config::default()).await;
-    let r = s.client.post(format!("{}/webhook", s.base)).json(&json!({"action": "START_TRAINING"})).send().await.unwrap();
+    let r = s
+        .client
+        .post(format!("{}/webhook", s.base))
+        .json(&json!({"action": "START_TRAINING"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
 }
@@ -238,26 +382,79 @@ async fn basic_auth_guards_every_route_when_configured() {
         let url = format!("{}{path}", s.base);
         let none = s.client.get(&url).send().await.unwrap();
         assert_eq!(none.status(), 401, "{path}");
-        assert!(none.headers().get("www-authenticate").unwrap().to_str().unwrap().starts_with("Basic"), "{path}");
+        assert!(
+            none.headers()
+                .get("www-authenticate")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("Basic"),
+            "{path}"
+        );
         let (_, body) = json_of(none).await;
         assert_eq!(body["error"]["code"], "unauthorized");
-        let wrong = s.client.get(&url).basic_auth("ml", Some("wrong")).send().await.unwrap();
+        let wrong = s
+            .client
+            .get(&url)
+            .basic_auth("ml", Some("wrong"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(wrong.status(), 401, "{path}");
-        let right = s.client.get(&url).basic_auth("ml", Some("pw")).send().await.unwrap();
-        assert_eq!(right.status(), if path == "/nope" { 404 } else { 200 }, "{path}");
+        let right = s
+            .client
+            .get(&url)
+            .basic_auth("ml", Some("pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            right.status(),
+            if path == "/nope" { 404 } else { 200 },
+            "{path}"
+        );
     }
     let (_, f) = &fixtures("setup")[0];
-    assert_eq!(s.replay(f).await.status(), 401, "Label Studio's setup without credentials");
+    assert_eq!(
+        s.replay(f).await.status(),
+        401,
+        "Label Studio's setup without credentials"
+    );
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_json() {
     let s = serve(Config::default()).await;
-    let (status, body) = json_of(s.client.get(format!("{}/nope", s.base)).send().await.unwrap()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
-    let (status, body) = json_of(s.client.get(format!("{}/setup", s.base)).send().await.unwrap()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (405, Some("method_not_allowed")));
-    let r = s.client.get(format!("{}/health", s.base)).send().await.unwrap();
+    let (status, body) = json_of(
+        s.client
+            .get(format!("{}/nope", s.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, body) = json_of(
+        s.client
+            .get(format!("{}/setup", s.base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    let r = s
+        .client
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().contains_key("x-request-id"));
 }
 
@@ -265,15 +462,30 @@ async fn unknown_routes_and_methods_answer_json() {
 async fn serve_with_store(db: &batchlab_core::testing::TestDb) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(MlState::new(Config::default()).unwrap().with_store(db.store.clone()));
+    let app = router(
+        MlState::new(Config::default())
+            .unwrap()
+            .with_store(db.store.clone()),
+    );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { base, client: reqwest::Client::new() }
+    Server {
+        base,
+        client: reqwest::Client::new(),
+    }
 }
 
 const TEXT_CONFIG: &str = r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text"><Choice value="human"/><Choice value="location"/></Choices></View>"#;
 
 async fn post_json(s: &Server, path: &str, body: &Value) -> (u16, Value) {
-    json_of(s.client.post(format!("{}{path}", s.base)).json(body).send().await.unwrap()).await
+    json_of(
+        s.client
+            .post(format!("{}{path}", s.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -283,9 +495,20 @@ async fn without_a_model_predict_says_so_and_imported_predictions_still_answer()
     let db = batchlab_core::testing::TestDb::sqlite().await;
     let s = serve_with_store(&db).await;
     let task = |text: &str| json!({"id": 1, "data": {"text": text, "custom_id": "r-1"}});
-    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"})).await;
+    let (status, e) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"}),
+    )
+    .await;
     assert_eq!(status, 503, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("not loaded"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not loaded"),
+        "{e}"
+    );
 
     // A prediction imported from a batch for the same config and data (keys in another order).
     let data: Value = serde_json::from_str(r#"{"custom_id": "r-1", "text": "Who?"}"#).unwrap();
@@ -296,11 +519,24 @@ async fn without_a_model_predict_says_so_and_imported_predictions_still_answer()
         prediction: json!({"result": regions, "score": null}).to_string(),
     };
     db.store.cache_predictions(&[row]).await.unwrap();
-    let (_, setup) = post_json(&s, "/setup", &json!({"project": "3.0", "schema": TEXT_CONFIG})).await;
-    let (status, answer) = post_json(&s, "/predict", &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"})).await;
+    let (_, setup) = post_json(
+        &s,
+        "/setup",
+        &json!({"project": "3.0", "schema": TEXT_CONFIG}),
+    )
+    .await;
+    let (status, answer) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task("Who?")], "label_config": TEXT_CONFIG, "project": "3.0"}),
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["results"][0]["result"], regions, "{answer}");
-    assert_eq!(answer["results"][0]["model_version"], setup["model_version"], "{answer}");
+    assert_eq!(
+        answer["results"][0]["model_version"], setup["model_version"],
+        "{answer}"
+    );
     db.cleanup().await;
 }
 
@@ -314,12 +550,31 @@ async fn ground_truth_in_the_store_changes_the_model_version() {
 
     let (event, _) = db
         .store
-        .insert_webhook_event(&NewWebhookEvent { delivery_key: "k", action: "ANNOTATION_CREATED", project_id: Some(5), body: "{}" })
+        .insert_webhook_event(&NewWebhookEvent {
+            delivery_key: "k",
+            action: "ANNOTATION_CREATED",
+            project_id: Some(5),
+            body: "{}",
+        })
         .await
         .unwrap();
-    let mut tx = db.store.begin_event(event, "applied").await.unwrap().unwrap();
+    let mut tx = db
+        .store
+        .begin_event(event, "applied")
+        .await
+        .unwrap()
+        .unwrap();
     tx.upsert_project(5, "p", TEXT_CONFIG, 1).await.unwrap();
-    tx.upsert_task(&TaskRow { id: 9, project_id: 5, data: r#"{"text": "Who wrote Hamlet ?"}"#.into() }, 1).await.unwrap();
+    tx.upsert_task(
+        &TaskRow {
+            id: 9,
+            project_id: 5,
+            data: r#"{"text": "Who wrote Hamlet ?"}"#.into(),
+        },
+        1,
+    )
+    .await
+    .unwrap();
     let result = r#"[{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": ["human"]}}]"#;
     tx.upsert_annotation(&AnnotationRow {
         id: 90,
@@ -341,8 +596,15 @@ async fn ground_truth_in_the_store_changes_the_model_version() {
     tx.commit().await.unwrap();
 
     let (_, after) = post_json(&s, "/setup", &setup).await;
-    assert_ne!(before["model_version"], after["model_version"], "one ground-truth example is a new example set");
-    assert_eq!(post_json(&s, "/setup", &setup).await.1["model_version"], after["model_version"], "stable while the set is");
+    assert_ne!(
+        before["model_version"], after["model_version"],
+        "one ground-truth example is a new example set"
+    );
+    assert_eq!(
+        post_json(&s, "/setup", &setup).await.1["model_version"],
+        after["model_version"],
+        "stable while the set is"
+    );
     db.cleanup().await;
 }
 
@@ -359,47 +621,131 @@ async fn hostile_configs_and_templates_cost_one_answer() {
     );
     let (status, e) = post_json(&s, "/setup", &json!({"project": "1.0", "schema": deep})).await;
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("deeper than 64 levels"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deeper than 64 levels"),
+        "{e}"
+    );
     let task = json!({"id": 1, "data": {"text": "x"}});
-    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": deep})).await;
+    let (status, e) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task], "label_config": deep}),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
 
-    let choices: String = (0..5_000).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+    let choices: String = (0..5_000)
+        .map(|i| format!("<Choice value=\"o{i}\"/>"))
+        .collect();
     let wide = format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>");
-    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": wide})).await;
+    let (status, e) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task], "label_config": wide}),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("ml_backend.max_choices"), "{e}");
-    let choices: String = (0..50_000).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ml_backend.max_choices"),
+        "{e}"
+    );
+    let choices: String = (0..50_000)
+        .map(|i| format!("<Choice value=\"o{i}\"/>"))
+        .collect();
     let wider = format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>");
-    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": wider})).await;
+    let (status, e) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task], "label_config": wider}),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
 
     let entity = r#"<!DOCTYPE v [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><View><Text name="t" value="&b;"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
-    let (status, e) = post_json(&s, "/predict", &json!({"tasks": [task], "label_config": entity})).await;
+    let (status, e) = post_json(
+        &s,
+        "/predict",
+        &json!({"tasks": [task], "label_config": entity}),
+    )
+    .await;
     assert_eq!(status, 422, "a config with a DTD does not parse: {e}");
 
     let template = format!("{}{{text}}", "{".repeat(1_000_000));
-    let (status, e) = post_json(&s, "/setup", &json!({"project": "2.0", "schema": TEXT_CONFIG, "extra_params": {"prompt": template}})).await;
+    let (status, e) = post_json(
+        &s,
+        "/setup",
+        &json!({"project": "2.0", "schema": TEXT_CONFIG, "extra_params": {"prompt": template}}),
+    )
+    .await;
     assert_eq!(status, 200, "{e}");
 
     // OpenAI's chat endpoint: absurd bodies are refused before any model work.
-    let empty: Vec<Value> = (0..20_000).map(|_| json!({"role": "user", "content": ""})).collect();
-    let (status, e) = post_json(&s, "/v1/chat/completions", &json!({"model": "m", "messages": empty})).await;
+    let empty: Vec<Value> = (0..20_000)
+        .map(|_| json!({"role": "user", "content": ""}))
+        .collect();
+    let (status, e) = post_json(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": empty}),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("4096"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("4096"),
+        "{e}"
+    );
     let one = json!([{"role": "user", "content": "hi"}]);
-    let (status, e) = post_json(&s, "/v1/chat/completions", &json!({"model": "m", "messages": one, "max_tokens": 1_000_000_000u64})).await;
+    let (status, e) = post_json(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": one, "max_tokens": 1_000_000_000u64}),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
-    assert!(e["error"]["message"].as_str().unwrap().contains("exceeds this server's limit of 4096"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exceeds this server's limit of 4096"),
+        "{e}"
+    );
 
-    for bad in [format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(), b"\xff\xfe".to_vec(), Vec::new()] {
+    for bad in [
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
+        b"\xff\xfe".to_vec(),
+        Vec::new(),
+    ] {
         for path in ["/setup", "/predict", "/webhook", "/v1/chat/completions"] {
-            let r = s.client.post(format!("{}{path}", s.base)).header("content-type", "application/json").body(bad.clone()).send().await.unwrap();
+            let r = s
+                .client
+                .post(format!("{}{path}", s.base))
+                .header("content-type", "application/json")
+                .body(bad.clone())
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
-            assert!((400..500).contains(&status) || (path == "/webhook" && status == 503), "{path}: {status}");
+            assert!(
+                (400..500).contains(&status) || (path == "/webhook" && status == 503),
+                "{path}: {status}"
+            );
             let body: Value = r.json().await.unwrap();
             assert!(body["error"]["message"].is_string(), "{path}: {body}");
         }
     }
-    assert_eq!(s.client.get(format!("{}/health", s.base)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(format!("{}/health", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -22,9 +22,12 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let config = Args::parse().config.init()?;
     let worker_id = config.worker_id();
-    let store = Store::open(&config.database)
-        .await
-        .with_context(|| format!("opening database {}", batchlab_core::secret::redact_url(&config.database.url)))?;
+    let store = Store::open(&config.database).await.with_context(|| {
+        format!(
+            "opening database {}",
+            batchlab_core::secret::redact_url(&config.database.url)
+        )
+    })?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let e = &config.engine;
     let mut engine_config = e.engine_config();
@@ -49,7 +52,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let runner = Runner::new(store, blobs, engine, settings);
     runner
-        .run_forever(Duration::from_millis(config.worker.poll_interval_ms), batchlab_core::telemetry::shutdown_signal())
+        .run_forever(
+            Duration::from_millis(config.worker.poll_interval_ms),
+            batchlab_core::telemetry::shutdown_signal(),
+        )
         .await;
     Ok(())
 }

@@ -34,7 +34,12 @@ pub async fn start(configure: impl FnOnce(&mut Config)) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
-    Server { base: format!("http://{addr}"), client: reqwest::Client::new(), _db: db, _dir: dir }
+    Server {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        _db: db,
+        _dir: dir,
+    }
 }
 
 impl Server {
@@ -43,12 +48,24 @@ impl Server {
     }
 
     pub async fn upload(&self, body: Vec<u8>, purpose: &str) -> reqwest::Response {
-        let form = Form::new().text("purpose", purpose.to_string()).part("file", Part::bytes(body).file_name("in.jsonl"));
-        self.client.post(self.url("/v1/files")).multipart(form).send().await.unwrap()
+        let form = Form::new()
+            .text("purpose", purpose.to_string())
+            .part("file", Part::bytes(body).file_name("in.jsonl"));
+        self.client
+            .post(self.url("/v1/files"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn create_batch(&self, body: Value) -> reqwest::Response {
-        self.client.post(self.url("/v1/batches")).json(&body).send().await.unwrap()
+        self.client
+            .post(self.url("/v1/batches"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -57,7 +74,10 @@ pub async fn assert_openai_error(resp: reqwest::Response, status: StatusCode) ->
     assert_eq!(resp.status(), status);
     let body: Value = resp.json().await.expect("error bodies are JSON");
     let err = &body["error"];
-    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(err["type"].is_string(), "{body}");
     body
 }

@@ -48,7 +48,10 @@ impl Answer {
                     Value::String(s) => s.trim().to_lowercase(),
                     other => other.to_string(),
                 };
-                Answer { key: format!("\u{0}invalid:{raw}"), label: raw }
+                Answer {
+                    key: format!("\u{0}invalid:{raw}"),
+                    label: raw,
+                }
             }
         })
     }
@@ -131,7 +134,10 @@ pub fn compare(
                 continue;
             };
             if let Some(truth) = gold.get(&field) {
-                pairs.entry(field).or_default().push((Answer::of(truth), predicted));
+                pairs
+                    .entry(field)
+                    .or_default()
+                    .push((Answer::of(truth), predicted));
             }
         }
     }
@@ -154,19 +160,31 @@ pub fn compare(
 fn field_report(pairs: &[(Answer, Answer)], categorical: bool) -> FieldReport {
     let compared = pairs.len() as u64;
     let correct = pairs.iter().filter(|(t, p)| t.key == p.key).count() as u64;
-    let mut fr = FieldReport { compared, correct, accuracy: ratio(correct, compared), ..Default::default() };
+    let mut fr = FieldReport {
+        compared,
+        correct,
+        accuracy: ratio(correct, compared),
+        ..Default::default()
+    };
     if categorical && compared > 0 {
         let mut confusion: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         let mut truth_totals: BTreeMap<&str, u64> = BTreeMap::new();
         let mut pred_totals: BTreeMap<&str, u64> = BTreeMap::new();
         for (t, p) in pairs {
-            *confusion.entry(t.label.clone()).or_default().entry(p.label.clone()).or_default() += 1;
+            *confusion
+                .entry(t.label.clone())
+                .or_default()
+                .entry(p.label.clone())
+                .or_default() += 1;
             *truth_totals.entry(&t.key).or_default() += 1;
             *pred_totals.entry(&p.key).or_default() += 1;
         }
         let n = compared as f64;
         let p_o = correct as f64 / n;
-        let p_e: f64 = truth_totals.iter().map(|(k, c)| (*c as f64 / n) * (*pred_totals.get(k).unwrap_or(&0) as f64 / n)).sum();
+        let p_e: f64 = truth_totals
+            .iter()
+            .map(|(k, c)| (*c as f64 / n) * (*pred_totals.get(k).unwrap_or(&0) as f64 / n))
+            .sum();
         fr.kappa = (p_e < 1.0 - 1e-12).then(|| (p_o - p_e) / (1.0 - p_e));
         fr.confusion = Some(confusion);
     }
@@ -184,20 +202,32 @@ mod tests {
 
     fn gold(label: &str, why: &str) -> BTreeMap<String, FieldValue> {
         BTreeMap::from([
-            ("label".to_string(), FieldValue::Choices(vec![label.to_string()])),
+            (
+                "label".to_string(),
+                FieldValue::Choices(vec![label.to_string()]),
+            ),
             ("why".to_string(), FieldValue::Text(why.to_string())),
         ])
     }
 
     fn pred(config: &LabelConfig, v: Value) -> BTreeMap<String, Option<Answer>> {
-        v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), Answer::from_json(config, k, v))).collect()
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), Answer::from_json(config, k, v)))
+            .collect()
     }
 
     #[test]
     fn a_hand_computed_example() {
         let config = LabelConfig::parse(CONFIG).unwrap();
         // Ground truth: pos, pos, neg, neg. Predictions: pos, neg, neg, neg (+ a task without truth).
-        let truth = BTreeMap::from([(1, gold("pos", "Good")), (2, gold("pos", "x")), (3, gold("neg", "y")), (4, gold("neg", "z"))]);
+        let truth = BTreeMap::from([
+            (1, gold("pos", "Good")),
+            (2, gold("pos", "x")),
+            (3, gold("neg", "y")),
+            (4, gold("neg", "z")),
+        ]);
         let preds = vec![
             (1, pred(&config, json!({"label": "pos", "why": "  good "}))),
             (2, pred(&config, json!({"label": "neg", "extra": 1}))),
@@ -224,9 +254,16 @@ mod tests {
     fn values_outside_the_config_are_wrong_not_skipped() {
         let config = LabelConfig::parse(CONFIG).unwrap();
         let truth = BTreeMap::from([(1, gold("pos", "a"))]);
-        let r = compare(&config, &truth, vec![(1, pred(&config, json!({"label": "definitely"})))]);
+        let r = compare(
+            &config,
+            &truth,
+            vec![(1, pred(&config, json!({"label": "definitely"})))],
+        );
         assert_eq!(r.field_accuracy["label"], Some(0.0));
-        assert_eq!(r.fields["label"].confusion.as_ref().unwrap()["pos"]["definitely"], 1);
+        assert_eq!(
+            r.fields["label"].confusion.as_ref().unwrap()["pos"]["definitely"],
+            1
+        );
         // p_o = 0, p_e = 1 * 0 = 0: kappa 0, no better than chance.
         assert_eq!(r.fields["label"].kappa, Some(0.0));
     }

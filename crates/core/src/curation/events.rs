@@ -42,7 +42,8 @@ impl Curation {
     /// Stores a delivery (a no-op for a body seen before) and wakes the processor.
     pub async fn ingest(&self, body: &[u8]) -> Result<Ingested, CurationError> {
         let (envelope, _) = webhook::envelope(body)?;
-        let text = std::str::from_utf8(body).map_err(|_| CurationError::Invalid("the body is not UTF-8".into()))?;
+        let text = std::str::from_utf8(body)
+            .map_err(|_| CurationError::Invalid("the body is not UTF-8".into()))?;
         let (event_id, new) = self
             .store
             .insert_webhook_event(&NewWebhookEvent {
@@ -57,7 +58,11 @@ impl Curation {
         if new {
             self.wake.notify_one();
         }
-        Ok(Ingested { status, event_id, action: envelope.action })
+        Ok(Ingested {
+            status,
+            event_id,
+            action: envelope.action,
+        })
     }
 
     /// Runs the processor until the process ends: a pass whenever an event arrives, and every
@@ -68,10 +73,15 @@ impl Curation {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                match AssertUnwindSafe(this.process_pending()).catch_unwind().await {
+                match AssertUnwindSafe(this.process_pending())
+                    .catch_unwind()
+                    .await
+                {
                     Ok(Ok(n)) if n as i64 == PASS => continue,
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "webhook processing pass failed; retrying"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "webhook processing pass failed; retrying")
+                    }
                     Err(panic) => {
                         metrics::counter!("batchlab_webhook_processor_panics_total").increment(1);
                         tracing::error!(panic = %panic_message(&*panic), "webhook processing pass panicked; retrying");
@@ -95,7 +105,12 @@ impl Curation {
         let mut train = BTreeSet::new();
         for event in &events {
             let span = tracing::info_span!("webhook_event", id = event.id, action = %event.action);
-            let applied = match AssertUnwindSafe(self.process_one(event, &mut configs).instrument(span)).catch_unwind().await {
+            let applied = match AssertUnwindSafe(
+                self.process_one(event, &mut configs).instrument(span),
+            )
+            .catch_unwind()
+            .await
+            {
                 Ok(applied) => applied?,
                 Err(panic) => {
                     // A poison event: whatever it holds, it must not stop the events behind it.
@@ -122,9 +137,16 @@ impl Curation {
             self.check_milestones(project).await?;
         }
         for project in train {
-            match self.write_export_file(project, "start_training", None).await {
-                Ok(rec) => tracing::info!(project_id = project, tasks = rec.tasks, path = %rec.path, "START_TRAINING: training data exported"),
-                Err(e) => tracing::error!(project_id = project, error = %e, "START_TRAINING export failed"),
+            match self
+                .write_export_file(project, "start_training", None)
+                .await
+            {
+                Ok(rec) => {
+                    tracing::info!(project_id = project, tasks = rec.tasks, path = %rec.path, "START_TRAINING: training data exported")
+                }
+                Err(e) => {
+                    tracing::error!(project_id = project, error = %e, "START_TRAINING export failed")
+                }
             }
         }
         if let Ok(counts) = self.store.webhook_event_counts(None).await {
@@ -146,17 +168,26 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 impl Curation {
     /// Applies one event; answers its action and project when it was applied by this call.
-    async fn process_one(&self, event: &WebhookEvent, configs: &mut ConfigCache) -> Result<Option<(Action, Option<i64>)>, CurationError> {
+    async fn process_one(
+        &self,
+        event: &WebhookEvent,
+        configs: &mut ConfigCache,
+    ) -> Result<Option<(Action, Option<i64>)>, CurationError> {
         let body: Value = match serde_json::from_str(&event.body) {
             Ok(v) => v,
             Err(e) => {
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
-                self.store.fail_event(event.id, &format!("unreadable body: {e}")).await?;
+                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error")
+                    .increment(1);
+                self.store
+                    .fail_event(event.id, &format!("unreadable body: {e}"))
+                    .await?;
                 return Ok(None);
             }
         };
         let action = Action::parse(&event.action);
-        let Some(mut tx) = self.store.begin_event(event.id, "applied").await? else { return Ok(None) };
+        let Some(mut tx) = self.store.begin_event(event.id, "applied").await? else {
+            return Ok(None);
+        };
         match apply(&mut tx, &action, &body, configs).await {
             Ok(outcome) => {
                 if outcome != "applied" {
@@ -166,14 +197,16 @@ impl Curation {
                 if let Action::Unknown(name) = &action {
                     tracing::info!(action = %name, "unknown webhook action acknowledged and ignored");
                 }
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok").increment(1);
+                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok")
+                    .increment(1);
                 Ok(Some((action, webhook::project_id(&body))))
             }
             Err(e) => {
                 drop(tx);
                 tracing::warn!(error = %e, "webhook event could not be applied");
                 self.store.fail_event(event.id, &e.to_string()).await?;
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
+                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error")
+                    .increment(1);
                 Ok(None)
             }
         }
@@ -181,14 +214,21 @@ impl Curation {
 }
 
 /// Applies one event inside its transaction; answers the outcome to record.
-async fn apply(tx: &mut CurationTx, action: &Action, body: &Value, configs: &mut ConfigCache) -> Result<String, CurationError> {
+async fn apply(
+    tx: &mut CurationTx,
+    action: &Action,
+    body: &Value,
+    configs: &mut ConfigCache,
+) -> Result<String, CurationError> {
     #[cfg(test)]
     if matches!(action, Action::Unknown(name) if name == tests::PANIC_ACTION) {
         panic!("injected by a test");
     }
     let project_id = webhook::project_id(body);
     if let Some(p) = ProjectPayload::read(body).filter(|p| !p.label_config.is_empty()) {
-        let changed = tx.upsert_project(p.id, &p.title, &p.label_config, p.updated_at_us).await?;
+        let changed = tx
+            .upsert_project(p.id, &p.title, &p.label_config, p.updated_at_us)
+            .await?;
         if changed {
             revalidate(tx, p.id, configs).await?;
         }
@@ -200,27 +240,41 @@ async fn apply(tx: &mut CurationTx, action: &Action, body: &Value, configs: &mut
             }
         }
         Action::TasksCreated => {
-            for t in webhook::items(body, "tasks").into_iter().filter_map(TaskPayload::read) {
+            for t in webhook::items(body, "tasks")
+                .into_iter()
+                .filter_map(TaskPayload::read)
+            {
                 upsert_task(tx, &t, project_id).await?;
             }
         }
         Action::TasksDeleted => {
-            let ids: Vec<i64> = webhook::items(body, "tasks").into_iter().filter_map(webhook::id_of).collect();
+            let ids: Vec<i64> = webhook::items(body, "tasks")
+                .into_iter()
+                .filter_map(webhook::id_of)
+                .collect();
             tx.delete_tasks(project_id.unwrap_or(0), &ids).await?;
         }
         Action::AnnotationCreated | Action::AnnotationsCreated | Action::AnnotationUpdated => {
-            for t in webhook::items(body, "task").into_iter().filter_map(TaskPayload::read) {
+            for t in webhook::items(body, "task")
+                .into_iter()
+                .filter_map(TaskPayload::read)
+            {
                 upsert_task(tx, &t, project_id).await?;
             }
-            let annotations: Vec<AnnotationPayload> =
-                webhook::items(body, "annotation").into_iter().filter_map(AnnotationPayload::read).collect();
+            let annotations: Vec<AnnotationPayload> = webhook::items(body, "annotation")
+                .into_iter()
+                .filter_map(AnnotationPayload::read)
+                .collect();
             if annotations.is_empty() {
                 return Ok("ignored: no annotation in the payload".into());
             }
             let mut stale = 0;
             for a in annotations {
                 let Some(project) = a.project_id.or(project_id) else {
-                    return Err(CurationError::Invalid(format!("annotation {} names no project", a.id)));
+                    return Err(CurationError::Invalid(format!(
+                        "annotation {} names no project",
+                        a.id
+                    )));
                 };
                 let config = config_for(tx, project, configs).await?;
                 let row = annotation_row(&a, project, config.as_deref());
@@ -233,8 +287,15 @@ async fn apply(tx: &mut CurationTx, action: &Action, body: &Value, configs: &mut
             }
         }
         Action::AnnotationsDeleted => {
-            let mut ids: Vec<i64> = webhook::items(body, "annotations").into_iter().filter_map(webhook::id_of).collect();
-            ids.extend(webhook::items(body, "annotation").into_iter().filter_map(webhook::id_of));
+            let mut ids: Vec<i64> = webhook::items(body, "annotations")
+                .into_iter()
+                .filter_map(webhook::id_of)
+                .collect();
+            ids.extend(
+                webhook::items(body, "annotation")
+                    .into_iter()
+                    .filter_map(webhook::id_of),
+            );
             tx.delete_annotations(project_id.unwrap_or(0), &ids).await?;
         }
         Action::ProjectCreated | Action::ProjectUpdated => {}
@@ -249,15 +310,31 @@ async fn apply(tx: &mut CurationTx, action: &Action, body: &Value, configs: &mut
     Ok("applied".into())
 }
 
-async fn upsert_task(tx: &mut CurationTx, t: &TaskPayload, project_id: Option<i64>) -> Result<(), CurationError> {
-    let (Some(data), Some(project)) = (&t.data, t.project_id.or(project_id)) else { return Ok(()) };
-    let row = TaskRow { id: t.id, project_id: project, data: data.to_string() };
+async fn upsert_task(
+    tx: &mut CurationTx,
+    t: &TaskPayload,
+    project_id: Option<i64>,
+) -> Result<(), CurationError> {
+    let (Some(data), Some(project)) = (&t.data, t.project_id.or(project_id)) else {
+        return Ok(());
+    };
+    let row = TaskRow {
+        id: t.id,
+        project_id: project,
+        data: data.to_string(),
+    };
     tx.upsert_task(&row, t.updated_at_us).await?;
     Ok(())
 }
 
-async fn config_for(tx: &mut CurationTx, project: i64, configs: &mut ConfigCache) -> Result<Option<Arc<LabelConfig>>, CurationError> {
-    let Some(xml) = tx.project_config(project).await? else { return Ok(None) };
+async fn config_for(
+    tx: &mut CurationTx,
+    project: i64,
+    configs: &mut ConfigCache,
+) -> Result<Option<Arc<LabelConfig>>, CurationError> {
+    let Some(xml) = tx.project_config(project).await? else {
+        return Ok(None);
+    };
     if let Some(cached) = configs.get(&xml) {
         return Ok(cached.clone());
     }
@@ -274,7 +351,11 @@ async fn config_for(tx: &mut CurationTx, project: i64, configs: &mut ConfigCache
 
 /// Why an annotation's result does not fit the config, if it does not. Skipped tasks are not
 /// checked: their result is empty by design.
-fn invalid_reason(result: &Value, was_cancelled: bool, config: Option<&LabelConfig>) -> Option<String> {
+fn invalid_reason(
+    result: &Value,
+    was_cancelled: bool,
+    config: Option<&LabelConfig>,
+) -> Option<String> {
     if was_cancelled {
         return None;
     }
@@ -286,7 +367,11 @@ fn invalid_reason(result: &Value, was_cancelled: bool, config: Option<&LabelConf
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
-fn annotation_row(a: &AnnotationPayload, project: i64, config: Option<&LabelConfig>) -> AnnotationRow {
+fn annotation_row(
+    a: &AnnotationPayload,
+    project: i64,
+    config: Option<&LabelConfig>,
+) -> AnnotationRow {
     let reason = invalid_reason(&a.result, a.was_cancelled, config);
     AnnotationRow {
         id: a.id,
@@ -306,7 +391,11 @@ fn annotation_row(a: &AnnotationPayload, project: i64, config: Option<&LabelConf
 }
 
 /// Checks every live annotation of a project again after its labeling config changed.
-async fn revalidate(tx: &mut CurationTx, project: i64, configs: &mut ConfigCache) -> Result<(), CurationError> {
+async fn revalidate(
+    tx: &mut CurationTx,
+    project: i64,
+    configs: &mut ConfigCache,
+) -> Result<(), CurationError> {
     let config = config_for(tx, project, configs).await?;
     for a in tx.project_annotations(project).await? {
         let result: Value = serde_json::from_str(&a.result).unwrap_or(Value::Null);
@@ -331,7 +420,10 @@ mod tests {
     pub(super) const PANIC_ACTION: &str = "BATCHLAB_TEST_PANIC";
 
     fn project_event(action: &str, id: i64, config: &str) -> Vec<u8> {
-        serde_json::to_vec(&json!({"action": action, "project": {"id": id, "title": "p", "label_config": config}})).unwrap()
+        serde_json::to_vec(
+            &json!({"action": action, "project": {"id": id, "title": "p", "label_config": config}}),
+        )
+        .unwrap()
     }
 
     const CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
@@ -344,10 +436,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let curation = Curation::new(
             db.store.clone(),
-            CurationConfig { training_dir: dir.path().into(), milestones: vec![], accuracy_every: 0 },
+            CurationConfig {
+                training_dir: dir.path().into(),
+                milestones: vec![],
+                accuracy_every: 0,
+            },
         );
-        curation.ingest(&project_event("PROJECT_CREATED", 7, CONFIG)).await.unwrap();
-        curation.ingest(&project_event(PANIC_ACTION, 7, CONFIG)).await.unwrap();
+        curation
+            .ingest(&project_event("PROJECT_CREATED", 7, CONFIG))
+            .await
+            .unwrap();
+        curation
+            .ingest(&project_event(PANIC_ACTION, 7, CONFIG))
+            .await
+            .unwrap();
         let renamed = serde_json::to_vec(&json!({"action": "PROJECT_UPDATED", "project": {"id": 7, "title": "renamed", "label_config": CONFIG}})).unwrap();
         curation.ingest(&renamed).await.unwrap();
 
@@ -361,13 +463,25 @@ mod tests {
             curation.wake.notify_one();
             tokio::task::yield_now().await;
         };
-        assert!(!processor.is_finished(), "the processor must survive a poison event");
+        assert!(
+            !processor.is_finished(),
+            "the processor must survive a poison event"
+        );
         processor.abort();
-        assert_eq!(status.title, "renamed", "the event after the poison one was applied");
+        assert_eq!(
+            status.title, "renamed",
+            "the event after the poison one was applied"
+        );
         assert_eq!(status.webhook_events.failed, 1);
         assert_eq!(status.failed_events.len(), 1);
         assert_eq!(status.failed_events[0].action, PANIC_ACTION);
-        assert!(status.failed_events[0].reason.contains("panicked while applying: injected by a test"), "{:?}", status.failed_events);
+        assert!(
+            status.failed_events[0]
+                .reason
+                .contains("panicked while applying: injected by a test"),
+            "{:?}",
+            status.failed_events
+        );
         db.cleanup().await;
     }
 
@@ -380,14 +494,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let curation = Curation::new(
             db.store.clone(),
-            CurationConfig { training_dir: dir.path().into(), milestones: vec![], accuracy_every: 0 },
+            CurationConfig {
+                training_dir: dir.path().into(),
+                milestones: vec![],
+                accuracy_every: 0,
+            },
         );
-        let deep = format!("{}<Text name=\"t\" value=\"$text\"/>{}", "<View>".repeat(20_000), "</View>".repeat(20_000));
-        curation.ingest(&project_event("PROJECT_UPDATED", 3, &deep)).await.unwrap();
+        let deep = format!(
+            "{}<Text name=\"t\" value=\"$text\"/>{}",
+            "<View>".repeat(20_000),
+            "</View>".repeat(20_000)
+        );
+        curation
+            .ingest(&project_event("PROJECT_UPDATED", 3, &deep))
+            .await
+            .unwrap();
         let annotation = json!({"action": "ANNOTATION_CREATED", "project": {"id": 3},
             "task": {"id": 1, "project": 3, "data": {"text": "x"}},
             "annotation": {"id": 1, "task": 1, "project": 3, "result": [], "was_cancelled": false}});
-        curation.ingest(&serde_json::to_vec(&annotation).unwrap()).await.unwrap();
+        curation
+            .ingest(&serde_json::to_vec(&annotation).unwrap())
+            .await
+            .unwrap();
         while curation.process_pending().await.unwrap() > 0 {}
         let status = curation.status(3).await.unwrap();
         assert_eq!(status.counts.annotations, 1);

@@ -37,7 +37,9 @@ impl FromStr for ExportFormat {
         match s {
             "json" => Ok(Self::Json),
             "jsonl-chat" => Ok(Self::JsonlChat),
-            other => Err(CurationError::Invalid(format!("unknown export format {other:?}: use json or jsonl-chat"))),
+            other => Err(CurationError::Invalid(format!(
+                "unknown export format {other:?}: use json or jsonl-chat"
+            ))),
         }
     }
 }
@@ -104,13 +106,22 @@ impl ExportCursor {
             Stage::Done => Ok(None),
             Stage::Start => {
                 self.stage = Stage::Body;
-                Ok(Some(Bytes::from_static(if self.format == ExportFormat::Json { b"[" } else { b"" })))
+                Ok(Some(Bytes::from_static(
+                    if self.format == ExportFormat::Json {
+                        b"["
+                    } else {
+                        b""
+                    },
+                )))
             }
             Stage::Body => {
                 let mut out = String::new();
                 // Pages whose tasks all filter out yield nothing; keep reading until text or the end.
                 while out.is_empty() {
-                    let tasks = self.store.tasks_page(self.project_id, self.after, PAGE).await?;
+                    let tasks = self
+                        .store
+                        .tasks_page(self.project_id, self.after, PAGE)
+                        .await?;
                     let (Some(first), Some(last)) = (tasks.first(), tasks.last()) else {
                         self.stage = Stage::Done;
                         if self.format == ExportFormat::Json {
@@ -120,23 +131,38 @@ impl ExportCursor {
                     };
                     let (first, last) = (first.id, last.id);
                     self.after = last;
-                    let annotations = self.store.annotations_in_range(self.project_id, first, last).await?;
+                    let annotations = self
+                        .store
+                        .annotations_in_range(self.project_id, first, last)
+                        .await?;
                     let predictions = match self.format {
-                        ExportFormat::Json => self.store.predictions_in_range(self.project_id, first, last).await?,
+                        ExportFormat::Json => {
+                            self.store
+                                .predictions_in_range(self.project_id, first, last)
+                                .await?
+                        }
                         ExportFormat::JsonlChat => Vec::new(),
                     };
                     for task in &tasks {
-                        let kept: Vec<&AnnotationRow> =
-                            annotations.iter().filter(|a| a.task_id == task.id && self.filter.keeps(a)).collect();
+                        let kept: Vec<&AnnotationRow> = annotations
+                            .iter()
+                            .filter(|a| a.task_id == task.id && self.filter.keeps(a))
+                            .collect();
                         if kept.is_empty() {
                             continue;
                         }
                         let line = match self.format {
                             ExportFormat::Json => {
-                                let preds: Vec<&PredictionRow> = predictions.iter().filter(|p| p.task_id == task.id).collect();
+                                let preds: Vec<&PredictionRow> = predictions
+                                    .iter()
+                                    .filter(|p| p.task_id == task.id)
+                                    .collect();
                                 Some(json_task(task, &kept, &preds))
                             }
-                            ExportFormat::JsonlChat => self.config.as_deref().and_then(|c| chat_line(c, task, &kept)),
+                            ExportFormat::JsonlChat => self
+                                .config
+                                .as_deref()
+                                .and_then(|c| chat_line(c, task, &kept)),
                         };
                         let Some(line) = line else { continue };
                         self.tasks += 1;
@@ -171,7 +197,11 @@ fn parsed(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
-fn json_task(task: &TaskRow, annotations: &[&AnnotationRow], predictions: &[&PredictionRow]) -> Value {
+fn json_task(
+    task: &TaskRow,
+    annotations: &[&AnnotationRow],
+    predictions: &[&PredictionRow],
+) -> Value {
     let annotations: Vec<Value> = annotations
         .iter()
         .map(|a| {
@@ -195,7 +225,11 @@ fn json_task(task: &TaskRow, annotations: &[&AnnotationRow], predictions: &[&Pre
 
 /// The fine-tuning line of a task: its prompt, and as the answer the ground-truth annotation
 /// (else the newest) in the shape the model is asked for. `None` when it labels nothing.
-fn chat_line(config: &LabelConfig, task: &TaskRow, annotations: &[&AnnotationRow]) -> Option<Value> {
+fn chat_line(
+    config: &LabelConfig,
+    task: &TaskRow,
+    annotations: &[&AnnotationRow],
+) -> Option<Value> {
     let best = annotations
         .iter()
         .filter(|a| !a.was_cancelled)
@@ -213,13 +247,21 @@ fn chat_line(config: &LabelConfig, task: &TaskRow, annotations: &[&AnnotationRow
     }
     let data = parsed(&task.data);
     let mut messages = prompt::messages(config, &data);
-    messages.push(prompt::Message::new("assistant", Value::Object(answer).to_string()));
+    messages.push(prompt::Message::new(
+        "assistant",
+        Value::Object(answer).to_string(),
+    ));
     Some(json!({"messages": messages}))
 }
 
 impl Curation {
     /// A cursor over a project's export; `jsonl-chat` needs the project's labeling config.
-    pub async fn export_cursor(&self, project_id: i64, format: ExportFormat, filter: ExportFilter) -> Result<ExportCursor, CurationError> {
+    pub async fn export_cursor(
+        &self,
+        project_id: i64,
+        format: ExportFormat,
+        filter: ExportFilter,
+    ) -> Result<ExportCursor, CurationError> {
         let project = self.project(project_id).await?;
         let config = match format {
             ExportFormat::Json => None,
@@ -241,9 +283,16 @@ impl Curation {
 
     /// Writes the project's curated JSON export to its training file (temp file, then rename)
     /// and records it.
-    pub async fn write_export_file(&self, project_id: i64, reason: &str, milestone: Option<i64>) -> Result<ExportRecord, CurationError> {
+    pub async fn write_export_file(
+        &self,
+        project_id: i64,
+        reason: &str,
+        milestone: Option<i64>,
+    ) -> Result<ExportRecord, CurationError> {
         let path = self.export_path(project_id);
-        let mut cursor = self.export_cursor(project_id, ExportFormat::Json, ExportFilter::default()).await?;
+        let mut cursor = self
+            .export_cursor(project_id, ExportFormat::Json, ExportFilter::default())
+            .await?;
         write_atomically(&path, &mut cursor).await?;
         let record = ExportRecord {
             project_id,
@@ -260,9 +309,18 @@ impl Curation {
 }
 
 async fn write_atomically(path: &Path, cursor: &mut ExportCursor) -> Result<(), CurationError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     tokio::fs::create_dir_all(dir).await?;
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("export"), uuid::Uuid::new_v4().simple()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("export"),
+        uuid::Uuid::new_v4().simple()
+    ));
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await?;
         while let Some(chunk) = cursor.next_chunk().await? {

@@ -51,9 +51,19 @@ impl ImportReport {
 }
 
 /// The model's answer mapped onto a config: the regions, and how many values were dropped.
-pub fn answer_regions(config: &LabelConfig, content: &str) -> Result<(Vec<Region>, u64), &'static str> {
+pub fn answer_regions(
+    config: &LabelConfig,
+    content: &str,
+) -> Result<(Vec<Region>, u64), &'static str> {
     let single = match config.controls.as_slice() {
-        [only] if matches!(only.kind, ControlKind::Choices { .. } | ControlKind::TextArea) => Some(only),
+        [only]
+            if matches!(
+                only.kind,
+                ControlKind::Choices { .. } | ControlKind::TextArea
+            ) =>
+        {
+            Some(only)
+        }
         _ => None,
     };
     let Some(object) = json_object(content) else {
@@ -65,9 +75,14 @@ pub fn answer_regions(config: &LabelConfig, content: &str) -> Result<(Vec<Region
     };
     // Regions in the config's order, whatever the answer's key order.
     let mut regions = Vec::new();
-    let mut dropped = object.keys().filter(|key| config.control(key).is_none()).count() as u64;
+    let mut dropped = object
+        .keys()
+        .filter(|key| config.control(key).is_none())
+        .count() as u64;
     for control in &config.controls {
-        let Some(value) = object.get(&control.name) else { continue };
+        let Some(value) = object.get(&control.name) else {
+            continue;
+        };
         match control.parse_answer(value) {
             Ok(v) => regions.extend(control.regions(&v, None)),
             Err(_) => dropped += 1,
@@ -96,12 +111,22 @@ fn answer_text(line: &Value) -> Option<&str> {
         return None;
     }
     let choice = response.get("body")?.get("choices")?.get(0)?;
-    choice.get("message").and_then(|m| m.get("content")).or_else(|| choice.get("text"))?.as_str()
+    choice
+        .get("message")
+        .and_then(|m| m.get("content"))
+        .or_else(|| choice.get("text"))?
+        .as_str()
 }
 
 /// Reads a JSONL blob line by line.
-async fn lines(blobs: &BlobStore, id: &str) -> Result<tokio::io::Lines<BufReader<tokio::fs::File>>, CurationError> {
-    let file = blobs.open_read(id).await.map_err(|e| CurationError::Invalid(format!("file {id}: {e}")))?;
+async fn lines(
+    blobs: &BlobStore,
+    id: &str,
+) -> Result<tokio::io::Lines<BufReader<tokio::fs::File>>, CurationError> {
+    let file = blobs
+        .open_read(id)
+        .await
+        .map_err(|e| CurationError::Invalid(format!("file {id}: {e}")))?;
     Ok(BufReader::new(file).lines())
 }
 
@@ -118,23 +143,41 @@ impl Curation {
         chunk: usize,
     ) -> Result<ImportReport, CurationError> {
         let project = client.get_project(project_id).await?;
-        let config = LabelConfig::parse(&project.label_config)
-            .map_err(|e| CurationError::LabelConfig { project: project_id, reason: e.to_string() })?;
-        self.store.ensure_project(project_id, &project.title, &project.label_config).await?;
+        let config =
+            LabelConfig::parse(&project.label_config).map_err(|e| CurationError::LabelConfig {
+                project: project_id,
+                reason: e.to_string(),
+            })?;
+        self.store
+            .ensure_project(project_id, &project.title, &project.label_config)
+            .await?;
 
         // custom_id → the request's metadata (task data); small next to the output.
         let mut inputs: HashMap<String, Map<String, Value>> = HashMap::new();
         let mut input = lines(blobs, &batch.input_file_id).await?;
         while let Some(line) = input.next_line().await? {
-            let Ok(request) = serde_json::from_str::<Value>(&line) else { continue };
-            let Some(custom_id) = request.get("custom_id").and_then(Value::as_str) else { continue };
-            let metadata = request.pointer("/body/metadata").and_then(Value::as_object).cloned().unwrap_or_default();
+            let Ok(request) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            let Some(custom_id) = request.get("custom_id").and_then(Value::as_str) else {
+                continue;
+            };
+            let metadata = request
+                .pointer("/body/metadata")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
             inputs.insert(custom_id.to_string(), metadata);
         }
 
         let model_version = format!("{}:{}", batch.model.as_deref().unwrap_or("batch"), batch.id);
         let fields = config.data_fields();
-        let mut report = ImportReport { project_id, batch_id: batch.id.clone(), model_version: model_version.clone(), ..Default::default() };
+        let mut report = ImportReport {
+            project_id,
+            batch_id: batch.id.clone(),
+            model_version: model_version.clone(),
+            ..Default::default()
+        };
         let mut pending: Vec<(Value, Option<Vec<Region>>)> = Vec::new();
         let mut output = lines(blobs, output_file_id).await?;
         while let Some(line) = output.next_line().await? {
@@ -145,7 +188,10 @@ impl Curation {
                 report.skip("unreadable_output_line");
                 continue;
             };
-            let custom_id = line.get("custom_id").and_then(Value::as_str).unwrap_or_default();
+            let custom_id = line
+                .get("custom_id")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let Some(metadata) = inputs.get(custom_id) else {
                 report.skip("no_input_line");
                 continue;
@@ -178,11 +224,27 @@ impl Curation {
             };
             pending.push((Value::Object(data), regions));
             if pending.len() >= chunk.max(1) {
-                self.send_chunk(client, project_id, &project.label_config, &model_version, &mut pending, &mut report).await?;
+                self.send_chunk(
+                    client,
+                    project_id,
+                    &project.label_config,
+                    &model_version,
+                    &mut pending,
+                    &mut report,
+                )
+                .await?;
             }
         }
         if !pending.is_empty() {
-            self.send_chunk(client, project_id, &project.label_config, &model_version, &mut pending, &mut report).await?;
+            self.send_chunk(
+                client,
+                project_id,
+                &project.label_config,
+                &model_version,
+                &mut pending,
+                &mut report,
+            )
+            .await?;
         }
         tracing::info!(project_id, batch_id = %batch.id, tasks = report.tasks, predictions = report.predictions,
             values_dropped = report.values_dropped, "batch results imported into Label Studio");
@@ -240,7 +302,8 @@ impl Curation {
 mod tests {
     use super::*;
 
-    const CANDIDATE: &str = include_str!("../../../../config/label-configs/candidate-evaluation.xml");
+    const CANDIDATE: &str =
+        include_str!("../../../../config/label-configs/candidate-evaluation.xml");
 
     #[test]
     fn json_answers_map_onto_the_config_and_strays_are_counted() {
@@ -250,8 +313,14 @@ mod tests {
         let names: Vec<&str> = regions.iter().map(|r| r.from_name.as_str()).collect();
         assert_eq!(names, ["recommendation", "reasoning"]);
         assert_eq!(regions[0].value, json!({"choices": ["yes"]}));
-        assert_eq!(dropped, 2, "a value outside the choices and a key outside the config");
-        assert_eq!(answer_regions(&config, "strong yes"), Err("unparseable_answer"));
+        assert_eq!(
+            dropped, 2,
+            "a value outside the choices and a key outside the config"
+        );
+        assert_eq!(
+            answer_regions(&config, "strong yes"),
+            Err("unparseable_answer")
+        );
     }
 
     #[test]

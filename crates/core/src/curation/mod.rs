@@ -19,7 +19,10 @@ use crate::config::CurationConfig;
 use crate::labelstudio::config::{LabelConfig, LabelConfigError};
 use crate::labelstudio::region::{field_values, FieldValue, Region};
 use crate::labelstudio::webhook::WebhookError;
-use crate::store::{AnnotationCounts, ExportRecord, FailedWebhookEvent, ProjectRow, Store, StoreError, WebhookEventCounts};
+use crate::store::{
+    AnnotationCounts, ExportRecord, FailedWebhookEvent, ProjectRow, Store, StoreError,
+    WebhookEventCounts,
+};
 
 pub use events::Ingested;
 
@@ -97,7 +100,11 @@ pub struct ProjectStatus {
 impl Curation {
     /// A curation service over `store`.
     pub fn new(store: Store, config: CurationConfig) -> Curation {
-        Curation { store, config: Arc::new(config), wake: Arc::new(Notify::new()) }
+        Curation {
+            store,
+            config: Arc::new(config),
+            wake: Arc::new(Notify::new()),
+        }
     }
 
     /// The store it works on.
@@ -107,21 +114,33 @@ impl Curation {
 
     /// A project batchlab has heard of, or [`CurationError::UnknownProject`].
     pub async fn project(&self, id: i64) -> Result<ProjectRow, CurationError> {
-        self.store.get_project(id).await?.ok_or(CurationError::UnknownProject(id))
+        self.store
+            .get_project(id)
+            .await?
+            .ok_or(CurationError::UnknownProject(id))
     }
 
     /// A project's parsed labeling config.
     pub async fn label_config(&self, project: &ProjectRow) -> Result<LabelConfig, CurationError> {
         if project.label_config.is_empty() {
-            return Err(CurationError::LabelConfig { project: project.id, reason: "its labeling config is not known yet".into() });
+            return Err(CurationError::LabelConfig {
+                project: project.id,
+                reason: "its labeling config is not known yet".into(),
+            });
         }
-        LabelConfig::parse(&project.label_config)
-            .map_err(|e: LabelConfigError| CurationError::LabelConfig { project: project.id, reason: e.to_string() })
+        LabelConfig::parse(&project.label_config).map_err(|e: LabelConfigError| {
+            CurationError::LabelConfig {
+                project: project.id,
+                reason: e.to_string(),
+            }
+        })
     }
 
     /// Where a project's export file goes.
     pub fn export_path(&self, project_id: i64) -> PathBuf {
-        self.config.training_dir.join(format!("project_{project_id}_export.json"))
+        self.config
+            .training_dir
+            .join(format!("project_{project_id}_export.json"))
     }
 
     /// Counts, milestones, exports, invalid annotations and accuracy history of a project.
@@ -157,7 +176,11 @@ impl Curation {
     }
 
     /// Ground truth of a project: task id → field → value.
-    pub async fn ground_truth_values(&self, project_id: i64, config: &LabelConfig) -> Result<BTreeMap<i64, BTreeMap<String, FieldValue>>, CurationError> {
+    pub async fn ground_truth_values(
+        &self,
+        project_id: i64,
+        config: &LabelConfig,
+    ) -> Result<BTreeMap<i64, BTreeMap<String, FieldValue>>, CurationError> {
         let rows = self.store.ground_truth(project_id).await?;
         Ok(rows
             .iter()
@@ -169,29 +192,61 @@ impl Curation {
     }
 
     /// Accuracy of predictions given as `{task_id, prediction: {field: value}}`.
-    pub async fn accuracy_of(&self, project_id: i64, predictions: &[(i64, serde_json::Map<String, Value>)]) -> Result<accuracy::AccuracyReport, CurationError> {
+    pub async fn accuracy_of(
+        &self,
+        project_id: i64,
+        predictions: &[(i64, serde_json::Map<String, Value>)],
+    ) -> Result<accuracy::AccuracyReport, CurationError> {
         let project = self.project(project_id).await?;
         let config = self.label_config(&project).await?;
         let truth = self.ground_truth_values(project_id, &config).await?;
         let preds = predictions.iter().map(|(task, fields)| {
-            (*task, fields.iter().map(|(k, v)| (k.clone(), accuracy::Answer::from_json(&config, k, v))).collect())
+            (
+                *task,
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), accuracy::Answer::from_json(&config, k, v)))
+                    .collect(),
+            )
         });
         Ok(accuracy::compare(&config, &truth, preds))
     }
 
     /// Accuracy of the predictions batchlab stored for a project, per model version.
-    pub async fn stored_accuracy(&self, project_id: i64) -> Result<BTreeMap<String, accuracy::AccuracyReport>, CurationError> {
+    pub async fn stored_accuracy(
+        &self,
+        project_id: i64,
+    ) -> Result<BTreeMap<String, accuracy::AccuracyReport>, CurationError> {
         let project = self.project(project_id).await?;
         let config = self.label_config(&project).await?;
         let truth = self.ground_truth_values(project_id, &config).await?;
-        let mut by_version: BTreeMap<String, BTreeMap<i64, BTreeMap<String, Option<accuracy::Answer>>>> = BTreeMap::new();
-        for p in self.store.predictions_in_range(project_id, i64::MIN, i64::MAX).await? {
-            let Ok(regions) = serde_json::from_str::<Vec<Region>>(&p.result) else { continue };
-            let answers = field_values(&config, &regions).iter().map(|(k, v)| (k.clone(), Some(accuracy::Answer::of(v)))).collect();
+        let mut by_version: BTreeMap<
+            String,
+            BTreeMap<i64, BTreeMap<String, Option<accuracy::Answer>>>,
+        > = BTreeMap::new();
+        for p in self
+            .store
+            .predictions_in_range(project_id, i64::MIN, i64::MAX)
+            .await?
+        {
+            let Ok(regions) = serde_json::from_str::<Vec<Region>>(&p.result) else {
+                continue;
+            };
+            let answers = field_values(&config, &regions)
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(accuracy::Answer::of(v))))
+                .collect();
             // One prediction per task and version: the first stored wins.
-            by_version.entry(p.model_version).or_default().entry(p.task_id).or_insert(answers);
+            by_version
+                .entry(p.model_version)
+                .or_default()
+                .entry(p.task_id)
+                .or_insert(answers);
         }
-        Ok(by_version.into_iter().map(|(version, preds)| (version, accuracy::compare(&config, &truth, preds))).collect())
+        Ok(by_version
+            .into_iter()
+            .map(|(version, preds)| (version, accuracy::compare(&config, &truth, preds)))
+            .collect())
     }
 
     /// After annotations changed: writes each milestone's export once, and keeps an accuracy
@@ -199,14 +254,33 @@ impl Curation {
     pub async fn check_milestones(&self, project_id: i64) -> Result<(), CurationError> {
         let counts = self.store.annotation_counts(project_id).await?;
         let path = self.export_path(project_id);
-        for &m in self.config.milestones.iter().filter(|&&m| m > 0 && m as i64 <= counts.valid) {
+        for &m in self
+            .config
+            .milestones
+            .iter()
+            .filter(|&&m| m > 0 && m as i64 <= counts.valid)
+        {
             let m = m as i64;
-            if !self.store.claim_milestone(project_id, m, &path.display().to_string(), STALE_CLAIM_SECONDS).await? {
+            if !self
+                .store
+                .claim_milestone(
+                    project_id,
+                    m,
+                    &path.display().to_string(),
+                    STALE_CLAIM_SECONDS,
+                )
+                .await?
+            {
                 continue;
             }
-            match self.write_export_file(project_id, "milestone", Some(m)).await {
-                Ok(rec) => tracing::info!(project_id, milestone = m, tasks = rec.tasks, annotations = rec.annotations,
-                    path = %rec.path, "milestone reached: training data exported"),
+            match self
+                .write_export_file(project_id, "milestone", Some(m))
+                .await
+            {
+                Ok(rec) => {
+                    tracing::info!(project_id, milestone = m, tasks = rec.tasks, annotations = rec.annotations,
+                    path = %rec.path, "milestone reached: training data exported")
+                }
                 Err(e) => {
                     tracing::error!(project_id, milestone = m, error = %e, "milestone export failed; will retry");
                     self.store.release_milestone(project_id, m).await?;
@@ -216,7 +290,12 @@ impl Curation {
         let every = self.config.accuracy_every as i64;
         if every > 0 && counts.valid >= every {
             let checkpoint = counts.valid / every * every;
-            let known = self.store.accuracy_records(project_id).await?.iter().any(|r| r.checkpoint == checkpoint);
+            let known = self
+                .store
+                .accuracy_records(project_id)
+                .await?
+                .iter()
+                .any(|r| r.checkpoint == checkpoint);
             if !known {
                 match self.stored_accuracy(project_id).await {
                     Ok(reports) => {
@@ -225,11 +304,17 @@ impl Curation {
                             .map(|(v, r)| (v, serde_json::json!({"overall_accuracy": r.overall_accuracy, "field_accuracy": r.field_accuracy, "counts": r.counts})))
                             .collect();
                         let text = serde_json::to_string(&summary).unwrap_or_else(|_| "{}".into());
-                        if self.store.insert_accuracy_record(project_id, checkpoint, &text).await? {
+                        if self
+                            .store
+                            .insert_accuracy_record(project_id, checkpoint, &text)
+                            .await?
+                        {
                             tracing::info!(project_id, checkpoint, "accuracy recorded");
                         }
                     }
-                    Err(e) => tracing::warn!(project_id, checkpoint, error = %e, "accuracy record skipped"),
+                    Err(e) => {
+                        tracing::warn!(project_id, checkpoint, error = %e, "accuracy record skipped")
+                    }
                 }
             }
         }

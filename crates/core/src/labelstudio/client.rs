@@ -212,7 +212,14 @@ impl std::fmt::Debug for WebhookSpec {
 impl WebhookSpec {
     /// Every action, with payloads, active, with `headers`.
     pub fn all_actions(project: i64, url: &str, headers: serde_json::Map<String, Value>) -> Self {
-        Self { project, url: url.to_string(), send_payload: true, send_for_all_actions: true, headers, is_active: true }
+        Self {
+            project,
+            url: url.to_string(),
+            send_payload: true,
+            send_for_all_actions: true,
+            headers,
+            is_active: true,
+        }
     }
 }
 
@@ -221,7 +228,10 @@ enum Auth {
     /// `Authorization: Token <key>`.
     Legacy(String),
     /// A personal access token (JWT refresh token) and the access token last obtained with it.
-    Personal { refresh: String, access: Mutex<Option<String>> },
+    Personal {
+        refresh: String,
+        access: Mutex<Option<String>>,
+    },
 }
 
 /// A client of one Label Studio instance. Cheap to clone; clones share the connection pool and
@@ -239,7 +249,10 @@ impl std::fmt::Debug for LabelStudioClient {
             Auth::Legacy(_) => "legacy token",
             Auth::Personal { .. } => "personal access token",
         };
-        f.debug_struct("LabelStudioClient").field("base", &self.base).field("auth", &kind).finish()
+        f.debug_struct("LabelStudioClient")
+            .field("base", &self.base)
+            .field("auth", &kind)
+            .finish()
     }
 }
 
@@ -301,16 +314,24 @@ impl LabelStudioClient {
     /// access token), with `timeout` for every call.
     pub fn new(base_url: &str, api_key: &str, timeout: Duration) -> Result<Self, LabelStudioError> {
         let base = base_url.trim_end_matches('/').to_string();
-        let parsed = reqwest::Url::parse(&base).map_err(|e| LabelStudioError::Config(format!("base URL {base_url:?}: {e}")))?;
+        let parsed = reqwest::Url::parse(&base)
+            .map_err(|e| LabelStudioError::Config(format!("base URL {base_url:?}: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(LabelStudioError::Config(format!("base URL {base_url:?} is not http(s)")));
+            return Err(LabelStudioError::Config(format!(
+                "base URL {base_url:?} is not http(s)"
+            )));
         }
         let key = api_key.trim();
         if key.is_empty() {
-            return Err(LabelStudioError::Auth("no API key: set LABEL_STUDIO_API_KEY".into()));
+            return Err(LabelStudioError::Auth(
+                "no API key: set LABEL_STUDIO_API_KEY".into(),
+            ));
         }
         let auth = if is_jwt(key) {
-            Auth::Personal { refresh: key.to_string(), access: Mutex::new(None) }
+            Auth::Personal {
+                refresh: key.to_string(),
+                access: Mutex::new(None),
+            }
         } else {
             Auth::Legacy(key.to_string())
         };
@@ -320,7 +341,11 @@ impl LabelStudioClient {
             .user_agent(concat!("batchlab/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| LabelStudioError::Config(e.to_string()))?;
-        Ok(Self { http, base, auth: Arc::new(auth) })
+        Ok(Self {
+            http,
+            base,
+            auth: Arc::new(auth),
+        })
     }
 
     /// A client from the `[label_studio]` configuration; an `Auth` error when no key is set.
@@ -340,9 +365,19 @@ impl LabelStudioClient {
     }
 
     /// Exchanges the personal access token for a fresh access token and caches it.
-    async fn refresh_access(&self, refresh: &str, cache: &Mutex<Option<String>>) -> Result<String, LabelStudioError> {
+    async fn refresh_access(
+        &self,
+        refresh: &str,
+        cache: &Mutex<Option<String>>,
+    ) -> Result<String, LabelStudioError> {
         let url = format!("{}/api/token/refresh/", self.base);
-        let response = self.http.post(&url).json(&json!({"refresh": refresh})).send().await.map_err(transport)?;
+        let response = self
+            .http
+            .post(&url)
+            .json(&json!({"refresh": refresh}))
+            .send()
+            .await
+            .map_err(transport)?;
         let status = response.status();
         let text = response.text().await.map_err(transport)?;
         if !status.is_success() {
@@ -355,7 +390,12 @@ impl LabelStudioClient {
         let access = serde_json::from_str::<Value>(&text)
             .ok()
             .and_then(|v| v.get("access").and_then(Value::as_str).map(str::to_string))
-            .ok_or_else(|| LabelStudioError::Decode(format!("/api/token/refresh/ answered without `access`: {}", truncate(&text))))?;
+            .ok_or_else(|| {
+                LabelStudioError::Decode(format!(
+                    "/api/token/refresh/ answered without `access`: {}",
+                    truncate(&text)
+                ))
+            })?;
         *cache.lock().await = Some(access.clone());
         Ok(access)
     }
@@ -365,7 +405,11 @@ impl LabelStudioClient {
         match &*self.auth {
             Auth::Legacy(key) => Ok(format!("Token {key}")),
             Auth::Personal { refresh, access } => {
-                let cached = if force_refresh { None } else { access.lock().await.clone() };
+                let cached = if force_refresh {
+                    None
+                } else {
+                    access.lock().await.clone()
+                };
                 let token = match cached {
                     Some(t) => t,
                     None => self.refresh_access(refresh, access).await?,
@@ -377,12 +421,21 @@ impl LabelStudioClient {
 
     /// Sends one request; with a personal access token a 401 refreshes the access token and
     /// retries once. Non-success answers become errors; the success body is returned as text.
-    async fn send(&self, method: Method, path: &str, query: &[(&str, String)], body: Option<&Value>) -> Result<String, LabelStudioError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<String, LabelStudioError> {
         let url = format!("{}{}", self.base, path);
         let mut refreshed = false;
         loop {
             let authorization = self.authorization(refreshed).await?;
-            let mut request = self.http.request(method.clone(), &url).header(reqwest::header::AUTHORIZATION, authorization);
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .header(reqwest::header::AUTHORIZATION, authorization);
             if !query.is_empty() {
                 request = request.query(query);
             }
@@ -398,18 +451,32 @@ impl LabelStudioClient {
                     refreshed = true;
                     continue;
                 }
-                return Err(LabelStudioError::Auth(format!("{path} answered 401: {}", truncate(&text))));
+                return Err(LabelStudioError::Auth(format!(
+                    "{path} answered 401: {}",
+                    truncate(&text)
+                )));
             }
             if !status.is_success() {
-                return Err(LabelStudioError::Status { status: status.as_u16(), path: path.to_string(), body: truncate(&text) });
+                return Err(LabelStudioError::Status {
+                    status: status.as_u16(),
+                    path: path.to_string(),
+                    body: truncate(&text),
+                });
             }
             return Ok(text);
         }
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, query: &[(&str, String)], body: Option<&Value>) -> Result<T, LabelStudioError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<T, LabelStudioError> {
         let text = self.send(method, path, query, body).await?;
-        serde_json::from_str(&text).map_err(|e| LabelStudioError::Decode(format!("{path}: {e}: {}", truncate(&text))))
+        serde_json::from_str(&text)
+            .map_err(|e| LabelStudioError::Decode(format!("{path}: {e}: {}", truncate(&text))))
     }
 
     fn to_value<T: Serialize>(v: &T) -> Result<Value, LabelStudioError> {
@@ -422,39 +489,77 @@ impl LabelStudioClient {
     /// `GET /api/projects/{id}/`.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn get_project(&self, id: i64) -> Result<LsProject, LabelStudioError> {
-        self.call(Method::GET, &format!("/api/projects/{id}/"), &[], None).await
+        self.call(Method::GET, &format!("/api/projects/{id}/"), &[], None)
+            .await
     }
 
     /// The project titled exactly `title` (the lowest id if several are), or `None`.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn find_project(&self, title: &str) -> Result<Option<LsProject>, LabelStudioError> {
-        let query = [("title", title.to_string()), ("page_size", PAGE_SIZE.to_string())];
-        let listing: Listing<LsProject> = self.call(Method::GET, "/api/projects/", &query, None).await?;
-        Ok(listing.into_vec().into_iter().filter(|p| p.title == title).min_by_key(|p| p.id))
+        let query = [
+            ("title", title.to_string()),
+            ("page_size", PAGE_SIZE.to_string()),
+        ];
+        let listing: Listing<LsProject> = self
+            .call(Method::GET, "/api/projects/", &query, None)
+            .await?;
+        Ok(listing
+            .into_vec()
+            .into_iter()
+            .filter(|p| p.title == title)
+            .min_by_key(|p| p.id))
     }
 
     /// `POST /api/projects/`: a new project.
     #[tracing::instrument(skip(self, label_config, description), err(Display))]
-    pub async fn create_project(&self, title: &str, label_config: &str, description: &str) -> Result<LsProject, LabelStudioError> {
-        let body = json!({"title": title, "label_config": label_config, "description": description});
-        self.call(Method::POST, "/api/projects/", &[], Some(&body)).await
+    pub async fn create_project(
+        &self,
+        title: &str,
+        label_config: &str,
+        description: &str,
+    ) -> Result<LsProject, LabelStudioError> {
+        let body =
+            json!({"title": title, "label_config": label_config, "description": description});
+        self.call(Method::POST, "/api/projects/", &[], Some(&body))
+            .await
     }
 
     /// `PATCH /api/projects/{id}/` with a new labeling config (Label Studio refuses, 400, a
     /// config that existing annotations would violate).
     #[tracing::instrument(skip(self, label_config), err(Display))]
-    pub async fn update_project_config(&self, id: i64, label_config: &str) -> Result<LsProject, LabelStudioError> {
+    pub async fn update_project_config(
+        &self,
+        id: i64,
+        label_config: &str,
+    ) -> Result<LsProject, LabelStudioError> {
         let body = json!({"label_config": label_config});
-        self.call(Method::PATCH, &format!("/api/projects/{id}/"), &[], Some(&body)).await
+        self.call(
+            Method::PATCH,
+            &format!("/api/projects/{id}/"),
+            &[],
+            Some(&body),
+        )
+        .await
     }
 
     /// `POST /api/projects/{id}/import?return_task_ids=true`: imports `tasks` (each
     /// `{"data", "predictions"}`) in one synchronous call.
     #[tracing::instrument(skip(self, tasks), fields(tasks = tasks.len()), err(Display))]
-    pub async fn import_tasks(&self, project: i64, tasks: &[Value]) -> Result<ImportResult, LabelStudioError> {
+    pub async fn import_tasks(
+        &self,
+        project: i64,
+        tasks: &[Value],
+    ) -> Result<ImportResult, LabelStudioError> {
         let body = Value::Array(tasks.to_vec());
         let path = format!("/api/projects/{project}/import");
-        let result: ImportResult = self.call(Method::POST, &path, &[("return_task_ids", "true".into())], Some(&body)).await?;
+        let result: ImportResult = self
+            .call(
+                Method::POST,
+                &path,
+                &[("return_task_ids", "true".into())],
+                Some(&body),
+            )
+            .await?;
         if result.task_ids.len() as u64 != result.task_count {
             return Err(LabelStudioError::Decode(format!(
                 "{path}: {} tasks imported but {} task ids returned (an asynchronous import?)",
@@ -471,29 +576,60 @@ impl LabelStudioClient {
     /// `GET /api/ml/?project=N`: the project's ML backends. Label Studio re-checks each one's
     /// health and setup while listing, so `state` is current.
     #[tracing::instrument(skip(self), err(Display))]
-    pub async fn list_ml_backends(&self, project: i64) -> Result<Vec<LsMlBackend>, LabelStudioError> {
-        let listing: Listing<LsMlBackend> = self.call(Method::GET, "/api/ml/", &[("project", project.to_string())], None).await?;
+    pub async fn list_ml_backends(
+        &self,
+        project: i64,
+    ) -> Result<Vec<LsMlBackend>, LabelStudioError> {
+        let listing: Listing<LsMlBackend> = self
+            .call(
+                Method::GET,
+                "/api/ml/",
+                &[("project", project.to_string())],
+                None,
+            )
+            .await?;
         Ok(listing.into_vec())
     }
 
     /// `POST /api/ml/`: connects an ML backend (Label Studio calls its `/health` and `/setup`
     /// first and refuses the URL if they fail).
     #[tracing::instrument(skip(self), err(Display))]
-    pub async fn create_ml_backend(&self, spec: &MlBackendSpec) -> Result<LsMlBackend, LabelStudioError> {
-        self.call(Method::POST, "/api/ml/", &[], Some(&Self::to_value(spec)?)).await
+    pub async fn create_ml_backend(
+        &self,
+        spec: &MlBackendSpec,
+    ) -> Result<LsMlBackend, LabelStudioError> {
+        self.call(Method::POST, "/api/ml/", &[], Some(&Self::to_value(spec)?))
+            .await
     }
 
     /// `PATCH /api/ml/{id}` (no trailing slash): changes an ML backend; the spec always carries
     /// `url` and `project`, without which Label Studio 1.23 answers 500.
     #[tracing::instrument(skip(self), err(Display))]
-    pub async fn update_ml_backend(&self, id: i64, spec: &MlBackendSpec) -> Result<LsMlBackend, LabelStudioError> {
-        self.call(Method::PATCH, &format!("/api/ml/{id}"), &[], Some(&Self::to_value(spec)?)).await
+    pub async fn update_ml_backend(
+        &self,
+        id: i64,
+        spec: &MlBackendSpec,
+    ) -> Result<LsMlBackend, LabelStudioError> {
+        self.call(
+            Method::PATCH,
+            &format!("/api/ml/{id}"),
+            &[],
+            Some(&Self::to_value(spec)?),
+        )
+        .await
     }
 
     /// `POST /api/ml/{id}/train`: Label Studio sends START_TRAINING to the backend's `/webhook`.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn train_ml_backend(&self, id: i64) -> Result<Value, LabelStudioError> {
-        let text = self.send(Method::POST, &format!("/api/ml/{id}/train"), &[], Some(&json!({}))).await?;
+        let text = self
+            .send(
+                Method::POST,
+                &format!("/api/ml/{id}/train"),
+                &[],
+                Some(&json!({})),
+            )
+            .await?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
@@ -503,22 +639,48 @@ impl LabelStudioClient {
     /// `GET /api/webhooks/?project=N`: the project's webhooks.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn list_webhooks(&self, project: i64) -> Result<Vec<LsWebhook>, LabelStudioError> {
-        let listing: Listing<LsWebhook> =
-            self.call(Method::GET, "/api/webhooks/", &[("project", project.to_string())], None).await?;
+        let listing: Listing<LsWebhook> = self
+            .call(
+                Method::GET,
+                "/api/webhooks/",
+                &[("project", project.to_string())],
+                None,
+            )
+            .await?;
         // Older versions ignore the filter; keep only this project's.
-        Ok(listing.into_vec().into_iter().filter(|w| w.project == Some(project)).collect())
+        Ok(listing
+            .into_vec()
+            .into_iter()
+            .filter(|w| w.project == Some(project))
+            .collect())
     }
 
     /// `POST /api/webhooks/`: registers a webhook.
     #[tracing::instrument(skip(self, spec), fields(project = spec.project, url = %spec.url), err(Display))]
     pub async fn create_webhook(&self, spec: &WebhookSpec) -> Result<LsWebhook, LabelStudioError> {
-        self.call(Method::POST, "/api/webhooks/", &[], Some(&Self::to_value(spec)?)).await
+        self.call(
+            Method::POST,
+            "/api/webhooks/",
+            &[],
+            Some(&Self::to_value(spec)?),
+        )
+        .await
     }
 
     /// `PATCH /api/webhooks/{id}/`: rewrites a webhook's URL, flags and headers.
     #[tracing::instrument(skip(self, spec), fields(project = spec.project, url = %spec.url), err(Display))]
-    pub async fn update_webhook(&self, id: i64, spec: &WebhookSpec) -> Result<LsWebhook, LabelStudioError> {
-        self.call(Method::PATCH, &format!("/api/webhooks/{id}/"), &[], Some(&Self::to_value(spec)?)).await
+    pub async fn update_webhook(
+        &self,
+        id: i64,
+        spec: &WebhookSpec,
+    ) -> Result<LsWebhook, LabelStudioError> {
+        self.call(
+            Method::PATCH,
+            &format!("/api/webhooks/{id}/"),
+            &[],
+            Some(&Self::to_value(spec)?),
+        )
+        .await
     }
 
     // ---------------------------------------------------------------------------------------
@@ -545,9 +707,17 @@ impl LabelStudioClient {
                 Value::Array(items) => items,
                 Value::Object(mut o) => match o.remove("tasks").or_else(|| o.remove("results")) {
                     Some(Value::Array(items)) => items,
-                    _ => return Err(LabelStudioError::Decode("/api/tasks/: no `tasks` list".into())),
+                    _ => {
+                        return Err(LabelStudioError::Decode(
+                            "/api/tasks/: no `tasks` list".into(),
+                        ))
+                    }
                 },
-                _ => return Err(LabelStudioError::Decode("/api/tasks/: not a JSON object".into())),
+                _ => {
+                    return Err(LabelStudioError::Decode(
+                        "/api/tasks/: not a JSON object".into(),
+                    ))
+                }
             };
             let last = batch.len() < PAGE_SIZE;
             tasks.extend(batch);
@@ -561,20 +731,47 @@ impl LabelStudioClient {
     /// `POST /api/tasks/{id}/annotations/` with `{"result", "was_cancelled", "ground_truth",
     /// "lead_time"}`: the created annotation.
     #[tracing::instrument(skip(self, annotation), err(Display))]
-    pub async fn create_annotation(&self, task: i64, annotation: &Value) -> Result<Value, LabelStudioError> {
-        self.call(Method::POST, &format!("/api/tasks/{task}/annotations/"), &[], Some(annotation)).await
+    pub async fn create_annotation(
+        &self,
+        task: i64,
+        annotation: &Value,
+    ) -> Result<Value, LabelStudioError> {
+        self.call(
+            Method::POST,
+            &format!("/api/tasks/{task}/annotations/"),
+            &[],
+            Some(annotation),
+        )
+        .await
     }
 
     /// `PATCH /api/annotations/{id}/` (a new `result`, or `{"ground_truth": true}`).
     #[tracing::instrument(skip(self, changes), err(Display))]
-    pub async fn update_annotation(&self, id: i64, changes: &Value) -> Result<Value, LabelStudioError> {
-        self.call(Method::PATCH, &format!("/api/annotations/{id}/"), &[], Some(changes)).await
+    pub async fn update_annotation(
+        &self,
+        id: i64,
+        changes: &Value,
+    ) -> Result<Value, LabelStudioError> {
+        self.call(
+            Method::PATCH,
+            &format!("/api/annotations/{id}/"),
+            &[],
+            Some(changes),
+        )
+        .await
     }
 
     /// `DELETE /api/annotations/{id}/`.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn delete_annotation(&self, id: i64) -> Result<(), LabelStudioError> {
-        self.send(Method::DELETE, &format!("/api/annotations/{id}/"), &[], None).await.map(|_| ())
+        self.send(
+            Method::DELETE,
+            &format!("/api/annotations/{id}/"),
+            &[],
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -584,7 +781,12 @@ mod tests {
 
     fn jwt(payload: &str) -> String {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!("{}.{}.{}", e.encode(r#"{"alg":"HS256","typ":"JWT"}"#), e.encode(payload), e.encode("signature"))
+        format!(
+            "{}.{}.{}",
+            e.encode(r#"{"alg":"HS256","typ":"JWT"}"#),
+            e.encode(payload),
+            e.encode("signature")
+        )
     }
 
     #[test]
@@ -599,15 +801,31 @@ mod tests {
     #[test]
     fn keys_choose_the_auth_scheme_and_empty_keys_are_refused() {
         let t = Duration::from_secs(5);
-        let legacy = LabelStudioClient::new("http://127.0.0.1:1/", "0123456789abcdef0123456789abcdef01234567", t).unwrap();
+        let legacy = LabelStudioClient::new(
+            "http://127.0.0.1:1/",
+            "0123456789abcdef0123456789abcdef01234567",
+            t,
+        )
+        .unwrap();
         assert!(!legacy.uses_personal_access_token());
         assert_eq!(legacy.base_url(), "http://127.0.0.1:1");
-        let pat = LabelStudioClient::new("http://127.0.0.1:1", &jwt(r#"{"token_type":"refresh"}"#), t).unwrap();
+        let pat =
+            LabelStudioClient::new("http://127.0.0.1:1", &jwt(r#"{"token_type":"refresh"}"#), t)
+                .unwrap();
         assert!(pat.uses_personal_access_token());
-        assert!(matches!(LabelStudioClient::new("http://x", " ", t), Err(LabelStudioError::Auth(_))));
-        assert!(matches!(LabelStudioClient::new("not a url", "k", t), Err(LabelStudioError::Config(_))));
+        assert!(matches!(
+            LabelStudioClient::new("http://x", " ", t),
+            Err(LabelStudioError::Auth(_))
+        ));
+        assert!(matches!(
+            LabelStudioClient::new("not a url", "k", t),
+            Err(LabelStudioError::Config(_))
+        ));
         let config = crate::config::LabelStudioConfig::default();
-        assert!(matches!(LabelStudioClient::from_config(&config), Err(LabelStudioError::Auth(_))));
+        assert!(matches!(
+            LabelStudioClient::from_config(&config),
+            Err(LabelStudioError::Auth(_))
+        ));
     }
 
     #[test]

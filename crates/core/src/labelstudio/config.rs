@@ -192,7 +192,10 @@ fn nothing_to_predict(unsupported: &[String]) -> String {
     if unsupported.is_empty() {
         "labeling config has no control tag batchlab can predict (Choices, TextArea, Rating, Number, Labels)".into()
     } else {
-        format!("labeling config has no control tag batchlab can predict; unsupported: {}", unsupported.join(", "))
+        format!(
+            "labeling config has no control tag batchlab can predict; unsupported: {}",
+            unsupported.join(", ")
+        )
     }
 }
 
@@ -206,7 +209,8 @@ const FOREIGN_OBJECTS: &[&str] = &[
 impl LabelConfig {
     /// Parses a labeling config, case-insensitive in tag and attribute names.
     pub fn parse(xml: &str) -> Result<LabelConfig, LabelConfigError> {
-        let doc = roxmltree::Document::parse(xml).map_err(|e| LabelConfigError::Xml(e.to_string()))?;
+        let doc =
+            roxmltree::Document::parse(xml).map_err(|e| LabelConfigError::Xml(e.to_string()))?;
         let root = doc.root_element();
         if !root.tag_name().name().eq_ignore_ascii_case("view") {
             return Err(LabelConfigError::NoView);
@@ -248,7 +252,11 @@ impl LabelConfig {
         for region in result {
             let name = region.from_name.as_str();
             let Some(control) = self.control(name) else {
-                if !self.unsupported.iter().any(|u| u.name.as_deref() == Some(name)) {
+                if !self
+                    .unsupported
+                    .iter()
+                    .any(|u| u.name.as_deref() == Some(name))
+                {
                     problems.push(format!("{name}: not a control of this labeling config"));
                 }
                 continue;
@@ -269,7 +277,10 @@ impl LabelConfig {
             if count == 0 && control.required {
                 problems.push(format!("{}: required but missing", control.name));
             }
-            let single = !matches!(control.kind, ControlKind::Labels { .. } | ControlKind::TextArea);
+            let single = !matches!(
+                control.kind,
+                ControlKind::Labels { .. } | ControlKind::TextArea
+            );
             if count > 1 && single {
                 problems.push(format!("{}: {count} regions, expected one", control.name));
             }
@@ -335,7 +346,9 @@ impl ControlTag {
                 let picked = self.parse_choices(options, *multiple, answer)?;
                 match picked.len() {
                     0 => Err(format!("{name}: no choice given")),
-                    n if n > 1 && !multiple => Err(format!("{name}: {n} choices given, only one allowed")),
+                    n if n > 1 && !multiple => {
+                        Err(format!("{name}: {n} choices given, only one allowed"))
+                    }
                     _ => Ok(FieldValue::Choices(picked)),
                 }
             }
@@ -349,31 +362,43 @@ impl ControlTag {
                 _ => Err(format!("{name}: expected text, got {}", short(answer))),
             },
             ControlKind::Rating { max } => {
-                let n =
-                    answer_number(answer).ok_or_else(|| format!("{name}: expected a rating, got {}", short(answer)))?;
+                let n = answer_number(answer)
+                    .ok_or_else(|| format!("{name}: expected a rating, got {}", short(answer)))?;
                 if n.fract() != 0.0 || n < 1.0 || n > f64::from(*max) {
-                    return Err(format!("{name}: rating {n} is not a whole number from 1 to {max}"));
+                    return Err(format!(
+                        "{name}: rating {n} is not a whole number from 1 to {max}"
+                    ));
                 }
                 Ok(FieldValue::Rating(n as u32))
             }
             ControlKind::Number { min, max } => {
-                let n =
-                    answer_number(answer).ok_or_else(|| format!("{name}: expected a number, got {}", short(answer)))?;
+                let n = answer_number(answer)
+                    .ok_or_else(|| format!("{name}: expected a number, got {}", short(answer)))?;
                 match number_problem(n, *min, *max) {
                     Some(problem) => Err(format!("{name}: {problem}")),
                     None => Ok(FieldValue::Number(n)),
                 }
             }
-            ControlKind::Labels { labels } => self.parse_spans(labels, answer).map(FieldValue::Spans),
+            ControlKind::Labels { labels } => {
+                self.parse_spans(labels, answer).map(FieldValue::Spans)
+            }
         }
     }
 
-    fn parse_choices(&self, options: &[String], multiple: bool, answer: &Value) -> Result<Vec<String>, String> {
+    fn parse_choices(
+        &self,
+        options: &[String],
+        multiple: bool,
+        answer: &Value,
+    ) -> Result<Vec<String>, String> {
         let name = &self.name;
         let items: Vec<String> = match answer {
             Value::String(s) => {
                 if multiple && match_option(options, s).is_none() && s.contains(',') {
-                    s.split(',').map(str::to_owned).filter(|p| !p.trim().is_empty()).collect()
+                    s.split(',')
+                        .map(str::to_owned)
+                        .filter(|p| !p.trim().is_empty())
+                        .collect()
                 } else {
                     vec![s.clone()]
                 }
@@ -411,19 +436,37 @@ impl ControlTag {
             Value::Array(entries) => entries,
             Value::Object(map) => match map.get("spans").or_else(|| map.get("labels")) {
                 Some(Value::Array(entries)) => entries,
-                _ => return Err(format!("{name}: expected a list of spans, got {}", short(answer))),
+                _ => {
+                    return Err(format!(
+                        "{name}: expected a list of spans, got {}",
+                        short(answer)
+                    ))
+                }
             },
-            _ => return Err(format!("{name}: expected a list of spans, got {}", short(answer))),
+            _ => {
+                return Err(format!(
+                    "{name}: expected a list of spans, got {}",
+                    short(answer)
+                ))
+            }
         };
         let mut spans = Vec::new();
         for entry in entries {
-            let bad = || format!("{name}: expected {{\"start\", \"end\", \"label\"}}, got {}", short(entry));
+            let bad = || {
+                format!(
+                    "{name}: expected {{\"start\", \"end\", \"label\"}}, got {}",
+                    short(entry)
+                )
+            };
             let start = entry.get("start").and_then(offset).ok_or_else(bad)?;
             let end = entry.get("end").and_then(offset).ok_or_else(bad)?;
             if start >= end {
                 return Err(format!("{name}: span {start}-{end} is empty or reversed"));
             }
-            let text = entry.get("text").and_then(Value::as_str).unwrap_or_default();
+            let text = entry
+                .get("text")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let given: Vec<String> = match entry.get("label").or_else(|| entry.get("labels")) {
                 Some(Value::String(label)) => vec![label.clone()],
                 Some(list @ Value::Array(_)) => string_list(list).ok_or_else(bad)?,
@@ -433,9 +476,18 @@ impl ControlTag {
                 return Err(bad());
             }
             for label in &given {
-                let label = match_option(labels, label)
-                    .ok_or_else(|| format!("{name}: label {label:?} is not one of {}", labels.join(", ")))?;
-                spans.push(Span { start, end, text: text.to_owned(), label: label.clone() });
+                let label = match_option(labels, label).ok_or_else(|| {
+                    format!(
+                        "{name}: label {label:?} is not one of {}",
+                        labels.join(", ")
+                    )
+                })?;
+                spans.push(Span {
+                    start,
+                    end,
+                    text: text.to_owned(),
+                    label: label.clone(),
+                });
             }
         }
         Ok(spans)
@@ -450,7 +502,12 @@ impl ControlTag {
         self.regions(value, score)
             .into_iter()
             .next()
-            .unwrap_or_else(|| self.make_region(json!({"start": 0, "end": 0, "text": "", "labels": []}), score))
+            .unwrap_or_else(|| {
+                self.make_region(
+                    json!({"start": 0, "end": 0, "text": "", "labels": []}),
+                    score,
+                )
+            })
     }
 
     /// The Label Studio regions for a value: one per span for Spans (none for no spans), a single
@@ -498,10 +555,16 @@ impl ControlTag {
                     problems.push(format!("{name}: no choice selected"));
                 }
                 if choices.len() > 1 && !multiple {
-                    problems.push(format!("{name}: {} choices on a single-choice control", choices.len()));
+                    problems.push(format!(
+                        "{name}: {} choices on a single-choice control",
+                        choices.len()
+                    ));
                 }
                 for choice in choices.iter().filter(|c| !options.contains(c)) {
-                    problems.push(format!("{name}: {choice:?} is not one of {}", options.join(", ")));
+                    problems.push(format!(
+                        "{name}: {choice:?} is not one of {}",
+                        options.join(", ")
+                    ));
                 }
             }
             ControlKind::TextArea => {
@@ -530,16 +593,25 @@ impl ControlTag {
                         problems.push(format!("{name}: span {start}-{end} is empty or reversed"));
                     }
                     (Some(_), Some(_)) => {}
-                    _ => problems.push(format!("{name}: value has no integer \"start\" and \"end\"")),
+                    _ => problems.push(format!(
+                        "{name}: value has no integer \"start\" and \"end\""
+                    )),
                 }
                 match value.get("labels").and_then(string_list) {
-                    Some(given) if given.is_empty() => problems.push(format!("{name}: span has no label")),
+                    Some(given) if given.is_empty() => {
+                        problems.push(format!("{name}: span has no label"))
+                    }
                     Some(given) => {
                         for label in given.iter().filter(|l| !labels.contains(l)) {
-                            problems.push(format!("{name}: label {label:?} is not one of {}", labels.join(", ")));
+                            problems.push(format!(
+                                "{name}: label {label:?} is not one of {}",
+                                labels.join(", ")
+                            ));
                         }
                     }
-                    None => problems.push(format!("{name}: value has no \"labels\" list of strings")),
+                    None => {
+                        problems.push(format!("{name}: value has no \"labels\" list of strings"))
+                    }
                 }
             }
         }
@@ -604,7 +676,11 @@ fn short(value: &Value) -> String {
 
 /// An attribute by name, matched exactly first and then ignoring ASCII case.
 fn attr<'a>(node: Node<'a, '_>, name: &str) -> Option<&'a str> {
-    node.attribute(name).or_else(|| node.attributes().find(|a| a.name().eq_ignore_ascii_case(name)).map(|a| a.value()))
+    node.attribute(name).or_else(|| {
+        node.attributes()
+            .find(|a| a.name().eq_ignore_ascii_case(name))
+            .map(|a| a.value())
+    })
 }
 
 /// `attr="true"`, case-insensitively.
@@ -642,12 +718,21 @@ struct Walk {
 
 impl Walk {
     /// Walks the element children of `node`, which sits `depth` levels below the document.
-    fn children(&mut self, node: Node<'_, '_>, conditional: bool, depth: usize) -> Result<(), LabelConfigError> {
+    fn children(
+        &mut self,
+        node: Node<'_, '_>,
+        conditional: bool,
+        depth: usize,
+    ) -> Result<(), LabelConfigError> {
         if depth >= MAX_DEPTH && node.children().any(|c| c.is_element()) {
             return Err(LabelConfigError::TooDeep { limit: MAX_DEPTH });
         }
         for child in node.children().filter(Node::is_element) {
-            self.element(child, conditional || attr(child, "visibleWhen").is_some(), depth + 1)?;
+            self.element(
+                child,
+                conditional || attr(child, "visibleWhen").is_some(),
+                depth + 1,
+            )?;
         }
         Ok(())
     }
@@ -659,7 +744,12 @@ impl Walk {
         Ok(())
     }
 
-    fn element(&mut self, node: Node<'_, '_>, conditional: bool, depth: usize) -> Result<(), LabelConfigError> {
+    fn element(
+        &mut self,
+        node: Node<'_, '_>,
+        conditional: bool,
+        depth: usize,
+    ) -> Result<(), LabelConfigError> {
         let tag = node.tag_name().name().to_ascii_lowercase();
         let missing = |attribute: &str| LabelConfigError::MissingAttribute {
             tag: describe(node),
@@ -683,18 +773,29 @@ impl Walk {
                     (None, _) => return Err(missing("value")),
                 };
                 self.claim(&name)?;
-                let variable = value.trim().strip_prefix('$').filter(|v| !v.is_empty()).map(str::to_owned);
+                let variable = value
+                    .trim()
+                    .strip_prefix('$')
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned);
                 self.header = match kind {
                     ObjectKind::Header if variable.is_none() && !value.trim().is_empty() => {
                         Some(value.trim().to_owned())
                     }
                     _ => None,
                 };
-                self.objects.push(ObjectTag { name, kind, value, variable });
+                self.objects.push(ObjectTag {
+                    name,
+                    kind,
+                    value,
+                    variable,
+                });
             }
             "choices" | "textarea" | "rating" | "number" | "labels" => {
                 let header = self.header.take();
-                let name = attr(node, "name").ok_or_else(|| missing("name"))?.to_owned();
+                let name = attr(node, "name")
+                    .ok_or_else(|| missing("name"))?
+                    .to_owned();
                 self.claim(&name)?;
                 let to_name: Vec<String> = attr(node, "toName")
                     .ok_or_else(|| missing("toName"))?
@@ -707,26 +808,40 @@ impl Walk {
                 }
                 let dynamic = attr(node, "value").is_some_and(|v| v.trim().starts_with('$'));
                 if flag(node, "perRegion") || dynamic {
-                    self.unsupported.push(UnsupportedTag { tag: node.tag_name().name().to_owned(), name: Some(name) });
+                    self.unsupported.push(UnsupportedTag {
+                        tag: node.tag_name().name().to_owned(),
+                        name: Some(name),
+                    });
                     return Ok(());
                 }
                 let kind = control_kind(node, &tag)?;
-                let description =
-                    [header, attr(node, "hint").map(str::to_owned), attr(node, "placeholder").map(str::to_owned)]
-                        .into_iter()
-                        .flatten()
-                        .map(|d| d.trim().to_owned())
-                        .filter(|d| !d.is_empty())
-                        .fold(Vec::<String>::new(), |mut parts, d| {
-                            if !parts.contains(&d) {
-                                parts.push(d);
-                            }
-                            parts
-                        });
+                let description = [
+                    header,
+                    attr(node, "hint").map(str::to_owned),
+                    attr(node, "placeholder").map(str::to_owned),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|d| d.trim().to_owned())
+                .filter(|d| !d.is_empty())
+                .fold(Vec::<String>::new(), |mut parts, d| {
+                    if !parts.contains(&d) {
+                        parts.push(d);
+                    }
+                    parts
+                });
                 let description = (!description.is_empty()).then(|| description.join(" — "));
-                let control =
-                    ControlTag { name, to_name, kind, required: flag(node, "required") && !conditional, description };
-                self.controls.push(Found { control, tag: node.tag_name().name().to_owned() });
+                let control = ControlTag {
+                    name,
+                    to_name,
+                    kind,
+                    required: flag(node, "required") && !conditional,
+                    description,
+                };
+                self.controls.push(Found {
+                    control,
+                    tag: node.tag_name().name().to_owned(),
+                });
             }
             _ if FOREIGN_OBJECTS.contains(&tag.as_str()) => {
                 self.header = None;
@@ -741,7 +856,10 @@ impl Walk {
                 if let Some(name) = &name {
                     self.claim(name)?;
                 }
-                self.unsupported.push(UnsupportedTag { tag: node.tag_name().name().to_owned(), name });
+                self.unsupported.push(UnsupportedTag {
+                    tag: node.tag_name().name().to_owned(),
+                    name,
+                });
             }
             _ => self.children(node, conditional, depth)?,
         }
@@ -751,14 +869,22 @@ impl Walk {
     /// Checks every control's targets; controls on objects batchlab does not read, and span
     /// labels on anything but `Text`, become unsupported.
     fn finish(self) -> Result<LabelConfig, LabelConfigError> {
-        let Walk { objects, foreign, controls: found, mut unsupported, .. } = self;
+        let Walk {
+            objects,
+            foreign,
+            controls: found,
+            mut unsupported,
+            ..
+        } = self;
         let mut controls = Vec::new();
         for Found { control, tag } in found {
             let mut readable = true;
             for target in &control.to_name {
                 match objects.iter().find(|o| &o.name == target) {
                     Some(object) => {
-                        if matches!(control.kind, ControlKind::Labels { .. }) && object.kind != ObjectKind::Text {
+                        if matches!(control.kind, ControlKind::Labels { .. })
+                            && object.kind != ObjectKind::Text
+                        {
                             readable = false;
                         }
                     }
@@ -774,10 +900,17 @@ impl Walk {
             if readable {
                 controls.push(control);
             } else {
-                unsupported.push(UnsupportedTag { tag, name: Some(control.name) });
+                unsupported.push(UnsupportedTag {
+                    tag,
+                    name: Some(control.name),
+                });
             }
         }
-        Ok(LabelConfig { objects, controls, unsupported })
+        Ok(LabelConfig {
+            objects,
+            controls,
+            unsupported,
+        })
     }
 }
 
@@ -797,12 +930,19 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
                 attr(d, "value")
                     .or_else(|| attr(d, "alias"))
                     .map(str::to_owned)
-                    .or_else(|| d.text().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
+                    .or_else(|| {
+                        d.text()
+                            .map(|t| t.trim().to_owned())
+                            .filter(|t| !t.is_empty())
+                    })
             })
             .take(MAX_OPTIONS + 1)
             .collect();
         if options.len() > MAX_OPTIONS {
-            return Err(LabelConfigError::TooManyOptions { control: name(), limit: MAX_OPTIONS });
+            return Err(LabelConfigError::TooManyOptions {
+                control: name(),
+                limit: MAX_OPTIONS,
+            });
         }
         Ok(options)
     };
@@ -812,7 +952,8 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
             if options.is_empty() {
                 return Err(LabelConfigError::NoOptions(name()));
             }
-            let multiple = attr(node, "choice").is_some_and(|c| c.trim().eq_ignore_ascii_case("multiple"));
+            let multiple =
+                attr(node, "choice").is_some_and(|c| c.trim().eq_ignore_ascii_case("multiple"));
             ControlKind::Choices { options, multiple }
         }
         "labels" => {
@@ -825,9 +966,12 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
         "rating" => {
             let max = match attr(node, "maxRating") {
                 None => 5,
-                Some(raw) => {
-                    raw.trim().parse::<u32>().ok().filter(|m| *m >= 1).ok_or_else(|| invalid("maxRating", raw))?
-                }
+                Some(raw) => raw
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|m| *m >= 1)
+                    .ok_or_else(|| invalid("maxRating", raw))?,
             };
             ControlKind::Rating { max }
         }
@@ -845,7 +989,10 @@ fn control_kind(node: Node<'_, '_>, tag: &str) -> Result<ControlKind, LabelConfi
                         .ok_or_else(|| invalid(attribute, raw)),
                 }
             };
-            ControlKind::Number { min: bound("min")?, max: bound("max")? }
+            ControlKind::Number {
+                min: bound("min")?,
+                max: bound("max")?,
+            }
         }
         _ => ControlKind::TextArea,
     })
@@ -863,7 +1010,9 @@ mod tests {
     }
 
     fn candidate_config() -> LabelConfig {
-        let xml = std::fs::read_to_string(repo().join("config/label-configs/candidate-evaluation.xml")).expect("fixture");
+        let xml =
+            std::fs::read_to_string(repo().join("config/label-configs/candidate-evaluation.xml"))
+                .expect("fixture");
         LabelConfig::parse(&xml).expect("candidate-evaluation parses")
     }
 
@@ -897,18 +1046,25 @@ mod tests {
             .filter(|c| matches!(&c.kind, ControlKind::Choices { options, multiple: false } if options.len() == 5))
             .collect();
         assert_eq!(choices.len(), 3);
-        assert!(choices.iter().all(|c| c.required && c.to_name == ["candidate_name"]));
+        assert!(choices
+            .iter()
+            .all(|c| c.required && c.to_name == ["candidate_name"]));
         assert_eq!(
             config.control("recommendation").unwrap().kind,
             ControlKind::Choices {
-                options: ["strong_yes", "yes", "maybe", "no", "strong_no"].map(String::from).to_vec(),
+                options: ["strong_yes", "yes", "maybe", "no", "strong_no"]
+                    .map(String::from)
+                    .to_vec(),
                 multiple: false
             }
         );
         let reasoning = config.control("reasoning").unwrap();
         assert_eq!(reasoning.kind, ControlKind::TextArea);
         assert!(!reasoning.required);
-        assert_eq!(reasoning.description.as_deref(), Some("Explain your evaluation..."));
+        assert_eq!(
+            reasoning.description.as_deref(),
+            Some("Explain your evaluation...")
+        );
         assert_eq!(reasoning.type_name(), "textarea");
         assert_eq!(config.controls.len(), 4);
 
@@ -926,9 +1082,16 @@ mod tests {
                 ("candidate_company", Some("company"))
             ]
         );
-        let headers: Vec<&ObjectTag> = config.objects.iter().filter(|o| o.kind == ObjectKind::Header).collect();
+        let headers: Vec<&ObjectTag> = config
+            .objects
+            .iter()
+            .filter(|o| o.kind == ObjectKind::Header)
+            .collect();
         assert_eq!(headers.len(), 1);
-        assert_eq!((headers[0].name.as_str(), headers[0].value.as_str()), ("", "Candidate Evaluation"));
+        assert_eq!(
+            (headers[0].name.as_str(), headers[0].value.as_str()),
+            ("", "Candidate Evaluation")
+        );
         assert_eq!(headers[0].variable, None);
         assert_eq!(config.data_fields(), ["name", "title", "company"]);
         assert!(config.unsupported.is_empty());
@@ -939,13 +1102,20 @@ mod tests {
 
     /// Every labeling config (`label_config`, `schema`) and every `result` list in a JSON value,
     /// with the JSON path of each result.
-    fn collect(value: &Value, path: &str, configs: &mut Vec<String>, results: &mut Vec<(String, Value)>) {
+    fn collect(
+        value: &Value,
+        path: &str,
+        configs: &mut Vec<String>,
+        results: &mut Vec<(String, Value)>,
+    ) {
         match value {
             Value::Object(map) => {
                 for (key, item) in map {
                     let here = format!("{path}.{key}");
                     match (key.as_str(), item) {
-                        ("label_config" | "schema", Value::String(xml)) => configs.push(xml.clone()),
+                        ("label_config" | "schema", Value::String(xml)) => {
+                            configs.push(xml.clone())
+                        }
                         ("result", Value::Array(_)) => results.push((here.clone(), item.clone())),
                         _ => {}
                     }
@@ -964,7 +1134,9 @@ mod tests {
     #[test]
     fn every_fixture_config_and_result_parses_and_validates() {
         let dir = repo().join("tests/fixtures/label-studio-1.23");
-        let project: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("project.json")).unwrap()).unwrap();
+        let project: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("project.json")).unwrap())
+                .unwrap();
         let project_config = LabelConfig::parse(project["label_config"].as_str().unwrap()).unwrap();
 
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -976,7 +1148,8 @@ mod tests {
         assert!(files.len() > 40, "fixtures missing from {}", dir.display());
         let (mut n_configs, mut n_results, mut n_checked) = (0, 0, 0);
         for file in &files {
-            let json: Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            let json: Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
             let (mut configs, mut results) = (Vec::new(), Vec::new());
             collect(&json, "", &mut configs, &mut results);
             let name = file.file_name().unwrap().to_string_lossy();
@@ -990,22 +1163,32 @@ mod tests {
             n_configs += configs.len();
             let config = parsed.first().unwrap_or(&project_config);
             for (path, result) in results {
-                let regions: Vec<Region> =
-                    serde_json::from_value(result.clone()).unwrap_or_else(|e| panic!("{name}{path}: {e}"));
+                let regions: Vec<Region> = serde_json::from_value(result.clone())
+                    .unwrap_or_else(|e| panic!("{name}{path}: {e}"));
                 n_results += 1;
                 // An annotation or prediction; interactive `params.context.result` is a partial draft.
                 if path.contains("annotation") || path.contains("prediction") {
-                    assert_eq!(config.validate_result(&regions), Vec::<String>::new(), "{name}{path}");
+                    assert_eq!(
+                        config.validate_result(&regions),
+                        Vec::<String>::new(),
+                        "{name}{path}"
+                    );
                     let values = field_values(config, &regions);
                     assert_eq!(values.len(), regions.len(), "{name}{path}");
                     // Regions rebuilt from the values read back to the same values.
                     let rebuilt: Vec<Region> = values
                         .iter()
-                        .flat_map(|(control, value)| config.control(control).unwrap().regions(value, None))
+                        .flat_map(|(control, value)| {
+                            config.control(control).unwrap().regions(value, None)
+                        })
                         .collect();
                     assert_eq!(field_values(config, &rebuilt), values, "{name}{path}");
                     // Serialising a region gives the JSON it came from.
-                    assert_eq!(serde_json::to_value(&regions).unwrap(), result, "{name}{path}");
+                    assert_eq!(
+                        serde_json::to_value(&regions).unwrap(),
+                        result,
+                        "{name}{path}"
+                    );
                     n_checked += 1;
                 }
             }
@@ -1029,19 +1212,35 @@ mod tests {
         };
         let cases: Vec<(Vec<Region>, Vec<&str>)> = vec![
             (
-                with(region("recommendation", "choices", json!({"choices": ["maybe_not"]}))),
-                vec![r#"recommendation: "maybe_not" is not one of strong_yes, yes, maybe, no, strong_no"#],
+                with(region(
+                    "recommendation",
+                    "choices",
+                    json!({"choices": ["maybe_not"]}),
+                )),
+                vec![
+                    r#"recommendation: "maybe_not" is not one of strong_yes, yes, maybe, no, strong_no"#,
+                ],
             ),
             (
                 with(region("verdict", "choices", json!({"choices": ["yes"]}))),
                 vec!["verdict: not a control of this labeling config"],
             ),
             (
-                with(region("recommendation", "textarea", json!({"text": ["yes"]}))),
-                vec![r#"recommendation: region type "textarea" does not match the control (expected "choices")"#],
+                with(region(
+                    "recommendation",
+                    "textarea",
+                    json!({"text": ["yes"]}),
+                )),
+                vec![
+                    r#"recommendation: region type "textarea" does not match the control (expected "choices")"#,
+                ],
             ),
             (
-                with(region("recommendation", "choices", json!({"choices": ["yes", "no"]}))),
+                with(region(
+                    "recommendation",
+                    "choices",
+                    json!({"choices": ["yes", "no"]}),
+                )),
                 vec!["recommendation: 2 choices on a single-choice control"],
             ),
             (
@@ -1049,23 +1248,47 @@ mod tests {
                 vec!["recommendation: no choice selected"],
             ),
             (
-                with(region("recommendation", "choices", json!({"choice": "yes"}))),
+                with(region(
+                    "recommendation",
+                    "choices",
+                    json!({"choice": "yes"}),
+                )),
                 vec![r#"recommendation: value has no "choices" list of strings"#],
             ),
             (
-                with(region("reasoning", "textarea", json!({"text": "not a list"}))),
+                with(region(
+                    "reasoning",
+                    "textarea",
+                    json!({"text": "not a list"}),
+                )),
                 vec![r#"reasoning: value has no "text" list of strings"#],
             ),
             (
-                [valid_candidate_result(), vec![region("recommendation", "choices", json!({"choices": ["no"]}))]]
-                    .concat(),
+                [
+                    valid_candidate_result(),
+                    vec![region(
+                        "recommendation",
+                        "choices",
+                        json!({"choices": ["no"]}),
+                    )],
+                ]
+                .concat(),
                 vec!["recommendation: 2 regions, expected one"],
             ),
             (
-                valid_candidate_result().into_iter().filter(|r| r.from_name != "pedigree_rating").collect(),
+                valid_candidate_result()
+                    .into_iter()
+                    .filter(|r| r.from_name != "pedigree_rating")
+                    .collect(),
                 vec!["pedigree_rating: required but missing"],
             ),
-            (valid_candidate_result().into_iter().filter(|r| r.from_name != "reasoning").collect(), vec![]),
+            (
+                valid_candidate_result()
+                    .into_iter()
+                    .filter(|r| r.from_name != "reasoning")
+                    .collect(),
+                vec![],
+            ),
             (
                 vec![],
                 vec![
@@ -1106,18 +1329,38 @@ mod tests {
         let topics = config.control("topics").unwrap();
         assert_eq!(
             topics.kind,
-            ControlKind::Choices { options: ["Sports", "Politics", "Tech"].map(String::from).to_vec(), multiple: true }
+            ControlKind::Choices {
+                options: ["Sports", "Politics", "Tech"].map(String::from).to_vec(),
+                multiple: true
+            }
         );
-        assert_eq!(topics.description.as_deref(), Some("Which topics apply? — pick all that fit"));
+        assert_eq!(
+            topics.description.as_deref(),
+            Some("Which topics apply? — pick all that fit")
+        );
         let quality = config.control("quality").unwrap();
         assert_eq!(quality.kind, ControlKind::Rating { max: 3 });
         assert!(quality.required && quality.description.is_none());
         let count = config.control("count").unwrap();
-        assert_eq!(count.kind, ControlKind::Number { min: Some(0.0), max: Some(10.0) });
+        assert_eq!(
+            count.kind,
+            ControlKind::Number {
+                min: Some(0.0),
+                max: Some(10.0)
+            }
+        );
         let ner = config.control("ner").unwrap();
-        assert_eq!(ner.kind, ControlKind::Labels { labels: vec!["PER".into(), "LOC".into()] });
+        assert_eq!(
+            ner.kind,
+            ControlKind::Labels {
+                labels: vec!["PER".into(), "LOC".into()]
+            }
+        );
         let why = config.control("why").unwrap();
-        assert!(!why.required, "a conditionally shown control cannot be required of every annotation");
+        assert!(
+            !why.required,
+            "a conditionally shown control cannot be required of every annotation"
+        );
 
         let answers = [
             ("topics", json!(["tech", "Sports."])),
@@ -1134,15 +1377,25 @@ mod tests {
         let mut expected = BTreeMap::new();
         for (name, answer) in answers {
             let control = config.control(name).unwrap();
-            let value = control.parse_answer(&answer).unwrap_or_else(|e| panic!("{e}"));
+            let value = control
+                .parse_answer(&answer)
+                .unwrap_or_else(|e| panic!("{e}"));
             result.extend(control.regions(&value, Some(0.5)));
             expected.insert(name.to_owned(), value);
         }
-        assert_eq!(expected["topics"], FieldValue::Choices(vec!["Sports".into(), "Tech".into()]));
+        assert_eq!(
+            expected["topics"],
+            FieldValue::Choices(vec!["Sports".into(), "Tech".into()])
+        );
         assert_eq!(expected["count"], FieldValue::Number(7.0));
-        assert_eq!(expected["why"], FieldValue::Text("line one\nline two".into()));
+        assert_eq!(
+            expected["why"],
+            FieldValue::Text("line one\nline two".into())
+        );
         assert_eq!(result.len(), 6, "one region per span");
-        assert!(result.iter().all(|r| r.to_name == "body" && r.score == Some(0.5)));
+        assert!(result
+            .iter()
+            .all(|r| r.to_name == "body" && r.score == Some(0.5)));
         assert_eq!(config.validate_result(&result), Vec::<String>::new());
         assert_eq!(field_values(&config, &result), expected);
         let number = result.iter().find(|r| r.kind == "number").unwrap();
@@ -1151,34 +1404,61 @@ mod tests {
         // The values' JSON reads back through parse_answer to the same values.
         for (name, value) in &expected {
             let control = config.control(name).unwrap();
-            assert_eq!(&control.parse_answer(&value.to_json(control)).unwrap(), value, "{name}");
+            assert_eq!(
+                &control.parse_answer(&value.to_json(control)).unwrap(),
+                value,
+                "{name}"
+            );
         }
 
         // Out-of-range and unknown answers.
-        assert!(quality.parse_answer(&json!(4)).unwrap_err().contains("quality"));
+        assert!(quality
+            .parse_answer(&json!(4))
+            .unwrap_err()
+            .contains("quality"));
         assert!(quality.parse_answer(&json!(0)).is_err());
         assert!(quality.parse_answer(&json!(2.5)).is_err());
-        assert!(count.parse_answer(&json!(11)).unwrap_err().contains("maximum"));
+        assert!(count
+            .parse_answer(&json!(11))
+            .unwrap_err()
+            .contains("maximum"));
         assert!(count.parse_answer(&json!("lots")).is_err());
-        assert!(ner.parse_answer(&json!([{"start": 3, "end": 3, "label": "PER"}])).is_err());
+        assert!(ner
+            .parse_answer(&json!([{"start": 3, "end": 3, "label": "PER"}]))
+            .is_err());
         assert_eq!(
-            ner.parse_answer(&json!([{"start": 0, "end": 3, "label": "ORG"}])).unwrap_err(),
+            ner.parse_answer(&json!([{"start": 0, "end": 3, "label": "ORG"}]))
+                .unwrap_err(),
             r#"ner: label "ORG" is not one of PER, LOC"#
         );
-        assert_eq!(ner.parse_answer(&json!([])).unwrap(), FieldValue::Spans(vec![]));
+        assert_eq!(
+            ner.parse_answer(&json!([])).unwrap(),
+            FieldValue::Spans(vec![])
+        );
         assert_eq!(
             topics.parse_answer(&json!("Sports, tech")).unwrap(),
             FieldValue::Choices(vec!["Sports".into(), "Tech".into()])
         );
 
         // Invalid regions for these controls.
-        let bad = |name: &str, kind: &str, value: Value| Region { to_name: "body".into(), ..region(name, kind, value) };
+        let bad = |name: &str, kind: &str, value: Value| Region {
+            to_name: "body".into(),
+            ..region(name, kind, value)
+        };
         let invalid = vec![
             bad("quality", "rating", json!({"rating": 4})),
             bad("count", "number", json!({"number": -1})),
             bad("count", "number", json!({"number": "three"})),
-            bad("ner", "labels", json!({"start": 5, "end": 2, "labels": ["MISC"]})),
-            bad("topics", "choices", json!({"choices": ["Sports", "Cooking"]})),
+            bad(
+                "ner",
+                "labels",
+                json!({"start": 5, "end": 2, "labels": ["MISC"]}),
+            ),
+            bad(
+                "topics",
+                "choices",
+                json!({"choices": ["Sports", "Cooking"]}),
+            ),
         ];
         assert_eq!(
             config.validate_result(&invalid),
@@ -1199,20 +1479,37 @@ mod tests {
         let config = candidate_config();
         let recommendation = config.control("recommendation").unwrap();
         let yes = FieldValue::Choices(vec!["yes".into()]);
-        for answer in
-            [json!("yes"), json!("Yes"), json!(" yes. "), json!("\"YES\""), json!(["yes"]), json!({"choices": ["yes"]})]
-        {
-            assert_eq!(recommendation.parse_answer(&answer).unwrap(), yes, "{answer}");
+        for answer in [
+            json!("yes"),
+            json!("Yes"),
+            json!(" yes. "),
+            json!("\"YES\""),
+            json!(["yes"]),
+            json!({"choices": ["yes"]}),
+        ] {
+            assert_eq!(
+                recommendation.parse_answer(&answer).unwrap(),
+                yes,
+                "{answer}"
+            );
         }
         assert_eq!(
-            recommendation.parse_answer(&json!("definitely")).unwrap_err(),
+            recommendation
+                .parse_answer(&json!("definitely"))
+                .unwrap_err(),
             r#"recommendation: "definitely" is not one of strong_yes, yes, maybe, no, strong_no"#
         );
-        assert!(recommendation.parse_answer(&json!(["yes", "no"])).unwrap_err().contains("only one"));
+        assert!(recommendation
+            .parse_answer(&json!(["yes", "no"]))
+            .unwrap_err()
+            .contains("only one"));
         assert!(recommendation.parse_answer(&json!([])).is_err());
         assert!(recommendation.parse_answer(&json!(null)).is_err());
         let reasoning = config.control("reasoning").unwrap();
-        assert_eq!(reasoning.parse_answer(&json!("fine")).unwrap(), FieldValue::Text("fine".into()));
+        assert_eq!(
+            reasoning.parse_answer(&json!("fine")).unwrap(),
+            FieldValue::Text("fine".into())
+        );
         assert!(reasoning.parse_answer(&json!({"x": 1})).is_err());
     }
 
@@ -1241,8 +1538,14 @@ mod tests {
         assert!(config.validate_result(&result).is_empty());
         assert_eq!(field_values(&config, &result), expected);
         let reasoning = config.control("reasoning").unwrap();
-        assert_eq!(expected["recommendation"].to_json(config.control("recommendation").unwrap()), json!("strong_yes"));
-        assert_eq!(expected["reasoning"].to_json(reasoning), json!("Strong record."));
+        assert_eq!(
+            expected["recommendation"].to_json(config.control("recommendation").unwrap()),
+            json!("strong_yes")
+        );
+        assert_eq!(
+            expected["reasoning"].to_json(reasoning),
+            json!("Strong record.")
+        );
     }
 
     #[test]
@@ -1255,13 +1558,24 @@ mod tests {
         assert!(image_only.controls.is_empty() && image_only.objects.is_empty());
         assert_eq!(
             image_only.unsupported,
-            [UnsupportedTag { tag: "RectangleLabels".into(), name: Some("box".into()) }]
+            [UnsupportedTag {
+                tag: "RectangleLabels".into(),
+                name: Some("box".into())
+            }]
         );
         let err = image_only.require_predictable().unwrap_err();
-        assert_eq!(err, LabelConfigError::NothingToPredict { unsupported: vec!["RectangleLabels".into()] });
+        assert_eq!(
+            err,
+            LabelConfigError::NothingToPredict {
+                unsupported: vec!["RectangleLabels".into()]
+            }
+        );
         assert!(err.to_string().contains("RectangleLabels"), "{err}");
         // Regions of unsupported controls are not this module's to judge.
-        let rect = Region { kind: "rectanglelabels".into(), ..region("box", "rectanglelabels", json!({})) };
+        let rect = Region {
+            kind: "rectanglelabels".into(),
+            ..region("box", "rectanglelabels", json!({}))
+        };
         assert!(image_only.validate_result(&[rect]).is_empty());
 
         let partly = LabelConfig::parse(
@@ -1279,10 +1593,20 @@ mod tests {
         assert_eq!(partly.controls.len(), 1);
         assert_eq!(partly.control("summary").unwrap().to_name, ["t", "h"]);
         let summary = partly.control("summary").unwrap();
-        assert_eq!(summary.region(&FieldValue::Text("s".into()), None).to_name, "t,h");
-        let mut unsupported: Vec<&str> = partly.unsupported.iter().filter_map(|u| u.name.as_deref()).collect();
+        assert_eq!(
+            summary.region(&FieldValue::Text("s".into()), None).to_name,
+            "t,h"
+        );
+        let mut unsupported: Vec<&str> = partly
+            .unsupported
+            .iter()
+            .filter_map(|u| u.name.as_deref())
+            .collect();
         unsupported.sort_unstable();
-        assert_eq!(unsupported, ["dynamic", "html_spans", "on_image", "per_region", "tax"]);
+        assert_eq!(
+            unsupported,
+            ["dynamic", "html_spans", "on_image", "per_region", "tax"]
+        );
         assert!(partly.require_predictable().is_ok());
         assert_eq!(partly.data_fields(), ["text", "html"]);
 
@@ -1290,15 +1614,28 @@ mod tests {
             LabelConfig::parse("<View><Text name=\"t\" value=\"$t\"></View>"),
             Err(LabelConfigError::Xml(_))
         ));
-        assert!(matches!(LabelConfig::parse("not xml at all"), Err(LabelConfigError::Xml(_))));
-        assert_eq!(LabelConfig::parse("<Panel/>"), Err(LabelConfigError::NoView));
+        assert!(matches!(
+            LabelConfig::parse("not xml at all"),
+            Err(LabelConfigError::Xml(_))
+        ));
         assert_eq!(
-            LabelConfig::parse(r#"<View><Text name="t" value="$a"/><Text name="t" value="$b"/></View>"#),
+            LabelConfig::parse("<Panel/>"),
+            Err(LabelConfigError::NoView)
+        );
+        assert_eq!(
+            LabelConfig::parse(
+                r#"<View><Text name="t" value="$a"/><Text name="t" value="$b"/></View>"#
+            ),
             Err(LabelConfigError::DuplicateName("t".into()))
         );
         assert_eq!(
-            LabelConfig::parse(r#"<View><Text name="t" value="$a"/><TextArea name="x" toName="nope"/></View>"#),
-            Err(LabelConfigError::UnknownTarget { control: "x".into(), to_name: "nope".into() })
+            LabelConfig::parse(
+                r#"<View><Text name="t" value="$a"/><TextArea name="x" toName="nope"/></View>"#
+            ),
+            Err(LabelConfigError::UnknownTarget {
+                control: "x".into(),
+                to_name: "nope".into()
+            })
         );
         assert!(matches!(
             LabelConfig::parse(
@@ -1307,7 +1644,9 @@ mod tests {
             Err(LabelConfigError::InvalidAttribute { .. })
         ));
         assert_eq!(
-            LabelConfig::parse(r#"<View><Text name="t" value="$a"/><Choices name="c" toName="t"/></View>"#),
+            LabelConfig::parse(
+                r#"<View><Text name="t" value="$a"/><Choices name="c" toName="t"/></View>"#
+            ),
             Err(LabelConfigError::NoOptions("c".into()))
         );
         assert!(matches!(
@@ -1317,7 +1656,11 @@ mod tests {
             Err(LabelConfigError::MissingAttribute { .. })
         ));
         let empty = LabelConfig::parse("<View><Header value=\"Nothing here\"/></View>").unwrap();
-        assert!(empty.require_predictable().unwrap_err().to_string().contains("no control tag"));
+        assert!(empty
+            .require_predictable()
+            .unwrap_err()
+            .to_string()
+            .contains("no control tag"));
     }
 
     /// A config nested 20,000 levels deep once overflowed the walk's stack and aborted the
@@ -1343,18 +1686,29 @@ mod tests {
             )
         };
         assert!(LabelConfig::parse(&nest(MAX_DEPTH - 1)).is_ok());
-        assert_eq!(LabelConfig::parse(&nest(MAX_DEPTH)).unwrap_err(), LabelConfigError::TooDeep { limit: MAX_DEPTH });
+        assert_eq!(
+            LabelConfig::parse(&nest(MAX_DEPTH)).unwrap_err(),
+            LabelConfigError::TooDeep { limit: MAX_DEPTH }
+        );
     }
 
     #[test]
     fn controls_with_too_many_options_are_refused() {
         let wide = |n: usize| {
-            let choices: String = (0..n).map(|i| format!("<Choice value=\"o{i}\"/>")).collect();
+            let choices: String = (0..n)
+                .map(|i| format!("<Choice value=\"o{i}\"/>"))
+                .collect();
             format!("<View><Text name=\"t\" value=\"$text\"/><Choices name=\"c\" toName=\"t\">{choices}</Choices></View>")
         };
         assert!(LabelConfig::parse(&wide(MAX_OPTIONS)).is_ok());
         let err = LabelConfig::parse(&wide(50_000)).unwrap_err();
-        assert_eq!(err, LabelConfigError::TooManyOptions { control: "c".into(), limit: MAX_OPTIONS });
+        assert_eq!(
+            err,
+            LabelConfigError::TooManyOptions {
+                control: "c".into(),
+                limit: MAX_OPTIONS
+            }
+        );
         assert!(err.is_limit());
     }
 
@@ -1362,6 +1716,9 @@ mod tests {
     #[test]
     fn entity_declarations_are_refused() {
         let xml = r#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]><View><Text name="t" value="&lol2;"/></View>"#;
-        assert!(matches!(LabelConfig::parse(xml), Err(LabelConfigError::Xml(_))));
+        assert!(matches!(
+            LabelConfig::parse(xml),
+            Err(LabelConfigError::Xml(_))
+        ));
     }
 }

@@ -79,14 +79,23 @@ impl FieldValue {
                 sorted.sort_unstable();
                 sorted.join("|")
             }
-            FieldValue::Text(text) => text.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" "),
+            FieldValue::Text(text) => text
+                .split_whitespace()
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+                .join(" "),
             FieldValue::Rating(rating) => rating.to_string(),
             FieldValue::Number(number) => number.to_string(),
             FieldValue::Spans(spans) => {
-                let mut keys: Vec<(usize, usize, &str)> =
-                    spans.iter().map(|s| (s.start, s.end, s.label.as_str())).collect();
+                let mut keys: Vec<(usize, usize, &str)> = spans
+                    .iter()
+                    .map(|s| (s.start, s.end, s.label.as_str()))
+                    .collect();
                 keys.sort_unstable();
-                keys.iter().map(|(start, end, label)| format!("{start}-{end}:{label}")).collect::<Vec<_>>().join("|")
+                keys.iter()
+                    .map(|(start, end, label)| format!("{start}-{end}:{label}"))
+                    .collect::<Vec<_>>()
+                    .join("|")
             }
         }
     }
@@ -170,22 +179,38 @@ pub fn field_values(config: &LabelConfig, result: &[Region]) -> BTreeMap<String,
 fn region_value(kind: &ControlKind, value: &Value) -> Option<FieldValue> {
     match kind {
         ControlKind::Choices { .. } => string_list(value.get("choices")?).map(FieldValue::Choices),
-        ControlKind::TextArea => string_list(value.get("text")?).map(|t| FieldValue::Text(t.join("\n"))),
+        ControlKind::TextArea => {
+            string_list(value.get("text")?).map(|t| FieldValue::Text(t.join("\n")))
+        }
         ControlKind::Rating { .. } => {
             let rating = value.get("rating")?;
-            let rating = rating
-                .as_u64()
-                .or_else(|| rating.as_f64().filter(|r| r.fract() == 0.0 && *r >= 0.0).map(|r| r as u64))?;
+            let rating = rating.as_u64().or_else(|| {
+                rating
+                    .as_f64()
+                    .filter(|r| r.fract() == 0.0 && *r >= 0.0)
+                    .map(|r| r as u64)
+            })?;
             u32::try_from(rating).ok().map(FieldValue::Rating)
         }
         ControlKind::Number { .. } => value.get("number")?.as_f64().map(FieldValue::Number),
         ControlKind::Labels { .. } => {
             let start = offset(value.get("start")?)?;
             let end = offset(value.get("end")?)?;
-            let text = value.get("text").and_then(Value::as_str).unwrap_or_default();
+            let text = value
+                .get("text")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let labels = string_list(value.get("labels")?)?;
             Some(FieldValue::Spans(
-                labels.into_iter().map(|label| Span { start, end, text: text.to_owned(), label }).collect(),
+                labels
+                    .into_iter()
+                    .map(|label| Span {
+                        start,
+                        end,
+                        text: text.to_owned(),
+                        label,
+                    })
+                    .collect(),
             ))
         }
     }
@@ -193,12 +218,21 @@ fn region_value(kind: &ControlKind, value: &Value) -> Option<FieldValue> {
 
 /// A JSON list made only of strings.
 pub(crate) fn string_list(value: &Value) -> Option<Vec<String>> {
-    value.as_array()?.iter().map(|item| item.as_str().map(str::to_owned)).collect()
+    value
+        .as_array()?
+        .iter()
+        .map(|item| item.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// A character offset: a non-negative integer, possibly written as an integral float.
 pub(crate) fn offset(value: &Value) -> Option<usize> {
-    let n = value.as_u64().or_else(|| value.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))?;
+    let n = value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+            .map(|f| f as u64)
+    })?;
     usize::try_from(n).ok()
 }
 
@@ -252,12 +286,23 @@ mod tests {
 
     #[test]
     fn comparison_keys() {
-        assert_eq!(FieldValue::Choices(vec!["b".into(), "a".into()]).comparison_key(), "a|b");
-        assert_eq!(FieldValue::Text("  Hello \n  World ".into()).comparison_key(), "hello world");
+        assert_eq!(
+            FieldValue::Choices(vec!["b".into(), "a".into()]).comparison_key(),
+            "a|b"
+        );
+        assert_eq!(
+            FieldValue::Text("  Hello \n  World ".into()).comparison_key(),
+            "hello world"
+        );
         assert_eq!(FieldValue::Rating(4).comparison_key(), "4");
         assert_eq!(FieldValue::Number(3.0).comparison_key(), "3");
         assert_eq!(FieldValue::Number(2.5).comparison_key(), "2.5");
-        let span = |start, end, label: &str| Span { start, end, text: String::new(), label: label.into() };
+        let span = |start, end, label: &str| Span {
+            start,
+            end,
+            text: String::new(),
+            label: label.into(),
+        };
         let a = FieldValue::Spans(vec![span(5, 9, "LOC"), span(0, 4, "PER")]);
         let b = FieldValue::Spans(vec![span(0, 4, "PER"), span(5, 9, "LOC")]);
         assert_eq!(a.comparison_key(), "0-4:PER|5-9:LOC");
@@ -269,14 +314,31 @@ mod tests {
         let config = config();
         let single = config.control("sentiment").unwrap();
         let multiple = config.control("tags").unwrap();
-        assert_eq!(FieldValue::Choices(vec!["pos".into()]).to_json(single), json!("pos"));
-        assert_eq!(FieldValue::Choices(vec!["a".into()]).to_json(multiple), json!(["a"]));
-        assert_eq!(FieldValue::Text("hi".into()).to_json(config.control("notes").unwrap()), json!("hi"));
-        assert_eq!(FieldValue::Rating(3).to_json(config.control("stars").unwrap()), json!(3));
+        assert_eq!(
+            FieldValue::Choices(vec!["pos".into()]).to_json(single),
+            json!("pos")
+        );
+        assert_eq!(
+            FieldValue::Choices(vec!["a".into()]).to_json(multiple),
+            json!(["a"])
+        );
+        assert_eq!(
+            FieldValue::Text("hi".into()).to_json(config.control("notes").unwrap()),
+            json!("hi")
+        );
+        assert_eq!(
+            FieldValue::Rating(3).to_json(config.control("stars").unwrap()),
+            json!(3)
+        );
         let count = config.control("count").unwrap();
         assert_eq!(FieldValue::Number(7.0).to_json(count), json!(7));
         assert_eq!(FieldValue::Number(7.5).to_json(count), json!(7.5));
-        let spans = FieldValue::Spans(vec![Span { start: 0, end: 3, text: "Bob".into(), label: "PER".into() }]);
+        let spans = FieldValue::Spans(vec![Span {
+            start: 0,
+            end: 3,
+            text: "Bob".into(),
+            label: "PER".into(),
+        }]);
         assert_eq!(
             spans.to_json(config.control("ner").unwrap()),
             json!([{"start": 0, "end": 3, "text": "Bob", "label": "PER"}])
@@ -291,8 +353,16 @@ mod tests {
             region("tags", "choices", json!({"choices": ["c", "a"]})),
             region("notes", "textarea", json!({"text": ["one", "two"]})),
             region("notes", "textarea", json!({"text": ["three"]})),
-            region("ner", "labels", json!({"start": 0, "end": 3, "text": "Bob", "labels": ["PER"]})),
-            region("ner", "labels", json!({"start": 7, "end": 12, "text": "Paris", "labels": ["LOC", "PER"]})),
+            region(
+                "ner",
+                "labels",
+                json!({"start": 0, "end": 3, "text": "Bob", "labels": ["PER"]}),
+            ),
+            region(
+                "ner",
+                "labels",
+                json!({"start": 7, "end": 12, "text": "Paris", "labels": ["LOC", "PER"]}),
+            ),
             region("stars", "rating", json!({"rating": 4})),
             region("count", "number", json!({"number": 2.5})),
             region("unknown", "choices", json!({"choices": ["x"]})),
@@ -301,11 +371,16 @@ mod tests {
         ];
         let values = field_values(&config, &result);
         assert_eq!(values.len(), 5, "{values:?}");
-        assert_eq!(values["tags"], FieldValue::Choices(vec!["a".into(), "c".into()]));
+        assert_eq!(
+            values["tags"],
+            FieldValue::Choices(vec!["a".into(), "c".into()])
+        );
         assert_eq!(values["notes"], FieldValue::Text("one\ntwo\nthree".into()));
         assert_eq!(values["stars"], FieldValue::Rating(4));
         assert_eq!(values["count"], FieldValue::Number(2.5));
-        let FieldValue::Spans(spans) = &values["ner"] else { panic!("spans expected") };
+        let FieldValue::Spans(spans) = &values["ner"] else {
+            panic!("spans expected")
+        };
         assert_eq!(spans.len(), 3);
         assert_eq!(values["ner"].comparison_key(), "0-3:PER|7-12:LOC|7-12:PER");
         assert_eq!(spans[1].text, "Paris");

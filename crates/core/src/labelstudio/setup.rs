@@ -69,15 +69,31 @@ fn webhook_matches(existing: &LsWebhook, spec: &WebhookSpec) -> bool {
 
 /// Creates or reuses the project, the ML backend and the webhook that `opts` describe.
 #[tracing::instrument(skip_all, fields(title = %opts.title, label_studio = %client.base_url()), err(Display))]
-pub async fn setup(client: &LabelStudioClient, opts: &SetupOptions) -> Result<SetupReport, LabelStudioError> {
+pub async fn setup(
+    client: &LabelStudioClient,
+    opts: &SetupOptions,
+) -> Result<SetupReport, LabelStudioError> {
     let (project, project_created, config_updated) = match client.find_project(&opts.title).await? {
-        Some(existing) if existing.label_config.trim() == opts.label_config.trim() => (existing, false, false),
+        Some(existing) if existing.label_config.trim() == opts.label_config.trim() => {
+            (existing, false, false)
+        }
         Some(existing) => {
-            tracing::info!(project = existing.id, "labeling config differs; updating it");
-            (client.update_project_config(existing.id, &opts.label_config).await?, false, true)
+            tracing::info!(
+                project = existing.id,
+                "labeling config differs; updating it"
+            );
+            (
+                client
+                    .update_project_config(existing.id, &opts.label_config)
+                    .await?,
+                false,
+                true,
+            )
         }
         None => {
-            let created = client.create_project(&opts.title, &opts.label_config, &opts.description).await?;
+            let created = client
+                .create_project(&opts.title, &opts.label_config, &opts.description)
+                .await?;
             tracing::info!(project = created.id, "project created");
             (created, true, false)
         }
@@ -98,7 +114,11 @@ pub async fn setup(client: &LabelStudioClient, opts: &SetupOptions) -> Result<Se
         if let Some((user, pass)) = &opts.ml_backend_basic_auth {
             spec = spec.with_basic_auth(user, pass);
         }
-        let existing = client.list_ml_backends(project.id).await?.into_iter().find(|b| same_url(&b.url, url));
+        let existing = client
+            .list_ml_backends(project.id)
+            .await?
+            .into_iter()
+            .find(|b| same_url(&b.url, url));
         let backend = match existing {
             Some(b) => {
                 tracing::info!(ml_backend = b.id, state = ?b.state, "ML backend already connected");
@@ -121,11 +141,18 @@ pub async fn setup(client: &LabelStudioClient, opts: &SetupOptions) -> Result<Se
             headers.insert(name.clone(), Value::String(value.expose().to_owned()));
         }
         let spec = WebhookSpec::all_actions(project.id, url, headers);
-        let existing = client.list_webhooks(project.id).await?.into_iter().find(|w| same_url(&w.url, url));
+        let existing = client
+            .list_webhooks(project.id)
+            .await?
+            .into_iter()
+            .find(|w| same_url(&w.url, url));
         let hook = match existing {
             Some(w) if webhook_matches(&w, &spec) => w,
             Some(w) => {
-                tracing::info!(webhook = w.id, "webhook exists with other settings or headers; updating it");
+                tracing::info!(
+                    webhook = w.id,
+                    "webhook exists with other settings or headers; updating it"
+                );
                 client.update_webhook(w.id, &spec).await?
             }
             None => {

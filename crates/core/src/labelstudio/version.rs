@@ -9,7 +9,9 @@
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+    bytes
+        .iter()
+        .fold(OFFSET, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
 }
 
 /// `batchlab-<model id>-<8 hex digits of the labeling config's hash>`, for example
@@ -22,7 +24,12 @@ pub fn model_version(model_id: &str, label_config: &str) -> String {
 /// The version of predictions made for `label_config` with a project's prompt `template` and
 /// ground-truth example set (`examples`: its fingerprint, 0 for none): the plain
 /// [`model_version`] when there is neither, so it changes exactly when one of them does.
-pub fn prediction_version(model_id: &str, label_config: &str, template: Option<&str>, examples: u32) -> String {
+pub fn prediction_version(
+    model_id: &str,
+    label_config: &str,
+    template: Option<&str>,
+    examples: u32,
+) -> String {
     let mut key = label_config.to_string();
     if let Some(t) = template {
         key.push_str("\u{0}template:");
@@ -49,7 +56,11 @@ mod tests {
     fn versions_follow_model_and_config() {
         let a = model_version("SmolLM2-135M-Instruct", "<View/>");
         assert_eq!(a, model_version("SmolLM2-135M-Instruct", "<View/>"));
-        assert!(a.starts_with("batchlab-SmolLM2-135M-Instruct-") && a.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8, "{a}");
+        assert!(
+            a.starts_with("batchlab-SmolLM2-135M-Instruct-")
+                && a.len() == "batchlab-SmolLM2-135M-Instruct-".len() + 8,
+            "{a}"
+        );
         assert_ne!(a, model_version("SmolLM2-135M-Instruct", "<View></View>"));
         assert_ne!(a, model_version("other", "<View/>"));
     }

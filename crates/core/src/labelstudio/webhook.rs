@@ -91,11 +91,26 @@ pub struct Envelope {
 
 /// Checks a delivery's body and reads its envelope.
 pub fn envelope(body: &[u8]) -> Result<(Envelope, Value), WebhookError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| WebhookError::Json(e.to_string()))?;
-    let action = value.get("action").and_then(Value::as_str).ok_or(WebhookError::NoAction)?.to_string();
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| WebhookError::Json(e.to_string()))?;
+    let action = value
+        .get("action")
+        .and_then(Value::as_str)
+        .ok_or(WebhookError::NoAction)?
+        .to_string();
     let project_id = project_id(&value);
-    let delivery_key = Sha256::digest(body).iter().map(|b| format!("{b:02x}")).collect();
-    Ok((Envelope { action, project_id, delivery_key }, value))
+    let delivery_key = Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((
+        Envelope {
+            action,
+            project_id,
+            delivery_key,
+        },
+        value,
+    ))
 }
 
 /// The project an event concerns: `project` (an object or an id), else the annotation's or the
@@ -103,8 +118,16 @@ pub fn envelope(body: &[u8]) -> Result<(Envelope, Value), WebhookError> {
 pub fn project_id(body: &Value) -> Option<i64> {
     body.get("project")
         .and_then(id_of)
-        .or_else(|| first(body.get("annotation")).and_then(|a| a.get("project")).and_then(id_of))
-        .or_else(|| first(body.get("tasks")).and_then(|t| t.get("project")).and_then(id_of))
+        .or_else(|| {
+            first(body.get("annotation"))
+                .and_then(|a| a.get("project"))
+                .and_then(id_of)
+        })
+        .or_else(|| {
+            first(body.get("tasks"))
+                .and_then(|t| t.get("project"))
+                .and_then(id_of)
+        })
 }
 
 /// `v` itself when it is an object, else its first element when it is a list.
@@ -138,7 +161,9 @@ pub fn items<'a>(body: &'a Value, key: &str) -> Vec<&'a Value> {
 /// Label Studio's ISO-8601 timestamps (`2026-11-27T20:48:49.480354Z`) as unix microseconds;
 /// 0 when absent or unreadable, which loses to any real time.
 pub fn timestamp_us(v: Option<&Value>) -> i64 {
-    v.and_then(Value::as_str).and_then(parse_timestamp_us).unwrap_or(0)
+    v.and_then(Value::as_str)
+        .and_then(parse_timestamp_us)
+        .unwrap_or(0)
 }
 
 /// Parses an RFC 3339 timestamp into unix microseconds.
@@ -166,8 +191,16 @@ impl ProjectPayload {
         let p = body.get("project").filter(|p| p.is_object())?;
         Some(ProjectPayload {
             id: id_of(p)?,
-            title: p.get("title").and_then(Value::as_str).unwrap_or_default().to_string(),
-            label_config: p.get("label_config").and_then(Value::as_str).unwrap_or_default().to_string(),
+            title: p
+                .get("title")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            label_config: p
+                .get("label_config")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             updated_at_us: timestamp_us(p.get("updated_at")),
         })
     }
@@ -237,9 +270,19 @@ impl AnnotationPayload {
             id: id_of(a.get("id")?)?,
             task_id: a.get("task").and_then(id_of),
             project_id: a.get("project").and_then(id_of),
-            result: a.get("result").filter(|r| r.is_array()).cloned().unwrap_or_else(|| Value::Array(Vec::new())),
-            ground_truth: a.get("ground_truth").and_then(Value::as_bool).unwrap_or(false),
-            was_cancelled: a.get("was_cancelled").and_then(Value::as_bool).unwrap_or(false),
+            result: a
+                .get("result")
+                .filter(|r| r.is_array())
+                .cloned()
+                .unwrap_or_else(|| Value::Array(Vec::new())),
+            ground_truth: a
+                .get("ground_truth")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            was_cancelled: a
+                .get("was_cancelled")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             lead_time: a.get("lead_time").and_then(Value::as_f64),
             completed_by: a.get("completed_by").and_then(id_of),
             created_at: text("created_at"),
@@ -257,17 +300,29 @@ mod tests {
     #[test]
     fn aliases_map_to_label_studio_names() {
         assert_eq!(Action::parse("TASK_CREATED"), Action::TasksCreated);
-        assert_eq!(Action::parse("ANNOTATION_DELETED"), Action::AnnotationsDeleted);
-        assert_eq!(Action::parse("LABEL_LINK_CREATED"), Action::Unknown("LABEL_LINK_CREATED".into()));
+        assert_eq!(
+            Action::parse("ANNOTATION_DELETED"),
+            Action::AnnotationsDeleted
+        );
+        assert_eq!(
+            Action::parse("LABEL_LINK_CREATED"),
+            Action::Unknown("LABEL_LINK_CREATED".into())
+        );
     }
 
     #[test]
     fn envelopes_need_an_object_with_an_action() {
         assert!(matches!(envelope(b"{nope"), Err(WebhookError::Json(_))));
         assert!(matches!(envelope(b"[1]"), Err(WebhookError::NoAction)));
-        assert!(matches!(envelope(br#"{"action": 3}"#), Err(WebhookError::NoAction)));
+        assert!(matches!(
+            envelope(br#"{"action": 3}"#),
+            Err(WebhookError::NoAction)
+        ));
         let (e, _) = envelope(br#"{"action": "START_TRAINING", "project": {"id": 7}}"#).unwrap();
-        assert_eq!((e.action.as_str(), e.project_id), ("START_TRAINING", Some(7)));
+        assert_eq!(
+            (e.action.as_str(), e.project_id),
+            ("START_TRAINING", Some(7))
+        );
         assert_eq!(e.delivery_key.len(), 64);
         let (only_action, _) = envelope(br#"{"action": "PROJECT_UPDATED"}"#).unwrap();
         assert_eq!(only_action.project_id, None);
@@ -277,7 +332,10 @@ mod tests {
     #[test]
     fn project_ids_come_from_wherever_the_body_has_them() {
         assert_eq!(project_id(&json!({"annotation": {"project": 3}})), Some(3));
-        assert_eq!(project_id(&json!({"tasks": [{"id": 1, "project": 4}]})), Some(4));
+        assert_eq!(
+            project_id(&json!({"tasks": [{"id": 1, "project": 4}]})),
+            Some(4)
+        );
         assert_eq!(project_id(&json!({"project": "7.1716371234"})), Some(7));
     }
 
@@ -291,12 +349,20 @@ mod tests {
 
     #[test]
     fn annotations_read_with_defaults() {
-        let a = AnnotationPayload::read(&json!({"id": 5, "task": {"id": 9}, "completed_by": {"id": 2, "email": "x"},
-            "created_at": "2026-11-27T20:48:49Z"}))
+        let a = AnnotationPayload::read(
+            &json!({"id": 5, "task": {"id": 9}, "completed_by": {"id": 2, "email": "x"},
+            "created_at": "2026-11-27T20:48:49Z"}),
+        )
         .unwrap();
-        assert_eq!((a.task_id, a.completed_by, a.ground_truth), (Some(9), Some(2), false));
+        assert_eq!(
+            (a.task_id, a.completed_by, a.ground_truth),
+            (Some(9), Some(2), false)
+        );
         assert_eq!(a.result, json!([]));
-        assert_eq!(a.updated_at_us, parse_timestamp_us("2026-11-27T20:48:49Z").unwrap());
+        assert_eq!(
+            a.updated_at_us,
+            parse_timestamp_us("2026-11-27T20:48:49Z").unwrap()
+        );
         assert!(AnnotationPayload::read(&json!({"result": []})).is_none());
     }
 }

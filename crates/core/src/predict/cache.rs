@@ -18,7 +18,11 @@ pub fn cache_key(namespace: &str, label_config: &str, data: &Value) -> String {
     hasher.update(label_config.as_bytes());
     hasher.update([0]);
     hasher.update(canonical_json(data).as_bytes());
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `value` as JSON text with object keys sorted at every level.
@@ -33,7 +37,14 @@ pub fn canonical_json(value: &Value) -> String {
                 .collect();
             format!("{{{}}}", fields.join(","))
         }
-        Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        Value::Array(items) => format!(
+            "[{}]",
+            items
+                .iter()
+                .map(canonical_json)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -45,13 +56,22 @@ mod tests {
 
     #[test]
     fn keys_ignore_key_order_and_follow_every_part() {
-        let a = cache_key("v1", "<View/>", &json!({"a": 1, "b": {"y": [1, {"q": 2, "p": 3}], "x": "s"}}));
-        let b: Value = serde_json::from_str(r#"{"b": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "a": 1}"#).unwrap();
+        let a = cache_key(
+            "v1",
+            "<View/>",
+            &json!({"a": 1, "b": {"y": [1, {"q": 2, "p": 3}], "x": "s"}}),
+        );
+        let b: Value =
+            serde_json::from_str(r#"{"b": {"x": "s", "y": [1, {"p": 3, "q": 2}]}, "a": 1}"#)
+                .unwrap();
         assert_eq!(a, cache_key("v1", "<View/>", &b));
         assert_eq!(a.len(), 64);
         assert_ne!(a, cache_key("v2", "<View/>", &b));
         assert_ne!(a, cache_key("v1", "<View></View>", &b));
         assert_ne!(a, cache_key("v1", "<View/>", &json!({"a": 2})));
-        assert_eq!(canonical_json(&json!({"b": 1, "a": [true, null]})), r#"{"a":[true,null],"b":1}"#);
+        assert_eq!(
+            canonical_json(&json!({"b": 1, "a": [true, null]})),
+            r#"{"a":[true,null],"b":1}"#
+        );
     }
 }

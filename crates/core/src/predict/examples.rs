@@ -37,16 +37,30 @@ pub struct ExampleSet {
 
 impl ExampleSet {
     /// Loads the project's valid ground truth (newest per task) with its tasks' data.
-    pub async fn load(store: &Store, project_id: i64, config: &LabelConfig) -> Result<ExampleSet, StoreError> {
+    pub async fn load(
+        store: &Store,
+        project_id: i64,
+        config: &LabelConfig,
+    ) -> Result<ExampleSet, StoreError> {
         let annotations = store.ground_truth(project_id).await?;
-        let tasks: HashMap<i64, String> =
-            store.ground_truth_tasks(project_id).await?.into_iter().map(|t| (t.id, t.data)).collect();
+        let tasks: HashMap<i64, String> = store
+            .ground_truth_tasks(project_id)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t.data))
+            .collect();
         let examples = annotations
             .into_iter()
             .filter_map(|a| {
                 let data = serde_json::from_str(tasks.get(&a.task_id)?).ok()?;
                 let result = serde_json::from_str(&a.result).ok()?;
-                Some(Example { task_id: a.task_id, annotation_id: a.id, data, result, updated_at_us: a.updated_at_us })
+                Some(Example {
+                    task_id: a.task_id,
+                    annotation_id: a.id,
+                    data,
+                    result,
+                    updated_at_us: a.updated_at_us,
+                })
             })
             .collect();
         Ok(ExampleSet::new(examples, config))
@@ -57,11 +71,25 @@ impl ExampleSet {
         examples.sort_by_key(|e| e.task_id);
         let mut key = String::new();
         for e in &examples {
-            key.push_str(&format!("{}:{}:{};", e.task_id, e.annotation_id, e.updated_at_us));
+            key.push_str(&format!(
+                "{}:{}:{};",
+                e.task_id, e.annotation_id, e.updated_at_us
+            ));
         }
         let h = fnv1a64(key.as_bytes());
-        let words = examples.iter().map(|e| words(&task_text(config, &e.data))).collect();
-        ExampleSet { examples, words, fingerprint: if key.is_empty() { 0 } else { (h ^ (h >> 32)) as u32 } }
+        let words = examples
+            .iter()
+            .map(|e| words(&task_text(config, &e.data)))
+            .collect();
+        ExampleSet {
+            examples,
+            words,
+            fingerprint: if key.is_empty() {
+                0
+            } else {
+                (h ^ (h >> 32)) as u32
+            },
+        }
     }
 
     /// No examples.
@@ -82,7 +110,13 @@ impl ExampleSet {
     /// The `k` examples most similar to `data` (Jaccard similarity of the words of the text
     /// the labeling config shows, most similar first; ties by task id), never `data`'s own
     /// task (`task_id`).
-    pub fn most_similar(&self, config: &LabelConfig, data: &Value, task_id: Option<i64>, k: usize) -> Vec<&Example> {
+    pub fn most_similar(
+        &self,
+        config: &LabelConfig,
+        data: &Value,
+        task_id: Option<i64>,
+        k: usize,
+    ) -> Vec<&Example> {
         let target = words(&task_text(config, data));
         let mut scored: Vec<(f64, usize)> = self
             .words
@@ -96,7 +130,11 @@ impl ExampleSet {
             })
             .collect();
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        scored.into_iter().take(k).map(|(_, i)| &self.examples[i]).collect()
+        scored
+            .into_iter()
+            .take(k)
+            .map(|(_, i)| &self.examples[i])
+            .collect()
     }
 }
 
@@ -132,17 +170,31 @@ mod tests {
         let config = LabelConfig::parse(CONFIG).unwrap();
         let set = ExampleSet::new(
             vec![
-                example(1, "Who was the first president of the United States ?", "human"),
+                example(
+                    1,
+                    "Who was the first president of the United States ?",
+                    "human",
+                ),
                 example(2, "Where is the Eiffel Tower ?", "location"),
                 example(3, "Who invented the telephone ?", "human"),
             ],
             &config,
         );
-        let got = set.most_similar(&config, &json!({"text": "Where is the Tower of London ?"}), None, 2);
+        let got = set.most_similar(
+            &config,
+            &json!({"text": "Where is the Tower of London ?"}),
+            None,
+            2,
+        );
         assert_eq!(got[0].task_id, 2);
         assert_eq!(got.len(), 2);
         // A task is never its own example.
-        let got = set.most_similar(&config, &json!({"text": "Where is the Eiffel Tower ?"}), Some(2), 3);
+        let got = set.most_similar(
+            &config,
+            &json!({"text": "Where is the Eiffel Tower ?"}),
+            Some(2),
+            3,
+        );
         assert!(got.iter().all(|e| e.task_id != 2) && got.len() == 2);
     }
 
@@ -152,11 +204,23 @@ mod tests {
         let a = ExampleSet::new(vec![example(1, "Who ?", "human")], &config);
         assert_eq!(ExampleSet::new(vec![], &config).fingerprint(), 0);
         assert_ne!(a.fingerprint(), 0);
-        assert_eq!(a.fingerprint(), ExampleSet::new(vec![example(1, "Who ?", "human")], &config).fingerprint());
+        assert_eq!(
+            a.fingerprint(),
+            ExampleSet::new(vec![example(1, "Who ?", "human")], &config).fingerprint()
+        );
         let mut edited = example(1, "Who ?", "location");
         edited.updated_at_us = 2;
-        assert_ne!(a.fingerprint(), ExampleSet::new(vec![edited], &config).fingerprint());
-        let two = ExampleSet::new(vec![example(1, "Who ?", "human"), example(2, "Where ?", "location")], &config);
+        assert_ne!(
+            a.fingerprint(),
+            ExampleSet::new(vec![edited], &config).fingerprint()
+        );
+        let two = ExampleSet::new(
+            vec![
+                example(1, "Who ?", "human"),
+                example(2, "Where ?", "location"),
+            ],
+            &config,
+        );
         assert_ne!(a.fingerprint(), two.fingerprint());
         assert_eq!(two.len(), 2);
     }

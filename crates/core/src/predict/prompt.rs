@@ -20,7 +20,10 @@ pub struct Message {
 impl Message {
     /// A message with `role` and `content`.
     pub fn new(role: &str, content: impl Into<String>) -> Message {
-        Message { role: role.to_string(), content: content.into() }
+        Message {
+            role: role.to_string(),
+            content: content.into(),
+        }
     }
 }
 
@@ -40,8 +43,14 @@ pub fn data_text(data: &Value, key: &str) -> Option<String> {
 /// What one control asks for, as a line of the prompt.
 pub fn question(control: &ControlTag) -> String {
     let what = match &control.kind {
-        ControlKind::Choices { options, multiple: false } => format!("exactly one of {}", quoted(options)),
-        ControlKind::Choices { options, multiple: true } => format!("a list of any of {}", quoted(options)),
+        ControlKind::Choices {
+            options,
+            multiple: false,
+        } => format!("exactly one of {}", quoted(options)),
+        ControlKind::Choices {
+            options,
+            multiple: true,
+        } => format!("a list of any of {}", quoted(options)),
         ControlKind::TextArea => "a short text".to_string(),
         ControlKind::Rating { max } => format!("an integer rating from 1 to {max}"),
         ControlKind::Number { min, max } => match (min, max) {
@@ -51,7 +60,10 @@ pub fn question(control: &ControlTag) -> String {
             (None, None) => "a number".to_string(),
         },
         ControlKind::Labels { labels } => {
-            format!("a list of {{\"text\": exact words from the text, \"label\": one of {}}}", quoted(labels))
+            format!(
+                "a list of {{\"text\": exact words from the text, \"label\": one of {}}}",
+                quoted(labels)
+            )
         }
     };
     match control.description.as_deref().filter(|d| !d.is_empty()) {
@@ -61,7 +73,11 @@ pub fn question(control: &ControlTag) -> String {
 }
 
 fn quoted(items: &[String]) -> String {
-    items.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The task as the model reads it: each object tag's text under its name, headers as headings.
@@ -84,14 +100,21 @@ pub fn task_text(config: &LabelConfig, data: &Value) -> String {
 /// The messages asking a model to label `data` for every predictable control of `config`.
 pub fn messages(config: &LabelConfig, data: &Value) -> Vec<Message> {
     let questions: Vec<String> = config.controls.iter().map(question).collect();
-    let keys: Vec<String> = config.controls.iter().map(|c| format!("\"{}\"", c.name)).collect();
+    let keys: Vec<String> = config
+        .controls
+        .iter()
+        .map(|c| format!("\"{}\"", c.name))
+        .collect();
     let user = format!(
         "Task:\n{}\nQuestions:\n{}\n\nAnswer with a JSON object with the keys {}.",
         task_text(config, data),
         questions.join("\n"),
         keys.join(", ")
     );
-    vec![Message::new("system", SYSTEM_PROMPT), Message::new("user", user)]
+    vec![
+        Message::new("system", SYSTEM_PROMPT),
+        Message::new("user", user),
+    ]
 }
 
 #[cfg(test)]
@@ -99,7 +122,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CANDIDATE: &str = include_str!("../../../../config/label-configs/candidate-evaluation.xml");
+    const CANDIDATE: &str =
+        include_str!("../../../../config/label-configs/candidate-evaluation.xml");
 
     #[test]
     fn the_prompt_carries_the_task_and_every_question() {
@@ -108,8 +132,15 @@ mod tests {
         let m = messages(&config, &data);
         assert_eq!(m[0].role, "system");
         let user = &m[1].content;
-        for needle in ["# Candidate Evaluation", "candidate_name: Ada Lovelace", "candidate_company: Analytical Engines",
-            "\"recommendation\"", "\"strong_yes\"", "\"reasoning\"", "a short text"] {
+        for needle in [
+            "# Candidate Evaluation",
+            "candidate_name: Ada Lovelace",
+            "candidate_company: Analytical Engines",
+            "\"recommendation\"",
+            "\"strong_yes\"",
+            "\"reasoning\"",
+            "a short text",
+        ] {
             assert!(user.contains(needle), "{needle:?} missing from {user}");
         }
     }

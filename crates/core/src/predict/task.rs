@@ -26,7 +26,9 @@ use std::sync::Mutex;
 use futures::future::try_join_all;
 use serde_json::Value;
 
-use crate::engine::{ChatMessage, ChatRequest, ChoiceQuestion, Constraint, Engine, EngineError, SamplingParams};
+use crate::engine::{
+    ChatMessage, ChatRequest, ChoiceQuestion, Constraint, Engine, EngineError, SamplingParams,
+};
 use crate::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
 use crate::labelstudio::region::{number_json, FieldValue, Region, Span};
 use crate::labelstudio::version::fnv1a64;
@@ -34,7 +36,8 @@ use crate::predict::examples::Example;
 use crate::predict::prompt::{data_text, task_text};
 
 /// The system message of every prediction prompt.
-pub const SYSTEM: &str = "You are a careful data annotator. Read the task and answer the question with the answer only.";
+pub const SYSTEM: &str =
+    "You are a careful data annotator. Read the task and answer the question with the answer only.";
 
 /// What stands for a data field in the content-free task used for calibration.
 const CONTENT_FREE: &str = "N/A";
@@ -56,7 +59,10 @@ pub struct PredictOptions {
 
 impl Default for PredictOptions {
     fn default() -> Self {
-        Self { text_max_tokens: 48, examples: 4 }
+        Self {
+            text_max_tokens: 48,
+            examples: 4,
+        }
     }
 }
 
@@ -72,7 +78,9 @@ pub struct TaskPrediction {
 /// A task's text as the prompt shows it: the project's template with `{field}` replaced by the
 /// task's data (a missing field becomes empty), or else every object tag's text.
 pub fn task_body(config: &LabelConfig, data: &Value, template: Option<&str>) -> String {
-    let Some(template) = template else { return task_text(config, data) };
+    let Some(template) = template else {
+        return task_text(config, data);
+    };
     fill_template(template, |field| data_text(data, field))
 }
 
@@ -86,7 +94,9 @@ pub fn fill_template(template: &str, value: impl Fn(&str) -> Option<String>) -> 
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let after = &rest[open + 1..];
-        let name_len = after.find(|c: char| !is_field_char(c)).unwrap_or(after.len());
+        let name_len = after
+            .find(|c: char| !is_field_char(c))
+            .unwrap_or(after.len());
         if name_len > 0 && after[name_len..].starts_with('}') {
             out.push_str(&value(&after[..name_len]).unwrap_or_default());
             rest = &after[name_len + 1..];
@@ -124,18 +134,36 @@ pub fn control_question(control: &ControlTag) -> String {
         None => control.name.clone(),
     };
     match &control.kind {
-        ControlKind::Choices { options, multiple: false } => {
-            format!("Question: {subject}? Answer with one of: {}.", options.join(", "))
+        ControlKind::Choices {
+            options,
+            multiple: false,
+        } => {
+            format!(
+                "Question: {subject}? Answer with one of: {}.",
+                options.join(", ")
+            )
         }
-        ControlKind::Choices { options, multiple: true } => {
-            format!("Question: {subject}? Answer with any of: {}.", options.join(", "))
+        ControlKind::Choices {
+            options,
+            multiple: true,
+        } => {
+            format!(
+                "Question: {subject}? Answer with any of: {}.",
+                options.join(", ")
+            )
         }
-        ControlKind::Rating { max } => format!("Question: {subject}? Answer with a rating from 1 to {max}."),
+        ControlKind::Rating { max } => {
+            format!("Question: {subject}? Answer with a rating from 1 to {max}.")
+        }
         ControlKind::Number { min, max } => match (min, max) {
-            (Some(lo), Some(hi)) => format!("Question: {subject}? Answer with a number from {lo} to {hi}."),
+            (Some(lo), Some(hi)) => {
+                format!("Question: {subject}? Answer with a number from {lo} to {hi}.")
+            }
             _ => format!("Question: {subject}? Answer with a number."),
         },
-        ControlKind::TextArea => format!("Question: {subject}? Answer in one or two short sentences."),
+        ControlKind::TextArea => {
+            format!("Question: {subject}? Answer in one or two short sentences.")
+        }
         ControlKind::Labels { labels } => format!(
             "Question: {subject}? List the phrases of the text that are {}, as a JSON list of \
              {{\"text\": the exact phrase, \"label\": its label}}.",
@@ -152,8 +180,10 @@ fn answer_text(value: &FieldValue) -> String {
         FieldValue::Rating(r) => r.to_string(),
         FieldValue::Number(n) => number_json(*n).to_string(),
         FieldValue::Spans(spans) => {
-            let list: Vec<Value> =
-                spans.iter().map(|s| serde_json::json!({"text": s.text, "label": s.label})).collect();
+            let list: Vec<Value> = spans
+                .iter()
+                .map(|s| serde_json::json!({"text": s.text, "label": s.label}))
+                .collect();
             Value::Array(list).to_string()
         }
     }
@@ -163,10 +193,13 @@ fn answer_text(value: &FieldValue) -> String {
 fn candidates(control: &ControlTag) -> Option<Vec<String>> {
     match &control.kind {
         ControlKind::Choices { options, .. } => Some(options.clone()),
-        ControlKind::Rating { max } if *max <= MAX_SCORED_RANGE as u32 => Some((1..=*max).map(|r| r.to_string()).collect()),
-        ControlKind::Number { min: Some(lo), max: Some(hi) }
-            if lo.fract() == 0.0 && hi.fract() == 0.0 && hi >= lo && hi - lo <= MAX_SCORED_RANGE =>
-        {
+        ControlKind::Rating { max } if *max <= MAX_SCORED_RANGE as u32 => {
+            Some((1..=*max).map(|r| r.to_string()).collect())
+        }
+        ControlKind::Number {
+            min: Some(lo),
+            max: Some(hi),
+        } if lo.fract() == 0.0 && hi.fract() == 0.0 && hi >= lo && hi - lo <= MAX_SCORED_RANGE => {
             Some((*lo as i64..=*hi as i64).map(|n| n.to_string()).collect())
         }
         _ => None,
@@ -182,10 +215,15 @@ const MAX_SPANS: usize = 16;
 pub fn output_constraint(control: &ControlTag) -> Option<Constraint> {
     let schema = match &control.kind {
         ControlKind::TextArea | ControlKind::Choices { .. } => return None,
-        ControlKind::Rating { max } => serde_json::json!({"type": "integer", "minimum": 1, "maximum": max}),
+        ControlKind::Rating { max } => {
+            serde_json::json!({"type": "integer", "minimum": 1, "maximum": max})
+        }
         ControlKind::Number { min, max } => {
-            let integral = [min, max].iter().all(|b| b.is_none_or(|b| b.fract() == 0.0));
-            let mut schema = serde_json::json!({"type": if integral { "integer" } else { "number" }});
+            let integral = [min, max]
+                .iter()
+                .all(|b| b.is_none_or(|b| b.fract() == 0.0));
+            let mut schema =
+                serde_json::json!({"type": if integral { "integer" } else { "number" }});
             if let Some(lo) = min {
                 schema["minimum"] = number_json(*lo);
             }
@@ -222,7 +260,12 @@ fn conversation(control: &ControlTag, shots: &[(String, String)], body: &str) ->
 }
 
 /// Each example's body and answer for `control` (examples without an answer for it are left out).
-fn shots_for(config: &LabelConfig, control: &ControlTag, examples: &[&Example], template: Option<&str>) -> Vec<(String, String)> {
+fn shots_for(
+    config: &LabelConfig,
+    control: &ControlTag,
+    examples: &[&Example],
+    template: Option<&str>,
+) -> Vec<(String, String)> {
     examples
         .iter()
         .filter_map(|e| {
@@ -236,10 +279,18 @@ fn shots_for(config: &LabelConfig, control: &ControlTag, examples: &[&Example], 
 
 /// `body` cut (at a character boundary, with a marker) so that `control`'s conversation fits
 /// in `budget` tokens; unchanged when it already fits.
-fn fit_body(engine: &Engine, control: &ControlTag, shots: &[(String, String)], body: String, budget: usize) -> Result<String, EngineError> {
+fn fit_body(
+    engine: &Engine,
+    control: &ControlTag,
+    shots: &[(String, String)],
+    body: String,
+    budget: usize,
+) -> Result<String, EngineError> {
     let mut body = body;
     for _ in 0..8 {
-        let tokens = engine.tokenize_chat(&conversation(control, shots, &body))?.len();
+        let tokens = engine
+            .tokenize_chat(&conversation(control, shots, &body))?
+            .len();
         if tokens <= budget {
             return Ok(body);
         }
@@ -265,7 +316,9 @@ pub async fn predict_task(
     options: &PredictOptions,
     priors: &Priors,
 ) -> Result<TaskPrediction, EngineError> {
-    let budget = engine.context_length().saturating_sub(ANSWER_RESERVE.max(options.text_max_tokens * 4));
+    let budget = engine
+        .context_length()
+        .saturating_sub(ANSWER_RESERVE.max(options.text_max_tokens * 4));
     let blank = content_free(config, data);
     // Each scored control: its options, where its scores are among the questions, and its
     // content-free prior (known already, or the index of the question that computes it).
@@ -276,21 +329,40 @@ pub async fn predict_task(
         let mut shots = shots_for(config, control, examples, template);
         // Examples never crowd out the task: drop the least similar until it fits.
         while !shots.is_empty()
-            && engine.tokenize_chat(&conversation(control, &shots, &task_body(config, data, template)))?.len() > budget
+            && engine
+                .tokenize_chat(&conversation(
+                    control,
+                    &shots,
+                    &task_body(config, data, template),
+                ))?
+                .len()
+                > budget
         {
             shots.pop();
         }
-        let body = fit_body(engine, control, &shots, task_body(config, data, template), budget)?;
+        let body = fit_body(
+            engine,
+            control,
+            &shots,
+            task_body(config, data, template),
+            budget,
+        )?;
         match candidates(control) {
             Some(options) => {
                 let free = conversation(control, &shots, &task_body(config, &blank, template));
                 let key = Priors::key(&free, &options);
                 let real = questions.len();
-                questions.push(ChoiceQuestion { messages: conversation(control, &shots, &body), candidates: options.clone() });
+                questions.push(ChoiceQuestion {
+                    messages: conversation(control, &shots, &body),
+                    candidates: options.clone(),
+                });
                 let prior = match priors.get(key) {
                     Some(known) => Prior::Known(known),
                     None => {
-                        questions.push(ChoiceQuestion { messages: free, candidates: options.clone() });
+                        questions.push(ChoiceQuestion {
+                            messages: free,
+                            candidates: options.clone(),
+                        });
                         Prior::Asked(questions.len() - 1, key)
                     }
                 };
@@ -319,7 +391,10 @@ pub async fn predict_task(
             constraint: output_constraint(control),
             ..SamplingParams::default()
         };
-        engine.chat(ChatRequest { messages: messages.clone(), params })
+        engine.chat(ChatRequest {
+            messages: messages.clone(),
+            params,
+        })
     }));
     let (scores, texts) = futures::try_join!(scoring, generation)?;
 
@@ -344,8 +419,14 @@ pub async fn predict_task(
         }
     }
     // Regions in the config's order.
-    let result = config.controls.iter().filter_map(|c| by_name.remove(c.name.as_str())).flatten().collect();
-    let score = (!region_scores.is_empty()).then(|| region_scores.iter().sum::<f64>() / region_scores.len() as f64);
+    let result = config
+        .controls
+        .iter()
+        .filter_map(|c| by_name.remove(c.name.as_str()))
+        .flatten()
+        .collect();
+    let score = (!region_scores.is_empty())
+        .then(|| region_scores.iter().sum::<f64>() / region_scores.len() as f64);
     Ok(TaskPrediction { result, score })
 }
 
@@ -378,7 +459,11 @@ impl Priors {
     }
 
     fn get(&self, key: u64) -> Option<Vec<f64>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned()
     }
 
     fn insert(&self, key: u64, logprobs: Vec<f64>) {
@@ -401,27 +486,52 @@ pub fn calibrated(real: &[f64], free: &[f64]) -> Vec<f64> {
 
 /// The value and region score for a scored control from its options' probabilities.
 fn pick(control: &ControlTag, options: &[String], probs: &[f64]) -> (FieldValue, f64) {
-    let best = probs.iter().enumerate().fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
+    let best = probs
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, p)| if *p > probs[b] { i } else { b });
     match &control.kind {
         ControlKind::Choices { multiple: true, .. } => {
             let even = 1.0 / options.len() as f64;
-            let picked: Vec<usize> = (0..options.len()).filter(|&i| i == best || probs[i] > even).collect();
+            let picked: Vec<usize> = (0..options.len())
+                .filter(|&i| i == best || probs[i] > even)
+                .collect();
             let score = picked.iter().map(|&i| probs[i]).sum::<f64>() / picked.len() as f64;
-            (FieldValue::Choices(picked.iter().map(|&i| options[i].clone()).collect()), score)
+            (
+                FieldValue::Choices(picked.iter().map(|&i| options[i].clone()).collect()),
+                score,
+            )
         }
-        ControlKind::Choices { .. } => (FieldValue::Choices(vec![options[best].clone()]), probs[best]),
-        ControlKind::Rating { .. } => (FieldValue::Rating(options[best].parse().unwrap_or(1)), probs[best]),
-        _ => (FieldValue::Number(options[best].parse().unwrap_or(0.0)), probs[best]),
+        ControlKind::Choices { .. } => (
+            FieldValue::Choices(vec![options[best].clone()]),
+            probs[best],
+        ),
+        ControlKind::Rating { .. } => (
+            FieldValue::Rating(options[best].parse().unwrap_or(1)),
+            probs[best],
+        ),
+        _ => (
+            FieldValue::Number(options[best].parse().unwrap_or(0.0)),
+            probs[best],
+        ),
     }
 }
 
 /// The value of a generated answer; None when nothing usable came out (no region then).
-fn generated_value(control: &ControlTag, text: &str, data: &Value, config: &LabelConfig, body: &str) -> Option<FieldValue> {
+fn generated_value(
+    control: &ControlTag,
+    text: &str,
+    data: &Value,
+    config: &LabelConfig,
+    body: &str,
+) -> Option<FieldValue> {
     match &control.kind {
         ControlKind::TextArea => Some(FieldValue::Text(text.to_string())),
         ControlKind::Number { min, max } => {
             let n = first_number(text)?;
-            Some(FieldValue::Number(n.clamp(min.unwrap_or(f64::MIN), max.unwrap_or(f64::MAX))))
+            Some(FieldValue::Number(
+                n.clamp(min.unwrap_or(f64::MIN), max.unwrap_or(f64::MAX)),
+            ))
         }
         ControlKind::Rating { max } => {
             let n = first_number(text)?.round().clamp(1.0, f64::from(*max));
@@ -429,7 +539,13 @@ fn generated_value(control: &ControlTag, text: &str, data: &Value, config: &Labe
         }
         ControlKind::Labels { labels } => {
             let source = config
-                .object(control.to_name.first().map(String::as_str).unwrap_or_default())
+                .object(
+                    control
+                        .to_name
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or_default(),
+                )
                 .and_then(|o| o.variable.as_deref())
                 .and_then(|v| data_text(data, v))
                 .unwrap_or_else(|| body.to_string());
@@ -455,24 +571,38 @@ fn first_number(text: &str) -> Option<f64> {
 /// Label Studio counts them); entries whose text is not in the source or whose label is not in
 /// the config are dropped, and a phrase is matched once.
 pub fn find_spans(generated: &str, source: &str, labels: &[String]) -> Vec<Span> {
-    let Some(entries) = json_list(generated) else { return Vec::new() };
+    let Some(entries) = json_list(generated) else {
+        return Vec::new();
+    };
     let mut spans: Vec<Span> = Vec::new();
     for entry in entries {
-        let (Some(phrase), Some(label)) = (entry.get("text").and_then(Value::as_str), entry.get("label").and_then(Value::as_str)) else {
+        let (Some(phrase), Some(label)) = (
+            entry.get("text").and_then(Value::as_str),
+            entry.get("label").and_then(Value::as_str),
+        ) else {
             continue;
         };
-        let Some(label) = labels.iter().find(|l| l.eq_ignore_ascii_case(label.trim())) else { continue };
+        let Some(label) = labels.iter().find(|l| l.eq_ignore_ascii_case(label.trim())) else {
+            continue;
+        };
         let phrase = phrase.trim();
         if phrase.is_empty() {
             continue;
         }
-        let Some(byte) = source.find(phrase) else { continue };
+        let Some(byte) = source.find(phrase) else {
+            continue;
+        };
         let start = source[..byte].chars().count();
         let end = start + phrase.chars().count();
         if spans.iter().any(|s| s.start < end && start < s.end) {
             continue;
         }
-        spans.push(Span { start, end, text: phrase.to_string(), label: label.clone() });
+        spans.push(Span {
+            start,
+            end,
+            text: phrase.to_string(),
+            label: label.clone(),
+        });
     }
     spans
 }
@@ -535,7 +665,11 @@ mod tests {
                     t.push(alphabet[n % alphabet.len()]);
                     n /= alphabet.len();
                 }
-                assert_eq!(fill_template(&t, value), fill_reference(&t, value), "template {t:?}");
+                assert_eq!(
+                    fill_template(&t, value),
+                    fill_reference(&t, value),
+                    "template {t:?}"
+                );
                 count += 1;
             }
         }
@@ -559,7 +693,14 @@ mod tests {
     fn templates_fill_fields_and_keep_other_braces() {
         let config = LabelConfig::parse(CONFIG).unwrap();
         let data = json!({"text": "Who is Ada?", "n": 3});
-        assert_eq!(task_body(&config, &data, Some("Q: {text} ({n}) {missing} {not a field} {")), "Q: Who is Ada? (3)  {not a field} {");
+        assert_eq!(
+            task_body(
+                &config,
+                &data,
+                Some("Q: {text} ({n}) {missing} {not a field} {")
+            ),
+            "Q: Who is Ada? (3)  {not a field} {"
+        );
         assert_eq!(task_body(&config, &data, None), "text: Who is Ada?\n");
     }
 
@@ -599,12 +740,22 @@ mod tests {
             &labels,
         );
         assert_eq!(got.len(), 2, "{got:?}");
-        assert_eq!((got[0].start, got[0].end, got[0].label.as_str()), (11, 14, "PER"));
+        assert_eq!(
+            (got[0].start, got[0].end, got[0].label.as_str()),
+            (11, 14, "PER")
+        );
         assert_eq!((got[1].start, got[1].end), (24, 30));
         assert!(find_spans("no list here", source, &labels).is_empty());
         // Cut off by the token limit: the whole entries count.
-        let cut = find_spans(r#"[{"text":"Ada","label":"PER"},{"text":"London","label":"LOC"},{"text":"Lo"#, source, &labels);
-        assert_eq!(cut.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(), ["Ada", "London"]);
+        let cut = find_spans(
+            r#"[{"text":"Ada","label":"PER"},{"text":"London","label":"LOC"},{"text":"Lo"#,
+            source,
+            &labels,
+        );
+        assert_eq!(
+            cut.iter().map(|s| s.text.as_str()).collect::<Vec<_>>(),
+            ["Ada", "London"]
+        );
     }
 
     #[test]
@@ -615,17 +766,31 @@ mod tests {
                <TextArea name="a" toName="t"/><Labels name="l" toName="t"><Label value="PER"/></Labels></View>"#,
         )
         .unwrap();
-        let schema = |name: &str| match output_constraint(config.controls.iter().find(|c| c.name == name).unwrap()) {
+        let schema = |name: &str| match output_constraint(
+            config.controls.iter().find(|c| c.name == name).unwrap(),
+        ) {
             Some(Constraint::JsonSchema(s)) => Some(s),
             None => None,
             Some(other) => panic!("{other:?}"),
         };
-        assert_eq!(schema("n").unwrap(), json!({"type": "number", "minimum": 0, "maximum": 2.5}));
-        assert_eq!(schema("i").unwrap(), json!({"type": "integer", "minimum": -3}));
-        assert_eq!(schema("r").unwrap(), json!({"type": "integer", "minimum": 1, "maximum": 50}));
+        assert_eq!(
+            schema("n").unwrap(),
+            json!({"type": "number", "minimum": 0, "maximum": 2.5})
+        );
+        assert_eq!(
+            schema("i").unwrap(),
+            json!({"type": "integer", "minimum": -3})
+        );
+        assert_eq!(
+            schema("r").unwrap(),
+            json!({"type": "integer", "minimum": 1, "maximum": 50})
+        );
         assert_eq!(schema("a"), None);
         let labels = schema("l").unwrap();
-        assert_eq!(labels["items"]["properties"]["label"]["enum"], json!(["PER"]));
+        assert_eq!(
+            labels["items"]["properties"]["label"]["enum"],
+            json!(["PER"])
+        );
     }
 
     #[test]
@@ -643,7 +808,10 @@ mod tests {
         )
         .unwrap();
         let got: Vec<Option<Vec<String>>> = config.controls.iter().map(candidates).collect();
-        assert_eq!(got[0].as_deref(), Some(&["1".to_string(), "2".into(), "3".into()][..]));
+        assert_eq!(
+            got[0].as_deref(),
+            Some(&["1".to_string(), "2".into(), "3".into()][..])
+        );
         assert_eq!(got[1].as_ref().map(Vec::len), Some(4));
         assert_eq!(got[2], None);
         assert_eq!(got[3], None);

@@ -20,7 +20,10 @@ pub struct CachedPrediction {
 
 impl Store {
     /// The cached predictions among `keys`, by key.
-    pub async fn cached_predictions(&self, keys: &[String]) -> Result<HashMap<String, CachedPrediction>, StoreError> {
+    pub async fn cached_predictions(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, CachedPrediction>, StoreError> {
         let mut found = HashMap::new();
         // Bounded statements: SQLite allows 32,766 parameters, PostgreSQL 65,535.
         for chunk in keys.chunks(500) {

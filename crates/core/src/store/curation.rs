@@ -63,7 +63,8 @@ pub struct FailedWebhookEvent {
 pub const FAILED_OUTCOME: &str = "failed: ";
 
 /// SQL condition matching failed events' outcomes, the older spellings included.
-const FAILED_CONDITION: &str = "(outcome LIKE 'failed: %' OR outcome LIKE 'error: %' OR outcome LIKE 'unreadable body%')";
+const FAILED_CONDITION: &str =
+    "(outcome LIKE 'failed: %' OR outcome LIKE 'error: %' OR outcome LIKE 'unreadable body%')";
 
 /// A Label Studio project as batchlab last heard of it.
 #[derive(Clone, Debug, PartialEq)]
@@ -184,7 +185,8 @@ pub struct AnnotationCounts {
     pub ground_truth: i64,
 }
 
-const ANNOTATION_COLUMNS: &str = "id, project_id, task_id, result, ground_truth, was_cancelled, lead_time, completed_by, \
+const ANNOTATION_COLUMNS: &str =
+    "id, project_id, task_id, result, ground_truth, was_cancelled, lead_time, completed_by, \
      created_at, updated_at, updated_at_us, valid, invalid_reason";
 
 fn annotation_from_row(row: &AnyRow) -> Result<AnnotationRow, sqlx::Error> {
@@ -232,7 +234,10 @@ fn flag(b: bool) -> i64 {
 impl Store {
     /// Records a delivery unless the same body was recorded before. Answers the event's id and
     /// whether it is new.
-    pub async fn insert_webhook_event(&self, e: &NewWebhookEvent<'_>) -> Result<(i64, bool), StoreError> {
+    pub async fn insert_webhook_event(
+        &self,
+        e: &NewWebhookEvent<'_>,
+    ) -> Result<(i64, bool), StoreError> {
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO webhook_events (delivery_key, action, project_id, body, received_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (delivery_key) DO NOTHING RETURNING id",
@@ -255,25 +260,40 @@ impl Store {
     }
 
     /// The oldest deliveries not processed yet, in order of arrival.
-    pub async fn pending_webhook_events(&self, limit: i64) -> Result<Vec<WebhookEvent>, StoreError> {
+    pub async fn pending_webhook_events(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<WebhookEvent>, StoreError> {
         let rows = sqlx::query("SELECT id, action, body FROM webhook_events WHERE processed_at IS NULL ORDER BY id LIMIT $1")
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| Ok(WebhookEvent { id: r.try_get("id")?, action: r.try_get("action")?, body: r.try_get("body")? }))
+            .map(|r| {
+                Ok(WebhookEvent {
+                    id: r.try_get("id")?,
+                    action: r.try_get("action")?,
+                    body: r.try_get("body")?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
 
     /// Deliveries recorded, still pending and failed; of one project when `project` is given.
-    pub async fn webhook_event_counts(&self, project: Option<i64>) -> Result<WebhookEventCounts, StoreError> {
+    pub async fn webhook_event_counts(
+        &self,
+        project: Option<i64>,
+    ) -> Result<WebhookEventCounts, StoreError> {
         let sql = format!(
             "SELECT COUNT(*) AS received, COALESCE(SUM(CASE WHEN processed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
              COALESCE(SUM(CASE WHEN {FAILED_CONDITION} THEN 1 ELSE 0 END), 0) AS failed \
              FROM webhook_events WHERE ($1 IS NULL OR project_id = $1)"
         );
-        let row = sqlx::query(&sql).bind(project).fetch_one(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(project)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(WebhookEventCounts {
             received: row.try_get("received")?,
             pending: row.try_get("pending")?,
@@ -282,19 +302,30 @@ impl Store {
     }
 
     /// The latest `limit` deliveries about `project` that could not be applied, newest first.
-    pub async fn failed_webhook_events(&self, project: i64, limit: i64) -> Result<Vec<FailedWebhookEvent>, StoreError> {
+    pub async fn failed_webhook_events(
+        &self,
+        project: i64,
+        limit: i64,
+    ) -> Result<Vec<FailedWebhookEvent>, StoreError> {
         let sql = format!(
             "SELECT id, action, outcome, received_at FROM webhook_events WHERE project_id = $1 AND {FAILED_CONDITION} \
              ORDER BY id DESC LIMIT $2"
         );
-        let rows = sqlx::query(&sql).bind(project).bind(limit).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(project)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 let outcome: String = r.try_get("outcome")?;
                 Ok(FailedWebhookEvent {
                     id: r.try_get("id")?,
                     action: r.try_get("action")?,
-                    reason: outcome.strip_prefix(FAILED_OUTCOME).unwrap_or(&outcome).to_owned(),
+                    reason: outcome
+                        .strip_prefix(FAILED_OUTCOME)
+                        .unwrap_or(&outcome)
+                        .to_owned(),
                     received_at: r.try_get("received_at")?,
                 })
             })
@@ -305,7 +336,11 @@ impl Store {
     /// Starts applying one event: the transaction first claims the event (its first statement is
     /// a write, so SQLite takes its write lock at once instead of failing to upgrade later).
     /// `None` when another processor already handled it.
-    pub async fn begin_event(&self, event_id: i64, outcome: &str) -> Result<Option<CurationTx>, StoreError> {
+    pub async fn begin_event(
+        &self,
+        event_id: i64,
+        outcome: &str,
+    ) -> Result<Option<CurationTx>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let claimed = sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3 AND processed_at IS NULL")
             .bind(now())
@@ -337,15 +372,21 @@ impl Store {
 
     /// A project, when batchlab has heard of it.
     pub async fn get_project(&self, id: i64) -> Result<Option<ProjectRow>, StoreError> {
-        let row = sqlx::query("SELECT id, title, label_config, deleted FROM ls_projects WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, title, label_config, deleted FROM ls_projects WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.as_ref().map(project_from_row).transpose()?)
     }
 
     /// Records a project (from the import or setup path) without touching a newer webhook state.
-    pub async fn ensure_project(&self, id: i64, title: &str, label_config: &str) -> Result<(), StoreError> {
+    pub async fn ensure_project(
+        &self,
+        id: i64,
+        title: &str,
+        label_config: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO ls_projects (id, title, label_config) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config \
@@ -372,10 +413,12 @@ impl Store {
         .bind(project_id)
         .fetch_one(&self.pool)
         .await?;
-        let tasks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ls_tasks WHERE project_id = $1 AND deleted = 0")
-            .bind(project_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let tasks: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM ls_tasks WHERE project_id = $1 AND deleted = 0",
+        )
+        .bind(project_id)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(AnnotationCounts {
             tasks,
             annotations: row.try_get("annotations")?,
@@ -387,7 +430,12 @@ impl Store {
     }
 
     /// Up to `limit` tasks of a project after task id `after`, in id order.
-    pub async fn tasks_page(&self, project_id: i64, after: i64, limit: i64) -> Result<Vec<TaskRow>, StoreError> {
+    pub async fn tasks_page(
+        &self,
+        project_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, project_id, data FROM ls_tasks WHERE project_id = $1 AND deleted = 0 AND id > $2 ORDER BY id LIMIT $3",
         )
@@ -397,13 +445,24 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok(TaskRow { id: r.try_get("id")?, project_id: r.try_get("project_id")?, data: r.try_get("data")? }))
+            .map(|r| {
+                Ok(TaskRow {
+                    id: r.try_get("id")?,
+                    project_id: r.try_get("project_id")?,
+                    data: r.try_get("data")?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
 
     /// A project's live annotations on tasks `first..=last`, by task then id.
-    pub async fn annotations_in_range(&self, project_id: i64, first: i64, last: i64) -> Result<Vec<AnnotationRow>, StoreError> {
+    pub async fn annotations_in_range(
+        &self,
+        project_id: i64,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations \
              WHERE project_id = $1 AND deleted = 0 AND task_id >= $2 AND task_id <= $3 ORDER BY task_id, id"
@@ -413,7 +472,10 @@ impl Store {
         .bind(last)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(annotation_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(annotation_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// A project's valid ground-truth annotations (the newest per task when several).
@@ -446,13 +508,23 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok(TaskRow { id: r.try_get("id")?, project_id: r.try_get("project_id")?, data: r.try_get("data")? }))
+            .map(|r| {
+                Ok(TaskRow {
+                    id: r.try_get("id")?,
+                    project_id: r.try_get("project_id")?,
+                    data: r.try_get("data")?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
 
     /// A project's annotations that do not fit its labeling config.
-    pub async fn invalid_annotations(&self, project_id: i64, limit: i64) -> Result<Vec<AnnotationRow>, StoreError> {
+    pub async fn invalid_annotations(
+        &self,
+        project_id: i64,
+        limit: i64,
+    ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0 AND valid = 0 \
              ORDER BY id LIMIT $2"
@@ -461,7 +533,10 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(annotation_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(annotation_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// Records predictions (replacing one of the same task, model version and source).
@@ -488,7 +563,12 @@ impl Store {
     }
 
     /// A project's stored predictions on tasks `first..=last` (all tasks with `i64::MIN..=i64::MAX`).
-    pub async fn predictions_in_range(&self, project_id: i64, first: i64, last: i64) -> Result<Vec<PredictionRow>, StoreError> {
+    pub async fn predictions_in_range(
+        &self,
+        project_id: i64,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<PredictionRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT project_id, task_id, model_version, source, score, result FROM ls_predictions \
              WHERE project_id = $1 AND task_id >= $2 AND task_id <= $3 ORDER BY task_id, id",
@@ -498,13 +578,22 @@ impl Store {
         .bind(last)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(prediction_from_row).collect::<Result<_, _>>()?)
+        Ok(rows
+            .iter()
+            .map(prediction_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// Claims a milestone export: true once per project and milestone, unless an earlier claim
     /// was never written (its process died) and is older than `stale_after` seconds, in which
     /// case this call takes it over.
-    pub async fn claim_milestone(&self, project_id: i64, milestone: i64, path: &str, stale_after: i64) -> Result<bool, StoreError> {
+    pub async fn claim_milestone(
+        &self,
+        project_id: i64,
+        milestone: i64,
+        path: &str,
+        stale_after: i64,
+    ) -> Result<bool, StoreError> {
         let t = now();
         let inserted = sqlx::query(
             "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, written) \
@@ -535,12 +624,18 @@ impl Store {
     }
 
     /// Gives a claimed milestone back after its export failed, so that it is tried again.
-    pub async fn release_milestone(&self, project_id: i64, milestone: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM curation_exports WHERE project_id = $1 AND milestone = $2 AND written = 0")
-            .bind(project_id)
-            .bind(milestone)
-            .execute(&self.pool)
-            .await?;
+    pub async fn release_milestone(
+        &self,
+        project_id: i64,
+        milestone: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM curation_exports WHERE project_id = $1 AND milestone = $2 AND written = 0",
+        )
+        .bind(project_id)
+        .bind(milestone)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -606,7 +701,12 @@ impl Store {
     }
 
     /// Keeps an accuracy record for a checkpoint unless one exists; true when this call kept it.
-    pub async fn insert_accuracy_record(&self, project_id: i64, checkpoint: i64, report: &str) -> Result<bool, StoreError> {
+    pub async fn insert_accuracy_record(
+        &self,
+        project_id: i64,
+        checkpoint: i64,
+        report: &str,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "INSERT INTO accuracy_records (project_id, checkpoint, report, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (project_id, checkpoint) DO NOTHING",
@@ -622,13 +722,22 @@ impl Store {
     }
 
     /// A project's accuracy records, oldest checkpoint first.
-    pub async fn accuracy_records(&self, project_id: i64) -> Result<Vec<AccuracyRecord>, StoreError> {
+    pub async fn accuracy_records(
+        &self,
+        project_id: i64,
+    ) -> Result<Vec<AccuracyRecord>, StoreError> {
         let rows = sqlx::query("SELECT checkpoint, report, created_at FROM accuracy_records WHERE project_id = $1 ORDER BY checkpoint")
             .bind(project_id)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| Ok(AccuracyRecord { checkpoint: r.try_get("checkpoint")?, report: r.try_get("report")?, created_at: r.try_get("created_at")? }))
+            .map(|r| {
+                Ok(AccuracyRecord {
+                    checkpoint: r.try_get("checkpoint")?,
+                    report: r.try_get("report")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
@@ -658,11 +767,18 @@ impl CurationTx {
 
     /// Records a project's title and config unless a newer state is stored. True when the
     /// stored labeling config changed.
-    pub async fn upsert_project(&mut self, id: i64, title: &str, label_config: &str, updated_at_us: i64) -> Result<bool, StoreError> {
-        let before: Option<String> = sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
+    pub async fn upsert_project(
+        &mut self,
+        id: i64,
+        title: &str,
+        label_config: &str,
+        updated_at_us: i64,
+    ) -> Result<bool, StoreError> {
+        let before: Option<String> =
+            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         sqlx::query(
             "INSERT INTO ls_projects (id, title, label_config, updated_at_us) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config, \
@@ -674,10 +790,11 @@ impl CurationTx {
         .bind(updated_at_us)
         .execute(&mut *self.tx)
         .await?;
-        let after: String = sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *self.tx)
-            .await?;
+        let after: String =
+            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *self.tx)
+                .await?;
         Ok(before.as_deref() != Some(after.as_str()))
     }
 
@@ -694,15 +811,20 @@ impl CurationTx {
 
     /// The stored labeling config of a project, if any.
     pub async fn project_config(&mut self, id: i64) -> Result<Option<String>, StoreError> {
-        let config: Option<String> = sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
+        let config: Option<String> =
+            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         Ok(config.filter(|c| !c.is_empty()))
     }
 
     /// Records a task's data unless a newer state (or its deletion) is stored.
-    pub async fn upsert_task(&mut self, task: &TaskRow, updated_at_us: i64) -> Result<(), StoreError> {
+    pub async fn upsert_task(
+        &mut self,
+        task: &TaskRow,
+        updated_at_us: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO ls_tasks (id, project_id, data, updated_at_us) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id, data = excluded.data, \
@@ -729,7 +851,10 @@ impl CurationTx {
             .bind(project_id)
             .execute(&mut *self.tx)
             .await?;
-            sqlx::query("UPDATE ls_annotations SET deleted = 1 WHERE task_id = $1").bind(id).execute(&mut *self.tx).await?;
+            sqlx::query("UPDATE ls_annotations SET deleted = 1 WHERE task_id = $1")
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
         }
         Ok(())
     }
@@ -781,7 +906,11 @@ impl CurationTx {
 
     /// Marks annotations deleted; an id not seen yet leaves a tombstone that a late creation
     /// cannot overwrite.
-    pub async fn delete_annotations(&mut self, project_id: i64, ids: &[i64]) -> Result<(), StoreError> {
+    pub async fn delete_annotations(
+        &mut self,
+        project_id: i64,
+        ids: &[i64],
+    ) -> Result<(), StoreError> {
         for id in ids {
             sqlx::query(
                 "INSERT INTO ls_annotations (id, project_id, task_id, result, deleted, valid) VALUES ($1, $2, 0, '[]', 1, 0) \
@@ -796,16 +925,28 @@ impl CurationTx {
     }
 
     /// A project's live annotations, for re-validation after its config changed.
-    pub async fn project_annotations(&mut self, project_id: i64) -> Result<Vec<AnnotationRow>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0"))
-            .bind(project_id)
-            .fetch_all(&mut *self.tx)
-            .await?;
-        Ok(rows.iter().map(annotation_from_row).collect::<Result<_, _>>()?)
+    pub async fn project_annotations(
+        &mut self,
+        project_id: i64,
+    ) -> Result<Vec<AnnotationRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0"
+        ))
+        .bind(project_id)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(annotation_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     /// Sets an annotation's validity.
-    pub async fn set_validity(&mut self, id: i64, invalid_reason: Option<&str>) -> Result<(), StoreError> {
+    pub async fn set_validity(
+        &mut self,
+        id: i64,
+        invalid_reason: Option<&str>,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE ls_annotations SET valid = $1, invalid_reason = $2 WHERE id = $3")
             .bind(flag(invalid_reason.is_none()))
             .bind(invalid_reason)

@@ -76,20 +76,32 @@ impl Store {
         limit: i64,
         ascending: bool,
     ) -> Result<Vec<FileRecord>, StoreError> {
-        let (cmp, order) = if ascending { (">", "ASC") } else { ("<", "DESC") };
+        let (cmp, order) = if ascending {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
         let sql = format!(
             "SELECT {COLUMNS} FROM files \
              WHERE ($1 IS NULL OR purpose = $1) \
                AND ($2 IS NULL OR seq {cmp} (SELECT seq FROM files WHERE id = $2)) \
              ORDER BY seq {order} LIMIT $3"
         );
-        let rows = sqlx::query(&sql).bind(purpose).bind(after).bind(limit + 1).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(purpose)
+            .bind(after)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 
     /// Deletes a file's row; `false` when there was none.
     pub async fn delete_file(&self, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM files WHERE id = $1").bind(id).execute(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM files WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 }

@@ -15,12 +15,15 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
-pub use batches::{BatchLine, BatchRecord, BatchStatus, FileDeletion, LineKind, NewBatch, NulInText};
-pub use curation::{
-    AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, NewWebhookEvent, PredictionRow, ProjectRow,
-    TaskRow, WebhookEvent, WebhookEventCounts, FailedWebhookEvent, FAILED_OUTCOME,
+pub use batches::{
+    BatchLine, BatchRecord, BatchStatus, FileDeletion, LineKind, NewBatch, NulInText,
 };
 pub use cache::CachedPrediction;
+pub use curation::{
+    AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, FailedWebhookEvent,
+    NewWebhookEvent, PredictionRow, ProjectRow, TaskRow, WebhookEvent, WebhookEventCounts,
+    FAILED_OUTCOME,
+};
 pub use files::FileRecord;
 
 /// Which database a [`Store`] talks to.
@@ -83,7 +86,11 @@ impl Store {
                 }
             }
             if !url.contains("mode=") && !url.contains(":memory:") {
-                url.push_str(if url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+                url.push_str(if url.contains('?') {
+                    "&mode=rwc"
+                } else {
+                    "?mode=rwc"
+                });
             }
         }
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
@@ -156,14 +163,19 @@ impl Store {
 }
 
 fn sqlite_path(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| path.to_string())
 }
 
 /// Current time in unix seconds, the unit of every stored timestamp.
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -172,8 +184,14 @@ mod tests {
 
     #[test]
     fn sqlite_paths_are_read_from_urls() {
-        assert_eq!(sqlite_path("sqlite://data/batchlab.db").as_deref(), Some("data/batchlab.db"));
-        assert_eq!(sqlite_path("sqlite:///tmp/x.db?mode=rwc").as_deref(), Some("/tmp/x.db"));
+        assert_eq!(
+            sqlite_path("sqlite://data/batchlab.db").as_deref(),
+            Some("data/batchlab.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/x.db?mode=rwc").as_deref(),
+            Some("/tmp/x.db")
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 }

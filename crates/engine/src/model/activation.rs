@@ -31,7 +31,11 @@ const CHUNK: usize = 4096;
 /// `act(gate) × up`, element-wise, for two tensors of one shape.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
     if gate.shape() != up.shape() {
-        candle_core::bail!("gated activation: gate {:?} and up {:?} differ", gate.shape(), up.shape())
+        candle_core::bail!(
+            "gated activation: gate {:?} and up {:?} differ",
+            gate.shape(),
+            up.shape()
+        )
     }
     if !gate.device().is_cpu() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
         let act = match kind {
@@ -102,11 +106,18 @@ unsafe fn apply_avx512(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     debug_assert!(g.len() == u.len() && g.len() == out.len());
     let one = _mm512_set1_ps(1.0);
-    let (scale, cubic) = (_mm512_set1_ps(2.0 * SQRT_2_OVER_PI), _mm512_set1_ps(GELU_CUBIC));
+    let (scale, cubic) = (
+        _mm512_set1_ps(2.0 * SQRT_2_OVER_PI),
+        _mm512_set1_ps(GELU_CUBIC),
+    );
     let mut i = 0;
     while i < g.len() {
         let left = g.len() - i;
-        let mask: __mmask16 = if left >= 16 { 0xFFFF } else { (1u16 << left) - 1 };
+        let mask: __mmask16 = if left >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << left) - 1
+        };
         // SAFETY: the mask covers only values inside the slices (the caller's contract).
         unsafe {
             let x = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
@@ -135,12 +146,21 @@ unsafe fn apply_avx512(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    const C: [f32; 6] = [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5];
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0)), _mm512_set1_ps(88.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
+    const C: [f32; 6] = [
+        1.987_569_2e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-88.0)),
+        _mm512_set1_ps(88.0),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
     // r = x − n·ln 2, with ln 2 split in two for precision.
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
@@ -148,7 +168,11 @@ unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 
     for c in &C[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
-    let p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let p = _mm512_fmadd_ps(
+        p,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
     _mm512_scalef_ps(p, n)
 }
 
@@ -159,7 +183,9 @@ mod tests {
     /// Inputs across the range an MLP sees, and past it.
     fn inputs() -> Vec<f32> {
         let mut v: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) / 128.0).collect();
-        v.extend([0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0, 200.0, -200.0, 1e6, -1e6]);
+        v.extend([
+            0.0, -0.0, 1e-30, -1e-30, 50.0, -50.0, 200.0, -200.0, 1e6, -1e6,
+        ]);
         v
     }
 
@@ -176,18 +202,25 @@ mod tests {
                 let want = match kind {
                     Gate::Silu => x64 / (1.0 + (-x64).exp()),
                     Gate::GeluTanh => {
-                        let inner = f64::from(SQRT_2_OVER_PI) * (x64 + f64::from(GELU_CUBIC) * x64 * x64 * x64);
+                        let inner = f64::from(SQRT_2_OVER_PI)
+                            * (x64 + f64::from(GELU_CUBIC) * x64 * x64 * x64);
                         let textbook = 0.5 * x64 * (1.0 + inner.tanh());
                         // ½(1 + tanh u) = σ(2u); f64's `1 + tanh` cancels to 0 below about -9.
                         let logistic = x64 / (1.0 + (-2.0 * inner).exp());
-                        assert!((textbook - logistic).abs() <= 1e-15 * x64.abs().max(1.0), "{x}");
+                        assert!(
+                            (textbook - logistic).abs() <= 1e-15 * x64.abs().max(1.0),
+                            "{x}"
+                        );
                         logistic
                     }
                 } * u64;
                 // An f32 `k` carries a relative error of ~1e-7, which `e⁻ᵏ` turns into ~1e-7·|k|.
                 let k = f64::from(exponent(kind, x)).abs();
                 let err = (f64::from(y) - want).abs();
-                assert!(err <= (4e-7 + 1.2e-7 * k) * want.abs() + 1e-30, "{kind:?}({x}) × {u} = {y}, want {want}");
+                assert!(
+                    err <= (4e-7 + 1.2e-7 * k) * want.abs() + 1e-30,
+                    "{kind:?}({x}) × {u} = {y}, want {want}"
+                );
             }
         }
     }
@@ -229,7 +262,10 @@ mod tests {
 
     #[test]
     fn a_non_contiguous_gate_is_read_as_laid_out() {
-        let g = Tensor::new(&[[1f32, -2.0], [3.0, -4.0]], &Device::Cpu).unwrap().t().unwrap();
+        let g = Tensor::new(&[[1f32, -2.0], [3.0, -4.0]], &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
         let u = Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap();
         let ours = gated(&g, &u, Gate::Silu).unwrap().to_vec2::<f32>().unwrap();
         let theirs = candle_nn::ops::silu(&g).unwrap().to_vec2::<f32>().unwrap();

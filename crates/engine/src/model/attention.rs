@@ -17,7 +17,10 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// Contiguous data of a CPU tensor (from its layout's start offset).
-fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [T]> {
+fn cpu_slice<'a, T: WithDType>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> Result<&'a [T]> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("attention needs contiguous tensors")
     };
@@ -94,7 +97,10 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
     let kv_heads = heads / group;
     let (q_storage, q_layout) = q.storage_and_layout();
     let q = cpu_slice::<f32>(&q_storage, q_layout)?;
-    let guards: Vec<_> = segments.iter().map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout())).collect();
+    let guards: Vec<_> = segments
+        .iter()
+        .map(|s| (s.k.storage_and_layout(), s.v.storage_and_layout()))
+        .collect();
     let mut kv = Vec::with_capacity(segments.len());
     let mut offsets = Vec::with_capacity(segments.len());
     let mut items = Vec::new(); // (segment, kv head, first row, rows)
@@ -105,10 +111,15 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         let fits = if s.modulus == usize::MAX {
             s.past + s.n <= cap
         } else {
-            (s.past + s.n <= cap || s.modulus <= cap) && s.window.is_some_and(|w| w + s.n - 1 <= s.modulus)
+            (s.past + s.n <= cap || s.modulus <= cap)
+                && s.window.is_some_and(|w| w + s.n - 1 <= s.modulus)
         };
         if !fits {
-            candle_core::bail!("attention past the cache: {} + {} positions in {cap} slots", s.past, s.n)
+            candle_core::bail!(
+                "attention past the cache: {} + {} positions in {cap} slots",
+                s.past,
+                s.n
+            )
         }
         kv.push((cpu_slice::<f16>(ks, kl)?, cpu_slice::<f16>(vs, vl)?, cap));
         offsets.push(offset);
@@ -127,7 +138,9 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         let base = kvh * cap * hd;
         let (k, v) = (&k[base..base + cap * hd], &v[base..base + cap * hd]);
         // Positions any of these rows sees, widened once.
-        let lo = seg.window.map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
+        let lo = seg
+            .window
+            .map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
         let hi = seg.past + r0 + rows;
         let (mut kf, mut vf) = (Vec::new(), Vec::new());
         widen(k, seg.modulus, hd, lo, hi, &mut kf);
@@ -196,21 +209,43 @@ mod tests {
         let dev = Device::Cpu;
         let (heads, kv, hd, cap, n) = (4, 2, 12, 10, 4);
         let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let v = Tensor::randn(0f32, 1.0, (kv, cap, hd), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
         type Rows = Vec<Vec<Vec<f32>>>;
         let wide = |t: &Tensor| -> Rows { t.to_dtype(DType::F32).unwrap().to_vec3().unwrap() };
         let (qr, kr, vr): (Rows, Rows, Rows) = (q.to_vec3().unwrap(), wide(&k), wide(&v));
-        let cases = [(3, None, usize::MAX), (3, Some(3), usize::MAX), (3, Some(1), usize::MAX), (12, Some(3), cap)];
+        let cases = [
+            (3, None, usize::MAX),
+            (3, Some(3), usize::MAX),
+            (3, Some(1), usize::MAX),
+            (12, Some(3), cap),
+        ];
         for (past, window, modulus) in cases {
-            let seg = [SegmentKv { k: &k, v: &v, modulus, past, n, window }];
+            let seg = [SegmentKv {
+                k: &k,
+                v: &v,
+                modulus,
+                past,
+                n,
+                window,
+            }];
             let got: Rows = attend(&q, &seg, heads / kv).unwrap().to_vec3().unwrap();
             for h in 0..heads {
                 for i in 0..n {
                     let kvh = h / (heads / kv);
                     let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
                     let s: Vec<f64> = (first..=past + i)
-                        .map(|j| (0..hd).map(|d| qr[h][i][d] as f64 * kr[kvh][j % modulus][d] as f64).sum())
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| qr[h][i][d] as f64 * kr[kvh][j % modulus][d] as f64)
+                                .sum()
+                        })
                         .collect();
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -218,9 +253,14 @@ mod tests {
                         let want: f64 = s
                             .iter()
                             .enumerate()
-                            .map(|(j, x)| (x - m).exp() / z * vr[kvh][(first + j) % modulus][d] as f64)
+                            .map(|(j, x)| {
+                                (x - m).exp() / z * vr[kvh][(first + j) % modulus][d] as f64
+                            })
                             .sum();
-                        assert!((got[h][i][d] as f64 - want).abs() < 1e-5, "past {past} window {window:?} h{h} i{i} d{d}");
+                        assert!(
+                            (got[h][i][d] as f64 - want).abs() < 1e-5,
+                            "past {past} window {window:?} h{h} i{i} d{d}"
+                        );
                     }
                 }
             }
@@ -233,13 +273,31 @@ mod tests {
     fn rows_do_not_depend_on_the_chunk() {
         let dev = Device::Cpu;
         let (heads, hd, cap, n) = (3, 64, 90, 70);
-        let kv = |seed: f32| Tensor::randn(seed, 1.0, (1, cap, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
+        let kv = |seed: f32| {
+            Tensor::randn(seed, 1.0, (1, cap, hd), &dev)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap()
+        };
         let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
         let (k, v) = (kv(0.0), kv(0.5));
-        let seg = |k, past, n| SegmentKv { k, v: &v, modulus: usize::MAX, past, n, window: None };
-        let whole: Vec<Vec<Vec<f32>>> = attend(&q, &[seg(&k, 0, n)], heads).unwrap().to_vec3().unwrap();
+        let seg = |k, past, n| SegmentKv {
+            k,
+            v: &v,
+            modulus: usize::MAX,
+            past,
+            n,
+            window: None,
+        };
+        let whole: Vec<Vec<Vec<f32>>> = attend(&q, &[seg(&k, 0, n)], heads)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         let tail = q.narrow(1, 5, n - 5).unwrap().contiguous().unwrap();
-        let part: Vec<Vec<Vec<f32>>> = attend(&tail, &[seg(&k, 5, n - 5)], heads).unwrap().to_vec3().unwrap();
+        let part: Vec<Vec<Vec<f32>>> = attend(&tail, &[seg(&k, 5, n - 5)], heads)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         for h in 0..heads {
             for i in 0..n - 5 {
                 assert_eq!(whole[h][i + 5], part[h][i], "h{h} i{i}");
@@ -247,8 +305,14 @@ mod tests {
         }
         // Two segments (other sequences) in one call change nothing either.
         let k2 = kv(1.0);
-        let both = Tensor::cat(&[&tail, &q.narrow(1, 0, 3).unwrap()], 1).unwrap().contiguous().unwrap();
-        let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &[seg(&k, 5, n - 5), seg(&k2, 0, 3)], heads).unwrap().to_vec3().unwrap();
+        let both = Tensor::cat(&[&tail, &q.narrow(1, 0, 3).unwrap()], 1)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let mixed: Vec<Vec<Vec<f32>>> = attend(&both, &[seg(&k, 5, n - 5), seg(&k2, 0, 3)], heads)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
         for h in 0..heads {
             for i in 0..n - 5 {
                 assert_eq!(mixed[h][i], part[h][i]);

@@ -72,7 +72,14 @@ const MIN_CAPACITY: usize = 64;
 const RING_SLACK: usize = 64;
 
 /// Copies positions `from..to` between two caches of one layer, each slot `p % modulus`.
-fn copy_positions(src: &Tensor, src_mod: usize, dst: &Tensor, dst_mod: usize, from: usize, to: usize) -> Result<()> {
+fn copy_positions(
+    src: &Tensor,
+    src_mod: usize,
+    dst: &Tensor,
+    dst_mod: usize,
+    from: usize,
+    to: usize,
+) -> Result<()> {
     let mut p = from;
     while p < to {
         let (s, d) = (p % src_mod, p % dst_mod);
@@ -94,12 +101,23 @@ impl SeqCache {
     fn empty(shape: CacheShape, capacity: usize, ring: usize, device: &Device) -> Result<Self> {
         let layers = (0..shape.layers)
             .map(|li| {
-                let slots = if shape.window(li).is_some() { capacity.min(ring) } else { capacity };
+                let slots = if shape.window(li).is_some() {
+                    capacity.min(ring)
+                } else {
+                    capacity
+                };
                 let z = || Tensor::zeros((shape.kv_heads, slots, shape.head_dim), KV_DTYPE, device);
                 Ok((z()?, z()?))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { shape, layers, capacity, ring, len: 0, oldest: 0 })
+        Ok(Self {
+            shape,
+            layers,
+            capacity,
+            ring,
+            len: 0,
+            oldest: 0,
+        })
     }
 
     /// Positions processed so far.
@@ -121,9 +139,16 @@ impl SeqCache {
     pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
         let need = self.len + extra;
         if need > self.shape.max_len {
-            candle_core::bail!("sequence of {need} positions exceeds the context of {}", self.shape.max_len)
+            candle_core::bail!(
+                "sequence of {need} positions exceeds the context of {}",
+                self.shape.max_len
+            )
         }
-        let capacity = if need <= self.capacity { self.capacity } else { need.max(self.capacity * 2).min(self.shape.max_len) };
+        let capacity = if need <= self.capacity {
+            self.capacity
+        } else {
+            need.max(self.capacity * 2).min(self.shape.max_len)
+        };
         let ring = match self.shape.local {
             Some(l) => self.ring.max(l.window + extra),
             None => self.ring,
@@ -134,14 +159,22 @@ impl SeqCache {
         for li in 0..self.layers.len() {
             let local = self.shape.window(li).is_some();
             let slots = if local { capacity.min(ring) } else { capacity };
-            let (old_mod, new_mod) = if local { (self.ring, ring) } else { (usize::MAX, usize::MAX) };
+            let (old_mod, new_mod) = if local {
+                (self.ring, ring)
+            } else {
+                (usize::MAX, usize::MAX)
+            };
             let from = if local { self.oldest } else { 0 };
             let (k, v) = &mut self.layers[li];
             for t in [k, v] {
                 if t.dims3()?.1 == slots && old_mod == new_mod {
                     continue;
                 }
-                let bigger = Tensor::zeros((self.shape.kv_heads, slots, self.shape.head_dim), KV_DTYPE, t.device())?;
+                let bigger = Tensor::zeros(
+                    (self.shape.kv_heads, slots, self.shape.head_dim),
+                    KV_DTYPE,
+                    t.device(),
+                )?;
                 copy_positions(t, old_mod, &bigger, new_mod, from, self.len)?;
                 *t = bigger;
             }
@@ -176,7 +209,10 @@ impl SeqCache {
             candle_core::bail!("layer {layer} keeps a ring of positions, not a prefix")
         }
         let (kc, vc) = &self.layers[layer];
-        Ok((kc.narrow(1, 0, self.len + n)?, vc.narrow(1, 0, self.len + n)?))
+        Ok((
+            kc.narrow(1, 0, self.len + n)?,
+            vc.narrow(1, 0, self.len + n)?,
+        ))
     }
 
     /// The key and value tensors of layer `layer`, `[kv_heads, slots, head_dim]`, and the slot
@@ -214,14 +250,32 @@ impl SeqCache {
     pub(crate) fn fork_prefix(&self, len: usize, extra: usize) -> Result<Self> {
         let len = len.min(self.len);
         if !self.can_resume_at(len) {
-            candle_core::bail!("cannot copy the first {len} positions: the sliding-window layers moved past them")
+            candle_core::bail!(
+                "cannot copy the first {len} positions: the sliding-window layers moved past them"
+            )
         }
-        let ring = self.shape.local.map_or(usize::MAX, |l| l.window + RING_SLACK.max(extra));
-        let mut copy = Self::empty(self.shape, (len + extra).clamp(MIN_CAPACITY.min(self.shape.max_len), self.shape.max_len), ring, self.layers[0].0.device())?;
-        copy.oldest = if self.shape.local.is_some() { self.oldest.max(len.saturating_sub(ring)) } else { 0 };
+        let ring = self
+            .shape
+            .local
+            .map_or(usize::MAX, |l| l.window + RING_SLACK.max(extra));
+        let mut copy = Self::empty(
+            self.shape,
+            (len + extra).clamp(MIN_CAPACITY.min(self.shape.max_len), self.shape.max_len),
+            ring,
+            self.layers[0].0.device(),
+        )?;
+        copy.oldest = if self.shape.local.is_some() {
+            self.oldest.max(len.saturating_sub(ring))
+        } else {
+            0
+        };
         for (li, (k, v)) in self.layers.iter().enumerate() {
             let local = self.shape.window(li).is_some();
-            let (src_mod, dst_mod) = if local { (self.ring, ring) } else { (usize::MAX, usize::MAX) };
+            let (src_mod, dst_mod) = if local {
+                (self.ring, ring)
+            } else {
+                (usize::MAX, usize::MAX)
+            };
             let from = if local { copy.oldest } else { 0 };
             let (ck, cv) = &copy.layers[li];
             copy_positions(k, src_mod, ck, dst_mod, from, len)?;
@@ -241,7 +295,11 @@ impl SeqCache {
         let mut copy = Self::empty(self.shape, capacity, self.ring, self.layers[0].0.device())?;
         for (li, (k, v)) in self.layers.iter().enumerate() {
             let m = self.modulus(li);
-            let from = if self.shape.window(li).is_some() { self.oldest } else { 0 };
+            let from = if self.shape.window(li).is_some() {
+                self.oldest
+            } else {
+                0
+            };
             let (ck, cv) = &copy.layers[li];
             copy_positions(k, m, ck, m, from, self.len)?;
             copy_positions(v, m, cv, m, from, self.len)?;
@@ -253,7 +311,10 @@ impl SeqCache {
 
     /// Bytes of keys and values this cache holds, spare room included.
     pub(crate) fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Bytes of keys and values per position (as global layers keep them; an upper bound).
@@ -267,7 +328,13 @@ mod tests {
     use super::*;
 
     fn shape(local: Option<LocalLayers>) -> CacheShape {
-        CacheShape { layers: 2, kv_heads: 1, head_dim: 2, max_len: 200, local }
+        CacheShape {
+            layers: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            max_len: 200,
+            local,
+        }
     }
 
     fn rows(from: f32, n: usize) -> Tensor {
@@ -278,13 +345,20 @@ mod tests {
     /// Key of position `p` in layer `layer`, read through the slot mapping.
     fn key_at(c: &SeqCache, layer: usize, p: usize) -> Vec<f32> {
         let (k, _, m) = c.layer(layer);
-        k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()[p % m].clone()
+        k.squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()[p % m]
+            .clone()
     }
 
     fn append(c: &mut SeqCache, from: usize, n: usize) {
         c.reserve(n).unwrap();
         for layer in 0..2 {
-            c.write(layer, &rows(from as f32 * 2.0, n), &rows(-(from as f32), n)).unwrap();
+            c.write(layer, &rows(from as f32 * 2.0, n), &rows(-(from as f32), n))
+                .unwrap();
         }
         c.advance(n);
     }
@@ -297,7 +371,13 @@ mod tests {
         }
         assert_eq!(c.len(), 100);
         let (k, _) = c.view(0, 0).unwrap();
-        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let k: Vec<Vec<f32>> = k
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(k[0], vec![0.0, 1.0]);
         assert_eq!(k[99], vec![198.0, 199.0]);
 
@@ -309,7 +389,13 @@ mod tests {
         // Writing into the fork left the original alone (its slot 100 is still zero).
         c.reserve(1).unwrap();
         let (k, _) = c.view(0, 1).unwrap();
-        let k: Vec<Vec<f32>> = k.squeeze(0).unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+        let k: Vec<Vec<f32>> = k
+            .squeeze(0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(k[100], vec![0.0, 0.0]);
         let mut c = c.fork_prefix(10, 0).unwrap();
         assert_eq!(c.len(), 10);
@@ -320,7 +406,10 @@ mod tests {
     /// wraps around, grows for a long write, and refuses to go back past what it holds.
     #[test]
     fn sliding_window_layers_keep_a_ring() {
-        let local = Some(LocalLayers { window: 4, period: 2 });
+        let local = Some(LocalLayers {
+            window: 4,
+            period: 2,
+        });
         let mut c = SeqCache::new(shape(local), 150, &Device::Cpu).unwrap();
         let ring = 4 + RING_SLACK;
         assert_eq!(c.layer(0).0.dims3().unwrap().1, ring);
@@ -339,7 +428,11 @@ mod tests {
         append(&mut c, 100, 80);
         assert!(c.layer(0).0.dims3().unwrap().1 >= 84);
         for p in 96..180 {
-            assert_eq!(key_at(&c, 0, p)[0], (if p < 100 { p * 2 } else { 200 + (p - 100) * 2 }) as f32, "p{p}");
+            assert_eq!(
+                key_at(&c, 0, p)[0],
+                (if p < 100 { p * 2 } else { 200 + (p - 100) * 2 }) as f32,
+                "p{p}"
+            );
         }
         // Forking a recent prefix works; a prefix the ring moved past is refused.
         let f = c.fork_prefix(170, 3).unwrap();
@@ -352,19 +445,41 @@ mod tests {
     /// A compacted cache holds its positions and no more; a ring that wrapped stays a ring.
     #[test]
     fn compact_drops_spare_room_and_keeps_every_position() {
-        for (local, n) in [(None, 30), (Some(LocalLayers { window: 4, period: 2 }), 30), (Some(LocalLayers { window: 4, period: 2 }), 150)] {
+        for (local, n) in [
+            (None, 30),
+            (
+                Some(LocalLayers {
+                    window: 4,
+                    period: 2,
+                }),
+                30,
+            ),
+            (
+                Some(LocalLayers {
+                    window: 4,
+                    period: 2,
+                }),
+                150,
+            ),
+        ] {
             let mut c = SeqCache::new(shape(local), 190, &Device::Cpu).unwrap();
             for p in 0..n {
                 append(&mut c, p, 1);
             }
             let before = c.bytes();
             let oldest = c.oldest;
-            let want: Vec<Vec<f32>> = (oldest..n).map(|p| key_at(&c, 1, p)).chain((n - 4..n).map(|p| key_at(&c, 0, p))).collect();
+            let want: Vec<Vec<f32>> = (oldest..n)
+                .map(|p| key_at(&c, 1, p))
+                .chain((n - 4..n).map(|p| key_at(&c, 0, p)))
+                .collect();
             let c = c.compact().unwrap();
             assert!(c.bytes() < before, "{local:?} {n}");
             assert!(c.bytes() <= n * SeqCache::bytes_per_position(&shape(local)));
             assert_eq!(c.len(), n);
-            let got: Vec<Vec<f32>> = (oldest..n).map(|p| key_at(&c, 1, p)).chain((n - 4..n).map(|p| key_at(&c, 0, p))).collect();
+            let got: Vec<Vec<f32>> = (oldest..n)
+                .map(|p| key_at(&c, 1, p))
+                .chain((n - 4..n).map(|p| key_at(&c, 0, p)))
+                .collect();
             assert_eq!(got, want);
             assert!(c.can_resume_at(n));
         }

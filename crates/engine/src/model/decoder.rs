@@ -63,19 +63,25 @@ impl DecoderConfig {
             Arch::Gemma3 => "gemma3",
         };
         let get = |k: &str| ct.metadata.get(&format!("{prefix}.{k}"));
-        let md = |k: &str| get(k).ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks {prefix}.{k}")));
+        let md = |k: &str| {
+            get(k).ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks {prefix}.{k}")))
+        };
         let opt_u32 = |k: &str| get(k).and_then(|v| v.to_u32().ok()).map(|v| v as usize);
         let opt_f32 = |k: &str| get(k).and_then(|v| v.to_f32().ok());
         let heads = md("attention.head_count")?.to_u32()? as usize;
         let hidden = md("embedding_length")?.to_u32()? as usize;
-        let head_dim = opt_u32("attention.key_length").or_else(|| opt_u32("rope.dimension_count")).unwrap_or(hidden / heads);
+        let head_dim = opt_u32("attention.key_length")
+            .or_else(|| opt_u32("rope.dimension_count"))
+            .unwrap_or(hidden / heads);
         let sliding = match arch {
             Arch::Llama => None,
             // llama.cpp's values for Gemma 3 where the GGUF has none.
             Arch::Gemma3 => Some((
                 LocalLayers {
                     window: opt_u32("attention.sliding_window").unwrap_or(512),
-                    period: opt_u32("attention.sliding_window_pattern").filter(|&p| p > 0).unwrap_or(6),
+                    period: opt_u32("attention.sliding_window_pattern")
+                        .filter(|&p| p > 0)
+                        .unwrap_or(6),
                 },
                 opt_f32("rope.freq_base_swa").unwrap_or(10_000.0),
             )),
@@ -88,7 +94,9 @@ impl DecoderConfig {
             head_dim,
             hidden,
             rope_base: opt_f32("rope.freq_base").unwrap_or(10_000.0),
-            rope_scale: opt_f32("rope.scaling.factor").filter(|f| *f > 0.0).map_or(1.0, |f| 1.0 / f),
+            rope_scale: opt_f32("rope.scaling.factor")
+                .filter(|f| *f > 0.0)
+                .map_or(1.0, |f| 1.0 / f),
             rms_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
             context_length: md("context_length")?.to_u32()? as usize,
             sliding,
@@ -167,16 +175,34 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     /// Builds the model from GGUF weights, with RoPE tables for `max_len` positions.
-    pub(crate) fn load(config: DecoderConfig, w: &mut GgufWeights<'_>, max_len: usize) -> Result<Self> {
+    pub(crate) fn load(
+        config: DecoderConfig,
+        w: &mut GgufWeights<'_>,
+        max_len: usize,
+    ) -> Result<Self> {
         let device = w.device().clone();
         // Llama 3.1-style frequency factors divide the global RoPE frequencies.
         let factors = match w.try_f32("rope_freqs.weight")? {
             Some(t) => Some(t.to_vec1::<f32>()?),
             None => None,
         };
-        let mut rope = vec![rope_tables(config.head_dim, config.rope_base, config.rope_scale, factors.as_deref(), max_len, &device)?];
+        let mut rope = vec![rope_tables(
+            config.head_dim,
+            config.rope_base,
+            config.rope_scale,
+            factors.as_deref(),
+            max_len,
+            &device,
+        )?];
         if let Some((_, base)) = config.sliding {
-            rope.push(rope_tables(config.head_dim, base, 1.0, None, max_len, &device)?);
+            rope.push(rope_tables(
+                config.head_dim,
+                base,
+                1.0,
+                None,
+                max_len,
+                &device,
+            )?);
         }
         let gemma = config.arch == Arch::Gemma3;
         let token_embd = Linear::new(w.qtensor("token_embd.weight")?)?;
@@ -190,7 +216,13 @@ impl Decoder {
         for i in 0..config.layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             let window = config.window(i);
-            let norm = |w: &mut GgufWeights<'_>, n: &str| if gemma { w.f32(&p(n)).map(Some) } else { Ok(None) };
+            let norm = |w: &mut GgufWeights<'_>, n: &str| {
+                if gemma {
+                    w.f32(&p(n)).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             layers.push(Layer {
                 attn_norm: w.f32(&p("attn_norm"))?,
                 wq: Linear::new(w.qtensor(&p("attn_q"))?)?,
@@ -212,7 +244,17 @@ impl Decoder {
         let norm = w.f32("output_norm.weight")?;
         // llama.cpp scales by √hidden in f32.
         let embed_scale = gemma.then(|| (config.hidden as f32).sqrt() as f64);
-        Ok(Self { config, embedding, embed_scale, layers, norm, output, rope, device, max_len })
+        Ok(Self {
+            config,
+            embedding,
+            embed_scale,
+            layers,
+            norm,
+            output,
+            rope,
+            device,
+            max_len,
+        })
     }
 
     /// The cache shape sequences of this model need.
@@ -251,7 +293,11 @@ impl Decoder {
         // Prompt segments' rows first: the matmuls take them as one block (see `Linear`).
         let mut order: Vec<usize> = (0..segments.len()).collect();
         order.sort_by_key(|&i| !segments[i].prompt);
-        let dense_rows: usize = segments.iter().filter(|s| s.prompt).map(|s| s.tokens.len()).sum();
+        let dense_rows: usize = segments
+            .iter()
+            .filter(|s| s.prompt)
+            .map(|s| s.tokens.len())
+            .sum();
         let segments_in_order = || order.iter().map(|&i| &segments[i]);
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -267,7 +313,12 @@ impl Decoder {
         let rope = self
             .rope
             .iter()
-            .map(|(cos, sin)| Ok((cos.index_select(&positions, 0)?, sin.index_select(&positions, 0)?)))
+            .map(|(cos, sin)| {
+                Ok((
+                    cos.index_select(&positions, 0)?,
+                    sin.index_select(&positions, 0)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let eps = cfg.rms_eps as f32;
 
@@ -284,7 +335,11 @@ impl Decoder {
             let v = layer.wv.forward(&h, dense_rows)?;
             // [T, heads*hd] -> [1, heads, T, hd], per-head norms, then RoPE.
             let to_heads = |t: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
-                let t = t.reshape((total, n, cfg.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+                let t = t
+                    .reshape((total, n, cfg.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?;
                 match norm {
                     Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
                     None => Ok(t),
@@ -313,7 +368,14 @@ impl Decoder {
                 let kv: Vec<super::attention::SegmentKv<'_>> = segments_in_order()
                     .map(|s| {
                         let (k, v, modulus) = s.cache.layer(li);
-                        super::attention::SegmentKv { k, v, modulus, past: s.cache.len(), n: s.tokens.len(), window: layer.window }
+                        super::attention::SegmentKv {
+                            k,
+                            v,
+                            modulus,
+                            past: s.cache.len(),
+                            n: s.tokens.len(),
+                            window: layer.window,
+                        }
                     })
                     .collect();
                 super::attention::attend(&q.contiguous()?, &kv, group)?
@@ -328,7 +390,10 @@ impl Decoder {
                 }
                 Tensor::cat(&outs, 1)?
             };
-            let o = o.transpose(0, 1)?.contiguous()?.reshape((total, cfg.heads * cfg.head_dim))?;
+            let o = o
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((total, cfg.heads * cfg.head_dim))?;
             let mut o = layer.wo.forward(&o, dense_rows)?;
             if let Some(w) = &layer.post_attn_norm {
                 o = candle_nn::ops::rms_norm(&o, w, eps)?;
@@ -342,7 +407,9 @@ impl Decoder {
                 Arch::Llama => Gate::Silu,
                 Arch::Gemma3 => Gate::GeluTanh,
             };
-            let mut f = layer.w_down.forward(&gated(&gate, &up, kind)?, dense_rows)?;
+            let mut f = layer
+                .w_down
+                .forward(&gated(&gate, &up, kind)?, dense_rows)?;
             if let Some(w) = &layer.post_ffn_norm {
                 f = candle_nn::ops::rms_norm(&f, w, eps)?;
             }
@@ -392,7 +459,14 @@ impl Decoder {
 impl Decoder {
     /// Attention by batched matrix products (devices other than the CPU): fast, but a row's
     /// last bits depend on the shapes it is computed with (see `attention`).
-    fn attend_matmul(&self, qs: &Tensor, cache: &SeqCache, li: usize, n: usize, window: Option<usize>) -> Result<Tensor> {
+    fn attend_matmul(
+        &self,
+        qs: &Tensor,
+        cache: &SeqCache,
+        li: usize,
+        n: usize,
+        window: Option<usize>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let past = cache.len();
         let group = cfg.heads / cfg.kv_heads;
@@ -420,7 +494,13 @@ fn causal_mask(n: usize, past: usize, window: Option<usize>, device: &Device) ->
     let data: Vec<f32> = (0..n)
         .flat_map(|i| {
             let first = window.map_or(0, |w| (past + i + 1).saturating_sub(w));
-            (0..cols).map(move |j| if j >= first && j <= past + i { 0.0 } else { f32::NEG_INFINITY })
+            (0..cols).map(move |j| {
+                if j >= first && j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
         })
         .collect();
     Tensor::from_vec(data, (n, cols), device)
@@ -437,10 +517,16 @@ fn rope_tables(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..head_dim / 2)
-        .map(|i| scale / base.powf(2.0 * i as f32 / head_dim as f32) / factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0))
+        .map(|i| {
+            scale
+                / base.powf(2.0 * i as f32 / head_dim as f32)
+                / factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0)
+        })
         .collect();
     let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(0u32, max_len as u32, device)?.to_dtype(DType::F32)?.reshape((max_len, 1))?;
+    let pos = Tensor::arange(0u32, max_len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_len, 1))?;
     let freqs = pos.broadcast_mul(&inv)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }

@@ -54,13 +54,20 @@ pub(crate) fn load(
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
     let Some(arch) = decoder::Arch::from_name(&arch) else {
-        return Err(EngineError::Load(format!("unsupported architecture {arch:?} (supported: {SUPPORTED:?})")));
+        return Err(EngineError::Load(format!(
+            "unsupported architecture {arch:?} (supported: {SUPPORTED:?})"
+        )));
     };
-    let config =
-        decoder::DecoderConfig::from_gguf(arch, content).map_err(|e| load_err("reading the model's hyper-parameters", e))?;
+    let config = decoder::DecoderConfig::from_gguf(arch, content)
+        .map_err(|e| load_err("reading the model's hyper-parameters", e))?;
     let gguf_context = config.context_length;
     let max_len = max_context.map_or(gguf_context, |m| m.min(gguf_context));
     let mut weights = GgufWeights::new(content, reader, device, requantize);
-    let model = decoder::Decoder::load(config, &mut weights, max_len).map_err(|e| load_err("cannot build the model", e))?;
-    Ok(LoadedModel { model, requantized: weights.requantized(), gguf_context })
+    let model = decoder::Decoder::load(config, &mut weights, max_len)
+        .map_err(|e| load_err("cannot build the model", e))?;
+    Ok(LoadedModel {
+        model,
+        requantized: weights.requantized(),
+        gguf_context,
+    })
 }

@@ -97,7 +97,11 @@ enum Codes {
     /// `[group][block][lane]` each block's offset `m` (f16 bits): weight = `d·q + m`; for
     /// 5-bit formats `high`, `[group][block][step]` masks of the fifth bit (bit `4·lane + j`
     /// for weight `4·step + j` of the lane), empty for 4-bit ones.
-    Q4 { qs: Vec<u8>, mins: Vec<u16>, high: Vec<u64> },
+    Q4 {
+        qs: Vec<u8>,
+        mins: Vec<u16>,
+        high: Vec<u64>,
+    },
 }
 
 /// A `[rows, cols]` weight matrix in the interleaved layout.
@@ -154,14 +158,17 @@ impl Packed {
     /// ranks, shapes that do not fit the layout (rows a multiple of 16, columns of 32), or a
     /// Q4_0 scale too large for its offset `-8·d` to be an f16.
     pub(crate) fn from_qtensor(t: &QTensor) -> Result<Option<Self>> {
-        let &[rows, cols] = t.shape().dims() else { return Ok(None) };
+        let &[rows, cols] = t.shape().dims() else {
+            return Ok(None);
+        };
         if !takes(t.dtype()) || !rows.is_multiple_of(LANES) || !cols.is_multiple_of(BLOCK) {
             return Ok(None);
         }
         let data = t.data()?;
         Ok(match t.dtype() {
             GgmlDType::Q8_0 => Some(Self::from_q8_0_bytes(&data, rows, cols)),
-            GgmlDType::Q4K => q4_k_as_q4_1(&data).and_then(|q| Self::from_nibble_bytes(&q, GgmlDType::Q4_1, rows, cols)),
+            GgmlDType::Q4K => q4_k_as_q4_1(&data)
+                .and_then(|q| Self::from_nibble_bytes(&q, GgmlDType::Q4_1, rows, cols)),
             dtype => Self::from_nibble_bytes(&data, dtype, rows, cols),
         })
     }
@@ -169,7 +176,11 @@ impl Packed {
     /// Repacks GGUF Q8_0 blocks of a row-major `[rows, cols]` matrix.
     fn from_q8_0_bytes(data: &[u8], rows: usize, cols: usize) -> Self {
         let blocks = cols / BLOCK;
-        assert_eq!(data.len(), rows * blocks * Q8_0_BYTES, "Q8_0 data of the wrong size");
+        assert_eq!(
+            data.len(),
+            rows * blocks * Q8_0_BYTES,
+            "Q8_0 data of the wrong size"
+        );
         let mut qs = vec![0i8; rows * cols];
         let mut scales = vec![0u16; rows * blocks];
         let mut sums = vec![0i16; rows * blocks];
@@ -189,7 +200,13 @@ impl Packed {
                 }
             }
         }
-        Self { rows, cols, blocks, codes: Codes::Q8 { qs, sums }, scales }
+        Self {
+            rows,
+            cols,
+            blocks,
+            codes: Codes::Q8 { qs, sums },
+            scales,
+        }
     }
 
     /// Repacks GGUF Q4_0, Q4_1, Q5_0 or Q5_1 blocks of a row-major `[rows, cols]` matrix;
@@ -204,11 +221,22 @@ impl Packed {
             _ => return None,
         };
         let blocks = cols / BLOCK;
-        assert_eq!(data.len(), rows * blocks * size, "{dtype:?} data of the wrong size");
+        assert_eq!(
+            data.len(),
+            rows * blocks * size,
+            "{dtype:?} data of the wrong size"
+        );
         let mut qs = vec![0u8; rows * cols / 2];
         let mut scales = vec![0u16; rows * blocks];
         let mut mins = vec![0u16; rows * blocks];
-        let mut high = vec![0u64; if high_at.is_some() { rows * blocks * STEPS } else { 0 }];
+        let mut high = vec![
+            0u64;
+            if high_at.is_some() {
+                rows * blocks * STEPS
+            } else {
+                0
+            }
+        ];
         for r in 0..rows {
             let (g, lane) = (r / LANES, r % LANES);
             for b in 0..blocks {
@@ -229,7 +257,13 @@ impl Packed {
                 // GGUF: byte i holds value i (low nibble) and value i + 16 (high nibble); bit i
                 // of the little-endian u32 before them is value i's fifth bit.
                 let nibbles = &src[size - BLOCK / 2..];
-                let value = |i: usize| if i < 16 { nibbles[i] & 0x0F } else { nibbles[i - 16] >> 4 };
+                let value = |i: usize| {
+                    if i < 16 {
+                        nibbles[i] & 0x0F
+                    } else {
+                        nibbles[i - 16] >> 4
+                    }
+                };
                 for k in 0..NIBBLE_REGS {
                     let dst = ((gb * NIBBLE_REGS + k) * LANES + lane) * 4;
                     for j in 0..4 {
@@ -245,7 +279,13 @@ impl Packed {
                 }
             }
         }
-        Some(Self { rows, cols, blocks, codes: Codes::Q4 { qs, mins, high }, scales })
+        Some(Self {
+            rows,
+            cols,
+            blocks,
+            codes: Codes::Q4 { qs, mins, high },
+            scales,
+        })
     }
 
     /// Weight `(r, b·32 + i)` as its integer code: `(q, m)` with weight = `d·q + m` for 4-bit
@@ -256,8 +296,14 @@ impl Packed {
             Codes::Q8 { qs, .. } => i32::from(qs[((gb * STEPS + s) * LANES + lane) * 4 + j]),
             Codes::Q4 { qs, high, .. } => {
                 let byte = qs[((gb * NIBBLE_REGS + s % NIBBLE_REGS) * LANES + lane) * 4 + j];
-                let low = i32::from(if s < NIBBLE_REGS { byte & 0x0F } else { byte >> 4 });
-                let fifth = high.get(gb * STEPS + s).map_or(0, |m| (m >> (lane * 4 + j) & 1) as i32);
+                let low = i32::from(if s < NIBBLE_REGS {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                });
+                let fifth = high
+                    .get(gb * STEPS + s)
+                    .map_or(0, |m| (m >> (lane * 4 + j) & 1) as i32);
                 low | fifth << 4
             }
         }
@@ -324,7 +370,11 @@ impl Packed {
         let mut q = vec![0u8; m * self.cols];
         let mut d = vec![0f32; m * self.blocks];
         let mut s = vec![0f32; m * self.blocks];
-        for (i, (block, qb)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        for (i, (block, qb)) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
             #[cfg(target_arch = "x86_64")]
             let (scale, sum) = if available() {
                 // SAFETY: the CPU has the features; both blocks hold 32 values.
@@ -351,7 +401,10 @@ impl Packed {
     fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<Tensor> {
         let (m, cols) = x.dims2()?;
         if cols != self.cols {
-            candle_core::bail!("packed matmul: input width {cols}, weights take {}", self.cols)
+            candle_core::bail!(
+                "packed matmul: input width {cols}, weights take {}",
+                self.cols
+            )
         }
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let acts = self.quantize(&xs, m);
@@ -359,7 +412,11 @@ impl Packed {
         let ptr = Out(out.as_mut_ptr());
         let vector = available();
         #[cfg(target_arch = "x86_64")]
-        let tiled = if amx && vector { m / amx::ROWS * amx::ROWS } else { 0 };
+        let tiled = if amx && vector {
+            m / amx::ROWS * amx::ROWS
+        } else {
+            0
+        };
         candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
             #[cfg(target_arch = "x86_64")]
             if vector {
@@ -413,13 +470,17 @@ impl Packed {
                     match &self.codes {
                         Codes::Q8 { sums, .. } => {
                             // The bytes are `q + OFFSET` here.
-                            let isum: i32 = (0..BLOCK).map(|i| self.code(gb, lane, i) * i32::from(xq[i])).sum();
+                            let isum: i32 = (0..BLOCK)
+                                .map(|i| self.code(gb, lane, i) * i32::from(xq[i]))
+                                .sum();
                             let isum = isum - OFFSET * i32::from(sums[gb * LANES + lane]);
                             acc = (isum as f32).mul_add(dw * acts.d[at], acc);
                         }
                         Codes::Q4 { mins, .. } => {
                             // The bytes are signed activations here; the codes are unsigned.
-                            let isum: i32 = (0..BLOCK).map(|i| self.code(gb, lane, i) * i32::from(xq[i] as i8)).sum();
+                            let isum: i32 = (0..BLOCK)
+                                .map(|i| self.code(gb, lane, i) * i32::from(xq[i] as i8))
+                                .sum();
                             let mw = f16::from_bits(mins[gb * LANES + lane]).to_f32();
                             acc = (isum as f32).mul_add(dw * acts.d[at], acc);
                             acc = mw.mul_add(acts.s[at], acc);
@@ -438,7 +499,14 @@ impl Packed {
     /// The CPU has AVX-512 F/BW/VNNI, and `out` holds `m × rows` values.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn group_avx512(&self, g: usize, acts: &Activations, from: usize, m: usize, out: *mut f32) {
+    unsafe fn group_avx512(
+        &self,
+        g: usize,
+        acts: &Activations,
+        from: usize,
+        m: usize,
+        out: *mut f32,
+    ) {
         let q4 = matches!(self.codes, Codes::Q4 { .. });
         let mut row = from;
         // One flat match: a const-generic helper per format measured ~10% slower decode.
@@ -476,15 +544,34 @@ impl Packed {
     /// As [`Self::group_avx512`], with `row0 + R ≤ m`, and `Q4` true exactly for 4-bit codes.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile<const R: usize, const Q4: bool>(&self, g: usize, acts: &Activations, row0: usize, out: *mut f32) {
+    unsafe fn tile<const R: usize, const Q4: bool>(
+        &self,
+        g: usize,
+        acts: &Activations,
+        row0: usize,
+        out: *mut f32,
+    ) {
         use std::arch::x86_64::*;
         // Weight bytes, and per block and lane the Q8_0 weight sums (i16) or 4-bit offsets (f16).
-        let (codes, extra, regs, high): (*const u8, *const u16, usize, *const u64) = match &self.codes {
-            Codes::Q8 { qs, sums } => (qs.as_ptr().cast(), sums.as_ptr().cast(), STEPS, std::ptr::null()),
-            Codes::Q4 { qs, mins, high } => {
-                (qs.as_ptr(), mins.as_ptr(), NIBBLE_REGS, if high.is_empty() { std::ptr::null() } else { high.as_ptr() })
-            }
-        };
+        let (codes, extra, regs, high): (*const u8, *const u16, usize, *const u64) =
+            match &self.codes {
+                Codes::Q8 { qs, sums } => (
+                    qs.as_ptr().cast(),
+                    sums.as_ptr().cast(),
+                    STEPS,
+                    std::ptr::null(),
+                ),
+                Codes::Q4 { qs, mins, high } => (
+                    qs.as_ptr(),
+                    mins.as_ptr(),
+                    NIBBLE_REGS,
+                    if high.is_empty() {
+                        std::ptr::null()
+                    } else {
+                        high.as_ptr()
+                    },
+                ),
+            };
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..self.blocks {
             let gb = g * self.blocks + b;
@@ -504,9 +591,14 @@ impl Packed {
                 let (corr, mw) = if Q4 {
                     (_mm512_setzero_si512(), _mm512_cvtph_ps(extra))
                 } else {
-                    (_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(extra)), _mm512_setzero_ps())
+                    (
+                        _mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(extra)),
+                        _mm512_setzero_ps(),
+                    )
                 };
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(self.scales.as_ptr().add(gb * LANES).cast()));
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    self.scales.as_ptr().add(gb * LANES).cast(),
+                ));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let at = (row0 + r) * self.blocks + b;
                     let xp = acts.q.as_ptr().add(at * BLOCK);
@@ -515,7 +607,8 @@ impl Packed {
                     let mut odd = _mm512_setzero_si512();
                     for s in (0..STEPS).step_by(2) {
                         let a0 = _mm512_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
-                        let a1 = _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
+                        let a1 =
+                            _mm512_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
                         // The unsigned operand first: offset activations, or nibbles.
                         if Q4 {
                             even = _mm512_dpbusd_epi32(even, w[s], a0);
@@ -547,7 +640,9 @@ impl Packed {
 /// One block of activations as `q + offset` bytes; returns its scale and `Σ q`. Lane-wise
 /// maxima (not `f32::max`, whose NaN rule keeps the compiler from vectorising).
 fn quantize_block(block: &[f32], q: &mut [u8], offset: i32) -> (f32, i32) {
-    let amax = block.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
+    let amax = block
+        .iter()
+        .fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
     let scale = amax / 127.0;
     let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
     let mut sum = 0;
@@ -575,13 +670,22 @@ unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8], offset: i32) -> (f3
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         let scale = amax / 127.0;
         let inv = _mm512_set1_ps(if scale == 0.0 { 0.0 } else { 1.0 / scale });
-        let (min, max, off) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127), _mm512_set1_epi32(offset));
+        let (min, max, off) = (
+            _mm512_set1_epi32(-127),
+            _mm512_set1_epi32(127),
+            _mm512_set1_epi32(offset),
+        );
         let mut sum = _mm512_setzero_si512();
         for (half, dst) in [lo, hi].into_iter().zip([0, 16]) {
-            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(half, inv));
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(half, inv),
+            );
             let i = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(r), min), max);
             sum = _mm512_add_epi32(sum, i);
-            _mm_storeu_si128(q.as_mut_ptr().add(dst).cast(), _mm512_cvtepi32_epi8(_mm512_add_epi32(i, off)));
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(dst).cast(),
+                _mm512_cvtepi32_epi8(_mm512_add_epi32(i, off)),
+            );
         }
         (scale, _mm512_reduce_add_epi32(sum))
     }
@@ -602,7 +706,15 @@ pub(crate) fn amx_available() -> bool {
 
 /// Whether the packed kernel takes weights of this format.
 pub(crate) fn takes(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q4K)
+    matches!(
+        dtype,
+        GgmlDType::Q8_0
+            | GgmlDType::Q4_0
+            | GgmlDType::Q4_1
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q4K
+    )
 }
 
 /// Bytes of one Q4_K super-block: f16 `d` and `dmin`, 12 bytes of 6-bit sub-block scales and
@@ -627,9 +739,15 @@ fn q4_k_as_q4_1(data: &[u8]) -> Option<Vec<u8>> {
             let (sc, m) = if j < 4 {
                 (scales[j] & 63, scales[j + 4] & 63)
             } else {
-                ((scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+                (
+                    (scales[j + 4] & 0x0F) | ((scales[j - 4] >> 6) << 4),
+                    (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+                )
             };
-            let (scale, min) = (f16::from_f32(d * f32::from(sc)), f16::from_f32(-(dmin * f32::from(m))));
+            let (scale, min) = (
+                f16::from_f32(d * f32::from(sc)),
+                f16::from_f32(-(dmin * f32::from(m))),
+            );
             if !scale.is_finite() || !min.is_finite() {
                 return None;
             }
@@ -670,20 +788,31 @@ mod tests {
     use super::*;
 
     /// Every format the kernel takes.
-    const FORMATS: [GgmlDType; 6] =
-        [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4K];
+    const FORMATS: [GgmlDType; 6] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+    ];
 
     /// A `[rows, cols]` tensor of varied values in `dtype`, and its f32 original.
     fn weights(rows: usize, cols: usize, dtype: GgmlDType) -> (QTensor, Tensor) {
         let v: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32) + (i / 64 % 3) as f32 * 0.3)
+            .map(|i| {
+                ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32)
+                    + (i / 64 % 3) as f32 * 0.3
+            })
             .collect();
         let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
         (QTensor::quantize(&t, dtype).unwrap(), t)
     }
 
     fn activations(m: usize, cols: usize, salt: usize) -> Tensor {
-        let v: Vec<f32> = (0..m * cols).map(|i| (((i + salt) * 104729 % 2039) as f32 / 2039.0 - 0.5) * 3.0).collect();
+        let v: Vec<f32> = (0..m * cols)
+            .map(|i| (((i + salt) * 104729 % 2039) as f32 / 2039.0 - 0.5) * 3.0)
+            .collect();
         Tensor::from_vec(v, (m, cols), &Device::Cpu).unwrap()
     }
 
@@ -692,7 +821,11 @@ mod tests {
         if !available() {
             return;
         }
-        let x = activations(1, 32 * 40, 9).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = activations(1, 32 * 40, 9)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let mut x = x.clone();
         x[40..72].fill(0.0); // an all-zero block
         x[100] = 1e-30; // tiny values
@@ -712,20 +845,39 @@ mod tests {
         for dtype in FORMATS {
             let (q, _) = weights(48, 256, dtype);
             let p = Packed::from_qtensor(&q).unwrap().unwrap();
-            let ours = p.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let theirs = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours = p
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let theirs = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             if dtype == GgmlDType::Q4K {
                 // Sub-block scales and minima rounded to f16 (a relative 2⁻¹¹ each).
                 for (block, (a, b)) in ours.chunks(BLOCK).zip(theirs.chunks(BLOCK)).enumerate() {
                     let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
                     for (x, y) in a.iter().zip(b) {
-                        assert!((x - y).abs() <= amax * 2e-3, "Q4_K block {block}: {x} vs {y}");
+                        assert!(
+                            (x - y).abs() <= amax * 2e-3,
+                            "Q4_K block {block}: {x} vs {y}"
+                        );
                     }
                 }
             } else {
                 assert_eq!(ours, theirs, "{dtype:?}");
             }
-            let rows = p.lookup(&[5, 47, 0], &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let rows = p
+                .lookup(&[5, 47, 0], &Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             assert_eq!(rows[1], ours[47 * 256..48 * 256]);
             assert!(p.lookup(&[48], &Device::Cpu).is_err());
         }
@@ -738,7 +890,11 @@ mod tests {
         let (q, _) = weights(24, 64, GgmlDType::Q4_1);
         assert!(Packed::from_qtensor(&q).unwrap().is_none());
         // 16-value sub-blocks do not fit 32-value blocks.
-        let f = QTensor::quantize(&Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q6K).unwrap();
+        let f = QTensor::quantize(
+            &Tensor::zeros((32, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q6K,
+        )
+        .unwrap();
         assert!(Packed::from_qtensor(&f).unwrap().is_none());
     }
 
@@ -762,10 +918,23 @@ mod tests {
             }
             // The vector kernels give the reference's bits, for all rows at once (through AMX
             // where the CPU has it, and through VNNI alone) and for every row alone.
-            assert_eq!(p.matmul_with(&x, false).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?} VNNI");
-            assert_eq!(p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(), reference, "{dtype:?} AMX {}", amx_available());
+            assert_eq!(
+                p.matmul_with(&x, false).unwrap().to_vec2::<f32>().unwrap(),
+                reference,
+                "{dtype:?} VNNI"
+            );
+            assert_eq!(
+                p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(),
+                reference,
+                "{dtype:?} AMX {}",
+                amx_available()
+            );
             for (i, want) in reference.iter().enumerate() {
-                let one = p.matmul(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                let one = p
+                    .matmul(&x.narrow(0, i, 1).unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
                 assert_eq!(&one[0], want, "{dtype:?} row {i} alone");
             }
         }

@@ -31,8 +31,17 @@ impl PrefixCache {
     /// A cache holding at most `budget_bytes` of keys and values (0 turns caching off).
     pub(crate) fn new(shape: &CacheShape, budget_bytes: usize) -> Self {
         // Nothing fits a budget below one position.
-        let budget_bytes = if budget_bytes < SeqCache::bytes_per_position(shape) { 0 } else { budget_bytes };
-        Self { entries: Vec::new(), budget_bytes, clock: 0, reused_tokens: 0 }
+        let budget_bytes = if budget_bytes < SeqCache::bytes_per_position(shape) {
+            0
+        } else {
+            budget_bytes
+        };
+        Self {
+            entries: Vec::new(),
+            budget_bytes,
+            clock: 0,
+            reused_tokens: 0,
+        }
     }
 
     /// A cache for `tokens` holding the longest kept prefix of them (at least [`MIN_REUSE`]
@@ -44,7 +53,14 @@ impl PrefixCache {
             .entries
             .iter_mut()
             .map(|e| {
-                let n = e.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(limit).min(e.cache.len());
+                let n = e
+                    .tokens
+                    .iter()
+                    .zip(tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    .min(limit)
+                    .min(e.cache.len());
                 // A cache whose sliding-window layers moved past the shared part cannot serve it.
                 (if e.cache.can_resume_at(n) { n } else { 0 }, e)
             })
@@ -76,11 +92,22 @@ impl PrefixCache {
             return;
         }
         // An entry that is a prefix of this one is superseded by it.
-        self.entries.retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
+        self.entries
+            .retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
         self.clock += 1;
-        self.entries.push(Entry { tokens, cache, bytes, last_used: self.clock });
+        self.entries.push(Entry {
+            tokens,
+            cache,
+            bytes,
+            last_used: self.clock,
+        });
         while self.entries.iter().map(|e| e.bytes).sum::<usize>() > self.budget_bytes {
-            let oldest = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i);
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i);
             match oldest {
                 Some(i) => {
                     self.entries.swap_remove(i);
@@ -103,7 +130,13 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn shape() -> CacheShape {
-        CacheShape { layers: 1, kv_heads: 1, head_dim: 2, max_len: 1000, local: None }
+        CacheShape {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            max_len: 1000,
+            local: None,
+        }
     }
 
     fn filled(n: usize) -> SeqCache {

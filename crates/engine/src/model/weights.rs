@@ -34,8 +34,19 @@ impl<T: Read + Seek> ReadSeek for T {}
 
 impl<'a> GgufWeights<'a> {
     /// Reader over `content`'s tensors in `reader`.
-    pub(crate) fn new(content: &'a gguf_file::Content, reader: &'a mut (dyn ReadSeek + 'a), device: &Device, requantize: bool) -> Self {
-        Self { content, reader, device: device.clone(), requantize, requantized: 0 }
+    pub(crate) fn new(
+        content: &'a gguf_file::Content,
+        reader: &'a mut (dyn ReadSeek + 'a),
+        device: &Device,
+        requantize: bool,
+    ) -> Self {
+        Self {
+            content,
+            reader,
+            device: device.clone(),
+            requantize,
+            requantized: 0,
+        }
     }
 
     /// The device tensors are loaded on.
@@ -59,9 +70,16 @@ impl<'a> GgufWeights<'a> {
         let fits = t.shape().dims().last().is_some_and(|d| d % 32 == 0);
         // The packed kernel runs Q4_0/Q4_1/Q5_0/Q5_1/Q4_K as they are, and other k-quant
         // matrices once they are Q8_0 (its 8-bit blocks hold them with finer steps than their own).
-        let k_quant = matches!(t.dtype(), GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        let k_quant = matches!(
+            t.dtype(),
+            GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+        );
         let repack = k_quant && packed::shape_fits(&t, &self.device);
-        let t = if self.requantize && fits && !packed::fits(&t, &self.device) && (slow(t.dtype()) || repack) {
+        let t = if self.requantize
+            && fits
+            && !packed::fits(&t, &self.device)
+            && (slow(t.dtype()) || repack)
+        {
             self.requantized += 1;
             QTensor::quantize(&t.dequantize(&self.device)?, GgmlDType::Q8_0)?
         } else {
@@ -72,12 +90,14 @@ impl<'a> GgufWeights<'a> {
 
     /// A quantized tensor that must exist.
     pub(crate) fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>> {
-        self.try_qtensor(name)?.ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks tensor {name}")))
+        self.try_qtensor(name)?
+            .ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks tensor {name}")))
     }
 
     /// A small tensor (norm weights) as f32.
     pub(crate) fn f32(&mut self, name: &str) -> Result<Tensor> {
-        self.try_f32(name)?.ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks tensor {name}")))
+        self.try_f32(name)?
+            .ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks tensor {name}")))
     }
 
     /// A small tensor as f32; `None` when the file has no such tensor.
@@ -128,7 +148,8 @@ impl Embedding {
             }
             bytes.extend_from_slice(&data[id * row_bytes..(id + 1) * row_bytes]);
         }
-        let rows = ggml_file::qtensor_from_ggml(dtype, &bytes, vec![ids.len(), self.hidden], device)?;
+        let rows =
+            ggml_file::qtensor_from_ggml(dtype, &bytes, vec![ids.len(), self.hidden], device)?;
         rows.dequantize(device)
     }
 }
@@ -140,7 +161,10 @@ enum Kernel {
     /// (AVX-512 VNNI CPUs).
     Packed(Arc<Packed>),
     /// candle's quantized matmul over the weights as stored.
-    Candle { quantized: QMatMul, weights: Arc<QTensor> },
+    Candle {
+        quantized: QMatMul,
+        weights: Arc<QTensor>,
+    },
 }
 
 /// A weight matrix used as `x · Wᵀ`.
@@ -170,7 +194,10 @@ impl Linear {
         let device = weights.device();
         let kernel = match packed::pack(&weights, &device)? {
             Some(p) => Kernel::Packed(Arc::new(p)),
-            None => Kernel::Candle { quantized: QMatMul::from_arc(weights.clone())?, weights },
+            None => Kernel::Candle {
+                quantized: QMatMul::from_arc(weights.clone())?,
+                weights,
+            },
         };
         Ok(Self { kernel })
     }
@@ -190,14 +217,18 @@ impl Linear {
         let dense_rows = dense_rows.min(rows);
         let w = match &self.kernel {
             _ if dense_rows == 0 => return self.forward_quantized(x),
-            Kernel::Packed(_) | Kernel::Candle { quantized: QMatMul::Tensor(_) | QMatMul::TensorF16(_), .. } => {
-                return self.forward_quantized(x)
-            }
+            Kernel::Packed(_)
+            | Kernel::Candle {
+                quantized: QMatMul::Tensor(_) | QMatMul::TensorF16(_),
+                ..
+            } => return self.forward_quantized(x),
             Kernel::Candle { weights, .. } => weights.dequantize(x.device())?,
         };
         let dense = x.narrow(0, 0, dense_rows)?;
         let dense = if dense_rows == 1 {
-            Tensor::cat(&[&dense, &dense], 0)?.matmul(&w.t()?)?.narrow(0, 0, 1)?
+            Tensor::cat(&[&dense, &dense], 0)?
+                .matmul(&w.t()?)?
+                .narrow(0, 0, 1)?
         } else {
             dense.matmul(&w.t()?)?
         };

@@ -49,7 +49,13 @@ fn tile_state_granted() -> bool {
     const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: a plain system call with integer arguments; it touches no memory of ours.
-    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
 }
 
 /// Other systems: not asked, not used.
@@ -76,7 +82,11 @@ struct TileConfig {
 /// × 4 bytes).
 const CONFIG: TileConfig = {
     // (bytes per row, rows) of one set: sums, activations, weights.
-    let set = [((LANES * 4) as u16, ROWS as u8), (BLOCK as u16, ROWS as u8), (STEP_BYTES as u16, STEPS as u8)];
+    let set = [
+        ((LANES * 4) as u16, ROWS as u8),
+        (BLOCK as u16, ROWS as u8),
+        (STEP_BYTES as u16, STEPS as u8),
+    ];
     let mut colsb = [0u16; 16];
     let mut rows = [0u8; 16];
     let mut t = 0;
@@ -84,7 +94,13 @@ const CONFIG: TileConfig = {
         (colsb[t], rows[t]) = set[t % 3];
         t += 1;
     }
-    TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb, rows }
+    TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb,
+        rows,
+    }
 };
 
 /// This thread's tiles, configured for the kernel while the value lives.
@@ -99,7 +115,9 @@ impl Tiles {
         static CFG: TileConfig = CONFIG;
         // SAFETY: the CPU has AMX and the process holds the tile state (the caller's
         // contract); the operand is a valid palette-1 configuration.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &raw const CFG, options(nostack, readonly, preserves_flags)) };
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &raw const CFG, options(nostack, readonly, preserves_flags))
+        };
         Self(())
     }
 }
@@ -126,24 +144,41 @@ struct Sums([i32; ROWS * LANES]);
 /// [`available`] returned true and this thread holds [`Tiles`]; `rows ≤ m` of `acts`, and
 /// `out` holds the `[m, p.rows]` output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn group(p: &Packed, g: usize, acts: &Activations, rows: usize, out: *mut f32, scratch: &mut Scratch) {
+pub(super) unsafe fn group(
+    p: &Packed,
+    g: usize,
+    acts: &Activations,
+    rows: usize,
+    out: *mut f32,
+    scratch: &mut Scratch,
+) {
     let blocks = p.blocks;
     // The group's weights in tile form: Q8_0's bytes are already; 4-bit codes are unpacked to
     // one byte each (the unsigned operand of `tdpbsud`).
     let (weights, q4): (*const u8, bool) = match &p.codes {
         Codes::Q8 { qs, sums } => {
             scratch.0.clear();
-            scratch.0.extend((0..blocks * LANES).map(|i| -OFFSET * i32::from(sums[g * blocks * LANES + i])));
+            scratch.0.extend(
+                (0..blocks * LANES).map(|i| -OFFSET * i32::from(sums[g * blocks * LANES + i])),
+            );
             (qs[g * blocks * BLOCK_BYTES..].as_ptr().cast(), false)
         }
         Codes::Q4 { qs, high, .. } => {
             scratch.0.resize(blocks * BLOCK_BYTES / 4, 0);
-            let high = if high.is_empty() { std::ptr::null() } else { high.as_ptr() };
+            let high = if high.is_empty() {
+                std::ptr::null()
+            } else {
+                high.as_ptr()
+            };
             for b in 0..blocks {
                 // SAFETY: block b's nibble registers (and fifth bits) lie inside the group's
                 // codes, its 8 unpacked steps inside the scratch; unaligned accesses.
                 unsafe {
-                    let w = unpack_nibbles!(qs.as_ptr().add((g * blocks + b) * BLOCK_BYTES / 2), high, g * blocks + b);
+                    let w = unpack_nibbles!(
+                        qs.as_ptr().add((g * blocks + b) * BLOCK_BYTES / 2),
+                        high,
+                        g * blocks + b
+                    );
                     let dst = scratch.0.as_mut_ptr().cast::<u8>().add(b * BLOCK_BYTES);
                     for (s, w) in w.iter().enumerate() {
                         _mm512_storeu_si512(dst.add(s * STEP_BYTES).cast(), *w);
@@ -200,9 +235,12 @@ unsafe fn sums<const Q4: bool>(
             // SAFETY: the block's scales (and offsets) lie inside the packed arrays, the
             // activation scales of rows row0..row0+16 inside `acts`.
             unsafe {
-                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(p.scales.as_ptr().add(gb * LANES).cast()));
+                let dw =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p.scales.as_ptr().add(gb * LANES).cast()));
                 let mw = match &p.codes {
-                    Codes::Q4 { mins, .. } => _mm512_cvtph_ps(_mm256_loadu_si256(mins.as_ptr().add(gb * LANES).cast())),
+                    Codes::Q4 { mins, .. } => {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(mins.as_ptr().add(gb * LANES).cast()))
+                    }
                     Codes::Q8 { .. } => _mm512_setzero_ps(),
                 };
                 let d = acts.d.as_ptr().add(row0 * blocks + b);
@@ -252,13 +290,24 @@ macro_rules! tile_product {
 /// # Safety
 /// This thread holds [`Tiles`]; `a` has 16 rows of `b + 1` blocks, `weights` and `init` block b.
 #[inline(always)]
-unsafe fn product(q4: bool, b: usize, a: *const u8, row_bytes: usize, weights: *const u8, init: *const i32) {
+unsafe fn product(
+    q4: bool,
+    b: usize,
+    a: *const u8,
+    row_bytes: usize,
+    weights: *const u8,
+    init: *const i32,
+) {
     // SAFETY: the caller's contract; the activation tile reads 16 rows of 32 bytes from block
     // b, the weight tile 512 bytes, the starting sums 64 bytes at stride 0.
     unsafe {
         let a = a.add(b * BLOCK);
         let w = weights.add(b * BLOCK_BYTES);
-        let init = if q4 { ZERO_SUMS.as_ptr() } else { init.add(b * LANES) };
+        let init = if q4 {
+            ZERO_SUMS.as_ptr()
+        } else {
+            init.add(b * LANES)
+        };
         match (q4, b % 2) {
             (false, 0) => tile_product!("tdpbusd", "tmm0", "tmm1", "tmm2", init, a, row_bytes, w),
             (false, _) => tile_product!("tdpbusd", "tmm3", "tmm4", "tmm5", init, a, row_bytes, w),
