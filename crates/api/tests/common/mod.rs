@@ -15,14 +15,19 @@ use serde_json::Value;
 pub struct Server {
     pub base: String,
     pub client: reqwest::Client,
-    _db: TestDb,
+    /// The database it serves (its store arranges states a test cannot reach over HTTP).
+    pub db: TestDb,
     _dir: tempfile::TempDir,
 }
 
 /// Starts the API on defaults with files and training data under a temporary directory,
-/// adjusted by `configure`.
+/// adjusted by `configure`, over a fresh SQLite database.
 pub async fn start(configure: impl FnOnce(&mut Config)) -> Server {
-    let db = TestDb::sqlite().await;
+    start_on(TestDb::sqlite().await, configure).await
+}
+
+/// [`start`] over the database `db`.
+pub async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.storage.files_dir = dir.path().join("files");
@@ -37,7 +42,7 @@ pub async fn start(configure: impl FnOnce(&mut Config)) -> Server {
     Server {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
-        _db: db,
+        db,
         _dir: dir,
     }
 }
@@ -48,9 +53,18 @@ impl Server {
     }
 
     pub async fn upload(&self, body: Vec<u8>, purpose: &str) -> reqwest::Response {
+        self.upload_named(body, purpose, "in.jsonl").await
+    }
+
+    pub async fn upload_named(
+        &self,
+        body: Vec<u8>,
+        purpose: &str,
+        filename: &str,
+    ) -> reqwest::Response {
         let form = Form::new()
             .text("purpose", purpose.to_string())
-            .part("file", Part::bytes(body).file_name("in.jsonl"));
+            .part("file", Part::bytes(body).file_name(filename.to_string()));
         self.client
             .post(self.url("/v1/files"))
             .multipart(form)
