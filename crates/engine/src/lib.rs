@@ -490,23 +490,62 @@ pub(crate) fn chat_template(
     ChatTemplate::new(&template_src, bos_token, eos_token, limits)
 }
 
-/// A model file under `models/` for tests: `None` (the test skips, saying so) when it is
-/// missing, unless `BATCHLAB_REQUIRE_MODELS` is set, which makes a missing file fail the test.
-#[cfg(test)]
-pub(crate) fn test_model(file: &str) -> Option<PathBuf> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models")
-        .join(file);
-    if !path.exists() {
-        assert!(
-            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!("SKIP: model file {} is missing", path.display());
-        return None;
+/// Model files for tests, shared by the unit tests and the integration tests.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::PathBuf;
+
+    /// `file` under the repository's `models/`: `None` (the test skips, saying so) when it is
+    /// missing, unless `BATCHLAB_REQUIRE_MODELS` is set, which makes a missing file fail.
+    pub fn model_file(file: &str) -> Option<PathBuf> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models")
+            .join(file);
+        if !path.exists() {
+            assert!(
+                std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
+                "{} is missing",
+                path.display()
+            );
+            eprintln!("SKIP: model file {} is missing", path.display());
+            return None;
+        }
+        Some(path)
     }
-    Some(path)
+}
+
+/// A model's GGUF metadata and the tokenizer built from it (weights not loaded), read once per
+/// test binary; `None` as [`testing::model_file`] says.
+#[cfg(test)]
+pub(crate) struct TestGguf {
+    /// The file.
+    pub path: PathBuf,
+    /// Its metadata.
+    pub content: gguf_file::Content,
+    /// The tokenizer its metadata describes.
+    pub tokenizer: GgufTokenizer,
+}
+
+#[cfg(test)]
+pub(crate) fn test_gguf(file: &'static str) -> Option<&'static TestGguf> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static LOADED: OnceLock<Mutex<HashMap<&'static str, &'static TestGguf>>> = OnceLock::new();
+    let path = testing::model_file(file)?;
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    Some(*loaded.entry(file).or_insert_with(|| {
+        let mut f = BufReader::new(std::fs::File::open(&path).unwrap());
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let tokenizer = GgufTokenizer::from_gguf(&content).unwrap();
+        Box::leak(Box::new(TestGguf {
+            path,
+            content,
+            tokenizer,
+        }))
+    }))
 }
 
 /// The tokenizer: a `tokenizer.json` beside the model file overrides the one the GGUF's

@@ -226,7 +226,6 @@ mod tests {
     use std::collections::{HashMap, HashSet};
     use std::sync::{Mutex, OnceLock};
 
-    use candle_core::quantized::gguf_file::Content;
     use proptest::prelude::*;
 
     use super::*;
@@ -245,22 +244,21 @@ mod tests {
     /// A model's tokenizer and chat template as the engine builds them (weights not loaded),
     /// once per test binary; `None` (skip) when the file is missing, a failure under
     /// `BATCHLAB_REQUIRE_MODELS`.
-    fn model_chat(file: &'static str) -> Option<&'static (GgufTokenizer, ChatTemplate)> {
-        static LOADED: OnceLock<
-            Mutex<HashMap<&'static str, &'static (GgufTokenizer, ChatTemplate)>>,
-        > = OnceLock::new();
-        let path = crate::test_model(file)?;
-        let mut loaded = LOADED
+    fn model_chat(file: &'static str) -> Option<(&'static GgufTokenizer, &'static ChatTemplate)> {
+        static TEMPLATES: OnceLock<Mutex<HashMap<&'static str, &'static ChatTemplate>>> =
+            OnceLock::new();
+        let model = crate::test_gguf(file)?;
+        let mut templates = TEMPLATES
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        Some(*loaded.entry(file).or_insert_with(|| {
-            let mut f = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
-            let ct = Content::read(&mut f).unwrap();
-            let tok = GgufTokenizer::from_gguf(&ct).unwrap();
-            let template = crate::chat_template(&path, &ct, &tok, UNLIMITED).unwrap();
-            Box::leak(Box::new((tok, template)))
-        }))
+        let template = *templates.entry(file).or_insert_with(|| {
+            let template =
+                crate::chat_template(&model.path, &model.content, &model.tokenizer, UNLIMITED)
+                    .unwrap();
+            Box::leak(Box::new(template))
+        });
+        Some((&model.tokenizer, template))
     }
 
     fn control_ids(tok: &GgufTokenizer) -> HashSet<u32> {

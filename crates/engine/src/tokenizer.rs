@@ -699,21 +699,8 @@ mod tests {
 
     /// A model's tokenizer from its GGUF metadata, built once per test binary; `None` (skip)
     /// when the file is missing, a failure under `BATCHLAB_REQUIRE_MODELS`.
-    pub(crate) fn model_tokenizer(file: &'static str) -> Option<&'static GgufTokenizer> {
-        use std::collections::HashMap;
-        use std::sync::{Mutex, OnceLock};
-        static LOADED: OnceLock<Mutex<HashMap<&'static str, &'static GgufTokenizer>>> =
-            OnceLock::new();
-        let path = crate::test_model(file)?;
-        let mut loaded = LOADED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        Some(*loaded.entry(file).or_insert_with(|| {
-            let mut f = std::io::BufReader::new(std::fs::File::open(path).unwrap());
-            let ct = Content::read(&mut f).unwrap();
-            Box::leak(Box::new(GgufTokenizer::from_gguf(&ct).unwrap()))
-        }))
+    fn model_tokenizer(file: &'static str) -> Option<&'static GgufTokenizer> {
+        crate::test_gguf(file).map(|m| &m.tokenizer)
     }
 
     fn tokenizer() -> Option<&'static GgufTokenizer> {

@@ -1064,7 +1064,7 @@ mod tests {
     }
 
     fn worker(requantize: bool) -> Option<(Worker, Arc<GgufTokenizer>)> {
-        let path = crate::test_model("SmolLM2-135M-Instruct.Q4_1.gguf")?;
+        let path = crate::testing::model_file("SmolLM2-135M-Instruct.Q4_1.gguf")?;
         let loaded = load_parts(&EngineConfig {
             model_path: path,
             model_id: "test".into(),
@@ -1478,7 +1478,7 @@ mod tokenizer_json_tests {
     /// with a lower-casing normalizer added encodes "HELLO" as "hello".
     #[test]
     fn tokenizer_json_beside_the_model_overrides_the_gguf() {
-        let Some(model) = crate::test_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        let Some(model) = crate::testing::model_file("SmolLM2-135M-Instruct.Q4_1.gguf") else {
             return;
         };
         let config = |path: std::path::PathBuf| EngineConfig {

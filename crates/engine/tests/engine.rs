@@ -34,17 +34,7 @@ fn config(max_queue: usize) -> EngineConfig {
 /// Whether the default model file is there; a missing file fails the test under
 /// `BATCHLAB_REQUIRE_MODELS`, else the test skips (with a message).
 fn model_present() -> bool {
-    let path = model_path();
-    if !path.exists() {
-        assert!(
-            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!("SKIP: model file {} is missing", path.display());
-        return false;
-    }
-    true
+    batchlab_engine::testing::model_file("SmolLM2-135M-Instruct.Q4_1.gguf").is_some()
 }
 
 /// The engine shared by the tests of this binary, or `None` (with a message) without the file.
@@ -702,18 +692,7 @@ async fn logprobs_describe_the_generated_tokens() {
 /// Gemma 3 270M's GGUF (`scripts/fetch-model.sh gemma3`); `None` (the test skips) when it is
 /// missing, unless `BATCHLAB_REQUIRE_MODELS` is set.
 fn gemma_path() -> Option<PathBuf> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
-    if !path.exists() {
-        assert!(
-            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!("SKIP: model file {} is missing", path.display());
-        return None;
-    }
-    Some(path)
+    batchlab_engine::testing::model_file("gemma-3-270m-q4_k_m.gguf")
 }
 
 /// Gemma 3's Q6_K tensors are requantized to Q8_0 where the packed kernel runs (its 16-value
