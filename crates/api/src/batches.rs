@@ -55,13 +55,6 @@ pub async fn create(
             Some(m.to_string())
         }
     };
-    if input_file_id.contains('\0') {
-        // No id holds U+0000 (PostgreSQL could not even compare one).
-        return Err(ApiError::NotFound(format!(
-            "No such File object: {}",
-            input_file_id.escape_debug()
-        )));
-    }
     let file = state
         .store
         .get_file(&input_file_id)
@@ -94,12 +87,6 @@ pub async fn create(
 }
 
 async fn find(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
-    if id.contains('\0') {
-        return Err(ApiError::NotFound(format!(
-            "No such Batch object: {}",
-            id.escape_debug()
-        )));
-    }
     state
         .store
         .get_batch(id)

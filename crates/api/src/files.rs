@@ -182,13 +182,6 @@ pub async fn list(
 }
 
 async fn find(state: &AppState, id: &str) -> Result<FileRecord, ApiError> {
-    if id.contains('\0') {
-        // No id holds U+0000 (PostgreSQL could not even compare one).
-        return Err(ApiError::NotFound(format!(
-            "No such File object: {}",
-            id.escape_debug()
-        )));
-    }
     state
         .store
         .get_file(id)

@@ -418,14 +418,19 @@ impl Runner {
         Ok(true)
     }
 
-    /// Runs every unfinished line, `concurrency` at a time, until done, cancelled or expired.
-    async fn execute(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Stop, RunError> {
-        let done: HashSet<i64> = self
+    /// Line numbers of `batch` already finished (skipped when resuming).
+    async fn finished_lines(&self, batch: &BatchRecord) -> Result<HashSet<i64>, RunError> {
+        Ok(self
             .store
             .finished_line_numbers(&batch.id)
             .await?
             .into_iter()
-            .collect();
+            .collect())
+    }
+
+    /// Runs every unfinished line, `concurrency` at a time, until done, cancelled or expired.
+    async fn execute(&self, batch: &BatchRecord, lost: &AtomicBool) -> Result<Stop, RunError> {
+        let done = self.finished_lines(batch).await?;
         let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
         let mut tasks: JoinSet<Result<(), RunError>> = JoinSet::new();
         let mut seen = HashSet::new();
@@ -585,12 +590,7 @@ impl Runner {
 
     /// Writes `batch_expired` error lines for every line that never ran.
     async fn expire_unfinished(&self, batch: &BatchRecord) -> Result<(), RunError> {
-        let done: HashSet<i64> = self
-            .store
-            .finished_line_numbers(&batch.id)
-            .await?
-            .into_iter()
-            .collect();
+        let done = self.finished_lines(batch).await?;
         let mut seen = HashSet::new();
         let mut lines = self.input_lines(batch).await?;
         while let Some((line_no, line)) = lines.next().await? {

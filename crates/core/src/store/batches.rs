@@ -306,6 +306,10 @@ impl Store {
 
     /// One batch by id.
     pub async fn get_batch(&self, id: &str) -> Result<Option<BatchRecord>, StoreError> {
+        if id.contains('\0') {
+            // No stored id holds U+0000 (writes refuse it), and PostgreSQL cannot compare one.
+            return Ok(None);
+        }
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM batches WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)

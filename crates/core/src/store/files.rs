@@ -59,6 +59,10 @@ impl Store {
 
     /// One file by id.
     pub async fn get_file(&self, id: &str) -> Result<Option<FileRecord>, StoreError> {
+        if id.contains('\0') {
+            // No stored id holds U+0000 (writes refuse it), and PostgreSQL cannot compare one.
+            return Ok(None);
+        }
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM files WHERE id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
