@@ -64,12 +64,7 @@ impl RunError {
 
     /// A panic's payload as a [`RunError::Panicked`].
     fn from_panic(payload: Box<dyn std::any::Any + Send>) -> RunError {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
-        RunError::Panicked(message)
+        RunError::Panicked(crate::telemetry::panic_message(&*payload).to_string())
     }
 }
 
@@ -82,12 +77,8 @@ pub struct RunnerSettings {
     pub lease_seconds: i64,
     /// Lines in flight at once.
     pub concurrency: usize,
-    /// `max_tokens` for lines that set none.
-    pub default_max_tokens: usize,
-    /// Largest `max_tokens` a line may ask for (`engine.max_tokens_limit`).
-    pub max_tokens_limit: usize,
-    /// Most chat messages in one line (`engine.max_messages`).
-    pub max_messages: usize,
+    /// Defaults and bounds every line's body is parsed with (`max_tokens`, messages).
+    pub body_limits: BodyLimits,
     /// Most lines a batch input may have.
     pub max_lines: u64,
     /// Longest input line in bytes (`batch.max_line_bytes`); longer lines are never buffered
@@ -95,17 +86,6 @@ pub struct RunnerSettings {
     pub max_line_bytes: u64,
     /// Failed processing attempts after which a batch ends `failed` (`batch.max_attempts`).
     pub max_attempts: u32,
-}
-
-impl RunnerSettings {
-    /// The request-body limits every line is parsed with.
-    fn body_limits(&self) -> BodyLimits {
-        BodyLimits {
-            default_max_tokens: self.default_max_tokens,
-            max_tokens_limit: self.max_tokens_limit,
-            max_messages: self.max_messages,
-        }
-    }
 }
 
 /// A worker's batch loop.
@@ -512,7 +492,7 @@ impl Runner {
         seen: &mut HashSet<String>,
     ) -> Result<openai::RequestLine, LineError> {
         line.and_then(|l| {
-            openai::parse_request_line(l, &batch.endpoint, seen, &self.settings.body_limits())
+            openai::parse_request_line(l, &batch.endpoint, seen, &self.settings.body_limits)
         })
     }
 

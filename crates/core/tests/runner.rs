@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use batchlab_core::blob::{BlobStore, WriteLimits};
 use batchlab_core::engine::{Engine, EngineConfig};
+use batchlab_core::openai::BodyLimits;
 use batchlab_core::runner::{Runner, RunnerSettings};
 use batchlab_core::store::{
     BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, NewBatch, Store,
@@ -87,9 +88,11 @@ impl Fixture {
             worker_id: worker.into(),
             lease_seconds: 30,
             concurrency: 2,
-            default_max_tokens: 8,
-            max_tokens_limit: 64,
-            max_messages: 16,
+            body_limits: BodyLimits {
+                default_max_tokens: 8,
+                max_tokens_limit: 64,
+                max_messages: 16,
+            },
             max_lines: 100,
             max_line_bytes: 4096,
             max_attempts: 3,

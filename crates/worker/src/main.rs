@@ -6,6 +6,7 @@ use anyhow::Context;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::ConfigArgs;
 use batchlab_core::engine::Engine;
+use batchlab_core::openai::BodyLimits;
 use batchlab_core::runner::{Runner, RunnerSettings};
 use batchlab_core::store::Store;
 use clap::Parser;
@@ -43,9 +44,7 @@ async fn main() -> anyhow::Result<()> {
         worker_id,
         lease_seconds: config.worker.lease_seconds as i64,
         concurrency: config.worker.concurrency,
-        default_max_tokens: config.engine.default_max_tokens,
-        max_tokens_limit: config.engine.max_tokens_limit,
-        max_messages: config.engine.max_messages,
+        body_limits: BodyLimits::from_settings(&config.engine),
         max_lines: config.batch.max_lines,
         max_line_bytes: config.batch.max_line_bytes,
         max_attempts: config.batch.max_attempts,

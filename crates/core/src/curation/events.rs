@@ -84,7 +84,7 @@ impl Curation {
                     }
                     Err(panic) => {
                         metrics::counter!("batchlab_webhook_processor_panics_total").increment(1);
-                        tracing::error!(panic = %panic_message(&*panic), "webhook processing pass panicked; retrying");
+                        tracing::error!(panic = %crate::telemetry::panic_message(&*panic), "webhook processing pass panicked; retrying");
                     }
                 }
                 tokio::select! {
@@ -114,7 +114,10 @@ impl Curation {
                 Ok(applied) => applied?,
                 Err(panic) => {
                     // A poison event: whatever it holds, it must not stop the events behind it.
-                    let reason = format!("panicked while applying: {}", panic_message(&*panic));
+                    let reason = format!(
+                        "panicked while applying: {}",
+                        crate::telemetry::panic_message(&*panic)
+                    );
                     tracing::error!(id = event.id, action = %event.action, %reason, "webhook event failed");
                     metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
                     self.store.fail_event(event.id, &reason).await?;
@@ -155,15 +158,6 @@ impl Curation {
         }
         Ok(events.len())
     }
-}
-
-/// The text a panic carried, when it carried text.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
 }
 
 impl Curation {
