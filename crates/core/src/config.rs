@@ -146,9 +146,6 @@ impl MlBackendConfig {
     /// The basic-auth user and password when both are set, `None` when neither is, and an
     /// error naming the missing one when only one is: auth never fails open.
     pub fn basic_auth(&self) -> Result<Option<(&str, &str)>, ConfigError> {
-        fn set(v: Option<&str>) -> Option<&str> {
-            v.filter(|v| !v.trim().is_empty())
-        }
         let missing = |set: &str, unset: &str| {
             Err(ConfigError::Insecure(format!(
                 "{set} is set but {unset} is not: basic auth needs both, and the ML backend will not \
@@ -156,8 +153,8 @@ impl MlBackendConfig {
             )))
         };
         match (
-            set(self.basic_auth_user.as_deref()),
-            set(self.basic_auth_pass.as_deref()),
+            non_blank(self.basic_auth_user.as_deref()),
+            non_blank(self.basic_auth_pass.as_deref()),
         ) {
             (Some(u), Some(p)) => Ok(Some((u, p))),
             (None, None) => Ok(None),
@@ -424,8 +421,9 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn is_set(value: Option<&str>) -> bool {
-    value.is_some_and(|v| !v.trim().is_empty())
+/// A setting's value unless it is absent or blank (a blank credential is no credential).
+fn non_blank(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.trim().is_empty())
 }
 
 /// `<PREFIX><SECTION>__<KEY>` variables. Every setting lives in a section, so variables without
@@ -533,10 +531,10 @@ impl Config {
                     return Ok(());
                 }
                 let mut missing = Vec::new();
-                if !is_set(api.api_key.as_deref()) {
+                if non_blank(api.api_key.as_deref()).is_none() {
                     missing.push("the API key (BATCHLAB_API__API_KEY)");
                 }
-                if !is_set(self.label_studio.webhook_secret.as_deref()) {
+                if non_blank(self.label_studio.webhook_secret.as_deref()).is_none() {
                     missing.push("the webhook secret (BATCHLAB_LABEL_STUDIO__WEBHOOK_SECRET)");
                 }
                 if missing.is_empty() {

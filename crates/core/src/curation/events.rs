@@ -448,15 +448,20 @@ mod tests {
         curation.ingest(&renamed).await.unwrap();
 
         let processor = curation.spawn_processor();
-        let status = loop {
-            let counts = db.store.webhook_event_counts(Some(7)).await.unwrap();
-            if counts.pending == 0 {
-                break curation.status(7).await.unwrap();
+        let drained = async {
+            loop {
+                let counts = db.store.webhook_event_counts(Some(7)).await.unwrap();
+                if counts.pending == 0 {
+                    break curation.status(7).await.unwrap();
+                }
+                assert!(!processor.is_finished(), "the processor stopped");
+                curation.wake.notify_one();
+                tokio::task::yield_now().await;
             }
-            assert!(!processor.is_finished(), "the processor stopped");
-            curation.wake.notify_one();
-            tokio::task::yield_now().await;
         };
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), drained)
+            .await
+            .expect("the processor applied every event");
         assert!(
             !processor.is_finished(),
             "the processor must survive a poison event"
