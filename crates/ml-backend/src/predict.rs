@@ -550,4 +550,38 @@ mod tests {
         assert_eq!(jobs.counts().queued, 0);
         assert_eq!(jobs.counts().cached, 40);
     }
+
+    /// The pending jobs are bounded: a bulk request that would pass `max_pending` is refused
+    /// whole with 503 (Label Studio asks again), a single task always goes in, and places come
+    /// back as jobs finish.
+    #[tokio::test]
+    async fn pending_jobs_are_bounded() {
+        let jobs = Jobs::new(100, 1, 3);
+        let (release, hold) = tokio::sync::watch::channel(false);
+        let pending: Vec<Pending> = (0..3)
+            .map(|i| {
+                let mut hold = hold.clone();
+                jobs.job(format!("held {i}"), false, move || {
+                    async move {
+                        let _ = hold.wait_for(|released| *released).await;
+                        Ok(Arc::new(json!(i)))
+                    }
+                    .boxed()
+                })
+            })
+            .collect();
+        assert_eq!(jobs.counts().pending, 3);
+        let refused = jobs.admit(2).unwrap_err();
+        assert!(matches!(refused, MlError::Busy(_)), "{refused:?}");
+        assert!(
+            refused.to_string().contains("ml_backend.max_pending_tasks"),
+            "{refused}"
+        );
+        jobs.admit(1).expect("one task alone is always admitted");
+        release.send(true).unwrap();
+        for p in pending {
+            p.await.unwrap();
+        }
+        jobs.admit(3).expect("places came back");
+    }
 }
