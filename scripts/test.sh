@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # batchlab's whole test suite, the README's second command:
-#   Rust unit and integration tests (the store's suite on SQLite AND PostgreSQL, the API over a
-#   socket, the engine on the real default model), then the end-to-end tests in tests/e2e that
+#   the format and lint gates (cargo fmt --check, cargo clippy -D warnings), Rust unit and
+#   integration tests (the store's suite on SQLite AND PostgreSQL, the API over a socket, the
+#   engine on the real default model), then the end-to-end tests in tests/e2e that
 #   drive the real binaries with the official `openai` Python package and a real Label Studio.
 # Needs: the Rust toolchain, Python 3 with pip, and PostgreSQL on 127.0.0.1:5432
 # (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers.
@@ -30,6 +31,15 @@ if [[ ! -x .venv-label-studio/bin/label-studio ]]; then
   python3 -m venv .venv-label-studio
   .venv-label-studio/bin/python -m pip install --quiet --disable-pip-version-check 'label-studio>=1.23,<1.24'
 fi
+
+echo "== format and lints (cargo fmt, cargo clippy -D warnings)"
+for component in rustfmt clippy; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    rustup component add "$component"
+  fi
+done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== build"
 cargo build --workspace --bins --tests
