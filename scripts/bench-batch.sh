@@ -12,7 +12,7 @@ if [[ "$PROFILE" == "release" ]]; then FLAG=--release; DIR=target/release; else 
 MODEL="$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 scripts/fetch-model.sh >/dev/null
 cargo build $FLAG -q --workspace --bins
-cargo build $FLAG -q -p batchlab-core --example engine_direct
+cargo build $FLAG -q -p batchlab-inference --example engine_direct
 
 WORK="$(mktemp -d)"
 PIDS=()

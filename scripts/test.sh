@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # batchlab's whole test suite, the README's second command:
-#   the format and lint gates (cargo fmt --check, cargo clippy -D warnings), Rust unit and
+#   the format, lint and layering gates (cargo fmt --check, cargo clippy -D warnings,
+#   scripts/check-layering.sh), Rust unit and
 #   integration tests (the store's suite on SQLite AND PostgreSQL, the API over a socket, the
 #   engine on the real default model), then the end-to-end tests in tests/e2e that
 #   drive the real binaries with the official `openai` Python package and a real Label Studio.
@@ -40,6 +41,9 @@ for component in rustfmt clippy; do
 done
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== layering (batchlab-api and batchlab-core link no model code)"
+scripts/check-layering.sh
 
 echo "== build"
 cargo build --workspace --bins --tests

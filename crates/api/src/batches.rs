@@ -51,7 +51,8 @@ pub async fn create(
     let metadata = match req.metadata {
         None | Some(Value::Null) => None,
         Some(m) => {
-            openai::validate_metadata(&m).map_err(|msg| ApiError::invalid(msg, "metadata"))?;
+            openai::validate_metadata(&m)
+                .map_err(|e| ApiError::invalid(e.into_message(), "metadata"))?;
             Some(m.to_string())
         }
     };

@@ -75,14 +75,28 @@ pub struct SetupArgs {
     pub no_webhook: bool,
 }
 
+/// Why `batchlab-api setup`'s arguments cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupArgsError {
+    /// The labeling config file could not be read.
+    #[error("cannot read labeling config {}", path.display())]
+    LabelConfig {
+        /// The file named by `--label-config`.
+        path: std::path::PathBuf,
+        /// Why it could not be read.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl SetupArgs {
     /// The setup to run, with defaults and the secret header taken from `config`.
-    pub fn options(&self, config: &Config) -> Result<SetupOptions, String> {
-        let label_config = std::fs::read_to_string(&self.label_config).map_err(|e| {
-            format!(
-                "cannot read labeling config {}: {e}",
-                self.label_config.display()
-            )
+    pub fn options(&self, config: &Config) -> Result<SetupOptions, SetupArgsError> {
+        let label_config = std::fs::read_to_string(&self.label_config).map_err(|source| {
+            SetupArgsError::LabelConfig {
+                path: self.label_config.clone(),
+                source,
+            }
         })?;
         let ml_backend_url = (!self.no_ml_backend).then(|| {
             self.ml_backend_url

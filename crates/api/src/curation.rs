@@ -9,7 +9,7 @@ use batchlab_core::curation::export::{ExportFilter, ExportFormat};
 use batchlab_core::curation::import::ImportReport;
 use batchlab_core::curation::{Ingested, ProjectStatus};
 use batchlab_core::labelstudio::client::LabelStudioClient;
-use batchlab_core::labelstudio::webhook::parse_timestamp_us;
+use batchlab_core::labelstudio::event::parse_timestamp_us;
 use futures::TryStreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -130,7 +130,7 @@ pub async fn accuracy(
         .map(|p| (p.task_id, p.prediction))
         .collect();
     let report = state.curation.accuracy_of(id, &preds).await?;
-    let mut body = serde_json::to_value(report).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = serde_json::to_value(report)?;
     body["project_id"] = json!(id);
     Ok(Json(body))
 }

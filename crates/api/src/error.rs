@@ -8,7 +8,7 @@ use axum::Json;
 use batchlab_core::blob::BlobError;
 use batchlab_core::curation::CurationError;
 use batchlab_core::labelstudio::client::LabelStudioError;
-use batchlab_core::openai::{ErrorBody, ErrorDetail};
+use batchlab_core::openai::{ErrorBody, SERVER_ERROR_MESSAGE};
 use batchlab_core::store::StoreError;
 
 /// A failed API request.
@@ -47,9 +47,18 @@ pub enum ApiError {
     /// Too much is in flight already (503 with `Retry-After`): retry later.
     #[error("{0}")]
     Busy(String),
-    /// Something broke inside; logged, and answered without details (500).
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// The database failed (500; logged, answered without details).
+    #[error("database error")]
+    Store(#[from] StoreError),
+    /// A file body could not be read or written (500; logged, answered without details).
+    #[error("file storage error")]
+    Blob(#[source] BlobError),
+    /// Curation failed inside (its store or its files; 500, logged, answered without details).
+    #[error("curation error")]
+    Curation(#[source] CurationError),
+    /// An answer could not be encoded (500; logged, answered without details).
+    #[error("cannot encode the answer")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Seconds a client is asked to wait before retrying a 503.
@@ -74,7 +83,9 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 }
@@ -119,24 +130,13 @@ impl IntoResponse for ApiError {
                 Some("file_too_large"),
             ),
             Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
-            Self::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                (
-                    "The server had an error while processing your request.".to_string(),
-                    "server_error",
-                    None,
-                    None,
-                )
+            Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
+                let source = std::error::Error::source(&self).map(ToString::to_string);
+                tracing::error!(error = %self, source = source.as_deref().unwrap_or("-"), "internal error");
+                (SERVER_ERROR_MESSAGE.to_string(), "server_error", None, None)
             }
         };
-        let body = ErrorBody {
-            error: ErrorDetail {
-                message,
-                kind: kind.to_string(),
-                param: param.map(str::to_string),
-                code: code.map(str::to_string),
-            },
-        };
+        let body = ErrorBody::new(message, kind, param, code);
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
@@ -145,12 +145,6 @@ impl IntoResponse for ApiError {
             );
         }
         response
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        Self::Internal(e.to_string())
     }
 }
 
@@ -163,7 +157,7 @@ impl From<BlobError> for ApiError {
             }
             BlobError::Source(_) => Self::invalid(e.to_string(), "file"),
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
-            BlobError::Io(_) => Self::Internal(e.to_string()),
+            BlobError::Io(_) => Self::Blob(e),
         }
     }
 }
@@ -177,7 +171,7 @@ impl From<CurationError> for ApiError {
                 message: e.to_string(),
                 param: None,
             },
-            CurationError::Store(_) | CurationError::Io(_) => Self::Internal(e.to_string()),
+            CurationError::Store(_) | CurationError::Io(_) => Self::Curation(e),
             CurationError::LabelStudio(LabelStudioError::Status { status: 404, .. }) => {
                 Self::NotFound(format!("Label Studio does not know this project: {e}"))
             }

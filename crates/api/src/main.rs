@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
         None | Some(Command::Serve) => serve(config).await,
         Some(Command::SetupLabelStudio(setup)) => {
             if let Err(message) = setup_label_studio(&config, setup).await {
-                eprintln!("batchlab-api setup-label-studio: {message}");
+                eprintln!("batchlab-api setup-label-studio: {message:#}");
                 std::process::exit(1);
             }
             Ok(())
@@ -46,15 +46,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn setup_label_studio(config: &Config, args: &SetupArgs) -> Result<(), String> {
+async fn setup_label_studio(config: &Config, args: &SetupArgs) -> anyhow::Result<()> {
     let options = args.options(config)?;
-    let client = LabelStudioClient::from_config(&config.label_studio).map_err(|e| e.to_string())?;
+    let client = LabelStudioClient::from_config(&config.label_studio)?;
     let report = batchlab_core::labelstudio::setup::setup(&client, &options)
         .await
-        .map_err(|e| format!("{e} (Label Studio at {})", client.base_url()))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
-    );
+        .with_context(|| format!("Label Studio at {}", client.base_url()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -278,32 +278,10 @@ impl Default for EngineSettings {
             default_max_tokens: 256,
             max_tokens_limit: 4096,
             max_messages: 4096,
-            max_chat_bytes: batchlab_engine::DEFAULT_MAX_CHAT_BYTES,
-            max_candidates: batchlab_engine::DEFAULT_MAX_CANDIDATES,
+            max_chat_bytes: 4 << 20,
+            max_candidates: 1024,
             requantize: true,
             device: "cpu".into(),
-        }
-    }
-}
-
-impl EngineSettings {
-    /// The engine's own configuration for these settings (0 means "the engine's default").
-    pub fn engine_config(&self) -> batchlab_engine::EngineConfig {
-        batchlab_engine::EngineConfig {
-            model_path: self.model_path.clone(),
-            model_id: self.model_id.clone(),
-            max_queue: self.max_queue,
-            max_batch: self.max_batch,
-            prefix_cache_bytes: self.prefix_cache_mb << 20,
-            threads: (self.threads > 0).then_some(self.threads),
-            max_context: (self.max_context > 0).then_some(self.max_context),
-            requantize: self.requantize,
-            device: self.device.clone(),
-            limits: batchlab_engine::RequestLimits {
-                max_messages: self.max_messages,
-                max_chat_bytes: self.max_chat_bytes,
-                max_candidates: self.max_candidates,
-            },
         }
     }
 }

@@ -9,7 +9,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -37,12 +36,7 @@ async fn record_metrics(prefix: &'static str, request: Request, next: Next) -> R
 /// the tracing layer, never sent to the client.
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("handler panicked");
-    let body = json!({"error": {
-        "message": "The server had an error while processing your request.",
-        "type": "server_error",
-        "param": null,
-        "code": null,
-    }});
+    let body = crate::openai::ErrorBody::server_error();
     (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response()
 }
 

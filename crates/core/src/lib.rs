@@ -1,18 +1,22 @@
-//! batchlab-core: everything batchlab's three binaries share — configuration, the database
-//! store, the blob store for file bodies, OpenAI wire types, the batch runner and the engine.
+//! batchlab-core: what batchlab's binaries share and no model needs: configuration, the
+//! database store, the blob store for file bodies, OpenAI and Label Studio types, curation
+//! (webhook events, milestone exports, accuracy), shared HTTP layers and telemetry.
+//!
+//! Driving a model lives in `batchlab-inference`; this crate does not depend on the engine, so
+//! batchlab-api links no model code.
 
 pub mod blob;
 pub mod config;
 pub mod curation;
+pub mod error;
 pub mod http;
 pub mod labelstudio;
 pub mod openai;
-pub mod predict;
-pub mod runner;
+pub mod prediction_key;
+pub mod prompt;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+/// Fresh databases for tests; compiled only with the `testing` feature (dev-dependencies).
+#[cfg(feature = "testing")]
 pub mod testing;
-
-/// The in-process inference engine (its own crate so model code builds apart from the rest).
-pub use batchlab_engine as engine;

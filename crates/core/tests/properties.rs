@@ -4,7 +4,7 @@
 //! what was written.
 
 use batchlab_core::labelstudio::config::{LabelConfig, LabelConfigError, MAX_DEPTH};
-use batchlab_core::labelstudio::webhook;
+use batchlab_core::labelstudio::event;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -121,10 +121,10 @@ proptest! {
     /// is the body's alone.
     #[test]
     fn the_envelope_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), seed in 0usize..64, cut in 0usize..3000) {
-        let _ = webhook::envelope(&bytes);
+        let _ = event::envelope(&bytes);
         let bodies = fixture_bodies();
         let text = bodies[seed % bodies.len()].to_string();
-        let _ = webhook::envelope(&text.as_bytes()[..cut.min(text.len())]);
+        let _ = event::envelope(&text.as_bytes()[..cut.min(text.len())]);
     }
 
     /// A valid envelope reads back its action and project; the same body gives the same key
@@ -143,16 +143,16 @@ proptest! {
             }
         }
         let bytes = serde_json::to_vec(&body).unwrap();
-        let (envelope, value) = webhook::envelope(&bytes).unwrap();
+        let (envelope, value) = event::envelope(&bytes).unwrap();
         prop_assert_eq!(&envelope.action, &action);
         prop_assert_eq!(value, body.clone());
         if project.is_some() {
             prop_assert_eq!(envelope.project_id, project);
         }
-        let (again, _) = webhook::envelope(&bytes).unwrap();
+        let (again, _) = event::envelope(&bytes).unwrap();
         prop_assert_eq!(&again.delivery_key, &envelope.delivery_key);
         body["extra"] = json!(1);
-        let (other, _) = webhook::envelope(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let (other, _) = event::envelope(&serde_json::to_vec(&body).unwrap()).unwrap();
         prop_assert_ne!(other.delivery_key, envelope.delivery_key);
     }
 }

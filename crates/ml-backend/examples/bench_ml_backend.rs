@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use batchlab_core::config::Config;
-use batchlab_core::engine::{ChatRequest, Engine, SamplingParams};
 use batchlab_core::labelstudio::config::LabelConfig;
-use batchlab_core::predict::examples::{Example, ExampleSet};
-use batchlab_core::predict::task::{predict_task, PredictOptions, Priors};
-use batchlab_ml_backend::model::Model;
+use batchlab_inference::engine::{ChatRequest, Engine, SamplingParams};
+use batchlab_inference::predict::examples::{Example, ExampleSet};
+use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors};
+use batchlab_ml_backend::slot::EngineSlot;
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
 
@@ -75,7 +75,8 @@ async fn main() {
     let trec = PathBuf::from(args.next().expect("TREC_JSONL"));
     let mut config = Config::default();
     config.engine.model_path = model;
-    let engine = Engine::load(config.engine.engine_config()).expect("model loads");
+    let engine =
+        Engine::load(batchlab_inference::engine_config(&config.engine)).expect("model loads");
 
     let serve = |deadline: f64| {
         let mut c = config.clone();
@@ -83,7 +84,7 @@ async fn main() {
         let app = router(
             MlState::new(c)
                 .unwrap()
-                .with_model(Model::ready(engine.clone())),
+                .with_model(EngineSlot::ready(engine.clone())),
         );
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -105,12 +106,15 @@ async fn main() {
     let config_xml = CANDIDATE;
     let lc = LabelConfig::parse(config_xml).unwrap();
     let messages = vec![
-        batchlab_core::engine::ChatMessage::new("system", batchlab_core::predict::task::SYSTEM),
-        batchlab_core::engine::ChatMessage::new(
+        batchlab_inference::engine::ChatMessage::new(
+            "system",
+            batchlab_inference::predict::task::SYSTEM,
+        ),
+        batchlab_inference::engine::ChatMessage::new(
             "user",
             format!(
                 "{}\nQuestion: reasoning?",
-                batchlab_core::predict::task::task_body(&lc, &candidate(999), None)
+                batchlab_inference::predict::task::task_body(&lc, &candidate(999), None)
             ),
         ),
     ];

@@ -1,11 +1,13 @@
-//! The ML backend's one error type: every failure leaves as `{"error": {"message", "type",
-//! "code"}}` JSON, never a stack trace.
+//! The ML backend's one error type: every failure leaves in OpenAI's error shape
+//! (`{"error": {"message", "type", "param", "code"}}`, [`ErrorBody`]), never a stack trace.
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::curation::CurationError;
-use serde_json::json;
+use batchlab_core::openai::ErrorBody;
+use batchlab_inference::completions::EngineFailure;
+use batchlab_inference::engine::EngineError;
 
 /// A failed ML backend request.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +31,10 @@ pub enum MlError {
     /// The model is not available (503; the message says why).
     #[error("{0}")]
     Unavailable(String),
-    /// The engine's queue is full (429): retry later.
-    #[error("the model is busy; retry shortly")]
-    Overloaded,
+    /// The engine refused or failed the request: answered as [`EngineFailure`] says (400 for the
+    /// request's own fault, 429 for a full queue, 500 otherwise).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     /// A queue is full (503 with `Retry-After`): the message says which; retry later.
     #[error("{0}")]
     Busy(String),
@@ -41,9 +44,6 @@ pub enum MlError {
     /// Webhook ingestion failed: a body that cannot be read is 400, a store failure 503.
     #[error(transparent)]
     Curation(#[from] batchlab_core::curation::CurationError),
-    /// Something broke inside; logged, answered without details (500).
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 /// Seconds a client is asked to wait before retrying a 503.
@@ -78,11 +78,12 @@ impl MlError {
                 "server_error",
                 "model_unavailable",
             ),
-            Self::Overloaded => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "overloaded",
-            ),
+            Self::Engine(e) => {
+                let failure = EngineFailure::of(e);
+                let status = StatusCode::from_u16(failure.status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                (status, failure.kind, failure.code)
+            }
             Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "busy"),
             Self::Curation(CurationError::Webhook(_) | CurationError::Invalid(_)) => (
                 StatusCode::BAD_REQUEST,
@@ -94,7 +95,7 @@ impl MlError {
                 "server_error",
                 "store_unavailable",
             ),
-            Self::Config(_) | Self::Curation(_) | Self::Internal(_) => (
+            Self::Config(_) | Self::Curation(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "internal_error",
@@ -106,14 +107,15 @@ impl MlError {
 impl IntoResponse for MlError {
     fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
-        let message =
-            if status.is_server_error() && !matches!(self, Self::Unavailable(_) | Self::Busy(_)) {
-                tracing::error!(error = %self, "internal error");
-                "The ML backend had an error while processing the request.".to_string()
-            } else {
-                self.to_string()
-            };
-        let body = Json(json!({"error": {"message": message, "type": kind, "code": code}}));
+        let message = if status.is_server_error()
+            && !matches!(self, Self::Unavailable(_) | Self::Busy(_))
+        {
+            tracing::error!(error = %self, source = ?std::error::Error::source(&self), "internal error");
+            "The ML backend had an error while processing the request.".to_string()
+        } else {
+            self.to_string()
+        };
+        let body = Json(ErrorBody::new(message, kind, None, Some(code)));
         let mut response = (status, body).into_response();
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(

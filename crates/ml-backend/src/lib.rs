@@ -1,14 +1,14 @@
 //! batchlab-ml-backend: Label Studio's ML backend protocol. Routes only; one module per
-//! capability (`setup`, `predict`, `webhook`, `openai`, `auth`), the loaded model (`model`),
+//! capability (`setup`, `predict`, `webhook`, `chat`, `auth`), the engine slot (`slot`),
 //! per-project prompt context (`project`), one error type (`error`).
 
 pub mod auth;
+pub mod chat;
 pub mod error;
-pub mod model;
-pub mod openai;
 pub mod predict;
 pub mod project;
 pub mod setup;
+pub mod slot;
 pub mod webhook;
 
 use std::collections::VecDeque;
@@ -33,7 +33,7 @@ pub struct MlState {
     /// The `user:password` basic auth requires on every route, when it is configured.
     pub basic_auth: Option<Arc<auth::Credentials>>,
     /// The engine, loading in the background or loaded.
-    pub model: model::Model,
+    pub engine: slot::EngineSlot,
     /// The shared store, where ground-truth annotations are read from (few-shot); none in
     /// tests of the protocol alone.
     pub store: Option<Store>,
@@ -60,7 +60,7 @@ impl MlState {
         Ok(Self {
             config: Arc::new(config),
             basic_auth,
-            model: model::Model::unavailable("no model was loaded into this service"),
+            engine: slot::EngineSlot::unavailable("no model was loaded into this service"),
             store: None,
             curation: None,
             templates,
@@ -70,8 +70,8 @@ impl MlState {
     }
 
     /// The same state serving `model`.
-    pub fn with_model(mut self, model: model::Model) -> Self {
-        self.model = model;
+    pub fn with_model(mut self, engine: slot::EngineSlot) -> Self {
+        self.engine = engine;
         self
     }
 
@@ -141,8 +141,8 @@ pub fn router(state: MlState) -> Router {
         .route("/setup", post(setup::setup))
         .route("/predict", post(predict::predict))
         .route("/status", get(predict::status))
-        .route("/v1/models", get(openai::models))
-        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(chat::models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/webhook", post(webhook::webhook))
         .route("/versions", get(setup::versions))
         .route("/metrics", get(metrics))

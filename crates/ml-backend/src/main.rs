@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
                 batchlab_core::secret::redact_url(&config.database.url)
             )
         })?;
-    let model = batchlab_ml_backend::model::Model::load(&config.engine);
+    let model = batchlab_ml_backend::slot::EngineSlot::load(&config.engine);
     let state = batchlab_ml_backend::MlState::new(config)?
         .with_model(model)
         .with_store(store);

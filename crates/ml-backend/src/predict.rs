@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::Json;
 use batchlab_core::labelstudio::config::LabelConfig;
-use batchlab_core::predict::cache::{cache_key, IMPORTED};
-use batchlab_core::predict::task::{predict_task, PredictOptions, Priors};
+use batchlab_core::prediction_key::{cache_key, IMPORTED};
 use batchlab_core::store::{CachedPrediction, Store};
+use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
@@ -26,8 +26,8 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::error::MlError;
-use crate::model::ModelState;
 use crate::project::{project_id, ProjectContext};
+use crate::slot::ModelState;
 use crate::MlState;
 
 /// The body Label Studio 1.23 sends (fields batchlab reads).
@@ -311,7 +311,7 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
         )
         .await;
     }
-    let engine = match state.model.now() {
+    let engine = match state.engine.now() {
         ModelState::Failed(reason) if !misses.is_empty() => {
             return Err(MlError::Unavailable(format!(
                 "the model is not loaded: {reason}"
@@ -382,7 +382,7 @@ pub fn config_error(e: batchlab_core::labelstudio::config::LabelConfigError) -> 
 
 /// What a task's job needs beside the task.
 struct TaskJob {
-    engine: batchlab_core::engine::Engine,
+    engine: batchlab_inference::engine::Engine,
     config: Arc<LabelConfig>,
     context: Arc<ProjectContext>,
     options: PredictOptions,
@@ -502,7 +502,7 @@ impl MlState {
 
 /// `GET /status`: whether the model is loaded and how far the predictions are.
 pub async fn status(State(state): State<MlState>) -> Json<Value> {
-    let model = match state.model.now() {
+    let model = match state.engine.now() {
         ModelState::Loading => json!({"state": "loading"}),
         ModelState::Ready(engine) => {
             json!({"state": "ready", "id": engine.model_id(), "in_flight": engine.in_flight()})

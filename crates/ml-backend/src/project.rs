@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::labelstudio::version::prediction_version;
-use batchlab_core::predict::examples::ExampleSet;
+use batchlab_inference::predict::examples::ExampleSet;
 use serde_json::Value;
 
 use crate::MlState;

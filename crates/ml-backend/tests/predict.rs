@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use batchlab_core::config::Config;
-use batchlab_core::engine::Engine;
-use batchlab_ml_backend::model::Model;
+use batchlab_inference::engine::Engine;
+use batchlab_ml_backend::slot::EngineSlot;
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
 
@@ -42,7 +42,8 @@ fn engine() -> Engine {
                 "model {} is missing: run scripts/fetch-model.sh",
                 path.display()
             );
-            Engine::load(config().engine.engine_config()).expect("the default model loads")
+            Engine::load(batchlab_inference::engine_config(&config().engine))
+                .expect("the default model loads")
         })
         .clone()
 }
@@ -57,7 +58,7 @@ async fn serve(config: Config) -> String {
     let app = router(
         MlState::new(config)
             .unwrap()
-            .with_model(Model::ready(engine())),
+            .with_model(EngineSlot::ready(engine())),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     base

@@ -490,7 +490,7 @@ async fn post_json(s: &Server, path: &str, body: &Value) -> (u16, Value) {
 
 #[tokio::test]
 async fn without_a_model_predict_says_so_and_imported_predictions_still_answer() {
-    use batchlab_core::predict::cache::{cache_key, IMPORTED};
+    use batchlab_core::prediction_key::{cache_key, IMPORTED};
     use batchlab_core::store::CachedPrediction;
     let db = batchlab_core::testing::TestDb::sqlite().await;
     let s = serve_with_store(&db).await;

@@ -5,10 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::ConfigArgs;
-use batchlab_core::engine::Engine;
-use batchlab_core::openai::BodyLimits;
-use batchlab_core::runner::{Runner, RunnerSettings};
 use batchlab_core::store::Store;
+use batchlab_inference::completions::BodyLimits;
+use batchlab_inference::engine::Engine;
+use batchlab_inference::runner::{Runner, RunnerSettings};
 use clap::Parser;
 
 /// Runs queued OpenAI batches with the in-process model; start several to share one queue.
@@ -31,11 +31,12 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let blobs = BlobStore::open(&config.storage.files_dir)?;
     let e = &config.engine;
-    let mut engine_config = e.engine_config();
+    let mut engine_config = batchlab_inference::engine_config(e);
     let started = std::time::Instant::now();
-    engine_config.model_path = batchlab_core::engine::hub::resolve_model(&engine_config.model_path)
-        .await
-        .with_context(|| format!("finding model {}", e.model_path.display()))?;
+    engine_config.model_path =
+        batchlab_inference::engine::hub::resolve_model(&engine_config.model_path)
+            .await
+            .with_context(|| format!("finding model {}", e.model_path.display()))?;
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await?
         .with_context(|| format!("loading model {}", e.model_path.display()))?;

@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use super::{Curation, CurationError};
 use crate::labelstudio::config::LabelConfig;
+use crate::labelstudio::event::{self, Action, AnnotationPayload, ProjectPayload, TaskPayload};
 use crate::labelstudio::region::Region;
-use crate::labelstudio::webhook::{self, Action, AnnotationPayload, ProjectPayload, TaskPayload};
 use crate::store::{AnnotationRow, CurationTx, NewWebhookEvent, TaskRow, WebhookEvent};
 
 /// The answer to a delivery.
@@ -41,7 +41,7 @@ type ConfigCache = HashMap<String, Option<Arc<LabelConfig>>>;
 impl Curation {
     /// Stores a delivery (a no-op for a body seen before) and wakes the processor.
     pub async fn ingest(&self, body: &[u8]) -> Result<Ingested, CurationError> {
-        let (envelope, _) = webhook::envelope(body)?;
+        let (envelope, _) = event::envelope(body)?;
         let text = std::str::from_utf8(body)
             .map_err(|_| CurationError::Invalid("the body is not UTF-8".into()))?;
         let (event_id, new) = self
@@ -193,7 +193,7 @@ impl Curation {
                 }
                 metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok")
                     .increment(1);
-                Ok(Some((action, webhook::project_id(&body))))
+                Ok(Some((action, event::project_id(&body))))
             }
             Err(e) => {
                 drop(tx);
@@ -218,7 +218,7 @@ async fn apply(
     if matches!(action, Action::Unknown(name) if name == tests::PANIC_ACTION) {
         panic!("injected by a test");
     }
-    let project_id = webhook::project_id(body);
+    let project_id = event::project_id(body);
     if let Some(p) = ProjectPayload::read(body).filter(|p| !p.label_config.is_empty()) {
         let changed = tx
             .upsert_project(p.id, &p.title, &p.label_config, p.updated_at_us)
@@ -234,7 +234,7 @@ async fn apply(
             }
         }
         Action::TasksCreated => {
-            for t in webhook::items(body, "tasks")
+            for t in event::items(body, "tasks")
                 .into_iter()
                 .filter_map(TaskPayload::read)
             {
@@ -242,20 +242,20 @@ async fn apply(
             }
         }
         Action::TasksDeleted => {
-            let ids: Vec<i64> = webhook::items(body, "tasks")
+            let ids: Vec<i64> = event::items(body, "tasks")
                 .into_iter()
-                .filter_map(webhook::id_of)
+                .filter_map(event::id_of)
                 .collect();
             tx.delete_tasks(project_id.unwrap_or(0), &ids).await?;
         }
         Action::AnnotationCreated | Action::AnnotationsCreated | Action::AnnotationUpdated => {
-            for t in webhook::items(body, "task")
+            for t in event::items(body, "task")
                 .into_iter()
                 .filter_map(TaskPayload::read)
             {
                 upsert_task(tx, &t, project_id).await?;
             }
-            let annotations: Vec<AnnotationPayload> = webhook::items(body, "annotation")
+            let annotations: Vec<AnnotationPayload> = event::items(body, "annotation")
                 .into_iter()
                 .filter_map(AnnotationPayload::read)
                 .collect();
@@ -281,14 +281,14 @@ async fn apply(
             }
         }
         Action::AnnotationsDeleted => {
-            let mut ids: Vec<i64> = webhook::items(body, "annotations")
+            let mut ids: Vec<i64> = event::items(body, "annotations")
                 .into_iter()
-                .filter_map(webhook::id_of)
+                .filter_map(event::id_of)
                 .collect();
             ids.extend(
-                webhook::items(body, "annotation")
+                event::items(body, "annotation")
                     .into_iter()
-                    .filter_map(webhook::id_of),
+                    .filter_map(event::id_of),
             );
             tx.delete_annotations(project_id.unwrap_or(0), &ids).await?;
         }

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use super::{Curation, CurationError};
 use crate::labelstudio::config::LabelConfig;
 use crate::labelstudio::region::{field_values, Region};
-use crate::predict::prompt;
+use crate::prompt;
 use crate::store::{now, AnnotationRow, ExportRecord, PredictionRow, Store, TaskRow};
 
 /// Tasks read per page.

@@ -18,7 +18,7 @@ use crate::blob::BlobStore;
 use crate::labelstudio::client::LabelStudioClient;
 use crate::labelstudio::config::{ControlKind, LabelConfig};
 use crate::labelstudio::region::Region;
-use crate::predict::cache::{cache_key, IMPORTED};
+use crate::prediction_key::{cache_key, IMPORTED};
 use crate::store::{BatchRecord, CachedPrediction, PredictionRow};
 
 /// What an import did.

@@ -17,8 +17,8 @@ use tokio::sync::Notify;
 
 use crate::config::CurationConfig;
 use crate::labelstudio::config::{LabelConfig, LabelConfigError};
+use crate::labelstudio::event::WebhookError;
 use crate::labelstudio::region::{field_values, FieldValue, Region};
-use crate::labelstudio::webhook::WebhookError;
 use crate::store::{
     AnnotationCounts, ExportRecord, FailedWebhookEvent, ProjectRow, Store, StoreError,
     WebhookEventCounts,

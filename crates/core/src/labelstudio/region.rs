@@ -125,7 +125,7 @@ impl FieldValue {
 }
 
 /// A number as JSON, integral values without a fraction (`3`, not `3.0`).
-pub(crate) fn number_json(number: f64) -> Value {
+pub fn number_json(number: f64) -> Value {
     // 2^53: every integer up to here is exact in an f64, so the cast is lossless.
     const EXACT: f64 = 9_007_199_254_740_992.0;
     if number.fract() == 0.0 && number.abs() <= EXACT {

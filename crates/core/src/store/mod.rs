@@ -5,9 +5,9 @@
 //! [`Backend`]. Migrations for each live in `migrations/sqlite` and `migrations/postgres`.
 
 mod batches;
-mod cache;
 mod curation;
 mod files;
+mod predictions;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -18,13 +18,13 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 pub use batches::{
     BatchLine, BatchRecord, BatchStatus, FileDeletion, LineKind, NewBatch, NulInText,
 };
-pub use cache::CachedPrediction;
 pub use curation::{
     AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, FailedWebhookEvent,
     NewWebhookEvent, PredictionRow, ProjectRow, TaskRow, WebhookEvent, WebhookEventCounts,
     FAILED_OUTCOME,
 };
 pub use files::FileRecord;
+pub use predictions::CachedPrediction;
 
 /// Which database a [`Store`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

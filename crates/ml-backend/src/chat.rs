@@ -3,15 +3,13 @@
 
 use axum::extract::State;
 use axum::Json;
-use batchlab_core::engine::EngineError;
-use batchlab_core::openai::{
-    chat_completion_object, new_id, parse_chat_body, BodyLimits, EngineCall,
-};
+use batchlab_core::openai::new_id;
+use batchlab_inference::completions::{chat_completion_object, parse_chat_request, BodyLimits};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::error::MlError;
-use crate::model::ModelState;
+use crate::slot::ModelState;
 use crate::MlState;
 
 fn now() -> i64 {
@@ -41,14 +39,10 @@ pub async fn chat_completions(
             "stream=true is not supported; ask without streaming".into(),
         ));
     }
-    let (call, _model) = parse_chat_body(body, &BodyLimits::from_settings(&state.config.engine))
-        .map_err(MlError::BadRequest)?;
-    let EngineCall::Chat(request) = call else {
-        return Err(MlError::Internal(
-            "a chat body parsed as a completion".into(),
-        ));
-    };
-    let engine = match state.model.wait().await {
+    let (request, _model) =
+        parse_chat_request(body, &BodyLimits::from_settings(&state.config.engine))
+            .map_err(|e| MlError::BadRequest(e.into_message()))?;
+    let engine = match state.engine.wait().await {
         ModelState::Ready(engine) => engine,
         ModelState::Failed(reason) => {
             return Err(MlError::Unavailable(format!(
@@ -57,11 +51,7 @@ pub async fn chat_completions(
         }
         ModelState::Loading => return Err(MlError::Unavailable("the model is loading".into())),
     };
-    let completion = engine.chat(request).await.map_err(|e| match e {
-        EngineError::Overloaded => MlError::Overloaded,
-        EngineError::InvalidRequest(m) | EngineError::Template(m) => MlError::BadRequest(m),
-        other => MlError::Internal(other.to_string()),
-    })?;
+    let completion = engine.chat(request).await?;
     Ok(Json(chat_completion_object(
         &new_id("chatcmpl"),
         engine.model_id(),

@@ -24,9 +24,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::blob::{BlobError, BlobStore};
-use crate::openai::{self, BodyLimits, EngineCall, LineError};
-use crate::store::{
+use crate::completions::{self, BodyLimits, EngineCall, EngineFailure, LineError};
+use batchlab_core::blob::{BlobError, BlobStore};
+use batchlab_core::openai::{self, ErrorBody};
+use batchlab_core::store::{
     now, BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, Store, StoreError,
 };
 
@@ -64,7 +65,7 @@ impl RunError {
 
     /// A panic's payload as a [`RunError::Panicked`].
     fn from_panic(payload: Box<dyn std::any::Any + Send>) -> RunError {
-        RunError::Panicked(crate::telemetry::panic_message(&*payload).to_string())
+        RunError::Panicked(batchlab_core::telemetry::panic_message(&*payload).to_string())
     }
 }
 
@@ -484,15 +485,15 @@ impl Runner {
         InputLines::open(&self.blobs, &batch.input_file_id, max).await
     }
 
-    /// Validates one input line against the batch's endpoint (see [`openai::parse_request_line`]).
+    /// Validates one input line against the batch's endpoint (see [`completions::parse_request_line`]).
     fn parse(
         &self,
         batch: &BatchRecord,
         line: Result<&str, LineError>,
         seen: &mut HashSet<String>,
-    ) -> Result<openai::RequestLine, LineError> {
+    ) -> Result<completions::RequestLine, LineError> {
         line.and_then(|l| {
-            openai::parse_request_line(l, &batch.endpoint, seen, &self.settings.body_limits)
+            completions::parse_request_line(l, &batch.endpoint, seen, &self.settings.body_limits)
         })
     }
 
@@ -500,7 +501,7 @@ impl Runner {
     async fn run_line(
         &self,
         line_no: i64,
-        parsed: Result<openai::RequestLine, LineError>,
+        parsed: Result<completions::RequestLine, LineError>,
     ) -> BatchLine {
         let request = match parsed {
             Ok(r) => r,
@@ -528,15 +529,18 @@ impl Runner {
         match outcome {
             Ok(c) => {
                 let body = match &request.request {
-                    EngineCall::Chat(_) => openai::chat_completion_object(
+                    EngineCall::Chat(_) => completions::chat_completion_object(
                         &openai::new_id("chatcmpl-"),
                         &model,
                         now(),
                         &c,
                     ),
-                    EngineCall::Completion(_) => {
-                        openai::text_completion_object(&openai::new_id("cmpl-"), &model, now(), &c)
-                    }
+                    EngineCall::Completion(_) => completions::text_completion_object(
+                        &openai::new_id("cmpl-"),
+                        &model,
+                        now(),
+                        &c,
+                    ),
                 };
                 BatchLine {
                     line_no,
@@ -548,19 +552,15 @@ impl Runner {
                 }
             }
             Err(e) => {
-                let (status, kind) = match e {
-                    EngineError::InvalidRequest(_) | EngineError::Template(_) => {
-                        (400, "invalid_request_error")
-                    }
-                    _ => (500, "server_error"),
-                };
+                let failure = EngineFailure::of(&e);
                 warn!(line_no, custom_id = %custom_id, error = %e, "request failed");
-                let body = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": null}});
+                let body = ErrorBody::new(e.to_string(), failure.kind, None, Some(failure.code))
+                    .to_value();
                 BatchLine {
                     line_no,
                     custom_id: Some(custom_id.clone()),
                     kind: LineKind::Error,
-                    body: openai::output_line(&custom_id, status, body),
+                    body: openai::output_line(&custom_id, failure.status, body),
                     input_tokens: 0,
                     output_tokens: 0,
                 }

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use batchlab_core::blob::{BlobStore, WriteLimits};
-use batchlab_core::engine::{Engine, EngineConfig};
-use batchlab_core::openai::BodyLimits;
-use batchlab_core::runner::{Runner, RunnerSettings};
 use batchlab_core::store::{
     BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, NewBatch, Store,
 };
 use batchlab_core::testing::TestDb;
+use batchlab_inference::completions::BodyLimits;
+use batchlab_inference::engine::{Engine, EngineConfig};
+use batchlab_inference::runner::{Runner, RunnerSettings};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 

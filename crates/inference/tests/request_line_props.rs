@@ -3,10 +3,10 @@
 
 use std::collections::HashSet;
 
-use batchlab_core::engine::ChatMessage;
-use batchlab_core::openai::{
+use batchlab_inference::completions::{
     parse_chat_body, parse_request_line, BodyLimits, EngineCall, LineError, RequestLine,
 };
+use batchlab_inference::engine::ChatMessage;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

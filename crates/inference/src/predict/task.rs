@@ -29,11 +29,11 @@ use serde_json::Value;
 use crate::engine::{
     ChatMessage, ChatRequest, ChoiceQuestion, Constraint, Engine, EngineError, SamplingParams,
 };
-use crate::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
-use crate::labelstudio::region::{number_json, FieldValue, Region, Span};
-use crate::labelstudio::version::fnv1a64;
 use crate::predict::examples::Example;
-use crate::predict::prompt::{data_text, task_text};
+use batchlab_core::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
+use batchlab_core::labelstudio::region::{number_json, FieldValue, Region, Span};
+use batchlab_core::labelstudio::version::fnv1a64;
+use batchlab_core::prompt::{data_text, task_text};
 
 /// The system message of every prediction prompt.
 pub const SYSTEM: &str =

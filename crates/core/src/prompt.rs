@@ -122,8 +122,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CANDIDATE: &str =
-        include_str!("../../../../config/label-configs/candidate-evaluation.xml");
+    const CANDIDATE: &str = include_str!("../../../config/label-configs/candidate-evaluation.xml");
 
     #[test]
     fn the_prompt_carries_the_task_and_every_question() {

@@ -1,11 +1,11 @@
-//! The loaded engine: loading starts with the service and runs in the background, so `/health`
+//! The engine slot: loading starts with the service and runs in the background, so `/health`
 //! and `/setup` answer from the first second; requests that need the model wait for it.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use batchlab_core::config::EngineSettings;
-use batchlab_core::engine::Engine;
+use batchlab_inference::engine::Engine;
 use tokio::sync::watch;
 
 /// Where the model is.
@@ -21,29 +21,30 @@ pub enum ModelState {
 
 /// The engine slot shared by every handler.
 #[derive(Clone, Debug)]
-pub struct Model {
+pub struct EngineSlot {
     state: watch::Receiver<ModelState>,
 }
 
-impl Model {
+impl EngineSlot {
     /// Starts loading the model of `settings` (fetched first when it names a hub file) in the
     /// background.
-    pub fn load(settings: &EngineSettings) -> Model {
+    pub fn load(settings: &EngineSettings) -> EngineSlot {
         let (tx, rx) = watch::channel(ModelState::Loading);
-        let mut config = settings.engine_config();
+        let mut config = batchlab_inference::engine_config(settings);
         tokio::spawn(async move {
             let started = Instant::now();
-            let loaded = match batchlab_core::engine::hub::resolve_model(&config.model_path).await {
-                Ok(path) => {
-                    config.model_path = path;
-                    tokio::task::spawn_blocking(move || Engine::load(config))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(batchlab_core::engine::EngineError::Load(e.to_string()))
-                        })
-                }
-                Err(e) => Err(e),
-            };
+            let loaded =
+                match batchlab_inference::engine::hub::resolve_model(&config.model_path).await {
+                    Ok(path) => {
+                        config.model_path = path;
+                        tokio::task::spawn_blocking(move || Engine::load(config))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(batchlab_inference::engine::EngineError::Load(e.to_string()))
+                            })
+                    }
+                    Err(e) => Err(e),
+                };
             let state = match loaded {
                 Ok(engine) => {
                     tracing::info!(
@@ -60,19 +61,19 @@ impl Model {
             };
             let _ = tx.send(state);
         });
-        Model { state: rx }
+        EngineSlot { state: rx }
     }
 
     /// A slot that never loads anything (tests of the protocol without a model).
-    pub fn unavailable(reason: &str) -> Model {
+    pub fn unavailable(reason: &str) -> EngineSlot {
         let (_tx, rx) = watch::channel(ModelState::Failed(Arc::from(reason)));
-        Model { state: rx }
+        EngineSlot { state: rx }
     }
 
     /// A slot holding an engine already loaded.
-    pub fn ready(engine: Engine) -> Model {
+    pub fn ready(engine: Engine) -> EngineSlot {
         let (_tx, rx) = watch::channel(ModelState::Ready(engine));
-        Model { state: rx }
+        EngineSlot { state: rx }
     }
 
     /// The state now.

@@ -1,5 +1,5 @@
 //! Rows of the `prediction_cache` table: predictions by cache key (see
-//! [`crate::predict::cache`]), shared by every ML backend process on one database.
+//! [`crate::prediction_key`]), shared by every ML backend process on one database.
 
 use std::collections::HashMap;
 

@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use batchlab_core::engine::{Engine, EngineConfig};
-use batchlab_core::openai::{parse_request_line, EngineCall};
+use batchlab_inference::completions::{parse_request_line, EngineCall};
+use batchlab_inference::engine::{Engine, EngineConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -7,10 +7,10 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use crate::labelstudio::config::LabelConfig;
-use crate::labelstudio::version::fnv1a64;
-use crate::predict::prompt::task_text;
-use crate::store::{Store, StoreError};
+use batchlab_core::labelstudio::config::LabelConfig;
+use batchlab_core::labelstudio::version::fnv1a64;
+use batchlab_core::prompt::task_text;
+use batchlab_core::store::{Store, StoreError};
 
 /// One ground-truth example: a task's data and its ground-truth answer.
 #[derive(Clone, Debug, PartialEq)]
