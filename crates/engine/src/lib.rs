@@ -20,6 +20,7 @@
 mod golden;
 mod guidance;
 pub mod hub;
+mod kernels;
 mod metrics;
 mod model;
 mod score;
@@ -45,6 +46,7 @@ use crate::tokenizer::GgufTokenizer;
 use crate::worker::{Job, Work, Worker};
 
 pub use crate::guidance::Constraint;
+pub use crate::kernels::packed_kernel;
 pub use crate::score::{ChoiceQuestion, ChoiceScores, TokenQuestion};
 
 /// How to load a model.
@@ -430,7 +432,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         requantized_to_q8_0 = requantized,
         device = %config.device,
         packed_kernel = device.is_cpu() && packed_kernel(),
-        amx_tiles = device.is_cpu() && packed_kernel() && model::packed::amx_available(),
+        amx_tiles = device.is_cpu() && kernels::cpu_features::amx_int8(),
         load_ms = start.elapsed().as_millis() as u64,
         "model loaded"
     );
@@ -585,13 +587,6 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
     Ok(())
 }
 
-/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0,
-/// Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and every matmul row goes
-/// through it (whole tiles of 16 rows on AMX where the CPU has it); elsewhere candle's kernels
-/// run them.
-pub fn packed_kernel() -> bool {
-    model::packed::available()
-}
 
 impl Engine {
     /// Loads the GGUF, builds the tokenizer and chat template, runs one warm-up forward pass,
