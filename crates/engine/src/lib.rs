@@ -9,7 +9,7 @@
 //!
 //! The model code is the engine's own (`model`): GGUF architectures `llama` (SmolLM2, Llama,
 //! Mistral-style) and `gemma3`, with a KV cache per sequence that the engine owns. The model
-//! thread runs requests with continuous batching (`worker`) and scores closed sets of answers
+//! thread runs requests with continuous batching (`scheduler`) and scores closed sets of answers
 //! ([`Engine::score_choices`]) with a shared prompt prefix processed once. A request may carry
 //! a [`Constraint`] (structured output: a JSON schema, a regex, a set of strings, a Lark
 //! grammar), enforced token by token with llguidance (`guidance`). The tokenizer supports
@@ -23,10 +23,10 @@ pub mod hub;
 mod kernels;
 mod metrics;
 mod model;
-mod score;
+mod scheduler;
+mod scoring;
 mod template;
 mod tokenizer;
-mod worker;
 
 use std::collections::HashSet;
 use std::io::BufReader;
@@ -41,13 +41,13 @@ use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::guidance::Guidance;
+use crate::scheduler::{Job, Scheduler, Work};
 use crate::template::{ChatTemplate, CHATML_TEMPLATE, GEMMA_TEMPLATE};
 use crate::tokenizer::GgufTokenizer;
-use crate::worker::{Job, Work, Worker};
 
 pub use crate::guidance::Constraint;
 pub use crate::kernels::packed_kernel;
-pub use crate::score::{ChoiceQuestion, ChoiceScores, TokenQuestion};
+pub use crate::scoring::{ChoiceQuestion, ChoiceScores, TokenQuestion};
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -350,7 +350,7 @@ pub(crate) fn load_err(context: &str, e: impl std::fmt::Display) -> EngineError 
 pub(crate) struct Loaded {
     pub(crate) tokenizer: Arc<GgufTokenizer>,
     pub(crate) template: ChatTemplate,
-    pub(crate) worker: Worker,
+    pub(crate) scheduler: Scheduler,
     pub(crate) context_length: usize,
     pub(crate) requantized: usize,
     pub(crate) end_of_turn: Option<u32>,
@@ -438,12 +438,12 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     );
 
     let model_shape = model.cache_shape();
-    let worker = Worker {
+    let scheduler = Scheduler {
         model,
         tokenizer: tokenizer.clone(),
         eos,
         context_length,
-        prefill_chunk: worker::PREFILL_CHUNK,
+        prefill_chunk: scheduler::PREFILL_CHUNK,
         max_batch: config.max_batch.max(1),
         metrics: Arc::new(metrics::EngineMetrics::new(&config.model_id)),
         prefix: model::prefix::PrefixCache::new(&model_shape, config.prefix_cache_bytes),
@@ -451,7 +451,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     Ok(Loaded {
         tokenizer,
         template,
-        worker,
+        scheduler,
         context_length,
         requantized,
         end_of_turn,
@@ -587,7 +587,6 @@ fn warm_up(model: &model::Model, tokenizer: &GgufTokenizer) -> Result<(), Engine
     Ok(())
 }
 
-
 impl Engine {
     /// Loads the GGUF, builds the tokenizer and chat template, runs one warm-up forward pass,
     /// and spawns the model thread: once this returns, requests are answered at full speed.
@@ -597,17 +596,17 @@ impl Engine {
         let Loaded {
             tokenizer,
             template,
-            worker,
+            scheduler,
             context_length,
             requantized,
             end_of_turn,
         } = load_parts(&config)?;
-        let eos = worker.eos.clone();
-        let metrics = worker.metrics.clone();
+        let eos = scheduler.eos.clone();
+        let metrics = scheduler.metrics.clone();
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         std::thread::Builder::new()
             .name("batchlab-model".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || scheduler.run(rx))
             .map_err(|e| load_err("cannot spawn the model thread", e))?;
 
         Ok(Engine {
@@ -787,7 +786,7 @@ impl Engine {
     ) -> Result<Vec<ChoiceScores>, EngineError> {
         self.check_candidates(questions.iter().map(|q| q.candidates.len()))?;
         for q in &questions {
-            score::validate(q, self.inner.context_length)?;
+            scoring::validate(q, self.inner.context_length)?;
         }
         if questions.is_empty() {
             return Ok(Vec::new());

@@ -1,12 +1,13 @@
-//! The model thread: owns the weights and runs requests with continuous batching.
+//! The model thread's loop: the [`Scheduler`] owns the weights and runs requests with
+//! continuous batching.
 //!
-//! Every step the [`Worker`] admits waiting requests (up to `max_batch` running sequences),
+//! Every step the [`Scheduler`] admits waiting requests (up to `max_batch` running sequences),
 //! drops cancelled ones, and runs one batched forward: each decoding sequence contributes its
 //! next token and prompts contribute chunks within the step's token budget, so sequences of
 //! different lengths join and leave the batch between steps and share every weight read.
 //! Per-request state (tokens, sampler, detokenizer, stop conditions) is a [`Sequence`].
 //! Choice scoring jobs advance one bounded forward pass per turn of the loop, taking turns with
-//! each other and with the generation step ([`Worker::tick`]), so that no scoring request,
+//! each other and with the generation step ([`Scheduler::tick`]), so that no scoring request,
 //! however many candidates it has, stalls the running generations.
 
 use std::collections::{HashSet, VecDeque};
@@ -23,7 +24,7 @@ use crate::guidance::Guide;
 use crate::metrics::EngineMetrics;
 use crate::model::prefix::PrefixCache;
 use crate::model::{Model, Segment, SeqCache, Want};
-use crate::score::{log_softmax_at, ChoiceScores, TokenQuestion};
+use crate::scoring::{log_softmax_at, ChoiceScores, TokenQuestion};
 use crate::tokenizer::{GgufTokenizer, IncrementalDecoder};
 use crate::{Completion, EngineError, FinishReason, SamplingParams, TokenLogprob, TopLogprob};
 
@@ -210,7 +211,7 @@ impl Sequence {
         Ok(())
     }
 
-    /// Ends this sequence with `e` (answered by [`Worker::finish`]); the batch goes on.
+    /// Ends this sequence with `e` (answered by [`Scheduler::finish`]); the batch goes on.
     fn fail(&mut self, e: EngineError) {
         tracing::warn!(error = %e, "sequence failed");
         self.finish = Some(FinishReason::Stop);
@@ -294,7 +295,7 @@ struct Running {
 }
 
 /// Owns the model on the dedicated thread.
-pub(crate) struct Worker {
+pub(crate) struct Scheduler {
     pub(crate) model: Model,
     pub(crate) tokenizer: Arc<GgufTokenizer>,
     pub(crate) eos: HashSet<u32>,
@@ -309,7 +310,7 @@ pub(crate) struct Worker {
     pub(crate) prefix: PrefixCache,
 }
 
-impl Worker {
+impl Scheduler {
     /// Serves jobs until every sender is dropped and nothing is left to run.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut batch = Batch::default();
@@ -395,7 +396,7 @@ impl Worker {
         }
     }
 
-    /// Starts a generation or a scoring job (both then advance in [`Worker::tick`]).
+    /// Starts a generation or a scoring job (both then advance in [`Scheduler::tick`]).
     fn admit(&mut self, job: Job, batch: &mut Batch) {
         self.metrics.waiting.decrement(1.0);
         if job.work.is_cancelled() {
@@ -607,7 +608,7 @@ impl Worker {
 
     /// Feeds each of `tokens` into its cache in chunks (every sequence's chunks of one step in one
     /// forward, at most `prefill_chunk` prompt tokens a step, at least one chunk) and returns
-    /// each one's last-position logits (tests; scoring runs [`Worker::prefill_step`] itself).
+    /// each one's last-position logits (tests; scoring runs [`Scheduler::prefill_step`] itself).
     #[cfg(test)]
     fn prefill_together(
         &self,
@@ -682,7 +683,7 @@ impl Worker {
     }
 
     /// Scores each question's candidates to the end at once (tests; the model thread runs the
-    /// same passes one per [`Worker::tick`]).
+    /// same passes one per [`Scheduler::tick`]).
     #[cfg(test)]
     fn score(
         &mut self,
@@ -695,7 +696,7 @@ impl Worker {
     }
 
     /// Starts scoring each question's candidates in batched passes, one per
-    /// [`Worker::score_pass`]: the prompt prefix common to every question (once, or from the
+    /// [`Scheduler::score_pass`]: the prompt prefix common to every question (once, or from the
     /// prompt cache); then, unless the questions' own rests are short enough to ride along with
     /// every candidate, every question's rest together (each from a copy of the shared cache);
     /// then every candidate, in waves, each on a copy of its question's cache (at most
@@ -753,7 +754,7 @@ impl Worker {
     }
 
     /// Runs the next forward pass of a scoring job (none when it only moves to its next stage);
-    /// true when every candidate is scored and [`Worker::finish_score`] may answer.
+    /// true when every candidate is scored and [`Scheduler::finish_score`] may answer.
     fn score_pass(&mut self, s: &mut ScoreState) -> Result<bool, EngineError> {
         let _enter = s.span.clone().entered();
         loop {
@@ -903,7 +904,7 @@ impl Worker {
 }
 
 /// What the model thread is working on: the running generations, and scoring jobs, which
-/// advance one forward pass per [`Worker::tick`] in turn.
+/// advance one forward pass per [`Scheduler::tick`] in turn.
 #[derive(Default)]
 pub(crate) struct Batch {
     running: Vec<Running>,
@@ -927,7 +928,7 @@ struct ScoreJob {
     reply: oneshot::Sender<Result<Vec<ChoiceScores>, EngineError>>,
 }
 
-/// Where a scoring job stands (see [`Worker::begin_score`]).
+/// Where a scoring job stands (see [`Scheduler::begin_score`]).
 struct ScoreState {
     questions: Vec<TokenQuestion>,
     span: tracing::Span,
@@ -938,7 +939,7 @@ struct ScoreState {
     reused: usize,
     /// The shared prefix's cache.
     base: SeqCache,
-    /// Whether each candidate carries its question's rest (see [`Worker::score_pass`]).
+    /// Whether each candidate carries its question's rest (see [`Scheduler::score_pass`]).
     fused: bool,
     /// Each question's cache after its rest, when not fused.
     caches: Vec<SeqCache>,
@@ -994,7 +995,7 @@ enum Stage {
     Candidates,
 }
 
-/// Progress of [`Worker::prefill_together`]: tokens fed and last logits, per sequence.
+/// Progress of [`Scheduler::prefill_together`]: tokens fed and last logits, per sequence.
 struct Prefill {
     fed: Vec<usize>,
     last: Vec<Option<Vec<f32>>>,
@@ -1063,7 +1064,7 @@ mod tests {
             .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
     }
 
-    fn worker(requantize: bool) -> Option<(Worker, Arc<GgufTokenizer>)> {
+    fn scheduler(requantize: bool) -> Option<(Scheduler, Arc<GgufTokenizer>)> {
         let path = crate::testing::model_file("SmolLM2-135M-Instruct.Q4_1.gguf")?;
         let loaded = load_parts(&EngineConfig {
             model_path: path,
@@ -1078,7 +1079,7 @@ mod tests {
             limits: Default::default(),
         })
         .unwrap();
-        Some((loaded.worker, loaded.tokenizer))
+        Some((loaded.scheduler, loaded.tokenizer))
     }
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -1096,12 +1097,12 @@ mod tests {
             .unwrap()
     }
 
-    fn last_logits(w: &Worker, prompt: &[u32], chunk: usize) -> Vec<f32> {
+    fn last_logits(w: &Scheduler, prompt: &[u32], chunk: usize) -> Vec<f32> {
         let mut cache =
             SeqCache::new(w.model.cache_shape(), prompt.len(), w.model.device()).unwrap();
-        let w = Worker {
+        let w = Scheduler {
             prefill_chunk: chunk,
-            ..clone_worker(w)
+            ..clone_scheduler(w)
         };
         w.prefill_together(std::slice::from_mut(&mut cache), &[prompt])
             .unwrap()
@@ -1109,9 +1110,9 @@ mod tests {
             .unwrap()
     }
 
-    /// A worker sharing `w`'s model is not needed elsewhere; tests only vary the chunk size.
-    fn clone_worker(w: &Worker) -> Worker {
-        Worker {
+    /// A scheduler sharing `w`'s model is not needed elsewhere; tests only vary the chunk size.
+    fn clone_scheduler(w: &Scheduler) -> Scheduler {
+        Scheduler {
             model: w.model.clone(),
             tokenizer: w.tokenizer.clone(),
             eos: w.eos.clone(),
@@ -1127,7 +1128,7 @@ mod tests {
     /// (not requantized) file: same last-position logits up to float noise.
     #[test]
     fn own_model_matches_candle_transformers_quantized_llama() {
-        let Some((w, tok)) = worker(false) else {
+        let Some((w, tok)) = scheduler(false) else {
             return;
         };
         let prompt = tok
@@ -1174,7 +1175,9 @@ mod tests {
 
     #[test]
     fn chunked_prefill_matches_one_shot() {
-        let Some((w, tok)) = worker(true) else { return };
+        let Some((w, tok)) = scheduler(true) else {
+            return;
+        };
         let prompt = tok
             .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
             .unwrap();
@@ -1191,7 +1194,7 @@ mod tests {
     /// prompt followed by each candidate from scratch.
     #[test]
     fn scoring_equals_rerunning_the_prompt_for_every_candidate() {
-        let Some((mut w, tok)) = worker(true) else {
+        let Some((mut w, tok)) = scheduler(true) else {
             return;
         };
         let enc = |s: &str| tok.encode_plain(s).unwrap();
@@ -1235,7 +1238,7 @@ mod tests {
     /// to go; and the large one's scores are those of scoring it on its own.
     #[test]
     fn scoring_passes_interleave_with_generation_and_other_scoring() {
-        let Some((mut w, tok)) = worker(true) else {
+        let Some((mut w, tok)) = scheduler(true) else {
             return;
         };
         let enc = |s: &str| tok.encode_plain(s).unwrap();
@@ -1343,7 +1346,7 @@ mod tests {
     /// many passes of at most `prefill_chunk` rows each.
     #[test]
     fn scoring_passes_are_bounded_by_the_step_budget() {
-        let Some((mut w, tok)) = worker(true) else {
+        let Some((mut w, tok)) = scheduler(true) else {
             return;
         };
         w.prefill_chunk = 64;
@@ -1369,8 +1372,8 @@ mod tests {
         assert_eq!(scores[0].probs.len(), 200);
     }
 
-    /// `fast` (from [`Worker::score`]) equals scoring every candidate from scratch.
-    fn check_scores(w: &mut Worker, questions: &[TokenQuestion], fast: &[ChoiceScores]) {
+    /// `fast` (from [`Scheduler::score`]) equals scoring every candidate from scratch.
+    fn check_scores(w: &mut Scheduler, questions: &[TokenQuestion], fast: &[ChoiceScores]) {
         let shared_len = common_prefix(questions.iter().map(|q| q.prompt.as_slice()));
         let d = |a: f64, b: f64| (a - b).abs();
         for (q, scores) in questions.iter().zip(fast) {
