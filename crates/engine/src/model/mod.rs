@@ -15,7 +15,8 @@ use candle_core::Device;
 pub(crate) use decoder::{Segment, Want};
 pub(crate) use kv_cache::SeqCache;
 
-use crate::{load_err, EngineError};
+use crate::error::load_err;
+use crate::EngineError;
 use weights::{GgufWeights, ReadSeek};
 
 /// The loaded model.
