@@ -28,6 +28,10 @@ use crate::{
 
 /// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
 /// which ends when the last clone is dropped.
+///
+/// A request carries the tracing span its caller is in when it calls a method here: what the
+/// model thread logs while it works for the request is under that span (in a span of its own,
+/// `engine.sequence` for a generation, `engine.score` for a scoring request).
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
@@ -327,7 +331,8 @@ impl Engine {
             .await
     }
 
-    /// Admits a job (bounded by [`EngineConfig::max_queue`]) and queues it for the model thread.
+    /// Admits a job (bounded by [`EngineConfig::max_queue`]) and queues it for the model thread,
+    /// with the caller's current tracing span: the model thread works for the job inside it.
     fn enqueue(&self, kind: &'static str, work: Work) -> Result<Admission<'_>, EngineError> {
         let inner = &self.inner;
         if inner.admitted.fetch_add(1, Ordering::AcqRel) >= inner.capacity {
@@ -338,6 +343,7 @@ impl Engine {
         let job = Job {
             kind,
             enqueued: Instant::now(),
+            span: tracing::Span::current(),
             work,
         };
         inner.tx.try_send(job).map_err(|e| match e {

@@ -29,6 +29,10 @@
 //!   (packed matmul, AMX, activations) and the one place CPU features are detected.
 //! - `tokenizer`, `template`: text to tokens and chat messages to prompts; `metrics`: the
 //!   engine's Prometheus metrics; [`hub`]: model files from Hugging Face.
+//!
+//! A request's tracing span travels with it to the model thread: what the model thread logs
+//! for a request (in its own span, `engine.sequence` or `engine.score`) sits under the span the
+//! caller was in when it called the [`Engine`].
 
 mod config;
 mod engine;

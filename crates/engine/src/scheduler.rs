@@ -38,6 +38,9 @@ pub(crate) struct Job {
     pub(crate) kind: &'static str,
     /// When it was queued.
     pub(crate) enqueued: Instant,
+    /// The caller's tracing span when it submitted the request: the model thread works for the
+    /// job inside it, so that its logs for the request carry the caller's context (a request id).
+    pub(crate) span: tracing::Span,
     /// What it asks for.
     pub(crate) work: Work,
 }
@@ -73,6 +76,9 @@ impl Work {
 /// A generation in the running batch.
 struct Running {
     kind: &'static str,
+    /// The sequence's span (`engine.sequence`, inside the caller's), entered whenever the model
+    /// thread works for it alone: admission, its part of each step, its answer.
+    span: tracing::Span,
     seq: Sequence,
     cache: SeqCache,
     /// Tokens of `seq.tokens` already in the cache.
@@ -142,6 +148,7 @@ impl Scheduler {
         batch.running.retain(|r| {
             let keep = !r.reply.is_closed();
             if !keep {
+                let _sequence = r.span.enter();
                 tracing::info!(
                     kind = r.kind,
                     generated = r.seq.generated(),
@@ -153,12 +160,15 @@ impl Scheduler {
         batch.scoring.retain(|s| {
             let keep = !s.reply.is_closed();
             if !keep {
+                let _score = s.state.span.enter();
                 tracing::info!(passes = s.state.passes, "scoring request cancelled mid-way");
             }
             keep
         });
         self.metrics.running.set(batch.running.len() as f64);
         if let Some(mut job) = batch.scoring.pop_front() {
+            let span = job.state.span.clone();
+            let _score = span.enter();
             match guarded(|| self.score_pass(&mut job.state)) {
                 Ok(false) => batch.scoring.push_back(job),
                 Ok(true) => {
@@ -176,6 +186,11 @@ impl Scheduler {
         if let Err(e) = guarded(|| self.step(&mut batch.running)) {
             // A failed forward fails the whole batch: their caches are in an unknown state.
             for r in batch.running.drain(..) {
+                let _sequence = r.span.enter();
+                tracing::debug!(
+                    generated = r.seq.generated(),
+                    "sequence failed with its batch"
+                );
                 let _ = r.reply.send(Err(EngineError::Inference(e.to_string())));
             }
         }
@@ -193,15 +208,19 @@ impl Scheduler {
     /// Starts a generation or a scoring job (both then advance in [`Scheduler::tick`]).
     fn admit(&mut self, job: Job, batch: &mut Batch) {
         self.metrics.waiting.decrement(1.0);
-        if job.work.is_cancelled() {
-            tracing::debug!("request cancelled before it started");
-            return;
-        }
         let Job {
             kind,
             enqueued,
+            span: caller_span,
             work,
         } = job;
+        // Everything done for this request here, and the spans opened for it, are inside the
+        // caller's span.
+        let _caller = caller_span.enter();
+        if work.is_cancelled() {
+            tracing::debug!("request cancelled before it started");
+            return;
+        }
         match work {
             Work::Generate {
                 prompt,
@@ -209,12 +228,16 @@ impl Scheduler {
                 guide,
                 reply,
             } => {
+                let span =
+                    tracing::info_span!("engine.sequence", kind, prompt_tokens = prompt.len());
+                let _sequence = span.enter();
                 let seq = Sequence::new(prompt, &params, guide, self.context_length);
                 if seq.finish.is_some() {
                     // Nothing to generate (max_tokens 0).
                     let now = Instant::now();
                     self.finish(Running {
                         kind,
+                        span: span.clone(),
                         seq,
                         cache: match SeqCache::new(self.model.cache_shape(), 1, self.model.device())
                         {
@@ -244,11 +267,16 @@ impl Scheduler {
                     Ok(cache) => {
                         let fed = cache.len();
                         self.metrics.reused_prompt_tokens.increment(fed as u64);
-                        self.metrics
-                            .queue_seconds
-                            .record(enqueued.elapsed().as_secs_f64());
+                        let queued = enqueued.elapsed();
+                        self.metrics.queue_seconds.record(queued.as_secs_f64());
+                        tracing::debug!(
+                            reused_prompt_tokens = fed,
+                            queue_ms = queued.as_millis() as u64,
+                            "sequence admitted"
+                        );
                         batch.running.push(Running {
                             kind,
+                            span: span.clone(),
                             seq,
                             cache,
                             fed,
@@ -339,6 +367,10 @@ impl Scheduler {
         self.metrics.prompt_tokens.increment(prompt_tokens as u64);
         for ((i, n), logits) in plan.into_iter().zip(logits) {
             let r = &mut running[i];
+            let _sequence = r.span.enter();
+            if r.fed < r.seq.prompt_len {
+                tracing::debug!(tokens = n, fed = r.fed + n, "prompt chunk fed");
+            }
             r.fed += n;
             if let Some(logits) = logits {
                 let row = logits.squeeze(0).map_err(inference)?;
@@ -348,6 +380,7 @@ impl Scheduler {
                     let ttft = r.enqueued.elapsed();
                     r.first_token = Some(ttft);
                     self.metrics.time_to_first_token.record(ttft.as_secs_f64());
+                    tracing::debug!(ms = ttft.as_millis() as u64, "first token");
                 }
             }
         }
@@ -356,6 +389,8 @@ impl Scheduler {
 
     /// Replies to a finished generation, logs it, and keeps its cache for later prompts.
     fn finish(&mut self, r: Running) {
+        let span = r.span.clone();
+        let _sequence = span.enter();
         let total = r.started.elapsed();
         let finish_reason = r.seq.finish.unwrap_or(FinishReason::Length);
         let generated = r.seq.generated();
@@ -586,6 +621,7 @@ pub(crate) mod tests {
         let job = |work| Job {
             kind: "test",
             enqueued: Instant::now(),
+            span: tracing::Span::none(),
             work,
         };
         let mut batch = Batch::default();

@@ -372,7 +372,8 @@ pub(crate) struct ScoreJob {
 /// Where a scoring job stands (see [`Scheduler::begin_score`]).
 pub(crate) struct ScoreState {
     questions: Vec<TokenQuestion>,
-    span: tracing::Span,
+    /// The job's span (`engine.score`, inside the caller's), entered for its every pass.
+    pub(crate) span: tracing::Span,
     start: Instant,
     /// Prompt tokens common to every question.
     shared: usize,
