@@ -326,7 +326,7 @@ fn gemma3_sliding_window_rings_change_nothing() {
         tokens.len() > 600,
         "the long prompt must pass the 512-token window"
     );
-    let last_logits = |shape: model::cache::CacheShape, chunk: usize| -> Vec<Vec<f32>> {
+    let last_logits = |shape: model::kv_cache::CacheShape, chunk: usize| -> Vec<Vec<f32>> {
         let mut cache = SeqCache::new(shape, tokens.len(), model.device()).unwrap();
         let mut out = Vec::new();
         for part in tokens.chunks(chunk) {
@@ -353,7 +353,7 @@ fn gemma3_sliding_window_rings_change_nothing() {
     };
     let ring = model.cache_shape();
     assert!(ring.local.is_some());
-    let full = model::cache::CacheShape {
+    let full = model::kv_cache::CacheShape {
         local: None,
         ..ring
     };

@@ -247,15 +247,19 @@ mod tests {
     fn model_chat(file: &'static str) -> Option<(&'static GgufTokenizer, &'static ChatTemplate)> {
         static TEMPLATES: OnceLock<Mutex<HashMap<&'static str, &'static ChatTemplate>>> =
             OnceLock::new();
-        let model = crate::test_gguf(file)?;
+        let model = crate::testing::test_gguf(file)?;
         let mut templates = TEMPLATES
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let template = *templates.entry(file).or_insert_with(|| {
-            let template =
-                crate::chat_template(&model.path, &model.content, &model.tokenizer, UNLIMITED)
-                    .unwrap();
+            let template = crate::loading::chat_template(
+                &model.path,
+                &model.content,
+                &model.tokenizer,
+                UNLIMITED,
+            )
+            .unwrap();
             Box::leak(Box::new(template))
         });
         Some((&model.tokenizer, template))

@@ -700,7 +700,7 @@ mod tests {
     /// A model's tokenizer from its GGUF metadata, built once per test binary; `None` (skip)
     /// when the file is missing, a failure under `BATCHLAB_REQUIRE_MODELS`.
     fn model_tokenizer(file: &'static str) -> Option<&'static GgufTokenizer> {
-        crate::test_gguf(file).map(|m| &m.tokenizer)
+        crate::testing::test_gguf(file).map(|m| &m.tokenizer)
     }
 
     fn tokenizer() -> Option<&'static GgufTokenizer> {

@@ -9,9 +9,9 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::activation::{gated, Gate};
-use super::cache::{CacheShape, LocalLayers, SeqCache};
+use super::kv_cache::{CacheShape, LocalLayers, SeqCache};
 use super::weights::{Embedding, GgufWeights, Linear};
+use crate::kernels::activation::{gated, Gate};
 
 /// The architectures this code runs (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,27 +1,22 @@
 //! batchlab's own model code: architectures written on candle tensors and quantized matmuls,
-//! with the KV cache owned by the engine ([`cache`]) so that sequences of different lengths
+//! with the KV cache owned by the engine ([`kv_cache`]) so that sequences of different lengths
 //! batch together, any position's logits come back, and one prompt's cache serves several
-//! continuations.
+//! continuations. The CPU kernels it calls live apart, in [`crate::kernels`].
 
-// AVX-512 intrinsics and threads writing disjoint chunks of one buffer, each block with its reason.
-#[allow(unsafe_code)]
-pub(crate) mod activation;
 pub(crate) mod attention;
-pub(crate) mod cache;
 pub(crate) mod decoder;
-// SIMD intrinsics and threads writing disjoint parts of one buffer; every block says why it is sound.
-#[allow(unsafe_code)]
-pub(crate) mod packed;
+pub(crate) mod kv_cache;
 pub(crate) mod prefix;
 pub(crate) mod weights;
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
-pub(crate) use cache::SeqCache;
 pub(crate) use decoder::{Segment, Want};
+pub(crate) use kv_cache::SeqCache;
 
-use crate::{load_err, EngineError};
+use crate::error::load_err;
+use crate::EngineError;
 use weights::{GgufWeights, ReadSeek};
 
 /// The loaded model.

@@ -5,7 +5,7 @@
 
 use candle_core::Result;
 
-use super::cache::{CacheShape, SeqCache};
+use super::kv_cache::{CacheShape, SeqCache};
 
 /// Shortest shared prefix worth copying instead of recomputing.
 pub(crate) const MIN_REUSE: usize = 16;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
-use super::packed::{self, Packed};
+use crate::kernels::packed::{self, Packed};
 
 /// Formats candle computes with scalar code only.
 fn slow(dtype: GgmlDType) -> bool {

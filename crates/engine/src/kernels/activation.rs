@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Result, Storage, Tensor};
 
-use super::packed::Out;
+use super::Out;
 
 /// Which activation gates the MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,9 +76,13 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
 }
 
 /// `out = act(g) × u` for one chunk, through AVX-512 where the CPU has it.
+///
+/// The vector code needs AVX-512 F only, but runs where the packed kernel does
+/// ([`avx512_vnni`](super::cpu_features::avx512_vnni)), so that a CPU computes a model's
+/// numbers one way.
 fn apply(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::packed::available() {
+    if super::cpu_features::avx512_vnni() {
         // SAFETY: the CPU has AVX-512 F (checked); the three slices have one length.
         unsafe { apply_avx512(kind, g, u, out) };
         return;

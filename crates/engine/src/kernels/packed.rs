@@ -23,8 +23,6 @@
 //! multiply-add each. A row's numbers therefore never depend on its batch, and the portable
 //! [`Packed::matmul_reference`] gives bit-identical results (the tests check both).
 
-use std::sync::OnceLock;
-
 /// The 8 step registers (`[__m512i; 8]`) of 4- or 5-bit block `gb` whose nibble registers
 /// start at `wp`: the nibbles split with a mask and a shift, and where `high` is not null the
 /// fifth bits added. A macro, so that it inlines into both kernels (a `#[target_feature]`
@@ -60,6 +58,9 @@ mod amx;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
+
+use super::cpu_features::{amx_int8, avx512_vnni};
+use super::Out;
 
 /// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
 const LANES: usize = 16;
@@ -112,37 +113,6 @@ pub(crate) struct Packed {
     codes: Codes,
     /// `[group][block][lane]`: each block's scale (f16 bits, as stored in the GGUF).
     scales: Vec<u16>,
-}
-
-/// Whether this CPU runs the packed kernel (AVX-512 with VNNI, checked once).
-pub(crate) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Raw pointer that worker threads write disjoint parts of (here and in `activation`).
-#[derive(Clone, Copy)]
-pub(super) struct Out(pub(super) *mut f32);
-// SAFETY: every user writes only the elements of its own work item.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    pub(super) fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// Activations quantized per row and block: `q + offset` as bytes, an f32 scale per block,
@@ -376,7 +346,7 @@ impl Packed {
             .enumerate()
         {
             #[cfg(target_arch = "x86_64")]
-            let (scale, sum) = if available() {
+            let (scale, sum) = if avx512_vnni() {
                 // SAFETY: the CPU has the features; both blocks hold 32 values.
                 unsafe { quantize_block_avx512(block, qb, offset) }
             } else {
@@ -391,13 +361,14 @@ impl Packed {
     }
 
     /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads, through AMX tiles
-    /// where the CPU has them (see [`amx_available`]).
+    /// where the CPU has them (see [`amx_int8`]).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul_with(x, amx_available())
+        self.matmul_with(x, amx_int8())
     }
 
     /// [`Self::matmul`], with whole tiles of 16 rows through AMX if `amx` (and the rest, or
-    /// everything, through AVX-512 VNNI). Both give the same bits.
+    /// everything, through AVX-512 VNNI). Both give the same bits. `amx` is true only where
+    /// [`amx_int8`] is.
     fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<Tensor> {
         let (m, cols) = x.dims2()?;
         if cols != self.cols {
@@ -410,7 +381,7 @@ impl Packed {
         let acts = self.quantize(&xs, m);
         let mut out = vec![0f32; m * self.rows];
         let ptr = Out(out.as_mut_ptr());
-        let vector = available();
+        let vector = avx512_vnni();
         #[cfg(target_arch = "x86_64")]
         let tiled = if amx && vector {
             m / amx::ROWS * amx::ROWS
@@ -421,11 +392,11 @@ impl Packed {
             #[cfg(target_arch = "x86_64")]
             if vector {
                 let mut scratch = amx::Scratch::default();
-                // SAFETY: `tiled` > 0 only where `amx::available()`.
+                // SAFETY: `tiled` > 0 only where `amx` is `cpu_features::amx_int8()`.
                 let _tiles = (tiled > 0).then(|| unsafe { amx::Tiles::configure() });
                 for g in groups {
                     // Group g writes only its own 16 columns of each output row.
-                    // SAFETY: the CPU has the features (`available`, `amx::available` with the
+                    // SAFETY: the CPU has the features (`avx512_vnni`, and `amx_int8` with the
                     // tiles configured above for `tiled` > 0); `out` is `[m, rows]`.
                     unsafe {
                         if tiled > 0 {
@@ -691,19 +662,6 @@ unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8], offset: i32) -> (f3
     }
 }
 
-/// Whether the packed kernel runs whole tiles of 16 rows on AMX (int8 tiles, and Linux
-/// granted this process their state).
-pub(crate) fn amx_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        amx::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Whether the packed kernel takes weights of this format.
 pub(crate) fn takes(dtype: GgmlDType) -> bool {
     matches!(
@@ -771,13 +729,13 @@ pub(crate) fn fits(t: &QTensor, device: &Device) -> bool {
 /// Whether `t` on `device` would be packed if it were in a format the kernel takes.
 pub(crate) fn shape_fits(t: &QTensor, device: &Device) -> bool {
     device.is_cpu()
-        && available()
+        && avx512_vnni()
         && matches!(t.shape().dims(), &[rows, cols] if rows.is_multiple_of(LANES) && cols.is_multiple_of(BLOCK))
 }
 
 /// The packed form of `t` when this CPU runs the packed kernel and `t` fits it.
 pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<Packed>> {
-    if !device.is_cpu() || !available() {
+    if !device.is_cpu() || !avx512_vnni() {
         return Ok(None);
     }
     Packed::from_qtensor(t)
@@ -786,6 +744,7 @@ pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<Packed>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu_features::{amx_int8 as amx_available, avx512_vnni as available};
 
     /// Every format the kernel takes.
     const FORMATS: [GgmlDType; 6] = [

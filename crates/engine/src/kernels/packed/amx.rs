@@ -9,13 +9,13 @@
 //! per block, in block order, then the 4-bit offset), so a row's bits do not depend on which
 //! kernel computed it: the rows of a call that do not fill a tile go through VNNI.
 //!
-//! Linux hands out the 8 KB tile state only to processes that ask (`arch_prctl`); [`available`]
-//! asks once. Each thread loads the tile configuration before its work and releases it after
-//! ([`Tiles`]), so an idle thread carries no tile state through context switches.
+//! Linux hands out the 8 KB tile state only to processes that ask (`arch_prctl`);
+//! [`amx_int8`](crate::kernels::cpu_features::amx_int8) asks once, and this kernel runs only
+//! where it said yes. Each thread loads the tile configuration before its work and releases it
+//! after ([`Tiles`]), so an idle thread carries no tile state through context switches.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 use super::{Activations, Codes, Packed, BLOCK, LANES, NIBBLE_REGS, OFFSET, STEPS};
 
@@ -25,44 +25,6 @@ pub(super) const ROWS: usize = 16;
 const STEP_BYTES: usize = LANES * 4;
 /// Bytes of one block of a group's weights, as the tile loads them (8 steps).
 const BLOCK_BYTES: usize = STEPS * STEP_BYTES;
-
-/// Whether this CPU and kernel run AMX int8 tiles for this process (asked for once).
-pub(super) fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| super::available() && cpu_has_amx_int8() && tile_state_granted())
-}
-
-/// CPUID leaf 7: EDX bit 24 (AMX-TILE) and bit 25 (AMX-INT8).
-fn cpu_has_amx_int8() -> bool {
-    let leaf = __cpuid(0);
-    if leaf.eax < 7 {
-        return false;
-    }
-    let features = __cpuid_count(7, 0);
-    features.edx & (1 << 24) != 0 && features.edx & (1 << 25) != 0
-}
-
-/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`): without
-/// it the first tile instruction kills the process. The grant covers every thread.
-#[cfg(target_os = "linux")]
-fn tile_state_granted() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments; it touches no memory of ours.
-    unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        ) == 0
-    }
-}
-
-/// Other systems: not asked, not used.
-#[cfg(not(target_os = "linux"))]
-fn tile_state_granted() -> bool {
-    false
-}
 
 /// `ldtilecfg`'s 64-byte operand (palette 1).
 #[repr(C, align(64))]
@@ -110,7 +72,7 @@ impl Tiles {
     /// Loads the tile configuration on this thread.
     ///
     /// # Safety
-    /// [`available`] returned true.
+    /// [`amx_int8`](crate::kernels::cpu_features::amx_int8) returned true.
     pub(super) unsafe fn configure() -> Self {
         static CFG: TileConfig = CONFIG;
         // SAFETY: the CPU has AMX and the process holds the tile state (the caller's
@@ -141,8 +103,8 @@ struct Sums([i32; ROWS * LANES]);
 /// Output columns `16g..16g+16` of activation rows `0..rows` (a multiple of [`ROWS`]).
 ///
 /// # Safety
-/// [`available`] returned true and this thread holds [`Tiles`]; `rows ≤ m` of `acts`, and
-/// `out` holds the `[m, p.rows]` output.
+/// [`amx_int8`](crate::kernels::cpu_features::amx_int8) returned true and this thread holds
+/// [`Tiles`]; `rows ≤ m` of `acts`, and `out` holds the `[m, p.rows]` output.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn group(
     p: &Packed,

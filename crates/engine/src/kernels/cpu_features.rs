@@ -1,0 +1,107 @@
+//! What this CPU (and, for AMX, this process) can run: the one place the kernels ask.
+//!
+//! Each answer is computed once per process and cached. The kernels choose their code paths
+//! from these answers only, so a CPU computes a model's numbers one way, whichever kernel asks:
+//! the vector activations ([`super::activation`]) run exactly where the packed kernel
+//! ([`super::packed`]) does, and the packed kernel takes AMX tiles only where AVX-512 VNNI
+//! runs the rest of its rows.
+//!
+//! AMX needs more than a CPUID bit: Linux hands out the 8 KB tile state only to processes that
+//! ask for it (`arch_prctl`), and without the grant the first tile instruction kills the
+//! process. [`amx_int8`] asks, once; that system call is the only `unsafe` code here.
+
+use std::sync::OnceLock;
+
+/// Whether this CPU has AVX-512 F, BW and VNNI (checked once): the packed integer kernel's
+/// `vpdpbusd` dot products, and the AVX-512 activations, run where this is true.
+pub(crate) fn avx512_vnni() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether the packed kernel may run whole tiles of 16 rows on AMX (asked once): the CPU has
+/// AVX-512 VNNI ([`avx512_vnni`], for the rows that do not fill a tile) and AMX int8 tiles,
+/// and Linux granted this process their state.
+pub(crate) fn amx_int8() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| avx512_vnni() && cpu_has_amx_int8() && tile_state_granted())
+}
+
+/// CPUID leaf 7: EDX bit 24 (AMX-TILE) and bit 25 (AMX-INT8).
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_amx_int8() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    let leaf = __cpuid(0);
+    if leaf.eax < 7 {
+        return false;
+    }
+    let features = __cpuid_count(7, 0);
+    features.edx & (1 << 24) != 0 && features.edx & (1 << 25) != 0
+}
+
+/// Other architectures have no AMX.
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_amx_int8() -> bool {
+    false
+}
+
+/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`, `XFEATURE_XTILEDATA`): without
+/// it the first tile instruction kills the process. The grant covers every thread.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[allow(unsafe_code)] // One system call (`libc::syscall` is an `unsafe fn`); see the SAFETY note.
+fn tile_state_granted() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; it touches no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+/// Other systems: not asked, not used.
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn tile_state_granted() -> bool {
+    false
+}
+
+/// The kernel path this CPU takes, in words (the kernel tests print it).
+#[cfg(test)]
+pub(crate) fn describe() -> &'static str {
+    match (avx512_vnni(), amx_int8()) {
+        (true, true) => "AMX int8 tiles for whole tiles of 16 rows, AVX-512 VNNI for the rest",
+        (true, false) => "AVX-512 VNNI (no AMX)",
+        (false, _) => "portable: candle's kernels (no AVX-512 VNNI)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AMX is only ever used alongside AVX-512 VNNI (the rows that do not fill a tile go
+    /// through it), and the answers do not change once asked.
+    #[test]
+    fn amx_implies_avx512_vnni_and_answers_are_stable() {
+        eprintln!("CPU kernel path: {}", describe());
+        if amx_int8() {
+            assert!(avx512_vnni());
+        }
+        assert_eq!(avx512_vnni(), avx512_vnni());
+        assert_eq!(amx_int8(), amx_int8());
+    }
+}
