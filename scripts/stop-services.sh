@@ -16,7 +16,10 @@ source "$ROOT/scripts/lib.sh"
 
 shopt -s nullglob
 pidfiles=("$RUN_DIR"/*.pid)
-# Stop the worker first (it finishes its in-flight lines), then the HTTP services.
+# Stop the worker first: on SIGTERM it claims nothing more, starts no new line, gives the lines
+# in flight up to worker.shutdown_grace_seconds (8 s, inside the 10 s before SIGKILL) to finish
+# and be recorded, then releases its batch's lease so another worker resumes it at once. Then the
+# HTTP services, which stop accepting connections and finish the requests in progress.
 ordered=()
 for name in batchlab-worker batchlab-ml-backend batchlab-api; do
   [[ -f "$RUN_DIR/$name.pid" ]] && ordered+=("$RUN_DIR/$name.pid")

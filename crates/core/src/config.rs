@@ -176,6 +176,9 @@ pub struct WorkerConfig {
     pub lease_seconds: u64,
     /// Request lines in flight at once per worker (the engine queues them).
     pub concurrency: usize,
+    /// On SIGTERM/SIGINT, how long the lines in flight may take to finish and be recorded
+    /// before the worker releases its batch and exits (fits Docker's default 10 s stop timeout).
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for WorkerConfig {
@@ -185,6 +188,7 @@ impl Default for WorkerConfig {
             poll_interval_ms: 500,
             lease_seconds: 30,
             concurrency: 4,
+            shutdown_grace_seconds: 8,
         }
     }
 }

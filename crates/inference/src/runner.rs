@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::completions::{self, BodyLimits, EngineCall, EngineFailure, LineError};
@@ -87,6 +88,9 @@ pub struct RunnerSettings {
     pub max_line_bytes: u64,
     /// Failed processing attempts after which a batch ends `failed` (`batch.max_attempts`).
     pub max_attempts: u32,
+    /// On shutdown, how long lines already running may take to finish and be recorded before
+    /// they are abandoned (`worker.shutdown_grace_seconds`); the lease is released either way.
+    pub shutdown_grace: Duration,
 }
 
 /// A worker's batch loop.
@@ -96,6 +100,8 @@ pub struct Runner {
     blobs: BlobStore,
     engine: Engine,
     settings: RunnerSettings,
+    /// Cancelled when the worker shuts down: no batch is claimed and no line started after it.
+    draining: CancellationToken,
 }
 
 /// How long a batch-level `errors.data` list may grow (the error file holds every line).
@@ -106,6 +112,8 @@ enum Stop {
     Cancelled,
     Expired,
     LeaseLost,
+    /// The worker is shutting down: the lines in flight were given their grace period.
+    Draining,
 }
 
 impl Runner {
@@ -116,7 +124,15 @@ impl Runner {
             blobs,
             engine,
             settings,
+            draining: CancellationToken::new(),
         }
+    }
+
+    /// Starts a graceful shutdown: no batch is claimed and no line started from now on; the lines
+    /// running get [`RunnerSettings::shutdown_grace`] to finish and be recorded, then the batch's
+    /// lease is released so another worker resumes it at once (instead of after the lease).
+    pub fn drain(&self) {
+        self.draining.cancel();
     }
 
     /// Claims one batch and drives it as far as it goes; `None` when the queue had nothing.
@@ -125,6 +141,9 @@ impl Runner {
     /// against the batch, which goes behind batches with fewer failures, and returned as the
     /// error, until the batch has failed [`RunnerSettings::max_attempts`] times and ends `failed`.
     pub async fn run_once(&self) -> Result<Option<BatchRecord>, RunError> {
+        if self.draining.is_cancelled() {
+            return Ok(None);
+        }
         let Some(batch) = self
             .store
             .claim_batch(&self.settings.worker_id, self.settings.lease_seconds)
@@ -214,28 +233,37 @@ impl Runner {
         }
     }
 
-    /// Polls the queue until `shutdown` resolves, sleeping `poll` when it is empty.
+    /// Polls the queue until `shutdown` resolves, sleeping `poll` when it is empty. Then drains
+    /// (see [`Runner::drain`]): the batch in hand keeps the lines already running for up to
+    /// [`RunnerSettings::shutdown_grace`], records them, releases its lease and returns.
     pub async fn run_forever(
         &self,
         poll: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        tokio::pin!(shutdown);
-        loop {
-            let next = tokio::select! {
-                _ = &mut shutdown => return,
-                r = self.run_once() => r,
-            };
-            match next {
-                Ok(Some(_)) => continue,
-                Ok(None) => {}
-                Err(e) => warn!(error = %e, "batch run failed; retrying after a pause"),
-            }
+        let watcher = async {
             tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(poll) => {}
+                _ = shutdown => {
+                    info!("shutting down: claiming nothing more, finishing the lines in flight");
+                    self.drain();
+                }
+                _ = self.draining.cancelled() => {}
             }
-        }
+        };
+        let work = async {
+            while !self.draining.is_cancelled() {
+                match self.run_once().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "batch run failed; retrying after a pause"),
+                }
+                tokio::select! {
+                    _ = self.draining.cancelled() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            }
+        };
+        tokio::join!(watcher, work);
     }
 
     async fn drive(&self, batch: BatchRecord) -> Result<(), RunError> {
@@ -302,7 +330,7 @@ impl Runner {
                             .await?;
                     }
                     Stop::Cancelled => {}
-                    Stop::LeaseLost => return Ok(()),
+                    Stop::LeaseLost | Stop::Draining => return Ok(()),
                 },
                 BatchStatus::Finalizing => {
                     self.finalize(&batch, BatchStatus::Finalizing, BatchStatus::Completed)
@@ -423,6 +451,10 @@ impl Runner {
             if done.contains(&line_no) {
                 continue;
             }
+            if self.draining.is_cancelled() {
+                stop = Stop::Draining;
+                break;
+            }
             if last_check.elapsed() > Duration::from_millis(500) {
                 last_check = std::time::Instant::now();
                 if let Some(s) = self.should_stop(batch, lost).await? {
@@ -430,11 +462,13 @@ impl Runner {
                     break;
                 }
             }
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closes");
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+                _ = self.draining.cancelled() => {
+                    stop = Stop::Draining;
+                    break;
+                }
+            };
             let (runner, batch_id) = (self.clone(), batch.id.clone());
             tasks.spawn(async move {
                 let _permit = permit;
@@ -447,6 +481,10 @@ impl Runner {
                 joined(r)?;
             }
         }
+        if matches!(stop, Stop::Draining) {
+            self.finish_in_flight(&mut tasks).await?;
+            return Ok(stop);
+        }
         if !matches!(stop, Stop::Done) {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
@@ -456,6 +494,41 @@ impl Runner {
             joined(r)?;
         }
         Ok(self.should_stop(batch, lost).await?.unwrap_or(Stop::Done))
+    }
+
+    /// On shutdown: lets the lines in flight finish and be recorded for up to the grace period,
+    /// then abandons the rest (unrecorded, so whoever resumes the batch runs them).
+    async fn finish_in_flight(
+        &self,
+        tasks: &mut JoinSet<Result<(), RunError>>,
+    ) -> Result<(), RunError> {
+        let in_flight = tasks.len();
+        let deadline = tokio::time::sleep(self.settings.shutdown_grace);
+        tokio::pin!(deadline);
+        let mut finished = 0usize;
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => match next {
+                    Some(r) => {
+                        joined(r)?;
+                        finished += 1;
+                    }
+                    None => break,
+                },
+                _ = &mut deadline => {
+                    tasks.abort_all();
+                    while tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        info!(
+            in_flight,
+            finished,
+            abandoned = in_flight - finished,
+            "draining: lines in flight handled; releasing the batch"
+        );
+        Ok(())
     }
 
     async fn should_stop(

@@ -96,6 +96,7 @@ impl Fixture {
             max_lines: 100,
             max_line_bytes: 4096,
             max_attempts: 3,
+            shutdown_grace: std::time::Duration::from_secs(30),
         }
     }
 
@@ -528,6 +529,88 @@ async fn a_batch_that_keeps_failing_lets_others_pass_then_fails() {
             "{errors}"
         );
         assert!(runner.run_once().await.unwrap().is_none());
+        f.cleanup().await;
+    }
+}
+
+/// Shutting a worker down mid-batch (SIGTERM) loses nothing and stalls nothing: it starts no
+/// new line, records the ones in flight, and releases its lease, so another worker resumes the
+/// batch at once instead of waiting out `lease_seconds`; every `custom_id` comes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_records_its_lines_and_hands_the_batch_over_at_once() {
+    for f in Fixture::both().await {
+        // With time to finish the lines in flight, and with none (they are abandoned unrecorded).
+        for grace_seconds in [30, 0] {
+            let ids: Vec<String> = (0..24).map(|i| format!("d{i:02}")).collect();
+            let lines: Vec<String> = ids.iter().map(|id| chat(id, "Count to three.")).collect();
+            let b = f
+                .batch(&format!("batch_drain_{grace_seconds}"), &lines, 86_400)
+                .await;
+            let mut settings = Fixture::settings("w1");
+            // A lease far longer than the test: only a released lease lets w2 in.
+            settings.lease_seconds = 3_600;
+            settings.shutdown_grace = std::time::Duration::from_secs(grace_seconds);
+            let first = f.runner_with(settings);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let running = tokio::spawn({
+                let first = first.clone();
+                async move {
+                    let shutdown = async move {
+                        let _ = stopped.await;
+                    };
+                    first
+                        .run_forever(std::time::Duration::from_millis(20), shutdown)
+                        .await
+                }
+            });
+            // Shut down once a few lines are recorded (so lines are in flight, most not started).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            loop {
+                let now = f.store().get_batch(&b.id).await.unwrap().unwrap();
+                if now.completed + now.failed >= 2 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no line was recorded in time: {now:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            stop.send(()).unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(60), running)
+                .await
+                .expect("the worker drains within its grace period")
+                .unwrap();
+            let handed_over = f.store().get_batch(&b.id).await.unwrap().unwrap();
+            assert_eq!(
+                handed_over.status,
+                BatchStatus::InProgress,
+                "{handed_over:?}"
+            );
+            assert_eq!(
+                handed_over.lease_owner, None,
+                "the lease is released, not left to expire: {handed_over:?}"
+            );
+            assert!(
+                handed_over.completed + handed_over.failed < ids.len() as i64,
+                "the worker stopped starting lines: {handed_over:?}"
+            );
+
+            let done = f
+                .runner("w2")
+                .run_once()
+                .await
+                .unwrap()
+                .expect("another worker claims the batch at once");
+            assert_eq!(done.status, BatchStatus::Completed);
+            let mut all = f.lines_of(done.output_file_id.as_deref()).await;
+            all.extend(f.lines_of(done.error_file_id.as_deref()).await);
+            assert_eq!(
+                custom_ids(&all),
+                ids,
+                "every line exactly once (grace {grace_seconds} s)"
+            );
+        }
         f.cleanup().await;
     }
 }

@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         max_lines: config.batch.max_lines,
         max_line_bytes: config.batch.max_line_bytes,
         max_attempts: config.batch.max_attempts,
+        shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_seconds),
     };
     let runner = Runner::new(store, blobs, engine, settings);
     runner
