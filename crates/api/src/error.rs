@@ -73,6 +73,14 @@ impl ApiError {
         }
     }
 
+    /// Whether this is the database being out of reach (a 503 worth retrying), not a bug.
+    fn database_unavailable(&self) -> bool {
+        match self {
+            Self::Store(e) | Self::Curation(CurationError::Store(e)) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
@@ -83,6 +91,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -130,6 +139,15 @@ impl IntoResponse for ApiError {
                 Some("file_too_large"),
             ),
             Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
+            _ if self.database_unavailable() => {
+                tracing::warn!(error = %self, source = ?std::error::Error::source(&self), "database unavailable");
+                (
+                    "The database is unavailable; retry shortly.".to_string(),
+                    "server_error",
+                    None,
+                    Some("database_unavailable"),
+                )
+            }
             Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
                 let source = std::error::Error::source(&self).map(ToString::to_string);
                 tracing::error!(error = %self, source = source.as_deref().unwrap_or("-"), "internal error");

@@ -201,6 +201,9 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections kept in the pool.
     pub max_connections: u32,
+    /// How long a request waits for a database connection, in milliseconds; past it the
+    /// database counts as unavailable (the services answer 503 with `Retry-After`).
+    pub acquire_timeout_ms: u64,
 }
 
 impl Default for DatabaseConfig {
@@ -208,6 +211,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://data/batchlab.db".into(),
             max_connections: 8,
+            acquire_timeout_ms: 5_000,
         }
     }
 }

@@ -55,6 +55,36 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// Whether the database is out of reach or refusing work for now (connection lost or
+    /// refused, no connection within the acquire timeout, the server shutting down or full, an
+    /// SQLite file locked past its busy timeout): worth a 503 and a retry, not a bug.
+    pub fn is_unavailable(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // PostgreSQL: connection exceptions (class 08), shutting down or not yet
+                // accepting (57P01-57P03), too many connections (53300).
+                code.starts_with("08")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+                    // SQLite (primary result codes): BUSY, LOCKED, CANTOPEN.
+                    || code
+                        .parse::<i64>()
+                        .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 14))
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Handle to the shared database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -66,8 +96,20 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrat
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 impl Store {
-    /// Connects, creating an SQLite file (and its directory) if needed, and applies migrations.
+    /// Connects, creating an SQLite file (and its directory) if needed, and applies migrations;
+    /// a connection is waited for at most the default `database.acquire_timeout_ms`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        let wait = crate::config::DatabaseConfig::default().acquire_timeout_ms;
+        Store::connect_with(url, max_connections, Duration::from_millis(wait)).await
+    }
+
+    /// [`Store::connect`] waiting at most `acquire_timeout` for a connection: past it a query
+    /// fails as unavailable ([`StoreError::is_unavailable`]) instead of hanging.
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -96,7 +138,7 @@ impl Store {
         let options = AnyConnectOptions::from_str(&url)?.disable_statement_logging();
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(acquire_timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -120,7 +162,8 @@ impl Store {
 
     /// Connects to the configured database (see [`Store::connect`]).
     pub async fn open(config: &crate::config::DatabaseConfig) -> Result<Store, StoreError> {
-        Store::connect(&config.url, config.max_connections).await
+        let wait = Duration::from_millis(config.acquire_timeout_ms);
+        Store::connect_with(&config.url, config.max_connections, wait).await
     }
 
     /// Applies pending migrations. PostgreSQL serialises concurrent migrators with an advisory
