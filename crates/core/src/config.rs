@@ -338,6 +338,9 @@ pub struct LabelStudioConfig {
     pub import_chunk_size: usize,
     /// Seconds to wait for one Label Studio REST call.
     pub timeout_seconds: u64,
+    /// Retries of a call that failed transiently (Label Studio unreachable, 429, 503, and for
+    /// calls safe to repeat also 502, 504 and timeouts), with exponential backoff and jitter.
+    pub retries: usize,
 }
 
 impl Default for LabelStudioConfig {
@@ -349,6 +352,7 @@ impl Default for LabelStudioConfig {
             webhook_secret: None,
             import_chunk_size: 500,
             timeout_seconds: 120,
+            retries: crate::labelstudio::client::DEFAULT_RETRIES,
         }
     }
 }

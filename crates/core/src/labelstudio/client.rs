@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use base64::Engine as _;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -28,8 +29,12 @@ const PAGE_SIZE: usize = 1000;
 /// Why a Label Studio call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LabelStudioError {
-    /// No HTTP answer: connection refused, DNS, timeout, TLS.
+    /// No connection could be made (refused, DNS, TLS): nothing was sent, so any call may be
+    /// tried again.
     #[error("Label Studio unreachable: {0}")]
+    Connect(String),
+    /// The request was sent but no complete answer came (timeout, connection reset).
+    #[error("no answer from Label Studio: {0}")]
     Http(String),
     /// Label Studio answered with a non-success status.
     #[error("Label Studio answered {status} to {path}: {body}")]
@@ -241,7 +246,12 @@ pub struct LabelStudioClient {
     http: reqwest::Client,
     base: String,
     auth: Arc<Auth>,
+    /// Retries of a transiently failed call.
+    retries: usize,
 }
+
+/// Retries of a transiently failed call unless configured (`label_studio.retries`).
+pub const DEFAULT_RETRIES: usize = 4;
 
 impl std::fmt::Debug for LabelStudioClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -290,7 +300,29 @@ fn transport(e: reqwest::Error) -> LabelStudioError {
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    LabelStudioError::Http(msg)
+    if e.is_connect() {
+        LabelStudioError::Connect(msg)
+    } else {
+        LabelStudioError::Http(msg)
+    }
+}
+
+impl LabelStudioError {
+    /// Whether calling again may succeed: Label Studio was unreachable or said to retry (429,
+    /// 503); for a call safe to repeat (`idempotent`: GET, PUT, PATCH, DELETE) also a gateway
+    /// failure (502, 504) or a lost answer, which for a POST could mean it was done already.
+    pub fn is_transient(&self, idempotent: bool) -> bool {
+        match self {
+            LabelStudioError::Connect(_) => true,
+            LabelStudioError::Status { status, .. } => {
+                matches!(status, 429 | 503) || (idempotent && matches!(status, 502 | 504))
+            }
+            LabelStudioError::Http(_) => idempotent,
+            LabelStudioError::Auth(_)
+            | LabelStudioError::Decode(_)
+            | LabelStudioError::Config(_) => false,
+        }
+    }
 }
 
 /// A listing that Label Studio answers either as a plain array or as a page `{"results": [...]}`.
@@ -345,13 +377,23 @@ impl LabelStudioClient {
             http,
             base,
             auth: Arc::new(auth),
+            retries: DEFAULT_RETRIES,
         })
+    }
+
+    /// The same client retrying a transient failure at most `retries` times (0: never).
+    pub fn with_retries(mut self, retries: usize) -> Self {
+        self.retries = retries;
+        self
     }
 
     /// A client from the `[label_studio]` configuration; an `Auth` error when no key is set.
     pub fn from_config(c: &crate::config::LabelStudioConfig) -> Result<Self, LabelStudioError> {
         let key = c.api_key.as_deref().unwrap_or("");
-        Self::new(&c.url, key, Duration::from_secs(c.timeout_seconds.max(1)))
+        Ok(
+            Self::new(&c.url, key, Duration::from_secs(c.timeout_seconds.max(1)))?
+                .with_retries(c.retries),
+        )
     }
 
     /// The base URL, without a trailing slash.
@@ -419,9 +461,34 @@ impl LabelStudioClient {
         }
     }
 
+    /// Sends one request, retrying transient failures ([`LabelStudioError::is_transient`]) up
+    /// to the client's retries with exponential backoff and jitter (250 ms doubling to 5 s).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<String, LabelStudioError> {
+        let idempotent = method != Method::POST;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(self.retries)
+            .with_jitter();
+        (|| self.send_once(method.clone(), path, query, body))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e| e.is_transient(idempotent))
+            .notify(|e, delay| {
+                tracing::warn!(path, %method, error = %e, retry_in_ms = delay.as_millis() as u64, "Label Studio call failed; retrying")
+            })
+            .await
+    }
+
     /// Sends one request; with a personal access token a 401 refreshes the access token and
     /// retries once. Non-success answers become errors; the success body is returned as text.
-    async fn send(
+    async fn send_once(
         &self,
         method: Method,
         path: &str,
