@@ -2,6 +2,7 @@
 //! sent, replayed in order, twice, and backwards; validation, milestones, exports, accuracy.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
@@ -9,6 +10,7 @@ use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
 use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
+use tokio::time::Instant;
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -304,6 +306,75 @@ async fn accuracy_and_chat_export(store: Store) {
     assert_eq!(future.trim(), "[]");
 }
 
+/// Runs processing passes until `done` holds, failing after `limit` (a pass may leave an event
+/// waiting for its retry time, so this polls instead of draining once).
+async fn process_until<F, Fut>(c: &Curation, limit: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        c.process_pending().await.unwrap();
+        if done().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_training_is_kept_until_its_export_is_written(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the training directory belongs: no export can be written there.
+    let training = dir.path().join("training");
+    std::fs::write(&training, b"not a directory").unwrap();
+    let c = curation(&store, &training, vec![]);
+    for body in deliveries() {
+        c.ingest(&body).await.unwrap();
+    }
+    drain(&c).await;
+    let counts = store.webhook_event_counts(Some(1)).await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.failed),
+        (1, 0),
+        "START_TRAINING stays pending while its export cannot be written: {counts:?}"
+    );
+    assert!(c.status(1).await.unwrap().exports.is_empty());
+
+    // The directory becomes writable: a later pass writes the export and only then marks the
+    // event processed.
+    std::fs::remove_file(&training).unwrap();
+    process_until(
+        &c,
+        Duration::from_secs(30),
+        "the START_TRAINING export was retried",
+        || async { store.webhook_event_counts(Some(1)).await.unwrap().pending == 0 },
+    )
+    .await;
+    let status = c.status(1).await.unwrap();
+    assert_eq!(
+        status.webhook_events.failed, 0,
+        "{:?}",
+        status.failed_events
+    );
+    let trainings = |s: &batchlab_core::curation::ProjectStatus| {
+        s.exports
+            .iter()
+            .filter(|e| e.reason == "start_training")
+            .count()
+    };
+    assert_eq!(trainings(&status), 1);
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(training.join("project_1_export.json")).unwrap())
+            .unwrap();
+    assert_eq!(file.as_array().unwrap().len(), 3);
+    // Done once: more passes and a duplicate delivery export nothing again.
+    c.ingest(deliveries().last().unwrap()).await.unwrap();
+    drain(&c).await;
+    assert_eq!(trainings(&c.status(1).await.unwrap()), 1);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -331,4 +402,5 @@ on_both_backends!(
     replay_one_by_one_with_late_duplicates,
     invalid_annotations_are_kept_flagged_and_left_out,
     accuracy_and_chat_export,
+    start_training_is_kept_until_its_export_is_written,
 );

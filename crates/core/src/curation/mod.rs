@@ -58,7 +58,7 @@ pub enum CurationError {
 }
 
 /// A milestone claim whose export was never written (the process died while writing) is taken
-/// over after this long.
+/// over after this long; so is a START_TRAINING left pending while its export is written.
 const STALE_CLAIM_SECONDS: i64 = 600;
 
 /// The curation service: shared by the webhook route, the background processor and the
