@@ -10,6 +10,7 @@ use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
 use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 const FIXTURES: &str = concat!(
@@ -365,6 +366,21 @@ async fn start_training_is_kept_until_its_export_is_written(store: Store) {
             .count()
     };
     assert_eq!(trainings(&status), 1);
+    let record = status
+        .exports
+        .iter()
+        .find(|e| e.reason == "start_training")
+        .unwrap();
+    assert!(
+        record.path.contains("project_1_start_training_"),
+        "{}",
+        record.path
+    );
+    let own = std::fs::read(&record.path).unwrap();
+    assert_eq!(
+        record.sha256.as_deref(),
+        Some(format!("{:x}", Sha256::digest(&own)).as_str())
+    );
     let file: Value =
         serde_json::from_slice(&std::fs::read(training.join("project_1_export.json")).unwrap())
             .unwrap();
@@ -373,6 +389,81 @@ async fn start_training_is_kept_until_its_export_is_written(store: Store) {
     c.ingest(deliveries().last().unwrap()).await.unwrap();
     drain(&c).await;
     assert_eq!(trainings(&c.status(1).await.unwrap()), 1);
+}
+
+const SIMPLE_CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
+
+/// An ANNOTATION_CREATED of a new task `id` (annotation `id` too) in `project`.
+fn annotation_created(project: i64, id: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"action": "ANNOTATION_CREATED", "project": {"id": project},
+        "task": {"id": id, "project": project, "data": {"text": format!("task {id}")}},
+        "annotation": {"id": id, "task": id, "project": project, "was_cancelled": false, "ground_truth": false,
+            "result": [{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": ["a"]}}]}}))
+    .unwrap()
+}
+
+/// Annotations in an export file.
+fn annotations_in(file: &[u8]) -> usize {
+    let tasks: Value = serde_json::from_slice(file).unwrap();
+    tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["annotations"].as_array().unwrap().len())
+        .sum()
+}
+
+async fn milestone_exports_are_snapshots(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![100, 150]);
+    let project = json!({"action": "PROJECT_CREATED", "project": {"id": 5, "title": "p", "label_config": SIMPLE_CONFIG}});
+    c.ingest(&serde_json::to_vec(&project).unwrap())
+        .await
+        .unwrap();
+    for id in 1..=100 {
+        c.ingest(&annotation_created(5, id)).await.unwrap();
+    }
+    drain(&c).await;
+    for id in 101..=150 {
+        c.ingest(&annotation_created(5, id)).await.unwrap();
+    }
+    drain(&c).await;
+
+    let status = c.status(5).await.unwrap();
+    assert_eq!(status.milestones_reached, vec![100, 150]);
+    for (milestone, annotations) in [(100, 100), (150, 150)] {
+        let record = status
+            .exports
+            .iter()
+            .find(|e| e.milestone == Some(milestone))
+            .unwrap();
+        assert_eq!(record.annotations, annotations as i64);
+        let file = std::fs::read(&record.path).unwrap();
+        assert_eq!(
+            annotations_in(&file),
+            annotations,
+            "the file recorded for milestone {milestone} ({}) holds its snapshot",
+            record.path
+        );
+        assert_eq!(
+            record.path,
+            dir.path()
+                .join(format!("project_5_milestone_{milestone}.json"))
+                .display()
+                .to_string()
+        );
+        assert_eq!(
+            record.sha256.as_deref(),
+            Some(format!("{:x}", Sha256::digest(&file)).as_str()),
+            "the recorded checksum is the file's"
+        );
+    }
+    let latest = std::fs::read(dir.path().join("project_5_export.json")).unwrap();
+    assert_eq!(
+        annotations_in(&latest),
+        150,
+        "the latest export is the newest"
+    );
 }
 
 macro_rules! on_both_backends {
@@ -403,4 +494,5 @@ on_both_backends!(
     invalid_annotations_are_kept_flagged_and_left_out,
     accuracy_and_chat_export,
     start_training_is_kept_until_its_export_is_written,
+    milestone_exports_are_snapshots,
 );

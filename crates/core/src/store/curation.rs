@@ -149,8 +149,12 @@ pub struct ExportRecord {
     pub reason: String,
     /// The annotation count it was written for, for milestone exports.
     pub milestone: Option<i64>,
-    /// The file written.
+    /// The file written: the export's own file, never rewritten (a copy also went to the
+    /// project's latest export file); the latest file itself for exports recorded before that.
     pub path: String,
+    /// Hex SHA-256 of the file's bytes, to verify it by; `None` for exports recorded before
+    /// checksums were kept.
+    pub sha256: Option<String>,
     /// Tasks in the file.
     pub tasks: i64,
     /// Annotations in the file.
@@ -702,8 +706,8 @@ impl Store {
     pub async fn record_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let updated = match e.milestone {
             Some(m) => sqlx::query(
-                "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1 \
-                 WHERE project_id = $5 AND milestone = $6",
+                "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1, \
+                 sha256 = $7 WHERE project_id = $5 AND milestone = $6",
             )
                 .bind(&e.path)
                 .bind(e.tasks)
@@ -711,6 +715,7 @@ impl Store {
                 .bind(e.created_at)
                 .bind(e.project_id)
                 .bind(m)
+                .bind(&e.sha256)
                 .execute(&self.pool)
                 .await?
                 .rows_affected(),
@@ -718,8 +723,8 @@ impl Store {
         };
         if updated == 0 {
             sqlx::query(
-                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, sha256) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(e.project_id)
             .bind(&e.reason)
@@ -728,6 +733,7 @@ impl Store {
             .bind(e.tasks)
             .bind(e.annotations)
             .bind(e.created_at)
+            .bind(&e.sha256)
             .execute(&self.pool)
             .await?;
         }
@@ -737,7 +743,7 @@ impl Store {
     /// A project's written exports, oldest first.
     pub async fn exports(&self, project_id: i64) -> Result<Vec<ExportRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT project_id, reason, milestone, path, tasks, annotations, created_at FROM curation_exports \
+            "SELECT project_id, reason, milestone, path, sha256, tasks, annotations, created_at FROM curation_exports \
              WHERE project_id = $1 AND written = 1 ORDER BY id",
         )
         .bind(project_id)
@@ -750,6 +756,7 @@ impl Store {
                     reason: r.try_get("reason")?,
                     milestone: r.try_get("milestone")?,
                     path: r.try_get("path")?,
+                    sha256: r.try_get("sha256")?,
                     tasks: r.try_get("tasks")?,
                     annotations: r.try_get("annotations")?,
                     created_at: r.try_get("created_at")?,
