@@ -272,3 +272,26 @@ async fn unknown_projects_and_bad_queries_are_named() {
         .unwrap();
     assert_error(import, StatusCode::NOT_FOUND, Some("not_found")).await;
 }
+
+/// The project status lists each export with the file it wrote and that file's SHA-256.
+#[tokio::test]
+async fn exports_are_listed_with_their_checksum() {
+    use sha2::{Digest, Sha256};
+    let s = start(|c| c.curation.milestones = vec![1]).await;
+    deliver(
+        &s,
+        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
+        Some(SECRET),
+    )
+    .await;
+    let p = project_until(&s, 1, |p| p["milestones_reached"] == json!([1])).await;
+    let export = &p["exports"][0];
+    let path = export["path"].as_str().unwrap();
+    assert!(path.ends_with("project_1_milestone_1.json"), "{export}");
+    let file = std::fs::read(path).unwrap();
+    assert_eq!(
+        export["sha256"],
+        json!(format!("{:x}", Sha256::digest(&file))),
+        "{export}"
+    );
+}

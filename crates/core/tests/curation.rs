@@ -2,6 +2,7 @@
 //! sent, replayed in order, twice, and backwards; validation, milestones, exports, accuracy.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
@@ -9,6 +10,8 @@ use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
 use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -304,6 +307,165 @@ async fn accuracy_and_chat_export(store: Store) {
     assert_eq!(future.trim(), "[]");
 }
 
+/// Runs processing passes until `done` holds, failing after `limit` (a pass may leave an event
+/// waiting for its retry time, so this polls instead of draining once).
+async fn process_until<F, Fut>(c: &Curation, limit: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        c.process_pending().await.unwrap();
+        if done().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_training_is_kept_until_its_export_is_written(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the training directory belongs: no export can be written there.
+    let training = dir.path().join("training");
+    std::fs::write(&training, b"not a directory").unwrap();
+    let c = curation(&store, &training, vec![]);
+    for body in deliveries() {
+        c.ingest(&body).await.unwrap();
+    }
+    drain(&c).await;
+    let counts = store.webhook_event_counts(Some(1)).await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.failed),
+        (1, 0),
+        "START_TRAINING stays pending while its export cannot be written: {counts:?}"
+    );
+    assert!(c.status(1).await.unwrap().exports.is_empty());
+
+    // The directory becomes writable: a later pass writes the export and only then marks the
+    // event processed.
+    std::fs::remove_file(&training).unwrap();
+    process_until(
+        &c,
+        Duration::from_secs(30),
+        "the START_TRAINING export was retried",
+        || async { store.webhook_event_counts(Some(1)).await.unwrap().pending == 0 },
+    )
+    .await;
+    let status = c.status(1).await.unwrap();
+    assert_eq!(
+        status.webhook_events.failed, 0,
+        "{:?}",
+        status.failed_events
+    );
+    let trainings = |s: &batchlab_core::curation::ProjectStatus| {
+        s.exports
+            .iter()
+            .filter(|e| e.reason == "start_training")
+            .count()
+    };
+    assert_eq!(trainings(&status), 1);
+    let record = status
+        .exports
+        .iter()
+        .find(|e| e.reason == "start_training")
+        .unwrap();
+    assert!(
+        record.path.contains("project_1_start_training_"),
+        "{}",
+        record.path
+    );
+    let own = std::fs::read(&record.path).unwrap();
+    assert_eq!(
+        record.sha256.as_deref(),
+        Some(format!("{:x}", Sha256::digest(&own)).as_str())
+    );
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(training.join("project_1_export.json")).unwrap())
+            .unwrap();
+    assert_eq!(file.as_array().unwrap().len(), 3);
+    // Done once: more passes and a duplicate delivery export nothing again.
+    c.ingest(deliveries().last().unwrap()).await.unwrap();
+    drain(&c).await;
+    assert_eq!(trainings(&c.status(1).await.unwrap()), 1);
+}
+
+const SIMPLE_CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
+
+/// An ANNOTATION_CREATED of a new task `id` (annotation `id` too) in `project`.
+fn annotation_created(project: i64, id: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"action": "ANNOTATION_CREATED", "project": {"id": project},
+        "task": {"id": id, "project": project, "data": {"text": format!("task {id}")}},
+        "annotation": {"id": id, "task": id, "project": project, "was_cancelled": false, "ground_truth": false,
+            "result": [{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": ["a"]}}]}}))
+    .unwrap()
+}
+
+/// Annotations in an export file.
+fn annotations_in(file: &[u8]) -> usize {
+    let tasks: Value = serde_json::from_slice(file).unwrap();
+    tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["annotations"].as_array().unwrap().len())
+        .sum()
+}
+
+async fn milestone_exports_are_snapshots(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![100, 150]);
+    let project = json!({"action": "PROJECT_CREATED", "project": {"id": 5, "title": "p", "label_config": SIMPLE_CONFIG}});
+    c.ingest(&serde_json::to_vec(&project).unwrap())
+        .await
+        .unwrap();
+    for id in 1..=100 {
+        c.ingest(&annotation_created(5, id)).await.unwrap();
+    }
+    drain(&c).await;
+    for id in 101..=150 {
+        c.ingest(&annotation_created(5, id)).await.unwrap();
+    }
+    drain(&c).await;
+
+    let status = c.status(5).await.unwrap();
+    assert_eq!(status.milestones_reached, vec![100, 150]);
+    for (milestone, annotations) in [(100, 100), (150, 150)] {
+        let record = status
+            .exports
+            .iter()
+            .find(|e| e.milestone == Some(milestone))
+            .unwrap();
+        assert_eq!(record.annotations, annotations as i64);
+        let file = std::fs::read(&record.path).unwrap();
+        assert_eq!(
+            annotations_in(&file),
+            annotations,
+            "the file recorded for milestone {milestone} ({}) holds its snapshot",
+            record.path
+        );
+        assert_eq!(
+            record.path,
+            dir.path()
+                .join(format!("project_5_milestone_{milestone}.json"))
+                .display()
+                .to_string()
+        );
+        assert_eq!(
+            record.sha256.as_deref(),
+            Some(format!("{:x}", Sha256::digest(&file)).as_str()),
+            "the recorded checksum is the file's"
+        );
+    }
+    let latest = std::fs::read(dir.path().join("project_5_export.json")).unwrap();
+    assert_eq!(
+        annotations_in(&latest),
+        150,
+        "the latest export is the newest"
+    );
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -331,4 +493,6 @@ on_both_backends!(
     replay_one_by_one_with_late_duplicates,
     invalid_annotations_are_kept_flagged_and_left_out,
     accuracy_and_chat_export,
+    start_training_is_kept_until_its_export_is_written,
+    milestone_exports_are_snapshots,
 );

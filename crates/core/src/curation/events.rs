@@ -4,8 +4,10 @@
 //! least that makes an event safe — parse the envelope, insert it under the hash of its body —
 //! and answers. The processor applies each event in its own transaction together with marking it
 //! processed; every write is guarded so a duplicate or out-of-order delivery changes nothing.
+//! A START_TRAINING stays pending until the export it asks for is written, so that neither a
+//! crash nor a failed export loses it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +17,11 @@ use serde::Serialize;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{Curation, CurationError};
+use super::{Curation, CurationError, STALE_CLAIM_SECONDS};
 use crate::labelstudio::config::LabelConfig;
 use crate::labelstudio::event::{self, Action, AnnotationPayload, ProjectPayload, TaskPayload};
 use crate::labelstudio::region::Region;
-use crate::store::{AnnotationRow, CurationTx, NewWebhookEvent, TaskRow, WebhookEvent};
+use crate::store::{now, AnnotationRow, CurationTx, NewWebhookEvent, TaskRow, WebhookEvent};
 
 /// The answer to a delivery.
 #[derive(Clone, Debug, Serialize)]
@@ -34,6 +36,22 @@ pub struct Ingested {
 
 /// Events applied per pass of the processor.
 const PASS: i64 = 256;
+
+/// Failed exports after which a START_TRAINING is given up and marked failed.
+pub(crate) const MAX_EXPORT_ATTEMPTS: i64 = 10;
+
+/// The outcome a START_TRAINING keeps while it waits for its export.
+const AWAITING_EXPORT: &str = "awaiting export";
+
+/// Seconds before a START_TRAINING whose export failed `attempts` times is tried again: 1, 2,
+/// 4, ... up to 5 minutes, so a fault fixed within minutes (a directory made writable) loses
+/// nothing. The ten attempts span about eight and a half minutes.
+fn export_retry_delay(attempts: i64) -> i64 {
+    1_i64
+        .checked_shl(attempts.clamp(1, 20) as u32 - 1)
+        .unwrap_or(i64::MAX)
+        .min(300)
+}
 
 /// Parsed labeling configs by their XML, so a pass parses each project's config once.
 type ConfigCache = HashMap<String, Option<Arc<LabelConfig>>>;
@@ -97,12 +115,14 @@ impl Curation {
 
     /// Applies the waiting events in order of arrival; answers how many were looked at. Then
     /// checks milestones of the projects whose annotations changed, and runs the exports that
-    /// START_TRAINING asked for.
+    /// START_TRAINING asked for: such an event is marked processed only once its export is
+    /// written, and one whose export fails is tried again on a later pass (after a back-off),
+    /// until [`MAX_EXPORT_ATTEMPTS`] failures mark it failed.
     pub async fn process_pending(&self) -> Result<usize, CurationError> {
         let events = self.store.pending_webhook_events(PASS).await?;
         let mut configs = ConfigCache::new();
         let mut touched = BTreeSet::new();
-        let mut train = BTreeSet::new();
+        let mut train: BTreeMap<i64, Vec<&WebhookEvent>> = BTreeMap::new();
         for event in &events {
             let span = tracing::info_span!("webhook_event", id = event.id, action = %event.action);
             let applied = match AssertUnwindSafe(
@@ -128,7 +148,7 @@ impl Curation {
             };
             match applied {
                 Some((Action::StartTraining, Some(p))) => {
-                    train.insert(p);
+                    train.entry(p).or_default().push(event);
                 }
                 Some((a, Some(p))) if a.touches_annotations() => {
                     touched.insert(p);
@@ -139,18 +159,8 @@ impl Curation {
         for project in touched {
             self.check_milestones(project).await?;
         }
-        for project in train {
-            match self
-                .write_export_file(project, "start_training", None)
-                .await
-            {
-                Ok(rec) => {
-                    tracing::info!(project_id = project, tasks = rec.tasks, path = %rec.path, "START_TRAINING: training data exported")
-                }
-                Err(e) => {
-                    tracing::error!(project_id = project, error = %e, "START_TRAINING export failed")
-                }
-            }
+        for (project, requests) in train {
+            self.export_for_training(project, &requests).await?;
         }
         if let Ok(counts) = self.store.webhook_event_counts(None).await {
             metrics::gauge!("batchlab_webhook_events_pending").set(counts.pending as f64);
@@ -161,6 +171,57 @@ impl Curation {
 }
 
 impl Curation {
+    /// Writes the export that the START_TRAINING events `requests` (all about `project`, left
+    /// pending by [`Curation::process_one`]) asked for, then marks them processed. When the
+    /// export fails each is held back for a later try, or marked failed after its last.
+    async fn export_for_training(
+        &self,
+        project: i64,
+        requests: &[&WebhookEvent],
+    ) -> Result<(), CurationError> {
+        match self
+            .write_export_file(project, "start_training", None)
+            .await
+        {
+            Ok(rec) => {
+                tracing::info!(project_id = project, tasks = rec.tasks, path = %rec.path, "START_TRAINING: training data exported");
+                let outcome = format!("exported: {}", rec.path);
+                for event in requests {
+                    if self.store.complete_event(event.id, &outcome).await? {
+                        metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok").increment(1);
+                    }
+                }
+            }
+            Err(e) => {
+                for event in requests {
+                    let attempts = event.attempts + 1;
+                    if attempts >= MAX_EXPORT_ATTEMPTS {
+                        tracing::error!(project_id = project, id = event.id, attempts, error = %e, "START_TRAINING export failed; giving up");
+                        metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
+                        self.store
+                            .fail_event(
+                                event.id,
+                                &format!("the export failed {attempts} times, lastly: {e}"),
+                            )
+                            .await?;
+                    } else {
+                        let delay = export_retry_delay(attempts);
+                        tracing::warn!(project_id = project, id = event.id, attempts, retry_in_s = delay, error = %e, "START_TRAINING export failed; will retry");
+                        self.store
+                            .retry_event_later(
+                                event.id,
+                                attempts,
+                                &format!("{AWAITING_EXPORT}: attempt {attempts} of {MAX_EXPORT_ATTEMPTS} failed: {e}"),
+                                now() + delay,
+                            )
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one event; answers its action and project when it was applied by this call.
     async fn process_one(
         &self,
@@ -179,21 +240,30 @@ impl Curation {
             }
         };
         let action = Action::parse(&event.action);
+        let project = event::project_id(&body);
         let Some(mut tx) = self.store.begin_event(event.id, "applied").await? else {
             return Ok(None);
         };
         match apply(&mut tx, &action, &body, configs).await {
             Ok(outcome) => {
-                if outcome != "applied" {
+                let deferred = matches!(action, Action::StartTraining) && project.is_some();
+                if deferred {
+                    // Done only once the export is written (`export_for_training`); held
+                    // meanwhile, and retried after the hold should this process die first.
+                    tx.keep_pending(AWAITING_EXPORT, now() + STALE_CLAIM_SECONDS)
+                        .await?;
+                } else if outcome != "applied" {
                     tx.set_outcome(&outcome).await?;
                 }
                 tx.commit().await?;
                 if let Action::Unknown(name) = &action {
                     tracing::info!(action = %name, "unknown webhook action acknowledged and ignored");
                 }
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok")
-                    .increment(1);
-                Ok(Some((action, event::project_id(&body))))
+                if !deferred {
+                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok")
+                        .increment(1);
+                }
+                Ok(Some((action, project)))
             }
             Err(e) => {
                 drop(tx);
@@ -297,6 +367,7 @@ async fn apply(
             if project_id.is_none() {
                 return Ok("ignored: START_TRAINING without a project".into());
             }
+            // Left pending by `process_one` until `export_for_training` writes the export.
             return Ok("export requested".into());
         }
         Action::Unknown(name) => return Ok(format!("ignored: unknown action {name}")),
@@ -482,6 +553,69 @@ mod tests {
             status.failed_events
         );
         db.cleanup().await;
+    }
+
+    /// A START_TRAINING whose export keeps failing is tried again on later passes, and after
+    /// its last attempt marked failed with the reason, counted and shown in the project status.
+    #[tokio::test]
+    async fn a_start_training_whose_export_keeps_failing_ends_failed() {
+        let db = TestDb::sqlite().await;
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the training directory belongs: no export can be written there.
+        let training = dir.path().join("training");
+        std::fs::write(&training, b"not a directory").unwrap();
+        let curation = Curation::new(
+            db.store.clone(),
+            CurationConfig {
+                training_dir: training,
+                milestones: vec![],
+                accuracy_every: 0,
+            },
+        );
+        curation
+            .ingest(&project_event("START_TRAINING", 7, CONFIG))
+            .await
+            .unwrap();
+        let mut passes = 0;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            assert_eq!(
+                curation.process_pending().await.unwrap(),
+                1,
+                "one try per pass"
+            );
+            passes += 1;
+            let status = curation.status(7).await.unwrap();
+            if status.webhook_events.pending == 0 {
+                break status;
+            }
+            assert_eq!(
+                curation.process_pending().await.unwrap(),
+                0,
+                "held back until its retry time"
+            );
+            assert!(tokio::time::Instant::now() < deadline, "never given up");
+            // As if the back-off had passed.
+            db.store.make_retries_due().await.unwrap();
+        };
+        assert_eq!(passes, super::MAX_EXPORT_ATTEMPTS);
+        assert_eq!(status.webhook_events.failed, 1);
+        assert!(status.exports.is_empty());
+        let reason = &status.failed_events[0].reason;
+        assert!(
+            reason.starts_with("the export failed 10 times, lastly: writing the export failed"),
+            "{reason}"
+        );
+        db.cleanup().await;
+    }
+
+    #[test]
+    fn export_retries_back_off_up_to_five_minutes() {
+        let delays: Vec<i64> = (1..=super::MAX_EXPORT_ATTEMPTS)
+            .map(super::export_retry_delay)
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(super::export_retry_delay(i64::MAX), 300);
     }
 
     /// A labeling config nested 20,000 deep once overflowed the stack of batchlab-api's event

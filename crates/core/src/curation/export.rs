@@ -1,14 +1,16 @@
 //! Curated training data out of the store, page by page, never whole in memory: the JSON file of
 //! tasks with their annotations (the guide's `project_{id}_export.json`), or one OpenAI
 //! fine-tuning line per task (`jsonl-chat`). The HTTP route streams the chunks; milestone and
-//! START_TRAINING exports write the same chunks to a temp file renamed into place.
+//! START_TRAINING exports write the same chunks to a temp file renamed into place: the export's
+//! own file, never rewritten, then a copy of it as the project's latest export file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::{Curation, CurationError};
@@ -281,24 +283,32 @@ impl Curation {
         })
     }
 
-    /// Writes the project's curated JSON export to its training file (temp file, then rename)
-    /// and records it.
+    /// Writes the project's curated JSON export to a file of its own
+    /// ([`Curation::snapshot_path`]), copies it to the project's latest export file
+    /// ([`Curation::export_path`]), each a temp file renamed into place, and records the
+    /// export's own file with its SHA-256.
     pub async fn write_export_file(
         &self,
         project_id: i64,
         reason: &str,
         milestone: Option<i64>,
     ) -> Result<ExportRecord, CurationError> {
-        let path = self.export_path(project_id);
+        let path = self.snapshot_path(project_id, reason, milestone);
         let mut cursor = self
             .export_cursor(project_id, ExportFormat::Json, ExportFilter::default())
             .await?;
-        write_atomically(&path, &mut cursor).await?;
+        let sha256 = write_atomically(&path, &mut cursor).await?;
+        if let Err(e) = copy_atomically(&path, &self.export_path(project_id)).await {
+            // Unrecorded, so the export is tried again: leave no file behind it.
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
+        }
         let record = ExportRecord {
             project_id,
             reason: reason.to_string(),
             milestone,
             path: path.display().to_string(),
+            sha256: Some(sha256),
             tasks: cursor.tasks,
             annotations: cursor.annotations,
             created_at: now(),
@@ -308,26 +318,53 @@ impl Curation {
     }
 }
 
-async fn write_atomically(path: &Path, cursor: &mut ExportCursor) -> Result<(), CurationError> {
+/// A temp file name beside `path`, in its directory (created if missing), so that renaming it
+/// into place is atomic.
+async fn temp_beside(path: &Path) -> Result<PathBuf, CurationError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     tokio::fs::create_dir_all(dir).await?;
-    let tmp = dir.join(format!(
+    Ok(dir.join(format!(
         ".{}.{}.tmp",
         path.file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("export"),
         uuid::Uuid::new_v4().simple()
-    ));
+    )))
+}
+
+/// Writes the cursor's chunks to `path` through a temp file renamed into place; answers the
+/// hex SHA-256 of the bytes written.
+async fn write_atomically(path: &Path, cursor: &mut ExportCursor) -> Result<String, CurationError> {
+    let tmp = temp_beside(path).await?;
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await?;
+        let mut hasher = Sha256::new();
         while let Some(chunk) = cursor.next_chunk().await? {
+            hasher.update(&chunk);
             file.write_all(&chunk).await?;
         }
         file.sync_all().await?;
         tokio::fs::rename(&tmp, path).await?;
+        Ok::<String, CurationError>(format!("{:x}", hasher.finalize()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
+/// Copies `from` to `to` through a temp file renamed into place, so that a reader of `to` sees
+/// the old file or the new one, never a part.
+async fn copy_atomically(from: &Path, to: &Path) -> Result<(), CurationError> {
+    let tmp = temp_beside(to).await?;
+    let result = async {
+        tokio::fs::copy(from, &tmp).await?;
+        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+        tokio::fs::rename(&tmp, to).await?;
         Ok::<(), CurationError>(())
     }
     .await;

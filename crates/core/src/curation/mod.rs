@@ -58,7 +58,7 @@ pub enum CurationError {
 }
 
 /// A milestone claim whose export was never written (the process died while writing) is taken
-/// over after this long.
+/// over after this long; so is a START_TRAINING left pending while its export is written.
 const STALE_CLAIM_SECONDS: i64 = 600;
 
 /// The curation service: shared by the webhook route, the background processor and the
@@ -85,7 +85,7 @@ pub struct ProjectStatus {
     pub milestones: Vec<u64>,
     /// Milestones whose export was written.
     pub milestones_reached: Vec<i64>,
-    /// Every export written, oldest first.
+    /// Every export written, oldest first, each with its own file and that file's SHA-256.
     pub exports: Vec<ExportRecord>,
     /// Up to 100 annotations that do not fit the labeling config, with the reason.
     pub invalid_annotations: Vec<Value>,
@@ -136,11 +136,33 @@ impl Curation {
         })
     }
 
-    /// Where a project's export file goes.
+    /// Where a project's export file goes: the latest export, rewritten by each.
     pub fn export_path(&self, project_id: i64) -> PathBuf {
         self.config
             .training_dir
             .join(format!("project_{project_id}_export.json"))
+    }
+
+    /// Where one export's own file goes, written once and never rewritten, so that its record
+    /// keeps pointing at what was exported: `project_{id}_milestone_{m}.json` for a milestone,
+    /// `project_{id}_{reason}_{unix seconds}_{random}.json` for any other export.
+    pub fn snapshot_path(&self, project_id: i64, reason: &str, milestone: Option<i64>) -> PathBuf {
+        let name = match milestone {
+            Some(m) => format!("project_{project_id}_milestone_{m}.json"),
+            None => {
+                let reason: String = reason
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                let random = uuid::Uuid::new_v4().simple().to_string();
+                format!(
+                    "project_{project_id}_{reason}_{}_{}.json",
+                    crate::store::now(),
+                    &random[..8]
+                )
+            }
+        };
+        self.config.training_dir.join(name)
     }
 
     /// Counts, milestones, exports, invalid annotations and accuracy history of a project.
@@ -253,7 +275,6 @@ impl Curation {
     /// record when the count crossed a multiple of `accuracy_every`.
     pub async fn check_milestones(&self, project_id: i64) -> Result<(), CurationError> {
         let counts = self.store.annotation_counts(project_id).await?;
-        let path = self.export_path(project_id);
         for &m in self
             .config
             .milestones
@@ -266,7 +287,10 @@ impl Curation {
                 .claim_milestone(
                     project_id,
                     m,
-                    &path.display().to_string(),
+                    &self
+                        .snapshot_path(project_id, "milestone", Some(m))
+                        .display()
+                        .to_string(),
                     STALE_CLAIM_SECONDS,
                 )
                 .await?

@@ -32,6 +32,8 @@ pub struct WebhookEvent {
     pub action: String,
     /// The body as delivered.
     pub body: String,
+    /// Failed attempts at the work it asked for (a START_TRAINING's export) so far.
+    pub attempts: i64,
 }
 
 /// How many deliveries were recorded, how many still wait and how many could not be applied.
@@ -147,8 +149,12 @@ pub struct ExportRecord {
     pub reason: String,
     /// The annotation count it was written for, for milestone exports.
     pub milestone: Option<i64>,
-    /// The file written.
+    /// The file written: the export's own file, never rewritten (a copy also went to the
+    /// project's latest export file); the latest file itself for exports recorded before that.
     pub path: String,
+    /// Hex SHA-256 of the file's bytes, to verify it by; `None` for exports recorded before
+    /// checksums were kept.
+    pub sha256: Option<String>,
     /// Tasks in the file.
     pub tasks: i64,
     /// Annotations in the file.
@@ -259,21 +265,27 @@ impl Store {
         Ok((id, false))
     }
 
-    /// The oldest deliveries not processed yet, in order of arrival.
+    /// The oldest deliveries not processed yet, in order of arrival; those held back until a
+    /// later time (see [`CurationTx::keep_pending`]) are left out until then.
     pub async fn pending_webhook_events(
         &self,
         limit: i64,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
-        let rows = sqlx::query("SELECT id, action, body FROM webhook_events WHERE processed_at IS NULL ORDER BY id LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, action, body, attempts FROM webhook_events \
+             WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) ORDER BY id LIMIT $2",
+        )
+        .bind(now())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(WebhookEvent {
                     id: r.try_get("id")?,
                     action: r.try_get("action")?,
                     body: r.try_get("body")?,
+                    attempts: r.try_get("attempts")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -335,20 +347,24 @@ impl Store {
 
     /// Starts applying one event: the transaction first claims the event (its first statement is
     /// a write, so SQLite takes its write lock at once instead of failing to upgrade later).
-    /// `None` when another processor already handled it.
+    /// `None` when another processor already handled it, or holds it (see
+    /// [`CurationTx::keep_pending`]).
     pub async fn begin_event(
         &self,
         event_id: i64,
         outcome: &str,
     ) -> Result<Option<CurationTx>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3 AND processed_at IS NULL")
-            .bind(now())
-            .bind(outcome)
-            .bind(event_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let claimed = sqlx::query(
+            "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
+             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1)",
+        )
+        .bind(now())
+        .bind(outcome)
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if claimed == 0 {
             tx.rollback().await?;
             return Ok(None);
@@ -365,6 +381,53 @@ impl Store {
             .bind(now())
             .bind(outcome)
             .bind(event_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an event that [`CurationTx::keep_pending`] left pending processed, now that the
+    /// work it asked for is done; `outcome` says what was done. False when it was not pending.
+    pub async fn complete_event(&self, event_id: i64, outcome: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE webhook_events SET processed_at = $1, outcome = $2, retry_at = NULL \
+             WHERE id = $3 AND processed_at IS NULL",
+        )
+        .bind(now())
+        .bind(outcome)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done == 1)
+    }
+
+    /// Records a failed attempt at a pending event's work: it keeps `attempts` failures and
+    /// `outcome` (why), and is held back until `retry_at` (unix seconds) before the next try.
+    pub async fn retry_event_later(
+        &self,
+        event_id: i64,
+        attempts: i64,
+        outcome: &str,
+        retry_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_events SET attempts = $1, outcome = $2, retry_at = $3 \
+             WHERE id = $4 AND processed_at IS NULL",
+        )
+        .bind(attempts)
+        .bind(outcome.replace('\0', "\u{FFFD}"))
+        .bind(retry_at)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Makes every held-back event due now, as if its retry time had passed (tests only).
+    #[cfg(test)]
+    pub(crate) async fn make_retries_due(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE webhook_events SET retry_at = 0 WHERE retry_at IS NOT NULL")
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -643,8 +706,8 @@ impl Store {
     pub async fn record_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
         let updated = match e.milestone {
             Some(m) => sqlx::query(
-                "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1 \
-                 WHERE project_id = $5 AND milestone = $6",
+                "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1, \
+                 sha256 = $7 WHERE project_id = $5 AND milestone = $6",
             )
                 .bind(&e.path)
                 .bind(e.tasks)
@@ -652,6 +715,7 @@ impl Store {
                 .bind(e.created_at)
                 .bind(e.project_id)
                 .bind(m)
+                .bind(&e.sha256)
                 .execute(&self.pool)
                 .await?
                 .rows_affected(),
@@ -659,8 +723,8 @@ impl Store {
         };
         if updated == 0 {
             sqlx::query(
-                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, sha256) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(e.project_id)
             .bind(&e.reason)
@@ -669,6 +733,7 @@ impl Store {
             .bind(e.tasks)
             .bind(e.annotations)
             .bind(e.created_at)
+            .bind(&e.sha256)
             .execute(&self.pool)
             .await?;
         }
@@ -678,7 +743,7 @@ impl Store {
     /// A project's written exports, oldest first.
     pub async fn exports(&self, project_id: i64) -> Result<Vec<ExportRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT project_id, reason, milestone, path, tasks, annotations, created_at FROM curation_exports \
+            "SELECT project_id, reason, milestone, path, sha256, tasks, annotations, created_at FROM curation_exports \
              WHERE project_id = $1 AND written = 1 ORDER BY id",
         )
         .bind(project_id)
@@ -691,6 +756,7 @@ impl Store {
                     reason: r.try_get("reason")?,
                     milestone: r.try_get("milestone")?,
                     path: r.try_get("path")?,
+                    sha256: r.try_get("sha256")?,
                     tasks: r.try_get("tasks")?,
                     annotations: r.try_get("annotations")?,
                     created_at: r.try_get("created_at")?,
@@ -762,6 +828,23 @@ impl CurationTx {
             .bind(self.event_id)
             .execute(&mut *self.tx)
             .await?;
+        Ok(())
+    }
+
+    /// Leaves the event pending instead of marking it processed when this transaction commits
+    /// (its writes still commit): for an event whose work is done after the commit (a
+    /// START_TRAINING's export) and marks it processed only then ([`Store::complete_event`]).
+    /// No processor takes it up again before `hold_until` (unix seconds), so a process that
+    /// dies in between has it retried after that.
+    pub async fn keep_pending(&mut self, outcome: &str, hold_until: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE webhook_events SET processed_at = NULL, outcome = $1, retry_at = $2 WHERE id = $3",
+        )
+        .bind(outcome)
+        .bind(hold_until)
+        .bind(self.event_id)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
