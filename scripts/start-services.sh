@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build batchlab and start its three services in the background:
-#   batchlab-api (port 4080), batchlab-ml-backend (port 4082) and batchlab-worker.
+#   batchlab-api (port 4080), batchlab-ml-backend (port 4082) and batchlab-worker (its /health
+#   and /metrics on port 4083).
 #
 # Logs go to logs/<service>.log and PIDs to run/<service>.pid; scripts/stop-services.sh stops
 # them. The services read config/default.toml and BATCHLAB_<SECTION>__<KEY> variables as usual
@@ -35,6 +36,7 @@ DEFAULT_MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL="${BATCHLAB_ENGINE__MODEL_PATH:-$DEFAULT_MODEL}"
 API_PORT="${BATCHLAB_API__PORT:-4080}"
 ML_PORT="${BATCHLAB_ML_BACKEND__PORT:-4082}"
+WORKER_PORT="${BATCHLAB_WORKER__PORT:-4083}"
 SERVICES=(batchlab-api batchlab-ml-backend batchlab-worker)
 
 log() { echo "start-services: $*"; }
@@ -50,6 +52,7 @@ probe_host() {
 }
 API_HOST="$(probe_host "${BATCHLAB_API__HOST:-127.0.0.1}")"
 ML_HOST="$(probe_host "${BATCHLAB_ML_BACKEND__HOST:-127.0.0.1}")"
+WORKER_HOST="$(probe_host "${BATCHLAB_WORKER__HOST:-127.0.0.1}")"
 
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
@@ -172,19 +175,6 @@ wait_http() {
   log "$name is up: $url"
 }
 
-wait_worker() {
-  local name=batchlab-worker pid deadline=$((SECONDS + TIMEOUT))
-  pid="$(cat "$RUN_DIR/$name.pid")"
-  until new_log "$name" | grep -q "batchlab-worker ready"; do
-    running "$pid" "$name" || fail "$name" "exited before loading the model"
-    ((SECONDS < deadline)) || fail "$name" "did not load the model within ${TIMEOUT}s"
-    sleep 0.5
-  done
-  sleep 3
-  running "$pid" "$name" || fail "$name" "exited right after loading the model"
-  log "$name is ready (pid $pid)"
-}
-
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (needed for the health checks)"
 
 # The API first: it creates the database and runs the migrations before the worker connects.
@@ -193,7 +183,8 @@ wait_http batchlab-api "http://$API_HOST:$API_PORT/health"
 start batchlab-ml-backend
 wait_http batchlab-ml-backend "http://$ML_HOST:$ML_PORT/health" "$ML_USER" "$ML_PASS"
 start batchlab-worker
-wait_worker
+# Its /health answers once the model is loaded and the database answers.
+wait_http batchlab-worker "http://$WORKER_HOST:$WORKER_PORT/health"
 
 trap - EXIT
 cat <<EOF
@@ -201,7 +192,7 @@ cat <<EOF
 batchlab is running ($PROFILE build):
   API (OpenAI Files/Batches)  http://$API_HOST:$API_PORT/v1    health: http://$API_HOST:$API_PORT/health
   ML backend (Label Studio)   http://$ML_HOST:$ML_PORT        health: http://$ML_HOST:$ML_PORT/health
-  worker                      pid $(cat "$RUN_DIR/batchlab-worker.pid")
+  worker (batch queue)        pid $(cat "$RUN_DIR/batchlab-worker.pid")    health: http://$WORKER_HOST:$WORKER_PORT/health
 Logs:  $LOG_DIR/<service>.log   (e.g. tail -f $LOG_DIR/batchlab-worker.log)
 PIDs:  $RUN_DIR/<service>.pid
 Stop:  scripts/stop-services.sh

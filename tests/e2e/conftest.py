@@ -246,7 +246,12 @@ class Stack:
     def start_worker(self, name: str = "batchlab-worker", wait_ready: bool = True, **extra: str) -> Service:
         """Starts batchlab-worker and waits until it logged that the model is loaded."""
         self.require_model()
-        env = {"BATCHLAB_WORKER__POLL_INTERVAL_MS": "100", "BATCHLAB_WORKER__ID": name, **extra}
+        env = {
+            "BATCHLAB_WORKER__POLL_INTERVAL_MS": "100",
+            "BATCHLAB_WORKER__ID": name,
+            "BATCHLAB_WORKER__PORT": str(free_port()),  # its /health and /metrics
+            **extra,
+        }
         svc = self._start(name, "batchlab-worker", env)
         if wait_ready:
             svc.wait_log(WORKER_READY_LINE)

@@ -27,6 +27,7 @@ def script_env(tmp: Path, api_port: int, ml_port: int) -> dict[str, str]:
             "BATCHLAB_RUN_DIR": str(tmp / "run"),
             "BATCHLAB_API__PORT": str(api_port),
             "BATCHLAB_ML_BACKEND__PORT": str(ml_port),
+            "BATCHLAB_WORKER__PORT": str(free_port()),  # the worker's /health, which the script waits on
             "BATCHLAB_DATABASE__URL": f"sqlite://{tmp / 'data' / 'batchlab.db'}",
             "BATCHLAB_STORAGE__FILES_DIR": str(tmp / "data" / "files"),
             "BATCHLAB_ENGINE__MODEL_PATH": str(MODEL),

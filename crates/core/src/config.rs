@@ -170,6 +170,10 @@ impl MlBackendConfig {
 pub struct WorkerConfig {
     /// Identifies this worker in leases; empty means `<hostname>-<pid>-<random>`.
     pub id: String,
+    /// Address its `/health` and `/metrics` listen on (they take no input and hold no secret).
+    pub host: String,
+    /// Port of `/health` and `/metrics`.
+    pub port: u16,
     /// How long to sleep when the queue is empty, in milliseconds.
     pub poll_interval_ms: u64,
     /// Lease length in seconds: a worker that stops renewing loses its batch after this long.
@@ -185,6 +189,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             id: String::new(),
+            host: "127.0.0.1".into(),
+            port: 4083,
             poll_interval_ms: 500,
             lease_seconds: 30,
             concurrency: 4,

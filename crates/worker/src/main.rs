@@ -1,4 +1,7 @@
-//! batchlab-worker: claims batches from the shared queue and runs them through the engine.
+//! batchlab-worker: claims batches from the shared queue and runs them through the engine, and
+//! serves its `/health` and `/metrics` (`http`) on `worker.port`.
+
+mod http;
 
 use std::time::Duration;
 
@@ -10,6 +13,7 @@ use batchlab_inference::completions::BodyLimits;
 use batchlab_inference::engine::Engine;
 use batchlab_inference::runner::{Runner, RunnerSettings};
 use clap::Parser;
+use tokio_util::sync::CancellationToken;
 
 /// Runs queued OpenAI batches with the in-process model; start several to share one queue.
 #[derive(Parser)]
@@ -22,6 +26,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Args::parse().config.init()?;
+    // Installed before the engine and the runner count anything.
+    let _ = batchlab_core::telemetry::metrics_handle();
     let worker_id = config.worker_id();
     let store = Store::open(&config.database).await.with_context(|| {
         format!(
@@ -51,6 +57,24 @@ async fn main() -> anyhow::Result<()> {
         max_attempts: config.batch.max_attempts,
         shutdown_grace: Duration::from_secs(config.worker.shutdown_grace_seconds),
     };
+    let addr = format!("{}:{}", config.worker.host, config.worker.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr} (worker.host, worker.port)"))?;
+    tracing::info!(%addr, "serving /health and /metrics");
+    let state = http::WorkerState {
+        store: store.clone(),
+        model: engine.model_id().to_string(),
+    };
+    let stopping = CancellationToken::new();
+    let server = tokio::spawn({
+        let stopped = stopping.clone().cancelled_owned();
+        async move {
+            axum::serve(listener, http::router(state))
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    });
     let runner = Runner::new(store, blobs, engine, settings);
     runner
         .run_forever(
@@ -58,5 +82,8 @@ async fn main() -> anyhow::Result<()> {
             batchlab_core::telemetry::shutdown_signal(),
         )
         .await;
+    // The batch in hand is released; /health and /metrics go last.
+    stopping.cancel();
+    server.await??;
     Ok(())
 }
