@@ -20,6 +20,7 @@ One test walks the whole path an operator takes:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -396,9 +397,14 @@ def test_curation_flow_with_label_studio(curation, label_studio):
         problems.append(f"the milestone export was listed before it was written: {first['exports']}")
     st = poll(status, lambda s: s["exports"][0]["tasks"] != 0, "the milestone export's counts", timeout=10)
     (export,) = st["exports"]
-    path = training / f"project_{project}_export.json"
+    # The milestone is recorded with a file of its own, never rewritten, and its checksum; the
+    # project's latest export file holds the same snapshot for now.
+    path = training / f"project_{project}_milestone_100.json"
+    latest = training / f"project_{project}_export.json"
     assert export["project_id"] == project and export["reason"] == "milestone" and export["milestone"] == 100, export
     assert Path(export["path"]) == path and (export["tasks"], export["annotations"]) == (100, 100), export
+    assert export["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest(), export
+    assert latest.read_bytes() == path.read_bytes()
     assert st["milestones_reached"] == [100], st
     written = json.loads(path.read_text())
     assert len(written) == 100 and all(len(t["annotations"]) == 1 for t in written), len(written)
@@ -433,9 +439,14 @@ def test_curation_flow_with_label_studio(curation, label_studio):
     st = poll(status, lambda s: any(e["reason"] == "start_training" for e in s.get("exports", [])),
               "a start_training export", timeout=15)  # fmt: skip
     (trained,) = [e for e in st["exports"] if e["reason"] == "start_training"]
-    assert trained["milestone"] is None and Path(trained["path"]) == path, trained
+    trained_path = Path(trained["path"])
+    assert trained["milestone"] is None and trained_path.parent == training, trained
+    assert trained_path.name.startswith(f"project_{project}_start_training_"), trained
+    assert trained["sha256"] == hashlib.sha256(trained_path.read_bytes()).hexdigest(), trained
     assert (trained["tasks"], trained["annotations"]) == (101, 101), trained
-    assert len(json.loads(path.read_text())) == 101
+    assert len(json.loads(trained_path.read_text())) == 101
+    assert len(json.loads(latest.read_text())) == 101, "the latest export file follows"
+    assert len(json.loads(path.read_text())) == 100, "the milestone's snapshot stays as it was"
     assert [e["reason"] for e in st["exports"]] == ["milestone", "start_training"], st["exports"]
     _, metrics = http_get(f"http://127.0.0.1:{ml_port}/metrics")
     # The ML backend stored START_TRAINING itself (nothing relayed over HTTP, no secret added).

@@ -149,9 +149,13 @@ def test_setup_is_idempotent_with_both_kinds_of_key_and_training_is_handed_on(se
     (export,) = doc["exports"]
     assert export["reason"] == "start_training" and export["milestone"] is None, export
     assert export["project_id"] == project and (export["tasks"], export["annotations"]) == (0, 0), export
+    # Its own file (never rewritten), and the project's latest export file beside it.
     path = stack.root / export["path"]
-    assert path == stack.root / "data" / "training" / f"project_{project}_export.json", export
+    training = stack.root / "data" / "training"
+    assert path.parent == training and path.name.startswith(f"project_{project}_start_training_"), export
     assert json.loads(path.read_text()) == [], path.read_text()[:500]
+    latest = training / f"project_{project}_export.json"
+    assert latest.read_bytes() == path.read_bytes()
 
 
 def _closed_port() -> int:
