@@ -26,12 +26,6 @@ pub async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /metrics`: Prometheus text, every name prefixed `batchlab_`.
-pub async fn metrics() -> impl IntoResponse {
-    let body = batchlab_core::telemetry::metrics_handle().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-}
-
 /// Requires `Authorization: Bearer <key>` when an API key is configured. The scheme is matched
 /// without regard to case and blanks around the parts are ignored (RFC 9110 §11.1); the key
 /// itself is compared exactly, in constant time.

@@ -104,7 +104,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let app = Router::new()
         .route("/health", get(http::health))
-        .route("/metrics", get(http::metrics))
+        .route("/metrics", get(batchlab_core::http::metrics))
         .nest("/v1", v1.merge(webhooks))
         .with_state(state);
     http::common_layers(app)

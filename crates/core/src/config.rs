@@ -212,12 +212,15 @@ pub struct DatabaseConfig {
     pub acquire_timeout_ms: u64,
 }
 
+/// `database.acquire_timeout_ms` unless configured.
+pub const DEFAULT_ACQUIRE_TIMEOUT_MS: u64 = 5_000;
+
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://data/batchlab.db".into(),
             max_connections: 8,
-            acquire_timeout_ms: 5_000,
+            acquire_timeout_ms: DEFAULT_ACQUIRE_TIMEOUT_MS,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -59,4 +59,11 @@ pub fn observe_layers(router: Router, metric_prefix: &'static str) -> Router {
 /// guessed byte by byte from response times.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /metrics` of every service: the process's Prometheus text (every name prefixed
+/// `batchlab_`).
+pub async fn metrics() -> impl IntoResponse {
+    let body = crate::telemetry::metrics_handle().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

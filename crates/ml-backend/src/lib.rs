@@ -14,8 +14,6 @@ pub mod webhook;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::http::header;
-use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchlab_core::config::Config;
@@ -117,12 +115,6 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "UP", "model_class": "batchlab"}))
 }
 
-/// `GET /metrics`: Prometheus text; this service's names start with `batchlab_ml_`.
-pub async fn metrics() -> impl IntoResponse {
-    let body = batchlab_core::telemetry::metrics_handle().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-}
-
 async fn not_found() -> MlError {
     MlError::NotFound
 }
@@ -145,7 +137,7 @@ pub fn router(state: MlState) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/webhook", post(webhook::webhook))
         .route("/versions", get(setup::versions))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(batchlab_core::http::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -3,7 +3,7 @@
 //! path's counters and the engine's, which live in this process). No route takes input.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -26,7 +26,7 @@ pub fn router(state: WorkerState) -> Router {
     let _ = batchlab_core::telemetry::metrics_handle();
     let routes = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(batchlab_core::http::metrics))
         .with_state(state);
     batchlab_core::http::observe_layers(routes, "batchlab_worker")
 }
@@ -43,10 +43,4 @@ async fn health(State(state): State<WorkerState>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
-}
-
-/// `GET /metrics`: Prometheus text, every name prefixed `batchlab_`.
-async fn metrics() -> impl IntoResponse {
-    let body = batchlab_core::telemetry::metrics_handle().render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

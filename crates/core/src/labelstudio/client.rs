@@ -546,6 +546,18 @@ impl LabelStudioClient {
             .map_err(|e| LabelStudioError::Decode(format!("{path}: {e}: {}", truncate(&text))))
     }
 
+    /// `GET path?project=N`, answered as a plain array or as a page of `results`.
+    async fn list_for_project<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        project: i64,
+    ) -> Result<Vec<T>, LabelStudioError> {
+        let listing: Listing<T> = self
+            .call(Method::GET, path, &[("project", project.to_string())], None)
+            .await?;
+        Ok(listing.into_vec())
+    }
+
     fn to_value<T: Serialize>(v: &T) -> Result<Value, LabelStudioError> {
         serde_json::to_value(v).map_err(|e| LabelStudioError::Decode(e.to_string()))
     }
@@ -647,15 +659,7 @@ impl LabelStudioClient {
         &self,
         project: i64,
     ) -> Result<Vec<LsMlBackend>, LabelStudioError> {
-        let listing: Listing<LsMlBackend> = self
-            .call(
-                Method::GET,
-                "/api/ml/",
-                &[("project", project.to_string())],
-                None,
-            )
-            .await?;
-        Ok(listing.into_vec())
+        self.list_for_project("/api/ml/", project).await
     }
 
     /// `POST /api/ml/`: connects an ML backend (Label Studio calls its `/health` and `/setup`
@@ -706,17 +710,9 @@ impl LabelStudioClient {
     /// `GET /api/webhooks/?project=N`: the project's webhooks.
     #[tracing::instrument(skip(self), err(Display))]
     pub async fn list_webhooks(&self, project: i64) -> Result<Vec<LsWebhook>, LabelStudioError> {
-        let listing: Listing<LsWebhook> = self
-            .call(
-                Method::GET,
-                "/api/webhooks/",
-                &[("project", project.to_string())],
-                None,
-            )
-            .await?;
+        let listing: Vec<LsWebhook> = self.list_for_project("/api/webhooks/", project).await?;
         // Older versions ignore the filter; keep only this project's.
         Ok(listing
-            .into_vec()
             .into_iter()
             .filter(|w| w.project == Some(project))
             .collect())

@@ -99,8 +99,8 @@ impl Store {
     /// Connects, creating an SQLite file (and its directory) if needed, and applies migrations;
     /// a connection is waited for at most the default `database.acquire_timeout_ms`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
-        let wait = crate::config::DatabaseConfig::default().acquire_timeout_ms;
-        Store::connect_with(url, max_connections, Duration::from_millis(wait)).await
+        let wait = Duration::from_millis(crate::config::DEFAULT_ACQUIRE_TIMEOUT_MS);
+        Store::connect_with(url, max_connections, wait).await
     }
 
     /// [`Store::connect`] waiting at most `acquire_timeout` for a connection: past it a query
