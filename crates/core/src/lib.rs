@@ -5,6 +5,7 @@
 //! Driving a model lives in `batchlab-inference`; this crate does not depend on the engine, so
 //! batchlab-api links no model code.
 
+pub mod backoff;
 pub mod blob;
 pub mod config;
 pub mod curation;

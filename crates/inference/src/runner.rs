@@ -59,6 +59,16 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// Whether a dependency is away (the database unreachable, the disk full) rather than the
+    /// batch at fault: such a failure is retried without counting an attempt.
+    fn is_outage(&self) -> bool {
+        match self {
+            RunError::Store(e) => e.is_unavailable(),
+            RunError::Blob(e) => e.is_storage_full(),
+            _ => false,
+        }
+    }
+
     /// Whether no retry can help: the batch fails at once instead of being tried again.
     fn is_permanent(&self) -> bool {
         matches!(self, RunError::InputMissing { .. })
@@ -171,6 +181,16 @@ impl Runner {
     /// otherwise counts the attempt, gives the lease up and answers `error`.
     async fn after_failure(&self, batch: &BatchRecord, error: RunError) -> Result<(), RunError> {
         let worker = &self.settings.worker_id;
+        if error.is_outage() {
+            // The database (or the disk) is away, not the batch at fault: the attempt is not
+            // counted, so an outage cannot use a batch's attempts up. The lease is given back if
+            // the database still answers, and runs out otherwise.
+            warn!(error = %error, "the store is unavailable; the batch will be resumed");
+            if let Err(e) = self.store.release_lease(&batch.id, worker).await {
+                warn!(error = %e, "releasing the lease failed; it will run out");
+            }
+            return Err(error);
+        }
         let entry = if error.is_permanent() {
             openai::batch_error(
                 "input_file_missing",
@@ -251,15 +271,31 @@ impl Runner {
             }
         };
         let work = async {
+            // While the store fails (a database outage) the pause grows from the poll interval
+            // to 30 s, so a fleet of workers does not hammer a recovering database.
+            let mut backoff =
+                batchlab_core::backoff::LoopBackoff::new(poll, Duration::from_secs(30).max(poll));
             while !self.draining.is_cancelled() {
-                match self.run_once().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => {}
-                    Err(e) => warn!(error = %e, "batch run failed; retrying after a pause"),
-                }
+                let pause = match self.run_once().await {
+                    Ok(found) => {
+                        if backoff.failures() > 0 {
+                            info!(failed_runs = backoff.failures(), "the queue works again");
+                        }
+                        backoff.succeeded();
+                        if found.is_some() {
+                            continue;
+                        }
+                        poll
+                    }
+                    Err(e) => {
+                        let pause = backoff.failed();
+                        warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "batch run failed; retrying after a pause");
+                        pause
+                    }
+                };
                 tokio::select! {
                     _ = self.draining.cancelled() => {}
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         };

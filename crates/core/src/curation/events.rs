@@ -83,33 +83,70 @@ impl Curation {
         })
     }
 
-    /// Runs the processor until the process ends: a pass whenever an event arrives, and every
-    /// second in case another process (the ML backend, another API) stored one. A pass that
-    /// fails (the database is away) or panics is logged and counted, and the loop goes on: the
-    /// processor never stops silently.
-    pub fn spawn_processor(&self) -> tokio::task::JoinHandle<()> {
+    /// Runs the processor until `shutdown` is cancelled: a pass whenever an event arrives, and
+    /// every second in case another process (the ML backend, another API) stored one. A pass
+    /// that fails (the database is away) or panics is logged and counted, and the loop goes on
+    /// after a pause that grows while failures continue (1 s doubling to 30 s, jittered) and
+    /// falls back to a second after the first pass that works: the processor never stops
+    /// silently and never hammers a recovering database. On shutdown the pass in progress
+    /// finishes (each event is its own transaction either way) and the task ends; what is still
+    /// pending stays stored for the next start.
+    pub fn spawn_processor(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
-            loop {
-                match AssertUnwindSafe(this.process_pending())
+            let mut backoff =
+                crate::backoff::LoopBackoff::new(Duration::from_secs(1), Duration::from_secs(30));
+            while !shutdown.is_cancelled() {
+                let pause = match AssertUnwindSafe(this.process_pending())
                     .catch_unwind()
                     .await
                 {
-                    Ok(Ok(n)) if n as i64 == PASS => continue,
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(n)) if n as i64 == PASS => {
+                        backoff.succeeded();
+                        continue;
+                    }
+                    Ok(Ok(_)) => {
+                        if backoff.failures() > 0 {
+                            tracing::info!(
+                                failed_passes = backoff.failures(),
+                                "webhook processing works again"
+                            );
+                        }
+                        backoff.succeeded();
+                        Duration::from_secs(1)
+                    }
                     Ok(Err(e)) => {
-                        tracing::error!(error = %e, "webhook processing pass failed; retrying")
+                        let pause = backoff.failed();
+                        tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64, "webhook processing pass failed; retrying");
+                        pause
                     }
                     Err(panic) => {
                         metrics::counter!("batchlab_webhook_processor_panics_total").increment(1);
-                        tracing::error!(panic = %crate::telemetry::panic_message(&*panic), "webhook processing pass panicked; retrying");
+                        let pause = backoff.failed();
+                        tracing::error!(panic = %crate::telemetry::panic_message(&*panic), retry_in_ms = pause.as_millis() as u64, "webhook processing pass panicked; retrying");
+                        pause
                     }
-                }
+                };
+                metrics::gauge!("batchlab_webhook_processor_failing_passes")
+                    .set(backoff.failures() as f64);
+                // A new event wakes a healthy loop at once; a failing one waits its pause.
+                let woken = async {
+                    if backoff.failures() == 0 {
+                        this.wake.notified().await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
                 tokio::select! {
-                    _ = this.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => {}
+                    _ = woken => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
+            tracing::info!("webhook event processor stopped");
         })
     }
 
@@ -156,6 +193,7 @@ impl Curation {
                 _ => {}
             }
         }
+        touched.extend(self.due_milestone_retries());
         for project in touched {
             self.check_milestones(project).await?;
         }
@@ -518,7 +556,8 @@ mod tests {
         let renamed = serde_json::to_vec(&json!({"action": "PROJECT_UPDATED", "project": {"id": 7, "title": "renamed", "label_config": CONFIG}})).unwrap();
         curation.ingest(&renamed).await.unwrap();
 
-        let processor = curation.spawn_processor();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let processor = curation.spawn_processor(shutdown.clone());
         let drained = async {
             loop {
                 let counts = db.store.webhook_event_counts(Some(7)).await.unwrap();
@@ -537,7 +576,12 @@ mod tests {
             !processor.is_finished(),
             "the processor must survive a poison event"
         );
-        processor.abort();
+        // Told to stop, it ends its loop (it does not wait for the process to end).
+        shutdown.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(10), processor)
+            .await
+            .expect("the processor stops when told to")
+            .expect("the processor ended without a panic");
         assert_eq!(
             status.title, "renamed",
             "the event after the poison one was applied"

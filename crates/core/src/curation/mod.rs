@@ -68,7 +68,13 @@ pub struct Curation {
     store: Store,
     config: Arc<CurationConfig>,
     wake: Arc<Notify>,
+    /// Projects whose milestone export failed (a full disk), with when to try again: the
+    /// processor retries them without waiting for another annotation.
+    milestone_retries: Arc<std::sync::Mutex<std::collections::BTreeMap<i64, std::time::Instant>>>,
 }
+
+/// Seconds before a failed milestone export is tried again.
+const MILESTONE_RETRY_SECONDS: u64 = 5;
 
 /// What `GET /v1/label-studio/projects/{id}` shows.
 #[derive(Clone, Debug, Serialize)]
@@ -104,6 +110,7 @@ impl Curation {
             store,
             config: Arc::new(config),
             wake: Arc::new(Notify::new()),
+            milestone_retries: Arc::default(),
         }
     }
 
@@ -271,6 +278,25 @@ impl Curation {
             .collect())
     }
 
+    /// Projects whose failed milestone export is due for another try (taken off the list; a
+    /// new failure puts them back).
+    pub(crate) fn due_milestone_retries(&self) -> Vec<i64> {
+        let now = std::time::Instant::now();
+        let mut retries = self
+            .milestone_retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due: Vec<i64> = retries
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &due {
+            retries.remove(p);
+        }
+        due
+    }
+
     /// After annotations changed: writes each milestone's export once, and keeps an accuracy
     /// record when the count crossed a multiple of `accuracy_every`.
     pub async fn check_milestones(&self, project_id: i64) -> Result<(), CurationError> {
@@ -306,8 +332,16 @@ impl Curation {
                     path = %rec.path, "milestone reached: training data exported")
                 }
                 Err(e) => {
-                    tracing::error!(project_id, milestone = m, error = %e, "milestone export failed; will retry");
+                    tracing::error!(project_id, milestone = m, error = %e, retry_in_s = MILESTONE_RETRY_SECONDS, "milestone export failed; will retry");
                     self.store.release_milestone(project_id, m).await?;
+                    self.milestone_retries
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            project_id,
+                            std::time::Instant::now()
+                                + std::time::Duration::from_secs(MILESTONE_RETRY_SECONDS),
+                        );
                 }
             }
         }
