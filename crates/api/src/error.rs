@@ -47,6 +47,10 @@ pub enum ApiError {
     /// Too much is in flight already (503 with `Retry-After`): retry later.
     #[error("{0}")]
     Busy(String),
+    /// The disk under the file storage is full (507): nothing was kept; retry once space is
+    /// freed.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// The database failed (500; logged, answered without details).
     #[error("database error")]
     Store(#[from] StoreError),
@@ -91,6 +95,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -139,6 +144,15 @@ impl IntoResponse for ApiError {
                 Some("file_too_large"),
             ),
             Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
+            Self::InsufficientStorage(m) => {
+                tracing::error!(error = %m, "file storage full");
+                (
+                    m.clone(),
+                    "server_error",
+                    None,
+                    Some("insufficient_storage"),
+                )
+            }
             _ if self.database_unavailable() => {
                 tracing::warn!(error = %self, source = ?std::error::Error::source(&self), "database unavailable");
                 (
@@ -175,6 +189,11 @@ impl From<BlobError> for ApiError {
             }
             BlobError::Source(_) => Self::invalid(e.to_string(), "file"),
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
+            BlobError::Io(_) if e.is_storage_full() => Self::InsufficientStorage(
+                "The file storage is full: nothing of this request was kept. Free space under \
+                 storage.files_dir and retry."
+                    .into(),
+            ),
             BlobError::Io(_) => Self::Blob(e),
         }
     }

@@ -18,6 +18,7 @@ use batchlab_core::blob::BlobStore;
 use batchlab_core::config::Config;
 use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
+use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
 
@@ -52,9 +53,33 @@ impl AppState {
         }
     }
 
-    /// Starts the background work the API owns: applying stored webhook events.
-    pub fn start_background(&self) -> tokio::task::JoinHandle<()> {
-        self.curation.spawn_processor()
+    /// Starts the background work the API owns — applying stored webhook events — to run
+    /// until `stopping` is cancelled; [`Background::finished`] waits for it to end.
+    pub fn start_background(&self, stopping: &CancellationToken) -> Background {
+        Background {
+            tasks: vec![(
+                "webhook event processor",
+                self.curation.spawn_processor(stopping.clone()),
+            )],
+        }
+    }
+}
+
+/// The API's background tasks, which stop at their next safe point once their token is
+/// cancelled.
+pub struct Background {
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Background {
+    /// Waits for every task to end (after its token was cancelled); a task that panicked is
+    /// logged.
+    pub async fn finished(self) {
+        for (name, task) in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(task = name, error = %e, "background task ended abnormally");
+            }
+        }
     }
 }
 

@@ -9,6 +9,8 @@ use batchlab_core::labelstudio::client::LabelStudioClient;
 use batchlab_core::secret::redact_url;
 use batchlab_core::store::Store;
 use clap::Parser;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -37,11 +39,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, database = ?store.backend(), "batchlab-api listening");
+    let grace = Duration::from_secs(config.api.shutdown_grace_seconds);
     let state = batchlab_api::AppState::new(store, blobs, config);
-    state.start_background();
+    let stopping = CancellationToken::new();
+    let background = state.start_background(&stopping);
     let app = batchlab_api::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())
+    batchlab_core::http::serve_with_drain(listener, app, stopping, grace, background.finished())
         .await?;
     Ok(())
 }

@@ -5,78 +5,16 @@
 //! The outage is real at the network level: the API reaches PostgreSQL through a TCP proxy that
 //! the test cuts (every open connection dropped, new ones refused) and restores.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use batchlab_api::{router, AppState};
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::Config;
 use batchlab_core::store::Store;
-use batchlab_core::testing::TestDb;
+use batchlab_core::testing::{through, TcpProxy, TestDb};
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
-
-/// A TCP proxy to one upstream address that can be cut and restored.
-struct Proxy {
-    addr: SocketAddr,
-    down: Arc<AtomicBool>,
-    links: Arc<Mutex<Vec<AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let down = Arc::new(AtomicBool::new(false));
-        let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (d, l) = (down.clone(), links.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if d.load(Ordering::SeqCst) {
-                    continue; // dropped: the database is "down"
-                }
-                let upstream = upstream.clone();
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                l.lock().unwrap().push(link.abort_handle());
-            }
-        });
-        Proxy { addr, down, links }
-    }
-
-    /// Drops every open connection and refuses new ones.
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
-
-/// `url` with its `host:port` replaced by `addr`, and the `host:port` it had.
-fn through(url: &str, addr: SocketAddr) -> (String, String) {
-    let start = url
-        .find('@')
-        .map(|i| i + 1)
-        .unwrap_or(url.find("://").unwrap() + 3);
-    let end = start + url[start..].find('/').unwrap();
-    let upstream = url[start..end].to_string();
-    (format!("{}{addr}{}", &url[..start], &url[end..]), upstream)
-}
+use tokio::net::TcpListener;
 
 async fn get(client: &reqwest::Client, url: &str) -> (StatusCode, Option<String>, Value) {
     let resp = client.get(url).send().await.unwrap();
@@ -94,7 +32,7 @@ async fn a_database_outage_is_503_with_retry_after_and_heals_by_itself() {
         return; // skipped with a message (fails instead under BATCHLAB_REQUIRE_POSTGRES=1)
     };
     let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
-    let proxy = Proxy::start(upstream).await;
+    let proxy = TcpProxy::start(upstream).await;
     let (url, _) = through(&db.url, proxy.addr);
     let mut config = Config::default();
     config.database.url = url;
@@ -108,7 +46,7 @@ async fn a_database_outage_is_503_with_retry_after_and_heals_by_itself() {
     config.curation.training_dir = dir.path().join("training");
     let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
     let state = AppState::new(store, blobs, config);
-    state.start_background();
+    state.start_background(&tokio_util::sync::CancellationToken::new());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });

@@ -62,6 +62,9 @@ pub struct ApiConfig {
     /// Serve on a non-loopback address without an API key or webhook secret. Off by default:
     /// such a start is refused, naming the missing setting.
     pub allow_unauthenticated: bool,
+    /// On SIGTERM/SIGINT, how long requests in progress and the event processor's pass in
+    /// progress may take to finish before the process exits (inside Docker's 10 s).
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ApiConfig {
@@ -74,6 +77,7 @@ impl Default for ApiConfig {
             max_webhook_bytes: 64 * 1024 * 1024,
             max_concurrent_webhooks: 64,
             allow_unauthenticated: false,
+            shutdown_grace_seconds: 8,
         }
     }
 }
@@ -120,6 +124,10 @@ pub struct MlBackendConfig {
     /// Projects whose prompt template and model versions are remembered (least recently
     /// announced dropped first).
     pub max_projects: usize,
+    /// On SIGTERM/SIGINT, how long requests in progress and the prediction jobs already running
+    /// may take to finish (their predictions reach the shared cache) before the process exits;
+    /// jobs still waiting for a slot are not started.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for MlBackendConfig {
@@ -138,6 +146,7 @@ impl Default for MlBackendConfig {
             max_pending_tasks: 10_000,
             max_choices: 1_000,
             max_projects: 10_000,
+            shutdown_grace_seconds: 8,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! request metrics, panics answered as JSON — kept in one place so `batchlab-api` and
 //! `batchlab-ml-backend` observe requests the same way.
 
+use std::future::IntoFuture;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -66,4 +67,68 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn metrics() -> impl IntoResponse {
     let body = crate::telemetry::metrics_handle().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Serves `app` on `listener` until SIGTERM/SIGINT (or until `stopping` is cancelled), then
+/// drains: the listener closes, requests in progress finish, and `drain` — the service's
+/// background work, told to stop through the same `stopping` token — completes, all within
+/// `grace` of the signal. Whatever still runs after `grace` is abandoned with a warning, so a
+/// stuck request cannot keep the process from exiting before its supervisor's SIGKILL.
+pub async fn serve_with_drain(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stopping: tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
+    drain: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::spawn({
+        let stopping = stopping.clone();
+        async move {
+            tokio::select! {
+                _ = crate::telemetry::shutdown_signal() => stopping.cancel(),
+                _ = stopping.cancelled() => {}
+            }
+        }
+    });
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(stopping.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    let served = tokio::select! {
+        served = &mut server => {
+            // The server failed on its own: stop the background work too.
+            stopping.cancel();
+            Some(served)
+        }
+        _ = stopping.cancelled() => None,
+    };
+    let started = Instant::now();
+    tracing::info!(
+        grace_seconds = grace.as_secs_f64(),
+        "draining: finishing requests and background work in progress"
+    );
+    let finished = async {
+        let served = match served {
+            Some(served) => served,
+            None => server.await,
+        };
+        drain.await;
+        served
+    };
+    match tokio::time::timeout(grace, finished).await {
+        Ok(served) => {
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "drained; exiting"
+            );
+            served
+        }
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs_f64(),
+                "work still in progress after the shutdown grace period; exiting anyway"
+            );
+            Ok(())
+        }
+    }
 }

@@ -5,7 +5,13 @@
 //! the server cannot be reached the tests fail if `BATCHLAB_REQUIRE_POSTGRES=1` (as the test
 //! script sets it) and are skipped with a message otherwise.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use sqlx::{Connection, Executor};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
 
 use crate::store::Store;
 
@@ -117,4 +123,66 @@ mod tests {
             "postgres://u@h/x?sslmode=disable"
         );
     }
+}
+
+/// A TCP proxy to one upstream address that a test can cut (every open connection dropped, new
+/// ones refused) and restore: a database outage at the network level.
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and forwards each connection to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (d, l) = (down.clone(), links.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: the database is "down"
+                }
+                let upstream = upstream.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                l.lock().unwrap().push(link.abort_handle());
+            }
+        });
+        TcpProxy { addr, down, links }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Accepts and forwards connections again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+/// `url` with its `host:port` replaced by `addr`, and the `host:port` it had.
+pub fn through(url: &str, addr: SocketAddr) -> (String, String) {
+    let start = url
+        .find('@')
+        .map(|i| i + 1)
+        .unwrap_or(url.find("://").unwrap() + 3);
+    let end = start + url[start..].find('/').unwrap();
+    let upstream = url[start..end].to_string();
+    (format!("{}{addr}{}", &url[..start], &url[end..]), upstream)
 }

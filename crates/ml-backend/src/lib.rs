@@ -14,6 +14,7 @@ pub mod webhook;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchlab_core::config::Config;
@@ -110,9 +111,27 @@ impl MlState {
     }
 }
 
-/// `GET /health` and `GET /`: Label Studio's liveness probe; answers at once, loads nothing.
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "UP", "model_class": "batchlab"}))
+/// `GET /health` and `GET /`: Label Studio's liveness probe. It answers `UP` while the process
+/// serves — predictions do not need the database — and says which dependency is down:
+/// `database` is `ok`, `unavailable` (not answering within a second) or `none` (no store).
+pub async fn health(State(state): State<MlState>) -> Json<Value> {
+    let database = match &state.store {
+        None => "none",
+        Some(store) => {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await {
+                Ok(Ok(())) => "ok",
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "health check: database unavailable");
+                    "unavailable"
+                }
+                Err(_) => {
+                    tracing::warn!("health check: the database did not answer within 1 s");
+                    "unavailable"
+                }
+            }
+        }
+    };
+    Json(json!({"status": "UP", "model_class": "batchlab", "database": database}))
 }
 
 async fn not_found() -> MlError {

@@ -35,8 +35,25 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     tracing::info!(%addr, basic_auth = state.basic_auth.is_some(), "batchlab-ml-backend listening");
-    axum::serve(listener, batchlab_ml_backend::router(state))
-        .with_graceful_shutdown(batchlab_core::telemetry::shutdown_signal())
-        .await?;
+    let grace = std::time::Duration::from_secs(state.config.ml_backend.shutdown_grace_seconds);
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let jobs = state.jobs.clone();
+    // Once told to stop: queued prediction jobs are dropped, running ones finish into the cache.
+    let drain = {
+        let stopping = stopping.clone();
+        async move {
+            stopping.cancelled().await;
+            jobs.stop_queued();
+            jobs.finished().await;
+        }
+    };
+    batchlab_core::http::serve_with_drain(
+        listener,
+        batchlab_ml_backend::router(state),
+        stopping,
+        grace,
+        drain,
+    )
+    .await?;
     Ok(())
 }

@@ -60,6 +60,8 @@ struct JobsInner {
     queued: std::sync::atomic::AtomicUsize,
     priors: Arc<Priors>,
     max_pending: usize,
+    /// Every spawned job, so that shutdown can wait for the running ones.
+    tracker: tokio_util::task::TaskTracker,
 }
 
 struct Cache {
@@ -108,6 +110,7 @@ impl Jobs {
                 queued: Default::default(),
                 priors: Arc::default(),
                 max_pending: max_pending.max(1),
+                tracker: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -152,6 +155,19 @@ impl Jobs {
                 .len(),
             queued: self.inner.queued.load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+
+    /// Shutdown, first half: jobs still waiting for a slot end without running (Label Studio
+    /// asks for those tasks again after the restart); running jobs go on.
+    pub fn stop_queued(&self) {
+        self.inner.slots.close();
+    }
+
+    /// Shutdown, second half: resolves once every job started has ended and its prediction
+    /// reached the cache (the shared store's included). Call [`Jobs::stop_queued`] first.
+    pub async fn finished(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
     }
 
     /// The content-free priors shared by every job.
@@ -208,10 +224,11 @@ impl Jobs {
                 .queued
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        tokio::spawn(async move {
+        self.inner.tracker.spawn(async move {
+            // A closed semaphore means the service is shutting down: a queued job is not run.
             let permit = match (early, slot) {
-                (Some(permit), _) => permit.ok(),
-                (None, Some(slot)) => slot.await.ok(),
+                (Some(permit), _) => Some(permit),
+                (None, Some(slot)) => Some(slot.await),
                 (None, None) => None,
             };
             if !urgent {
@@ -219,8 +236,14 @@ impl Jobs {
                     .queued
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let outcome = fut.await;
-            drop(permit);
+            let outcome = match permit {
+                Some(Err(_closed)) => Err(Arc::from("the ML backend is shutting down")),
+                permit => {
+                    let outcome = fut.await;
+                    drop(permit);
+                    outcome
+                }
+            };
             if let Ok(prediction) = &outcome {
                 jobs.remember(key.clone(), prediction.clone());
             }

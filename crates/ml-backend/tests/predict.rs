@@ -201,6 +201,75 @@ async fn unfinished_tasks_answer_without_result_and_finish_into_the_cache() {
     }
 }
 
+/// Shutdown (what batchlab-ml-backend does on SIGTERM): jobs still waiting for a slot are not
+/// started, the running one finishes, and its prediction is in the shared store, where a new
+/// process (the restarted service) answers it at once.
+#[tokio::test]
+async fn shutdown_finishes_running_jobs_into_the_store_and_drops_queued_ones() {
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let mut c = config();
+    c.ml_backend.predict_deadline_seconds = 0.0;
+    c.ml_backend.concurrent_tasks = 1;
+    let state = MlState::new(c.clone())
+        .unwrap()
+        .with_model(EngineSlot::ready(engine()))
+        .with_store(db.store.clone());
+    let jobs = state.jobs.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+
+    let mut body = fixture("12-ml-predict.json");
+    let task = body["tasks"][0].clone();
+    let n = 8;
+    body["tasks"] = Value::Array(
+        (0..n)
+            .map(|i| {
+                let mut t = task.clone();
+                t["id"] = json!(1000 + i);
+                t["data"]["name"] = json!(format!("Shutdown Candidate {i}"));
+                t
+            })
+            .collect(),
+    );
+    let (status, answer) = post(&base, "/predict", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let started = jobs.counts();
+    assert!(started.pending > 1 && started.queued > 0, "{started:?}");
+
+    jobs.stop_queued();
+    tokio::time::timeout(Duration::from_secs(120), jobs.finished())
+        .await
+        .expect("the running jobs finish");
+    assert_eq!(jobs.counts().pending, 0, "every job ended");
+
+    // "Restarted": a fresh state over the same store answers from it what was finished.
+    let restarted = MlState::new(c)
+        .unwrap()
+        .with_model(EngineSlot::ready(engine()))
+        .with_store(db.store.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router(restarted)).await.unwrap() });
+    let (status, again) = post(&base, "/predict", &body).await;
+    assert_eq!(status, 200, "{again}");
+    let answered = again["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["result"].is_array())
+        .count();
+    assert!(
+        answered >= 1,
+        "the job running at shutdown reached the store: {again}"
+    );
+    assert!(
+        answered < n as usize,
+        "queued jobs were not started at shutdown, yet all {n} were predicted: {again}"
+    );
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_json_error() {
     let base = serve(config()).await;

@@ -35,7 +35,7 @@ pub async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> Server
     configure(&mut config);
     let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
     let state = AppState::new(db.store.clone(), blobs, config);
-    state.start_background();
+    state.start_background(&tokio_util::sync::CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
