@@ -225,6 +225,7 @@ impl BlobStore {
             tmp,
             path,
             bytes: 0,
+            settled: false,
         })
     }
 
@@ -248,12 +249,17 @@ impl BlobStore {
     }
 }
 
-/// A body being written; dropped without `finish`, it leaves a temp file that `abort` removes.
+/// A body being written under a hidden temporary name. It appears under its id only when
+/// [`BlobWriter::finish`] succeeds; a failed finish, [`BlobWriter::abort`] or a drop (a client
+/// gone mid-upload, a cancelled task) removes the partial body, so a full disk gets its space
+/// back and no half-written file is ever visible.
 pub struct BlobWriter {
     file: BufWriter<tokio::fs::File>,
     tmp: PathBuf,
     path: PathBuf,
     bytes: u64,
+    /// Set once the temporary file is renamed into place or removed.
+    settled: bool,
 }
 
 impl BlobWriter {
@@ -264,18 +270,48 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Flushes, syncs and moves the body into place.
+    /// Flushes, syncs and moves the body into place; on failure the partial body is removed.
     pub async fn finish(mut self) -> Result<u64, BlobError> {
-        self.file.flush().await?;
-        self.file.get_ref().sync_all().await?;
-        tokio::fs::rename(&self.tmp, &self.path).await?;
-        Ok(self.bytes)
+        let done = async {
+            self.file.flush().await?;
+            self.file.get_ref().sync_all().await?;
+            tokio::fs::rename(&self.tmp, &self.path).await
+        }
+        .await;
+        match done {
+            Ok(()) => {
+                self.settled = true;
+                Ok(self.bytes)
+            }
+            Err(e) => {
+                self.abort().await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Throws the partial body away.
-    pub async fn abort(self) {
-        drop(self.file);
+    pub async fn abort(mut self) {
+        self.settled = true;
         let _ = tokio::fs::remove_file(&self.tmp).await;
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Dropped mid-write (the request or task was cancelled): nothing may stay behind.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl BlobError {
+    /// Whether the disk (or the filesystem's quota) is full: worth a 507 and a retry once
+    /// space is freed, not a bug.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, BlobError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded)
     }
 }
 
@@ -299,6 +335,24 @@ mod tests {
                 .map(|p| Ok(Bytes::copy_from_slice(p)))
                 .collect::<Vec<_>>(),
         )
+    }
+
+    /// A writer dropped mid-body (the upload's request was cancelled) leaves nothing behind;
+    /// before, its temporary file stayed, holding the space of a full disk forever.
+    #[tokio::test]
+    async fn a_dropped_writer_leaves_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let mut writer = store.writer("file-dropped").await.unwrap();
+        writer.write(b"half a body").await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        drop(writer);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(matches!(
+            store.open_read("file-dropped").await,
+            Err(BlobError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
