@@ -247,6 +247,22 @@ impl BlobStore {
             _ => Ok(()),
         }
     }
+
+    /// Removes a body like [`BlobStore::delete`] and answers the bytes it took on disk, or
+    /// `None` when there was none (so a caller can report the space it freed).
+    pub async fn remove(&self, id: &str) -> Result<Option<u64>, BlobError> {
+        let path = self.path(id)?;
+        let size = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(Some(size)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 /// A body being written under a hidden temporary name. It appears under its id only when
@@ -460,6 +476,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((stats.longest_line, stats.longest_line_no), (0, 1));
+    }
+
+    /// `remove` answers the size it freed, and `None` for a body that is not there.
+    #[tokio::test]
+    async fn remove_reports_the_bytes_it_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        store
+            .put_stream("r", chunks(&[b"12345", b"678\n"]), limits(100, None))
+            .await
+            .unwrap();
+        assert_eq!(store.remove("r").await.unwrap(), Some(9));
+        assert_eq!(store.remove("r").await.unwrap(), None);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(matches!(
+            store.remove("../r").await,
+            Err(BlobError::InvalidId(_))
+        ));
     }
 
     #[tokio::test]

@@ -38,6 +38,8 @@ pub struct Config {
     pub label_studio: LabelStudioConfig,
     /// Milestone exports and accuracy records.
     pub curation: CurationConfig,
+    /// Deleting expired files and old webhook events in the background.
+    pub retention: RetentionConfig,
 }
 
 /// Settings of `batchlab-api`.
@@ -397,6 +399,31 @@ impl Default for CurationConfig {
     }
 }
 
+/// What batchlab-api's background retention task deletes, and how often it looks
+/// (`crate::retention`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Run the task at all. Off, nothing is ever deleted in the background.
+    pub enabled: bool,
+    /// Seconds between passes; the first runs at start. 0 counts as 1.
+    pub interval_seconds: u64,
+    /// Days a processed webhook event (applied or failed) is kept after it was processed; 0
+    /// keeps them forever. Pending events are never deleted. Files need no setting: each is
+    /// deleted once its own `expires_at` has passed (unless an unfinished batch still uses it).
+    pub webhook_events_days: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_seconds: 3_600,
+            webhook_events_days: 30,
+        }
+    }
+}
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -647,6 +674,34 @@ mod tests {
             assert_eq!(c.api.port, 6000);
             assert_eq!(c.worker.concurrency, 2);
             assert_eq!(c.database.url, "postgres://x@localhost/db");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn retention_is_on_by_default_and_set_from_the_environment() {
+        let r = RetentionConfig::default();
+        assert!(r.enabled);
+        assert_eq!((r.interval_seconds, r.webhook_events_days), (3_600, 30));
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TESTRET_RETENTION__ENABLED", "false");
+            jail.set_env("TESTRET_RETENTION__INTERVAL_SECONDS", "60");
+            jail.set_env("TESTRET_RETENTION__WEBHOOK_EVENTS_DAYS", "0");
+            let c = Config::load_from(
+                Path::new("none.toml"),
+                None,
+                EnvSource {
+                    prefix: "TESTRET_",
+                    label_studio_names: false,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let expected = RetentionConfig {
+                enabled: false,
+                interval_seconds: 60,
+                webhook_events_days: 0,
+            };
+            assert_eq!(c.retention, expected);
             Ok(())
         });
     }

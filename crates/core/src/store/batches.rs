@@ -247,8 +247,9 @@ fn check_text(column: &'static str, value: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The statuses of a batch a worker still has to act on, as an SQL list.
-const ACTIVE: &str = "'validating', 'in_progress', 'finalizing', 'cancelling'";
+/// The statuses of a batch a worker still has to act on, as an SQL list: a file such a batch
+/// uses is never deleted (here, and by retention in `files.rs`).
+pub(super) const ACTIVE: &str = "'validating', 'in_progress', 'finalizing', 'cancelling'";
 
 /// What [`Store::delete_file_if_unused`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -424,6 +424,31 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes up to `limit` webhook events processed before `processed_before` (unix
+    /// seconds), oldest first, and answers how many went. Processed means applied or failed
+    /// (both set `processed_at`), so a failed event stays listed in its project's status until
+    /// the same age. A pending event (never processed, or a START_TRAINING waiting for its
+    /// export, [`CurationTx::keep_pending`]) is never deleted, however old. Once an event is
+    /// gone, a redelivery of the same body is stored and applied again; the guarded upserts make
+    /// that a no-op for any state that is newer. One bounded statement per call: call again
+    /// until fewer than `limit` are deleted.
+    pub async fn delete_processed_webhook_events(
+        &self,
+        processed_before: i64,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM webhook_events WHERE id IN ( \
+               SELECT id FROM webhook_events \
+               WHERE processed_at IS NOT NULL AND processed_at < $1 ORDER BY id LIMIT $2)",
+        )
+        .bind(processed_before)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Makes every held-back event due now, as if its retry time had passed (tests only).
     #[cfg(test)]
     pub(crate) async fn make_retries_due(&self) -> Result<(), StoreError> {

@@ -3,6 +3,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::batches::ACTIVE;
 use super::{Store, StoreError};
 
 /// A file's metadata, as the Files API shows it.
@@ -107,5 +108,33 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Deletes the rows of up to `limit` files whose `expires_at` is before `now` (unix
+    /// seconds), oldest upload first, and answers them; the caller removes their bodies. A file
+    /// an unfinished batch (validating, in_progress, finalizing or cancelling: the statuses for
+    /// which `DELETE /v1/files` answers 409, see [`Store::delete_file_if_unused`]) uses as its
+    /// input, output or error file is kept, in the same statement, however long ago it expired;
+    /// it goes in a later pass once the batch has ended. One bounded statement per call: call
+    /// again until fewer than `limit` come back.
+    pub async fn delete_expired_files(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<FileRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "DELETE FROM files WHERE id IN ( \
+               SELECT f.id FROM files f \
+               WHERE f.expires_at IS NOT NULL AND f.expires_at < $1 \
+                 AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.status IN ({ACTIVE}) \
+                   AND (b.input_file_id = f.id OR b.output_file_id = f.id OR b.error_file_id = f.id)) \
+               ORDER BY f.seq LIMIT $2) \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
     }
 }
