@@ -17,6 +17,7 @@ use axum::Router;
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::Config;
 use batchlab_core::curation::Curation;
+use batchlab_core::retention::Retention;
 use batchlab_core::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -53,14 +54,23 @@ impl AppState {
         }
     }
 
-    /// Starts the background work the API owns — applying stored webhook events — to run
-    /// until `stopping` is cancelled; [`Background::finished`] waits for it to end.
+    /// Starts the background work the API owns — applying stored webhook events, and deleting
+    /// expired files and old processed events (`[retention]`) — to run until `stopping` is
+    /// cancelled; [`Background::finished`] waits for it to end.
     pub fn start_background(&self, stopping: &CancellationToken) -> Background {
+        let retention = Retention::new(
+            self.store.clone(),
+            self.blobs.clone(),
+            &self.config.retention,
+        );
         Background {
-            tasks: vec![(
-                "webhook event processor",
-                self.curation.spawn_processor(stopping.clone()),
-            )],
+            tasks: vec![
+                (
+                    "webhook event processor",
+                    self.curation.spawn_processor(stopping.clone()),
+                ),
+                ("retention", retention.spawn(stopping.clone())),
+            ],
         }
     }
 }

@@ -412,3 +412,56 @@ async fn the_api_key_guards_v1_but_not_health() {
         "{metrics}"
     );
 }
+
+/// The API runs retention in the background: a file past its `expires_at` disappears, row and
+/// body, without anyone asking.
+#[tokio::test]
+async fn expired_files_are_deleted_in_the_background() {
+    use batchlab_core::blob::{BlobError, WriteLimits};
+    use batchlab_core::store::{now, FileRecord};
+    let server = start(|c| c.retention.interval_seconds = 1).await;
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{}\n"))]);
+    let limits = WriteLimits {
+        max_bytes: 1 << 20,
+        max_lines: None,
+        require_utf8: true,
+    };
+    server
+        .blobs
+        .put_stream("file-expired", body, limits)
+        .await
+        .unwrap();
+    server
+        .db
+        .store
+        .insert_file(&FileRecord {
+            id: "file-expired".into(),
+            filename: "old.jsonl".into(),
+            purpose: "batch".into(),
+            bytes: 3,
+            lines: 1,
+            created_at: now() - 100,
+            expires_at: Some(now() - 10),
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = server
+            .client
+            .get(server.url("/v1/files/file-expired"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        server.blobs.open_read("file-expired").await,
+        Err(BlobError::NotFound(_))
+    ));
+}

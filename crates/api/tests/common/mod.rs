@@ -17,6 +17,8 @@ pub struct Server {
     pub client: reqwest::Client,
     /// The database it serves (its store arranges states a test cannot reach over HTTP).
     pub db: TestDb,
+    /// Its file bodies.
+    pub blobs: BlobStore,
     _dir: tempfile::TempDir,
 }
 
@@ -34,7 +36,7 @@ pub async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> Server
     config.curation.training_dir = dir.path().join("training");
     configure(&mut config);
     let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
-    let state = AppState::new(db.store.clone(), blobs, config);
+    let state = AppState::new(db.store.clone(), blobs.clone(), config);
     state.start_background(&tokio_util::sync::CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -43,6 +45,7 @@ pub async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> Server
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         db,
+        blobs,
         _dir: dir,
     }
 }
