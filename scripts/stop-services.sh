@@ -19,7 +19,11 @@ pidfiles=("$RUN_DIR"/*.pid)
 # Stop the worker first: on SIGTERM it claims nothing more, starts no new line, gives the lines
 # in flight up to worker.shutdown_grace_seconds (8 s, inside the 10 s before SIGKILL) to finish
 # and be recorded, then releases its batch's lease so another worker resumes it at once. Then the
-# HTTP services, which stop accepting connections and finish the requests in progress.
+# HTTP services, which stop accepting connections and, within their shutdown_grace_seconds (8 s):
+# the ML backend finishes the requests in progress and the prediction jobs already running (their
+# predictions reach the shared cache; jobs still queued are dropped and Label Studio asks again),
+# batchlab-api finishes its requests and the event processor's pass in progress (events not yet
+# applied stay stored and are applied after the next start).
 ordered=()
 for name in batchlab-worker batchlab-ml-backend batchlab-api; do
   [[ -f "$RUN_DIR/$name.pid" ]] && ordered+=("$RUN_DIR/$name.pid")

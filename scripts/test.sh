@@ -4,7 +4,8 @@
 #   scripts/check-layering.sh), Rust unit and
 #   integration tests (the store's suite on SQLite AND PostgreSQL, the API over a socket, the
 #   engine on the real default model), then the end-to-end tests in tests/e2e that
-#   drive the real binaries with the official `openai` Python package and a real Label Studio.
+#   drive the real binaries with the official `openai` Python package and a real Label Studio,
+#   and the fault suite (scripts/fault-suite.sh: kills, a database outage, a full disk).
 # Needs: the Rust toolchain, Python 3 with pip, and PostgreSQL on 127.0.0.1:5432
 # (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers.
 set -euo pipefail
@@ -52,4 +53,7 @@ echo "== rust tests"
 cargo test --workspace --no-fail-fast
 
 echo "== end-to-end tests"
-BATCHLAB_BIN_DIR="$ROOT/target/debug" .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider
+BATCHLAB_BIN_DIR="$ROOT/target/debug" .venv/bin/python -m pytest tests/e2e -m "not fault" -v -p no:cacheprovider
+
+echo "== fault suite (a table of faults x outcome at the end)"
+scripts/fault-suite.sh

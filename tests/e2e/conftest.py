@@ -329,6 +329,33 @@ def database_url(admin_url: str, name: str) -> str:
 # pytest hooks and fixtures
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault: the fault suite (scripts/fault-suite.sh), kept out of the e2e run")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's table: each fault, its outcome, its time and what it measured."""
+    rows = []
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", None) != "call" and outcome != "error":
+                continue
+            if "test_faults.py" not in getattr(report, "nodeid", ""):
+                continue
+            measured = dict(getattr(report, "user_properties", [])).get("fault_outcome", "")
+            if outcome != "passed" and not measured:
+                crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+                measured = (crash.message if crash else report.longreprtext or "").splitlines()[0][:200]
+            rows.append((report.nodeid.split("::")[-1], outcome.upper(), f"{report.duration:.1f}s", measured))
+    if not rows:
+        return
+    terminalreporter.section("fault suite")
+    width = max(len(r[0]) for r in rows)
+    terminalreporter.write_line(f"{'fault':<{width}}  {'outcome':<7}  {'time':>7}  measured")
+    for name, outcome, took, measured in rows:
+        terminalreporter.write_line(f"{name:<{width}}  {outcome:<7}  {took:>7}  {measured}")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
