@@ -6,8 +6,29 @@
 //! tolerated), or plain text when the config has a single Choices or TextArea control. Values the
 //! config does not allow are dropped and counted; a line whose request failed still becomes a
 //! task, without a prediction, so nothing the batch ran is lost.
+//!
+//! # Running an import again
+//!
+//! An import that failed half-way (Label Studio refused or dropped chunk 3 of 10, batchlab
+//! stopped) is run again with the same call, and creates each line's task once:
+//!
+//! - Every line sent is recorded in the store (`ls_import_lines`, keyed by project, batch and
+//!   `custom_id`): marked sent, and committed, before the chunk's `POST .../import`; given its
+//!   task id once Label Studio answered. A later run skips recorded lines
+//!   ([`ImportReport::already_imported`]) and sends nothing when every line is recorded.
+//! - A line marked sent without a task id is the ambiguous case: the request may have created
+//!   its task and lost the answer (timeout, connection reset), or not. Every task carries
+//!   `meta.batchlab_batch_id`, so before its first chunk a run looks such lines up in Label
+//!   Studio by `data.custom_id` (`GET /api/tasks/` with a Data Manager `in_list` filter, a
+//!   bounded group of ids per request, paged) and adopts the tasks whose meta names this batch
+//!   ([`ImportReport::recovered`]): their predictions are stored and their ids recorded as if
+//!   the answer had come. Lines it does not find are sent again.
+//!
+//! Not covered: two imports of the same batch into the same project at the same time (both may
+//! send a line), and a task deleted in Label Studio after its import (it stays recorded and is
+//! not created again).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -15,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{Curation, CurationError};
 use crate::blob::BlobStore;
-use crate::labelstudio::client::LabelStudioClient;
+use crate::labelstudio::client::{LabelStudioClient, LabelStudioError};
 use crate::labelstudio::config::{ControlKind, LabelConfig};
 use crate::labelstudio::region::Region;
 use crate::prediction_key::{cache_key, IMPORTED};
@@ -30,17 +51,24 @@ pub struct ImportReport {
     pub batch_id: String,
     /// The `model_version` the predictions carry.
     pub model_version: String,
-    /// Tasks created in Label Studio.
+    /// Tasks this run created in Label Studio.
     pub tasks: u64,
     /// Predictions created with them.
     pub predictions: u64,
-    /// Lines or predictions left out, by reason.
+    /// Lines whose task an earlier run created (recorded, or found in Label Studio): not sent
+    /// again.
+    pub already_imported: u64,
+    /// Of those, tasks found in Label Studio by `custom_id` because the run that created them
+    /// never saw Label Studio's answer.
+    pub recovered: u64,
+    /// Lines left out, and predictions of this run's tasks left out, by reason.
     pub skipped: BTreeMap<String, u64>,
     /// Answer values the labeling config does not allow, dropped from predictions.
     pub values_dropped: u64,
     /// Tasks whose data lacks a field the labeling config shows.
     pub tasks_missing_data: u64,
-    /// Label Studio's ids of the created tasks, in output-file order.
+    /// Label Studio's ids of every imported line's task, in output-file order, those of earlier
+    /// runs included.
     pub task_ids: Vec<i64>,
 }
 
@@ -130,9 +158,35 @@ async fn lines(
     Ok(BufReader::new(file).lines())
 }
 
+/// The task meta key naming the batch a task was imported from.
+const BATCH_META_KEY: &str = "batchlab_batch_id";
+
+/// A line of the output file on its way into Label Studio.
+enum Slot {
+    /// An earlier run created and recorded its task.
+    Recorded(i64),
+    /// A task to create, or (`found`) one an earlier run created without seeing the answer.
+    Line {
+        custom_id: String,
+        data: Value,
+        regions: Option<Vec<Region>>,
+        found: Option<i64>,
+    },
+}
+
+/// What the import works with, the same for every chunk.
+struct Target<'a> {
+    client: &'a LabelStudioClient,
+    project_id: i64,
+    batch_id: &'a str,
+    label_config: &'a str,
+    model_version: &'a str,
+}
+
 impl Curation {
     /// Imports a finished batch's output file into a Label Studio project, `chunk` tasks per
-    /// request, and keeps the predictions for accuracy.
+    /// request, and keeps the predictions for accuracy. Lines an earlier run imported are not
+    /// sent again (see the module's header).
     pub async fn import_batch(
         &self,
         client: &LabelStudioClient,
@@ -170,7 +224,31 @@ impl Curation {
             inputs.insert(custom_id.to_string(), metadata);
         }
 
+        // What earlier runs left: lines with their task, lines sent without an answer seen.
+        let mut recorded: HashMap<String, i64> = HashMap::new();
+        let mut unsure: Vec<String> = Vec::new();
+        for line in self.store.imported_lines(project_id, &batch.id).await? {
+            match line.task_id {
+                Some(task) => {
+                    recorded.insert(line.custom_id, task);
+                }
+                None => unsure.push(line.custom_id),
+            }
+        }
+        let found = if unsure.is_empty() {
+            HashMap::new()
+        } else {
+            find_sent_tasks(client, project_id, &batch.id, &unsure).await?
+        };
+
         let model_version = format!("{}:{}", batch.model.as_deref().unwrap_or("batch"), batch.id);
+        let target = Target {
+            client,
+            project_id,
+            batch_id: &batch.id,
+            label_config: &project.label_config,
+            model_version: &model_version,
+        };
         let fields = config.data_fields();
         let mut report = ImportReport {
             project_id,
@@ -178,7 +256,10 @@ impl Curation {
             model_version: model_version.clone(),
             ..Default::default()
         };
-        let mut pending: Vec<(Value, Option<Vec<Region>>)> = Vec::new();
+        // The counts of found tasks' lines are not this run's.
+        let mut earlier = ImportReport::default();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut pending: Vec<Slot> = Vec::new();
         let mut output = lines(blobs, output_file_id).await?;
         while let Some(line) = output.next_line().await? {
             if line.trim().is_empty() {
@@ -196,106 +277,228 @@ impl Curation {
                 report.skip("no_input_line");
                 continue;
             };
-            let mut data = metadata.clone();
-            data.insert("custom_id".into(), json!(custom_id));
-            if fields.iter().any(|f| !data.contains_key(f)) {
-                report.tasks_missing_data += 1;
+            if custom_id.contains('\0') {
+                // The store cannot record it, so a later run could not tell it was imported.
+                report.skip("custom_id_with_nul");
+                continue;
             }
-            let regions = match answer_text(&line) {
-                None => {
-                    report.skip("request_failed");
-                    None
-                }
-                Some(text) => match answer_regions(&config, text) {
-                    Err(reason) => {
-                        report.skip(reason);
-                        None
-                    }
-                    Ok((regions, dropped)) => {
-                        report.values_dropped += dropped;
-                        if regions.is_empty() {
-                            report.skip("no_usable_value");
-                            None
-                        } else {
-                            Some(regions)
-                        }
-                    }
-                },
-            };
-            pending.push((Value::Object(data), regions));
+            if !seen.insert(custom_id.to_string()) {
+                // One task per custom_id: a second line with it cannot be told apart.
+                report.skip("duplicate_custom_id");
+                continue;
+            }
+            if let Some(&task) = recorded.get(custom_id) {
+                report.already_imported += 1;
+                pending.push(Slot::Recorded(task));
+            } else {
+                let found = found.get(custom_id).copied();
+                let counts = if found.is_some() {
+                    &mut earlier
+                } else {
+                    &mut report
+                };
+                let (data, regions) = task_of(&config, &fields, metadata, custom_id, &line, counts);
+                pending.push(Slot::Line {
+                    custom_id: custom_id.to_string(),
+                    data,
+                    regions,
+                    found,
+                });
+            }
             if pending.len() >= chunk.max(1) {
-                self.send_chunk(
-                    client,
-                    project_id,
-                    &project.label_config,
-                    &model_version,
-                    &mut pending,
-                    &mut report,
-                )
-                .await?;
+                self.send_chunk(&target, &mut pending, &mut report).await?;
             }
         }
         if !pending.is_empty() {
-            self.send_chunk(
-                client,
-                project_id,
-                &project.label_config,
-                &model_version,
-                &mut pending,
-                &mut report,
-            )
-            .await?;
+            self.send_chunk(&target, &mut pending, &mut report).await?;
         }
         tracing::info!(project_id, batch_id = %batch.id, tasks = report.tasks, predictions = report.predictions,
+            already_imported = report.already_imported, recovered = report.recovered,
             values_dropped = report.values_dropped, "batch results imported into Label Studio");
         Ok(report)
     }
 
+    /// Creates the tasks of the lines in `pending` that have none (marking them sent first),
+    /// then stores the predictions of every line and records its task.
     async fn send_chunk(
         &self,
-        client: &LabelStudioClient,
-        project_id: i64,
-        label_config: &str,
-        model_version: &str,
-        pending: &mut Vec<(Value, Option<Vec<Region>>)>,
+        target: &Target<'_>,
+        pending: &mut Vec<Slot>,
         report: &mut ImportReport,
     ) -> Result<(), CurationError> {
-        let tasks: Vec<Value> = pending
-            .iter()
-            .map(|(data, regions)| match regions {
-                Some(r) => json!({"data": data, "predictions": [{"model_version": model_version, "result": r}]}),
-                None => json!({"data": data}),
-            })
-            .collect();
-        let result = client.import_tasks(project_id, &tasks).await?;
+        let (project_id, batch_id) = (target.project_id, target.batch_id);
+        let mut sent: Vec<&str> = Vec::new();
+        let mut tasks: Vec<Value> = Vec::new();
+        for slot in pending.iter() {
+            if let Slot::Line {
+                custom_id,
+                data,
+                regions,
+                found: None,
+            } = slot
+            {
+                sent.push(custom_id);
+                let meta = json!({ BATCH_META_KEY: batch_id });
+                tasks.push(match regions {
+                    Some(r) => json!({"data": data, "meta": meta,
+                        "predictions": [{"model_version": target.model_version, "result": r}]}),
+                    None => json!({"data": data, "meta": meta}),
+                });
+            }
+        }
+        let mut created = Vec::new();
+        if !tasks.is_empty() {
+            // Committed before the request: a run after a lost answer looks these lines up.
+            self.store
+                .mark_import_sent(project_id, batch_id, &sent)
+                .await?;
+            let result = target.client.import_tasks(project_id, &tasks).await?;
+            if result.task_ids.len() != tasks.len() {
+                return Err(CurationError::LabelStudio(LabelStudioError::Decode(
+                    format!(
+                        "project {project_id}: {} tasks created for the {} sent",
+                        result.task_ids.len(),
+                        tasks.len()
+                    ),
+                )));
+            }
+            report.tasks += result.task_count;
+            report.predictions += result.prediction_count;
+            created = result.task_ids;
+        }
+        let mut created = created.into_iter();
         let mut predictions = Vec::new();
         let mut cached = Vec::new();
-        for ((data, regions), task_id) in pending.iter().zip(&result.task_ids) {
+        let mut record: Vec<(&str, i64)> = Vec::new();
+        for slot in pending.iter() {
+            let (custom_id, data, regions, task_id) = match slot {
+                Slot::Recorded(task) => {
+                    report.task_ids.push(*task);
+                    continue;
+                }
+                Slot::Line {
+                    custom_id,
+                    data,
+                    regions,
+                    found,
+                } => {
+                    let task = match found {
+                        Some(task) => {
+                            report.already_imported += 1;
+                            report.recovered += 1;
+                            *task
+                        }
+                        // As many ids as tasks sent (checked above).
+                        None => created.next().unwrap_or_default(),
+                    };
+                    (custom_id, data, regions, task)
+                }
+            };
+            report.task_ids.push(task_id);
+            record.push((custom_id, task_id));
             if let Some(r) = regions {
                 // The ML backend answers this task from here instead of predicting it again.
                 cached.push(CachedPrediction {
-                    key: cache_key(IMPORTED, label_config, data),
-                    model_version: model_version.to_string(),
+                    key: cache_key(IMPORTED, target.label_config, data),
+                    model_version: target.model_version.to_string(),
                     prediction: json!({"result": r, "score": null}).to_string(),
                 });
                 predictions.push(PredictionRow {
                     project_id,
-                    task_id: *task_id,
-                    model_version: model_version.to_string(),
+                    task_id,
+                    model_version: target.model_version.to_string(),
                     source: "import".into(),
                     score: None,
                     result: serde_json::to_string(r).unwrap_or_else(|_| "[]".into()),
                 });
             }
         }
-        self.store.upsert_predictions(&predictions).await?;
-        self.store.cache_predictions(&cached).await?;
-        report.tasks += result.task_count;
-        report.predictions += result.prediction_count;
-        report.task_ids.extend(&result.task_ids);
+        if !record.is_empty() {
+            self.store.upsert_predictions(&predictions).await?;
+            self.store.cache_predictions(&cached).await?;
+            // Last: a line recorded is never looked at again, so its predictions come first.
+            self.store
+                .record_imported_tasks(project_id, batch_id, &record)
+                .await?;
+        }
         pending.clear();
         Ok(())
     }
+}
+
+/// A line's task data (the request's metadata plus `custom_id`) and prediction regions, counting
+/// what was left out in `report`.
+fn task_of(
+    config: &LabelConfig,
+    fields: &[String],
+    metadata: &Map<String, Value>,
+    custom_id: &str,
+    line: &Value,
+    report: &mut ImportReport,
+) -> (Value, Option<Vec<Region>>) {
+    let mut data = metadata.clone();
+    data.insert("custom_id".into(), json!(custom_id));
+    if fields.iter().any(|f| !data.contains_key(f)) {
+        report.tasks_missing_data += 1;
+    }
+    let regions = match answer_text(line) {
+        None => {
+            report.skip("request_failed");
+            None
+        }
+        Some(text) => match answer_regions(config, text) {
+            Err(reason) => {
+                report.skip(reason);
+                None
+            }
+            Ok((regions, dropped)) => {
+                report.values_dropped += dropped;
+                if regions.is_empty() {
+                    report.skip("no_usable_value");
+                    None
+                } else {
+                    Some(regions)
+                }
+            }
+        },
+    };
+    (Value::Object(data), regions)
+}
+
+/// The tasks an earlier run sent for `custom_ids` of `batch_id` and may have created without
+/// seeing the answer: those of the project with one of these `data.custom_id`s whose meta
+/// names the batch (a task of another batch with the same custom_id is not this line's), the
+/// lowest id when there are several.
+async fn find_sent_tasks(
+    client: &LabelStudioClient,
+    project_id: i64,
+    batch_id: &str,
+    custom_ids: &[String],
+) -> Result<HashMap<String, i64>, CurationError> {
+    let wanted: HashSet<&str> = custom_ids.iter().map(String::as_str).collect();
+    let mut found: HashMap<String, i64> = HashMap::new();
+    for task in client
+        .find_tasks_by_data(project_id, "custom_id", custom_ids)
+        .await?
+    {
+        let batch = task.get("meta").and_then(|m| m.get(BATCH_META_KEY));
+        let custom_id = task.pointer("/data/custom_id").and_then(Value::as_str);
+        let id = task.get("id").and_then(Value::as_i64);
+        if let (Some(id), Some(custom_id)) = (id, custom_id) {
+            if batch.and_then(Value::as_str) == Some(batch_id) && wanted.contains(custom_id) {
+                let entry = found.entry(custom_id.to_string()).or_insert(id);
+                *entry = (*entry).min(id);
+            }
+        }
+    }
+    tracing::info!(
+        project_id,
+        batch_id,
+        sent = custom_ids.len(),
+        found = found.len(),
+        "lines an earlier import sent without seeing the answer, looked up in Label Studio"
+    );
+    Ok(found)
 }
 
 #[cfg(test)]

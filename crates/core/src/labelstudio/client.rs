@@ -26,6 +26,28 @@ const ERROR_BODY_LIMIT: usize = 500;
 /// Page size for listings; Label Studio's own UI asks for at most this many.
 const PAGE_SIZE: usize = 1000;
 
+/// Values looked up per task-list request ([`LabelStudioClient::find_tasks_by_data`]), and
+/// their characters at most: the filter travels in the URL.
+const LOOKUP_GROUP_VALUES: usize = 100;
+const LOOKUP_GROUP_CHARS: usize = 2000;
+
+/// The tasks of one page of `GET /api/tasks/`: a plain array, or an object's `tasks` (or
+/// `results`).
+fn task_page(doc: Value) -> Result<Vec<Value>, LabelStudioError> {
+    match doc {
+        Value::Array(items) => Ok(items),
+        Value::Object(mut o) => match o.remove("tasks").or_else(|| o.remove("results")) {
+            Some(Value::Array(items)) => Ok(items),
+            _ => Err(LabelStudioError::Decode(
+                "/api/tasks/: no `tasks` list".into(),
+            )),
+        },
+        _ => Err(LabelStudioError::Decode(
+            "/api/tasks/: not a JSON object".into(),
+        )),
+    }
+}
+
 /// Why a Label Studio call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LabelStudioError {
@@ -647,6 +669,64 @@ impl LabelStudioClient {
             )));
         }
         Ok(result)
+    }
+
+    /// The tasks of `project` whose `data.{field}` is one of `values`, as Label Studio lists
+    /// them (`id`, `data`, `meta`, ...; no annotations or predictions): `GET /api/tasks/` with
+    /// a Data Manager filter (`filter:tasks:data.{field}` `in_list`), a bounded group of
+    /// values per request so the URL stays short, every page of each.
+    #[tracing::instrument(skip(self, values), fields(values = values.len()), err(Display))]
+    pub async fn find_tasks_by_data(
+        &self,
+        project: i64,
+        field: &str,
+        values: &[String],
+    ) -> Result<Vec<Value>, LabelStudioError> {
+        let mut tasks = Vec::new();
+        let mut rest = values;
+        while !rest.is_empty() {
+            // At least one value per group, then as many as fit.
+            let mut take = 1;
+            let mut chars = rest[0].len();
+            while take < rest.len()
+                && take < LOOKUP_GROUP_VALUES
+                && chars + rest[take].len() <= LOOKUP_GROUP_CHARS
+            {
+                chars += rest[take].len();
+                take += 1;
+            }
+            let (group, next) = rest.split_at(take);
+            rest = next;
+            let filter = json!({"filters": {"conjunction": "and", "items": [{
+                "filter": format!("filter:tasks:data.{field}"),
+                "operator": "in_list",
+                "type": "String",
+                "value": group,
+            }]}});
+            // Label Studio 1.23 percent-decodes `query` once more after the URL was decoded
+            // (`json.loads(unquote(...))`), so a literal `%` must arrive as `%25`.
+            let filter = filter.to_string().replace('%', "%25");
+            for page in 1.. {
+                let query = [
+                    ("project", project.to_string()),
+                    ("query", filter.clone()),
+                    ("page_size", PAGE_SIZE.to_string()),
+                    ("page", page.to_string()),
+                ];
+                let doc: Value = match self.call(Method::GET, "/api/tasks/", &query, None).await {
+                    // Past the last page Label Studio answers 404.
+                    Err(LabelStudioError::Status { status: 404, .. }) if page > 1 => break,
+                    other => other?,
+                };
+                let batch = task_page(doc)?;
+                let last = batch.len() < PAGE_SIZE;
+                tasks.extend(batch);
+                if last {
+                    break;
+                }
+            }
+        }
+        Ok(tasks)
     }
 
     // ---------------------------------------------------------------------------------------

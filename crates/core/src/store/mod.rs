@@ -7,6 +7,7 @@
 mod batches;
 mod curation;
 mod files;
+mod imports;
 mod predictions;
 
 use std::str::FromStr;
@@ -24,6 +25,7 @@ pub use curation::{
     FAILED_OUTCOME,
 };
 pub use files::FileRecord;
+pub use imports::ImportedLine;
 pub use predictions::CachedPrediction;
 
 /// Which database a [`Store`] talks to.
