@@ -106,25 +106,6 @@ fn with_database(admin: &str, name: &str) -> String {
     format!("{server}/{name}{query}")
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn database_names_are_swapped_in_urls() {
-        assert_eq!(
-            super::with_database("postgres://u@h:5432/postgres", "x"),
-            "postgres://u@h:5432/x"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h", "x"),
-            "postgres://u@h/x"
-        );
-        assert_eq!(
-            super::with_database("postgres://u@h/db?sslmode=disable", "x"),
-            "postgres://u@h/x?sslmode=disable"
-        );
-    }
-}
-
 /// A TCP proxy to one upstream address that a test can cut (every open connection dropped, new
 /// ones refused) and restore: a database outage at the network level.
 pub struct TcpProxy {
@@ -185,4 +166,23 @@ pub fn through(url: &str, addr: SocketAddr) -> (String, String) {
     let end = start + url[start..].find('/').unwrap();
     let upstream = url[start..end].to_string();
     (format!("{}{addr}{}", &url[..start], &url[end..]), upstream)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_names_are_swapped_in_urls() {
+        assert_eq!(
+            super::with_database("postgres://u@h:5432/postgres", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h", "x"),
+            "postgres://u@h/x"
+        );
+        assert_eq!(
+            super::with_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+    }
 }
