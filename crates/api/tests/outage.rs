@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use batchlab_api::{router, AppState};
 use batchlab_core::blob::BlobStore;
-use batchlab_core::config::Config;
-use batchlab_core::store::Store;
-use batchlab_core::testing::{through, TcpProxy, TestDb};
+use batchlab_core::testing::{behind_proxy, TestDb};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -31,16 +29,7 @@ async fn a_database_outage_is_503_with_retry_after_and_heals_by_itself() {
     let Some(db) = TestDb::postgres().await else {
         return; // skipped with a message (fails instead under BATCHLAB_REQUIRE_POSTGRES=1)
     };
-    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
-    let proxy = TcpProxy::start(upstream).await;
-    let (url, _) = through(&db.url, proxy.addr);
-    let mut config = Config::default();
-    config.database.url = url;
-    config.database.max_connections = 2;
-    config.database.acquire_timeout_ms = 1_000;
-    let store = Store::open(&config.database)
-        .await
-        .expect("the store through the proxy");
+    let (proxy, mut config, store) = behind_proxy(&db).await;
     let dir = tempfile::tempdir().unwrap();
     config.storage.files_dir = dir.path().join("files");
     config.curation.training_dir = dir.path().join("training");

@@ -168,6 +168,75 @@ pub fn through(url: &str, addr: SocketAddr) -> (String, String) {
     (format!("{}{addr}{}", &url[..start], &url[end..]), upstream)
 }
 
+/// Defines each named test twice, in modules `sqlite` and `postgres`: `async fn name(Store)`
+/// run on a fresh SQLite database and on a fresh PostgreSQL one (skipped with a message when the
+/// server is away, failed instead under `BATCHLAB_REQUIRE_POSTGRES=1`). With `with fixture;`
+/// first, each test gets `fixture(&TestDb)` (a function of the calling file) instead.
+#[macro_export]
+macro_rules! on_both_backends {
+    (with $fixture:ident; $($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = $crate::testing::TestDb::sqlite().await;
+                    super::$name(super::$fixture(&db)).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = $crate::testing::TestDb::postgres().await else { return };
+                    super::$name(super::$fixture(&db)).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = $crate::testing::TestDb::sqlite().await;
+                    super::$name(db.store.clone()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(db) = $crate::testing::TestDb::postgres().await else { return };
+                    super::$name(db.store.clone()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+/// A PostgreSQL test database reached through a [`TcpProxy`] the test can cut: the proxy, a
+/// configuration whose `database` points through it (two connections, a one-second acquire
+/// timeout so an outage answers quickly) and a store opened with it.
+pub async fn behind_proxy(db: &TestDb) -> (TcpProxy, crate::config::Config, Store) {
+    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
+    let proxy = TcpProxy::start(upstream).await;
+    let (url, _) = through(&db.url, proxy.addr);
+    let mut config = crate::config::Config::default();
+    config.database.url = url;
+    config.database.max_connections = 2;
+    config.database.acquire_timeout_ms = 1_000;
+    let store = Store::open(&config.database)
+        .await
+        .expect("the store through the proxy");
+    (proxy, config, store)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -8,7 +8,6 @@ use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
 use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
-use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
@@ -466,28 +465,7 @@ async fn milestone_exports_are_snapshots(store: Store) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                let db = super::TestDb::sqlite().await;
-                super::$name(db.store.clone()).await;
-                db.cleanup().await;
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                let Some(db) = super::TestDb::postgres().await else { return };
-                super::$name(db.store.clone()).await;
-                db.cleanup().await;
-            })*
-        }
-    };
-}
-
-on_both_backends!(
+batchlab_core::on_both_backends!(
     replay_in_order_twice,
     replay_backwards,
     replay_one_by_one_with_late_duplicates,

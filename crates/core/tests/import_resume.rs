@@ -120,32 +120,7 @@ async fn import_lines_with_nul_are_refused_alike(store: Store) {
     assert_eq!(store.imported_lines(7, "batch\0").await.unwrap(), vec![]);
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let db = batchlab_core::testing::TestDb::sqlite().await;
-                    super::$name(db.store.clone()).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let Some(db) = batchlab_core::testing::TestDb::postgres().await else { return };
-                    super::$name(db.store.clone()).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+batchlab_core::on_both_backends!(
     import_lines_are_marked_then_recorded_once,
     large_chunks_of_import_lines_are_written,
     import_lines_with_nul_are_refused_alike,

@@ -478,31 +478,6 @@ async fn a_disabled_task_deletes_nothing(fx: Fixture) {
     assert!(fx.store.get_file("file-old").await.unwrap().is_some());
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let db = batchlab_core::testing::TestDb::sqlite().await;
-                    super::$name(super::fixture(&db)).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let Some(db) = batchlab_core::testing::TestDb::postgres().await else { return };
-                    super::$name(super::fixture(&db)).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-    };
-}
-
 fn fixture(db: &batchlab_core::testing::TestDb) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Fixture {
@@ -513,7 +488,8 @@ fn fixture(db: &batchlab_core::testing::TestDb) -> Fixture {
     }
 }
 
-on_both_backends!(
+batchlab_core::on_both_backends!(
+    with fixture;
     expired_files_go_and_their_space_comes_back,
     files_an_unfinished_batch_uses_stay_until_it_ends,
     processed_events_past_the_cutoff_go,

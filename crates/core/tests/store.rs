@@ -474,32 +474,7 @@ async fn files_in_use_are_not_deleted(store: Store) {
     assert!(store.get_file("file-in").await.unwrap().is_none());
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let db = batchlab_core::testing::TestDb::sqlite().await;
-                    super::$name(db.store.clone()).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let Some(db) = batchlab_core::testing::TestDb::postgres().await else { return };
-                    super::$name(db.store.clone()).await;
-                    db.cleanup().await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+batchlab_core::on_both_backends!(
     files_round_trip_and_page,
     batches_are_created_listed_and_cancelled,
     leases_give_each_batch_to_one_worker,

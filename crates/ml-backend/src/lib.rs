@@ -113,7 +113,8 @@ impl MlState {
 
 /// `GET /health` and `GET /`: Label Studio's liveness probe. It answers `UP` while the process
 /// serves — predictions do not need the database — and says which dependency is down:
-/// `database` is `ok`, `unavailable` (not answering within a second) or `none` (no store).
+/// `database` is `ok`, `error` (failing, or not answering within a second; the word batchlab-api
+/// and the worker use) or `none` (no store).
 pub async fn health(State(state): State<MlState>) -> Json<Value> {
     let database = match &state.store {
         None => "none",
@@ -122,11 +123,11 @@ pub async fn health(State(state): State<MlState>) -> Json<Value> {
                 Ok(Ok(())) => "ok",
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "health check: database unavailable");
-                    "unavailable"
+                    "error"
                 }
                 Err(_) => {
                     tracing::warn!("health check: the database did not answer within 1 s");
-                    "unavailable"
+                    "error"
                 }
             }
         }

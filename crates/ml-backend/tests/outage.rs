@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use batchlab_core::config::Config;
-use batchlab_core::store::Store;
-use batchlab_core::testing::{through, TcpProxy, TestDb};
+use batchlab_core::testing::{behind_proxy, TestDb};
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
 
@@ -26,16 +24,7 @@ async fn a_database_outage_is_reported_and_refused_then_heals_by_itself() {
     let Some(db) = TestDb::postgres().await else {
         return; // skipped with a message (fails instead under BATCHLAB_REQUIRE_POSTGRES=1)
     };
-    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
-    let proxy = TcpProxy::start(upstream).await;
-    let (url, _) = through(&db.url, proxy.addr);
-    let mut config = Config::default();
-    config.database.url = url;
-    config.database.max_connections = 2;
-    config.database.acquire_timeout_ms = 1_000;
-    let store = Store::open(&config.database)
-        .await
-        .expect("the store through the proxy");
+    let (proxy, config, store) = behind_proxy(&db).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = router(MlState::new(config).unwrap().with_store(store));
@@ -58,7 +47,7 @@ async fn a_database_outage_is_reported_and_refused_then_heals_by_itself() {
     let h = health(&client, &base).await;
     assert_eq!(
         (&h["status"], &h["database"]),
-        (&json!("UP"), &json!("unavailable")),
+        (&json!("UP"), &json!("error")),
         "{h}"
     );
     let r = post(event(2)).await;
