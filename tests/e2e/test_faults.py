@@ -48,34 +48,31 @@ def wait_for(pred, what: str, timeout: float, interval: float = 0.05):
         time.sleep(interval)
 
 
-def post_json(url: str, body: dict | bytes, headers: dict | None = None, timeout: float = 30.0) -> tuple[int, dict, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST",
+def call_json(url: str, body: dict | bytes | None = None, headers: dict | None = None,
+              timeout: float = 30.0) -> tuple[int, dict, dict]:
+    """GET `url`, or POST `body` (a dict as JSON); answers the status, the headers (lower-case
+    names) and the JSON body, for error answers too."""
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read() or b"null")
+            status, answer_headers, raw = r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = {"raw": raw.decode(errors="replace")}
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, doc
-
-
-def get_json(url: str, headers: dict | None = None, timeout: float = 30.0) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, headers=headers or {})
+        status, answer_headers, raw = e.code, e.headers, e.read()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = {"raw": raw.decode(errors="replace")}
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, doc
+        doc = json.loads(raw or b"null")
+    except ValueError:
+        doc = {"raw": raw.decode(errors="replace")}
+    return status, {k.lower(): v for k, v in answer_headers.items()}, doc
+
+
+def post_json(url: str, body: dict | bytes, headers: dict | None = None, timeout: float = 30.0):
+    return call_json(url, body, headers, timeout)
+
+
+def get_json(url: str, headers: dict | None = None, timeout: float = 30.0):
+    return call_json(url, None, headers, timeout)
 
 
 class TcpProxy:
