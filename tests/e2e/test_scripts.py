@@ -87,7 +87,7 @@ def test_start_and_stop_services(tmp_path, log_sources):
         assert status == 401, "the ML backend's basic auth is on"
         basic = base64.b64encode(b"ml-user:ml-pass").decode()
         status, body = http_get(f"http://127.0.0.1:{ml_port}/health", headers={"Authorization": f"Basic {basic}"})
-        assert status == 200 and json.loads(body) == {"status": "UP", "model_class": "batchlab"}, body
+        assert status == 200 and json.loads(body) == {"status": "UP", "model_class": "batchlab", "database": "ok"}, body
         for name in SERVICES:
             log = (log_dir / f"{name}.log").read_text()
             for secret in ("script-api-key", "script-webhook-secret", "ml-pass"):
@@ -112,6 +112,9 @@ def test_start_and_stop_services(tmp_path, log_sources):
         os.kill(pids[name], signal.SIGKILL)
     assert not left, f"still running after stop-services.sh: {left}\n{stop.stdout}\n{stop.stderr}"
     assert not list(run_dir.glob("*.pid")), "PID files left behind"
+    # The HTTP services drained (requests and background work) rather than being killed.
+    for name in ("batchlab-api", "batchlab-ml-backend"):
+        assert "drained; exiting" in (log_dir / f"{name}.log").read_text(), f"{name} did not drain"
     with pytest.raises(OSError):
         http_get(f"http://127.0.0.1:{api_port}/health", timeout=1)
 
