@@ -188,10 +188,10 @@ def test_sigkill_a_worker_ten_times_during_a_300_line_batch(pg_stack, request):
     lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2"}
     workers = {name: stack.start_worker(name, **lease) for name in ("worker-a", "worker-b")}
     client = stack.client()
-    lines = chat_lines(300, "kill", max_tokens=2)
+    lines = chat_lines(300, "kill", max_tokens=4)
     batch = create_batch(client, lines)
     rng = random.Random(int(os.environ.get("BATCHLAB_FAULT_SEED", "17")))
-    points = sorted(rng.sample(range(5, 285), 10))
+    points = sorted(rng.sample(range(5, 240), 10))  # room after the last kill: the batch must not finish first
     kills = []
     for point in points:
         b = wait_until(client, batch.id, lambda b: b.request_counts.completed >= point, f"{point} lines done", 300)
