@@ -1,5 +1,5 @@
-//! Command line of `batchlab-api`: `serve` (the default, also with no subcommand) and
-//! `setup-label-studio`.
+//! Command line of `batchlab-api`: `serve` (the default, also with no subcommand),
+//! `setup-label-studio` and `reconcile-label-studio`.
 
 use std::path::PathBuf;
 
@@ -39,6 +39,41 @@ pub enum Command {
     /// Label Studio's URL and key come from the configuration (LABEL_STUDIO_URL,
     /// LABEL_STUDIO_API_KEY).
     SetupLabelStudio(SetupArgs),
+    /// Compare a project's tasks, annotations and ground truth with Label Studio's REST API and
+    /// repair what webhooks lost while batchlab was down: the events Label Studio would have sent
+    /// are synthesized, stored and applied like real deliveries (this command applies them
+    /// itself; a running batchlab-api is no obstacle). Prints a JSON report; exits 0 when the
+    /// two sides agree afterwards, 3 when they still differ, 1 on an error.
+    ReconcileLabelStudio(ReconcileArgs),
+}
+
+/// Options of `reconcile-label-studio`.
+#[derive(clap::Args)]
+pub struct ReconcileArgs {
+    /// Label Studio's project id.
+    #[arg(long)]
+    pub project: i64,
+    /// Compare and report only: store and apply nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Seconds to spend applying the stored events before verifying anyway.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub apply_timeout: u64,
+    /// Tasks read per page, from Label Studio and from the database.
+    #[arg(long, default_value_t = batchlab_core::curation::reconcile::DEFAULT_PAGE_SIZE as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub page_size: u64,
+}
+
+impl ReconcileArgs {
+    /// The reconciliation to run.
+    pub fn options(&self) -> batchlab_core::curation::reconcile::ReconcileOptions {
+        batchlab_core::curation::reconcile::ReconcileOptions {
+            dry_run: self.dry_run,
+            apply_timeout: std::time::Duration::from_secs(self.apply_timeout),
+            page_size: self.page_size as usize,
+        }
+    }
 }
 
 /// Options of `setup-label-studio`.

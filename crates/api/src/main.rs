@@ -1,8 +1,9 @@
 //! batchlab-api: serves the OpenAI-compatible Batch API on port 4080 (`batchlab-api [serve]`),
-//! and connects Label Studio to batchlab (`batchlab-api setup-label-studio`).
+//! connects Label Studio to batchlab (`batchlab-api setup-label-studio`) and repairs what lost
+//! webhooks left out (`batchlab-api reconcile-label-studio --project N`).
 
 use anyhow::Context;
-use batchlab_api::cli::{Args, Command, SetupArgs};
+use batchlab_api::cli::{Args, Command, ReconcileArgs, SetupArgs};
 use batchlab_core::blob::BlobStore;
 use batchlab_core::config::{Config, Service};
 use batchlab_core::labelstudio::client::LabelStudioClient;
@@ -24,6 +25,17 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Some(Command::ReconcileLabelStudio(reconcile)) => {
+            match reconcile_label_studio(&config, reconcile).await {
+                Ok(true) => Ok(()),
+                // The report (printed) says what still differs.
+                Ok(false) => std::process::exit(3),
+                Err(message) => {
+                    eprintln!("batchlab-api reconcile-label-studio: {message:#}");
+                    std::process::exit(1);
+                }
+            }
         }
     }
 }
@@ -57,4 +69,25 @@ async fn setup_label_studio(config: &Config, args: &SetupArgs) -> anyhow::Result
         .with_context(|| format!("Label Studio at {}", client.base_url()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// Prints the report; answers whether the two sides agree.
+async fn reconcile_label_studio(config: &Config, args: &ReconcileArgs) -> anyhow::Result<bool> {
+    let client = LabelStudioClient::from_config(&config.label_studio)?;
+    let store = Store::open(&config.database)
+        .await
+        .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
+    let curation = batchlab_core::curation::Curation::new(store, config.curation.clone());
+    let report = curation
+        .reconcile(&client, args.project, &args.options())
+        .await
+        .with_context(|| {
+            format!(
+                "project {} with Label Studio at {}",
+                args.project,
+                client.base_url()
+            )
+        })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(report.agree)
 }

@@ -6,6 +6,7 @@ pub mod accuracy;
 mod events;
 pub mod export;
 pub mod import;
+pub mod reconcile;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

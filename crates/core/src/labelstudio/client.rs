@@ -871,6 +871,69 @@ impl LabelStudioClient {
         Ok(tasks)
     }
 
+    /// One page of the project's tasks in id order, those with an id above `after` (keyset
+    /// paging, so tasks created or deleted meanwhile neither shift nor repeat a page), each with
+    /// its annotations and predictions as Label Studio serializes them, task data as stored
+    /// (`resolve_uri=false`): `GET /api/tasks/?project=N&fields=all` with a Data Manager filter
+    /// `filter:tasks:id` `greater` and ordering `tasks:id`. Only an empty page means there are
+    /// no more: Label Studio may cap the page size (`TASK_API_PAGE_SIZE_MAX`).
+    #[tracing::instrument(skip(self), err(Display))]
+    pub async fn tasks_after(
+        &self,
+        project: i64,
+        after: i64,
+        page_size: usize,
+    ) -> Result<Vec<Value>, LabelStudioError> {
+        let query = json!({
+            "filters": {"conjunction": "and", "items": [{
+                "filter": "filter:tasks:id",
+                "operator": "greater",
+                "type": "Number",
+                "value": after,
+            }]},
+            "ordering": ["tasks:id"],
+        });
+        let query = [
+            ("project", project.to_string()),
+            ("fields", "all".to_string()),
+            ("resolve_uri", "false".to_string()),
+            ("page_size", page_size.max(1).to_string()),
+            ("page", "1".to_string()),
+            ("query", query.to_string()),
+        ];
+        let doc: Value = self.call(Method::GET, "/api/tasks/", &query, None).await?;
+        task_page(doc)
+    }
+
+    /// `GET /api/projects/{id}/` as Label Studio answers it, every field (webhook payloads carry
+    /// the same object).
+    #[tracing::instrument(skip(self), err(Display))]
+    pub async fn project_object(&self, id: i64) -> Result<Value, LabelStudioError> {
+        self.call(Method::GET, &format!("/api/projects/{id}/"), &[], None)
+            .await
+    }
+
+    /// Whether `GET path` finds the object: true on 2xx, false on 404.
+    async fn exists(&self, path: &str) -> Result<bool, LabelStudioError> {
+        match self.send(Method::GET, path, &[], None).await {
+            Ok(_) => Ok(true),
+            Err(LabelStudioError::Status { status: 404, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the task still exists (`GET /api/tasks/{id}/`; false on 404).
+    #[tracing::instrument(skip(self), err(Display))]
+    pub async fn task_exists(&self, id: i64) -> Result<bool, LabelStudioError> {
+        self.exists(&format!("/api/tasks/{id}/")).await
+    }
+
+    /// Whether the annotation still exists (`GET /api/annotations/{id}/`; false on 404).
+    #[tracing::instrument(skip(self), err(Display))]
+    pub async fn annotation_exists(&self, id: i64) -> Result<bool, LabelStudioError> {
+        self.exists(&format!("/api/annotations/{id}/")).await
+    }
+
     /// `POST /api/tasks/{id}/annotations/` with `{"result", "was_cancelled", "ground_truth",
     /// "lead_time"}`: the created annotation.
     #[tracing::instrument(skip(self, annotation), err(Display))]
