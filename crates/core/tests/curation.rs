@@ -97,6 +97,8 @@ async fn assert_final_state(c: &Curation) {
     );
     assert_eq!(tasks[1]["annotations"][0]["ground_truth"], json!(true));
     assert_eq!(tasks[0]["data"]["name"], json!("Ada Lovelace"));
+    // Replays, duplicates and deliveries out of order contradict nothing.
+    assert_eq!(status.conflicts.count, 0, "{:?}", status.conflicts.latest);
 }
 
 async fn replay_in_order_twice(store: Store) {
@@ -465,7 +467,465 @@ async fn milestone_exports_are_snapshots(store: Store) {
     );
 }
 
+/// Serialises the tests that read `batchlab_label_studio_conflicts_total` (the recorder is the
+/// process's, shared by every test), so that each sees only its own increments.
+static CONFLICT_METRIC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `batchlab_label_studio_conflicts_total{kind}` as `/metrics` shows it now.
+fn conflicts_counted(kind: &str) -> u64 {
+    let text = batchlab_core::telemetry::metrics_handle().render();
+    let prefix = format!("batchlab_label_studio_conflicts_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+fn project_created(project: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"action": "PROJECT_CREATED",
+        "project": {"id": project, "title": format!("project {project}"), "label_config": SIMPLE_CONFIG}}))
+    .unwrap()
+}
+
+/// An annotation event (`ANNOTATION_CREATED`, `ANNOTATION_UPDATED`) of annotation `id` on task
+/// `task` of `project`, with its task, created at `created` and answering `choice`.
+fn annotation_event(
+    action: &str,
+    project: i64,
+    task: i64,
+    id: i64,
+    created: &str,
+    choice: &str,
+) -> Vec<u8> {
+    serde_json::to_vec(&json!({"action": action, "project": {"id": project},
+        "task": {"id": task, "project": project, "data": {"text": format!("task {task} of project {project}")}},
+        "annotation": {"id": id, "task": task, "project": project, "was_cancelled": false, "ground_truth": false,
+            "created_at": created, "updated_at": created,
+            "result": [{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": [choice]}}]}}))
+    .unwrap()
+}
+
+fn tasks_event(action: &str, project: i64, tasks: &[(i64, &str)]) -> Vec<u8> {
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|(id, text)| json!({"id": id, "project": project, "data": {"text": text}}))
+        .collect();
+    serde_json::to_vec(&json!({"action": action, "project": {"id": project}, "tasks": tasks}))
+        .unwrap()
+}
+
+fn annotations_deleted(project: i64, ids: impl IntoIterator<Item = i64>) -> Vec<u8> {
+    let ids: Vec<Value> = ids.into_iter().map(|id| json!({"id": id})).collect();
+    serde_json::to_vec(
+        &json!({"action": "ANNOTATIONS_DELETED", "project": {"id": project}, "annotations": ids}),
+    )
+    .unwrap()
+}
+
+/// A project's live annotations as (id, task, result).
+async fn annotations_of(store: &Store, project: i64) -> Vec<(i64, i64, Value)> {
+    store
+        .annotations_in_range(project, i64::MIN, i64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.id, a.task_id, serde_json::from_str(&a.result).unwrap()))
+        .collect()
+}
+
+/// A project's live tasks as (id, data).
+async fn tasks_of(store: &Store, project: i64) -> Vec<(i64, Value)> {
+    store
+        .tasks_page(project, i64::MIN, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.id, serde_json::from_str(&t.data).unwrap()))
+        .collect()
+}
+
+async fn outcome_of(store: &Store, event_id: i64) -> String {
+    store
+        .webhook_event_outcome(event_id)
+        .await
+        .unwrap()
+        .expect("the event was processed")
+}
+
+/// The reported case: Label Studio re-created with a fresh database while batchlab kept its
+/// own. Old project 1 had annotations 100–105, since deleted (batchlab holds their tombstones);
+/// the new instance's project 5 hands out ids 100–105 again, on tasks of its own. Each of the six
+/// is kept as a conflict with its reason (before, the tombstones swallowed them without a word),
+/// shown in project 5's status, counted, and project 1 is left exactly as it was.
+async fn reused_ids_of_deleted_annotations_are_conflicts(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    // Project 1: annotation 99 on task 9 stays; 100–105 on tasks 10–15 are deleted.
+    for id in 99..=105 {
+        let body = annotation_event(
+            "ANNOTATION_CREATED",
+            1,
+            id - 90,
+            id,
+            "2025-03-01T10:00:00Z",
+            "a",
+        );
+        c.ingest(&body).await.unwrap();
+    }
+    c.ingest(&annotations_deleted(1, 100..=105)).await.unwrap();
+    drain(&c).await;
+    let before = c.status(1).await.unwrap();
+    assert_eq!(
+        (before.counts.tasks, before.counts.annotations),
+        (7, 1),
+        "{:?}",
+        before.counts
+    );
+    let kind = "annotation_deleted_in_other_project";
+    let counted = conflicts_counted(kind);
+
+    // The new instance: project 5, tasks 1–6, annotations 100–105 once more.
+    c.ingest(&project_created(5)).await.unwrap();
+    let mut events = Vec::new();
+    for id in 100..=105 {
+        let body = annotation_event(
+            "ANNOTATION_CREATED",
+            5,
+            id - 99,
+            id,
+            "2026-06-01T09:00:00Z",
+            "a",
+        );
+        events.push((id, c.ingest(&body).await.unwrap().event_id));
+    }
+    drain(&c).await;
+
+    let status = c.status(5).await.unwrap();
+    assert_eq!(status.conflicts.count, 6, "{:?}", status.conflicts.latest);
+    let mut latest = status.conflicts.latest.clone();
+    latest.sort_by_key(|k| k.entity_id);
+    for (k, (id, event_id)) in latest.iter().zip(&events) {
+        assert_eq!(k.kind, kind);
+        assert_eq!(k.entity, "annotation");
+        assert_eq!(k.entity_id, *id);
+        assert_eq!(k.event_id, *event_id);
+        assert_eq!(k.action, "ANNOTATION_CREATED");
+        assert_eq!(k.project_id, 5);
+        assert_eq!(k.known_project_id, Some(1));
+        assert_eq!(k.known_task_id, Some(id - 90));
+        assert!(k.known_deleted);
+        assert!(
+            k.reason.contains(&format!("annotation {id}"))
+                && k.reason.contains("project 1")
+                && k.reason.contains("deleted"),
+            "{}",
+            k.reason
+        );
+        // The annotation as delivered is kept whole, for a later replay.
+        let body: Value = serde_json::from_str(&k.body).unwrap();
+        assert_eq!(body["id"], json!(id));
+        assert_eq!(body["task"], json!(id - 99));
+        assert_eq!(body["result"][0]["value"]["choices"], json!(["a"]));
+        let outcome = outcome_of(&store, *event_id).await;
+        assert!(
+            outcome.starts_with("conflict: ") && outcome.contains(&format!("annotation {id}")),
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        status.webhook_events.failed, 0,
+        "kept, not failed: {:?}",
+        status.failed_events
+    );
+    assert_eq!(status.webhook_events.pending, 0);
+    assert_eq!(conflicts_counted(kind) - counted, 6);
+    // Project 5's tasks are its own; its annotations wait in the conflicts, not in its counts.
+    assert_eq!(
+        (status.counts.tasks, status.counts.annotations),
+        (6, 0),
+        "{:?}",
+        status.counts
+    );
+    // Project 1 is untouched.
+    let after = c.status(1).await.unwrap();
+    assert_eq!(after.counts, before.counts);
+    assert_eq!(after.conflicts.count, 0);
+    assert_eq!(annotations_of(&store, 1).await.len(), 1);
+
+    // The same deliveries again are duplicates: no second record.
+    for id in 100..=105 {
+        let body = annotation_event(
+            "ANNOTATION_CREATED",
+            5,
+            id - 99,
+            id,
+            "2026-06-01T09:00:00Z",
+            "a",
+        );
+        assert_eq!(c.ingest(&body).await.unwrap().status, "duplicate");
+    }
+    drain(&c).await;
+    assert_eq!(c.status(5).await.unwrap().conflicts.count, 6);
+    assert_eq!(conflicts_counted(kind) - counted, 6);
+}
+
+/// A task id that batchlab holds under project 1 arriving in project 2 — in a task import, with
+/// a new annotation, and in a deletion — is a conflict each time: project 1's task keeps its
+/// project and data (before, the import moved it to project 2 and the deletion deleted it with
+/// its annotation), and what project 2 sent is kept with the reason.
+async fn a_task_id_moving_project_is_a_conflict(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    c.ingest(&tasks_event("TASKS_CREATED", 1, &[(7, "old")]))
+        .await
+        .unwrap();
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        7,
+        70,
+        "2025-03-01T10:00:00Z",
+        "a",
+    ))
+    .await
+    .unwrap();
+    drain(&c).await;
+    let before = c.status(1).await.unwrap().counts;
+    assert_eq!((before.tasks, before.annotations), (1, 1));
+    let kinds = [
+        "task_in_other_project",
+        "annotation_on_task_of_other_project",
+        "task_deletion_in_other_project",
+    ];
+    let counted: Vec<u64> = kinds.iter().map(|k| conflicts_counted(k)).collect();
+
+    c.ingest(&project_created(2)).await.unwrap();
+    let imported = c
+        .ingest(&tasks_event(
+            "TASKS_CREATED",
+            2,
+            &[(7, "new"), (8, "eight")],
+        ))
+        .await
+        .unwrap()
+        .event_id;
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        2,
+        7,
+        80,
+        "2026-06-01T09:00:00Z",
+        "a",
+    ))
+    .await
+    .unwrap();
+    c.ingest(&tasks_event("TASKS_DELETED", 2, &[(7, "")]))
+        .await
+        .unwrap();
+    drain(&c).await;
+
+    // Project 1 as it was: task 7 with its data (as its annotation's event last sent it),
+    // annotation 70 on it.
+    assert_eq!(
+        tasks_of(&store, 1).await,
+        [(7, json!({"text": "task 7 of project 1"}))]
+    );
+    assert_eq!(
+        annotations_of(&store, 1)
+            .await
+            .iter()
+            .map(|a| (a.0, a.1))
+            .collect::<Vec<_>>(),
+        [(70, 7)]
+    );
+    assert_eq!(c.status(1).await.unwrap().counts, before);
+    // Project 2 has task 8; task 7 (twice), annotation 80 and the deletion are conflicts.
+    let status = c.status(2).await.unwrap();
+    assert_eq!(tasks_of(&store, 2).await, [(8, json!({"text": "eight"}))]);
+    assert_eq!(status.counts.annotations, 0);
+    let mut found: Vec<(String, String, i64)> = status
+        .conflicts
+        .latest
+        .iter()
+        .map(|k| (k.kind.clone(), k.entity.clone(), k.entity_id))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            (
+                "annotation_on_task_of_other_project".into(),
+                "annotation".into(),
+                80
+            ),
+            ("task_deletion_in_other_project".into(), "task".into(), 7),
+            ("task_in_other_project".into(), "task".into(), 7),
+            ("task_in_other_project".into(), "task".into(), 7),
+        ]
+    );
+    assert_eq!(status.conflicts.count, 4);
+    for k in &status.conflicts.latest {
+        assert_eq!(k.known_project_id, Some(1), "{k:?}");
+        assert!(k.reason.contains("project 1"), "{}", k.reason);
+    }
+    let import = status
+        .conflicts
+        .latest
+        .iter()
+        .find(|k| k.event_id == imported)
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&import.body).unwrap()["data"],
+        json!({"text": "new"})
+    );
+    assert!(outcome_of(&store, imported)
+        .await
+        .starts_with("conflict: task 7"));
+    let deltas: Vec<u64> = kinds
+        .iter()
+        .zip(&counted)
+        .map(|(k, n)| conflicts_counted(k) - n)
+        .collect();
+    assert_eq!(deltas, [2, 1, 1]);
+}
+
+/// An annotation id that batchlab holds on task 1 arriving on task 2 of the same project is a
+/// conflict: the stored annotation keeps its task and result (before, it moved silently).
+async fn an_annotation_moving_task_is_a_conflict(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    let created = "2025-03-01T10:00:00Z";
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        1,
+        9,
+        created,
+        "a",
+    ))
+    .await
+    .unwrap();
+    c.ingest(&tasks_event("TASKS_CREATED", 1, &[(2, "two")]))
+        .await
+        .unwrap();
+    drain(&c).await;
+    let counted = conflicts_counted("annotation_on_other_task");
+
+    let mut moved: Value = serde_json::from_slice(&annotation_event(
+        "ANNOTATION_UPDATED",
+        1,
+        2,
+        9,
+        created,
+        "b",
+    ))
+    .unwrap();
+    moved["annotation"]["updated_at"] = json!("2025-03-02T10:00:00Z");
+    let event = c
+        .ingest(&serde_json::to_vec(&moved).unwrap())
+        .await
+        .unwrap()
+        .event_id;
+    drain(&c).await;
+
+    assert_eq!(
+        annotations_of(&store, 1).await,
+        [(
+            9,
+            1,
+            json!([{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": ["a"]}}])
+        )]
+    );
+    let status = c.status(1).await.unwrap();
+    assert_eq!(status.conflicts.count, 1);
+    let k = &status.conflicts.latest[0];
+    assert_eq!(
+        (
+            k.kind.as_str(),
+            k.entity_id,
+            k.known_project_id,
+            k.known_task_id
+        ),
+        ("annotation_on_other_task", 9, Some(1), Some(1))
+    );
+    assert!(
+        k.reason.contains("task 2") && k.reason.contains("task 1"),
+        "{}",
+        k.reason
+    );
+    assert!(outcome_of(&store, event).await.starts_with("conflict: "));
+    assert_eq!(conflicts_counted("annotation_on_other_task") - counted, 1);
+}
+
+/// A fresh Label Studio often hands out project 1 and task 1 again: then only the creation time
+/// tells a new annotation from the one batchlab holds under the same id. It is a conflict; the
+/// stored one is left as it was. (An update of the same annotation keeps its creation time.)
+async fn a_reused_annotation_id_with_another_creation_time_is_a_conflict(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        1,
+        1,
+        "2025-03-01T10:00:00.123456Z",
+        "a",
+    ))
+    .await
+    .unwrap();
+    drain(&c).await;
+    let counted = conflicts_counted("annotation_recreated");
+    // The same creation time written otherwise is the same annotation: an ordinary update.
+    let mut update: Value = serde_json::from_slice(&annotation_event(
+        "ANNOTATION_UPDATED",
+        1,
+        1,
+        1,
+        "2025-03-01T10:00:00.123456+00:00",
+        "a",
+    ))
+    .unwrap();
+    update["annotation"]["updated_at"] = json!("2025-03-01T11:00:00Z");
+    c.ingest(&serde_json::to_vec(&update).unwrap())
+        .await
+        .unwrap();
+    drain(&c).await;
+    assert_eq!(c.status(1).await.unwrap().conflicts.count, 0);
+
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        1,
+        1,
+        "2026-06-01T09:00:00Z",
+        "b",
+    ))
+    .await
+    .unwrap();
+    drain(&c).await;
+    let status = c.status(1).await.unwrap();
+    assert_eq!(status.conflicts.count, 1);
+    assert_eq!(status.conflicts.latest[0].kind, "annotation_recreated");
+    assert_eq!(
+        annotations_of(&store, 1).await[0].2[0]["value"]["choices"],
+        json!(["a"])
+    );
+    assert_eq!(conflicts_counted("annotation_recreated") - counted, 1);
+}
+
 batchlab_core::on_both_backends!(
+    reused_ids_of_deleted_annotations_are_conflicts,
+    a_task_id_moving_project_is_a_conflict,
+    an_annotation_moving_task_is_a_conflict,
+    a_reused_annotation_id_with_another_creation_time_is_a_conflict,
     replay_in_order_twice,
     replay_backwards,
     replay_one_by_one_with_late_duplicates,

@@ -6,6 +6,17 @@
 //! processed; every write is guarded so a duplicate or out-of-order delivery changes nothing.
 //! A START_TRAINING stays pending until the export it asks for is written, so that neither a
 //! crash nor a failed export loses it.
+//!
+//! Conflicts are loud, never silent. An object whose ids contradict what batchlab holds (an id
+//! held under another project, live or deleted; an annotation held on another task or created at
+//! another time; an annotation on another project's task; a deletion of another project's
+//! object), as happens when Label Studio is re-created with a fresh database and hands its ids
+//! out again, is kept aside whole in `ls_conflicts` with the reason, and the stored row is left
+//! exactly as it was (why, in `crate::store`'s curation module). The event is processed, not
+//! failed, with the outcome `conflict: <reason>`; each conflict is counted in
+//! `batchlab_label_studio_conflicts_total{kind}`, logged at warn level with its ids, and listed
+//! under `conflicts` in the status of the project the event claims. The rest of the event is
+//! applied as usual.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -21,7 +32,10 @@ use super::{Curation, CurationError, STALE_CLAIM_SECONDS};
 use crate::labelstudio::config::LabelConfig;
 use crate::labelstudio::event::{self, Action, AnnotationPayload, ProjectPayload, TaskPayload};
 use crate::labelstudio::region::Region;
-use crate::store::{now, AnnotationRow, CurationTx, NewWebhookEvent, TaskRow, WebhookEvent};
+use crate::store::{
+    now, AnnotationRow, Conflict, CurationTx, Delivered, NewWebhookEvent, ObjectWrite, TaskRow,
+    WebhookEvent,
+};
 
 /// The answer to a delivery.
 #[derive(Clone, Debug, Serialize)]
@@ -52,6 +66,10 @@ fn export_retry_delay(attempts: i64) -> i64 {
         .unwrap_or(i64::MAX)
         .min(300)
 }
+
+/// Conflicts logged one by one per event; the rest of a large event's are summed up in one line
+/// (all of them are recorded and counted).
+const CONFLICTS_LOGGED_PER_EVENT: usize = 10;
 
 /// Parsed labeling configs by their XML, so a pass parses each project's config once.
 type ConfigCache = HashMap<String, Option<Arc<LabelConfig>>>;
@@ -282,9 +300,24 @@ impl Curation {
         let Some(mut tx) = self.store.begin_event(event.id, "applied").await? else {
             return Ok(None);
         };
-        match apply(&mut tx, &action, &body, configs).await {
+        let mut conflicts = Vec::new();
+        match apply(
+            &mut tx,
+            &action,
+            &event.action,
+            &body,
+            configs,
+            &mut conflicts,
+        )
+        .await
+        {
             Ok(outcome) => {
                 let deferred = matches!(action, Action::StartTraining) && project.is_some();
+                let outcome = if conflicts.is_empty() {
+                    outcome
+                } else {
+                    conflict_outcome(&conflicts, &outcome)
+                };
                 if deferred {
                     // Done only once the export is written (`export_for_training`); held
                     // meanwhile, and retried after the hold should this process die first.
@@ -297,8 +330,15 @@ impl Curation {
                 if let Action::Unknown(name) = &action {
                     tracing::info!(action = %name, "unknown webhook action acknowledged and ignored");
                 }
+                // Only now that they are recorded.
+                report_conflicts(event.id, &conflicts);
                 if !deferred {
-                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok")
+                    let outcome = if conflicts.is_empty() {
+                        "ok"
+                    } else {
+                        "conflict"
+                    };
+                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => outcome)
                         .increment(1);
                 }
                 Ok(Some((action, project)))
@@ -315,12 +355,73 @@ impl Curation {
     }
 }
 
-/// Applies one event inside its transaction; answers the outcome to record.
+/// The outcome of an event that met conflicts: `conflict: ` and the first's reason, how many
+/// more there were, and what was otherwise done when that was not plainly `applied`.
+fn conflict_outcome(conflicts: &[Conflict], otherwise: &str) -> String {
+    let mut outcome = format!("conflict: {}", conflicts[0].reason);
+    if conflicts.len() > 1 {
+        outcome.push_str(&format!(" (and {} more)", conflicts.len() - 1));
+    }
+    if otherwise != "applied" {
+        outcome.push_str(&format!("; {otherwise}"));
+    }
+    outcome
+}
+
+/// Logs and counts the conflicts an event's committed transaction recorded.
+fn report_conflicts(event_id: i64, conflicts: &[Conflict]) {
+    for (n, c) in conflicts.iter().enumerate() {
+        metrics::counter!("batchlab_label_studio_conflicts_total", "kind" => c.kind.clone())
+            .increment(1);
+        if n < CONFLICTS_LOGGED_PER_EVENT {
+            tracing::warn!(
+                event_id,
+                conflict_id = c.id,
+                action = %c.action,
+                kind = %c.kind,
+                entity = %c.entity,
+                entity_id = c.entity_id,
+                project_id = c.project_id,
+                known_project_id = ?c.known_project_id,
+                known_task_id = ?c.known_task_id,
+                known_deleted = c.known_deleted,
+                reason = %c.reason,
+                "Label Studio ids contradict what batchlab holds (was Label Studio re-created with \
+                 a fresh database?): the object is kept as a conflict, the stored row left as it was"
+            );
+        }
+    }
+    if conflicts.len() > CONFLICTS_LOGGED_PER_EVENT {
+        tracing::warn!(
+            event_id,
+            conflicts = conflicts.len(),
+            not_logged = conflicts.len() - CONFLICTS_LOGGED_PER_EVENT,
+            "more Label Studio conflicts in this event: all recorded, see the project status"
+        );
+    }
+}
+
+/// Collects what a write did: a conflict into `conflicts`; answers whether it was left alone.
+fn note(write: ObjectWrite, conflicts: &mut Vec<Conflict>) -> bool {
+    match write {
+        ObjectWrite::Written => false,
+        ObjectWrite::LeftAlone => true,
+        ObjectWrite::Conflict(c) => {
+            conflicts.push(c);
+            false
+        }
+    }
+}
+
+/// Applies one event inside its transaction; answers the outcome to record. Objects that
+/// contradict the stored state are recorded as conflicts and collected in `conflicts`.
 async fn apply(
     tx: &mut CurationTx,
     action: &Action,
+    action_name: &str,
     body: &Value,
     configs: &mut ConfigCache,
+    conflicts: &mut Vec<Conflict>,
 ) -> Result<String, CurationError> {
     #[cfg(test)]
     if matches!(action, Action::Unknown(name) if name == tests::PANIC_ACTION) {
@@ -342,36 +443,46 @@ async fn apply(
             }
         }
         Action::TasksCreated => {
-            for t in event::items(body, "tasks")
-                .into_iter()
-                .filter_map(TaskPayload::read)
-            {
-                upsert_task(tx, &t, project_id).await?;
+            for object in event::items(body, "tasks") {
+                let from = Delivered {
+                    action: action_name,
+                    object,
+                };
+                upsert_task(tx, object, project_id, from, conflicts).await?;
             }
         }
         Action::TasksDeleted => {
-            let ids: Vec<i64> = event::items(body, "tasks")
-                .into_iter()
-                .filter_map(event::id_of)
-                .collect();
-            tx.delete_tasks(project_id.unwrap_or(0), &ids).await?;
+            for object in event::items(body, "tasks") {
+                let Some(id) = event::id_of(object) else {
+                    continue;
+                };
+                let from = Delivered {
+                    action: action_name,
+                    object,
+                };
+                note(
+                    tx.delete_task(project_id.unwrap_or(0), id, from).await?,
+                    conflicts,
+                );
+            }
         }
         Action::AnnotationCreated | Action::AnnotationsCreated | Action::AnnotationUpdated => {
-            for t in event::items(body, "task")
-                .into_iter()
-                .filter_map(TaskPayload::read)
-            {
-                upsert_task(tx, &t, project_id).await?;
+            for object in event::items(body, "task") {
+                let from = Delivered {
+                    action: action_name,
+                    object,
+                };
+                upsert_task(tx, object, project_id, from, conflicts).await?;
             }
-            let annotations: Vec<AnnotationPayload> = event::items(body, "annotation")
+            let annotations: Vec<(&Value, AnnotationPayload)> = event::items(body, "annotation")
                 .into_iter()
-                .filter_map(AnnotationPayload::read)
+                .filter_map(|object| Some((object, AnnotationPayload::read(object)?)))
                 .collect();
             if annotations.is_empty() {
                 return Ok("ignored: no annotation in the payload".into());
             }
             let mut stale = 0;
-            for a in annotations {
+            for (object, a) in annotations {
                 let Some(project) = a.project_id.or(project_id) else {
                     return Err(CurationError::Invalid(format!(
                         "annotation {} names no project",
@@ -380,7 +491,11 @@ async fn apply(
                 };
                 let config = config_for(tx, project, configs).await?;
                 let row = annotation_row(&a, project, config.as_deref());
-                if !tx.upsert_annotation(&row).await? {
+                let from = Delivered {
+                    action: action_name,
+                    object,
+                };
+                if note(tx.apply_annotation(&row, from).await?, conflicts) {
                     stale += 1;
                 }
             }
@@ -389,16 +504,22 @@ async fn apply(
             }
         }
         Action::AnnotationsDeleted => {
-            let mut ids: Vec<i64> = event::items(body, "annotations")
-                .into_iter()
-                .filter_map(event::id_of)
-                .collect();
-            ids.extend(
-                event::items(body, "annotation")
-                    .into_iter()
-                    .filter_map(event::id_of),
-            );
-            tx.delete_annotations(project_id.unwrap_or(0), &ids).await?;
+            let mut objects = event::items(body, "annotations");
+            objects.extend(event::items(body, "annotation"));
+            for object in objects {
+                let Some(id) = event::id_of(object) else {
+                    continue;
+                };
+                let from = Delivered {
+                    action: action_name,
+                    object,
+                };
+                note(
+                    tx.delete_annotation(project_id.unwrap_or(0), id, from)
+                        .await?,
+                    conflicts,
+                );
+            }
         }
         Action::ProjectCreated | Action::ProjectUpdated => {}
         Action::StartTraining => {
@@ -415,9 +536,14 @@ async fn apply(
 
 async fn upsert_task(
     tx: &mut CurationTx,
-    t: &TaskPayload,
+    object: &Value,
     project_id: Option<i64>,
+    from: Delivered<'_>,
+    conflicts: &mut Vec<Conflict>,
 ) -> Result<(), CurationError> {
+    let Some(t) = TaskPayload::read(object) else {
+        return Ok(());
+    };
     let (Some(data), Some(project)) = (&t.data, t.project_id.or(project_id)) else {
         return Ok(());
     };
@@ -426,7 +552,7 @@ async fn upsert_task(
         project_id: project,
         data: data.to_string(),
     };
-    tx.upsert_task(&row, t.updated_at_us).await?;
+    note(tx.apply_task(&row, t.updated_at_us, from).await?, conflicts);
     Ok(())
 }
 

@@ -102,6 +102,10 @@ pub struct ProjectStatus {
     pub webhook_events: WebhookEventCounts,
     /// Up to 100 of the latest deliveries that could not be applied, with the reason.
     pub failed_events: Vec<FailedWebhookEvent>,
+    /// Label Studio objects claimed for this project whose ids contradict what batchlab holds
+    /// (an id under another project or task, a reused id): kept aside, not in the counts above,
+    /// each with its reason; `count` of them and the `latest` 100.
+    pub conflicts: crate::store::ConflictSummary,
 }
 
 impl Curation {
@@ -181,6 +185,7 @@ impl Curation {
         let history = self.store.accuracy_records(id).await?;
         let webhook_events = self.store.webhook_event_counts(Some(id)).await?;
         let failed_events = self.store.failed_webhook_events(id, 100).await?;
+        let conflicts = self.store.conflicts(id, 100).await?;
         Ok(ProjectStatus {
             id,
             title: project.title,
@@ -202,6 +207,7 @@ impl Curation {
                 .collect(),
             webhook_events,
             failed_events,
+            conflicts,
         })
     }
 

@@ -4,6 +4,22 @@
 //! Writes that come from webhook events go through a [`CurationTx`], so that one event is
 //! applied, and marked processed, atomically. Every upsert is guarded so that a replayed or
 //! reordered delivery cannot undo a newer state (see [`CurationTx::upsert_annotation`]).
+//!
+//! Rows are keyed by Label Studio's ids alone, and Label Studio re-created with a fresh database
+//! hands the same ids out again. So the writes of delivered objects ([`CurationTx::apply_task`],
+//! [`CurationTx::apply_annotation`], [`CurationTx::delete_task`],
+//! [`CurationTx::delete_annotation`]) first ask whether the object contradicts what is held under
+//! its id: an id held under another project (live or as a tombstone), an annotation held on
+//! another task, or with another creation time (Label Studio never changes either), an annotation
+//! on a task held under another project. Such an object is a [`Conflict`]: the stored row is left
+//! exactly as it was, and the object, as delivered, is recorded in `ls_conflicts` with the reason.
+//! The stored row wins because it is what batchlab already counted and exported (milestone files
+//! are never rewritten): letting the newcomer replace it would change another project's counts
+//! and history behind its back, and batchlab cannot tell which of two Label Studios is the current
+//! one. The newcomer is kept whole rather than as a reference to its event, since retention
+//! deletes old events; so a later reconcile, or state keyed by Label Studio instance, can replay
+//! it. The SQL guards also refuse to move a row to another project or task, so two processors
+//! racing on one id cannot move it either: a refused write is explained again and recorded.
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
@@ -67,6 +83,329 @@ pub const FAILED_OUTCOME: &str = "failed: ";
 /// SQL condition matching failed events' outcomes, the older spellings included.
 const FAILED_CONDITION: &str =
     "(outcome LIKE 'failed: %' OR outcome LIKE 'error: %' OR outcome LIKE 'unreadable body%')";
+
+/// A Label Studio object whose ids contradict what batchlab holds, kept aside with the reason
+/// (see [`CurationTx::apply_annotation`]): the stored row was left as it was, and the object as
+/// delivered is here, whole, for a later reconcile to replay.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Conflict {
+    /// The record.
+    pub id: i64,
+    /// The webhook event that carried the object (retention may since have deleted it).
+    pub event_id: i64,
+    /// That event's action.
+    pub action: String,
+    /// The project the event claims for the object.
+    pub project_id: i64,
+    /// What contradicts: one of [`ConflictKind`]'s names, e.g. `annotation_in_other_project`.
+    pub kind: String,
+    /// `annotation` or `task`.
+    pub entity: String,
+    /// Label Studio's id of the object.
+    pub entity_id: i64,
+    /// The project batchlab holds that id under.
+    pub known_project_id: Option<i64>,
+    /// The task batchlab holds that annotation on (for annotations; `None` when unknown).
+    pub known_task_id: Option<i64>,
+    /// Whether what batchlab holds under that id is deleted (a tombstone).
+    pub known_deleted: bool,
+    /// Why the object was kept aside, in words, with the ids.
+    pub reason: String,
+    /// The object as delivered, JSON text (left out of the project status, which lists
+    /// reasons).
+    #[serde(skip)]
+    pub body: String,
+    /// When it was recorded (unix seconds).
+    pub detected_at: i64,
+}
+
+/// What contradicts, in a [`Conflict`]: its `kind`, and the `kind` label of the
+/// `batchlab_label_studio_conflicts_total` counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictKind {
+    /// An annotation id batchlab holds, live, under another project.
+    AnnotationInOtherProject,
+    /// An annotation id batchlab holds as deleted under another project: its tombstone would
+    /// have swallowed the new annotation.
+    AnnotationDeletedInOtherProject,
+    /// An annotation id batchlab holds on another task of the same project.
+    AnnotationOnOtherTask,
+    /// An annotation id batchlab holds with another creation time: another annotation.
+    AnnotationRecreated,
+    /// An annotation on a task id that batchlab holds under another project.
+    AnnotationOnTaskOfOtherProject,
+    /// A deletion of an annotation id that batchlab holds under another project.
+    AnnotationDeletionInOtherProject,
+    /// A task id batchlab holds, live, under another project.
+    TaskInOtherProject,
+    /// A task id batchlab holds as deleted under another project.
+    TaskDeletedInOtherProject,
+    /// A deletion of a task id that batchlab holds under another project.
+    TaskDeletionInOtherProject,
+}
+
+impl ConflictKind {
+    /// Its name, as stored and as the metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AnnotationInOtherProject => "annotation_in_other_project",
+            Self::AnnotationDeletedInOtherProject => "annotation_deleted_in_other_project",
+            Self::AnnotationOnOtherTask => "annotation_on_other_task",
+            Self::AnnotationRecreated => "annotation_recreated",
+            Self::AnnotationOnTaskOfOtherProject => "annotation_on_task_of_other_project",
+            Self::AnnotationDeletionInOtherProject => "annotation_deletion_in_other_project",
+            Self::TaskInOtherProject => "task_in_other_project",
+            Self::TaskDeletedInOtherProject => "task_deleted_in_other_project",
+            Self::TaskDeletionInOtherProject => "task_deletion_in_other_project",
+        }
+    }
+
+    /// `annotation` or `task`: what the conflicting object is.
+    pub fn entity(self) -> &'static str {
+        match self {
+            Self::TaskInOtherProject
+            | Self::TaskDeletedInOtherProject
+            | Self::TaskDeletionInOtherProject => "task",
+            _ => "annotation",
+        }
+    }
+}
+
+/// Where an object being written came from: recorded with it should it contradict what is held.
+#[derive(Clone, Copy, Debug)]
+pub struct Delivered<'a> {
+    /// The event's action, as sent.
+    pub action: &'a str,
+    /// The object as delivered: a task or an annotation, or the item naming a deleted one.
+    pub object: &'a serde_json::Value,
+}
+
+/// What writing one delivered object did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectWrite {
+    /// Stored (or, for a deletion, marked deleted).
+    Written,
+    /// Left alone because a newer state of the same object, or its deletion, is stored: an
+    /// ordinary replay or reordering.
+    LeftAlone,
+    /// It contradicts what is held under its id: recorded, the stored row left as it was.
+    Conflict(Conflict),
+}
+
+/// A contradiction found, before it is recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Contradiction {
+    kind: ConflictKind,
+    entity_id: i64,
+    project_id: i64,
+    known_project_id: i64,
+    known_task_id: Option<i64>,
+    known_deleted: bool,
+    reason: String,
+}
+
+/// What batchlab holds under a task id.
+#[derive(Clone, Copy, Debug)]
+struct KnownTask {
+    /// 0 for a tombstone left by a deletion that named no project.
+    project_id: i64,
+    deleted: bool,
+}
+
+/// What batchlab holds under an annotation id.
+#[derive(Clone, Debug)]
+struct KnownAnnotation {
+    /// 0 for a tombstone left by a deletion that named no project.
+    project_id: i64,
+    /// 0 when unknown (a tombstone left before the creation arrived).
+    task_id: i64,
+    deleted: bool,
+    created_at: Option<String>,
+}
+
+fn as_deleted(deleted: bool) -> &'static str {
+    if deleted {
+        " as deleted"
+    } else {
+        ""
+    }
+}
+
+fn on_task(task: i64) -> String {
+    if task == 0 {
+        String::new()
+    } else {
+        format!(" (task {task})")
+    }
+}
+
+/// Whether task `id`, delivered for `project`, contradicts what is held under its id.
+fn task_contradiction(id: i64, project: i64, known: &KnownTask) -> Option<Contradiction> {
+    if known.project_id == 0 || known.project_id == project {
+        return None;
+    }
+    Some(Contradiction {
+        kind: if known.deleted {
+            ConflictKind::TaskDeletedInOtherProject
+        } else {
+            ConflictKind::TaskInOtherProject
+        },
+        entity_id: id,
+        project_id: project,
+        known_project_id: known.project_id,
+        known_task_id: None,
+        known_deleted: known.deleted,
+        reason: format!(
+            "task {id} of project {project}: batchlab holds task {id}{} under project {}",
+            as_deleted(known.deleted),
+            known.project_id
+        ),
+    })
+}
+
+/// Whether annotation `a` contradicts what is held under its id, or its task is held under
+/// another project (`task`: what is held under its task's id).
+fn annotation_contradiction(
+    a: &AnnotationRow,
+    known: Option<&KnownAnnotation>,
+    task: Option<&KnownTask>,
+) -> Option<Contradiction> {
+    let (id, project) = (a.id, a.project_id);
+    if let Some(k) = known {
+        let found = |kind, reason| Contradiction {
+            kind,
+            entity_id: id,
+            project_id: project,
+            known_project_id: k.project_id,
+            known_task_id: (k.task_id != 0).then_some(k.task_id),
+            known_deleted: k.deleted,
+            reason,
+        };
+        if k.project_id != 0 && k.project_id != project {
+            let kind = if k.deleted {
+                ConflictKind::AnnotationDeletedInOtherProject
+            } else {
+                ConflictKind::AnnotationInOtherProject
+            };
+            return Some(found(
+                kind,
+                format!(
+                    "annotation {id} of project {project}{}: batchlab holds annotation {id}{} under project {}{}",
+                    on_task(a.task_id),
+                    as_deleted(k.deleted),
+                    k.project_id,
+                    on_task(k.task_id)
+                ),
+            ));
+        }
+        if k.task_id != 0 && a.task_id != 0 && k.task_id != a.task_id {
+            return Some(found(
+                ConflictKind::AnnotationOnOtherTask,
+                format!(
+                    "annotation {id} of project {project} names task {}: batchlab holds annotation {id}{} on task {}",
+                    a.task_id,
+                    as_deleted(k.deleted),
+                    k.task_id
+                ),
+            ));
+        }
+        let created = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(crate::labelstudio::event::parse_timestamp_us)
+        };
+        if let (Some(new), Some(old)) = (created(&a.created_at), created(&k.created_at)) {
+            if new != old {
+                return Some(found(
+                    ConflictKind::AnnotationRecreated,
+                    format!(
+                        "annotation {id} of project {project}{} was created at {}: batchlab holds annotation {id}{} created at {}, another annotation under the same id",
+                        on_task(a.task_id),
+                        a.created_at.as_deref().unwrap_or_default(),
+                        as_deleted(k.deleted),
+                        k.created_at.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+    let t = task?;
+    if t.project_id == 0 || t.project_id == project {
+        return None;
+    }
+    Some(Contradiction {
+        kind: ConflictKind::AnnotationOnTaskOfOtherProject,
+        entity_id: id,
+        project_id: project,
+        known_project_id: t.project_id,
+        known_task_id: None,
+        known_deleted: false,
+        reason: format!(
+            "annotation {id} of project {project} is on task {}: batchlab holds task {}{} under project {}",
+            a.task_id,
+            a.task_id,
+            as_deleted(t.deleted),
+            t.project_id
+        ),
+    })
+}
+
+/// Whether `project` deleting an object held as `known_project` (and `known_task`) contradicts.
+fn deletion_contradiction(
+    kind: ConflictKind,
+    id: i64,
+    project: i64,
+    known_project: i64,
+    known_task: i64,
+    known_deleted: bool,
+) -> Option<Contradiction> {
+    if project == 0 || known_project == 0 || known_project == project {
+        return None;
+    }
+    let entity = kind.entity();
+    Some(Contradiction {
+        kind,
+        entity_id: id,
+        project_id: project,
+        known_project_id: known_project,
+        known_task_id: (known_task != 0).then_some(known_task),
+        known_deleted,
+        reason: format!(
+            "project {project} deletes {entity} {id}: batchlab holds {entity} {id}{} under project {known_project}{}",
+            as_deleted(known_deleted),
+            on_task(known_task)
+        ),
+    })
+}
+
+/// A project's conflicts, as its status shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConflictSummary {
+    /// Every conflict recorded for the project.
+    pub count: i64,
+    /// The latest (up to the limit asked for), newest first.
+    pub latest: Vec<Conflict>,
+}
+
+const CONFLICT_COLUMNS: &str = "id, event_id, action, project_id, kind, entity, entity_id, \
+     known_project_id, known_task_id, known_deleted, reason, body, detected_at";
+
+fn conflict_from_row(row: &AnyRow) -> Result<Conflict, sqlx::Error> {
+    Ok(Conflict {
+        id: row.try_get("id")?,
+        event_id: row.try_get("event_id")?,
+        action: row.try_get("action")?,
+        project_id: row.try_get("project_id")?,
+        kind: row.try_get("kind")?,
+        entity: row.try_get("entity")?,
+        entity_id: row.try_get("entity_id")?,
+        known_project_id: row.try_get("known_project_id")?,
+        known_task_id: row.try_get("known_task_id")?,
+        known_deleted: row.try_get::<i64, _>("known_deleted")? != 0,
+        reason: row.try_get("reason")?,
+        body: row.try_get("body")?,
+        detected_at: row.try_get("detected_at")?,
+    })
+}
 
 /// A Label Studio project as batchlab last heard of it.
 #[derive(Clone, Debug, PartialEq)]
@@ -343,6 +682,42 @@ impl Store {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+
+    /// What processing recorded for an event (`None` while it is pending, or when there is no
+    /// such event): `applied`, `conflict: ...`, `failed: ...` and so on.
+    pub async fn webhook_event_outcome(&self, id: i64) -> Result<Option<String>, StoreError> {
+        let outcome: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT outcome FROM webhook_events WHERE id = $1 AND processed_at IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(outcome.flatten())
+    }
+
+    /// How many conflicts were recorded for `project` (the project their events claim), and the
+    /// latest `limit` of them, newest first.
+    pub async fn conflicts(&self, project: i64, limit: i64) -> Result<ConflictSummary, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM ls_conflicts WHERE project_id = $1")
+                .bind(project)
+                .fetch_one(&self.pool)
+                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CONFLICT_COLUMNS} FROM ls_conflicts WHERE project_id = $1 ORDER BY id DESC LIMIT $2"
+        ))
+        .bind(project)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ConflictSummary {
+            count,
+            latest: rows
+                .iter()
+                .map(conflict_from_row)
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     /// Starts applying one event: the transaction first claims the event (its first statement is
@@ -927,59 +1302,110 @@ impl CurationTx {
         Ok(config.filter(|c| !c.is_empty()))
     }
 
-    /// Records a task's data unless a newer state (or its deletion) is stored.
+    /// Records a task's data unless a newer state (or its deletion) is stored, or the task is
+    /// held under another project (it is never moved: see [`CurationTx::apply_task`]). True when
+    /// the row was written.
     pub async fn upsert_task(
         &mut self,
         task: &TaskRow,
         updated_at_us: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+    ) -> Result<bool, StoreError> {
+        let written = sqlx::query(
             "INSERT INTO ls_tasks (id, project_id, data, updated_at_us) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id, data = excluded.data, \
-             updated_at_us = excluded.updated_at_us \
-             WHERE ls_tasks.deleted = 0 AND excluded.updated_at_us >= ls_tasks.updated_at_us",
+             ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at_us = excluded.updated_at_us \
+             WHERE ls_tasks.deleted = 0 AND ls_tasks.project_id = excluded.project_id \
+             AND excluded.updated_at_us >= ls_tasks.updated_at_us",
         )
         .bind(task.id)
         .bind(task.project_id)
         .bind(&task.data)
         .bind(updated_at_us)
         .execute(&mut *self.tx)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(written == 1)
     }
 
-    /// Marks tasks deleted (a tombstone when unknown), with their annotations.
-    pub async fn delete_tasks(&mut self, project_id: i64, ids: &[i64]) -> Result<(), StoreError> {
-        for id in ids {
-            sqlx::query(
-                "INSERT INTO ls_tasks (id, project_id, data, deleted) VALUES ($1, $2, '{}', 1) \
-                 ON CONFLICT (id) DO UPDATE SET deleted = 1",
-            )
-            .bind(id)
-            .bind(project_id)
-            .execute(&mut *self.tx)
-            .await?;
+    /// Records a delivered task ([`CurationTx::upsert_task`]), or, when its id is held under
+    /// another project, leaves that row alone and records the task as a [`Conflict`].
+    pub async fn apply_task(
+        &mut self,
+        task: &TaskRow,
+        updated_at_us: i64,
+        from: Delivered<'_>,
+    ) -> Result<ObjectWrite, StoreError> {
+        if self.upsert_task(task, updated_at_us).await? {
+            return Ok(ObjectWrite::Written);
+        }
+        // Refused: a newer state or a deletion (an ordinary replay), or another project's task.
+        let known = self.known_task(task.id).await?;
+        match known.and_then(|k| task_contradiction(task.id, task.project_id, &k)) {
+            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            None => Ok(ObjectWrite::LeftAlone),
+        }
+    }
+
+    /// Marks task `id` of `project_id` deleted (a tombstone when unknown), with its annotations;
+    /// a task held under another project is left alone and the deletion recorded as a
+    /// [`Conflict`]. A `project_id` of 0 (the event named none) deletes whatever is held.
+    pub async fn delete_task(
+        &mut self,
+        project_id: i64,
+        id: i64,
+        from: Delivered<'_>,
+    ) -> Result<ObjectWrite, StoreError> {
+        let deleted = sqlx::query(
+            "INSERT INTO ls_tasks (id, project_id, data, deleted) VALUES ($1, $2, '{}', 1) \
+             ON CONFLICT (id) DO UPDATE SET deleted = 1 \
+             WHERE excluded.project_id = 0 OR ls_tasks.project_id = 0 OR ls_tasks.project_id = excluded.project_id",
+        )
+        .bind(id)
+        .bind(project_id)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if deleted == 1 {
             sqlx::query("UPDATE ls_annotations SET deleted = 1 WHERE task_id = $1")
                 .bind(id)
                 .execute(&mut *self.tx)
                 .await?;
+            return Ok(ObjectWrite::Written);
         }
-        Ok(())
+        let known = self.known_task(id).await?;
+        let found = known.and_then(|k| {
+            deletion_contradiction(
+                ConflictKind::TaskDeletionInOtherProject,
+                id,
+                project_id,
+                k.project_id,
+                0,
+                k.deleted,
+            )
+        });
+        match found {
+            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            None => Ok(ObjectWrite::LeftAlone),
+        }
     }
 
     /// Records an annotation unless a newer state or its deletion is stored: an older update
     /// arriving after a newer one, or a creation replayed after a deletion, changes nothing.
+    /// Nor is a stored annotation ever moved to another project or task (see
+    /// [`CurationTx::apply_annotation`]); a delivery naming no task keeps the stored one.
     /// A ground-truth annotation takes the star from the task's other annotations, as Label
     /// Studio does without sending events for them. True when the row was written.
     pub async fn upsert_annotation(&mut self, a: &AnnotationRow) -> Result<bool, StoreError> {
         let written = sqlx::query(&format!(
             "INSERT INTO ls_annotations ({ANNOTATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id, task_id = excluded.task_id, \
+             ON CONFLICT (id) DO UPDATE SET \
+             task_id = CASE WHEN excluded.task_id = 0 THEN ls_annotations.task_id ELSE excluded.task_id END, \
              result = excluded.result, ground_truth = excluded.ground_truth, was_cancelled = excluded.was_cancelled, \
              lead_time = excluded.lead_time, completed_by = excluded.completed_by, created_at = excluded.created_at, \
              updated_at = excluded.updated_at, updated_at_us = excluded.updated_at_us, valid = excluded.valid, \
              invalid_reason = excluded.invalid_reason \
-             WHERE ls_annotations.deleted = 0 AND excluded.updated_at_us >= ls_annotations.updated_at_us"
+             WHERE ls_annotations.deleted = 0 AND excluded.updated_at_us >= ls_annotations.updated_at_us \
+             AND ls_annotations.project_id = excluded.project_id \
+             AND (ls_annotations.task_id = excluded.task_id OR ls_annotations.task_id = 0 OR excluded.task_id = 0)"
         ))
         .bind(a.id)
         .bind(a.project_id)
@@ -1012,24 +1438,162 @@ impl CurationTx {
         Ok(written)
     }
 
-    /// Marks annotations deleted; an id not seen yet leaves a tombstone that a late creation
-    /// cannot overwrite.
-    pub async fn delete_annotations(
+    /// Records a delivered annotation ([`CurationTx::upsert_annotation`]), unless it contradicts
+    /// what is held: its id under another project (live or deleted), on another task, or with
+    /// another creation time, or its task under another project. Then the stored rows are left
+    /// alone and the annotation is recorded as a [`Conflict`].
+    pub async fn apply_annotation(
+        &mut self,
+        a: &AnnotationRow,
+        from: Delivered<'_>,
+    ) -> Result<ObjectWrite, StoreError> {
+        if let Some(c) = self.annotation_contradiction(a).await? {
+            return Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?));
+        }
+        if self.upsert_annotation(a).await? {
+            return Ok(ObjectWrite::Written);
+        }
+        // Refused: a newer state or a deletion (an ordinary replay), or a row another processor
+        // stored since the check above.
+        match self.annotation_contradiction(a).await? {
+            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            None => Ok(ObjectWrite::LeftAlone),
+        }
+    }
+
+    /// Marks annotation `id` of `project_id` deleted; an id not seen yet leaves a tombstone that a
+    /// late creation cannot overwrite. One held under another project is left alone and the
+    /// deletion recorded as a [`Conflict`]. A `project_id` of 0 (the event named none) deletes
+    /// whatever is held.
+    pub async fn delete_annotation(
         &mut self,
         project_id: i64,
-        ids: &[i64],
-    ) -> Result<(), StoreError> {
-        for id in ids {
-            sqlx::query(
-                "INSERT INTO ls_annotations (id, project_id, task_id, result, deleted, valid) VALUES ($1, $2, 0, '[]', 1, 0) \
-                 ON CONFLICT (id) DO UPDATE SET deleted = 1",
-            )
-            .bind(id)
-            .bind(project_id)
-            .execute(&mut *self.tx)
-            .await?;
+        id: i64,
+        from: Delivered<'_>,
+    ) -> Result<ObjectWrite, StoreError> {
+        let deleted = sqlx::query(
+            "INSERT INTO ls_annotations (id, project_id, task_id, result, deleted, valid) VALUES ($1, $2, 0, '[]', 1, 0) \
+             ON CONFLICT (id) DO UPDATE SET deleted = 1 \
+             WHERE excluded.project_id = 0 OR ls_annotations.project_id = 0 \
+             OR ls_annotations.project_id = excluded.project_id",
+        )
+        .bind(id)
+        .bind(project_id)
+        .execute(&mut *self.tx)
+        .await?
+        .rows_affected();
+        if deleted == 1 {
+            return Ok(ObjectWrite::Written);
         }
-        Ok(())
+        let found = self.known_annotation(id).await?.and_then(|k| {
+            deletion_contradiction(
+                ConflictKind::AnnotationDeletionInOtherProject,
+                id,
+                project_id,
+                k.project_id,
+                k.task_id,
+                k.deleted,
+            )
+        });
+        match found {
+            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            None => Ok(ObjectWrite::LeftAlone),
+        }
+    }
+
+    async fn known_task(&mut self, id: i64) -> Result<Option<KnownTask>, StoreError> {
+        let row = sqlx::query("SELECT project_id, deleted FROM ls_tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        row.map(|r| {
+            Ok(KnownTask {
+                project_id: r.try_get("project_id")?,
+                deleted: r.try_get::<i64, _>("deleted")? != 0,
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| e.into())
+    }
+
+    async fn known_annotation(&mut self, id: i64) -> Result<Option<KnownAnnotation>, StoreError> {
+        let row = sqlx::query(
+            "SELECT project_id, task_id, deleted, created_at FROM ls_annotations WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| {
+            Ok(KnownAnnotation {
+                project_id: r.try_get("project_id")?,
+                task_id: r.try_get("task_id")?,
+                deleted: r.try_get::<i64, _>("deleted")? != 0,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+        .map_err(|e: sqlx::Error| e.into())
+    }
+
+    async fn annotation_contradiction(
+        &mut self,
+        a: &AnnotationRow,
+    ) -> Result<Option<Contradiction>, StoreError> {
+        let known = self.known_annotation(a.id).await?;
+        let task = if a.task_id == 0 {
+            None
+        } else {
+            self.known_task(a.task_id).await?
+        };
+        Ok(annotation_contradiction(a, known.as_ref(), task.as_ref()))
+    }
+
+    /// Keeps a contradicting object in `ls_conflicts`.
+    async fn record_conflict(
+        &mut self,
+        c: Contradiction,
+        from: Delivered<'_>,
+    ) -> Result<Conflict, StoreError> {
+        // PostgreSQL text cannot hold NUL; a reason may quote hostile input (a creation time).
+        // The body is JSON text, which escapes it.
+        let reason = c.reason.replace('\0', "\u{FFFD}");
+        let action = from.action.replace('\0', "\u{FFFD}");
+        let body = from.object.to_string();
+        let detected_at = now();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO ls_conflicts (event_id, action, project_id, kind, entity, entity_id, known_project_id, \
+             known_task_id, known_deleted, reason, body, detected_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+        )
+        .bind(self.event_id)
+        .bind(&action)
+        .bind(c.project_id)
+        .bind(c.kind.as_str())
+        .bind(c.kind.entity())
+        .bind(c.entity_id)
+        .bind(c.known_project_id)
+        .bind(c.known_task_id)
+        .bind(flag(c.known_deleted))
+        .bind(&reason)
+        .bind(&body)
+        .bind(detected_at)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        Ok(Conflict {
+            id,
+            event_id: self.event_id,
+            action,
+            project_id: c.project_id,
+            kind: c.kind.as_str().to_owned(),
+            entity: c.kind.entity().to_owned(),
+            entity_id: c.entity_id,
+            known_project_id: Some(c.known_project_id),
+            known_task_id: c.known_task_id,
+            known_deleted: c.known_deleted,
+            reason,
+            body,
+            detected_at,
+        })
     }
 
     /// A project's live annotations, for re-validation after its config changed.
@@ -1068,5 +1632,151 @@ impl CurationTx {
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotation(project: i64, task: i64, created_at: Option<&str>) -> AnnotationRow {
+        AnnotationRow {
+            id: 9,
+            project_id: project,
+            task_id: task,
+            result: "[]".into(),
+            ground_truth: false,
+            was_cancelled: false,
+            lead_time: None,
+            completed_by: None,
+            created_at: created_at.map(Into::into),
+            updated_at: None,
+            updated_at_us: 0,
+            valid: true,
+            invalid_reason: None,
+        }
+    }
+
+    fn known(project: i64, task: i64, deleted: bool, created_at: Option<&str>) -> KnownAnnotation {
+        KnownAnnotation {
+            project_id: project,
+            task_id: task,
+            deleted,
+            created_at: created_at.map(Into::into),
+        }
+    }
+
+    fn kind(c: Option<Contradiction>) -> Option<&'static str> {
+        c.map(|c| c.kind.as_str())
+    }
+
+    /// What ordinary replays and reorderings leave behind contradicts nothing: a tombstone
+    /// left before the creation arrived (no task, perhaps no project), an unknown task, a
+    /// creation time written otherwise or missing.
+    #[test]
+    fn what_replays_leave_is_no_contradiction() {
+        let a = annotation(1, 3, Some("2026-11-27T20:48:49.480354Z"));
+        for k in [
+            known(1, 0, true, None),
+            known(0, 0, true, None),
+            known(1, 3, false, Some("2026-11-27T20:48:49.480354+00:00")),
+            known(1, 3, true, Some("not a time")),
+        ] {
+            assert_eq!(
+                kind(annotation_contradiction(&a, Some(&k), None)),
+                None,
+                "{k:?}"
+            );
+        }
+        let same = KnownTask {
+            project_id: 1,
+            deleted: true,
+        };
+        let unknown = KnownTask {
+            project_id: 0,
+            deleted: true,
+        };
+        assert_eq!(kind(annotation_contradiction(&a, None, Some(&same))), None);
+        assert_eq!(
+            kind(annotation_contradiction(&a, None, Some(&unknown))),
+            None
+        );
+        assert_eq!(kind(task_contradiction(3, 1, &same)), None);
+        assert_eq!(kind(task_contradiction(3, 1, &unknown)), None);
+        assert_eq!(
+            kind(deletion_contradiction(
+                ConflictKind::TaskDeletionInOtherProject,
+                3,
+                0,
+                1,
+                0,
+                false
+            )),
+            None,
+            "a deletion naming no project"
+        );
+    }
+
+    #[test]
+    fn contradictions_are_told_apart() {
+        let a = annotation(5, 3, Some("2026-01-01T00:00:00Z"));
+        let other = KnownTask {
+            project_id: 1,
+            deleted: false,
+        };
+        let cases = [
+            (known(1, 7, false, None), "annotation_in_other_project"),
+            (
+                known(1, 7, true, None),
+                "annotation_deleted_in_other_project",
+            ),
+            (known(5, 4, false, None), "annotation_on_other_task"),
+            (
+                known(5, 3, false, Some("2025-01-01T00:00:00Z")),
+                "annotation_recreated",
+            ),
+        ];
+        for (k, expected) in cases {
+            assert_eq!(
+                kind(annotation_contradiction(&a, Some(&k), Some(&other))),
+                Some(expected)
+            );
+        }
+        let c = annotation_contradiction(&a, None, Some(&other)).unwrap();
+        assert_eq!(c.kind, ConflictKind::AnnotationOnTaskOfOtherProject);
+        assert_eq!(
+            c.reason,
+            "annotation 9 of project 5 is on task 3: batchlab holds task 3 under project 1"
+        );
+        let c = annotation_contradiction(&a, Some(&known(1, 7, true, None)), None).unwrap();
+        assert_eq!(
+            c.reason,
+            "annotation 9 of project 5 (task 3): batchlab holds annotation 9 as deleted under project 1 (task 7)"
+        );
+        assert_eq!(
+            (c.known_project_id, c.known_task_id, c.known_deleted),
+            (1, Some(7), true)
+        );
+        let deleted = KnownTask {
+            project_id: 1,
+            deleted: true,
+        };
+        assert_eq!(
+            kind(task_contradiction(3, 5, &deleted)),
+            Some("task_deleted_in_other_project")
+        );
+        let c = deletion_contradiction(
+            ConflictKind::AnnotationDeletionInOtherProject,
+            9,
+            5,
+            1,
+            7,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            c.reason,
+            "project 5 deletes annotation 9: batchlab holds annotation 9 under project 1 (task 7)"
+        );
     }
 }

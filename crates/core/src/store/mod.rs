@@ -20,9 +20,9 @@ pub use batches::{
     BatchLine, BatchRecord, BatchStatus, FileDeletion, LineKind, NewBatch, NulInText,
 };
 pub use curation::{
-    AccuracyRecord, AnnotationCounts, AnnotationRow, CurationTx, ExportRecord, FailedWebhookEvent,
-    NewWebhookEvent, PredictionRow, ProjectRow, TaskRow, WebhookEvent, WebhookEventCounts,
-    FAILED_OUTCOME,
+    AccuracyRecord, AnnotationCounts, AnnotationRow, Conflict, ConflictKind, ConflictSummary,
+    CurationTx, Delivered, ExportRecord, FailedWebhookEvent, NewWebhookEvent, ObjectWrite,
+    PredictionRow, ProjectRow, TaskRow, WebhookEvent, WebhookEventCounts, FAILED_OUTCOME,
 };
 pub use files::FileRecord;
 pub use imports::ImportedLine;
