@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from test_curation import poll
 from test_batches import assert_each_once, chat_lines, create_batch, read_jsonl, wait_status, wait_until
 
 pytestmark = pytest.mark.fault
@@ -37,15 +38,8 @@ def fault_result(request, outcome: str) -> None:
 
 
 def wait_for(pred, what: str, timeout: float, interval: float = 0.05):
-    """Polls `pred()` until it returns something truthy; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"no {what} within {timeout:.0f}s (last: {value!r})")
-        time.sleep(interval)
+    """Polls `pred()` until it returns something truthy, and answers that."""
+    return poll(pred, bool, what, timeout, interval)
 
 
 def call_json(url: str, body: dict | bytes | None = None, headers: dict | None = None,

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 
 import pytest
 
 from conftest import BIN_DIR, service_env
 from label_studio import json_request
+from test_curation import poll
 
 SECRET = "e2e-reconcile-secret"
 LABEL_CONFIG = (
@@ -32,18 +32,6 @@ LABEL_CONFIG = (
     '<Choices name="label" toName="text" choice="single" required="true">'
     '<Choice value="spam"/><Choice value="ham"/></Choices></View>'
 )
-
-
-def poll(fetch, pred, what: str, timeout: float = 15.0, interval: float = 0.1):
-    """Calls `fetch()` until `pred(value)`; fails with the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if pred(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout:.0f}s; last: {json.dumps(value)[:3000]}")
-        time.sleep(interval)
 
 
 def choice(label: str) -> list[dict]:
@@ -105,7 +93,7 @@ def test_reconcile_repairs_webhooks_lost_while_batchlab_was_down(any_stack, labe
 
     def wait_counts(what: str, **expected) -> dict:
         return poll(status, lambda s: all(s.get("counts", {}).get(k) == v for k, v in expected.items()),
-                    f"{what} (counts {expected})")  # fmt: skip
+                    f"{what} (counts {expected})", timeout=15.0)  # fmt: skip
 
     def annotate(task: int, label: str, cancelled: bool = False) -> dict:
         body = {"result": [] if cancelled else choice(label), "was_cancelled": cancelled, "lead_time": 1.5}
