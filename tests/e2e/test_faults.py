@@ -300,13 +300,20 @@ def test_postgres_down_for_ten_seconds_during_a_batch_and_a_webhook_burst(pg_sta
         s = project_status(stack, 1)
         return s if s["webhook_events"]["pending"] == 0 else None
     status = wait_for(applied, "every accepted event applied", 120, 0.2)
-    assert status["webhook_events"]["received"] == len(accepted), status["webhook_events"]
+    received = status["webhook_events"]["received"]
+    # Every accepted event is stored. One refused at the instant of the cut may be stored too:
+    # its commit reached PostgreSQL but the answer did not come back, so the sender saw a 503
+    # (a retry of it would be a duplicate). Never more than what was sent.
+    assert len(accepted) <= received <= len(accepted) + len(refused), (status["webhook_events"], len(accepted))
     assert status["webhook_events"]["failed"] == 0, status["failed_events"]
-    assert status["counts"]["annotations"] == len(accepted), (status["counts"], len(accepted))
+    # Each stored event applied exactly once: one annotation each, none twice, none missing.
+    assert status["counts"]["annotations"] == received, (status["counts"], received)
     rows = stack.sql("SELECT count(*), count(DISTINCT id) FROM ls_annotations")
-    assert rows == [[str(len(accepted))] * 2], rows
+    assert rows == [[str(received)] * 2], rows
+    stored_ids = {int(r[0]) for r in stack.sql("SELECT id FROM ls_annotations")}
+    assert set(accepted) <= stored_ids, f"accepted but not applied: {sorted(set(accepted) - stored_ids)}"
     fault_result(request, f"{down.count(503)} × 503 while down; batch 80/80 once ({len(errors)} error lines); "
-                          f"{len(accepted)} events accepted and applied once, {len(refused)} refused with 503")
+                          f"{len(accepted)} events accepted, {received} stored, each applied once; {len(refused)} refused with 503")
 
 
 # --------------------------------------------------------------------------------------------
