@@ -274,7 +274,7 @@ impl Runner {
             // While the store fails (a database outage) the pause grows from the poll interval
             // to 30 s, so a fleet of workers does not hammer a recovering database.
             let mut backoff =
-                batchlab_core::backoff::LoopBackoff::new(poll, Duration::from_secs(30).max(poll));
+                batchlab_core::backoff::LoopBackoff::new(poll, Duration::from_secs(30));
             while !self.draining.is_cancelled() {
                 let pause = match self.run_once().await {
                     Ok(found) => {
