@@ -98,8 +98,10 @@ pub struct SetupArgs {
     /// Title of a newly connected ML backend.
     #[arg(long, default_value = "batchlab")]
     pub ml_backend_title: String,
-    /// batchlab-api's webhook URL as Label Studio reaches it
-    /// [default: http://127.0.0.1:<api.port>/v1/webhooks/label-studio].
+    /// batchlab-api's webhook URL as Label Studio reaches it, without the instance
+    /// [default: http://127.0.0.1:<api.port>/v1/webhooks/label-studio]; the webhook registered
+    /// is this URL followed by `/<label_studio.instance>`, so that its deliveries are kept
+    /// apart from any other Label Studio's.
     #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
     /// Connect no ML backend.
@@ -138,14 +140,20 @@ impl SetupArgs {
                 .clone()
                 .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.ml_backend.port))
         });
-        let webhook_url = (!self.no_webhook).then(|| {
-            self.webhook_url.clone().unwrap_or_else(|| {
-                format!(
-                    "http://127.0.0.1:{}/v1/webhooks/label-studio",
-                    config.api.port
-                )
-            })
+        let base = self.webhook_url.clone().unwrap_or_else(|| {
+            format!(
+                "http://127.0.0.1:{}/v1/webhooks/label-studio",
+                config.api.port
+            )
         });
+        let instance = &config.label_studio.instance;
+        let base = base.trim_end_matches('/');
+        let suffix = format!("/{instance}");
+        let base = base.strip_suffix(&suffix).unwrap_or(base).to_owned();
+        let webhook_url = (!self.no_webhook).then(|| format!("{base}{suffix}"));
+        // A webhook registered before instances existed (the URL without one) delivers to the
+        // configured instance too: it is updated in place rather than doubled.
+        let webhook_replaces = webhook_url.as_ref().map(|_| base);
         let ls = &config.label_studio;
         let webhook_header = ls
             .webhook_secret
@@ -165,6 +173,7 @@ impl SetupArgs {
             ml_backend_title: self.ml_backend_title.clone(),
             ml_backend_basic_auth,
             webhook_url,
+            webhook_replaces,
             webhook_header,
         })
     }

@@ -1,4 +1,10 @@
 //! Label Studio curation routes: the webhook target, project status, exports and accuracy.
+//!
+//! What batchlab holds is keyed by Label Studio instance (see
+//! `batchlab_core::labelstudio::instance`): a webhook names its instance in the URL
+//! (`/v1/webhooks/label-studio/{instance}`) or is of the configured `label_studio.instance`, and
+//! the status, export and accuracy routes read the configured instance's projects unless
+//! `?instance=NAME` names another. Import works with the configured Label Studio only.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -7,9 +13,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
 use batchlab_core::curation::import::ImportReport;
-use batchlab_core::curation::{Ingested, ProjectStatus};
+use batchlab_core::curation::{Curation, Ingested, ProjectStatus};
 use batchlab_core::labelstudio::client::LabelStudioClient;
 use batchlab_core::labelstudio::event::parse_timestamp_us;
+use batchlab_core::labelstudio::instance::Instance;
 use futures::TryStreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -29,13 +36,49 @@ pub async fn webhook(
     Ok(Json(state.curation.ingest(&body).await?))
 }
 
+/// `POST /v1/webhooks/label-studio/{instance}`: [`webhook`] for the Label Studio instance the
+/// URL names (what `setup-label-studio` registers), so that two Label Studios, or one re-created
+/// with a fresh database, never share ids.
+pub async fn instance_webhook(
+    State(state): State<AppState>,
+    ApiPath(instance): ApiPath<String>,
+    ApiBytes(body): ApiBytes,
+) -> Result<Json<Ingested>, ApiError> {
+    let instance = parse_instance(&instance)?;
+    Ok(Json(
+        state.curation.with_instance(instance).ingest(&body).await?,
+    ))
+}
+
+fn parse_instance(name: &str) -> Result<Instance, ApiError> {
+    Instance::parse(name).map_err(|e| ApiError::invalid(e.into_message(), "instance"))
+}
+
+/// `?instance=NAME` of the curation routes: the Label Studio instance whose project is meant;
+/// the configured one when absent.
+#[derive(Debug, Default, Deserialize)]
+pub struct InstanceQuery {
+    instance: Option<String>,
+}
+
+impl InstanceQuery {
+    /// The curation service for the instance asked for.
+    fn curation(&self, state: &AppState) -> Result<Curation, ApiError> {
+        Ok(match &self.instance {
+            None => state.curation.clone(),
+            Some(name) => state.curation.with_instance(parse_instance(name)?),
+        })
+    }
+}
+
 /// `GET /v1/label-studio/projects/{id}`: counts, ground truth, milestones, exports, invalid
-/// annotations and accuracy history.
+/// annotations, accuracy history and conflicts.
 pub async fn project(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
+    ApiQuery(scope): ApiQuery<InstanceQuery>,
 ) -> Result<Json<ProjectStatus>, ApiError> {
-    Ok(Json(state.curation.status(id).await?))
+    Ok(Json(scope.curation(&state)?.status(id).await?))
 }
 
 /// Query of the export route.
@@ -72,6 +115,7 @@ fn since_us(since: &str) -> Result<i64, ApiError> {
 pub async fn export(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
+    ApiQuery(scope): ApiQuery<InstanceQuery>,
     ApiQuery(q): ApiQuery<ExportQuery>,
 ) -> Result<Response, ApiError> {
     let format: ExportFormat = q.format.as_deref().unwrap_or("json").parse().map_err(
@@ -83,7 +127,10 @@ pub async fn export(
         include_cancelled: q.include_cancelled,
         include_invalid: q.include_invalid,
     };
-    let cursor = state.curation.export_cursor(id, format, filter).await?;
+    let cursor = scope
+        .curation(&state)?
+        .export_cursor(id, format, filter)
+        .await?;
     let stream = cursor
         .into_stream()
         .inspect_err(move |e| tracing::error!(project_id = id, error = %e, "export stream failed"));
@@ -122,6 +169,7 @@ pub struct PredictionInput {
 pub async fn accuracy(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
+    ApiQuery(scope): ApiQuery<InstanceQuery>,
     ApiJson(req): ApiJson<AccuracyRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let preds: Vec<(i64, Map<String, Value>)> = req
@@ -129,7 +177,7 @@ pub async fn accuracy(
         .into_iter()
         .map(|p| (p.task_id, p.prediction))
         .collect();
-    let report = state.curation.accuracy_of(id, &preds).await?;
+    let report = scope.curation(&state)?.accuracy_of(id, &preds).await?;
     let mut body = serde_json::to_value(report)?;
     body["project_id"] = json!(id);
     Ok(Json(body))
@@ -140,9 +188,11 @@ pub async fn accuracy(
 pub async fn stored_accuracy(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
+    ApiQuery(scope): ApiQuery<InstanceQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let reports = state.curation.stored_accuracy(id).await?;
-    let history = state.curation.status(id).await?.accuracy_history;
+    let curation = scope.curation(&state)?;
+    let reports = curation.stored_accuracy(id).await?;
+    let history = curation.status(id).await?.accuracy_history;
     Ok(Json(
         json!({"project_id": id, "model_versions": reports, "history": history}),
     ))

@@ -202,8 +202,10 @@ impl From<BlobError> for ApiError {
 impl From<CurationError> for ApiError {
     fn from(e: CurationError) -> Self {
         match e {
-            CurationError::UnknownProject(_) => Self::NotFound(e.to_string()),
-            CurationError::LabelConfig { .. } => Self::Conflict(e.to_string()),
+            CurationError::UnknownProject { .. } => Self::NotFound(e.to_string()),
+            CurationError::LabelConfig { .. } | CurationError::Recreated { .. } => {
+                Self::Conflict(e.to_string())
+            }
             CurationError::Invalid(_) | CurationError::Webhook(_) => Self::InvalidRequest {
                 message: e.to_string(),
                 param: None,

@@ -41,7 +41,11 @@ pub struct AppState {
 impl AppState {
     /// The state over an open store and blob store.
     pub fn new(store: Store, blobs: BlobStore, config: Config) -> AppState {
-        let curation = Curation::new(store.clone(), config.curation.clone());
+        let curation = Curation::new(
+            store.clone(),
+            config.curation.clone(),
+            config.label_studio.instance.clone(),
+        );
         let webhook_slots = Arc::new(tokio::sync::Semaphore::new(
             config.api.max_concurrent_webhooks.max(1),
         ));
@@ -132,6 +136,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/webhooks/label-studio",
             post(curation::webhook).layer(DefaultBodyLimit::max(webhook_limit)),
+        )
+        .route(
+            "/webhooks/label-studio/{instance}",
+            post(curation::instance_webhook).layer(DefaultBodyLimit::max(webhook_limit)),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

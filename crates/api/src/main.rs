@@ -77,7 +77,11 @@ async fn reconcile_label_studio(config: &Config, args: &ReconcileArgs) -> anyhow
     let store = Store::open(&config.database)
         .await
         .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
-    let curation = batchlab_core::curation::Curation::new(store, config.curation.clone());
+    let curation = batchlab_core::curation::Curation::new(
+        store,
+        config.curation.clone(),
+        config.label_studio.instance.clone(),
+    );
     let report = curation
         .reconcile(&client, args.project, &args.options())
         .await

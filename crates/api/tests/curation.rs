@@ -29,9 +29,18 @@ async fn deliver(
     body: impl Into<reqwest::Body>,
     secret: Option<&str>,
 ) -> reqwest::Response {
+    deliver_to(s, "/v1/webhooks/label-studio", body, secret).await
+}
+
+async fn deliver_to(
+    s: &Server,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+    secret: Option<&str>,
+) -> reqwest::Response {
     let mut req = s
         .client
-        .post(s.url("/v1/webhooks/label-studio"))
+        .post(s.url(path))
         .header("content-type", "application/json");
     if let Some(secret) = secret {
         req = req.header("X-Batchlab-Secret", secret);
@@ -41,10 +50,15 @@ async fn deliver(
 
 /// Polls the project until `check` holds (the processor runs in the background).
 async fn project_until(s: &Server, id: i64, check: impl Fn(&Value) -> bool) -> Value {
+    project_of_until(s, &id.to_string(), check).await
+}
+
+/// [`project_until`] for `path`: an id, with a query when it needs one.
+async fn project_of_until(s: &Server, path: &str, check: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..100 {
         let resp = s
             .client
-            .get(s.url(&format!("/v1/label-studio/projects/{id}")))
+            .get(s.url(&format!("/v1/label-studio/projects/{path}")))
             .send()
             .await
             .unwrap();
@@ -56,7 +70,7 @@ async fn project_until(s: &Server, id: i64, check: impl Fn(&Value) -> bool) -> V
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("project {id} never reached the expected state");
+    panic!("project {path} never reached the expected state");
 }
 
 fn fixture_body(name: &str) -> Value {
@@ -177,6 +191,102 @@ async fn a_ten_megabyte_import_event_is_stored_and_bodies_over_the_limit_get_413
         None,
     )
     .await;
+}
+
+/// The same Label Studio ids delivered for two instances are two projects: one by the webhook
+/// URL's instance, one by the configured instance (the URL without one); the curation routes
+/// read the configured instance unless `?instance=` names another. Bad names are 400s naming
+/// the parameter, the secret is required on every webhook URL, and an instance without the
+/// project is a 404 that names it.
+#[tokio::test]
+async fn instances_are_named_in_the_webhook_url_and_the_query() {
+    let s = start(|_| {}).await;
+    let tasks = serde_json::to_vec(&fixture_body("06-webhook-TASKS_CREATED.json")).unwrap();
+    let annotation =
+        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap();
+    assert_error(
+        deliver_to(&s, "/v1/webhooks/label-studio/ls2", tasks.clone(), None).await,
+        StatusCode::UNAUTHORIZED,
+        None,
+    )
+    .await;
+    for path in ["/v1/webhooks/label-studio/ls2", "/v1/webhooks/label-studio"] {
+        let resp = deliver_to(&s, path, tasks.clone(), Some(SECRET)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["status"], json!("accepted"), "{path}: {v}");
+    }
+    let resp = deliver_to(
+        &s,
+        "/v1/webhooks/label-studio/ls2",
+        annotation,
+        Some(SECRET),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let ls2 = project_of_until(&s, "1?instance=ls2", |p| {
+        p["counts"]["annotations"] == json!(1)
+    })
+    .await;
+    assert_eq!(ls2["instance"], json!("ls2"));
+    assert_eq!(ls2["counts"]["tasks"], json!(5));
+    let default = project_of_until(&s, "1", |p| p["counts"]["tasks"] == json!(5)).await;
+    assert_eq!(default["instance"], json!("default"));
+    assert_eq!(default["counts"]["annotations"], json!(0), "{default}");
+    let explicit = project_of_until(&s, "1?instance=default", |_| true).await;
+    assert_eq!(explicit["counts"], default["counts"]);
+    let export: Value = s
+        .client
+        .get(s.url("/v1/label-studio/export/1?instance=ls2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(export.as_array().map(Vec::len), Some(1), "{export}");
+
+    for bad in ["Bad", "a.b", "-x", "a%2Fb"] {
+        let body = assert_error(
+            deliver_to(
+                &s,
+                &format!("/v1/webhooks/label-studio/{bad}"),
+                tasks.clone(),
+                Some(SECRET),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            None,
+        )
+        .await;
+        assert_eq!(body["error"]["param"], json!("instance"), "{bad}: {body}");
+        let body = assert_error(
+            s.client
+                .get(s.url(&format!("/v1/label-studio/projects/1?instance={bad}")))
+                .send()
+                .await
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            None,
+        )
+        .await;
+        assert_eq!(body["error"]["param"], json!("instance"), "{bad}: {body}");
+    }
+    let body = assert_error(
+        s.client
+            .get(s.url("/v1/label-studio/projects/1?instance=ls3"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        Some("not_found"),
+    )
+    .await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("'ls3'"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -347,6 +347,11 @@ impl Default for BatchLimits {
 pub struct LabelStudioConfig {
     /// Label Studio's base URL (environment `LABEL_STUDIO_URL`).
     pub url: String,
+    /// The name of the Label Studio at `url` (see [`crate::labelstudio::instance`]): what
+    /// batchlab holds is keyed by (instance, id), since a second or re-created Label Studio
+    /// hands the same ids out again. Webhooks to `/v1/webhooks/label-studio` and curation
+    /// routes without `?instance=` use it. Give a re-created Label Studio a new name.
+    pub instance: crate::labelstudio::instance::Instance,
     /// A legacy token or a personal access token (environment `LABEL_STUDIO_API_KEY`).
     pub api_key: Option<Secret>,
     /// Header Label Studio must send with every webhook delivery when `webhook_secret` is set.
@@ -367,6 +372,7 @@ impl Default for LabelStudioConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:4115".into(),
+            instance: crate::labelstudio::instance::Instance::default(),
             api_key: None,
             webhook_secret_header: "X-Batchlab-Secret".into(),
             webhook_secret: None,

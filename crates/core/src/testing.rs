@@ -21,24 +21,21 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A database that exists for one test.
-pub struct TestDb {
-    /// The store over it, migrated.
-    pub store: Store,
-    /// Its URL, for handing to child processes.
+/// A database that exists for one test, empty: no migration applied yet. For upgrade tests
+/// ([`EmptyDb::migrate_to`]); [`TestDb`] is one of these, migrated.
+pub struct EmptyDb {
+    /// Its URL.
     pub url: String,
     _dir: Option<tempfile::TempDir>,
     pg_name: Option<String>,
 }
 
-impl TestDb {
-    /// A new SQLite file in a temporary directory.
-    pub async fn sqlite() -> TestDb {
+impl EmptyDb {
+    /// A new SQLite file (not created yet) in a temporary directory.
+    pub fn sqlite() -> EmptyDb {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("test.db").display());
-        let store = Store::connect(&url, 4).await.expect("open sqlite");
-        TestDb {
-            store,
+        EmptyDb {
             url,
             _dir: Some(dir),
             pg_name: None,
@@ -47,7 +44,7 @@ impl TestDb {
 
     /// A new PostgreSQL database, or `None` (after saying why) when no server answers and
     /// PostgreSQL is not required.
-    pub async fn postgres() -> Option<TestDb> {
+    pub async fn postgres() -> Option<EmptyDb> {
         sqlx::any::install_default_drivers();
         let admin = postgres_admin_url();
         let mut conn = match sqlx::AnyConnection::connect(&admin).await {
@@ -67,21 +64,51 @@ impl TestDb {
             .await
             .expect("create test database");
         let _ = conn.close().await;
-        let url = with_database(&admin, &name);
-        let store = Store::connect(&url, 8)
-            .await
-            .expect("open postgres test database");
-        Some(TestDb {
-            store,
-            url,
+        Some(EmptyDb {
+            url: with_database(&admin, &name),
             _dir: None,
             pg_name: Some(name),
         })
     }
 
-    /// Closes the pool and drops a PostgreSQL database (SQLite files go with the temp dir).
+    /// Applies batchlab's migrations numbered up to `version` only (the files of
+    /// `migrations/sqlite` or `migrations/postgres`), as an older release left the database;
+    /// [`Store::connect`] then applies the rest, as an upgrade does.
+    pub async fn migrate_to(&self, version: i64) {
+        let kind = if self.pg_name.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../migrations/{kind}"));
+        let older = tempfile::tempdir().expect("temp dir");
+        for entry in std::fs::read_dir(&source).expect("migrations directory") {
+            let path = entry.expect("migration file").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let number: i64 = name.split('_').next().unwrap().parse().unwrap();
+            if number <= version {
+                std::fs::copy(&path, older.path().join(&name)).expect("copy migration");
+            }
+        }
+        sqlx::any::install_default_drivers();
+        let url = if kind == "sqlite" {
+            format!("{}?mode=rwc", self.url)
+        } else {
+            self.url.clone()
+        };
+        let pool = sqlx::AnyPool::connect(&url).await.expect("connect");
+        sqlx::migrate::Migrator::new(older.path())
+            .await
+            .expect("read migrations")
+            .run(&pool)
+            .await
+            .expect("apply older migrations");
+        pool.close().await;
+    }
+
+    /// Drops a PostgreSQL database (SQLite files go with the temp dir).
     pub async fn cleanup(self) {
-        self.store.close().await;
         if let Some(name) = &self.pg_name {
             if let Ok(mut conn) = sqlx::AnyConnection::connect(&postgres_admin_url()).await {
                 let _ = conn
@@ -89,6 +116,45 @@ impl TestDb {
                     .await;
             }
         }
+    }
+}
+
+/// A database that exists for one test, migrated, with a store over it.
+pub struct TestDb {
+    /// The store over it, migrated.
+    pub store: Store,
+    /// Its URL, for handing to child processes.
+    pub url: String,
+    db: EmptyDb,
+}
+
+impl TestDb {
+    /// A new SQLite file in a temporary directory.
+    pub async fn sqlite() -> TestDb {
+        TestDb::over(EmptyDb::sqlite(), 4).await
+    }
+
+    /// A new PostgreSQL database, or `None` (after saying why) when no server answers and
+    /// PostgreSQL is not required.
+    pub async fn postgres() -> Option<TestDb> {
+        Some(TestDb::over(EmptyDb::postgres().await?, 8).await)
+    }
+
+    async fn over(db: EmptyDb, connections: u32) -> TestDb {
+        let store = Store::connect(&db.url, connections)
+            .await
+            .expect("open the test database");
+        TestDb {
+            store,
+            url: db.url.clone(),
+            db,
+        }
+    }
+
+    /// Closes the pool and drops a PostgreSQL database (SQLite files go with the temp dir).
+    pub async fn cleanup(self) {
+        self.store.close().await;
+        self.db.cleanup().await;
     }
 }
 

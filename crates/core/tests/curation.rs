@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::export::{ExportFilter, ExportFormat};
-use batchlab_core::curation::Curation;
+use batchlab_core::curation::{Curation, CurationError};
+use batchlab_core::labelstudio::instance::Instance;
 use batchlab_core::store::Store;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -46,6 +47,7 @@ fn curation(store: &Store, dir: &Path, milestones: Vec<u64>) -> Curation {
             milestones,
             accuracy_every: 2,
         },
+        Instance::default(),
     )
 }
 
@@ -130,9 +132,15 @@ async fn replay_in_order_twice(store: Store) {
     c.check_milestones(1).await.unwrap();
     assert_eq!(c.status(1).await.unwrap().exports.len(), 3);
     // A claim whose export was never written is not shown, and is taken over once stale.
-    assert!(store.claim_milestone(1, 7, "p", 600).await.unwrap());
+    assert!(store
+        .claim_milestone("default", 1, 7, "p", 600)
+        .await
+        .unwrap());
     assert!(
-        !store.claim_milestone(1, 7, "p", 600).await.unwrap(),
+        !store
+            .claim_milestone("default", 1, 7, "p", 600)
+            .await
+            .unwrap(),
         "claimed once"
     );
     assert_eq!(
@@ -141,7 +149,10 @@ async fn replay_in_order_twice(store: Store) {
         "unwritten claims are not listed"
     );
     assert!(
-        store.claim_milestone(1, 7, "p", -1).await.unwrap(),
+        store
+            .claim_milestone("default", 1, 7, "p", -1)
+            .await
+            .unwrap(),
         "a stale claim is taken over"
     );
     // An accuracy record was kept at checkpoint 2 (accuracy_every = 2).
@@ -336,7 +347,10 @@ async fn start_training_is_kept_until_its_export_is_written(store: Store) {
         c.ingest(&body).await.unwrap();
     }
     drain(&c).await;
-    let counts = store.webhook_event_counts(Some(1)).await.unwrap();
+    let counts = store
+        .webhook_event_counts(Some(("default", 1)))
+        .await
+        .unwrap();
     assert_eq!(
         (counts.pending, counts.failed),
         (1, 0),
@@ -351,7 +365,14 @@ async fn start_training_is_kept_until_its_export_is_written(store: Store) {
         &c,
         Duration::from_secs(30),
         "the START_TRAINING export was retried",
-        || async { store.webhook_event_counts(Some(1)).await.unwrap().pending == 0 },
+        || async {
+            store
+                .webhook_event_counts(Some(("default", 1)))
+                .await
+                .unwrap()
+                .pending
+                == 0
+        },
     )
     .await;
     let status = c.status(1).await.unwrap();
@@ -392,7 +413,7 @@ async fn start_training_is_kept_until_its_export_is_written(store: Store) {
     assert_eq!(trainings(&c.status(1).await.unwrap()), 1);
 }
 
-const SIMPLE_CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>"#;
+const SIMPLE_CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>"#;
 
 /// An ANNOTATION_CREATED of a new task `id` (annotation `id` too) in `project`.
 fn annotation_created(project: i64, id: i64) -> Vec<u8> {
@@ -525,7 +546,7 @@ fn annotations_deleted(project: i64, ids: impl IntoIterator<Item = i64>) -> Vec<
 /// A project's live annotations as (id, task, result).
 async fn annotations_of(store: &Store, project: i64) -> Vec<(i64, i64, Value)> {
     store
-        .annotations_in_range(project, i64::MIN, i64::MAX)
+        .annotations_in_range("default", project, i64::MIN, i64::MAX)
         .await
         .unwrap()
         .into_iter()
@@ -536,7 +557,7 @@ async fn annotations_of(store: &Store, project: i64) -> Vec<(i64, i64, Value)> {
 /// A project's live tasks as (id, data).
 async fn tasks_of(store: &Store, project: i64) -> Vec<(i64, Value)> {
     store
-        .tasks_page(project, i64::MIN, 1_000)
+        .tasks_page("default", project, i64::MIN, 1_000)
         .await
         .unwrap()
         .into_iter()
@@ -921,7 +942,217 @@ async fn a_reused_annotation_id_with_another_creation_time_is_a_conflict(store: 
     assert_eq!(conflicts_counted("annotation_recreated") - counted, 1);
 }
 
+/// The reported case again, with the second Label Studio named as what it is: its webhooks
+/// arrive for instance `ls2`. Then its project 5's annotations 100–105 are simply its own: all
+/// counted, no conflict, its milestone file apart from the first instance's; instance
+/// `default`'s project 1 is left exactly as it was, and neither instance sees the other's
+/// projects.
+async fn the_same_ids_in_two_instances_are_two_namespaces(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let first = curation(&store, dir.path(), vec![3]);
+    first.ingest(&project_created(1)).await.unwrap();
+    for id in 99..=105 {
+        let body = annotation_event(
+            "ANNOTATION_CREATED",
+            1,
+            id - 90,
+            id,
+            "2025-03-01T10:00:00Z",
+            "a",
+        );
+        first.ingest(&body).await.unwrap();
+    }
+    drain(&first).await;
+    first
+        .ingest(&annotations_deleted(1, 100..=105))
+        .await
+        .unwrap();
+    drain(&first).await;
+    let before = first.status(1).await.unwrap();
+    assert_eq!((before.counts.tasks, before.counts.annotations), (7, 1));
+
+    let ls2 = Instance::parse("ls2").unwrap();
+    let second = first.with_instance(ls2.clone());
+    second.ingest(&project_created(5)).await.unwrap();
+    first.ingest(&project_created(5)).await.unwrap();
+    for id in 100..=105 {
+        let body = annotation_event(
+            "ANNOTATION_CREATED",
+            5,
+            id - 99,
+            id,
+            "2026-06-01T09:00:00Z",
+            "b",
+        );
+        assert_eq!(second.ingest(&body).await.unwrap().status, "accepted");
+        // The same body from the first instance is another delivery, not a duplicate.
+        assert_eq!(first.ingest(&body).await.unwrap().status, "accepted");
+    }
+    // Only the second instance's deliveries are applied there; the first instance's copies
+    // contradict its tombstones and are conflicts there, as before.
+    drain(&first).await;
+    let status = second.status(5).await.unwrap();
+    assert_eq!(status.instance, "ls2");
+    assert_eq!(
+        (
+            status.counts.tasks,
+            status.counts.annotations,
+            status.counts.valid
+        ),
+        (6, 6, 6),
+        "{:?}",
+        status.counts
+    );
+    assert_eq!(status.conflicts.count, 0, "{:?}", status.conflicts.latest);
+    assert_eq!(status.milestones_reached, vec![3]);
+    let milestone = dir.path().join("ls2").join("project_5_milestone_3.json");
+    assert_eq!(
+        annotations_in(&std::fs::read(&milestone).unwrap()),
+        6,
+        "{}",
+        milestone.display()
+    );
+    assert!(dir.path().join("project_1_milestone_3.json").exists());
+    assert!(!dir.path().join("project_5_milestone_3.json").exists());
+    let after = first.status(1).await.unwrap();
+    assert_eq!(after.counts, before.counts);
+    assert_eq!(after.conflicts.count, 0);
+    assert_eq!(first.status(5).await.unwrap().conflicts.count, 6);
+    assert!(matches!(
+        second.status(1).await,
+        Err(CurationError::UnknownProject { project: 1, .. })
+    ));
+    let ls2_rows = store
+        .annotations_in_range("ls2", 5, i64::MIN, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(
+        ls2_rows.iter().map(|a| a.id).collect::<Vec<_>>(),
+        (100..=105).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&ls2_rows[0].result).unwrap()[0]["value"]["choices"],
+        json!(["b"])
+    );
+}
+
+fn project_with_creation(action: &str, project: i64, created_at: &str) -> Value {
+    json!({"action": action, "project": {"id": project, "title": format!("project {project}"),
+        "label_config": SIMPLE_CONFIG, "created_at": created_at, "updated_at": created_at}})
+}
+
+/// Label Studio re-created with a fresh database, delivering to the same instance: its
+/// project 1 has another creation time than the project 1 batchlab knows. Every event about it
+/// is kept aside whole as a `project_recreated` conflict, whatever ids it carries (a new
+/// annotation id too, which no id check would catch), nothing of it is applied, a
+/// START_TRAINING of it exports nothing, and the project status says what happened. The same
+/// creation time written otherwise is the same project. Delivered to a new instance name, the
+/// same events are applied there.
+async fn a_project_recreated_under_its_id_is_kept_aside(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    let old = "2025-03-01T10:00:00.000000Z";
+    c.ingest(&serde_json::to_vec(&project_with_creation("PROJECT_CREATED", 1, old)).unwrap())
+        .await
+        .unwrap();
+    let mut first = serde_json::from_slice::<Value>(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        1,
+        1,
+        "2025-03-01T11:00:00Z",
+        "a",
+    ))
+    .unwrap();
+    // The same instant, written with an offset instead of Z.
+    first["project"]["created_at"] = json!("2025-03-01T10:00:00+00:00");
+    let event = c
+        .ingest(&serde_json::to_vec(&first).unwrap())
+        .await
+        .unwrap();
+    drain(&c).await;
+    assert_eq!(outcome_of(&store, event.event_id).await, "applied");
+    let before = c.status(1).await.unwrap();
+    assert_eq!((before.counts.tasks, before.counts.annotations), (1, 1));
+    let counted = conflicts_counted("project_recreated");
+
+    // The new Label Studio's project 1: a task, an annotation with a new id, a deletion of
+    // annotation 1 (its own, unrelated one), then START_TRAINING.
+    let new = "2026-06-01T09:00:00.000000Z";
+    let mut bodies = Vec::new();
+    let mut annotation =
+        serde_json::from_slice::<Value>(&annotation_event("ANNOTATION_CREATED", 1, 2, 7, new, "b"))
+            .unwrap();
+    annotation["project"] = project_with_creation("", 1, new)["project"].clone();
+    bodies.push(annotation);
+    let mut deleted = serde_json::from_slice::<Value>(&annotations_deleted(1, [1])).unwrap();
+    deleted["project"] = project_with_creation("", 1, new)["project"].clone();
+    bodies.push(deleted);
+    bodies.push(project_with_creation("START_TRAINING", 1, new));
+    let mut events = Vec::new();
+    for body in &bodies {
+        events.push(
+            c.ingest(&serde_json::to_vec(body).unwrap())
+                .await
+                .unwrap()
+                .event_id,
+        );
+    }
+    drain(&c).await;
+    for event_id in &events {
+        let outcome = outcome_of(&store, *event_id).await;
+        assert!(
+            outcome.starts_with("conflict: project 1 was created at 2026-06-01")
+                && outcome.contains("nothing of the event applied"),
+            "{outcome}"
+        );
+    }
+    let status = c.status(1).await.unwrap();
+    assert_eq!(status.counts, before.counts, "nothing was applied");
+    assert!(status.exports.is_empty(), "{:?}", status.exports);
+    assert_eq!(status.webhook_events.pending, 0);
+    assert_eq!(status.conflicts.count, 3, "{:?}", status.conflicts.latest);
+    for k in &status.conflicts.latest {
+        assert_eq!(
+            (k.kind.as_str(), k.entity.as_str(), k.entity_id),
+            ("project_recreated", "project", 1)
+        );
+        assert!(
+            k.reason.contains(old) && k.reason.contains("new instance name"),
+            "{}",
+            k.reason
+        );
+        let body: Value = serde_json::from_str(&k.body).unwrap();
+        assert_eq!(
+            body["project"]["created_at"],
+            json!(new),
+            "the whole event is kept"
+        );
+    }
+    assert_eq!(conflicts_counted("project_recreated") - counted, 3);
+
+    // Named as a new instance, the same deliveries are applied there.
+    let fresh = c.with_instance(Instance::parse("ls-2026").unwrap());
+    fresh
+        .ingest(&serde_json::to_vec(&project_with_creation("PROJECT_CREATED", 1, new)).unwrap())
+        .await
+        .unwrap();
+    for body in &bodies[..1] {
+        fresh
+            .ingest(&serde_json::to_vec(body).unwrap())
+            .await
+            .unwrap();
+    }
+    drain(&c).await;
+    let status = fresh.status(1).await.unwrap();
+    assert_eq!((status.counts.tasks, status.counts.annotations), (1, 1));
+    assert_eq!(status.conflicts.count, 0);
+}
+
 batchlab_core::on_both_backends!(
+    the_same_ids_in_two_instances_are_two_namespaces,
+    a_project_recreated_under_its_id_is_kept_aside,
     reused_ids_of_deleted_annotations_are_conflicts,
     a_task_id_moving_project_is_a_conflict,
     an_annotation_moving_task_is_a_conflict,

@@ -17,6 +17,7 @@ use batchlab_core::blob::BlobStore;
 use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::Curation;
 use batchlab_core::labelstudio::client::LabelStudioClient;
+use batchlab_core::labelstudio::instance::Instance;
 use batchlab_core::store::{ImportedLine, NewBatch, Store, StoreError};
 use batchlab_core::testing::TestDb;
 use serde_json::{json, Value};
@@ -33,33 +34,36 @@ fn line(custom_id: &str, task_id: Option<i64>) -> ImportedLine {
 }
 
 async fn import_lines_are_marked_then_recorded_once(store: Store) {
-    assert_eq!(store.imported_lines(7, "batch_a").await.unwrap(), vec![]);
+    assert_eq!(
+        store.imported_lines("default", 7, "batch_a").await.unwrap(),
+        vec![]
+    );
 
     store
-        .mark_import_sent(7, "batch_a", &["c1", "c2", "c3"])
+        .mark_import_sent("default", 7, "batch_a", &["c1", "c2", "c3"])
         .await
         .unwrap();
     store
-        .record_imported_tasks(7, "batch_a", &[("c1", 11), ("c2", 12)])
+        .record_imported_tasks("default", 7, "batch_a", &[("c1", 11), ("c2", 12)])
         .await
         .unwrap();
     assert_eq!(
-        store.imported_lines(7, "batch_a").await.unwrap(),
+        store.imported_lines("default", 7, "batch_a").await.unwrap(),
         vec![line("c1", Some(11)), line("c2", Some(12)), line("c3", None)]
     );
 
     // Marking again leaves recorded tasks alone; a recorded task is never replaced; a task can be
     // recorded without a mark (found in Label Studio).
     store
-        .mark_import_sent(7, "batch_a", &["c1", "c3", "c4"])
+        .mark_import_sent("default", 7, "batch_a", &["c1", "c3", "c4"])
         .await
         .unwrap();
     store
-        .record_imported_tasks(7, "batch_a", &[("c1", 99), ("c5", 15)])
+        .record_imported_tasks("default", 7, "batch_a", &[("c1", 99), ("c5", 15)])
         .await
         .unwrap();
     assert_eq!(
-        store.imported_lines(7, "batch_a").await.unwrap(),
+        store.imported_lines("default", 7, "batch_a").await.unwrap(),
         vec![
             line("c1", Some(11)),
             line("c2", Some(12)),
@@ -70,34 +74,53 @@ async fn import_lines_are_marked_then_recorded_once(store: Store) {
     );
 
     // Another project, another batch: their own records.
-    assert_eq!(store.imported_lines(8, "batch_a").await.unwrap(), vec![]);
-    assert_eq!(store.imported_lines(7, "batch_b").await.unwrap(), vec![]);
+    assert_eq!(
+        store.imported_lines("default", 8, "batch_a").await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store.imported_lines("default", 7, "batch_b").await.unwrap(),
+        vec![]
+    );
     store
-        .record_imported_tasks(8, "batch_a", &[("c1", 21)])
+        .record_imported_tasks("default", 8, "batch_a", &[("c1", 21)])
         .await
         .unwrap();
     assert_eq!(
-        store.imported_lines(8, "batch_a").await.unwrap(),
+        store.imported_lines("default", 8, "batch_a").await.unwrap(),
         vec![line("c1", Some(21))]
     );
-    assert_eq!(store.imported_lines(7, "batch_a").await.unwrap().len(), 5);
+    assert_eq!(
+        store
+            .imported_lines("default", 7, "batch_a")
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
 }
 
 async fn large_chunks_of_import_lines_are_written(store: Store) {
     // More rows than one statement carries.
     let ids: Vec<String> = (0..1234).map(|i| format!("line-{i:05}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    store.mark_import_sent(3, "batch_big", &refs).await.unwrap();
+    store
+        .mark_import_sent("default", 3, "batch_big", &refs)
+        .await
+        .unwrap();
     let tasks: Vec<(&str, i64)> = refs
         .iter()
         .enumerate()
         .map(|(i, c)| (*c, 1000 + i as i64))
         .collect();
     store
-        .record_imported_tasks(3, "batch_big", &tasks)
+        .record_imported_tasks("default", 3, "batch_big", &tasks)
         .await
         .unwrap();
-    let lines = store.imported_lines(3, "batch_big").await.unwrap();
+    let lines = store
+        .imported_lines("default", 3, "batch_big")
+        .await
+        .unwrap();
     assert_eq!(lines.len(), 1234);
     assert!(lines
         .iter()
@@ -107,17 +130,23 @@ async fn large_chunks_of_import_lines_are_written(store: Store) {
 
 async fn import_lines_with_nul_are_refused_alike(store: Store) {
     let err = store
-        .mark_import_sent(7, "batch_a", &["ok", "bad\0id"])
+        .mark_import_sent("default", 7, "batch_a", &["ok", "bad\0id"])
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Database(_)), "{err}");
     assert!(err.to_string().contains("custom_id"), "{err}");
     assert!(store
-        .record_imported_tasks(7, "batch\0", &[("ok", 1)])
+        .record_imported_tasks("default", 7, "batch\0", &[("ok", 1)])
         .await
         .is_err());
-    assert_eq!(store.imported_lines(7, "batch_a").await.unwrap(), vec![]);
-    assert_eq!(store.imported_lines(7, "batch\0").await.unwrap(), vec![]);
+    assert_eq!(
+        store.imported_lines("default", 7, "batch_a").await.unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        store.imported_lines("default", 7, "batch\0").await.unwrap(),
+        vec![]
+    );
 }
 
 batchlab_core::on_both_backends!(
@@ -303,7 +332,11 @@ async fn fixture(n: usize) -> Fixture {
         })
         .await
         .unwrap();
-    let curation = Curation::new(db.store.clone(), CurationConfig::default());
+    let curation = Curation::new(
+        db.store.clone(),
+        CurationConfig::default(),
+        Instance::default(),
+    );
     Fixture {
         _db_dir: dir,
         db,
@@ -372,7 +405,7 @@ async fn an_import_refused_half_way_resumes_without_duplicates() {
     );
     let stored =
         f.db.store
-            .predictions_in_range(PROJECT, i64::MIN, i64::MAX)
+            .predictions_in_range("default", PROJECT, i64::MIN, i64::MAX)
             .await
             .unwrap();
     assert_eq!(stored.len(), 7, "one stored prediction per task");
@@ -429,7 +462,7 @@ async fn a_chunk_whose_answer_was_lost_is_found_not_sent_again() {
     // The found tasks' predictions are stored like the others.
     let stored =
         f.db.store
-            .predictions_in_range(PROJECT, i64::MIN, i64::MAX)
+            .predictions_in_range("default", PROJECT, i64::MIN, i64::MAX)
             .await
             .unwrap();
     let mut predicted: Vec<i64> = stored.iter().map(|p| p.task_id).collect();

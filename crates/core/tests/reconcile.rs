@@ -17,6 +17,7 @@ use batchlab_core::config::CurationConfig;
 use batchlab_core::curation::reconcile::{ReconcileOptions, SideCounts};
 use batchlab_core::curation::{Curation, CurationError};
 use batchlab_core::labelstudio::client::{LabelStudioClient, LabelStudioError};
+use batchlab_core::labelstudio::instance::Instance;
 use batchlab_core::store::Store;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -175,6 +176,7 @@ fn curation(store: Store) -> (Curation, tempfile::TempDir) {
             milestones: vec![],
             accuracy_every: 0,
         },
+        Instance::default(),
     );
     (curation, dir)
 }
@@ -245,7 +247,10 @@ async fn every_kind_of_difference_is_repaired_and_a_second_run_finds_none(store:
     ls.put(task(7, 9), vec![skipped]);
 
     // A dry run reports and stores nothing.
-    let events_before = store.webhook_event_counts(Some(PROJECT)).await.unwrap();
+    let events_before = store
+        .webhook_event_counts(Some(("default", PROJECT)))
+        .await
+        .unwrap();
     let dry = curation
         .reconcile(
             &client,
@@ -262,7 +267,10 @@ async fn every_kind_of_difference_is_repaired_and_a_second_run_finds_none(store:
         "{dry:?}"
     );
     assert_eq!(
-        store.webhook_event_counts(Some(PROJECT)).await.unwrap(),
+        store
+            .webhook_event_counts(Some(("default", PROJECT)))
+            .await
+            .unwrap(),
         events_before
     );
 
@@ -329,7 +337,7 @@ async fn every_kind_of_difference_is_repaired_and_a_second_run_finds_none(store:
 
     // The stored state is Label Studio's, item by item.
     let stored = store
-        .annotations_in_range(PROJECT, i64::MIN, i64::MAX)
+        .annotations_in_range("default", PROJECT, i64::MIN, i64::MAX)
         .await
         .unwrap();
     let by_id: HashMap<i64, _> = stored.iter().map(|a| (a.id, a)).collect();
@@ -341,7 +349,7 @@ async fn every_kind_of_difference_is_repaired_and_a_second_run_finds_none(store:
         serde_json::from_str::<Value>(&by_id[&20].result).unwrap(),
         choice("b")
     );
-    let tasks = store.tasks_page(PROJECT, 0, 100).await.unwrap();
+    let tasks = store.tasks_page("default", PROJECT, 0, 100).await.unwrap();
     assert_eq!(
         tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
         [1, 2, 3, 5, 6, 7]

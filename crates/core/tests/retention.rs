@@ -114,6 +114,7 @@ fn config(webhook_events_days: u64, interval_seconds: u64) -> RetentionConfig {
 async fn event(store: &Store, key: &str) -> i64 {
     let (id, new) = store
         .insert_webhook_event(&NewWebhookEvent {
+            instance: "default",
             delivery_key: key,
             action: "ANNOTATION_CREATED",
             project_id: Some(1),
@@ -312,6 +313,7 @@ async fn processed_events_past_the_cutoff_go(fx: Fixture) {
     // The recent processed event is still there: a second delivery of its body is a duplicate.
     let (id, new) = store
         .insert_webhook_event(&NewWebhookEvent {
+            instance: "default",
             delivery_key: "applied-recent",
             action: "ANNOTATION_CREATED",
             project_id: Some(1),

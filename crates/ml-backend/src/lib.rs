@@ -76,7 +76,11 @@ impl MlState {
 
     /// The same state reading ground truth from `store`.
     pub fn with_store(mut self, store: Store) -> Self {
-        self.curation = Some(Curation::new(store.clone(), self.config.curation.clone()));
+        self.curation = Some(Curation::new(
+            store.clone(),
+            self.config.curation.clone(),
+            self.config.label_studio.instance.clone(),
+        ));
         self.store = Some(store);
         self
     }

@@ -134,7 +134,14 @@ impl MlState {
         let mut examples = ExampleSet::default();
         if let (Some(store), Some(project), Some(config)) = (&self.store, project, config) {
             if self.config.ml_backend.few_shot_examples > 0 {
-                match ExampleSet::load(store, project, config).await {
+                match ExampleSet::load(
+                    store,
+                    self.config.label_studio.instance.as_str(),
+                    project,
+                    config,
+                )
+                .await
+                {
                     Ok(set) => examples = set,
                     Err(e) => {
                         tracing::warn!(project, error = %e, "ground-truth examples unavailable; predicting zero-shot")

@@ -551,6 +551,7 @@ async fn ground_truth_in_the_store_changes_the_model_version() {
     let (event, _) = db
         .store
         .insert_webhook_event(&NewWebhookEvent {
+            instance: "default",
             delivery_key: "k",
             action: "ANNOTATION_CREATED",
             project_id: Some(5),

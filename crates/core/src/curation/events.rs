@@ -17,6 +17,15 @@
 //! `batchlab_label_studio_conflicts_total{kind}`, logged at warn level with its ids, and listed
 //! under `conflicts` in the status of the project the event claims. The rest of the event is
 //! applied as usual.
+//!
+//! Each event belongs to the Label Studio instance it was delivered for (the webhook URL's
+//! `{instance}`, or `label_studio.instance`) and is applied to that instance's rows only. A
+//! project known with one creation time and delivered with another (`project_recreated`: Label
+//! Studio re-created with a fresh database, delivering to the same instance) makes the whole
+//! event a conflict: nothing of it is applied, so a new Label Studio's projects never mix into
+//! the old one's counts and exports. The status of that project says so and what to do: give
+//! the new Label Studio its own instance name and reconcile it (README, "Label Studio
+//! instances").
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -31,10 +40,11 @@ use tracing::Instrument;
 use super::{Curation, CurationError, STALE_CLAIM_SECONDS};
 use crate::labelstudio::config::LabelConfig;
 use crate::labelstudio::event::{self, Action, AnnotationPayload, ProjectPayload, TaskPayload};
+use crate::labelstudio::instance::Instance;
 use crate::labelstudio::region::Region;
 use crate::store::{
-    now, AnnotationRow, Conflict, CurationTx, Delivered, NewWebhookEvent, ObjectWrite, TaskRow,
-    WebhookEvent,
+    now, AnnotationRow, Conflict, ConflictKind, CurationTx, Delivered, NewWebhookEvent,
+    ObjectWrite, TaskRow, WebhookEvent,
 };
 
 /// The answer to a delivery.
@@ -75,7 +85,8 @@ const CONFLICTS_LOGGED_PER_EVENT: usize = 10;
 type ConfigCache = HashMap<String, Option<Arc<LabelConfig>>>;
 
 impl Curation {
-    /// Stores a delivery (a no-op for a body seen before) and wakes the processor.
+    /// Stores a delivery from this service's Label Studio instance (a no-op for a body seen
+    /// before from it) and wakes the processor.
     pub async fn ingest(&self, body: &[u8]) -> Result<Ingested, CurationError> {
         let (envelope, _) = event::envelope(body)?;
         let text = std::str::from_utf8(body)
@@ -83,6 +94,7 @@ impl Curation {
         let (event_id, new) = self
             .store
             .insert_webhook_event(&NewWebhookEvent {
+                instance: self.instance.as_str(),
                 delivery_key: &envelope.delivery_key,
                 action: &envelope.action,
                 project_id: envelope.project_id,
@@ -176,12 +188,23 @@ impl Curation {
     pub async fn process_pending(&self) -> Result<usize, CurationError> {
         let events = self.store.pending_webhook_events(PASS).await?;
         let mut configs = ConfigCache::new();
-        let mut touched = BTreeSet::new();
-        let mut train: BTreeMap<i64, Vec<&WebhookEvent>> = BTreeMap::new();
+        let mut touched: BTreeSet<(Instance, i64)> = BTreeSet::new();
+        let mut train: BTreeMap<(Instance, i64), Vec<&WebhookEvent>> = BTreeMap::new();
         for event in &events {
-            let span = tracing::info_span!("webhook_event", id = event.id, action = %event.action);
+            let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
+            let Ok(instance) = Instance::parse(&event.instance) else {
+                // Names are checked before an event is stored; this row was written otherwise.
+                self.store
+                    .fail_event(
+                        event.id,
+                        &format!("invalid instance name {:?}", event.instance),
+                    )
+                    .await?;
+                continue;
+            };
+            let curation = self.with_instance(instance.clone());
             let applied = match AssertUnwindSafe(
-                self.process_one(event, &mut configs).instrument(span),
+                curation.process_one(event, &mut configs).instrument(span),
             )
             .catch_unwind()
             .await
@@ -203,20 +226,24 @@ impl Curation {
             };
             match applied {
                 Some((Action::StartTraining, Some(p))) => {
-                    train.entry(p).or_default().push(event);
+                    train.entry((instance, p)).or_default().push(event);
                 }
                 Some((a, Some(p))) if a.touches_annotations() => {
-                    touched.insert(p);
+                    touched.insert((instance, p));
                 }
                 _ => {}
             }
         }
         touched.extend(self.due_milestone_retries());
-        for project in touched {
-            self.check_milestones(project).await?;
+        for (instance, project) in touched {
+            self.with_instance(instance)
+                .check_milestones(project)
+                .await?;
         }
-        for (project, requests) in train {
-            self.export_for_training(project, &requests).await?;
+        for ((instance, project), requests) in train {
+            self.with_instance(instance)
+                .export_for_training(project, &requests)
+                .await?;
         }
         if let Ok(counts) = self.store.webhook_event_counts(None).await {
             metrics::gauge!("batchlab_webhook_events_pending").set(counts.pending as f64);
@@ -312,7 +339,11 @@ impl Curation {
         .await
         {
             Ok(outcome) => {
-                let deferred = matches!(action, Action::StartTraining) && project.is_some();
+                let recreated = conflicts
+                    .iter()
+                    .any(|c| c.kind == ConflictKind::ProjectRecreated.as_str());
+                let deferred =
+                    matches!(action, Action::StartTraining) && project.is_some() && !recreated;
                 let outcome = if conflicts.is_empty() {
                     outcome
                 } else {
@@ -341,7 +372,8 @@ impl Curation {
                     metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => outcome)
                         .increment(1);
                 }
-                Ok(Some((action, project)))
+                // Nothing of a re-created project's event was applied: no milestone, no export.
+                Ok((!recreated).then_some((action, project)))
             }
             Err(e) => {
                 drop(tx);
@@ -377,6 +409,7 @@ fn report_conflicts(event_id: i64, conflicts: &[Conflict]) {
             tracing::warn!(
                 event_id,
                 conflict_id = c.id,
+                instance = %c.instance,
                 action = %c.action,
                 kind = %c.kind,
                 entity = %c.entity,
@@ -407,7 +440,7 @@ fn note(write: ObjectWrite, conflicts: &mut Vec<Conflict>) -> bool {
         ObjectWrite::Written => false,
         ObjectWrite::LeftAlone => true,
         ObjectWrite::Conflict(c) => {
-            conflicts.push(c);
+            conflicts.push(*c);
             false
         }
     }
@@ -428,7 +461,30 @@ async fn apply(
         panic!("injected by a test");
     }
     let project_id = event::project_id(body);
-    if let Some(p) = ProjectPayload::read(body).filter(|p| !p.label_config.is_empty()) {
+    let project = ProjectPayload::read(body);
+    if let Some(p) = &project {
+        if let Some(created_at) = &p.created_at {
+            match tx.project_created_at(p.id).await? {
+                Some(known) if !event::same_instant(&known, created_at) => {
+                    let from = Delivered {
+                        action: action_name,
+                        object: body,
+                    };
+                    conflicts.push(
+                        tx.record_project_recreated(p.id, created_at, &known, from)
+                            .await?,
+                    );
+                    return Ok("nothing of the event applied".into());
+                }
+                Some(_) => {}
+                None => {
+                    tx.record_project_created_at(p.id, &p.title, created_at)
+                        .await?
+                }
+            }
+        }
+    }
+    if let Some(p) = project.filter(|p| !p.label_config.is_empty()) {
         let changed = tx
             .upsert_project(p.id, &p.title, &p.label_config, p.updated_at_us)
             .await?;
@@ -642,6 +698,7 @@ mod tests {
 
     use crate::config::CurationConfig;
     use crate::curation::Curation;
+    use crate::labelstudio::instance::Instance;
     use crate::testing::TestDb;
 
     /// An action whose application panics (test builds only): a stand-in for any bug that a
@@ -670,6 +727,7 @@ mod tests {
                 milestones: vec![],
                 accuracy_every: 0,
             },
+            Instance::default(),
         );
         curation
             .ingest(&project_event("PROJECT_CREATED", 7, CONFIG))
@@ -686,7 +744,11 @@ mod tests {
         let processor = curation.spawn_processor(shutdown.clone());
         let drained = async {
             loop {
-                let counts = db.store.webhook_event_counts(Some(7)).await.unwrap();
+                let counts = db
+                    .store
+                    .webhook_event_counts(Some(("default", 7)))
+                    .await
+                    .unwrap();
                 if counts.pending == 0 {
                     break curation.status(7).await.unwrap();
                 }
@@ -741,6 +803,7 @@ mod tests {
                 milestones: vec![],
                 accuracy_every: 0,
             },
+            Instance::default(),
         );
         curation
             .ingest(&project_event("START_TRAINING", 7, CONFIG))
@@ -802,6 +865,7 @@ mod tests {
                 milestones: vec![],
                 accuracy_every: 0,
             },
+            Instance::default(),
         );
         let deep = format!(
             "{}<Text name=\"t\" value=\"$text\"/>{}",

@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{Curation, CurationError};
 use crate::labelstudio::config::LabelConfig;
+use crate::labelstudio::instance::Instance;
 use crate::labelstudio::region::{field_values, Region};
 use crate::prompt;
 use crate::store::{now, AnnotationRow, ExportRecord, PredictionRow, Store, TaskRow};
@@ -88,6 +89,7 @@ enum Stage {
 /// Reads an export chunk by chunk; counts what it wrote.
 pub struct ExportCursor {
     store: Store,
+    instance: Instance,
     project_id: i64,
     format: ExportFormat,
     filter: ExportFilter,
@@ -122,7 +124,7 @@ impl ExportCursor {
                 while out.is_empty() {
                     let tasks = self
                         .store
-                        .tasks_page(self.project_id, self.after, PAGE)
+                        .tasks_page(self.instance.as_str(), self.project_id, self.after, PAGE)
                         .await?;
                     let (Some(first), Some(last)) = (tasks.first(), tasks.last()) else {
                         self.stage = Stage::Done;
@@ -135,12 +137,17 @@ impl ExportCursor {
                     self.after = last;
                     let annotations = self
                         .store
-                        .annotations_in_range(self.project_id, first, last)
+                        .annotations_in_range(self.instance.as_str(), self.project_id, first, last)
                         .await?;
                     let predictions = match self.format {
                         ExportFormat::Json => {
                             self.store
-                                .predictions_in_range(self.project_id, first, last)
+                                .predictions_in_range(
+                                    self.instance.as_str(),
+                                    self.project_id,
+                                    first,
+                                    last,
+                                )
                                 .await?
                         }
                         ExportFormat::JsonlChat => Vec::new(),
@@ -271,6 +278,7 @@ impl Curation {
         };
         Ok(ExportCursor {
             store: self.store.clone(),
+            instance: self.instance.clone(),
             project_id,
             format,
             filter,
@@ -313,7 +321,9 @@ impl Curation {
             annotations: cursor.annotations,
             created_at: now(),
         };
-        self.store.record_export(&record).await?;
+        self.store
+            .record_export(self.instance.as_str(), &record)
+            .await?;
         Ok(record)
     }
 }

@@ -203,7 +203,12 @@ impl Curation {
                 reason: e.to_string(),
             })?;
         self.store
-            .ensure_project(project_id, &project.title, &project.label_config)
+            .ensure_project(
+                self.instance.as_str(),
+                project_id,
+                &project.title,
+                &project.label_config,
+            )
             .await?;
 
         // custom_id → the request's metadata (task data); small next to the output.
@@ -227,7 +232,11 @@ impl Curation {
         // What earlier runs left: lines with their task, lines sent without an answer seen.
         let mut recorded: HashMap<String, i64> = HashMap::new();
         let mut unsure: Vec<String> = Vec::new();
-        for line in self.store.imported_lines(project_id, &batch.id).await? {
+        for line in self
+            .store
+            .imported_lines(self.instance.as_str(), project_id, &batch.id)
+            .await?
+        {
             match line.task_id {
                 Some(task) => {
                     recorded.insert(line.custom_id, task);
@@ -350,7 +359,7 @@ impl Curation {
         if !tasks.is_empty() {
             // Committed before the request: a run after a lost answer looks these lines up.
             self.store
-                .mark_import_sent(project_id, batch_id, &sent)
+                .mark_import_sent(self.instance.as_str(), project_id, batch_id, &sent)
                 .await?;
             let result = target.client.import_tasks(project_id, &tasks).await?;
             if result.task_ids.len() != tasks.len() {
@@ -414,11 +423,13 @@ impl Curation {
             }
         }
         if !record.is_empty() {
-            self.store.upsert_predictions(&predictions).await?;
+            self.store
+                .upsert_predictions(self.instance.as_str(), &predictions)
+                .await?;
             self.store.cache_predictions(&cached).await?;
             // Last: a line recorded is never looked at again, so its predictions come first.
             self.store
-                .record_imported_tasks(project_id, batch_id, &record)
+                .record_imported_tasks(self.instance.as_str(), project_id, batch_id, &record)
                 .await?;
         }
         pending.clear();

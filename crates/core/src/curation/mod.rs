@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::config::CurationConfig;
 use crate::labelstudio::config::{LabelConfig, LabelConfigError};
 use crate::labelstudio::event::WebhookError;
+use crate::labelstudio::instance::Instance;
 use crate::labelstudio::region::{field_values, FieldValue, Region};
 use crate::store::{
     AnnotationCounts, ExportRecord, FailedWebhookEvent, ProjectRow, Store, StoreError,
@@ -39,9 +40,14 @@ pub enum CurationError {
     /// The webhook body cannot be accepted.
     #[error(transparent)]
     Webhook(#[from] WebhookError),
-    /// batchlab has never heard of this project.
-    #[error("unknown project {0}: no Label Studio event about it has arrived")]
-    UnknownProject(i64),
+    /// batchlab has never heard of this project in this Label Studio instance.
+    #[error("unknown project {project} of Label Studio instance '{instance}': no Label Studio event about it has arrived")]
+    UnknownProject {
+        /// The instance asked about.
+        instance: Instance,
+        /// The project id.
+        project: i64,
+    },
     /// The project's labeling config is missing or does not parse.
     #[error("project {project}: {reason}")]
     LabelConfig {
@@ -56,6 +62,19 @@ pub enum CurationError {
     /// Label Studio failed or refused a call this operation needed.
     #[error(transparent)]
     LabelStudio(#[from] crate::labelstudio::client::LabelStudioError),
+    /// Label Studio's project has another creation time than the one batchlab holds under its
+    /// id in this instance: another project (a re-created Label Studio). Nothing was changed.
+    #[error("project {project} of Label Studio was created at {found}, but batchlab holds project {project} created at {known}. {}", recreated_advice(instance, *project))]
+    Recreated {
+        /// The instance whose project it is.
+        instance: Instance,
+        /// The project id.
+        project: i64,
+        /// The creation time batchlab holds.
+        known: String,
+        /// The creation time Label Studio reports.
+        found: String,
+    },
 }
 
 /// A milestone claim whose export was never written (the process died while writing) is taken
@@ -63,15 +82,18 @@ pub enum CurationError {
 const STALE_CLAIM_SECONDS: i64 = 600;
 
 /// The curation service: shared by the webhook route, the background processor and the
-/// export and accuracy routes.
+/// export and accuracy routes. It works on one Label Studio instance's projects
+/// ([`Curation::instance`]); [`Curation::with_instance`] gives the same service for another
+/// (the processor applies each event in its own instance).
 #[derive(Clone)]
 pub struct Curation {
     store: Store,
     config: Arc<CurationConfig>,
+    instance: Instance,
     wake: Arc<Notify>,
     /// Projects whose milestone export failed (a full disk), with when to try again: the
     /// processor retries them without waiting for another annotation.
-    milestone_retries: Arc<std::sync::Mutex<std::collections::BTreeMap<i64, std::time::Instant>>>,
+    milestone_retries: Arc<std::sync::Mutex<BTreeMap<(Instance, i64), std::time::Instant>>>,
 }
 
 /// Seconds before a failed milestone export is tried again.
@@ -80,6 +102,8 @@ const MILESTONE_RETRY_SECONDS: u64 = 5;
 /// What `GET /v1/label-studio/projects/{id}` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProjectStatus {
+    /// The Label Studio instance the project belongs to.
+    pub instance: String,
     /// Label Studio's project id.
     pub id: i64,
     /// Its title.
@@ -106,17 +130,50 @@ pub struct ProjectStatus {
     /// (an id under another project or task, a reused id): kept aside, not in the counts above,
     /// each with its reason; `count` of them and the `latest` 100.
     pub conflicts: crate::store::ConflictSummary,
+    /// Set when events claim this project with another creation time than batchlab holds
+    /// (`project_recreated` conflicts): what happened and the commands that give the new Label
+    /// Studio an instance of its own.
+    pub recreated: Option<String>,
+}
+
+/// What the status of a project says when Label Studio re-created it under its id.
+pub fn recreated_advice(instance: &Instance, project: i64) -> String {
+    format!(
+        "Label Studio sends project {project} with another creation time than the project \
+         {project} batchlab holds for instance '{instance}': Label Studio was re-created with a \
+         fresh database (or the id reused). Its events are kept aside as conflicts, nothing of \
+         them applied. Give the new Label Studio an instance of its own: \
+         `BATCHLAB_LABEL_STUDIO__INSTANCE=<new name> batchlab-api setup-label-studio --title <title> \
+         --label-config <file>` (re-points its webhook at /v1/webhooks/label-studio/<new name>), \
+         then `BATCHLAB_LABEL_STUDIO__INSTANCE=<new name> batchlab-api reconcile-label-studio \
+         --project <id>` for each of its projects, and set the same instance name for the API \
+         and the ML backend. Instance '{instance}' and its exports are kept as they are."
+    )
 }
 
 impl Curation {
-    /// A curation service over `store`.
-    pub fn new(store: Store, config: CurationConfig) -> Curation {
+    /// A curation service over `store`, for the projects of Label Studio `instance`.
+    pub fn new(store: Store, config: CurationConfig, instance: Instance) -> Curation {
         Curation {
             store,
             config: Arc::new(config),
+            instance,
             wake: Arc::new(Notify::new()),
             milestone_retries: Arc::default(),
         }
+    }
+
+    /// The same service (store, processor wake-up, retries) for the projects of `instance`.
+    pub fn with_instance(&self, instance: Instance) -> Curation {
+        Curation {
+            instance,
+            ..self.clone()
+        }
+    }
+
+    /// The Label Studio instance whose projects it works on.
+    pub fn instance(&self) -> &Instance {
+        &self.instance
     }
 
     /// The store it works on.
@@ -127,9 +184,23 @@ impl Curation {
     /// A project batchlab has heard of, or [`CurationError::UnknownProject`].
     pub async fn project(&self, id: i64) -> Result<ProjectRow, CurationError> {
         self.store
-            .get_project(id)
+            .get_project(self.instance.as_str(), id)
             .await?
-            .ok_or(CurationError::UnknownProject(id))
+            .ok_or_else(|| CurationError::UnknownProject {
+                instance: self.instance.clone(),
+                project: id,
+            })
+    }
+
+    /// The directory of this instance's export files: the training directory for the default
+    /// instance (as before instances existed), a sub-directory named after any other, so that
+    /// two Label Studios' projects of the same id never share a file.
+    pub fn training_dir(&self) -> PathBuf {
+        if self.instance.is_default() {
+            self.config.training_dir.clone()
+        } else {
+            self.config.training_dir.join(self.instance.as_str())
+        }
     }
 
     /// A project's parsed labeling config.
@@ -150,8 +221,7 @@ impl Curation {
 
     /// Where a project's export file goes: the latest export, rewritten by each.
     pub fn export_path(&self, project_id: i64) -> PathBuf {
-        self.config
-            .training_dir
+        self.training_dir()
             .join(format!("project_{project_id}_export.json"))
     }
 
@@ -174,23 +244,28 @@ impl Curation {
                 )
             }
         };
-        self.config.training_dir.join(name)
+        self.training_dir().join(name)
     }
 
     /// Counts, milestones, exports, invalid annotations and accuracy history of a project.
     pub async fn status(&self, id: i64) -> Result<ProjectStatus, CurationError> {
         let project = self.project(id).await?;
-        let exports = self.store.exports(id).await?;
-        let invalid = self.store.invalid_annotations(id, 100).await?;
-        let history = self.store.accuracy_records(id).await?;
-        let webhook_events = self.store.webhook_event_counts(Some(id)).await?;
-        let failed_events = self.store.failed_webhook_events(id, 100).await?;
-        let conflicts = self.store.conflicts(id, 100).await?;
+        let instance = self.instance.as_str();
+        let exports = self.store.exports(instance, id).await?;
+        let invalid = self.store.invalid_annotations(instance, id, 100).await?;
+        let history = self.store.accuracy_records(instance, id).await?;
+        let webhook_events = self
+            .store
+            .webhook_event_counts(Some((instance, id)))
+            .await?;
+        let failed_events = self.store.failed_webhook_events(instance, id, 100).await?;
+        let conflicts = self.store.conflicts(instance, id, 100).await?;
         Ok(ProjectStatus {
+            instance: instance.to_owned(),
             id,
             title: project.title,
             deleted: project.deleted,
-            counts: self.store.annotation_counts(id).await?,
+            counts: self.store.annotation_counts(instance, id).await?,
             milestones: self.config.milestones.clone(),
             milestones_reached: exports.iter().filter_map(|e| e.milestone).collect(),
             exports,
@@ -207,6 +282,10 @@ impl Curation {
                 .collect(),
             webhook_events,
             failed_events,
+            recreated: conflicts
+                .by_kind
+                .contains_key(crate::store::ConflictKind::ProjectRecreated.as_str())
+                .then(|| recreated_advice(&self.instance, id)),
             conflicts,
         })
     }
@@ -217,7 +296,10 @@ impl Curation {
         project_id: i64,
         config: &LabelConfig,
     ) -> Result<BTreeMap<i64, BTreeMap<String, FieldValue>>, CurationError> {
-        let rows = self.store.ground_truth(project_id).await?;
+        let rows = self
+            .store
+            .ground_truth(self.instance.as_str(), project_id)
+            .await?;
         Ok(rows
             .iter()
             .filter_map(|a| {
@@ -262,7 +344,7 @@ impl Curation {
         > = BTreeMap::new();
         for p in self
             .store
-            .predictions_in_range(project_id, i64::MIN, i64::MAX)
+            .predictions_in_range(self.instance.as_str(), project_id, i64::MIN, i64::MAX)
             .await?
         {
             let Ok(regions) = serde_json::from_str::<Vec<Region>>(&p.result) else {
@@ -287,16 +369,16 @@ impl Curation {
 
     /// Projects whose failed milestone export is due for another try (taken off the list; a
     /// new failure puts them back).
-    pub(crate) fn due_milestone_retries(&self) -> Vec<i64> {
+    pub(crate) fn due_milestone_retries(&self) -> Vec<(Instance, i64)> {
         let now = std::time::Instant::now();
         let mut retries = self
             .milestone_retries
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let due: Vec<i64> = retries
+        let due: Vec<(Instance, i64)> = retries
             .iter()
             .filter(|(_, at)| **at <= now)
-            .map(|(p, _)| *p)
+            .map(|(p, _)| p.clone())
             .collect();
         for p in &due {
             retries.remove(p);
@@ -307,7 +389,8 @@ impl Curation {
     /// After annotations changed: writes each milestone's export once, and keeps an accuracy
     /// record when the count crossed a multiple of `accuracy_every`.
     pub async fn check_milestones(&self, project_id: i64) -> Result<(), CurationError> {
-        let counts = self.store.annotation_counts(project_id).await?;
+        let instance = self.instance.as_str();
+        let counts = self.store.annotation_counts(instance, project_id).await?;
         for &m in self
             .config
             .milestones
@@ -318,6 +401,7 @@ impl Curation {
             if !self
                 .store
                 .claim_milestone(
+                    instance,
                     project_id,
                     m,
                     &self
@@ -340,12 +424,14 @@ impl Curation {
                 }
                 Err(e) => {
                     tracing::error!(project_id, milestone = m, error = %e, retry_in_s = MILESTONE_RETRY_SECONDS, "milestone export failed; will retry");
-                    self.store.release_milestone(project_id, m).await?;
+                    self.store
+                        .release_milestone(instance, project_id, m)
+                        .await?;
                     self.milestone_retries
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(
-                            project_id,
+                            (self.instance.clone(), project_id),
                             std::time::Instant::now()
                                 + std::time::Duration::from_secs(MILESTONE_RETRY_SECONDS),
                         );
@@ -357,7 +443,7 @@ impl Curation {
             let checkpoint = counts.valid / every * every;
             let known = self
                 .store
-                .accuracy_records(project_id)
+                .accuracy_records(instance, project_id)
                 .await?
                 .iter()
                 .any(|r| r.checkpoint == checkpoint);
@@ -371,7 +457,7 @@ impl Curation {
                         let text = serde_json::to_string(&summary).unwrap_or_else(|_| "{}".into());
                         if self
                             .store
-                            .insert_accuracy_record(project_id, checkpoint, &text)
+                            .insert_accuracy_record(instance, project_id, checkpoint, &text)
                             .await?
                         {
                             tracing::info!(project_id, checkpoint, "accuracy recorded");

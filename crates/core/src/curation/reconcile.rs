@@ -330,7 +330,12 @@ impl StoredTasks<'_> {
         let page = self
             .curation
             .store
-            .tasks_page(self.project, self.after, self.page_size as i64)
+            .tasks_page(
+                self.curation.instance.as_str(),
+                self.project,
+                self.after,
+                self.page_size as i64,
+            )
             .await?;
         self.done = page.len() < self.page_size;
         if let Some(last) = page.last() {
@@ -491,13 +496,16 @@ impl Curation {
         let page_size = options.page_size.max(1);
         let failed_before = self
             .store
-            .webhook_event_counts(Some(project_id))
+            .webhook_event_counts(Some((self.instance.as_str(), project_id)))
             .await?
             .failed;
         let project = client.project_object(project_id).await?;
+        self.check_same_project(project_id, &project).await?;
         let mut synth = Synth {
             curation: self,
-            project: json!({"id": project_id, "title": project.get("title").cloned().unwrap_or(Value::Null)}),
+            // Its creation time too, so that the project stored from these events is known by it
+            // (a project re-created under the same id is then told apart).
+            project: pick(&project, &["id", "title", "created_at"]),
             events: BTreeMap::new(),
             stored: 0,
             duplicate: 0,
@@ -515,7 +523,10 @@ impl Curation {
             (None, None)
         } else {
             let mut applied = self.apply_all(options.apply_timeout).await?;
-            let counts = self.store.webhook_event_counts(Some(project_id)).await?;
+            let counts = self
+                .store
+                .webhook_event_counts(Some((self.instance.as_str(), project_id)))
+                .await?;
             applied.pending = counts.pending;
             applied.failed = counts.failed - failed_before;
             let after = self
@@ -534,9 +545,38 @@ impl Curation {
             events_duplicate: synth.duplicate,
             applied,
             after,
-            batchlab_status_counts: self.store.annotation_counts(project_id).await?,
+            batchlab_status_counts: self
+                .store
+                .annotation_counts(self.instance.as_str(), project_id)
+                .await?,
             agree,
         })
+    }
+
+    /// Refuses to reconcile into a project that Label Studio's `project` (its REST object) is
+    /// not: one held with another creation time ([`CurationError::Recreated`]).
+    async fn check_same_project(
+        &self,
+        project_id: i64,
+        project: &Value,
+    ) -> Result<(), CurationError> {
+        let found = project.get("created_at").and_then(Value::as_str);
+        let known = self
+            .store
+            .get_project(self.instance.as_str(), project_id)
+            .await?
+            .and_then(|p| p.created_at);
+        if let (Some(found), Some(known)) = (found, known) {
+            if !crate::labelstudio::event::same_instant(found, &known) {
+                return Err(CurationError::Recreated {
+                    instance: self.instance.clone(),
+                    project: project_id,
+                    known,
+                    found: found.to_owned(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Runs the processor's passes until nothing is due, or until `timeout`.
@@ -572,7 +612,10 @@ impl Curation {
             .get("label_config")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let stored = self.store.get_project(project_id).await?;
+        let stored = self
+            .store
+            .get_project(self.instance.as_str(), project_id)
+            .await?;
         let known_config = stored
             .as_ref()
             .map(|p| p.label_config.as_str())
@@ -616,7 +659,7 @@ impl Curation {
             let our_tasks = ours.take_upto(hi);
             let our_annotations = self
                 .store
-                .annotations_in_range(project_id, lo.saturating_add(1), hi)
+                .annotations_in_range(self.instance.as_str(), project_id, lo.saturating_add(1), hi)
                 .await?;
             self.compare_window(
                 client,

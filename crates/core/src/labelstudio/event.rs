@@ -166,6 +166,15 @@ pub fn timestamp_us(v: Option<&Value>) -> i64 {
         .unwrap_or(0)
 }
 
+/// Whether two of Label Studio's timestamps name the same instant, however written (`Z` or
+/// `+00:00`, with or without microseconds); text that does not parse is compared as text.
+pub fn same_instant(a: &str, b: &str) -> bool {
+    match (parse_timestamp_us(a), parse_timestamp_us(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// Parses an RFC 3339 timestamp into unix microseconds.
 pub fn parse_timestamp_us(s: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
@@ -183,6 +192,9 @@ pub struct ProjectPayload {
     pub label_config: String,
     /// `updated_at` in unix microseconds.
     pub updated_at_us: i64,
+    /// `created_at` as sent (an ISO timestamp), when it parses as one: what tells a project
+    /// re-created under the same id from the one batchlab knows.
+    pub created_at: Option<String>,
 }
 
 impl ProjectPayload {
@@ -202,6 +214,11 @@ impl ProjectPayload {
                 .unwrap_or_default()
                 .to_string(),
             updated_at_us: timestamp_us(p.get("updated_at")),
+            created_at: p
+                .get("created_at")
+                .and_then(Value::as_str)
+                .filter(|t| parse_timestamp_us(t).is_some())
+                .map(str::to_owned),
         })
     }
 }

@@ -9,6 +9,8 @@ pub mod client;
 pub mod config;
 /// Webhook actions and tolerant readers of the objects events carry.
 pub mod event;
+/// Which Label Studio an id belongs to: state is keyed by (instance, id).
+pub mod instance;
 /// Result regions and the per-control values read out of annotations and predictions.
 pub mod region;
 /// One command that connects a Label Studio project to batchlab, safe to run twice.

@@ -28,6 +28,10 @@ pub struct SetupOptions {
     pub ml_backend_basic_auth: Option<(String, Secret)>,
     /// URL of batchlab-api's webhook endpoint as Label Studio reaches it; `None` registers none.
     pub webhook_url: Option<String>,
+    /// The webhook endpoint without an instance: a webhook of the project at it, or at it
+    /// followed by `/<another instance>` (an earlier setup's), is updated to `webhook_url`
+    /// instead of adding another, so that one Label Studio delivers to one instance only.
+    pub webhook_replaces: Option<String>,
     /// The shared-secret header (name, value) every webhook delivery carries.
     pub webhook_header: Option<(String, Secret)>,
 }
@@ -56,6 +60,16 @@ pub struct SetupReport {
 /// URLs compare equal whatever their trailing slashes.
 fn same_url(a: &str, b: &str) -> bool {
     a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// Whether `url` is the webhook endpoint `base`, with or without an instance after it.
+fn same_endpoint(url: &str, base: &str) -> bool {
+    let (url, base) = (url.trim_end_matches('/'), base.trim_end_matches('/'));
+    url == base
+        || url
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|instance| !instance.is_empty() && !instance.contains('/'))
 }
 
 /// Whether an existing webhook already is exactly what `spec` asks for.
@@ -145,7 +159,13 @@ pub async fn setup(
             .list_webhooks(project.id)
             .await?
             .into_iter()
-            .find(|w| same_url(&w.url, url));
+            .find(|w| {
+                same_url(&w.url, url)
+                    || opts
+                        .webhook_replaces
+                        .as_deref()
+                        .is_some_and(|base| same_endpoint(&w.url, base))
+            });
         let hook = match existing {
             Some(w) if webhook_matches(&w, &spec) => w,
             Some(w) => {
@@ -165,4 +185,28 @@ pub async fn setup(
         report.webhook_id = Some(hook.id);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_endpoint;
+
+    #[test]
+    fn an_endpoint_matches_with_or_without_an_instance() {
+        let base = "http://api:4080/v1/webhooks/label-studio";
+        for url in [
+            base,
+            "http://api:4080/v1/webhooks/label-studio/",
+            "http://api:4080/v1/webhooks/label-studio/ls2",
+        ] {
+            assert!(same_endpoint(url, base), "{url}");
+        }
+        for url in [
+            "http://api:4080/v1/webhooks/label-studio-x",
+            "http://api:4080/v1/webhooks/label-studio/a/b",
+            "http://other:4080/v1/webhooks/label-studio",
+        ] {
+            assert!(!same_endpoint(url, base), "{url}");
+        }
+    }
 }

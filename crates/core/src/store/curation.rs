@@ -5,8 +5,10 @@
 //! applied, and marked processed, atomically. Every upsert is guarded so that a replayed or
 //! reordered delivery cannot undo a newer state (see [`CurationTx::upsert_annotation`]).
 //!
-//! Rows are keyed by Label Studio's ids alone, and Label Studio re-created with a fresh database
-//! hands the same ids out again. So the writes of delivered objects ([`CurationTx::apply_task`],
+//! Rows are keyed by (instance, Label Studio's id): the instance names the Label Studio the
+//! event came from (see [`crate::labelstudio::instance`]); a [`CurationTx`] writes in its event's
+//! instance, and every read takes one. Within one instance, a Label Studio re-created with a
+//! fresh database but delivering to the same instance hands the same ids out again. So the writes of delivered objects ([`CurationTx::apply_task`],
 //! [`CurationTx::apply_annotation`], [`CurationTx::delete_task`],
 //! [`CurationTx::delete_annotation`]) first ask whether the object contradicts what is held under
 //! its id: an id held under another project (live or as a tombstone), an annotation held on
@@ -17,8 +19,9 @@
 //! are never rewritten): letting the newcomer replace it would change another project's counts
 //! and history behind its back, and batchlab cannot tell which of two Label Studios is the current
 //! one. The newcomer is kept whole rather than as a reference to its event, since retention
-//! deletes old events; so a later reconcile, or state keyed by Label Studio instance, can replay
-//! it. The SQL guards also refuse to move a row to another project or task, so two processors
+//! deletes old events. A whole project re-created under a known id (its creation time differs:
+//! [`ConflictKind::ProjectRecreated`]) makes its event a conflict as a whole, so that nothing of
+//! a new Label Studio is mixed into the old one's state. The SQL guards also refuse to move a row to another project or task, so two processors
 //! racing on one id cannot move it either: a refused write is explained again and recorded.
 
 use sqlx::any::AnyRow;
@@ -29,6 +32,8 @@ use super::{now, Store, StoreError};
 /// A webhook delivery to record.
 #[derive(Clone, Debug)]
 pub struct NewWebhookEvent<'a> {
+    /// The Label Studio instance it came from.
+    pub instance: &'a str,
     /// sha256 of the body: the same delivery twice has the same key.
     pub delivery_key: &'a str,
     /// Label Studio's `action`.
@@ -44,6 +49,8 @@ pub struct NewWebhookEvent<'a> {
 pub struct WebhookEvent {
     /// Order of arrival.
     pub id: i64,
+    /// The Label Studio instance it came from.
+    pub instance: String,
     /// Label Studio's `action`.
     pub action: String,
     /// The body as delivered.
@@ -91,6 +98,8 @@ const FAILED_CONDITION: &str =
 pub struct Conflict {
     /// The record.
     pub id: i64,
+    /// The Label Studio instance whose event carried the object.
+    pub instance: String,
     /// The webhook event that carried the object (retention may since have deleted it).
     pub event_id: i64,
     /// That event's action.
@@ -99,7 +108,7 @@ pub struct Conflict {
     pub project_id: i64,
     /// What contradicts: one of [`ConflictKind`]'s names, e.g. `annotation_in_other_project`.
     pub kind: String,
-    /// `annotation` or `task`.
+    /// `annotation`, `task` or `project`.
     pub entity: String,
     /// Label Studio's id of the object.
     pub entity_id: i64,
@@ -142,6 +151,10 @@ pub enum ConflictKind {
     TaskDeletedInOtherProject,
     /// A deletion of a task id that batchlab holds under another project.
     TaskDeletionInOtherProject,
+    /// A project id batchlab holds with another creation time: Label Studio was re-created
+    /// with a fresh database (or the project deleted and its id handed out again). The whole
+    /// event is kept aside.
+    ProjectRecreated,
 }
 
 impl ConflictKind {
@@ -157,12 +170,14 @@ impl ConflictKind {
             Self::TaskInOtherProject => "task_in_other_project",
             Self::TaskDeletedInOtherProject => "task_deleted_in_other_project",
             Self::TaskDeletionInOtherProject => "task_deletion_in_other_project",
+            Self::ProjectRecreated => "project_recreated",
         }
     }
 
-    /// `annotation` or `task`: what the conflicting object is.
+    /// `annotation`, `task` or `project`: what the conflicting object is.
     pub fn entity(self) -> &'static str {
         match self {
+            Self::ProjectRecreated => "project",
             Self::TaskInOtherProject
             | Self::TaskDeletedInOtherProject
             | Self::TaskDeletionInOtherProject => "task",
@@ -189,7 +204,7 @@ pub enum ObjectWrite {
     /// ordinary replay or reordering.
     LeftAlone,
     /// It contradicts what is held under its id: recorded, the stored row left as it was.
-    Conflict(Conflict),
+    Conflict(Box<Conflict>),
 }
 
 /// A contradiction found, before it is recorded.
@@ -382,16 +397,20 @@ fn deletion_contradiction(
 pub struct ConflictSummary {
     /// Every conflict recorded for the project.
     pub count: i64,
+    /// How many of each kind.
+    pub by_kind: std::collections::BTreeMap<String, i64>,
     /// The latest (up to the limit asked for), newest first.
     pub latest: Vec<Conflict>,
 }
 
-const CONFLICT_COLUMNS: &str = "id, event_id, action, project_id, kind, entity, entity_id, \
+const CONFLICT_COLUMNS: &str =
+    "id, instance, event_id, action, project_id, kind, entity, entity_id, \
      known_project_id, known_task_id, known_deleted, reason, body, detected_at";
 
 fn conflict_from_row(row: &AnyRow) -> Result<Conflict, sqlx::Error> {
     Ok(Conflict {
         id: row.try_get("id")?,
+        instance: row.try_get("instance")?,
         event_id: row.try_get("event_id")?,
         action: row.try_get("action")?,
         project_id: row.try_get("project_id")?,
@@ -418,6 +437,9 @@ pub struct ProjectRow {
     pub label_config: String,
     /// Whether Label Studio deleted it.
     pub deleted: bool,
+    /// Label Studio's ISO timestamp of its creation, once an event carried it: a project
+    /// delivered under the same id with another one is another project.
+    pub created_at: Option<String>,
 }
 
 /// A task's data.
@@ -569,6 +591,7 @@ fn project_from_row(row: &AnyRow) -> Result<ProjectRow, sqlx::Error> {
         title: row.try_get("title")?,
         label_config: row.try_get("label_config")?,
         deleted: row.try_get::<i64, _>("deleted")? != 0,
+        created_at: row.try_get("created_at")?,
     })
 }
 
@@ -584,23 +607,27 @@ impl Store {
         e: &NewWebhookEvent<'_>,
     ) -> Result<(i64, bool), StoreError> {
         let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO webhook_events (delivery_key, action, project_id, body, received_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (delivery_key) DO NOTHING RETURNING id",
+            "INSERT INTO webhook_events (instance, delivery_key, action, project_id, body, received_at) \
+             VALUES ($6, $1, $2, $3, $4, $5) ON CONFLICT (instance, delivery_key) DO NOTHING RETURNING id",
         )
         .bind(e.delivery_key)
         .bind(e.action)
         .bind(e.project_id)
         .bind(e.body)
         .bind(now())
+        .bind(e.instance)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(id) = inserted {
             return Ok((id, true));
         }
-        let id: i64 = sqlx::query_scalar("SELECT id FROM webhook_events WHERE delivery_key = $1")
-            .bind(e.delivery_key)
-            .fetch_one(&self.pool)
-            .await?;
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM webhook_events WHERE instance = $1 AND delivery_key = $2",
+        )
+        .bind(e.instance)
+        .bind(e.delivery_key)
+        .fetch_one(&self.pool)
+        .await?;
         Ok((id, false))
     }
 
@@ -611,7 +638,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, action, body, attempts FROM webhook_events \
+            "SELECT id, instance, action, body, attempts FROM webhook_events \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) ORDER BY id LIMIT $2",
         )
         .bind(now())
@@ -622,6 +649,7 @@ impl Store {
             .map(|r| {
                 Ok(WebhookEvent {
                     id: r.try_get("id")?,
+                    instance: r.try_get("instance")?,
                     action: r.try_get("action")?,
                     body: r.try_get("body")?,
                     attempts: r.try_get("attempts")?,
@@ -631,18 +659,20 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// Deliveries recorded, still pending and failed; of one project when `project` is given.
+    /// Deliveries recorded, still pending and failed: of one project of one instance when
+    /// `project` is given, of every instance otherwise.
     pub async fn webhook_event_counts(
         &self,
-        project: Option<i64>,
+        project: Option<(&str, i64)>,
     ) -> Result<WebhookEventCounts, StoreError> {
         let sql = format!(
             "SELECT COUNT(*) AS received, COALESCE(SUM(CASE WHEN processed_at IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
              COALESCE(SUM(CASE WHEN {FAILED_CONDITION} THEN 1 ELSE 0 END), 0) AS failed \
-             FROM webhook_events WHERE ($1 IS NULL OR project_id = $1)"
+             FROM webhook_events WHERE ($1 IS NULL OR (instance = $1 AND project_id = $2))"
         );
         let row = sqlx::query(&sql)
-            .bind(project)
+            .bind(project.map(|(instance, _)| instance))
+            .bind(project.map(|(_, id)| id))
             .fetch_one(&self.pool)
             .await?;
         Ok(WebhookEventCounts {
@@ -652,19 +682,22 @@ impl Store {
         })
     }
 
-    /// The latest `limit` deliveries about `project` that could not be applied, newest first.
+    /// The latest `limit` deliveries about `project` of `instance` that could not be applied,
+    /// newest first.
     pub async fn failed_webhook_events(
         &self,
+        instance: &str,
         project: i64,
         limit: i64,
     ) -> Result<Vec<FailedWebhookEvent>, StoreError> {
         let sql = format!(
-            "SELECT id, action, outcome, received_at FROM webhook_events WHERE project_id = $1 AND {FAILED_CONDITION} \
-             ORDER BY id DESC LIMIT $2"
+            "SELECT id, action, outcome, received_at FROM webhook_events WHERE instance = $3 AND project_id = $1 \
+             AND {FAILED_CONDITION} ORDER BY id DESC LIMIT $2"
         );
         let rows = sqlx::query(&sql)
             .bind(project)
             .bind(limit)
+            .bind(instance)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -696,23 +729,43 @@ impl Store {
         Ok(outcome.flatten())
     }
 
-    /// How many conflicts were recorded for `project` (the project their events claim), and the
-    /// latest `limit` of them, newest first.
-    pub async fn conflicts(&self, project: i64, limit: i64) -> Result<ConflictSummary, StoreError> {
-        let count: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM ls_conflicts WHERE project_id = $1")
-                .bind(project)
-                .fetch_one(&self.pool)
-                .await?;
+    /// How many conflicts were recorded for `project` of `instance` (the project their events
+    /// claim), and the latest `limit` of them, newest first.
+    pub async fn conflicts(
+        &self,
+        instance: &str,
+        project: i64,
+        limit: i64,
+    ) -> Result<ConflictSummary, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM ls_conflicts WHERE instance = $1 AND project_id = $2",
+        )
+        .bind(instance)
+        .bind(project)
+        .fetch_one(&self.pool)
+        .await?;
+        let by_kind = sqlx::query(
+            "SELECT kind, COUNT(*) AS n FROM ls_conflicts WHERE instance = $1 AND project_id = $2 GROUP BY kind",
+        )
+        .bind(instance)
+        .bind(project)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("kind")?, r.try_get("n")?)))
+        .collect::<Result<_, sqlx::Error>>()?;
         let rows = sqlx::query(&format!(
-            "SELECT {CONFLICT_COLUMNS} FROM ls_conflicts WHERE project_id = $1 ORDER BY id DESC LIMIT $2"
+            "SELECT {CONFLICT_COLUMNS} FROM ls_conflicts WHERE instance = $3 AND project_id = $1 \
+             ORDER BY id DESC LIMIT $2"
         ))
         .bind(project)
         .bind(limit)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         Ok(ConflictSummary {
             count,
+            by_kind,
             latest: rows
                 .iter()
                 .map(conflict_from_row)
@@ -730,21 +783,25 @@ impl Store {
         outcome: &str,
     ) -> Result<Option<CurationTx>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let claimed = sqlx::query(
+        let claimed: Option<String> = sqlx::query_scalar(
             "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
-             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1)",
+             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) \
+             RETURNING instance",
         )
         .bind(now())
         .bind(outcome)
         .bind(event_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(instance) = claimed else {
             tx.rollback().await?;
             return Ok(None);
-        }
-        Ok(Some(CurationTx { tx, event_id }))
+        };
+        Ok(Some(CurationTx {
+            tx,
+            event_id,
+            instance,
+        }))
     }
 
     /// Marks an event processed after applying it failed, so that one bad ("poison") event
@@ -833,53 +890,68 @@ impl Store {
         Ok(())
     }
 
-    /// A project, when batchlab has heard of it.
-    pub async fn get_project(&self, id: i64) -> Result<Option<ProjectRow>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, title, label_config, deleted FROM ls_projects WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+    /// A project of `instance`, when batchlab has heard of it.
+    pub async fn get_project(
+        &self,
+        instance: &str,
+        id: i64,
+    ) -> Result<Option<ProjectRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, title, label_config, deleted, created_at FROM ls_projects \
+             WHERE instance = $1 AND id = $2",
+        )
+        .bind(instance)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(project_from_row).transpose()?)
     }
 
     /// Records a project (from the import or setup path) without touching a newer webhook state.
     pub async fn ensure_project(
         &self,
+        instance: &str,
         id: i64,
         title: &str,
         label_config: &str,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO ls_projects (id, title, label_config) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config \
+            "INSERT INTO ls_projects (instance, id, title, label_config) VALUES ($4, $1, $2, $3) \
+             ON CONFLICT (instance, id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config \
              WHERE ls_projects.updated_at_us = 0",
         )
         .bind(id)
         .bind(title)
         .bind(label_config)
+        .bind(instance)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     /// Counts of a project's tasks and annotations.
-    pub async fn annotation_counts(&self, project_id: i64) -> Result<AnnotationCounts, StoreError> {
+    pub async fn annotation_counts(
+        &self,
+        instance: &str,
+        project_id: i64,
+    ) -> Result<AnnotationCounts, StoreError> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS annotations, \
                COALESCE(SUM(CASE WHEN valid = 1 AND was_cancelled = 0 THEN 1 ELSE 0 END), 0) AS valid, \
                COALESCE(SUM(CASE WHEN valid = 0 THEN 1 ELSE 0 END), 0) AS invalid, \
                COALESCE(SUM(CASE WHEN was_cancelled = 1 THEN 1 ELSE 0 END), 0) AS cancelled, \
                COALESCE(SUM(CASE WHEN valid = 1 AND was_cancelled = 0 AND ground_truth = 1 THEN 1 ELSE 0 END), 0) AS ground_truth \
-             FROM ls_annotations WHERE project_id = $1 AND deleted = 0",
+             FROM ls_annotations WHERE instance = $2 AND project_id = $1 AND deleted = 0",
         )
         .bind(project_id)
+        .bind(instance)
         .fetch_one(&self.pool)
         .await?;
         let tasks: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM ls_tasks WHERE project_id = $1 AND deleted = 0",
+            "SELECT COUNT(*) FROM ls_tasks WHERE instance = $2 AND project_id = $1 AND deleted = 0",
         )
         .bind(project_id)
+        .bind(instance)
         .fetch_one(&self.pool)
         .await?;
         Ok(AnnotationCounts {
@@ -895,16 +967,19 @@ impl Store {
     /// Up to `limit` tasks of a project after task id `after`, in id order.
     pub async fn tasks_page(
         &self,
+        instance: &str,
         project_id: i64,
         after: i64,
         limit: i64,
     ) -> Result<Vec<TaskRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, project_id, data FROM ls_tasks WHERE project_id = $1 AND deleted = 0 AND id > $2 ORDER BY id LIMIT $3",
+            "SELECT id, project_id, data FROM ls_tasks WHERE instance = $4 AND project_id = $1 AND deleted = 0 \
+             AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(project_id)
         .bind(after)
         .bind(limit)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -922,17 +997,20 @@ impl Store {
     /// A project's live annotations on tasks `first..=last`, by task then id.
     pub async fn annotations_in_range(
         &self,
+        instance: &str,
         project_id: i64,
         first: i64,
         last: i64,
     ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations \
-             WHERE project_id = $1 AND deleted = 0 AND task_id >= $2 AND task_id <= $3 ORDER BY task_id, id"
+             WHERE instance = $4 AND project_id = $1 AND deleted = 0 AND task_id >= $2 AND task_id <= $3 \
+             ORDER BY task_id, id"
         ))
         .bind(project_id)
         .bind(first)
         .bind(last)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -942,12 +1020,17 @@ impl Store {
     }
 
     /// A project's valid ground-truth annotations (the newest per task when several).
-    pub async fn ground_truth(&self, project_id: i64) -> Result<Vec<AnnotationRow>, StoreError> {
+    pub async fn ground_truth(
+        &self,
+        instance: &str,
+        project_id: i64,
+    ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0 AND ground_truth = 1 \
-             AND valid = 1 AND was_cancelled = 0 ORDER BY task_id, updated_at_us DESC"
+            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE instance = $2 AND project_id = $1 AND deleted = 0 \
+             AND ground_truth = 1 AND valid = 1 AND was_cancelled = 0 ORDER BY task_id, updated_at_us DESC"
         ))
         .bind(project_id)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         let mut out: Vec<AnnotationRow> = Vec::with_capacity(rows.len());
@@ -961,13 +1044,18 @@ impl Store {
     }
 
     /// The live tasks of a project that hold a valid ground-truth annotation (few-shot examples).
-    pub async fn ground_truth_tasks(&self, project_id: i64) -> Result<Vec<TaskRow>, StoreError> {
+    pub async fn ground_truth_tasks(
+        &self,
+        instance: &str,
+        project_id: i64,
+    ) -> Result<Vec<TaskRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, project_id, data FROM ls_tasks WHERE project_id = $1 AND deleted = 0 AND id IN \
-             (SELECT task_id FROM ls_annotations WHERE project_id = $1 AND deleted = 0 AND ground_truth = 1 \
-              AND valid = 1 AND was_cancelled = 0) ORDER BY id",
+            "SELECT id, project_id, data FROM ls_tasks WHERE instance = $2 AND project_id = $1 AND deleted = 0 \
+             AND id IN (SELECT task_id FROM ls_annotations WHERE instance = $2 AND project_id = $1 AND deleted = 0 \
+              AND ground_truth = 1 AND valid = 1 AND was_cancelled = 0) ORDER BY id",
         )
         .bind(project_id)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -985,15 +1073,17 @@ impl Store {
     /// A project's annotations that do not fit its labeling config.
     pub async fn invalid_annotations(
         &self,
+        instance: &str,
         project_id: i64,
         limit: i64,
     ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0 AND valid = 0 \
-             ORDER BY id LIMIT $2"
+            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE instance = $3 AND project_id = $1 AND deleted = 0 \
+             AND valid = 0 ORDER BY id LIMIT $2"
         ))
         .bind(project_id)
         .bind(limit)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -1002,13 +1092,18 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Records predictions (replacing one of the same task, model version and source).
-    pub async fn upsert_predictions(&self, rows: &[PredictionRow]) -> Result<(), StoreError> {
+    /// Records predictions for tasks of `instance` (replacing one of the same task, model
+    /// version and source).
+    pub async fn upsert_predictions(
+        &self,
+        instance: &str,
+        rows: &[PredictionRow],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for p in rows {
             sqlx::query(
-                "INSERT INTO ls_predictions (project_id, task_id, model_version, source, score, result, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task_id, model_version, source) \
+                "INSERT INTO ls_predictions (instance, project_id, task_id, model_version, source, score, result, created_at) \
+                 VALUES ($8, $1, $2, $3, $4, $5, $6, $7) ON CONFLICT (instance, task_id, model_version, source) \
                  DO UPDATE SET score = excluded.score, result = excluded.result, created_at = excluded.created_at",
             )
             .bind(p.project_id)
@@ -1018,6 +1113,7 @@ impl Store {
             .bind(p.score)
             .bind(&p.result)
             .bind(now())
+            .bind(instance)
             .execute(&mut *tx)
             .await?;
         }
@@ -1028,17 +1124,19 @@ impl Store {
     /// A project's stored predictions on tasks `first..=last` (all tasks with `i64::MIN..=i64::MAX`).
     pub async fn predictions_in_range(
         &self,
+        instance: &str,
         project_id: i64,
         first: i64,
         last: i64,
     ) -> Result<Vec<PredictionRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT project_id, task_id, model_version, source, score, result FROM ls_predictions \
-             WHERE project_id = $1 AND task_id >= $2 AND task_id <= $3 ORDER BY task_id, id",
+             WHERE instance = $4 AND project_id = $1 AND task_id >= $2 AND task_id <= $3 ORDER BY task_id, id",
         )
         .bind(project_id)
         .bind(first)
         .bind(last)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -1052,6 +1150,7 @@ impl Store {
     /// case this call takes it over.
     pub async fn claim_milestone(
         &self,
+        instance: &str,
         project_id: i64,
         milestone: i64,
         path: &str,
@@ -1059,13 +1158,14 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let t = now();
         let inserted = sqlx::query(
-            "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, written) \
-             VALUES ($1, 'milestone', $2, $3, 0, 0, $4, 0) ON CONFLICT (project_id, milestone) DO NOTHING",
+            "INSERT INTO curation_exports (instance, project_id, reason, milestone, path, tasks, annotations, created_at, written) \
+             VALUES ($5, $1, 'milestone', $2, $3, 0, 0, $4, 0) ON CONFLICT (instance, project_id, milestone) DO NOTHING",
         )
         .bind(project_id)
         .bind(milestone)
         .bind(path)
         .bind(t)
+        .bind(instance)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -1074,12 +1174,13 @@ impl Store {
         }
         let taken_over = sqlx::query(
             "UPDATE curation_exports SET created_at = $1 \
-             WHERE project_id = $2 AND milestone = $3 AND written = 0 AND created_at < $4",
+             WHERE instance = $5 AND project_id = $2 AND milestone = $3 AND written = 0 AND created_at < $4",
         )
         .bind(t)
         .bind(project_id)
         .bind(milestone)
         .bind(t - stale_after)
+        .bind(instance)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -1089,25 +1190,28 @@ impl Store {
     /// Gives a claimed milestone back after its export failed, so that it is tried again.
     pub async fn release_milestone(
         &self,
+        instance: &str,
         project_id: i64,
         milestone: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "DELETE FROM curation_exports WHERE project_id = $1 AND milestone = $2 AND written = 0",
+            "DELETE FROM curation_exports WHERE instance = $3 AND project_id = $1 AND milestone = $2 AND written = 0",
         )
         .bind(project_id)
         .bind(milestone)
+        .bind(instance)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// Records what an export wrote: fills in a claimed milestone, or adds an on-demand export.
-    pub async fn record_export(&self, e: &ExportRecord) -> Result<(), StoreError> {
+    /// Records what an export of a project of `instance` wrote: fills in a claimed milestone, or
+    /// adds an on-demand export.
+    pub async fn record_export(&self, instance: &str, e: &ExportRecord) -> Result<(), StoreError> {
         let updated = match e.milestone {
             Some(m) => sqlx::query(
                 "UPDATE curation_exports SET path = $1, tasks = $2, annotations = $3, created_at = $4, written = 1, \
-                 sha256 = $7 WHERE project_id = $5 AND milestone = $6",
+                 sha256 = $7 WHERE instance = $8 AND project_id = $5 AND milestone = $6",
             )
                 .bind(&e.path)
                 .bind(e.tasks)
@@ -1116,6 +1220,7 @@ impl Store {
                 .bind(e.project_id)
                 .bind(m)
                 .bind(&e.sha256)
+                .bind(instance)
                 .execute(&self.pool)
                 .await?
                 .rows_affected(),
@@ -1123,8 +1228,8 @@ impl Store {
         };
         if updated == 0 {
             sqlx::query(
-                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, sha256) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO curation_exports (project_id, reason, milestone, path, tasks, annotations, created_at, sha256, instance) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(e.project_id)
             .bind(&e.reason)
@@ -1134,6 +1239,7 @@ impl Store {
             .bind(e.annotations)
             .bind(e.created_at)
             .bind(&e.sha256)
+            .bind(instance)
             .execute(&self.pool)
             .await?;
         }
@@ -1141,12 +1247,17 @@ impl Store {
     }
 
     /// A project's written exports, oldest first.
-    pub async fn exports(&self, project_id: i64) -> Result<Vec<ExportRecord>, StoreError> {
+    pub async fn exports(
+        &self,
+        instance: &str,
+        project_id: i64,
+    ) -> Result<Vec<ExportRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT project_id, reason, milestone, path, sha256, tasks, annotations, created_at FROM curation_exports \
-             WHERE project_id = $1 AND written = 1 ORDER BY id",
+             WHERE instance = $2 AND project_id = $1 AND written = 1 ORDER BY id",
         )
         .bind(project_id)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1169,18 +1280,20 @@ impl Store {
     /// Keeps an accuracy record for a checkpoint unless one exists; true when this call kept it.
     pub async fn insert_accuracy_record(
         &self,
+        instance: &str,
         project_id: i64,
         checkpoint: i64,
         report: &str,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO accuracy_records (project_id, checkpoint, report, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (project_id, checkpoint) DO NOTHING",
+            "INSERT INTO accuracy_records (instance, project_id, checkpoint, report, created_at) \
+             VALUES ($5, $1, $2, $3, $4) ON CONFLICT (instance, project_id, checkpoint) DO NOTHING",
         )
         .bind(project_id)
         .bind(checkpoint)
         .bind(report)
         .bind(now())
+        .bind(instance)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -1190,12 +1303,17 @@ impl Store {
     /// A project's accuracy records, oldest checkpoint first.
     pub async fn accuracy_records(
         &self,
+        instance: &str,
         project_id: i64,
     ) -> Result<Vec<AccuracyRecord>, StoreError> {
-        let rows = sqlx::query("SELECT checkpoint, report, created_at FROM accuracy_records WHERE project_id = $1 ORDER BY checkpoint")
-            .bind(project_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT checkpoint, report, created_at FROM accuracy_records WHERE instance = $1 AND project_id = $2 \
+             ORDER BY checkpoint",
+        )
+        .bind(instance)
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(AccuracyRecord {
@@ -1213,12 +1331,19 @@ impl Store {
 pub struct CurationTx {
     tx: Transaction<'static, Any>,
     event_id: i64,
+    /// The event's instance: every row this transaction reads or writes is of it.
+    instance: String,
 }
 
 impl CurationTx {
     /// The event this transaction applies.
     pub fn event_id(&self) -> i64 {
         self.event_id
+    }
+
+    /// The Label Studio instance the event came from, whose rows this transaction writes.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Sets what processing did (overwriting the outcome given to [`Store::begin_event`]).
@@ -1257,35 +1382,77 @@ impl CurationTx {
         label_config: &str,
         updated_at_us: i64,
     ) -> Result<bool, StoreError> {
-        let before: Option<String> =
-            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *self.tx)
-                .await?;
+        let before: Option<String> = sqlx::query_scalar(
+            "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
+        )
+        .bind(&self.instance)
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
         sqlx::query(
-            "INSERT INTO ls_projects (id, title, label_config, updated_at_us) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config, \
+            "INSERT INTO ls_projects (instance, id, title, label_config, updated_at_us) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (instance, id) DO UPDATE SET title = excluded.title, label_config = excluded.label_config, \
              updated_at_us = excluded.updated_at_us WHERE excluded.updated_at_us >= ls_projects.updated_at_us",
         )
+        .bind(&self.instance)
         .bind(id)
         .bind(title)
         .bind(label_config)
         .bind(updated_at_us)
         .execute(&mut *self.tx)
         .await?;
-        let after: String =
-            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut *self.tx)
-                .await?;
+        let after: String = sqlx::query_scalar(
+            "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
+        )
+        .bind(&self.instance)
+        .bind(id)
+        .fetch_one(&mut *self.tx)
+        .await?;
         Ok(before.as_deref() != Some(after.as_str()))
+    }
+
+    /// The creation time stored for a project (Label Studio's ISO string), when known.
+    pub async fn project_created_at(&mut self, id: i64) -> Result<Option<String>, StoreError> {
+        let created: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT created_at FROM ls_projects WHERE instance = $1 AND id = $2",
+        )
+        .bind(&self.instance)
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        Ok(created.flatten())
+    }
+
+    /// Records a project's creation time (Label Studio's ISO string) unless one is stored; a
+    /// project not known yet is recorded with only its id and title.
+    pub async fn record_project_created_at(
+        &mut self,
+        id: i64,
+        title: &str,
+        created_at: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ls_projects (instance, id, title, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (instance, id) DO UPDATE SET created_at = excluded.created_at \
+             WHERE ls_projects.created_at IS NULL",
+        )
+        .bind(&self.instance)
+        .bind(id)
+        .bind(title)
+        .bind(created_at)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
     }
 
     /// Marks a project deleted.
     pub async fn delete_project(&mut self, id: i64) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO ls_projects (id, deleted) VALUES ($1, 1) ON CONFLICT (id) DO UPDATE SET deleted = 1",
+            "INSERT INTO ls_projects (instance, id, deleted) VALUES ($1, $2, 1) \
+             ON CONFLICT (instance, id) DO UPDATE SET deleted = 1",
         )
+        .bind(&self.instance)
         .bind(id)
         .execute(&mut *self.tx)
         .await?;
@@ -1294,12 +1461,41 @@ impl CurationTx {
 
     /// The stored labeling config of a project, if any.
     pub async fn project_config(&mut self, id: i64) -> Result<Option<String>, StoreError> {
-        let config: Option<String> =
-            sqlx::query_scalar("SELECT label_config FROM ls_projects WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&mut *self.tx)
-                .await?;
+        let config: Option<String> = sqlx::query_scalar(
+            "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
+        )
+        .bind(&self.instance)
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
         Ok(config.filter(|c| !c.is_empty()))
+    }
+
+    /// Keeps a whole event aside as a [`ConflictKind::ProjectRecreated`] conflict: project `id`
+    /// arrives created at `created_at` while batchlab holds it created at `known_created_at`.
+    /// Nothing of the event is applied (`body` is the event as delivered).
+    pub async fn record_project_recreated(
+        &mut self,
+        id: i64,
+        created_at: &str,
+        known_created_at: &str,
+        from: Delivered<'_>,
+    ) -> Result<Conflict, StoreError> {
+        let c = Contradiction {
+            kind: ConflictKind::ProjectRecreated,
+            entity_id: id,
+            project_id: id,
+            known_project_id: id,
+            known_task_id: None,
+            known_deleted: false,
+            reason: format!(
+                "project {id} was created at {created_at}: batchlab holds project {id} of \
+                 Label Studio instance '{}' created at {known_created_at}, another project \
+                 (was Label Studio re-created with a fresh database? Give it a new instance name)",
+                self.instance
+            ),
+        };
+        self.record_conflict(c, from).await
     }
 
     /// Records a task's data unless a newer state (or its deletion) is stored, or the task is
@@ -1311,8 +1507,8 @@ impl CurationTx {
         updated_at_us: i64,
     ) -> Result<bool, StoreError> {
         let written = sqlx::query(
-            "INSERT INTO ls_tasks (id, project_id, data, updated_at_us) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at_us = excluded.updated_at_us \
+            "INSERT INTO ls_tasks (instance, id, project_id, data, updated_at_us) VALUES ($5, $1, $2, $3, $4) \
+             ON CONFLICT (instance, id) DO UPDATE SET data = excluded.data, updated_at_us = excluded.updated_at_us \
              WHERE ls_tasks.deleted = 0 AND ls_tasks.project_id = excluded.project_id \
              AND excluded.updated_at_us >= ls_tasks.updated_at_us",
         )
@@ -1320,6 +1516,7 @@ impl CurationTx {
         .bind(task.project_id)
         .bind(&task.data)
         .bind(updated_at_us)
+        .bind(&self.instance)
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
@@ -1340,7 +1537,9 @@ impl CurationTx {
         // Refused: a newer state or a deletion (an ordinary replay), or another project's task.
         let known = self.known_task(task.id).await?;
         match known.and_then(|k| task_contradiction(task.id, task.project_id, &k)) {
-            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            Some(c) => Ok(ObjectWrite::Conflict(Box::new(
+                self.record_conflict(c, from).await?,
+            ))),
             None => Ok(ObjectWrite::LeftAlone),
         }
     }
@@ -1355,20 +1554,24 @@ impl CurationTx {
         from: Delivered<'_>,
     ) -> Result<ObjectWrite, StoreError> {
         let deleted = sqlx::query(
-            "INSERT INTO ls_tasks (id, project_id, data, deleted) VALUES ($1, $2, '{}', 1) \
-             ON CONFLICT (id) DO UPDATE SET deleted = 1 \
+            "INSERT INTO ls_tasks (instance, id, project_id, data, deleted) VALUES ($3, $1, $2, '{}', 1) \
+             ON CONFLICT (instance, id) DO UPDATE SET deleted = 1 \
              WHERE excluded.project_id = 0 OR ls_tasks.project_id = 0 OR ls_tasks.project_id = excluded.project_id",
         )
         .bind(id)
         .bind(project_id)
+        .bind(&self.instance)
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
         if deleted == 1 {
-            sqlx::query("UPDATE ls_annotations SET deleted = 1 WHERE task_id = $1")
-                .bind(id)
-                .execute(&mut *self.tx)
-                .await?;
+            sqlx::query(
+                "UPDATE ls_annotations SET deleted = 1 WHERE instance = $1 AND task_id = $2",
+            )
+            .bind(&self.instance)
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
             return Ok(ObjectWrite::Written);
         }
         let known = self.known_task(id).await?;
@@ -1383,7 +1586,9 @@ impl CurationTx {
             )
         });
         match found {
-            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            Some(c) => Ok(ObjectWrite::Conflict(Box::new(
+                self.record_conflict(c, from).await?,
+            ))),
             None => Ok(ObjectWrite::LeftAlone),
         }
     }
@@ -1396,8 +1601,9 @@ impl CurationTx {
     /// Studio does without sending events for them. True when the row was written.
     pub async fn upsert_annotation(&mut self, a: &AnnotationRow) -> Result<bool, StoreError> {
         let written = sqlx::query(&format!(
-            "INSERT INTO ls_annotations ({ANNOTATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (id) DO UPDATE SET \
+            "INSERT INTO ls_annotations ({ANNOTATION_COLUMNS}, instance) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (instance, id) DO UPDATE SET \
              task_id = CASE WHEN excluded.task_id = 0 THEN ls_annotations.task_id ELSE excluded.task_id END, \
              result = excluded.result, ground_truth = excluded.ground_truth, was_cancelled = excluded.was_cancelled, \
              lead_time = excluded.lead_time, completed_by = excluded.completed_by, created_at = excluded.created_at, \
@@ -1420,6 +1626,7 @@ impl CurationTx {
         .bind(a.updated_at_us)
         .bind(flag(a.valid))
         .bind(&a.invalid_reason)
+        .bind(&self.instance)
         .execute(&mut *self.tx)
         .await?
         .rows_affected()
@@ -1427,11 +1634,12 @@ impl CurationTx {
         if written && a.ground_truth {
             sqlx::query(
                 "UPDATE ls_annotations SET ground_truth = 0 \
-                 WHERE task_id = $1 AND id <> $2 AND ground_truth = 1 AND updated_at_us <= $3",
+                 WHERE instance = $4 AND task_id = $1 AND id <> $2 AND ground_truth = 1 AND updated_at_us <= $3",
             )
             .bind(a.task_id)
             .bind(a.id)
             .bind(a.updated_at_us)
+            .bind(&self.instance)
             .execute(&mut *self.tx)
             .await?;
         }
@@ -1448,7 +1656,9 @@ impl CurationTx {
         from: Delivered<'_>,
     ) -> Result<ObjectWrite, StoreError> {
         if let Some(c) = self.annotation_contradiction(a).await? {
-            return Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?));
+            return Ok(ObjectWrite::Conflict(Box::new(
+                self.record_conflict(c, from).await?,
+            )));
         }
         if self.upsert_annotation(a).await? {
             return Ok(ObjectWrite::Written);
@@ -1456,7 +1666,9 @@ impl CurationTx {
         // Refused: a newer state or a deletion (an ordinary replay), or a row another processor
         // stored since the check above.
         match self.annotation_contradiction(a).await? {
-            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            Some(c) => Ok(ObjectWrite::Conflict(Box::new(
+                self.record_conflict(c, from).await?,
+            ))),
             None => Ok(ObjectWrite::LeftAlone),
         }
     }
@@ -1472,13 +1684,14 @@ impl CurationTx {
         from: Delivered<'_>,
     ) -> Result<ObjectWrite, StoreError> {
         let deleted = sqlx::query(
-            "INSERT INTO ls_annotations (id, project_id, task_id, result, deleted, valid) VALUES ($1, $2, 0, '[]', 1, 0) \
-             ON CONFLICT (id) DO UPDATE SET deleted = 1 \
+            "INSERT INTO ls_annotations (instance, id, project_id, task_id, result, deleted, valid) \
+             VALUES ($3, $1, $2, 0, '[]', 1, 0) ON CONFLICT (instance, id) DO UPDATE SET deleted = 1 \
              WHERE excluded.project_id = 0 OR ls_annotations.project_id = 0 \
              OR ls_annotations.project_id = excluded.project_id",
         )
         .bind(id)
         .bind(project_id)
+        .bind(&self.instance)
         .execute(&mut *self.tx)
         .await?
         .rows_affected();
@@ -1496,16 +1709,20 @@ impl CurationTx {
             )
         });
         match found {
-            Some(c) => Ok(ObjectWrite::Conflict(self.record_conflict(c, from).await?)),
+            Some(c) => Ok(ObjectWrite::Conflict(Box::new(
+                self.record_conflict(c, from).await?,
+            ))),
             None => Ok(ObjectWrite::LeftAlone),
         }
     }
 
     async fn known_task(&mut self, id: i64) -> Result<Option<KnownTask>, StoreError> {
-        let row = sqlx::query("SELECT project_id, deleted FROM ls_tasks WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT project_id, deleted FROM ls_tasks WHERE instance = $1 AND id = $2")
+                .bind(&self.instance)
+                .bind(id)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         row.map(|r| {
             Ok(KnownTask {
                 project_id: r.try_get("project_id")?,
@@ -1518,8 +1735,9 @@ impl CurationTx {
 
     async fn known_annotation(&mut self, id: i64) -> Result<Option<KnownAnnotation>, StoreError> {
         let row = sqlx::query(
-            "SELECT project_id, task_id, deleted, created_at FROM ls_annotations WHERE id = $1",
+            "SELECT project_id, task_id, deleted, created_at FROM ls_annotations WHERE instance = $1 AND id = $2",
         )
+        .bind(&self.instance)
         .bind(id)
         .fetch_optional(&mut *self.tx)
         .await?;
@@ -1562,8 +1780,8 @@ impl CurationTx {
         let detected_at = now();
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO ls_conflicts (event_id, action, project_id, kind, entity, entity_id, known_project_id, \
-             known_task_id, known_deleted, reason, body, detected_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+             known_task_id, known_deleted, reason, body, detected_at, instance) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
         )
         .bind(self.event_id)
         .bind(&action)
@@ -1577,10 +1795,12 @@ impl CurationTx {
         .bind(&reason)
         .bind(&body)
         .bind(detected_at)
+        .bind(&self.instance)
         .fetch_one(&mut *self.tx)
         .await?;
         Ok(Conflict {
             id,
+            instance: self.instance.clone(),
             event_id: self.event_id,
             action,
             project_id: c.project_id,
@@ -1602,9 +1822,10 @@ impl CurationTx {
         project_id: i64,
     ) -> Result<Vec<AnnotationRow>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE project_id = $1 AND deleted = 0"
+            "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE instance = $2 AND project_id = $1 AND deleted = 0"
         ))
         .bind(project_id)
+        .bind(&self.instance)
         .fetch_all(&mut *self.tx)
         .await?;
         Ok(rows
@@ -1619,10 +1840,13 @@ impl CurationTx {
         id: i64,
         invalid_reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE ls_annotations SET valid = $1, invalid_reason = $2 WHERE id = $3")
-            .bind(flag(invalid_reason.is_none()))
-            .bind(invalid_reason)
-            .bind(id)
+        sqlx::query(
+            "UPDATE ls_annotations SET valid = $1, invalid_reason = $2 WHERE instance = $4 AND id = $3",
+        )
+        .bind(flag(invalid_reason.is_none()))
+        .bind(invalid_reason)
+        .bind(id)
+        .bind(&self.instance)
             .execute(&mut *self.tx)
             .await?;
         Ok(())

@@ -19,7 +19,7 @@ pub struct ImportedLine {
     pub task_id: Option<i64>,
 }
 
-/// Rows written per statement (four parameters each, well under both databases' limits).
+/// Rows written per statement (up to seven parameters each, well under both databases' limits).
 const ROWS_PER_STATEMENT: usize = 200;
 
 fn refuse_nul(column: &'static str, value: &str) -> Result<(), StoreError> {
@@ -43,9 +43,11 @@ fn placeholders(rows: usize, width: usize) -> String {
 }
 
 impl Store {
-    /// Every line of `batch_id` an import into `project_id` marked or recorded, by `custom_id`.
+    /// Every line of `batch_id` an import into `project_id` of `instance` marked or recorded,
+    /// by `custom_id`.
     pub async fn imported_lines(
         &self,
+        instance: &str,
         project_id: i64,
         batch_id: &str,
     ) -> Result<Vec<ImportedLine>, StoreError> {
@@ -54,10 +56,11 @@ impl Store {
         }
         let rows = sqlx::query(
             "SELECT custom_id, task_id FROM ls_import_lines \
-             WHERE project_id = $1 AND batch_id = $2 ORDER BY custom_id",
+             WHERE instance = $3 AND project_id = $1 AND batch_id = $2 ORDER BY custom_id",
         )
         .bind(project_id)
         .bind(batch_id)
+        .bind(instance)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -74,6 +77,7 @@ impl Store {
     /// tasks: a line already marked or recorded is left as it is.
     pub async fn mark_import_sent(
         &self,
+        instance: &str,
         project_id: i64,
         batch_id: &str,
         custom_ids: &[&str],
@@ -86,13 +90,14 @@ impl Store {
         let sent_at = now();
         for part in custom_ids.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO ls_import_lines (project_id, batch_id, custom_id, sent_at) VALUES {} \
-                 ON CONFLICT (project_id, batch_id, custom_id) DO NOTHING",
-                placeholders(part.len(), 4)
+                "INSERT INTO ls_import_lines (instance, project_id, batch_id, custom_id, sent_at) VALUES {} \
+                 ON CONFLICT (instance, project_id, batch_id, custom_id) DO NOTHING",
+                placeholders(part.len(), 5)
             );
             let mut query = sqlx::query(&sql);
             for id in part {
                 query = query
+                    .bind(instance)
                     .bind(project_id)
                     .bind(batch_id)
                     .bind(*id)
@@ -108,6 +113,7 @@ impl Store {
     /// sent gets its task; a line that already has one keeps it.
     pub async fn record_imported_tasks(
         &self,
+        instance: &str,
         project_id: i64,
         batch_id: &str,
         tasks: &[(&str, i64)],
@@ -120,15 +126,16 @@ impl Store {
         let at = now();
         for part in tasks.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "INSERT INTO ls_import_lines (project_id, batch_id, custom_id, task_id, sent_at, imported_at) \
-                 VALUES {} ON CONFLICT (project_id, batch_id, custom_id) \
+                "INSERT INTO ls_import_lines (instance, project_id, batch_id, custom_id, task_id, sent_at, imported_at) \
+                 VALUES {} ON CONFLICT (instance, project_id, batch_id, custom_id) \
                  DO UPDATE SET task_id = excluded.task_id, imported_at = excluded.imported_at \
                  WHERE ls_import_lines.task_id IS NULL",
-                placeholders(part.len(), 6)
+                placeholders(part.len(), 7)
             );
             let mut query = sqlx::query(&sql);
             for (id, task) in part {
                 query = query
+                    .bind(instance)
                     .bind(project_id)
                     .bind(batch_id)
                     .bind(*id)

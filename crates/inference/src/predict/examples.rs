@@ -36,15 +36,17 @@ pub struct ExampleSet {
 }
 
 impl ExampleSet {
-    /// Loads the project's valid ground truth (newest per task) with its tasks' data.
+    /// Loads the valid ground truth (newest per task) of project `project_id` of Label Studio
+    /// `instance`, with its tasks' data.
     pub async fn load(
         store: &Store,
+        instance: &str,
         project_id: i64,
         config: &LabelConfig,
     ) -> Result<ExampleSet, StoreError> {
-        let annotations = store.ground_truth(project_id).await?;
+        let annotations = store.ground_truth(instance, project_id).await?;
         let tasks: HashMap<i64, String> = store
-            .ground_truth_tasks(project_id)
+            .ground_truth_tasks(instance, project_id)
             .await?
             .into_iter()
             .map(|t| (t.id, t.data))
