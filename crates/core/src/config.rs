@@ -393,6 +393,10 @@ pub struct CurationConfig {
     pub milestones: Vec<u64>,
     /// An accuracy record is kept each time a project's annotation count crosses a multiple of this.
     pub accuracy_every: u64,
+    /// Webhook events the processor applies in one transaction (each under a savepoint, so a
+    /// failing one is undone alone); 0 counts as 1. One commit per group keeps the processor up
+    /// with a burst; on SQLite a group holds the write lock while it is applied.
+    pub events_per_transaction: usize,
 }
 
 impl Default for CurationConfig {
@@ -401,6 +405,7 @@ impl Default for CurationConfig {
             training_dir: PathBuf::from("data/training"),
             milestones: vec![100, 500, 1_000, 5_000, 10_000],
             accuracy_every: 100,
+            events_per_transaction: 64,
         }
     }
 }

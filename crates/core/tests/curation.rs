@@ -46,6 +46,7 @@ fn curation(store: &Store, dir: &Path, milestones: Vec<u64>) -> Curation {
             training_dir: dir.to_path_buf(),
             milestones,
             accuracy_every: 2,
+            ..Default::default()
         },
         Instance::default(),
     )
@@ -1150,7 +1151,79 @@ async fn a_project_recreated_under_its_id_is_kept_aside(store: Store) {
     assert_eq!(status.conflicts.count, 0);
 }
 
+/// Events are applied many to a transaction, each under a savepoint: one that fails midway
+/// (an annotation naming no project, after its task was written) is undone alone and marked
+/// failed, and the events before and after it in the same pass are applied. A project title
+/// with a NUL byte, which PostgreSQL refuses (aborting the transaction until the savepoint is
+/// rolled back), fails alone there too; SQLite stores it.
+async fn a_failing_event_among_many_is_undone_alone(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    let ok = |task, id| {
+        annotation_event(
+            "ANNOTATION_CREATED",
+            1,
+            task,
+            id,
+            "2026-01-01T00:00:00Z",
+            "a",
+        )
+    };
+    c.ingest(&ok(1, 1)).await.unwrap();
+    let no_project = serde_json::to_vec(&json!({"action": "ANNOTATION_CREATED",
+        "task": {"id": 2, "project": 1, "data": {"text": "task 2"}},
+        "annotation": {"id": 2, "task": 2, "result": [], "created_at": "2026-01-01T00:00:00Z"}}))
+    .unwrap();
+    let failed = c.ingest(&no_project).await.unwrap().event_id;
+    let nul_title = serde_json::to_vec(&json!({"action": "PROJECT_UPDATED",
+        "project": {"id": 1, "title": "a\u{0}b", "label_config": SIMPLE_CONFIG}}))
+    .unwrap();
+    let nul = c.ingest(&nul_title).await.unwrap().event_id;
+    c.ingest(&ok(3, 3)).await.unwrap();
+
+    assert_eq!(c.process_pending().await.unwrap(), 5, "one pass");
+    assert_eq!(
+        tasks_of(&store, 1)
+            .await
+            .iter()
+            .map(|t| t.0)
+            .collect::<Vec<_>>(),
+        [1, 3],
+        "the failed event's task is undone"
+    );
+    assert_eq!(
+        annotations_of(&store, 1)
+            .await
+            .iter()
+            .map(|a| a.0)
+            .collect::<Vec<_>>(),
+        [1, 3]
+    );
+    let outcome = outcome_of(&store, failed).await;
+    assert!(
+        outcome.starts_with("failed: ") && outcome.contains("names no project"),
+        "{outcome}"
+    );
+    let status = c.status(1).await.unwrap();
+    assert_eq!(status.webhook_events.pending, 0);
+    let nul_outcome = outcome_of(&store, nul).await;
+    match store.backend() {
+        batchlab_core::store::Backend::Postgres => {
+            assert!(nul_outcome.starts_with("failed: "), "{nul_outcome}");
+            // The event naming no project is not counted in the project's status.
+            assert_eq!(status.webhook_events.failed, 1);
+            assert_eq!(status.title, "project 1");
+        }
+        batchlab_core::store::Backend::Sqlite => {
+            assert_eq!(nul_outcome, "applied");
+            assert_eq!(status.webhook_events.failed, 0);
+        }
+    }
+}
+
 batchlab_core::on_both_backends!(
+    a_failing_event_among_many_is_undone_alone,
     the_same_ids_in_two_instances_are_two_namespaces,
     a_project_recreated_under_its_id_is_kept_aside,
     reused_ids_of_deleted_annotations_are_conflicts,

@@ -175,6 +175,7 @@ fn curation(store: Store) -> (Curation, tempfile::TempDir) {
             training_dir: dir.path().into(),
             milestones: vec![],
             accuracy_every: 0,
+            ..Default::default()
         },
         Instance::default(),
     );

@@ -180,8 +180,11 @@ impl Curation {
         })
     }
 
-    /// Applies the waiting events in order of arrival; answers how many were looked at. Then
-    /// checks milestones of the projects whose annotations changed, and runs the exports that
+    /// Applies the waiting events in order of arrival; answers how many were looked at. Events
+    /// are applied `curation.events_per_transaction` to a transaction, each under a savepoint of its own
+    /// ([`crate::store::CurationTx::claim`]): one commit per group is what keeps the processor
+    /// up with a burst, and an event that fails is undone and marked failed alone. Then checks
+    /// milestones of the projects whose annotations changed, and runs the exports that
     /// START_TRAINING asked for: such an event is marked processed only once its export is
     /// written, and one whose export fails is tried again on a later pass (after a back-off),
     /// until [`MAX_EXPORT_ATTEMPTS`] failures mark it failed.
@@ -190,48 +193,39 @@ impl Curation {
         let mut configs = ConfigCache::new();
         let mut touched: BTreeSet<(Instance, i64)> = BTreeSet::new();
         let mut train: BTreeMap<(Instance, i64), Vec<&WebhookEvent>> = BTreeMap::new();
-        for event in &events {
-            let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
-            let Ok(instance) = Instance::parse(&event.instance) else {
-                // Names are checked before an event is stored; this row was written otherwise.
-                self.store
-                    .fail_event(
-                        event.id,
-                        &format!("invalid instance name {:?}", event.instance),
-                    )
-                    .await?;
-                continue;
-            };
-            let curation = self.with_instance(instance.clone());
-            let applied = match AssertUnwindSafe(
-                curation.process_one(event, &mut configs).instrument(span),
-            )
-            .catch_unwind()
-            .await
+        for group in events.chunks(self.config.events_per_transaction.max(1)) {
+            let done = match AssertUnwindSafe(self.apply_group(group, &mut configs))
+                .catch_unwind()
+                .await
             {
-                Ok(applied) => applied?,
-                Err(panic) => {
-                    // A poison event: whatever it holds, it must not stop the events behind it.
-                    let reason = format!(
-                        "panicked while applying: {}",
-                        crate::telemetry::panic_message(&*panic)
-                    );
-                    tracing::error!(id = event.id, action = %event.action, %reason, "webhook event failed");
-                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error").increment(1);
-                    self.store.fail_event(event.id, &reason).await?;
-                    // The cache may hold a half-built entry; start the pass's cache afresh.
+                Ok(done) => done?,
+                Err(_) => {
+                    // A poison event: nothing of the group committed. The cache may hold a
+                    // half-built entry; apply the group's events one by one to fail that one
+                    // alone, so that it cannot stop the events behind it.
                     configs.clear();
-                    None
+                    let mut done = Vec::with_capacity(group.len());
+                    for event in group {
+                        done.extend(self.apply_alone(event, &mut configs).await?);
+                    }
+                    done
                 }
             };
-            match applied {
-                Some((Action::StartTraining, Some(p))) => {
-                    train.entry((instance, p)).or_default().push(event);
+            for d in done {
+                report(&d);
+                if d.failed.is_some() || d.recreated {
+                    // Nothing of it was applied: no milestone, no export.
+                    continue;
                 }
-                Some((a, Some(p))) if a.touches_annotations() => {
-                    touched.insert((instance, p));
+                match (&d.action, d.project) {
+                    (Action::StartTraining, Some(p)) if d.deferred => {
+                        train.entry((d.instance, p)).or_default().push(d.event);
+                    }
+                    (a, Some(p)) if a.touches_annotations() => {
+                        touched.insert((d.instance, p));
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
         touched.extend(self.due_milestone_retries());
@@ -251,11 +245,97 @@ impl Curation {
         }
         Ok(events.len())
     }
+
+    /// Applies one event in a transaction of its own; one that panics is marked failed.
+    async fn apply_alone<'a>(
+        &self,
+        event: &'a WebhookEvent,
+        configs: &mut ConfigCache,
+    ) -> Result<Vec<Applied<'a>>, CurationError> {
+        match AssertUnwindSafe(self.apply_group(std::slice::from_ref(event), configs))
+            .catch_unwind()
+            .await
+        {
+            Ok(done) => done,
+            Err(panic) => {
+                let reason = format!(
+                    "panicked while applying: {}",
+                    crate::telemetry::panic_message(&*panic)
+                );
+                tracing::error!(id = event.id, action = %event.action, %reason, "webhook event failed");
+                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error")
+                    .increment(1);
+                self.store.fail_event(event.id, &reason).await?;
+                configs.clear();
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// Applies `group` in one transaction (each event under its own savepoint) and commits it;
+    /// answers what each event claimed by this call did, to report once committed.
+    async fn apply_group<'a>(
+        &self,
+        group: &'a [WebhookEvent],
+        configs: &mut ConfigCache,
+    ) -> Result<Vec<Applied<'a>>, CurationError> {
+        let mut tx = self.store.begin_events().await?;
+        let mut done = Vec::with_capacity(group.len());
+        for event in group {
+            let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
+            done.extend(
+                self.apply_one(&mut tx, event, configs)
+                    .instrument(span)
+                    .await?,
+            );
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+}
+
+/// What applying one event of a group did, reported once the group has committed.
+struct Applied<'a> {
+    event: &'a WebhookEvent,
+    instance: Instance,
+    action: Action,
+    project: Option<i64>,
+    /// Objects kept aside (already in `ls_conflicts` once the group commits).
+    conflicts: Vec<Conflict>,
+    /// The whole event was kept aside: its project was re-created.
+    recreated: bool,
+    /// A START_TRAINING left pending until its export is written.
+    deferred: bool,
+    /// Why it could not be applied: its writes undone, the event marked failed.
+    failed: Option<String>,
+}
+
+/// Logs and counts what an event did, once its group has committed.
+fn report(d: &Applied<'_>) {
+    let outcome = if let Some(reason) = &d.failed {
+        tracing::warn!(id = d.event.id, action = %d.event.action, %reason, "webhook event could not be applied");
+        "error"
+    } else {
+        if let Action::Unknown(name) = &d.action {
+            tracing::info!(action = %name, "unknown webhook action acknowledged and ignored");
+        }
+        report_conflicts(d.event.id, &d.conflicts);
+        if d.deferred {
+            // Counted once its export is written.
+            return;
+        }
+        if d.conflicts.is_empty() {
+            "ok"
+        } else {
+            "conflict"
+        }
+    };
+    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => outcome).increment(1);
 }
 
 impl Curation {
     /// Writes the export that the START_TRAINING events `requests` (all about `project`, left
-    /// pending by [`Curation::process_one`]) asked for, then marks them processed. When the
+    /// pending by [`Curation::apply_one`]) asked for, then marks them processed. When the
     /// export fails each is held back for a later try, or marked failed after its last.
     async fn export_for_training(
         &self,
@@ -305,51 +385,65 @@ impl Curation {
         Ok(())
     }
 
-    /// Applies one event; answers its action and project when it was applied by this call.
-    async fn process_one(
+    /// Applies one event inside `tx`: claims it, applies it and settles it, or undoes its
+    /// writes and marks it failed. `None` when another processor already handled it.
+    async fn apply_one<'a>(
         &self,
-        event: &WebhookEvent,
+        tx: &mut CurationTx,
+        event: &'a WebhookEvent,
         configs: &mut ConfigCache,
-    ) -> Result<Option<(Action, Option<i64>)>, CurationError> {
-        let body: Value = match serde_json::from_str(&event.body) {
-            Ok(v) => v,
-            Err(e) => {
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error")
-                    .increment(1);
-                self.store
-                    .fail_event(event.id, &format!("unreadable body: {e}"))
-                    .await?;
-                return Ok(None);
+    ) -> Result<Option<Applied<'a>>, CurationError> {
+        if !tx.claim(event.id, "applied").await? {
+            return Ok(None);
+        }
+        let mut done = Applied {
+            event,
+            instance: Instance::default(),
+            action: Action::parse(&event.action),
+            project: None,
+            conflicts: Vec::new(),
+            recreated: false,
+            deferred: false,
+            failed: None,
+        };
+        let result = match Instance::parse(&event.instance) {
+            // Names are checked before an event is stored; this row was written otherwise.
+            Err(e) => Err(e.into_message()),
+            Ok(instance) => {
+                done.instance = instance;
+                match serde_json::from_str::<Value>(&event.body) {
+                    Err(e) => Err(format!("unreadable body: {e}")),
+                    Ok(body) => {
+                        done.project = event::project_id(&body);
+                        apply(
+                            tx,
+                            &done.action,
+                            &event.action,
+                            &body,
+                            configs,
+                            &mut done.conflicts,
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                    }
+                }
             }
         };
-        let action = Action::parse(&event.action);
-        let project = event::project_id(&body);
-        let Some(mut tx) = self.store.begin_event(event.id, "applied").await? else {
-            return Ok(None);
-        };
-        let mut conflicts = Vec::new();
-        match apply(
-            &mut tx,
-            &action,
-            &event.action,
-            &body,
-            configs,
-            &mut conflicts,
-        )
-        .await
-        {
+        match result {
             Ok(outcome) => {
-                let recreated = conflicts
+                done.recreated = done
+                    .conflicts
                     .iter()
                     .any(|c| c.kind == ConflictKind::ProjectRecreated.as_str());
-                let deferred =
-                    matches!(action, Action::StartTraining) && project.is_some() && !recreated;
-                let outcome = if conflicts.is_empty() {
+                done.deferred = matches!(done.action, Action::StartTraining)
+                    && done.project.is_some()
+                    && !done.recreated;
+                let outcome = if done.conflicts.is_empty() {
                     outcome
                 } else {
-                    conflict_outcome(&conflicts, &outcome)
+                    conflict_outcome(&done.conflicts, &outcome)
                 };
-                if deferred {
+                if done.deferred {
                     // Done only once the export is written (`export_for_training`); held
                     // meanwhile, and retried after the hold should this process die first.
                     tx.keep_pending(AWAITING_EXPORT, now() + STALE_CLAIM_SECONDS)
@@ -357,33 +451,15 @@ impl Curation {
                 } else if outcome != "applied" {
                     tx.set_outcome(&outcome).await?;
                 }
-                tx.commit().await?;
-                if let Action::Unknown(name) = &action {
-                    tracing::info!(action = %name, "unknown webhook action acknowledged and ignored");
-                }
-                // Only now that they are recorded.
-                report_conflicts(event.id, &conflicts);
-                if !deferred {
-                    let outcome = if conflicts.is_empty() {
-                        "ok"
-                    } else {
-                        "conflict"
-                    };
-                    metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => outcome)
-                        .increment(1);
-                }
-                // Nothing of a re-created project's event was applied: no milestone, no export.
-                Ok((!recreated).then_some((action, project)))
+                tx.settle().await?;
             }
-            Err(e) => {
-                drop(tx);
-                tracing::warn!(error = %e, "webhook event could not be applied");
-                self.store.fail_event(event.id, &e.to_string()).await?;
-                metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "error")
-                    .increment(1);
-                Ok(None)
+            Err(reason) => {
+                tx.undo_event(&reason).await?;
+                done.conflicts.clear();
+                done.failed = Some(reason);
             }
         }
+        Ok(Some(done))
     }
 }
 
@@ -582,7 +658,7 @@ async fn apply(
             if project_id.is_none() {
                 return Ok("ignored: START_TRAINING without a project".into());
             }
-            // Left pending by `process_one` until `export_for_training` writes the export.
+            // Left pending by `Curation::apply_one` until `export_for_training` writes the export.
             return Ok("export requested".into());
         }
         Action::Unknown(name) => return Ok(format!("ignored: unknown action {name}")),
@@ -726,6 +802,7 @@ mod tests {
                 training_dir: dir.path().into(),
                 milestones: vec![],
                 accuracy_every: 0,
+                ..Default::default()
             },
             Instance::default(),
         );
@@ -802,6 +879,7 @@ mod tests {
                 training_dir: training,
                 milestones: vec![],
                 accuracy_every: 0,
+                ..Default::default()
             },
             Instance::default(),
         );
@@ -864,6 +942,7 @@ mod tests {
                 training_dir: dir.path().into(),
                 milestones: vec![],
                 accuracy_every: 0,
+                ..Default::default()
             },
             Instance::default(),
         );

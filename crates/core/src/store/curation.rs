@@ -87,6 +87,12 @@ pub struct FailedWebhookEvent {
 /// (Before it existed, failures were recorded as `error: ...` or `unreadable body: ...`.)
 pub const FAILED_OUTCOME: &str = "failed: ";
 
+/// The outcome of a failed event: [`FAILED_OUTCOME`] and the reason (PostgreSQL text cannot
+/// hold NUL, and a reason may quote hostile input).
+fn failed_outcome(reason: &str) -> String {
+    format!("{FAILED_OUTCOME}{}", reason.replace('\0', "\u{FFFD}"))
+}
+
 /// SQL condition matching failed events' outcomes, the older spellings included.
 const FAILED_CONDITION: &str =
     "(outcome LIKE 'failed: %' OR outcome LIKE 'error: %' OR outcome LIKE 'unreadable body%')";
@@ -782,33 +788,31 @@ impl Store {
         event_id: i64,
         outcome: &str,
     ) -> Result<Option<CurationTx>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let claimed: Option<String> = sqlx::query_scalar(
-            "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
-             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) \
-             RETURNING instance",
-        )
-        .bind(now())
-        .bind(outcome)
-        .bind(event_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(instance) = claimed else {
-            tx.rollback().await?;
+        let mut tx = self.begin_events().await?;
+        if !tx.claim(event_id, outcome).await? {
+            tx.tx.rollback().await?;
             return Ok(None);
-        };
-        Ok(Some(CurationTx {
-            tx,
-            event_id,
-            instance,
-        }))
+        }
+        tx.settle().await?;
+        Ok(Some(tx))
+    }
+
+    /// Starts applying a group of events in one transaction: each is claimed in turn
+    /// ([`CurationTx::claim`]) under a savepoint of its own, so that one that fails is undone
+    /// alone ([`CurationTx::undo_event`]) and the group commits once. Committing once per group
+    /// instead of once per event is what lets the processor keep up with a burst.
+    pub async fn begin_events(&self) -> Result<CurationTx, StoreError> {
+        Ok(CurationTx {
+            tx: self.pool.begin().await?,
+            event_id: 0,
+            instance: String::new(),
+        })
     }
 
     /// Marks an event processed after applying it failed, so that one bad ("poison") event
     /// cannot stall the ones behind it; the reason stays in `outcome`, after [`FAILED_OUTCOME`].
     pub async fn fail_event(&self, event_id: i64, reason: &str) -> Result<(), StoreError> {
-        // PostgreSQL text cannot hold NUL; a reason may quote hostile input.
-        let outcome = format!("{FAILED_OUTCOME}{}", reason.replace('\0', "\u{FFFD}"));
+        let outcome = failed_outcome(reason);
         sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3 AND processed_at IS NULL")
             .bind(now())
             .bind(outcome)
@@ -1344,6 +1348,63 @@ impl CurationTx {
     /// The Label Studio instance the event came from, whose rows this transaction writes.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Claims event `event_id` for this transaction under a savepoint: marks it processed with
+    /// `outcome` (its first statement is a write, so SQLite takes its write lock at once instead
+    /// of failing to upgrade later) and makes it the event the writes that follow belong to.
+    /// False, with nothing changed, when another processor already handled it or holds it
+    /// (see [`CurationTx::keep_pending`]). End a claimed event with [`CurationTx::settle`] or
+    /// [`CurationTx::undo_event`].
+    pub async fn claim(&mut self, event_id: i64, outcome: &str) -> Result<bool, StoreError> {
+        sqlx::query("SAVEPOINT batchlab_event")
+            .execute(&mut *self.tx)
+            .await?;
+        let claimed: Option<String> = sqlx::query_scalar(
+            "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
+             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) \
+             RETURNING instance",
+        )
+        .bind(now())
+        .bind(outcome)
+        .bind(event_id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        let Some(instance) = claimed else {
+            self.release().await?;
+            return Ok(false);
+        };
+        self.event_id = event_id;
+        self.instance = instance;
+        Ok(true)
+    }
+
+    /// Keeps what the claimed event wrote (it commits with the group).
+    pub async fn settle(&mut self) -> Result<(), StoreError> {
+        self.release().await
+    }
+
+    /// Undoes every write of the claimed event and marks it failed with `reason` instead (after
+    /// [`FAILED_OUTCOME`]), so that one bad event cannot stall the ones behind it.
+    pub async fn undo_event(&mut self, reason: &str) -> Result<(), StoreError> {
+        sqlx::query("ROLLBACK TO SAVEPOINT batchlab_event")
+            .execute(&mut *self.tx)
+            .await?;
+        let outcome = failed_outcome(reason);
+        sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3")
+            .bind(now())
+            .bind(outcome)
+            .bind(self.event_id)
+            .execute(&mut *self.tx)
+            .await?;
+        self.release().await
+    }
+
+    async fn release(&mut self) -> Result<(), StoreError> {
+        sqlx::query("RELEASE SAVEPOINT batchlab_event")
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
     }
 
     /// Sets what processing did (overwriting the outcome given to [`Store::begin_event`]).
