@@ -189,7 +189,9 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     /// Lease length in seconds: a worker that stops renewing loses its batch after this long.
     pub lease_seconds: u64,
-    /// Request lines in flight at once per worker (the engine queues them).
+    /// Request lines in flight at once per worker (the engine queues them). 0, the default,
+    /// derives it from the engine ([`Config::worker_concurrency`]) so that the engine's batch
+    /// stays full; set it only to hold a worker below that.
     pub concurrency: usize,
     /// On SIGTERM/SIGINT, how long the lines in flight may take to finish and be recorded
     /// before the worker releases its batch and exits (fits Docker's default 10 s stop timeout).
@@ -204,7 +206,7 @@ impl Default for WorkerConfig {
             port: 4083,
             poll_interval_ms: 500,
             lease_seconds: 30,
-            concurrency: 4,
+            concurrency: 0,
             shutdown_grace_seconds: 8,
         }
     }
@@ -608,6 +610,17 @@ impl Config {
         }
     }
 
+    /// Request lines a worker keeps in flight: `worker.concurrency` when set, else twice
+    /// `engine.max_batch` — a full batch running and as many lines parsed and waiting for the
+    /// places it frees — within `engine.max_queue` (more would be refused as overloaded).
+    pub fn worker_concurrency(&self) -> usize {
+        let admitted = self.engine.max_queue.max(1);
+        match self.worker.concurrency {
+            0 => (2 * self.engine.max_batch.max(1)).min(admitted),
+            n => n.min(admitted),
+        }
+    }
+
     /// The worker id to use: the configured one, or one made from host name, pid and randomness.
     pub fn worker_id(&self) -> String {
         if !self.worker.id.is_empty() {
@@ -634,6 +647,20 @@ impl Config {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_concurrency_follows_the_engine_unless_set() {
+        let mut c = Config::default();
+        assert_eq!(c.worker_concurrency(), 2 * c.engine.max_batch);
+        c.engine.max_batch = 4;
+        assert_eq!(c.worker_concurrency(), 8);
+        c.engine.max_queue = 5;
+        assert_eq!(c.worker_concurrency(), 5, "within what the engine admits");
+        c.worker.concurrency = 3;
+        assert_eq!(c.worker_concurrency(), 3);
+        c.worker.concurrency = 50;
+        assert_eq!(c.worker_concurrency(), 5);
+    }
 
     #[test]
     fn defaults_match_the_documented_ports_and_paths() {

@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = RunnerSettings {
         worker_id,
         lease_seconds: config.worker.lease_seconds as i64,
-        concurrency: config.worker.concurrency,
+        concurrency: config.worker_concurrency(),
         body_limits: BodyLimits::from_settings(&config.engine),
         max_lines: config.batch.max_lines,
         max_line_bytes: config.batch.max_line_bytes,
