@@ -478,8 +478,12 @@ def test_postgres_two_workers_one_killed(pg_stack):
 # f. cancel
 
 
-def test_cancel_keeps_finished_lines(running):
-    client = running.client()
+def test_cancel_keeps_finished_lines(stack):
+    # Four lines in flight (the default follows the engine's batch and would start all 30
+    # at once): the cancel must stop the lines not started yet.
+    stack.start_api()
+    stack.start_worker(BATCHLAB_WORKER__CONCURRENCY="4")
+    client = stack.client()
     lines = chat_lines(30, "cancel", max_tokens=24)
     batch = create_batch(client, lines)
     wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 2,

@@ -69,7 +69,8 @@ def test_setup_is_idempotent_with_both_kinds_of_key_and_training_is_handed_on(se
     stack, ml, ml_port = services
     ls = label_studio
     ml_url = f"http://127.0.0.1:{ml_port}"
-    hook_url = f"http://127.0.0.1:{stack.api_port}/v1/webhooks/label-studio"
+    # The configured Label Studio instance (`default`) is named in the URL it delivers to.
+    hook_url = f"http://127.0.0.1:{stack.api_port}/v1/webhooks/label-studio/default"
 
     first = report_of(run_setup(stack, ls, ml_port, ls.token))
     assert first["project_created"] is True and first["config_updated"] is False
