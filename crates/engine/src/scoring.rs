@@ -367,6 +367,8 @@ pub(crate) struct ScoreJob {
     pub(crate) state: ScoreState,
     /// Where its scores go.
     pub(crate) reply: oneshot::Sender<Result<Vec<ChoiceScores>, EngineError>>,
+    /// Interactive jobs take their passes before bulk ones.
+    pub(crate) priority: crate::Priority,
 }
 
 /// Where a scoring job stands (see [`Scheduler::begin_score`]).
