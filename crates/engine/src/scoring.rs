@@ -201,6 +201,8 @@ impl Scheduler {
             base,
             fused: false,
             caches: Vec::new(),
+            starts: Vec::new(),
+            reused_rests: 0,
             logprobs,
             pending: Vec::new(),
             stage: Stage::Prefix(Prefill::new(1)),
@@ -241,18 +243,34 @@ impl Scheduler {
                     if s.fused {
                         s.begin_candidates();
                     } else {
-                        s.caches = s
-                            .questions
-                            .iter()
-                            .map(|q| s.base.fork(q.prompt.len() - s.shared))
-                            .collect::<candle_core::Result<Vec<_>>>()
-                            .map_err(inference)?;
+                        // Each question's rest starts from the longest prompt the cache keeps
+                        // that it starts with, when that goes past the shared prefix: a
+                        // question asked about many tasks (its examples and instructions before
+                        // the task) is computed once.
+                        s.caches = Vec::with_capacity(s.questions.len());
+                        s.starts = Vec::with_capacity(s.questions.len());
+                        for q in &s.questions {
+                            let cache = match self.prefix.lookup(&q.prompt, 0).map_err(inference)? {
+                                Some(cached) if cached.len() > s.shared => cached,
+                                _ => s.base.fork(q.prompt.len() - s.shared).map_err(inference)?,
+                            };
+                            self.metrics
+                                .reused_prompt_tokens
+                                .increment((cache.len() - s.shared) as u64);
+                            s.reused_rests += cache.len() - s.shared;
+                            s.starts.push(cache.len());
+                            s.caches.push(cache);
+                        }
                         s.stage = Stage::Rests(Prefill::new(s.questions.len()));
                     }
                 }
                 Stage::Rests(state) => {
-                    let rests: Vec<&[u32]> =
-                        s.questions.iter().map(|q| &q.prompt[s.shared..]).collect();
+                    let rests: Vec<&[u32]> = s
+                        .questions
+                        .iter()
+                        .zip(&s.starts)
+                        .map(|(q, &start)| &q.prompt[start..])
+                        .collect();
                     if !state.done(&rests) {
                         let rows = self.prefill_step(&mut s.caches, &rests, state)?;
                         s.record_pass(rows);
@@ -334,12 +352,16 @@ impl Scheduler {
         Ok(rows)
     }
 
-    /// The scores of a job whose passes are done; its shared prefix goes to the prompt cache.
-    pub(crate) fn finish_score(&mut self, s: ScoreState) -> Vec<ChoiceScores> {
-        let _enter = s.span.enter();
+    /// The scores of a job whose passes are done; its shared prefix, and each question's
+    /// prompt when it was computed on its own, go to the prompt cache.
+    pub(crate) fn finish_score(&mut self, mut s: ScoreState) -> Vec<ChoiceScores> {
+        let _enter = s.span.clone().entered();
         let shared = s.shared;
         self.prefix
             .insert(s.questions[0].prompt[..shared].to_vec(), s.base);
+        for (q, cache) in s.questions.iter().zip(std::mem::take(&mut s.caches)) {
+            self.prefix.insert(q.prompt.clone(), cache);
+        }
         let out: Vec<ChoiceScores> = s
             .logprobs
             .into_iter()
@@ -349,6 +371,7 @@ impl Scheduler {
         tracing::info!(
             shared_prefix = shared,
             reused = s.reused,
+            reused_rests = s.reused_rests,
             prefix_ms = s.prefix_ms,
             questions_ms = s.questions_ms,
             fused = s.fused,
@@ -387,6 +410,10 @@ pub(crate) struct ScoreState {
     fused: bool,
     /// Each question's cache after its rest, when not fused.
     caches: Vec<SeqCache>,
+    /// Where each question's rest starts (its cache's length before it), when not fused.
+    starts: Vec<usize>,
+    /// Prompt tokens of the questions' rests the prompt cache had.
+    reused_rests: usize,
     /// Summed log-probabilities so far, by question and candidate.
     logprobs: Vec<Vec<f64>>,
     /// (question, candidate) still to score, the next one last.
