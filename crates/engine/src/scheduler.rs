@@ -26,7 +26,7 @@ use crate::guidance::Guide;
 use crate::metrics::EngineMetrics;
 use crate::model::prefix::PrefixCache;
 use crate::model::{Model, Segment, SeqCache, Want};
-use crate::scoring::ScoreJob;
+use crate::scoring::{pass_segments, ScoreJob};
 use crate::sequence::Sequence;
 use crate::tokenizer::GgufTokenizer;
 use crate::{
@@ -160,10 +160,11 @@ impl Scheduler {
         tracing::debug!("engine queue closed; model thread exits");
     }
 
-    /// One turn of the model thread: drops cancelled work, advances the first scoring job by
-    /// one forward pass (it then goes to the back of the line), runs one generation step, and
-    /// answers what finished. So a scoring job, however many candidates it has, delays each
-    /// generation step by one bounded pass at most, and scoring jobs take turns.
+    /// One turn of the model thread: drops cancelled work, advances scoring jobs by one forward
+    /// pass together ([`Scheduler::score_turn`]: the first in line, and those behind it while
+    /// the step's row budget lasts; they then go to the back of the line), runs one generation
+    /// step, and answers what finished. So scoring jobs, however many candidates they have,
+    /// delay each generation step by one bounded pass at most, and take turns.
     ///
     /// While the batch holds interactive work ([`Priority::Interactive`]), the turn is its
     /// alone: only interactive scoring jobs and generations advance, and bulk ones wait, their
@@ -194,25 +195,7 @@ impl Scheduler {
         // While interactive work is in the batch it runs alone: bulk generations and scoring
         // jobs keep their caches and go on when it is done.
         let interactive = batch.has_interactive();
-        let next = batch
-            .scoring
-            .iter()
-            .position(|j| j.priority == Priority::Interactive)
-            .or((!interactive).then_some(0));
-        if let Some(mut job) = next.and_then(|i| batch.scoring.remove(i)) {
-            let span = job.state.span.clone();
-            let _score = span.enter();
-            match guarded(|| self.score_pass(&mut job.state)) {
-                Ok(false) => batch.scoring.push_back(job),
-                Ok(true) => {
-                    let scores = self.finish_score(job.state);
-                    let _ = job.reply.send(Ok(scores));
-                }
-                Err(e) => {
-                    let _ = job.reply.send(Err(e));
-                }
-            }
-        }
+        self.score_turn(&mut batch.scoring, interactive);
         if batch.running.is_empty() {
             return;
         }
@@ -236,6 +219,98 @@ impl Scheduler {
                 i += 1;
             }
         }
+    }
+
+    /// The scoring jobs' part of a turn: the jobs that may run (only the interactive ones when
+    /// `interactive`), in line order, each with its next pass planned, as many as fit the
+    /// step's row budget (`prefill_chunk`; the first always), run in one forward pass, since a
+    /// pass costs about as much for a few rows as for many more; they then go to the back of
+    /// the line. Jobs with every candidate scored are answered, and jobs that fail are answered
+    /// with the error (a failed forward fails every job in it).
+    fn score_turn(&mut self, scoring: &mut VecDeque<ScoreJob>, interactive: bool) {
+        let budget = self.prefill_chunk.max(1);
+        let mut rows = 0;
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut ended: Vec<(usize, Result<(), EngineError>)> = Vec::new();
+        for (i, job) in scoring.iter_mut().enumerate() {
+            if interactive && job.priority != Priority::Interactive {
+                continue;
+            }
+            match guarded(|| self.plan_pass(&mut job.state)) {
+                Ok(None) => ended.push((i, Ok(()))),
+                Ok(Some(n)) => {
+                    if !chosen.is_empty() && rows + n > budget {
+                        break;
+                    }
+                    rows += n;
+                    chosen.push(i);
+                }
+                Err(e) => ended.push((i, Err(e))),
+            }
+        }
+        if !chosen.is_empty() {
+            let model = &self.model;
+            let ran = guarded(|| {
+                let mut segments = Vec::new();
+                let mut counts = Vec::with_capacity(chosen.len());
+                for (i, job) in scoring.iter_mut().enumerate() {
+                    if chosen.contains(&i) {
+                        let part = pass_segments(&mut job.state);
+                        counts.push(part.len());
+                        segments.extend(part);
+                    }
+                }
+                let out = model.forward(&mut segments).map_err(inference)?;
+                Ok((out, counts))
+            });
+            tracing::debug!(jobs = chosen.len(), rows, "scoring pass");
+            match ran {
+                Ok((out, counts)) => {
+                    let mut out = out.into_iter();
+                    for (&i, n) in chosen.iter().zip(counts) {
+                        let part: Vec<_> = out.by_ref().take(n).collect();
+                        let job = &mut scoring[i];
+                        match guarded(|| self.absorb_pass(&mut job.state, part)) {
+                            Ok(true) => ended.push((i, Ok(()))),
+                            Ok(false) => {}
+                            Err(e) => ended.push((i, Err(e))),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    ended.extend(
+                        chosen
+                            .iter()
+                            .map(|&i| (i, Err(EngineError::Inference(reason.clone())))),
+                    );
+                }
+            }
+        }
+        if chosen.is_empty() && ended.is_empty() {
+            return;
+        }
+        let mut line = VecDeque::with_capacity(scoring.len());
+        let mut back = Vec::with_capacity(chosen.len());
+        for (i, job) in std::mem::take(scoring).into_iter().enumerate() {
+            if let Some(at) = ended.iter().position(|(j, _)| *j == i) {
+                match ended.swap_remove(at).1 {
+                    Ok(()) => {
+                        let scores = self.finish_score(job.state);
+                        let _ = job.reply.send(Ok(scores));
+                    }
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
+                    }
+                }
+            } else if chosen.contains(&i) {
+                back.push(job);
+            } else {
+                line.push_back(job);
+            }
+        }
+        line.extend(back);
+        *scoring = line;
     }
 
     /// Starts a generation or a scoring job (both then advance in [`Scheduler::tick`]).
@@ -825,6 +900,66 @@ pub(crate) mod tests {
             bulk_score_rx.try_recv().unwrap().unwrap()[0].probs.len(),
             30
         );
+    }
+
+    /// Scoring jobs side by side share forward passes: one turn advances every one of them
+    /// (their passes fit the row budget together), and each gets the scores of scoring it
+    /// alone.
+    #[test]
+    fn scoring_jobs_share_forward_passes() {
+        let Some((mut w, tok)) = scheduler(true) else {
+            return;
+        };
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        let questions: Vec<TokenQuestion> = [
+            "Is water wet? Answer:",
+            "Is fire cold? Answer:",
+            "Is the sky blue on a clear day? Answer:",
+            "Is ice hot? Answer:",
+        ]
+        .iter()
+        .map(|p| TokenQuestion {
+            prompt: enc(p),
+            candidates: vec![enc(" yes"), enc(" no"), enc(" maybe so")],
+        })
+        .collect();
+        let mut batch = Batch::default();
+        let mut answers = Vec::new();
+        for q in &questions {
+            let (reply, rx) = oneshot::channel();
+            w.admit(
+                Job {
+                    kind: "test",
+                    priority: Priority::Bulk,
+                    enqueued: Instant::now(),
+                    span: tracing::Span::none(),
+                    work: Work::Score {
+                        questions: vec![q.clone()],
+                        reply,
+                    },
+                },
+                &mut batch,
+            );
+            answers.push(rx);
+        }
+        w.tick(&mut batch);
+        let passes: Vec<usize> = batch.scoring.iter().map(|j| j.state.passes).collect();
+        assert_eq!(
+            passes,
+            [1, 1, 1, 1],
+            "one turn, one shared pass for every job"
+        );
+        let mut ticks = 1;
+        while !batch.is_empty() {
+            w.tick(&mut batch);
+            ticks += 1;
+            assert!(ticks < 20, "the scoring jobs never finished");
+        }
+        for (q, mut rx) in questions.iter().zip(answers) {
+            let together = rx.try_recv().unwrap().unwrap();
+            let alone = w.score(Instant::now(), std::slice::from_ref(q)).unwrap();
+            assert_eq!(together[0].logprobs, alone[0].logprobs, "{q:?}");
+        }
     }
 
     #[test]
