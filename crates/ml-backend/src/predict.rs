@@ -120,18 +120,17 @@ pub struct JobCounts {
 }
 
 /// Engine requests that bulk prediction jobs keep in flight: the places of the engine's batch
-/// that bulk work may take ([`EngineConfig::bulk_batch`], from `[engine] max_batch`) and half
-/// as many again waiting in the engine's queue, so that a place freed is taken on the model
-/// thread's next turn without waiting for this service; at most half the engine's queue
-/// (`[engine] max_queue`), so that interactive requests always find room in it.
+/// that bulk work may take ([`EngineConfig::bulk_batch`], from `[engine] max_batch`) and as
+/// many again waiting in the engine's queue, so that a place freed is taken on the model
+/// thread's next turn without waiting for this service (a task's scoring request ends long
+/// before its generation, so places free often); at most half the engine's queue (`[engine]
+/// max_queue`), so that interactive requests always find room in it.
 ///
 /// [`EngineConfig::bulk_batch`]: batchlab_inference::engine::EngineConfig::bulk_batch
 pub fn bulk_in_flight(engine: &EngineSettings) -> usize {
     let config = batchlab_inference::engine_config(engine);
     let places = config.bulk_batch();
-    (places + places / 2)
-        .min(config.max_queue.max(2) / 2)
-        .max(1)
+    (2 * places).min(config.max_queue.max(2) / 2).max(1)
 }
 
 impl Jobs {
