@@ -105,10 +105,10 @@ pub struct MlBackendConfig {
     /// entry without `result` (Label Studio asks again) while they finish into the cache.
     /// Keep it below Label Studio's `ML_TIMEOUT_PREDICT` (100 s by default).
     pub predict_deadline_seconds: f64,
-    /// Tasks of a bulk `/predict` predicted at once (each is several engine requests sharing
-    /// one prompt prefix). Measured on 2 cores: 8 at once finish together and no faster than
-    /// one after another (0.98 tasks/s either way), so none was answered within a 10 s
-    /// deadline; 2 at once finish steadily from the first seconds.
+    /// Deprecated and ignored (0): the tasks of a bulk `/predict` in flight follow the engine's
+    /// `max_batch` and `max_queue` (batchlab-ml-backend's `bulk_in_flight`), so that they keep
+    /// its batch full. Still accepted so that existing configuration files load; a value other
+    /// than 0 is logged as ignored.
     pub concurrent_tasks: usize,
     /// Most tokens generated for a `TextArea` answer.
     pub text_max_tokens: usize,
@@ -141,7 +141,7 @@ impl Default for MlBackendConfig {
             basic_auth_pass: None,
             allow_unauthenticated: false,
             predict_deadline_seconds: 20.0,
-            concurrent_tasks: 2,
+            concurrent_tasks: 0,
             text_max_tokens: 48,
             few_shot_examples: 4,
             cache_entries: 100_000,

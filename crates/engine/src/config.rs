@@ -47,6 +47,29 @@ pub struct EngineConfig {
     pub limits: RequestLimits,
 }
 
+impl EngineConfig {
+    /// Places of the batch ([`EngineConfig::max_batch`]) that [`Priority::Bulk`] requests may
+    /// take: all but an eighth (at least one when the batch has two places or more), which are
+    /// kept for [`Priority::Interactive`] ones. Callers that feed the engine bulk work size it
+    /// from this, so that they keep the batch full without disagreeing with the engine.
+    ///
+    /// [`Priority::Bulk`]: crate::Priority::Bulk
+    /// [`Priority::Interactive`]: crate::Priority::Interactive
+    pub fn bulk_batch(&self) -> usize {
+        bulk_batch(self.max_batch)
+    }
+}
+
+/// [`EngineConfig::bulk_batch`] for a batch of `max_batch` places.
+pub(crate) fn bulk_batch(max_batch: usize) -> usize {
+    let max_batch = max_batch.max(1);
+    if max_batch == 1 {
+        1
+    } else {
+        max_batch - (max_batch / 8).max(1)
+    }
+}
+
 /// Default for [`RequestLimits::max_messages`]: far more turns than any context the engine
 /// runs can hold (a message costs a few tokens of markers even when empty), while 20,000
 /// messages in a 2 MB body are refused before any template work.
@@ -80,5 +103,20 @@ impl Default for RequestLimits {
             max_chat_bytes: DEFAULT_MAX_CHAT_BYTES,
             max_candidates: DEFAULT_MAX_CANDIDATES,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_work_leaves_places_for_interactive_requests() {
+        assert_eq!(bulk_batch(0), 1);
+        assert_eq!(bulk_batch(1), 1);
+        assert_eq!(bulk_batch(2), 1);
+        assert_eq!(bulk_batch(8), 7);
+        assert_eq!(bulk_batch(16), 14);
+        assert_eq!(bulk_batch(64), 56);
     }
 }

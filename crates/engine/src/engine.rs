@@ -23,7 +23,7 @@ use crate::template::ChatTemplate;
 use crate::tokenizer::GgufTokenizer;
 use crate::{
     ChatMessage, ChatRequest, ChoiceQuestion, ChoiceScores, Completion, CompletionRequest,
-    EngineConfig, EngineError, SamplingParams, TokenQuestion,
+    EngineConfig, EngineError, Priority, SamplingParams, TokenQuestion,
 };
 
 /// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
@@ -32,9 +32,13 @@ use crate::{
 /// A request carries the tracing span its caller is in when it calls a method here: what the
 /// model thread logs while it works for the request is under that span (in a span of its own,
 /// `engine.sequence` for a generation, `engine.score` for a scoring request).
+///
+/// A handle queues its requests with its [`Priority`] ([`Priority::Interactive`] unless made
+/// with [`Engine::with_priority`]).
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
+    priority: Priority,
 }
 
 /// What every clone of an [`Engine`] shares.
@@ -116,7 +120,21 @@ impl Engine {
                 max_candidates: config.limits.max_candidates,
                 metrics,
             }),
+            priority: Priority::default(),
         })
+    }
+
+    /// A handle on the same model thread whose requests are queued with `priority`.
+    pub fn with_priority(&self, priority: Priority) -> Engine {
+        Engine {
+            inner: self.inner.clone(),
+            priority,
+        }
+    }
+
+    /// The priority this handle's requests are queued with.
+    pub fn priority(&self) -> Priority {
+        self.priority
     }
 
     /// The model name given in [`EngineConfig::model_id`].
@@ -342,6 +360,7 @@ impl Engine {
         let admission = Admission(&inner.admitted);
         let job = Job {
             kind,
+            priority: self.priority,
             enqueued: Instant::now(),
             span: tracing::Span::current(),
             work,

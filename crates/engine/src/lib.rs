@@ -65,7 +65,7 @@ pub use crate::error::EngineError;
 pub use crate::guidance::Constraint;
 pub use crate::kernels::packed_kernel;
 pub use crate::request::{
-    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, SamplingParams, TokenQuestion,
-    MAX_TOP_LOGPROBS,
+    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Priority, SamplingParams,
+    TokenQuestion, MAX_TOP_LOGPROBS,
 };
 pub use crate::result::{ChoiceScores, Completion, FinishReason, TokenLogprob, TopLogprob};

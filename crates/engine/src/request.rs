@@ -3,6 +3,22 @@
 
 use crate::guidance::Constraint;
 
+/// How soon the model thread takes a request up, among those waiting for a place in the batch.
+///
+/// [`Priority::Interactive`] requests (someone is waiting on the answer: an annotator opening a
+/// task, a chat) are admitted before every waiting [`Priority::Bulk`] one, and the last places
+/// of the batch are kept for them ([`EngineConfig::bulk_batch`](crate::EngineConfig::bulk_batch)),
+/// so a full batch of bulk work never makes them wait for a place. Within a priority, requests
+/// are admitted in the order they came.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    /// Someone waits on the answer (the default).
+    #[default]
+    Interactive,
+    /// Background work (a bulk prediction request): fills the batch behind interactive work.
+    Bulk,
+}
+
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {

@@ -1,7 +1,9 @@
 //! The model thread's loop: the [`Scheduler`] owns the weights and runs requests with
 //! continuous batching.
 //!
-//! Every step the [`Scheduler`] admits waiting requests (up to `max_batch` running sequences),
+//! Every step the [`Scheduler`] admits waiting requests (up to `max_batch` running sequences;
+//! interactive requests before bulk ones, which leave the batch's last places free, see
+//! [`Waiting`]; while interactive work runs, bulk work pauses),
 //! drops cancelled ones, and runs one batched forward: each decoding sequence contributes its
 //! next token and prompts contribute chunks within the step's token budget, so sequences of
 //! different lengths join and leave the batch between steps and share every weight read.
@@ -18,15 +20,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::bulk_batch;
 use crate::error::inference;
 use crate::guidance::Guide;
 use crate::metrics::EngineMetrics;
 use crate::model::prefix::PrefixCache;
 use crate::model::{Model, Segment, SeqCache, Want};
-use crate::scoring::ScoreJob;
+use crate::scoring::{pass_segments, ScoreJob};
 use crate::sequence::Sequence;
 use crate::tokenizer::GgufTokenizer;
-use crate::{ChoiceScores, Completion, EngineError, FinishReason, SamplingParams, TokenQuestion};
+use crate::{
+    ChoiceScores, Completion, EngineError, FinishReason, Priority, SamplingParams, TokenQuestion,
+};
 
 /// Prompt tokens one sequence contributes to a step, and the step's token budget: bounds the
 /// attention score matrix (heads x chunk x context floats) while keeping matmuls large.
@@ -36,6 +41,8 @@ pub(crate) const PREFILL_CHUNK: usize = 512;
 pub(crate) struct Job {
     /// What the request was (`"chat"`, `"completion"`, `"score"`), for the logs.
     pub(crate) kind: &'static str,
+    /// How soon it is admitted among the waiting jobs.
+    pub(crate) priority: Priority,
     /// When it was queued.
     pub(crate) enqueued: Instant,
     /// The caller's tracing span when it submitted the request: the model thread works for the
@@ -76,6 +83,8 @@ impl Work {
 /// A generation in the running batch.
 struct Running {
     kind: &'static str,
+    /// Interactive sequences run alone while there are some (see [`Scheduler::tick`]).
+    priority: Priority,
     /// The sequence's span (`engine.sequence`, inside the caller's), entered whenever the model
     /// thread works for it alone: admission, its part of each step, its answer.
     span: tracing::Span,
@@ -114,25 +123,36 @@ impl Scheduler {
     /// Serves jobs until every sender is dropped and nothing is left to run.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut batch = Batch::default();
+        let mut waiting = Waiting::default();
         let mut open = true;
         loop {
-            // Admit: block only when idle. Scoring jobs hold caches too: they count toward
-            // `max_batch`.
-            if batch.is_empty() {
+            // Block only when idle.
+            if batch.is_empty() && waiting.is_empty() {
                 if !open {
                     break;
                 }
                 match rx.blocking_recv() {
-                    Some(job) => self.admit(job, &mut batch),
+                    Some(job) => waiting.push(job),
                     None => break,
                 }
             }
-            while open && batch.len() < self.max_batch.max(1) {
+            // Everything queued waits here, by priority (the queue is bounded by `max_queue`).
+            while open {
                 match rx.try_recv() {
-                    Ok(job) => self.admit(job, &mut batch),
+                    Ok(job) => waiting.push(job),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
+            }
+            // Callers that stopped waiting free their place in the queue at once: their jobs
+            // must not pile up here behind a full batch.
+            if waiting.len() > rx.max_capacity() {
+                let dropped = waiting.drop_cancelled();
+                self.metrics.waiting.decrement(dropped as f64);
+            }
+            // Admit. Scoring jobs hold caches too: they count toward `max_batch`.
+            while let Some(job) = waiting.next(batch.len(), self.max_batch) {
+                self.admit(job, &mut batch);
             }
             self.tick(&mut batch);
         }
@@ -140,10 +160,16 @@ impl Scheduler {
         tracing::debug!("engine queue closed; model thread exits");
     }
 
-    /// One turn of the model thread: drops cancelled work, advances the first scoring job by
-    /// one forward pass (it then goes to the back of the line), runs one generation step, and
-    /// answers what finished. So a scoring job, however many candidates it has, delays each
-    /// generation step by one bounded pass at most, and scoring jobs take turns.
+    /// One turn of the model thread: drops cancelled work, advances scoring jobs by one forward
+    /// pass together ([`Scheduler::score_turn`]: the first in line, and those behind it while
+    /// the step's row budget lasts; they then go to the back of the line), runs one generation
+    /// step, and answers what finished. So scoring jobs, however many candidates they have,
+    /// delay each generation step by one bounded pass at most, and take turns.
+    ///
+    /// While the batch holds interactive work ([`Priority::Interactive`]), the turn is its
+    /// alone: only interactive scoring jobs and generations advance, and bulk ones wait, their
+    /// caches kept, until it is done. So an interactive request runs about as fast beside a
+    /// full batch of bulk work as alone. When every job has the same priority, all take part.
     fn tick(&mut self, batch: &mut Batch) {
         batch.running.retain(|r| {
             let keep = !r.reply.is_closed();
@@ -166,24 +192,14 @@ impl Scheduler {
             keep
         });
         self.metrics.running.set(batch.running.len() as f64);
-        if let Some(mut job) = batch.scoring.pop_front() {
-            let span = job.state.span.clone();
-            let _score = span.enter();
-            match guarded(|| self.score_pass(&mut job.state)) {
-                Ok(false) => batch.scoring.push_back(job),
-                Ok(true) => {
-                    let scores = self.finish_score(job.state);
-                    let _ = job.reply.send(Ok(scores));
-                }
-                Err(e) => {
-                    let _ = job.reply.send(Err(e));
-                }
-            }
-        }
+        // While interactive work is in the batch it runs alone: bulk generations and scoring
+        // jobs keep their caches and go on when it is done.
+        let interactive = batch.has_interactive();
+        self.score_turn(&mut batch.scoring, interactive);
         if batch.running.is_empty() {
             return;
         }
-        if let Err(e) = guarded(|| self.step(&mut batch.running)) {
+        if let Err(e) = guarded(|| self.step(&mut batch.running, interactive)) {
             // A failed forward fails the whole batch: their caches are in an unknown state.
             for r in batch.running.drain(..) {
                 let _sequence = r.span.enter();
@@ -205,11 +221,104 @@ impl Scheduler {
         }
     }
 
+    /// The scoring jobs' part of a turn: the jobs that may run (only the interactive ones when
+    /// `interactive`), in line order, each with its next pass planned, as many as fit the
+    /// step's row budget (`prefill_chunk`; the first always), run in one forward pass, since a
+    /// pass costs about as much for a few rows as for many more; they then go to the back of
+    /// the line. Jobs with every candidate scored are answered, and jobs that fail are answered
+    /// with the error (a failed forward fails every job in it).
+    fn score_turn(&mut self, scoring: &mut VecDeque<ScoreJob>, interactive: bool) {
+        let budget = self.prefill_chunk.max(1);
+        let mut rows = 0;
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut ended: Vec<(usize, Result<(), EngineError>)> = Vec::new();
+        for (i, job) in scoring.iter_mut().enumerate() {
+            if interactive && job.priority != Priority::Interactive {
+                continue;
+            }
+            match guarded(|| self.plan_pass(&mut job.state)) {
+                Ok(None) => ended.push((i, Ok(()))),
+                Ok(Some(n)) => {
+                    if !chosen.is_empty() && rows + n > budget {
+                        break;
+                    }
+                    rows += n;
+                    chosen.push(i);
+                }
+                Err(e) => ended.push((i, Err(e))),
+            }
+        }
+        if !chosen.is_empty() {
+            let model = &self.model;
+            let ran = guarded(|| {
+                let mut segments = Vec::new();
+                let mut counts = Vec::with_capacity(chosen.len());
+                for (i, job) in scoring.iter_mut().enumerate() {
+                    if chosen.contains(&i) {
+                        let part = pass_segments(&mut job.state);
+                        counts.push(part.len());
+                        segments.extend(part);
+                    }
+                }
+                let out = model.forward(&mut segments).map_err(inference)?;
+                Ok((out, counts))
+            });
+            tracing::debug!(jobs = chosen.len(), rows, "scoring pass");
+            match ran {
+                Ok((out, counts)) => {
+                    let mut out = out.into_iter();
+                    for (&i, n) in chosen.iter().zip(counts) {
+                        let part: Vec<_> = out.by_ref().take(n).collect();
+                        let job = &mut scoring[i];
+                        match guarded(|| self.absorb_pass(&mut job.state, part)) {
+                            Ok(true) => ended.push((i, Ok(()))),
+                            Ok(false) => {}
+                            Err(e) => ended.push((i, Err(e))),
+                        }
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    ended.extend(
+                        chosen
+                            .iter()
+                            .map(|&i| (i, Err(EngineError::Inference(reason.clone())))),
+                    );
+                }
+            }
+        }
+        if chosen.is_empty() && ended.is_empty() {
+            return;
+        }
+        let mut line = VecDeque::with_capacity(scoring.len());
+        let mut back = Vec::with_capacity(chosen.len());
+        for (i, job) in std::mem::take(scoring).into_iter().enumerate() {
+            if let Some(at) = ended.iter().position(|(j, _)| *j == i) {
+                match ended.swap_remove(at).1 {
+                    Ok(()) => {
+                        let scores = self.finish_score(job.state);
+                        let _ = job.reply.send(Ok(scores));
+                    }
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e));
+                    }
+                }
+            } else if chosen.contains(&i) {
+                back.push(job);
+            } else {
+                line.push_back(job);
+            }
+        }
+        line.extend(back);
+        *scoring = line;
+    }
+
     /// Starts a generation or a scoring job (both then advance in [`Scheduler::tick`]).
     fn admit(&mut self, job: Job, batch: &mut Batch) {
         self.metrics.waiting.decrement(1.0);
         let Job {
             kind,
+            priority,
             enqueued,
             span: caller_span,
             work,
@@ -237,6 +346,7 @@ impl Scheduler {
                     let now = Instant::now();
                     self.finish(Running {
                         kind,
+                        priority,
                         span: span.clone(),
                         seq,
                         cache: match SeqCache::new(self.model.cache_shape(), 1, self.model.device())
@@ -276,6 +386,7 @@ impl Scheduler {
                         );
                         batch.running.push(Running {
                             kind,
+                            priority,
                             span: span.clone(),
                             seq,
                             cache,
@@ -293,7 +404,11 @@ impl Scheduler {
             }
             Work::Score { questions, reply } => {
                 match guarded(|| self.begin_score(enqueued, questions)) {
-                    Ok(state) => batch.scoring.push_back(ScoreJob { state, reply }),
+                    Ok(state) => batch.scoring.push_back(ScoreJob {
+                        state,
+                        reply,
+                        priority,
+                    }),
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -309,11 +424,14 @@ impl Scheduler {
     /// A prompt is cut at fixed multiples of `prefill_chunk` from its start, whatever else runs:
     /// every row of the batched matmuls is computed independently and attention runs per
     /// sequence, so a request gets bit-for-bit the same logits alone or in any batch.
-    fn step(&mut self, running: &mut [Running]) -> Result<(), EngineError> {
+    fn step(&mut self, running: &mut [Running], only_interactive: bool) -> Result<(), EngineError> {
         let chunk = self.prefill_chunk.max(1);
         let mut prompt_budget = chunk;
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens this step)
         for (i, r) in running.iter().enumerate() {
+            if only_interactive && r.priority != Priority::Interactive {
+                continue;
+            }
             let pending = r.seq.tokens.len() - r.fed;
             let n = if pending <= 1 {
                 pending
@@ -423,6 +541,57 @@ impl Scheduler {
     }
 }
 
+/// Jobs received and not yet admitted: interactive ones first, each priority in the order
+/// they came. Bulk jobs take at most [`bulk_batch`] places of the batch, so the last ones are
+/// free for interactive jobs when they come.
+#[derive(Default)]
+pub(crate) struct Waiting {
+    interactive: VecDeque<Job>,
+    bulk: VecDeque<Job>,
+}
+
+impl Waiting {
+    /// Queues `job` behind the waiting jobs of its priority.
+    pub(crate) fn push(&mut self, job: Job) {
+        match job.priority {
+            Priority::Interactive => self.interactive.push_back(job),
+            Priority::Bulk => self.bulk.push_back(job),
+        }
+    }
+
+    /// Whether no job waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.interactive.is_empty() && self.bulk.is_empty()
+    }
+
+    /// How many jobs wait.
+    pub(crate) fn len(&self) -> usize {
+        self.interactive.len() + self.bulk.len()
+    }
+
+    /// Forgets the jobs whose callers stopped waiting; returns how many.
+    pub(crate) fn drop_cancelled(&mut self) -> usize {
+        let before = self.len();
+        self.interactive.retain(|j| !j.work.is_cancelled());
+        self.bulk.retain(|j| !j.work.is_cancelled());
+        before - self.len()
+    }
+
+    /// The job to admit next into a batch holding `admitted` jobs of `max_batch` places, if one
+    /// may be.
+    pub(crate) fn next(&mut self, admitted: usize, max_batch: usize) -> Option<Job> {
+        if admitted < max_batch.max(1) {
+            if let Some(job) = self.interactive.pop_front() {
+                return Some(job);
+            }
+        }
+        if admitted < bulk_batch(max_batch) {
+            return self.bulk.pop_front();
+        }
+        None
+    }
+}
+
 /// What the model thread is working on: the running generations, and scoring jobs, which
 /// advance one forward pass per [`Scheduler::tick`] in turn.
 #[derive(Default)]
@@ -439,6 +608,17 @@ impl Batch {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether an interactive generation or scoring job is in the batch.
+    fn has_interactive(&self) -> bool {
+        self.running
+            .iter()
+            .any(|r| r.priority == Priority::Interactive)
+            || self
+                .scoring
+                .iter()
+                .any(|j| j.priority == Priority::Interactive)
     }
 }
 
@@ -579,6 +759,209 @@ pub(crate) mod tests {
         );
     }
 
+    /// Interactive jobs are admitted before bulk jobs that came earlier, and bulk jobs leave
+    /// the batch's last places to interactive ones: a batch full of bulk work still takes an
+    /// interactive job at once.
+    #[test]
+    fn interactive_jobs_jump_waiting_bulk_ones_and_keep_their_places() {
+        const NAMES: [&str; 4] = ["bulk", "first interactive", "second interactive", "third"];
+        let job = |priority, kind| {
+            let (reply, _) = oneshot::channel();
+            Job {
+                kind,
+                priority,
+                enqueued: Instant::now(),
+                span: tracing::Span::none(),
+                work: Work::Score {
+                    questions: Vec::new(),
+                    reply,
+                },
+            }
+        };
+        let max_batch = 16;
+        let bulk_places = bulk_batch(max_batch);
+        assert!(bulk_places < max_batch);
+        let mut waiting = Waiting::default();
+        for _ in 0..40 {
+            waiting.push(job(Priority::Bulk, NAMES[0]));
+        }
+        waiting.push(job(Priority::Interactive, NAMES[1]));
+        let mut admitted = Vec::new();
+        while let Some(j) = waiting.next(admitted.len(), max_batch) {
+            admitted.push(j.kind);
+        }
+        assert_eq!(
+            admitted[0], NAMES[1],
+            "the interactive job came last and goes first"
+        );
+        assert_eq!(admitted.len(), bulk_places, "bulk work stops at its places");
+        // A full share of bulk work: an interactive job still gets a place at once.
+        waiting.push(job(Priority::Interactive, NAMES[2]));
+        assert_eq!(
+            waiting.next(admitted.len(), max_batch).map(|j| j.kind),
+            Some(NAMES[2])
+        );
+        // A full batch takes nothing more; waiting bulk jobs keep their order.
+        waiting.push(job(Priority::Interactive, NAMES[3]));
+        assert!(waiting.next(max_batch, max_batch).is_none());
+        assert_eq!(waiting.next(0, max_batch).map(|j| j.kind), Some(NAMES[3]));
+        assert_eq!(waiting.next(0, max_batch).map(|j| j.kind), Some(NAMES[0]));
+        // Every reply channel here is closed (the tests dropped the receivers).
+        assert_eq!(waiting.drop_cancelled(), 40 - bulk_places);
+        assert!(waiting.is_empty());
+    }
+
+    /// Interactive work admitted beside bulk work runs alone: while it is in the batch the bulk
+    /// generation gets no token and the bulk scoring job no pass; then both go on and finish.
+    #[test]
+    fn interactive_work_runs_alone_beside_bulk_work() {
+        let Some((mut w, tok)) = scheduler(true) else {
+            return;
+        };
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        let job = |priority, work| Job {
+            kind: "test",
+            priority,
+            enqueued: Instant::now(),
+            span: tracing::Span::none(),
+            work,
+        };
+        let generate = |n| SamplingParams {
+            max_tokens: Some(n),
+            temperature: 0.0,
+            ..SamplingParams::default()
+        };
+        let mut batch = Batch::default();
+        let (reply, mut bulk_rx) = oneshot::channel();
+        w.admit(
+            job(
+                Priority::Bulk,
+                Work::Generate {
+                    prompt: enc("Once upon a time"),
+                    params: generate(12),
+                    guide: None,
+                    reply,
+                },
+            ),
+            &mut batch,
+        );
+        let (reply, mut bulk_score_rx) = oneshot::channel();
+        w.admit(
+            job(
+                Priority::Bulk,
+                Work::Score {
+                    questions: vec![TokenQuestion {
+                        prompt: enc("Is water wet? Answer:"),
+                        candidates: (1..=30).map(|i| enc(&format!(" answer {i}"))).collect(),
+                    }],
+                    reply,
+                },
+            ),
+            &mut batch,
+        );
+        w.prefill_chunk = 16;
+        w.tick(&mut batch);
+        w.tick(&mut batch);
+        let generated = |b: &Batch| b.running[0].seq.generated();
+        let passes = |b: &Batch| b.scoring[0].state.passes;
+        let (bulk_tokens, bulk_passes) = (generated(&batch), passes(&batch));
+        assert!(bulk_tokens > 0 && bulk_passes > 0, "bulk work ran alone");
+
+        let (reply, mut interactive_rx) = oneshot::channel();
+        w.admit(
+            job(
+                Priority::Interactive,
+                Work::Generate {
+                    prompt: enc("The capital of France is"),
+                    params: generate(3),
+                    guide: None,
+                    reply,
+                },
+            ),
+            &mut batch,
+        );
+        let mut ticks = 0;
+        let interactive = loop {
+            w.tick(&mut batch);
+            ticks += 1;
+            if let Ok(answer) = interactive_rx.try_recv() {
+                break answer;
+            }
+            assert!(ticks < 50, "the interactive generation never finished");
+        };
+        assert_eq!(interactive.unwrap().completion_tokens, 3);
+        assert_eq!(generated(&batch), bulk_tokens, "the bulk generation waited");
+        assert_eq!(passes(&batch), bulk_passes, "the bulk scoring job waited");
+        while !batch.is_empty() {
+            w.tick(&mut batch);
+        }
+        assert_eq!(bulk_rx.try_recv().unwrap().unwrap().completion_tokens, 12);
+        assert_eq!(
+            bulk_score_rx.try_recv().unwrap().unwrap()[0].probs.len(),
+            30
+        );
+    }
+
+    /// Scoring jobs side by side share forward passes: one turn advances every one of them
+    /// (their passes fit the row budget together), and each gets the scores of scoring it
+    /// alone.
+    #[test]
+    fn scoring_jobs_share_forward_passes() {
+        let Some((mut w, tok)) = scheduler(true) else {
+            return;
+        };
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        let questions: Vec<TokenQuestion> = [
+            "Is water wet? Answer:",
+            "Is fire cold? Answer:",
+            "Is the sky blue on a clear day? Answer:",
+            "Is ice hot? Answer:",
+        ]
+        .iter()
+        .map(|p| TokenQuestion {
+            prompt: enc(p),
+            candidates: vec![enc(" yes"), enc(" no"), enc(" maybe so")],
+        })
+        .collect();
+        let mut batch = Batch::default();
+        let mut answers = Vec::new();
+        for q in &questions {
+            let (reply, rx) = oneshot::channel();
+            w.admit(
+                Job {
+                    kind: "test",
+                    priority: Priority::Bulk,
+                    enqueued: Instant::now(),
+                    span: tracing::Span::none(),
+                    work: Work::Score {
+                        questions: vec![q.clone()],
+                        reply,
+                    },
+                },
+                &mut batch,
+            );
+            answers.push(rx);
+        }
+        w.tick(&mut batch);
+        let passes: Vec<usize> = batch.scoring.iter().map(|j| j.state.passes).collect();
+        assert_eq!(
+            passes,
+            [1, 1, 1, 1],
+            "one turn, one shared pass for every job"
+        );
+        let mut ticks = 1;
+        while !batch.is_empty() {
+            w.tick(&mut batch);
+            ticks += 1;
+            assert!(ticks < 20, "the scoring jobs never finished");
+        }
+        for (q, mut rx) in questions.iter().zip(answers) {
+            let together = rx.try_recv().unwrap().unwrap();
+            let alone = w.score(Instant::now(), std::slice::from_ref(q)).unwrap();
+            assert_eq!(together[0].logprobs, alone[0].logprobs, "{q:?}");
+        }
+    }
+
     #[test]
     fn chunked_prefill_matches_one_shot() {
         let Some((w, tok)) = scheduler(true) else {
@@ -620,6 +1003,7 @@ pub(crate) mod tests {
         };
         let job = |work| Job {
             kind: "test",
+            priority: Priority::Interactive,
             enqueued: Instant::now(),
             span: tracing::Span::none(),
             work,

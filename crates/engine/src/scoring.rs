@@ -12,6 +12,7 @@
 
 use std::time::Instant;
 
+use candle_core::Tensor;
 use tokio::sync::oneshot;
 
 use crate::error::inference;
@@ -60,8 +61,9 @@ pub(crate) fn log_softmax_at(logits: &[f32], token: u32) -> f64 {
     logits[token as usize] as f64 - max - sum.ln()
 }
 
-/// The scoring passes of the model thread: a job starts in [`Scheduler::begin_score`], runs one
-/// forward pass per [`Scheduler::score_pass`] (one per turn of the loop), and is answered by
+/// The scoring passes of the model thread: a job starts in [`Scheduler::begin_score`], has one
+/// forward pass a turn of the loop planned ([`Scheduler::plan_pass`]) and taken back
+/// ([`Scheduler::absorb_pass`]), run together with other jobs' passes, and is answered by
 /// [`Scheduler::finish_score`].
 impl Scheduler {
     /// Feeds each of `tokens` into its cache in chunks (every sequence's chunks of one step in one
@@ -83,59 +85,32 @@ impl Scheduler {
     /// One forward pass of a chunked prefill: the next chunk of each of `tokens` while the
     /// step's budget lasts (one chunk at least), recorded in `state`; returns the rows (tokens)
     /// it ran.
+    #[cfg(test)]
     fn prefill_step(
         &self,
         caches: &mut [SeqCache],
         tokens: &[&[u32]],
         state: &mut Prefill,
     ) -> Result<usize, EngineError> {
-        let chunk = self.prefill_chunk.max(1);
-        let Prefill { fed, last } = state;
-        let mut budget = chunk;
-        let mut plan = Vec::new(); // (index, tokens this step)
-        for (i, t) in tokens.iter().enumerate() {
-            let n = (t.len() - fed[i]).min(chunk);
-            if n == 0 || (n > budget && !plan.is_empty()) {
-                continue;
-            }
-            budget = budget.saturating_sub(n);
-            plan.push((i, n));
-        }
+        let plan = plan_prefill(self.prefill_chunk.max(1), tokens, &state.fed);
         if plan.is_empty() {
             return Ok(0);
         }
         let out = {
-            let mut planned = plan.iter().peekable();
-            let mut segments = Vec::with_capacity(plan.len());
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let Some(&&(pi, n)) = planned.peek() else {
-                    break;
-                };
-                if pi != i {
-                    continue;
-                }
-                planned.next();
-                let ends = fed[i] + n == tokens[i].len();
-                segments.push(Segment {
-                    cache,
-                    tokens: &tokens[i][fed[i]..fed[i] + n],
-                    want: if ends { Want::Last } else { Want::Nothing },
-                    prompt: true,
-                });
-            }
+            let mut segments = prefill_segments(caches, tokens, &state.fed, &plan);
             self.model.forward(&mut segments).map_err(inference)?
         };
         for (&(i, n), logits) in plan.iter().zip(out) {
-            fed[i] += n;
+            state.fed[i] += n;
             if let Some(l) = logits {
-                last[i] = Some(
+                state.last[i] = Some(
                     l.squeeze(0)
                         .and_then(|l| l.to_vec1::<f32>())
                         .map_err(inference)?,
                 );
             }
         }
-        let rows: usize = plan.iter().map(|&(_, n)| n).sum();
+        let rows = planned_rows(&plan);
         self.metrics.prompt_tokens.increment(rows as u64);
         Ok(rows)
     }
@@ -153,8 +128,8 @@ impl Scheduler {
         Ok(self.finish_score(state))
     }
 
-    /// Starts scoring each question's candidates in batched passes, one per
-    /// [`Scheduler::score_pass`]: the prompt prefix common to every question (once, or from the
+    /// Starts scoring each question's candidates in batched passes, one per turn of the loop
+    /// ([`Scheduler::plan_pass`]): the prompt prefix common to every question (once, or from the
     /// prompt cache); then, unless the questions' own rests are short enough to ride along with
     /// every candidate, every question's rest together (each from a copy of the shared cache);
     /// then every candidate, in waves, each on a copy of its question's cache (at most
@@ -201,6 +176,10 @@ impl Scheduler {
             base,
             fused: false,
             caches: Vec::new(),
+            starts: Vec::new(),
+            plan: Vec::new(),
+            wave: Vec::new(),
+            reused_rests: 0,
             logprobs,
             pending: Vec::new(),
             stage: Stage::Prefix(Prefill::new(1)),
@@ -211,20 +190,40 @@ impl Scheduler {
         })
     }
 
-    /// Runs the next forward pass of a scoring job (none when it only moves to its next stage);
-    /// true when every candidate is scored and [`Scheduler::finish_score`] may answer.
+    /// Runs the next forward pass of a scoring job alone (none when it only moves to its next
+    /// stage); true when every candidate is scored and [`Scheduler::finish_score`] may answer.
+    /// The model thread runs several jobs' passes together instead ([`Scheduler::plan_pass`],
+    /// [`pass_segments`], [`Scheduler::absorb_pass`]).
+    #[cfg(test)]
     pub(crate) fn score_pass(&mut self, s: &mut ScoreState) -> Result<bool, EngineError> {
+        if self.plan_pass(s)?.is_none() {
+            return Ok(true);
+        }
+        let out = {
+            let mut segments = pass_segments(s);
+            self.model.forward(&mut segments).map_err(inference)?
+        };
+        self.absorb_pass(s, out)
+    }
+
+    /// Plans a scoring job's next forward pass, moving it through its stages as far as that
+    /// takes: the rows of the pass (planned once: asked again before it ran, it is the same
+    /// pass), or `None` when every candidate is scored and [`Scheduler::finish_score`] may
+    /// answer. [`pass_segments`] gives the pass's segments, [`Scheduler::absorb_pass`] takes
+    /// its outputs.
+    pub(crate) fn plan_pass(&mut self, s: &mut ScoreState) -> Result<Option<usize>, EngineError> {
         let _enter = s.span.clone().entered();
+        let chunk = self.prefill_chunk.max(1);
         loop {
             match &mut s.stage {
                 Stage::Prefix(state) => {
                     let first = &s.questions[0].prompt;
                     let prefix: [&[u32]; 1] = [&first[s.reused..s.shared]];
                     if !state.done(&prefix) {
-                        let rows =
-                            self.prefill_step(std::slice::from_mut(&mut s.base), &prefix, state)?;
-                        s.record_pass(rows);
-                        return Ok(false);
+                        if s.plan.is_empty() {
+                            s.plan = plan_prefill(chunk, &prefix, &state.fed);
+                        }
+                        return Ok(Some(planned_rows(&s.plan)));
                     }
                     s.prefix_ms = s.start.elapsed().as_millis() as u64;
                     // When the questions' own rests are short, each candidate's segment carries
@@ -241,22 +240,39 @@ impl Scheduler {
                     if s.fused {
                         s.begin_candidates();
                     } else {
-                        s.caches = s
-                            .questions
-                            .iter()
-                            .map(|q| s.base.fork(q.prompt.len() - s.shared))
-                            .collect::<candle_core::Result<Vec<_>>>()
-                            .map_err(inference)?;
+                        // Each question's rest starts from the longest prompt the cache keeps
+                        // that it starts with, when that goes past the shared prefix: a
+                        // question asked about many tasks (its examples and instructions before
+                        // the task) is computed once.
+                        s.caches = Vec::with_capacity(s.questions.len());
+                        s.starts = Vec::with_capacity(s.questions.len());
+                        for q in &s.questions {
+                            let cache = match self.prefix.lookup(&q.prompt, 0).map_err(inference)? {
+                                Some(cached) if cached.len() > s.shared => cached,
+                                _ => s.base.fork(q.prompt.len() - s.shared).map_err(inference)?,
+                            };
+                            self.metrics
+                                .reused_prompt_tokens
+                                .increment((cache.len() - s.shared) as u64);
+                            s.reused_rests += cache.len() - s.shared;
+                            s.starts.push(cache.len());
+                            s.caches.push(cache);
+                        }
                         s.stage = Stage::Rests(Prefill::new(s.questions.len()));
                     }
                 }
                 Stage::Rests(state) => {
-                    let rests: Vec<&[u32]> =
-                        s.questions.iter().map(|q| &q.prompt[s.shared..]).collect();
+                    let rests: Vec<&[u32]> = s
+                        .questions
+                        .iter()
+                        .zip(&s.starts)
+                        .map(|(q, &start)| &q.prompt[start..])
+                        .collect();
                     if !state.done(&rests) {
-                        let rows = self.prefill_step(&mut s.caches, &rests, state)?;
-                        s.record_pass(rows);
-                        return Ok(false);
+                        if s.plan.is_empty() {
+                            s.plan = plan_prefill(chunk, &rests, &state.fed);
+                        }
+                        return Ok(Some(planned_rows(&s.plan)));
                     }
                     let first_logits = std::mem::replace(state, Prefill::new(0)).into_last()?;
                     for ((lp, q), logits) in
@@ -269,30 +285,81 @@ impl Scheduler {
                     s.begin_candidates();
                 }
                 Stage::Candidates => {
-                    if s.pending.is_empty() {
-                        return Ok(true);
+                    if s.wave.is_empty() {
+                        if s.pending.is_empty() {
+                            return Ok(None);
+                        }
+                        self.plan_wave(s)?;
                     }
-                    let rows = self.candidate_wave(s)?;
-                    s.record_pass(rows);
-                    return Ok(s.pending.is_empty());
+                    return Ok(Some(s.wave.iter().map(|w| w.tokens.len()).sum()));
                 }
             }
         }
     }
 
-    /// One wave of candidates: as many as fit `prefill_chunk` rows and
-    /// [`CANDIDATE_FORK_BYTES`] of cache copies (one at least), in one forward pass; returns
-    /// the rows it ran.
-    fn candidate_wave(&mut self, s: &mut ScoreState) -> Result<usize, EngineError> {
+    /// Takes the outputs of the pass [`Scheduler::plan_pass`] planned (in the order of its
+    /// [`pass_segments`]); true when every candidate is scored.
+    pub(crate) fn absorb_pass(
+        &mut self,
+        s: &mut ScoreState,
+        out: Vec<Option<Tensor>>,
+    ) -> Result<bool, EngineError> {
+        let _enter = s.span.clone().entered();
+        let rows = match &mut s.stage {
+            Stage::Prefix(state) | Stage::Rests(state) => {
+                let plan = std::mem::take(&mut s.plan);
+                for (&(i, n), logits) in plan.iter().zip(out) {
+                    state.fed[i] += n;
+                    if let Some(l) = logits {
+                        state.last[i] = Some(
+                            l.squeeze(0)
+                                .and_then(|l| l.to_vec1::<f32>())
+                                .map_err(inference)?,
+                        );
+                    }
+                }
+                let rows = planned_rows(&plan);
+                self.metrics.prompt_tokens.increment(rows as u64);
+                rows
+            }
+            Stage::Candidates => {
+                let wave = std::mem::take(&mut s.wave);
+                let rows = wave.iter().map(|w| w.tokens.len()).sum();
+                for (w, logits) in wave.iter().zip(out) {
+                    let cand = &s.questions[w.question].candidates[w.candidate];
+                    let all = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
+                    let all = all.to_vec2::<f32>().map_err(inference)?;
+                    // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
+                    let (skip, from) = if s.fused {
+                        (s.questions[w.question].prompt.len() - s.shared - 1, 0)
+                    } else {
+                        (0, 1)
+                    };
+                    for k in from..cand.len() {
+                        s.logprobs[w.question][w.candidate] +=
+                            log_softmax_at(&all[skip + k - from], cand[k]);
+                    }
+                }
+                rows
+            }
+        };
+        s.record_pass(rows);
+        Ok(matches!(s.stage, Stage::Candidates) && s.pending.is_empty())
+    }
+
+    /// Plans the next wave of candidates: as many as fit `prefill_chunk` rows and
+    /// [`CANDIDATE_FORK_BYTES`] of cache copies (one at least), each on a copy of its
+    /// question's cache.
+    fn plan_wave(&mut self, s: &mut ScoreState) -> Result<(), EngineError> {
         let per_position = SeqCache::bytes_per_position(&self.model.cache_shape());
-        let rest = |qi: usize| -> &[u32] { &s.questions[qi].prompt[s.shared..] };
-        let (mut wave, mut bytes, mut rows) = (Vec::new(), 0, 0);
+        let (mut bytes, mut rows) = (0, 0);
         while let Some(&(qi, ci)) = s.pending.last() {
-            let cand = &s.questions[qi].candidates[ci];
-            let lead: &[u32] = if s.fused { rest(qi) } else { &[] };
+            let q = &s.questions[qi];
+            let cand = &q.candidates[ci];
+            let lead: &[u32] = if s.fused { &q.prompt[s.shared..] } else { &[] };
             let tokens = [lead, &cand[..cand.len() - 1]].concat();
-            let cost = (s.questions[qi].prompt.len() + cand.len()) * per_position;
-            if !wave.is_empty()
+            let cost = (q.prompt.len() + cand.len()) * per_position;
+            if !s.wave.is_empty()
                 && (bytes + cost > CANDIDATE_FORK_BYTES
                     || rows + tokens.len() > self.prefill_chunk.max(1))
             {
@@ -302,44 +369,27 @@ impl Scheduler {
             rows += tokens.len();
             let source = if s.fused { &s.base } else { &s.caches[qi] };
             let cache = source.fork(tokens.len()).map_err(inference)?;
-            wave.push((qi, ci, tokens, cache));
+            s.wave.push(WaveItem {
+                question: qi,
+                candidate: ci,
+                tokens,
+                cache,
+            });
             s.pending.pop();
         }
-        let out = {
-            let mut segments: Vec<Segment<'_>> = wave
-                .iter_mut()
-                .map(|(_, _, tokens, cache)| Segment {
-                    cache,
-                    tokens,
-                    want: Want::All,
-                    prompt: true,
-                })
-                .collect();
-            self.model.forward(&mut segments).map_err(inference)?
-        };
-        for ((qi, ci, _, _), logits) in wave.iter().zip(out) {
-            let cand = &s.questions[*qi].candidates[*ci];
-            let rows = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
-            let rows = rows.to_vec2::<f32>().map_err(inference)?;
-            // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
-            let (skip, from) = if s.fused {
-                (rest(*qi).len() - 1, 0)
-            } else {
-                (0, 1)
-            };
-            for k in from..cand.len() {
-                s.logprobs[*qi][*ci] += log_softmax_at(&rows[skip + k - from], cand[k]);
-            }
-        }
-        Ok(rows)
+        Ok(())
     }
 
-    /// The scores of a job whose passes are done; its shared prefix goes to the prompt cache.
-    pub(crate) fn finish_score(&mut self, s: ScoreState) -> Vec<ChoiceScores> {
-        let _enter = s.span.enter();
+    /// The scores of a job whose passes are done; its shared prefix, and each question's
+    /// prompt when it was computed on its own, go to the prompt cache.
+    pub(crate) fn finish_score(&mut self, mut s: ScoreState) -> Vec<ChoiceScores> {
+        let _enter = s.span.clone().entered();
         let shared = s.shared;
         self.prefix
             .insert(s.questions[0].prompt[..shared].to_vec(), s.base);
+        for (q, cache) in s.questions.iter().zip(std::mem::take(&mut s.caches)) {
+            self.prefix.insert(q.prompt.clone(), cache);
+        }
         let out: Vec<ChoiceScores> = s
             .logprobs
             .into_iter()
@@ -349,6 +399,7 @@ impl Scheduler {
         tracing::info!(
             shared_prefix = shared,
             reused = s.reused,
+            reused_rests = s.reused_rests,
             prefix_ms = s.prefix_ms,
             questions_ms = s.questions_ms,
             fused = s.fused,
@@ -361,12 +412,115 @@ impl Scheduler {
     }
 }
 
+/// The next chunk of each of `tokens` (of which `fed` are in their caches already) while a
+/// pass's budget of `chunk` rows lasts, one chunk at least: (index, tokens this pass). A prompt
+/// is cut at fixed multiples of `chunk` from where it starts, whatever else runs.
+fn plan_prefill(chunk: usize, tokens: &[&[u32]], fed: &[usize]) -> Vec<(usize, usize)> {
+    let mut budget = chunk;
+    let mut plan = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let n = (t.len() - fed[i]).min(chunk);
+        if n == 0 || (n > budget && !plan.is_empty()) {
+            continue;
+        }
+        budget = budget.saturating_sub(n);
+        plan.push((i, n));
+    }
+    plan
+}
+
+/// Rows of a planned prefill pass.
+fn planned_rows(plan: &[(usize, usize)]) -> usize {
+    plan.iter().map(|&(_, n)| n).sum()
+}
+
+/// The segments of a planned prefill pass over `caches`.
+fn prefill_segments<'a>(
+    caches: &'a mut [SeqCache],
+    tokens: &[&'a [u32]],
+    fed: &[usize],
+    plan: &[(usize, usize)],
+) -> Vec<Segment<'a>> {
+    let mut planned = plan.iter().peekable();
+    let mut segments = Vec::with_capacity(plan.len());
+    for (i, cache) in caches.iter_mut().enumerate() {
+        let Some(&&(pi, n)) = planned.peek() else {
+            break;
+        };
+        if pi != i {
+            continue;
+        }
+        planned.next();
+        let t: &'a [u32] = tokens[i];
+        let ends = fed[i] + n == t.len();
+        segments.push(Segment {
+            cache,
+            tokens: &t[fed[i]..fed[i] + n],
+            want: if ends { Want::Last } else { Want::Nothing },
+            prompt: true,
+        });
+    }
+    segments
+}
+
+/// The segments of the pass [`Scheduler::plan_pass`] planned for `s` (none when it planned
+/// none): the model thread runs several jobs' segments in one forward.
+pub(crate) fn pass_segments(s: &mut ScoreState) -> Vec<Segment<'_>> {
+    let ScoreState {
+        questions,
+        stage,
+        base,
+        caches,
+        starts,
+        plan,
+        wave,
+        reused,
+        shared,
+        ..
+    } = s;
+    let questions: &Vec<TokenQuestion> = questions;
+    match stage {
+        Stage::Prefix(state) => {
+            let prefix: &[u32] = &questions[0].prompt[*reused..*shared];
+            prefill_segments(std::slice::from_mut(base), &[prefix], &state.fed, plan)
+        }
+        Stage::Rests(state) => {
+            let rests: Vec<&[u32]> = questions
+                .iter()
+                .zip(starts.iter())
+                .map(|(q, &start)| &q.prompt[start..])
+                .collect();
+            prefill_segments(caches, &rests, &state.fed, plan)
+        }
+        Stage::Candidates => wave
+            .iter_mut()
+            .map(|w| Segment {
+                cache: &mut w.cache,
+                tokens: &w.tokens,
+                want: Want::All,
+                prompt: true,
+            })
+            .collect(),
+    }
+}
+
+/// One candidate of a planned wave: the rows it runs (its question's rest when fused, then the
+/// candidate but its last token) on its own copy of the cache.
+pub(crate) struct WaveItem {
+    question: usize,
+    candidate: usize,
+    tokens: Vec<u32>,
+    cache: SeqCache,
+}
+
 /// A scoring job in progress and the channel its answer goes back on.
 pub(crate) struct ScoreJob {
     /// Where it stands.
     pub(crate) state: ScoreState,
     /// Where its scores go.
     pub(crate) reply: oneshot::Sender<Result<Vec<ChoiceScores>, EngineError>>,
+    /// While interactive jobs are in the batch, bulk ones wait.
+    pub(crate) priority: crate::Priority,
 }
 
 /// Where a scoring job stands (see [`Scheduler::begin_score`]).
@@ -381,10 +535,18 @@ pub(crate) struct ScoreState {
     reused: usize,
     /// The shared prefix's cache.
     base: SeqCache,
-    /// Whether each candidate carries its question's rest (see [`Scheduler::score_pass`]).
+    /// Whether each candidate carries its question's rest (see [`Scheduler::plan_pass`]).
     fused: bool,
     /// Each question's cache after its rest, when not fused.
     caches: Vec<SeqCache>,
+    /// Where each question's rest starts (its cache's length before it), when not fused.
+    starts: Vec<usize>,
+    /// The planned prefill pass of the current stage, (sequence, tokens); empty when none is.
+    plan: Vec<(usize, usize)>,
+    /// The planned wave of candidates; empty when none is.
+    wave: Vec<WaveItem>,
+    /// Prompt tokens of the questions' rests the prompt cache had.
+    reused_rests: usize,
     /// Summed log-probabilities so far, by question and candidate.
     logprobs: Vec<Vec<f64>>,
     /// (question, candidate) still to score, the next one last.

@@ -1,13 +1,22 @@
 //! Benchmark of batchlab-ml-backend (run by `scripts/bench-ml-backend.sh`): the router on a real
 //! socket with the real model, as Label Studio uses it. Prints a markdown table.
 //!
-//! Usage: bench_ml_backend MODEL TREC_JSONL
+//! Usage: bench_ml_backend MODEL TREC_JSONL [all|bulk|protocol]
+//!
+//! `bulk` measures bulk `/predict` (Retrieve Predictions) against one task at a time, both in
+//! this run: 200 candidate-evaluation tasks, 200 TREC tasks with 4 few-shot examples each (from
+//! 20 ground-truth annotations in a SQLite store), an annotator's task opened meanwhile, and
+//! `/health` throughout. `protocol` is the rest (one task, `/health` and `/setup` under load,
+//! a 100-task request under a 10 s deadline, TREC agreement). `all` (the default) runs both.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchlab_core::config::Config;
 use batchlab_core::labelstudio::config::LabelConfig;
+use batchlab_core::store::Store;
 use batchlab_inference::engine::{ChatRequest, Engine, SamplingParams};
 use batchlab_inference::predict::examples::{Example, ExampleSet};
 use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors};
@@ -73,11 +82,326 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().expect("MODEL"));
     let trec = PathBuf::from(args.next().expect("TREC_JSONL"));
+    let sections = args.next().unwrap_or_else(|| "all".into());
     let mut config = Config::default();
     config.engine.model_path = model;
     let engine =
         Engine::load(batchlab_inference::engine_config(&config.engine)).expect("model loads");
+    println!("| metric | measured | ratio (same run) | target |");
+    println!("| --- | --- | --- | --- |");
+    if sections == "all" || sections == "bulk" {
+        bulk(&config, &engine, &trec).await;
+    }
+    if sections == "all" || sections == "protocol" {
+        protocol(config, engine, trec).await;
+    }
+}
 
+/// The ML backend on `engine` with `config`, over `store` when given; its base URL.
+async fn serve_on(config: &Config, engine: &Engine, store: Option<Store>) -> String {
+    let mut state = MlState::new(config.clone())
+        .unwrap()
+        .with_model(EngineSlot::ready(engine.clone()));
+    if let Some(store) = store {
+        state = state.with_store(store);
+    }
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// How many tasks the one-at-a-time baselines predict (their rate is steady; 200 would take
+/// minutes for nothing).
+const ONE_AT_A_TIME: usize = 20;
+
+/// Tasks of bulk requests in each comparison.
+const BULK: usize = 200;
+
+/// Rounds of each comparison: single-task and bulk requests alternate (each round a quarter of
+/// both), so that a machine whose load changes during the run weighs on both alike.
+const ROUNDS: usize = 4;
+
+/// Bulk `/predict` of `bulk` against one task at a time over `singles`, in alternating rounds;
+/// (bulk, one-at-a-time) tasks per second, each over its own requests' time.
+async fn compare(
+    client: &reqwest::Client,
+    url: &str,
+    singles: &[Value],
+    bulk: &[Value],
+    extra: &Value,
+) -> (f64, f64) {
+    let (mut single_s, mut bulk_s) = (0.0, 0.0);
+    for r in 0..ROUNDS {
+        let s = &singles[r * singles.len() / ROUNDS..(r + 1) * singles.len() / ROUNDS];
+        let b = &bulk[r * bulk.len() / ROUNDS..(r + 1) * bulk.len() / ROUNDS];
+        single_s += s.len() as f64 / one_at_a_time(client, url, s, extra).await;
+        bulk_s += b.len() as f64 / bulk_request(client, url, b.to_vec(), extra, None).await;
+    }
+    (bulk.len() as f64 / bulk_s, singles.len() as f64 / single_s)
+}
+
+/// Few-shot examples shown per task (the default `ml_backend.few_shot_examples`), from this
+/// many ground-truth annotations.
+const GROUND_TRUTH: usize = 20;
+
+/// Predicts `tasks` one `/predict` each, one after another; tasks per second.
+async fn one_at_a_time(client: &reqwest::Client, url: &str, tasks: &[Value], extra: &Value) -> f64 {
+    let started = Instant::now();
+    for t in tasks {
+        let mut body = extra.clone();
+        body["tasks"] = json!([t]);
+        let a = post(client, url, &body).await;
+        assert!(a["results"][0]["result"].is_array(), "{a}");
+    }
+    tasks.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One bulk `/predict` of `tasks`, answered when all are done (the deadline is long); tasks per
+/// second. Meanwhile, when `opened` is given, an annotator opens one task (new data each time)
+/// every 3 seconds, as long as the bulk request runs, and its latencies are pushed there.
+async fn bulk_request(
+    client: &reqwest::Client,
+    url: &str,
+    tasks: Vec<Value>,
+    extra: &Value,
+    opened: Option<(&[Value], &mut Vec<f64>)>,
+) -> f64 {
+    let n = tasks.len();
+    let mut body = extra.clone();
+    body["tasks"] = Value::Array(tasks);
+    let started = Instant::now();
+    let bulk = tokio::spawn({
+        let (client, url) = (client.clone(), url.to_string());
+        async move { post(&client, &url, &body).await }
+    });
+    if let Some((singles, latencies)) = opened {
+        // Let the bulk request fill the engine first.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for t in singles {
+            if bulk.is_finished() {
+                break;
+            }
+            let mut body = extra.clone();
+            body["tasks"] = json!([t]);
+            let t0 = Instant::now();
+            let a = post(client, url, &body).await;
+            assert!(a["results"][0]["result"].is_array(), "{a}");
+            latencies.push(t0.elapsed().as_secs_f64());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    }
+    let answer = bulk.await.unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let done = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["result"].is_array())
+        .count();
+    assert_eq!(done, n, "every task answered within the long deadline");
+    n as f64 / seconds
+}
+
+/// Stores `examples` (text, label) as ground-truth annotations of TREC project `project`.
+async fn ground_truth(store: &Store, project: i64, config: &str, examples: &[(String, String)]) {
+    use batchlab_core::store::{AnnotationRow, NewWebhookEvent, TaskRow};
+    let (event, _) = store
+        .insert_webhook_event(&NewWebhookEvent {
+            delivery_key: "bench",
+            action: "ANNOTATION_CREATED",
+            project_id: Some(project),
+            body: "{}",
+        })
+        .await
+        .unwrap();
+    let mut tx = store.begin_event(event, "applied").await.unwrap().unwrap();
+    tx.upsert_project(project, "TREC", config, 1).await.unwrap();
+    for (i, (text, label)) in examples.iter().enumerate() {
+        let id = 100_000 + i as i64;
+        tx.upsert_task(
+            &TaskRow {
+                id,
+                project_id: project,
+                data: json!({"text": text}).to_string(),
+            },
+            1,
+        )
+        .await
+        .unwrap();
+        let result = json!([{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]);
+        tx.upsert_annotation(&AnnotationRow {
+            id,
+            project_id: project,
+            task_id: id,
+            result: result.to_string(),
+            ground_truth: true,
+            was_cancelled: false,
+            lead_time: None,
+            completed_by: None,
+            created_at: None,
+            updated_at: None,
+            updated_at_us: 1,
+            valid: true,
+            invalid_reason: None,
+        })
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// Bulk `/predict` against one task at a time, in this run (see the module's doc).
+async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1200))
+        .build()
+        .unwrap();
+    let mut c = config.clone();
+    c.ml_backend.predict_deadline_seconds = 1000.0;
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let base = serve_on(&c, engine, Some(db.store.clone())).await;
+    let url = format!("{base}/predict");
+
+    // /health every 20 ms from here to the end of the bulk runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let health = tokio::spawn({
+        let (client, url, stop) = (client.clone(), format!("{base}/health"), stop.clone());
+        async move {
+            let mut ms = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                client.get(&url).send().await.unwrap();
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ms
+        }
+    });
+
+    // Candidate evaluation (3 Choices + TextArea), zero-shot.
+    let candidates = |from: usize, n: usize| -> Vec<Value> {
+        (from..from + n)
+            .map(|i| json!({"id": i + 1, "data": candidate(i)}))
+            .collect()
+    };
+    let extra = json!({"label_config": CANDIDATE, "project": "1.0"});
+    let (rate, single) = compare(
+        &client,
+        &url,
+        &candidates(10_000, ONE_AT_A_TIME),
+        &candidates(30_000, BULK),
+        &extra,
+    )
+    .await;
+    Rows.push([
+        format!(
+            "bulk `/predict`, {BULK} tasks ({ROUNDS} requests of {}), candidate-evaluation (3 Choices + TextArea)",
+            BULK / ROUNDS
+        ),
+        format!("{rate:.2} tasks/s"),
+        format!(
+            "{:.2}x one at a time ({single:.2} tasks/s, {ONE_AT_A_TIME} single-task requests, alternating with the bulk ones)",
+            rate / single
+        ),
+        "≥ 3x".into(),
+    ]);
+    // An annotator opens a task every 3 s while another bulk request runs (its own run: the
+    // opened tasks go first and pause the bulk work while they run).
+    let mut opened = Vec::new();
+    let opened_tasks = candidates(20_000, 100);
+    let busy_rate = bulk_request(
+        &client,
+        &url,
+        candidates(40_000, BULK / 2),
+        &extra,
+        Some((&opened_tasks, &mut opened)),
+    )
+    .await;
+    let opened_p50 = percentile(&mut opened, 0.5);
+    let opened_max = percentile(&mut opened, 1.0);
+    Rows.push([
+        format!(
+            "one task opened by an annotator every 3 s while a {}-task bulk `/predict` runs, p50",
+            BULK / 2
+        ),
+        format!(
+            "{opened_p50:.2} s ({} opened, max {opened_max:.2} s; the bulk request meanwhile {busy_rate:.2} tasks/s)",
+            opened.len()
+        ),
+        format!("{:.2}x the 1.5 s target", opened_p50 / 1.5),
+        "< 1.5 s".into(),
+    ]);
+
+    // TREC (one 6-way Choices) with 4 few-shot examples of 20 ground-truth annotations.
+    let trec_config = format!(
+        "<View><Text name=\"text\" value=\"$text\"/><Choices name=\"label\" toName=\"text\" choice=\"single\">{}</Choices></View>",
+        TREC_LABELS.iter().map(|l| format!("<Choice value=\"{l}\"/>")).collect::<String>()
+    );
+    let rows: Vec<(String, String)> = std::fs::read_to_string(trec)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["label"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        rows.len() >= GROUND_TRUTH + ONE_AT_A_TIME + BULK,
+        "{} TREC rows",
+        rows.len()
+    );
+    let project = 2;
+    ground_truth(&db.store, project, &trec_config, &rows[..GROUND_TRUTH]).await;
+    let texts = |from: usize, n: usize| -> Vec<Value> {
+        rows[from..from + n]
+            .iter()
+            .enumerate()
+            .map(|(i, (text, _))| json!({"id": from + i + 1, "data": {"text": text}}))
+            .collect()
+    };
+    let extra = json!({"label_config": trec_config, "project": format!("{project}.0")});
+    let (rate, single) = compare(
+        &client,
+        &url,
+        &texts(GROUND_TRUTH, ONE_AT_A_TIME),
+        &texts(GROUND_TRUTH + ONE_AT_A_TIME, BULK),
+        &extra,
+    )
+    .await;
+    Rows.push([
+        format!(
+            "bulk `/predict`, {BULK} TREC tasks ({ROUNDS} requests of {}), {} few-shot examples each ({GROUND_TRUTH} ground truth)",
+            BULK / ROUNDS,
+            c.ml_backend.few_shot_examples
+        ),
+        format!("{rate:.2} tasks/s"),
+        format!(
+            "{:.2}x one at a time ({single:.2} tasks/s, {ONE_AT_A_TIME} single-task requests, alternating with the bulk ones)",
+            rate / single
+        ),
+        "≥ 2x".into(),
+    ]);
+
+    stop.store(true, Ordering::Relaxed);
+    let mut health = health.await.unwrap();
+    let h99 = percentile(&mut health, 0.99);
+    Rows.push([
+        "`/health` p99 during all of the above".into(),
+        format!("{h99:.1} ms ({} probes)", health.len()),
+        format!("{:.3}x the 1 s Label Studio timeout", h99 / 1000.0),
+        "< 20 ms".into(),
+    ]);
+    db.cleanup().await;
+}
+
+/// One task, `/health` and `/setup` under load, a 100-task request under a deadline, TREC
+/// agreement.
+async fn protocol(config: Config, engine: Engine, trec: PathBuf) {
     let serve = |deadline: f64| {
         let mut c = config.clone();
         c.ml_backend.predict_deadline_seconds = deadline;
@@ -98,8 +422,6 @@ async fn main() {
         .build()
         .unwrap();
     // Rows are printed as they are measured, so a long run shows progress.
-    println!("| metric | measured | ratio (same run) | target |");
-    println!("| --- | --- | --- | --- |");
     let mut rows = Rows;
 
     // Baseline: the engine alone generating the TextArea answer's length for one task.

@@ -54,7 +54,20 @@ impl MlState {
         let basic_auth = auth::Credentials::from_config(ml)
             .map_err(MlError::Config)?
             .map(Arc::new);
-        let jobs = predict::Jobs::new(ml.cache_entries, ml.concurrent_tasks, ml.max_pending_tasks);
+        if ml.concurrent_tasks != 0 {
+            tracing::warn!(
+                concurrent_tasks = ml.concurrent_tasks,
+                in_flight = predict::bulk_in_flight(&config.engine),
+                "ml_backend.concurrent_tasks is deprecated and ignored: bulk /predict keeps the \
+                 engine's batch full ([engine] max_batch and max_queue)"
+            );
+        }
+        let jobs = predict::Jobs::new(
+            ml.cache_entries,
+            predict::bulk_in_flight(&config.engine),
+            ml.max_pending_tasks,
+            ml.max_projects,
+        );
         let templates = project::Templates::new(ml.max_projects);
         Ok(Self {
             config: Arc::new(config),

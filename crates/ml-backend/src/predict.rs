@@ -6,24 +6,34 @@
 //! prediction cache that answers the next request at once.
 //!
 //! Jobs are keyed by (model version, task data): a task asked for twice runs once. Requests of
-//! one task (an annotator opening it) start at once; bigger ones queue for
-//! `ml_backend.concurrent_tasks` slots in order.
+//! one task (an annotator opening it) start at once, at the engine's interactive priority (a
+//! task of a bulk request still waiting for its turn starts then too); bigger ones are bulk
+//! work: they take their turns in order, as many at once as keep the engine's batch full
+//! ([`bulk_in_flight`], from `[engine] max_batch` and `max_queue`), at the engine's bulk
+//! priority, so an annotator's task goes ahead of them in the engine too. Tasks of a bulk
+//! request are all shown the same few-shot examples, so that their prompts share everything
+//! but the task and the engine reuses that part from its prompt cache.
+//!
+//! Each project's jobs are counted (queued, running, done, failed, and the rate over the last
+//! minute) for `/status` and the metrics ([`ProjectProgress`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::Json;
+use batchlab_core::config::EngineSettings;
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::prediction_key::{cache_key, IMPORTED};
 use batchlab_core::store::{CachedPrediction, Store};
-use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors};
+use batchlab_inference::engine::Priority;
+use batchlab_inference::predict::task::{engine_requests, predict_task, PredictOptions, Priors};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
 use crate::error::MlError;
 use crate::project::{project_id, ProjectContext};
@@ -55,9 +65,13 @@ pub struct Jobs {
 
 struct JobsInner {
     cache: Mutex<Cache>,
-    running: Mutex<HashMap<String, Pending>>,
+    running: Mutex<HashMap<String, Running>>,
+    /// Engine requests bulk jobs may have in flight ([`bulk_in_flight`]); a job takes as many
+    /// as it makes at once ([`engine_requests`]).
     slots: Arc<Semaphore>,
+    slot_count: usize,
     queued: std::sync::atomic::AtomicUsize,
+    progress: Mutex<Progress>,
     priors: Arc<Priors>,
     max_pending: usize,
     /// Every spawned job, so that shutdown can wait for the running ones.
@@ -83,6 +97,13 @@ impl Cache {
     }
 }
 
+/// A job started and not finished: its outcome to come, and the signal that starts it at once
+/// when it still waits for its turn and an annotator opens its task.
+struct Running {
+    pending: Pending,
+    promote: Arc<Notify>,
+}
+
 /// What `/status` reports of the jobs.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct JobCounts {
@@ -92,12 +113,32 @@ pub struct JobCounts {
     pub pending: usize,
     /// Jobs waiting for a slot.
     pub queued: usize,
+    /// Engine requests bulk jobs have in flight now.
+    pub bulk_requests_in_flight: usize,
+    /// Engine requests bulk jobs may have in flight ([`bulk_in_flight`]).
+    pub bulk_requests_limit: usize,
+}
+
+/// Engine requests that bulk prediction jobs keep in flight: the places of the engine's batch
+/// that bulk work may take ([`EngineConfig::bulk_batch`], from `[engine] max_batch`) and as
+/// many again waiting in the engine's queue, so that a place freed is taken on the model
+/// thread's next turn without waiting for this service (a task's scoring request ends long
+/// before its generation, so places free often); at most half the engine's queue (`[engine]
+/// max_queue`), so that interactive requests always find room in it.
+///
+/// [`EngineConfig::bulk_batch`]: batchlab_inference::engine::EngineConfig::bulk_batch
+pub fn bulk_in_flight(engine: &EngineSettings) -> usize {
+    let config = batchlab_inference::engine_config(engine);
+    let places = config.bulk_batch();
+    (2 * places).min(config.max_queue.max(2) / 2).max(1)
 }
 
 impl Jobs {
-    /// Empty cache holding up to `capacity` predictions; `concurrent` tasks run at once and at
-    /// most `max_pending` wait or run (see [`Jobs::admit`]).
-    pub fn new(capacity: usize, concurrent: usize, max_pending: usize) -> Jobs {
+    /// Empty cache holding up to `capacity` predictions; bulk jobs keep `in_flight` engine
+    /// requests in flight at most ([`bulk_in_flight`]), at most `max_pending` jobs wait or run
+    /// (see [`Jobs::admit`]), and the progress of up to `max_projects` projects is kept.
+    pub fn new(capacity: usize, in_flight: usize, max_pending: usize, max_projects: usize) -> Jobs {
+        let in_flight = in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Jobs {
             inner: Arc::new(JobsInner {
                 cache: Mutex::new(Cache {
@@ -106,8 +147,10 @@ impl Jobs {
                     capacity,
                 }),
                 running: Mutex::new(HashMap::new()),
-                slots: Arc::new(Semaphore::new(concurrent.max(1))),
+                slots: Arc::new(Semaphore::new(in_flight)),
+                slot_count: in_flight,
                 queued: Default::default(),
+                progress: Mutex::new(Progress::new(max_projects)),
                 priors: Arc::default(),
                 max_pending: max_pending.max(1),
                 tracker: tokio_util::task::TaskTracker::new(),
@@ -154,7 +197,18 @@ impl Jobs {
                 .unwrap_or_else(|e| e.into_inner())
                 .len(),
             queued: self.inner.queued.load(std::sync::atomic::Ordering::Relaxed),
+            bulk_requests_in_flight: self.inner.slot_count - self.inner.slots.available_permits(),
+            bulk_requests_limit: self.inner.slot_count,
         }
+    }
+
+    /// Each project's prediction jobs (projects Label Studio did not name are under 0).
+    pub fn progress(&self) -> BTreeMap<i64, ProjectProgress> {
+        self.inner
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .report(Instant::now())
     }
 
     /// Shutdown, first half: jobs still waiting for a slot end without running (Label Studio
@@ -193,45 +247,69 @@ impl Jobs {
             .insert(key, prediction);
     }
 
-    /// The job for `key`: the running one, or `work` started now (after a slot unless `urgent`).
-    /// Jobs get their slots in the order they were asked for: the first tasks of a bulk request
+    /// The job for `key`: the running one, or `work` started now. An `urgent` job (an
+    /// annotator waits on it) starts at once, at the engine's interactive priority; so does a
+    /// job still waiting for its turn when an urgent request asks for it. Other jobs are bulk
+    /// work: each waits until the `weight` engine requests it makes at once fit in the bulk
+    /// requests in flight ([`bulk_in_flight`]), then runs at the engine's bulk priority.
+    /// Jobs get their turns in the order they were asked for: the first tasks of a bulk request
     /// finish first, so a deadline answers a prefix of them (spawned tasks themselves start in
-    /// no fixed order).
+    /// no fixed order). `work` is given the priority its engine requests are to have.
     fn job(
         &self,
         key: String,
         urgent: bool,
-        work: impl FnOnce() -> BoxFuture<'static, Outcome>,
+        weight: usize,
+        project: Option<i64>,
+        work: impl FnOnce(Priority) -> BoxFuture<'static, Outcome> + Send + 'static,
     ) -> Pending {
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = running.get(&key) {
-            return p.clone();
+        if let Some(r) = running.get(&key) {
+            if urgent {
+                r.promote.notify_one();
+            }
+            return r.pending.clone();
         }
         let (tx, rx) = oneshot::channel::<Outcome>();
         let pending: Pending = rx
             .map(|r| r.unwrap_or_else(|_| Err(Arc::from("the prediction job stopped"))))
             .boxed()
             .shared();
-        running.insert(key.clone(), pending.clone());
+        let promote = Arc::new(Notify::new());
+        running.insert(
+            key.clone(),
+            Running {
+                pending: pending.clone(),
+                promote: promote.clone(),
+            },
+        );
         drop(running);
+        let project = project.unwrap_or(0);
         let jobs = self.clone();
-        let fut = work();
+        let weight = u32::try_from(weight.clamp(1, self.inner.slot_count)).unwrap_or(u32::MAX);
         // Polled once here, the semaphore's waiter queue holds this job's place (it is fair).
-        let mut slot = (!urgent).then(|| self.inner.slots.clone().acquire_owned().boxed());
+        let mut slot =
+            (!urgent).then(|| self.inner.slots.clone().acquire_many_owned(weight).boxed());
         let early = slot.as_mut().and_then(|s| s.now_or_never());
-        if slot.is_some() {
+        let waits = slot.is_some() && early.is_none();
+        if waits {
             self.inner
                 .queued
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        self.update_progress(project, |p, now| p.add(waits, now));
         self.inner.tracker.spawn(async move {
             // A closed semaphore means the service is shutting down: a queued job is not run.
-            let permit = match (early, slot) {
-                (Some(permit), _) => Some(permit),
-                (None, Some(slot)) => Some(slot.await),
-                (None, None) => None,
+            let (permit, promoted) = match (early, slot) {
+                (Some(permit), _) => (Some(permit), false),
+                (None, Some(slot)) => tokio::select! {
+                    biased;
+                    permit = slot => (Some(permit), false),
+                    () = promote.notified() => (None, true),
+                },
+                (None, None) => (None, false),
             };
-            if !urgent {
+            if waits {
                 jobs.inner
                     .queued
                     .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -239,7 +317,15 @@ impl Jobs {
             let outcome = match permit {
                 Some(Err(_closed)) => Err(Arc::from("the ML backend is shutting down")),
                 permit => {
-                    let outcome = fut.await;
+                    if waits {
+                        jobs.update_progress(project, |p, _| p.start());
+                    }
+                    let priority = if urgent || promoted {
+                        Priority::Interactive
+                    } else {
+                        Priority::Bulk
+                    };
+                    let outcome = work(priority).await;
                     drop(permit);
                     outcome
                 }
@@ -252,11 +338,209 @@ impl Jobs {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
-            metrics::counter!("batchlab_ml_tasks_predicted_total", "outcome" => if outcome.is_ok() { "ok" } else { "error" })
+            let ok = outcome.is_ok();
+            jobs.update_progress(project, |p, now| p.finish(ok, now));
+            metrics::counter!("batchlab_ml_tasks_predicted_total", "outcome" => if ok { "ok" } else { "error" })
                 .increment(1);
+            metrics::counter!(
+                "batchlab_ml_project_tasks_finished_total",
+                "project" => project.to_string(),
+                "outcome" => if ok { "done" } else { "failed" }
+            )
+            .increment(1);
             let _ = tx.send(outcome);
         });
         pending
+    }
+
+    /// Applies `change` to `project`'s progress and publishes it as metrics.
+    fn update_progress(&self, project: i64, change: impl FnOnce(&mut ProjectState, Instant)) {
+        let now = Instant::now();
+        let mut progress = self
+            .inner
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let state = progress.project(project, now);
+        change(state, now);
+        state.publish(project, now);
+        progress.forget_idle();
+    }
+}
+
+/// How far back the rate of finished jobs looks.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// One project's prediction jobs, as `/status` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ProjectProgress {
+    /// Jobs waiting for their turn.
+    pub queued: usize,
+    /// Jobs running.
+    pub running: usize,
+    /// Jobs finished with a prediction since the service started.
+    pub done: u64,
+    /// Jobs finished without one since the service started (logged).
+    pub failed: u64,
+    /// Jobs finished per second over the last minute of this run of work (since the project
+    /// last had no job); 0 when it has none.
+    pub tasks_per_second: f64,
+    /// Seconds until the queued and running jobs are done at that rate, when there are some.
+    pub eta_seconds: Option<f64>,
+}
+
+/// Every project's [`ProjectState`], for a bounded number of projects.
+struct Progress {
+    projects: HashMap<i64, ProjectState>,
+    max_projects: usize,
+}
+
+/// One project's counts and the recent finishes its rate is measured over.
+#[derive(Debug)]
+struct ProjectState {
+    queued: usize,
+    running: usize,
+    done: u64,
+    failed: u64,
+    /// When each job finished, within [`RATE_WINDOW`].
+    finished: VecDeque<Instant>,
+    /// When the project last went from no job to some.
+    active_since: Instant,
+    /// Last change.
+    touched: Instant,
+}
+
+impl Progress {
+    fn new(max_projects: usize) -> Progress {
+        Progress {
+            projects: HashMap::new(),
+            max_projects: max_projects.max(1),
+        }
+    }
+
+    fn project(&mut self, project: i64, now: Instant) -> &mut ProjectState {
+        self.projects
+            .entry(project)
+            .or_insert_with(|| ProjectState {
+                queued: 0,
+                running: 0,
+                done: 0,
+                failed: 0,
+                finished: VecDeque::new(),
+                active_since: now,
+                touched: now,
+            })
+    }
+
+    /// Forgets the projects without jobs that changed longest ago while more than
+    /// `max_projects` are kept.
+    fn forget_idle(&mut self) {
+        while self.projects.len() > self.max_projects {
+            let idle = self
+                .projects
+                .iter()
+                .filter(|(_, p)| p.is_idle())
+                .min_by_key(|(_, p)| p.touched)
+                .map(|(id, _)| *id);
+            match idle {
+                Some(id) => {
+                    self.projects.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn report(&mut self, now: Instant) -> BTreeMap<i64, ProjectProgress> {
+        self.projects
+            .iter_mut()
+            .map(|(id, p)| (*id, p.report(now)))
+            .collect()
+    }
+}
+
+impl ProjectState {
+    fn is_idle(&self) -> bool {
+        self.queued == 0 && self.running == 0
+    }
+
+    /// A job asked for: waiting for its turn, or running at once.
+    fn add(&mut self, waits: bool, now: Instant) {
+        if self.is_idle() {
+            self.active_since = now;
+            self.finished.clear();
+        }
+        if waits {
+            self.queued += 1;
+        } else {
+            self.running += 1;
+        }
+        self.touched = now;
+    }
+
+    /// A waiting job got its turn.
+    fn start(&mut self) {
+        self.queued = self.queued.saturating_sub(1);
+        self.running += 1;
+    }
+
+    /// A job ended (a job that never got its turn ends from the queue).
+    fn finish(&mut self, ok: bool, now: Instant) {
+        if self.running > 0 {
+            self.running -= 1;
+        } else {
+            self.queued = self.queued.saturating_sub(1);
+        }
+        if ok {
+            self.done += 1;
+        } else {
+            self.failed += 1;
+        }
+        self.finished.push_back(now);
+        self.touched = now;
+    }
+
+    fn report(&mut self, now: Instant) -> ProjectProgress {
+        while self
+            .finished
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.finished.pop_front();
+        }
+        let window = now
+            .duration_since(self.active_since)
+            .min(RATE_WINDOW)
+            .as_secs_f64()
+            .max(1.0);
+        let tasks_per_second = if self.is_idle() {
+            0.0
+        } else {
+            self.finished.len() as f64 / window
+        };
+        let left = (self.queued + self.running) as f64;
+        ProjectProgress {
+            queued: self.queued,
+            running: self.running,
+            done: self.done,
+            failed: self.failed,
+            tasks_per_second,
+            eta_seconds: (left > 0.0 && tasks_per_second > 0.0).then(|| left / tasks_per_second),
+        }
+    }
+
+    /// Sets the project's gauges: `batchlab_ml_project_tasks{project, state}` (queued,
+    /// running) and `batchlab_ml_project_tasks_per_second{project}` (finished jobs are the
+    /// counter `batchlab_ml_project_tasks_finished_total{project, outcome}`).
+    fn publish(&mut self, project: i64, now: Instant) {
+        let r = self.report(now);
+        let id = project.to_string();
+        metrics::gauge!("batchlab_ml_project_tasks", "project" => id.clone(), "state" => "queued")
+            .set(r.queued as f64);
+        metrics::gauge!("batchlab_ml_project_tasks", "project" => id.clone(), "state" => "running")
+            .set(r.running as f64);
+        metrics::gauge!("batchlab_ml_project_tasks_per_second", "project" => id)
+            .set(r.tasks_per_second);
     }
 }
 
@@ -297,6 +581,7 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
     let context = Arc::new(state.project_context(project, schema, Some(&config)).await);
 
     let fields = config.data_fields();
+    let weight = engine_requests(&config);
     let config = Arc::new(config);
     let urgent = request.tasks.len() <= 1;
     let mut answers: Vec<Option<Value>> = vec![None; request.tasks.len()];
@@ -357,10 +642,13 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
                 priors: state.jobs.priors(),
                 store: state.store.clone(),
                 key: key.clone(),
+                shared_examples: !urgent,
             };
-            let pending = state.jobs.job(key, urgent, move || {
-                async move { run_task(job, data, task_id).await }.boxed()
-            });
+            let pending = state
+                .jobs
+                .job(key, urgent, weight, project, move |priority| {
+                    async move { run_task(job, priority, data, task_id).await }.boxed()
+                });
             entries.push((i, pending));
         }
     }
@@ -412,11 +700,17 @@ struct TaskJob {
     priors: Arc<Priors>,
     store: Option<Store>,
     key: String,
+    /// Shown the examples every task of a bulk request is ([`ExampleSet::shared_for`]) rather
+    /// than the most similar ones.
+    ///
+    /// [`ExampleSet::shared_for`]: batchlab_inference::predict::examples::ExampleSet::shared_for
+    shared_examples: bool,
 }
 
 /// One task's job: the prediction object Label Studio stores, also written to the shared cache.
-#[tracing::instrument(skip_all, fields(task = ?task_id))]
-async fn run_task(job: TaskJob, data: Value, task_id: Option<i64>) -> Outcome {
+/// Its engine requests are queued with `priority`.
+#[tracing::instrument(skip_all, fields(task = ?task_id, ?priority))]
+async fn run_task(job: TaskJob, priority: Priority, data: Value, task_id: Option<i64>) -> Outcome {
     let TaskJob {
         engine,
         config,
@@ -425,13 +719,18 @@ async fn run_task(job: TaskJob, data: Value, task_id: Option<i64>) -> Outcome {
         priors,
         store,
         key,
+        shared_examples,
     } = job;
     let started = Instant::now();
-    let examples = context
-        .examples
-        .most_similar(&config, &data, task_id, options.examples);
+    let examples = if shared_examples {
+        context.examples.shared_for(task_id, options.examples)
+    } else {
+        context
+            .examples
+            .most_similar(&config, &data, task_id, options.examples)
+    };
     let prediction = predict_task(
-        &engine,
+        &engine.with_priority(priority),
         &config,
         &data,
         &examples,
@@ -523,7 +822,9 @@ impl MlState {
     }
 }
 
-/// `GET /status`: whether the model is loaded and how far the predictions are.
+/// `GET /status`: whether the model is loaded and how far the predictions are: the jobs of all
+/// projects together (`predictions`) and each project's (`projects`, by id, 0 when Label
+/// Studio named none: [`ProjectProgress`]).
 pub async fn status(State(state): State<MlState>) -> Json<Value> {
     let model = match state.engine.now() {
         ModelState::Loading => json!({"state": "loading"}),
@@ -532,7 +833,13 @@ pub async fn status(State(state): State<MlState>) -> Json<Value> {
         }
         ModelState::Failed(reason) => json!({"state": "failed", "error": &*reason}),
     };
-    Json(json!({"model": model, "predictions": state.jobs.counts()}))
+    let projects: BTreeMap<String, ProjectProgress> = state
+        .jobs
+        .progress()
+        .into_iter()
+        .map(|(id, p)| (id.to_string(), p))
+        .collect();
+    Json(json!({"model": model, "predictions": state.jobs.counts(), "projects": projects}))
 }
 
 #[cfg(test)]
@@ -543,7 +850,7 @@ mod tests {
     /// fixed order on a multi-threaded runtime: the last spawned often runs first).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_start_in_the_order_they_were_asked_for() {
-        let jobs = Jobs::new(100, 1, 1_000);
+        let jobs = Jobs::new(100, 1, 1_000, 10);
         let started = Arc::new(Mutex::new(Vec::new()));
         // Asked for from a runtime thread, as a request handler does.
         let pending: Vec<Pending> = tokio::spawn({
@@ -552,7 +859,7 @@ mod tests {
                 (0..40)
                     .map(|i| {
                         let started = started.clone();
-                        jobs.job(format!("task {i}"), false, move || {
+                        jobs.job(format!("task {i}"), false, 1, None, move |_| {
                             async move {
                                 started.lock().unwrap().push(i);
                                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -579,12 +886,12 @@ mod tests {
     /// back as jobs finish.
     #[tokio::test]
     async fn pending_jobs_are_bounded() {
-        let jobs = Jobs::new(100, 1, 3);
+        let jobs = Jobs::new(100, 1, 3, 10);
         let (release, hold) = tokio::sync::watch::channel(false);
         let pending: Vec<Pending> = (0..3)
             .map(|i| {
                 let mut hold = hold.clone();
-                jobs.job(format!("held {i}"), false, move || {
+                jobs.job(format!("held {i}"), false, 1, None, move |_| {
                     async move {
                         let _ = hold.wait_for(|released| *released).await;
                         Ok(Arc::new(json!(i)))
@@ -606,5 +913,185 @@ mod tests {
             p.await.unwrap();
         }
         jobs.admit(3).expect("places came back");
+    }
+
+    /// Where held jobs say that they started, and at which priority.
+    type Ran = tokio::sync::mpsc::UnboundedSender<(String, Priority)>;
+
+    /// A job that waits until `hold` is released, saying when it starts and at which priority.
+    fn held(
+        jobs: &Jobs,
+        key: &str,
+        urgent: bool,
+        weight: usize,
+        hold: &tokio::sync::watch::Receiver<bool>,
+        ran: &Ran,
+    ) -> Pending {
+        let (mut hold, ran, name) = (hold.clone(), ran.clone(), key.to_string());
+        jobs.job(key.into(), urgent, weight, Some(7), move |priority| {
+            async move {
+                let _ = ran.send((name, priority));
+                let _ = hold.wait_for(|released| *released).await;
+                Ok(Arc::new(json!(priority == Priority::Interactive)))
+            }
+            .boxed()
+        })
+    }
+
+    /// Bulk jobs keep the engine's batch full: with the default configuration as many tasks
+    /// run at once as fill the places the engine gives bulk work (each task counted in the
+    /// engine requests it makes), not a constant of their own; a bigger batch runs more, a
+    /// small engine queue fewer.
+    #[tokio::test]
+    async fn bulk_tasks_in_flight_follow_the_engines_batch_and_queue() {
+        let config = batchlab_core::config::Config::default();
+        let state = crate::MlState::new(config.clone()).unwrap();
+        let engine = batchlab_inference::engine_config(&config.engine);
+        // A candidate-evaluation task: one scoring request and one generation.
+        let weight = 2;
+        let (release, hold) = tokio::sync::watch::channel(false);
+        let (ran, _started) = tokio::sync::mpsc::unbounded_channel();
+        let pending: Vec<Pending> = (0..60)
+            .map(|i| {
+                held(
+                    &state.jobs,
+                    &format!("bulk {i}"),
+                    false,
+                    weight,
+                    &hold,
+                    &ran,
+                )
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let counts = state.jobs.counts();
+        let running = counts.pending - counts.queued;
+        assert!(
+            running * weight >= engine.bulk_batch(),
+            "{running} tasks of {weight} requests do not fill the {} bulk places of a batch of {}: {counts:?}",
+            engine.bulk_batch(),
+            engine.max_batch
+        );
+        assert!(
+            running * weight <= counts.bulk_requests_limit
+                && counts.bulk_requests_limit < engine.max_queue,
+            "{counts:?}"
+        );
+        // The next task in line holds the places already freed (the semaphore hands them out
+        // in order), so the count may pass the running tasks' share.
+        assert!(
+            (running * weight..=counts.bulk_requests_limit)
+                .contains(&counts.bulk_requests_in_flight),
+            "{counts:?}"
+        );
+        release.send(true).unwrap();
+        for p in pending {
+            assert_eq!(
+                *p.await.unwrap(),
+                json!(false),
+                "bulk work runs at bulk priority"
+            );
+        }
+        let mut big = config.engine.clone();
+        big.max_batch = 64;
+        assert!(bulk_in_flight(&big) > bulk_in_flight(&config.engine));
+        let mut small_queue = config.engine.clone();
+        small_queue.max_queue = 8;
+        assert_eq!(bulk_in_flight(&small_queue), 4);
+    }
+
+    /// A single task (an annotator opening it) starts at once at interactive priority while
+    /// bulk work fills every turn, and so does a queued bulk task when an annotator opens it.
+    #[tokio::test]
+    async fn an_annotators_task_jumps_queued_bulk_work() {
+        let jobs = Jobs::new(100, 2, 1_000, 10);
+        let (release, hold) = tokio::sync::watch::channel(false);
+        let (ran, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let bulk: Vec<Pending> = (0..6)
+            .map(|i| held(&jobs, &format!("bulk {i}"), false, 1, &hold, &ran))
+            .collect();
+        for _ in 0..2 {
+            let (_, priority) = started.recv().await.unwrap();
+            assert_eq!(priority, Priority::Bulk);
+        }
+        assert_eq!(jobs.counts().queued, 4, "{:?}", jobs.counts());
+        // Neither waits for the held bulk work (a hang here is the failure; the limit only
+        // keeps a broken build from waiting forever).
+        let (_, free) = tokio::sync::watch::channel(true);
+        let opened = held(&jobs, "opened", true, 2, &free, &ran);
+        let again = held(&jobs, "bulk 5", true, 1, &free, &ran);
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while seen.len() < 2 {
+                seen.push(started.recv().await.unwrap());
+            }
+        })
+        .await
+        .expect("the annotator's tasks never started while bulk work was held");
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("bulk 5".to_string(), Priority::Interactive),
+                ("opened".to_string(), Priority::Interactive)
+            ],
+            "both at once, at interactive priority"
+        );
+        assert_eq!(*opened.await.unwrap(), json!(true));
+        assert_eq!(jobs.counts().queued, 3, "{:?}", jobs.counts());
+        release.send(true).unwrap();
+        assert_eq!(*again.await.unwrap(), json!(true));
+        for p in bulk {
+            p.await.unwrap();
+        }
+        assert_eq!(jobs.counts().pending, 0);
+    }
+
+    /// A project's progress: queued, running, done, failed and a rate while work is pending.
+    #[tokio::test]
+    async fn project_progress_counts_queued_running_done_and_failed() {
+        let jobs = Jobs::new(100, 2, 1_000, 10);
+        let (release, hold) = tokio::sync::watch::channel(false);
+        let (ran, _started) = tokio::sync::mpsc::unbounded_channel();
+        let first: Vec<Pending> = (0..2)
+            .map(|i| held(&jobs, &format!("first {i}"), false, 1, &hold, &ran))
+            .collect();
+        let failing = jobs.job("failing".into(), false, 1, Some(7), |_| {
+            async { Err(Arc::from("no")) }.boxed()
+        });
+        let (_, go) = tokio::sync::watch::channel(true);
+        let rest: Vec<Pending> = (0..3)
+            .map(|i| held(&jobs, &format!("rest {i}"), false, 1, &go, &ran))
+            .collect();
+        tokio::task::yield_now().await;
+        let p = jobs.progress()[&7];
+        assert_eq!(
+            (p.queued, p.running, p.done, p.failed),
+            (4, 2, 0, 0),
+            "{p:?}"
+        );
+        assert_eq!(p.eta_seconds, None, "no rate yet");
+        release.send(true).unwrap();
+        for f in first {
+            f.await.unwrap();
+        }
+        failing.await.unwrap_err();
+        let p = jobs.progress()[&7];
+        assert_eq!(
+            p.done + p.failed + (p.queued + p.running) as u64,
+            6,
+            "{p:?}"
+        );
+        assert_eq!(p.failed, 1, "{p:?}");
+        for r in rest {
+            r.await.unwrap();
+        }
+        let p = jobs.progress()[&7];
+        assert_eq!(
+            (p.queued, p.running, p.done, p.failed),
+            (0, 0, 5, 1),
+            "{p:?}"
+        );
+        assert_eq!(p.tasks_per_second, 0.0, "idle");
     }
 }

@@ -209,7 +209,8 @@ async fn shutdown_finishes_running_jobs_into_the_store_and_drops_queued_ones() {
     let db = batchlab_core::testing::TestDb::sqlite().await;
     let mut c = config();
     c.ml_backend.predict_deadline_seconds = 0.0;
-    c.ml_backend.concurrent_tasks = 1;
+    // One bulk task at a time (the tasks in flight follow the engine's batch).
+    c.engine.max_batch = 1;
     let state = MlState::new(c.clone())
         .unwrap()
         .with_model(EngineSlot::ready(engine()))
@@ -268,6 +269,95 @@ async fn shutdown_finishes_running_jobs_into_the_store_and_drops_queued_ones() {
         "queued jobs were not started at shutdown, yet all {n} were predicted: {again}"
     );
     db.cleanup().await;
+}
+
+/// Retrieve Predictions over many tasks while an annotator opens another: the opened task is
+/// answered while the bulk work is still queued (it goes ahead of it, in this service and in
+/// the engine), and `/status` shows the project's progress until the bulk work is done.
+#[tokio::test]
+async fn an_opened_task_is_answered_while_bulk_work_is_queued() {
+    let base = serve(config()).await;
+    let client = reqwest::Client::new();
+    let status = || async {
+        client
+            .get(format!("{base}/status"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let mut body = fixture("12-ml-predict.json");
+    let task = body["tasks"][0].clone();
+    let n = 30;
+    body["tasks"] = Value::Array(
+        (0..n)
+            .map(|i| {
+                let mut t = task.clone();
+                t["id"] = json!(2000 + i);
+                t["data"]["name"] = json!(format!("Bulk Candidate {i}"));
+                t
+            })
+            .collect(),
+    );
+    let bulk = tokio::spawn({
+        let (base, body) = (base.clone(), body.clone());
+        async move { post(&base, "/predict", &body).await }
+    });
+    // Wait until the bulk request's jobs are in (some running, the rest queued).
+    loop {
+        let s = status().await;
+        if s["predictions"]["queued"].as_u64().unwrap() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut opened = body.clone();
+    let mut one = task.clone();
+    one["data"]["name"] = json!("Opened Candidate");
+    opened["tasks"] = json!([one]);
+    let (code, answer) = post(&base, "/predict", &opened).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer["results"][0]["result"].is_array(), "{answer}");
+    let s = status().await;
+    let projects = s["projects"].as_object().unwrap();
+    assert_eq!(projects.len(), 1, "{s}");
+    let (_, p) = projects.iter().next().unwrap();
+    let left = p["queued"].as_u64().unwrap() + p["running"].as_u64().unwrap();
+    assert!(
+        left > 0,
+        "the opened task waited for the whole bulk request: {s}"
+    );
+    assert!(p["done"].as_u64().unwrap() >= 1, "{s}");
+
+    // The bulk request answers what is done by its deadline; the rest finish into the cache.
+    let (code, answer) = bulk.await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    let progress = loop {
+        let s = status().await;
+        let p = s["projects"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+        if p["queued"] == 0 && p["running"] == 0 {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(progress["done"].as_u64(), Some(n + 1), "{progress}");
+    let (_, again) = post(&base, "/predict", &body).await;
+    assert!(
+        again["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["result"].is_array()),
+        "{again}"
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,11 @@
 //! arriving by webhook) become few-shot examples. For each task the prompt shows the examples
 //! whose text is most similar to the task's, and the set's fingerprint is part of the model
 //! version, so Label Studio asks for new predictions exactly when the set changes.
+//!
+//! Bulk requests show every task the same examples instead ([`ExampleSet::shared`]): the
+//! prompts of all tasks then start the same way (system prompt, examples, question) and differ
+//! only in the task, so the engine computes that shared part once and reuses it from its prompt
+//! cache, and the content-free calibration of every task is the same question, asked once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,7 +38,13 @@ pub struct ExampleSet {
     examples: Vec<Example>,
     words: Vec<HashSet<String>>,
     fingerprint: u32,
+    /// Indices of `examples` in the order [`ExampleSet::shared`] takes them.
+    shared_order: Vec<usize>,
 }
+
+/// Examples whose similarity to the others decides how representative each is: more would cost
+/// quadratic time for a large project's ground truth without changing the order much.
+const REPRESENTATIVE_SAMPLE: usize = 200;
 
 impl ExampleSet {
     /// Loads the valid ground truth (newest per task) of project `project_id` of Label Studio
@@ -79,10 +90,11 @@ impl ExampleSet {
             ));
         }
         let h = fnv1a64(key.as_bytes());
-        let words = examples
+        let words: Vec<HashSet<String>> = examples
             .iter()
             .map(|e| words(&task_text(config, &e.data)))
             .collect();
+        let shared_order = shared_order(&examples, &words);
         ExampleSet {
             examples,
             words,
@@ -91,7 +103,36 @@ impl ExampleSet {
             } else {
                 (h ^ (h >> 32)) as u32
             },
+            shared_order,
         }
+    }
+
+    /// The `k` examples every task of a bulk request is shown, in the order the prompt shows
+    /// them: one example per distinct answer first (so that a handful of examples still shows
+    /// the model the range of answers), the most representative answer first, then the rest
+    /// by how representative they are (mean similarity to the other examples); ties by task
+    /// id. Depends on the set alone, so it is the same for every request while the set (and
+    /// so the `model_version`) is.
+    ///
+    /// A task that is one of these examples itself is shown the next one instead of itself
+    /// ([`ExampleSet::shared_for`]).
+    pub fn shared(&self, k: usize) -> Vec<&Example> {
+        self.shared_order
+            .iter()
+            .take(k)
+            .map(|&i| &self.examples[i])
+            .collect()
+    }
+
+    /// [`ExampleSet::shared`] for the task `task_id`: the same `k` examples, except that the
+    /// task itself, when it is one of them, is replaced by the next one in the order.
+    pub fn shared_for(&self, task_id: Option<i64>, k: usize) -> Vec<&Example> {
+        self.shared_order
+            .iter()
+            .map(|&i| &self.examples[i])
+            .filter(|e| Some(e.task_id) != task_id)
+            .take(k)
+            .collect()
     }
 
     /// No examples.
@@ -138,6 +179,36 @@ impl ExampleSet {
             .map(|(_, i)| &self.examples[i])
             .collect()
     }
+}
+
+/// The order of [`ExampleSet::shared`]: by representativeness (mean Jaccard similarity to a
+/// sample of the other examples, ties by task id), with the first example of each distinct
+/// answer moved to the front.
+fn shared_order(examples: &[Example], words: &[HashSet<String>]) -> Vec<usize> {
+    let sample: Vec<usize> = (0..examples.len())
+        .step_by(examples.len().div_ceil(REPRESENTATIVE_SAMPLE).max(1))
+        .collect();
+    let centrality: Vec<f64> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let others = sample.iter().filter(|&&j| j != i);
+            let (sum, n) = others.fold((0.0, 0usize), |(sum, n), &j| {
+                let inter = w.intersection(&words[j]).count() as f64;
+                let union = w.union(&words[j]).count().max(1) as f64;
+                (sum + inter / union, n + 1)
+            });
+            sum / n.max(1) as f64
+        })
+        .collect();
+    // Examples are sorted by task id, so the index breaks ties by task id.
+    let mut by_centrality: Vec<usize> = (0..examples.len()).collect();
+    by_centrality.sort_by(|&a, &b| centrality[b].total_cmp(&centrality[a]).then(a.cmp(&b)));
+    let mut seen = HashSet::new();
+    let (first, rest): (Vec<usize>, Vec<usize>) = by_centrality
+        .into_iter()
+        .partition(|&i| seen.insert(examples[i].result.to_string()));
+    first.into_iter().chain(rest).collect()
 }
 
 /// Lower-cased words of three or more letters or digits: what similarity compares.
@@ -198,6 +269,45 @@ mod tests {
             3,
         );
         assert!(got.iter().all(|e| e.task_id != 2) && got.len() == 2);
+    }
+
+    /// A bulk request's tasks are all shown the same examples, one per answer first; a task
+    /// that is one of them is shown the next instead of itself.
+    #[test]
+    fn shared_examples_are_the_same_for_every_task_and_cover_the_answers() {
+        let config = LabelConfig::parse(CONFIG).unwrap();
+        let set = ExampleSet::new(
+            vec![
+                example(
+                    1,
+                    "Who was the first president of the United States ?",
+                    "human",
+                ),
+                example(
+                    2,
+                    "Who was the second president of the United States ?",
+                    "human",
+                ),
+                example(
+                    3,
+                    "Who was the third president of the United States ?",
+                    "human",
+                ),
+                example(4, "Where is the Eiffel Tower ?", "location"),
+            ],
+            &config,
+        );
+        let shared: Vec<i64> = set.shared(2).iter().map(|e| e.task_id).collect();
+        assert_eq!(shared.len(), 2);
+        assert!(shared.contains(&4), "both answers are shown: {shared:?}");
+        for task in [None, Some(100), Some(200)] {
+            let got: Vec<i64> = set.shared_for(task, 2).iter().map(|e| e.task_id).collect();
+            assert_eq!(got, shared, "the same examples for every task");
+        }
+        let own = set.shared_for(Some(shared[0]), 2);
+        assert!(own.iter().all(|e| e.task_id != shared[0]) && own.len() == 2);
+        assert_eq!(set.shared(10).len(), 4);
+        assert!(ExampleSet::default().shared(4).is_empty());
     }
 
     #[test]

@@ -206,6 +206,19 @@ fn candidates(control: &ControlTag) -> Option<Vec<String>> {
     }
 }
 
+/// How many engine requests [`predict_task`] has in flight at once for a task of `config`:
+/// one scoring request for all the scored controls (when there is one), and one generation per
+/// other control. Each takes a place in the engine's batch, so whoever keeps tasks in flight
+/// counts them in these.
+pub fn engine_requests(config: &LabelConfig) -> usize {
+    let scored = config
+        .controls
+        .iter()
+        .filter(|c| candidates(c).is_some())
+        .count();
+    usize::from(scored > 0) + (config.controls.len() - scored)
+}
+
 /// The most spans one `Labels` answer lists.
 const MAX_SPANS: usize = 16;
 
@@ -627,6 +640,26 @@ fn json_list(generated: &str) -> Option<Vec<Value>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn engine_requests_count_one_scoring_request_and_each_generation() {
+        let candidate = LabelConfig::parse(include_str!(
+            "../../../../config/label-configs/candidate-evaluation.xml"
+        ))
+        .unwrap();
+        // Three scored controls in one scoring request, one TextArea generated.
+        assert_eq!(engine_requests(&candidate), 2);
+        let choices = LabelConfig::parse(
+            r#"<View><Text name="text" value="$text"/><Choices name="c" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>"#,
+        )
+        .unwrap();
+        assert_eq!(engine_requests(&choices), 1);
+        let text = LabelConfig::parse(
+            r#"<View><Text name="text" value="$text"/><TextArea name="a" toName="text"/><TextArea name="b" toName="text"/></View>"#,
+        )
+        .unwrap();
+        assert_eq!(engine_requests(&text), 2);
+    }
 
     /// The template filler as it was (a search for `}` from every `{`), kept as the reference.
     fn fill_reference(template: &str, value: impl Fn(&str) -> Option<String>) -> String {
