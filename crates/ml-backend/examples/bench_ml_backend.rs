@@ -209,6 +209,7 @@ async fn ground_truth(store: &Store, project: i64, config: &str, examples: &[(St
     use batchlab_core::store::{AnnotationRow, NewWebhookEvent, TaskRow};
     let (event, _) = store
         .insert_webhook_event(&NewWebhookEvent {
+            instance: "default",
             delivery_key: "bench",
             action: "ANNOTATION_CREATED",
             project_id: Some(project),
