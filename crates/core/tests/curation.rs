@@ -574,17 +574,11 @@ async fn outcome_of(store: &Store, event_id: i64) -> String {
         .expect("the event was processed")
 }
 
-/// The reported case: Label Studio re-created with a fresh database while batchlab kept its
-/// own. Old project 1 had annotations 100–105, since deleted (batchlab holds their tombstones);
-/// the new instance's project 5 hands out ids 100–105 again, on tasks of its own. Each of the six
-/// is kept as a conflict with its reason (before, the tombstones swallowed them without a word),
-/// shown in project 5's status, counted, and project 1 is left exactly as it was.
-async fn reused_ids_of_deleted_annotations_are_conflicts(store: Store) {
-    let _metric = CONFLICT_METRIC.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let c = curation(&store, dir.path(), vec![]);
+/// The first Label Studio of the reported case, applied: project 1 with annotation 99 on task 9,
+/// and 100–105 on tasks 10–15 created (seven valid at once: a milestone of 3 is reached) and
+/// then deleted (batchlab keeps their tombstones).
+async fn old_project_with_deleted_annotations(c: &Curation) {
     c.ingest(&project_created(1)).await.unwrap();
-    // Project 1: annotation 99 on task 9 stays; 100–105 on tasks 10–15 are deleted.
     for id in 99..=105 {
         let body = annotation_event(
             "ANNOTATION_CREATED",
@@ -596,8 +590,21 @@ async fn reused_ids_of_deleted_annotations_are_conflicts(store: Store) {
         );
         c.ingest(&body).await.unwrap();
     }
+    drain(c).await;
     c.ingest(&annotations_deleted(1, 100..=105)).await.unwrap();
-    drain(&c).await;
+    drain(c).await;
+}
+
+/// The reported case: Label Studio re-created with a fresh database while batchlab kept its
+/// own. Old project 1 had annotations 100–105, since deleted (batchlab holds their tombstones);
+/// the new instance's project 5 hands out ids 100–105 again, on tasks of its own. Each of the six
+/// is kept as a conflict with its reason (before, the tombstones swallowed them without a word),
+/// shown in project 5's status, counted, and project 1 is left exactly as it was.
+async fn reused_ids_of_deleted_annotations_are_conflicts(store: Store) {
+    let _metric = CONFLICT_METRIC.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    old_project_with_deleted_annotations(&c).await;
     let before = c.status(1).await.unwrap();
     assert_eq!(
         (before.counts.tasks, before.counts.annotations),
@@ -951,24 +958,7 @@ async fn a_reused_annotation_id_with_another_creation_time_is_a_conflict(store: 
 async fn the_same_ids_in_two_instances_are_two_namespaces(store: Store) {
     let dir = tempfile::tempdir().unwrap();
     let first = curation(&store, dir.path(), vec![3]);
-    first.ingest(&project_created(1)).await.unwrap();
-    for id in 99..=105 {
-        let body = annotation_event(
-            "ANNOTATION_CREATED",
-            1,
-            id - 90,
-            id,
-            "2025-03-01T10:00:00Z",
-            "a",
-        );
-        first.ingest(&body).await.unwrap();
-    }
-    drain(&first).await;
-    first
-        .ingest(&annotations_deleted(1, 100..=105))
-        .await
-        .unwrap();
-    drain(&first).await;
+    old_project_with_deleted_annotations(&first).await;
     let before = first.status(1).await.unwrap();
     assert_eq!((before.counts.tasks, before.counts.annotations), (7, 1));
 

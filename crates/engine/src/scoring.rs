@@ -100,17 +100,7 @@ impl Scheduler {
             let mut segments = prefill_segments(caches, tokens, &state.fed, &plan);
             self.model.forward(&mut segments).map_err(inference)?
         };
-        for (&(i, n), logits) in plan.iter().zip(out) {
-            state.fed[i] += n;
-            if let Some(l) = logits {
-                state.last[i] = Some(
-                    l.squeeze(0)
-                        .and_then(|l| l.to_vec1::<f32>())
-                        .map_err(inference)?,
-                );
-            }
-        }
-        let rows = planned_rows(&plan);
+        let rows = state.absorb(&plan, out)?;
         self.metrics.prompt_tokens.increment(rows as u64);
         Ok(rows)
     }
@@ -308,17 +298,7 @@ impl Scheduler {
         let rows = match &mut s.stage {
             Stage::Prefix(state) | Stage::Rests(state) => {
                 let plan = std::mem::take(&mut s.plan);
-                for (&(i, n), logits) in plan.iter().zip(out) {
-                    state.fed[i] += n;
-                    if let Some(l) = logits {
-                        state.last[i] = Some(
-                            l.squeeze(0)
-                                .and_then(|l| l.to_vec1::<f32>())
-                                .map_err(inference)?,
-                        );
-                    }
-                }
-                let rows = planned_rows(&plan);
+                let rows = state.absorb(&plan, out)?;
                 self.metrics.prompt_tokens.increment(rows as u64);
                 rows
             }
@@ -611,6 +591,27 @@ impl Prefill {
             fed: vec![0; n],
             last: vec![None; n],
         }
+    }
+
+    /// Records what a pass of `plan` (sequence, tokens fed) gave back, in the plan's order: the
+    /// tokens fed, and the last-position logits of the sequences it asked them of; answers the
+    /// rows (tokens) it ran.
+    fn absorb(
+        &mut self,
+        plan: &[(usize, usize)],
+        out: Vec<Option<Tensor>>,
+    ) -> Result<usize, EngineError> {
+        for (&(i, n), logits) in plan.iter().zip(out) {
+            self.fed[i] += n;
+            if let Some(l) = logits {
+                self.last[i] = Some(
+                    l.squeeze(0)
+                        .and_then(|l| l.to_vec1::<f32>())
+                        .map_err(inference)?,
+                );
+            }
+        }
+        Ok(planned_rows(plan))
     }
 
     /// Whether every one of `tokens` is fed.
