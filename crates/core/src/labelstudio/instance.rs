@@ -50,11 +50,6 @@ impl Instance {
         Ok(Instance(name.into()))
     }
 
-    /// The default instance ([`Instance::DEFAULT`]).
-    pub fn default_instance() -> Instance {
-        Instance(Self::DEFAULT.into())
-    }
-
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -67,8 +62,9 @@ impl Instance {
 }
 
 impl Default for Instance {
+    /// The default instance ([`Instance::DEFAULT`]).
     fn default() -> Self {
-        Instance::default_instance()
+        Instance(Self::DEFAULT.into())
     }
 }
 
