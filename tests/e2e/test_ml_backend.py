@@ -9,7 +9,10 @@
    (the ML backend puts the most similar ones into its prompts, and its `model_version` changes
    so Label Studio asks again). The numbers are printed and written to
    `$BATCHLAB_REPORT_DIR/trec-agreement.json` when that is set.
-3. The ML backend's OpenAI-compatible chat endpoint with the `openai` package's structured-output
+3. Bulk predictions (issue 22): Retrieve Predictions over 300 TREC tasks whose prompts carry
+   few-shot examples completes in fewer requests than a backend working one task at a time
+   would need, at the one-at-a-time rate measured first in the same test.
+4. The ML backend's OpenAI-compatible chat endpoint with the `openai` package's structured-output
    helper: `client.chat.completions.parse(response_format=<pydantic model>)` gets an instance of
    the model back, from the 135M model.
 """
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -155,39 +159,54 @@ def agreement(all_tasks: dict[int, dict], gold: dict[int, str], version: str) ->
             "predicted": {label: sum(p == label for p in predicted.values()) for label in TREC_LABELS}}  # fmt: skip
 
 
+def trec_project(ls, api: str, ml_port: int, title: str, rows: list[dict]) -> tuple[int, list[int]]:
+    """A TREC project in Label Studio with batchlab-api's webhook and the ML backend connected,
+    and `rows` imported as tasks (the question only: the gold label stays with the test)."""
+    project = ls.ok("POST", "/api/projects/", {"title": title, "label_config": TREC_CONFIG})["id"]
+    ls.ok("POST", "/api/webhooks/", {"project": project, "url": f"{api}/v1/webhooks/label-studio", "send_payload": True,
+                                     "send_for_all_actions": True, "headers": {"X-Batchlab-Secret": SECRET}})  # fmt: skip
+    backend = ls.ok("POST", "/api/ml/", {"url": f"http://127.0.0.1:{ml_port}", "project": project, "title": "batchlab"})
+    assert backend["state"] == "CO", backend
+    ids = ls.ok("POST", f"/api/projects/{project}/import?return_task_ids=true",
+                [{"data": {"text": r["text"], "row": i}} for i, r in enumerate(rows)])["task_ids"]  # fmt: skip
+    assert len(ids) == len(rows)
+    return project, ids
+
+
+def annotate_ground_truth(ls, api: str, ml_port: int, project: int, labels: dict[int, str]) -> str:
+    """Annotates each task of `labels` with its label as ground truth, waits until batchlab-api
+    has recorded them all and the ML backend's version has changed; answers the new version."""
+    before = ml_version(ml_port, TREC_CONFIG, project)
+    for task_id, label in labels.items():
+        regions = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+        ls.ok("POST", f"/api/tasks/{task_id}/annotations/", {"result": regions, "was_cancelled": False,
+                                                             "ground_truth": True})  # fmt: skip
+    # Label Studio delivers the webhooks in the background: the examples (and so the version)
+    # are complete once batchlab-api has recorded them all. Reading the version before that could
+    # catch an intermediate one (seen: 19 of 20) that Label Studio's later /setup never asks for.
+    deadline = time.monotonic() + 60
+    while json_request(f"{api}/v1/label-studio/projects/{project}")[1].get("counts", {}).get("ground_truth") != len(labels):
+        assert time.monotonic() < deadline, f"batchlab-api never recorded the {len(labels)} ground-truth annotations"
+        time.sleep(0.5)
+    while (version := ml_version(ml_port, TREC_CONFIG, project)) == before:
+        assert time.monotonic() < deadline, f"{len(labels)} ground-truth annotations never changed the model version"
+        time.sleep(0.5)
+    return version
+
+
 def test_trec_agreement_zero_shot_and_after_ground_truth(ml_stack, label_studio):
     stack, ml, ml_port = ml_stack
     ls = label_studio
     api = f"http://127.0.0.1:{stack.api_port}"
     rows = [json.loads(line) for line in TREC.read_text().splitlines()[:120]]
-    project = ls.ok("POST", "/api/projects/", {"title": "TREC agreement", "label_config": TREC_CONFIG})["id"]
-    ls.ok("POST", "/api/webhooks/", {"project": project, "url": f"{api}/v1/webhooks/label-studio", "send_payload": True,
-                                     "send_for_all_actions": True, "headers": {"X-Batchlab-Secret": SECRET}})  # fmt: skip
-    backend = ls.ok("POST", "/api/ml/", {"url": f"http://127.0.0.1:{ml_port}", "project": project, "title": "batchlab"})
-    assert backend["state"] == "CO", backend
-    # Only the question goes into the task; the gold label stays with the test.
-    ids = ls.ok("POST", f"/api/projects/{project}/import?return_task_ids=true",
-                [{"data": {"text": r["text"], "row": i}} for i, r in enumerate(rows)])["task_ids"]  # fmt: skip
+    project, ids = trec_project(ls, api, ml_port, "TREC agreement", rows)
     examples, evaluated = ids[:20], ids[20:]
     gold = {task_id: rows[20 + k]["label"] for k, task_id in enumerate(evaluated)}
 
     zero_version = ml_version(ml_port, TREC_CONFIG, project)
     zero = agreement(predict_until_done(ls, project, evaluated, zero_version), gold, zero_version)
 
-    for k, task_id in enumerate(examples):
-        regions = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [rows[k]["label"]]}}]
-        ls.ok("POST", f"/api/tasks/{task_id}/annotations/", {"result": regions, "was_cancelled": False,
-                                                             "ground_truth": True})  # fmt: skip
-    # Label Studio delivers the webhooks in the background: the examples (and so the version)
-    # are complete once batchlab-api has recorded all 20. Reading the version before that could
-    # catch an intermediate one (seen: 19 of 20) that Label Studio's later /setup never asks for.
-    deadline = time.monotonic() + 60
-    while json_request(f"{api}/v1/label-studio/projects/{project}")[1].get("counts", {}).get("ground_truth") != 20:
-        assert time.monotonic() < deadline, "batchlab-api never recorded the 20 ground-truth annotations"
-        time.sleep(0.5)
-    while (few_version := ml_version(ml_port, TREC_CONFIG, project)) == zero_version:
-        assert time.monotonic() < deadline, "20 ground-truth annotations never changed the model version"
-        time.sleep(0.5)
+    few_version = annotate_ground_truth(ls, api, ml_port, project, {t: rows[k]["label"] for k, t in enumerate(examples)})
     few = agreement(predict_until_done(ls, project, evaluated, few_version), gold, few_version)
 
     report = {"zero_shot": {"model_version": zero_version, **zero}, "ground_truth_20": {"model_version": few_version, **few}}
@@ -198,6 +217,59 @@ def test_trec_agreement_zero_shot_and_after_ground_truth(ml_stack, label_studio)
     # the rows (at most 34/100 for the commonest class here, with a macro-F1 near 0.1).
     assert few["macro_f1"] > 0.17, report
     assert max(few["predicted"].values()) < 100, report
+
+
+def test_bulk_retrieve_predictions_takes_fewer_requests_than_one_task_at_a_time(ml_stack, label_studio):
+    """Issue 22: Retrieve Predictions over 300 tasks whose prompts carry few-shot examples.
+
+    The baseline is measured here, on the same service and model version: tasks sent one per
+    /predict, one after another (fresh questions, so no cache answers them). At that rate, a
+    backend working one task at a time would need `ceil(300 / (rate x seconds per request))`
+    Retrieve Predictions requests of the length Label Studio's really took; the bulk path must
+    need fewer. Each request answers what is done by the deadline and the rest continue into
+    the cache, so the requests are sent back to back, with no pause between them.
+    """
+    stack, ml, ml_port = ml_stack
+    ls = label_studio
+    api = f"http://127.0.0.1:{stack.api_port}"
+    rows = [json.loads(line) for line in TREC.read_text().splitlines()]
+    bulk_rows, example_rows, baseline_rows = rows[:300], rows[300:320], rows[320:350]
+    project, ids = trec_project(ls, api, ml_port, "TREC bulk", example_rows + bulk_rows)
+    examples, bulk = ids[:20], ids[20:]
+    version = annotate_ground_truth(ls, api, ml_port, project, {t: example_rows[k]["label"] for k, t in enumerate(examples)})
+
+    started = time.monotonic()
+    for k, row in enumerate(baseline_rows):
+        code, doc = json_request(f"http://127.0.0.1:{ml_port}/predict", "POST", {
+            "tasks": [{"id": 10_000_000 + k, "data": {"text": row["text"], "row": 320 + k}}],
+            "project": f"{project}.0", "label_config": TREC_CONFIG}, timeout=150)  # fmt: skip
+        assert code == 200, (code, doc)
+        (prediction,) = doc["results"]
+        assert prediction.get("result") and prediction["model_version"] == version, prediction
+    one_rate = len(baseline_rows) / (time.monotonic() - started)
+
+    rounds, bulk_seconds = 0, 0.0
+    missing = bulk
+    while missing:
+        rounds += 1
+        assert rounds <= 60, f"{len(missing)} tasks still without a prediction after 60 requests"
+        started = time.monotonic()
+        retrieve_predictions(ls, project, bulk)
+        bulk_seconds += time.monotonic() - started
+        all_tasks = tasks(ls, project)
+        missing = [i for i in bulk if not current(all_tasks[i], version)]
+    per_request = bulk_seconds / rounds
+    one_at_a_time_requests = math.ceil(len(bulk) / (one_rate * per_request))
+    _, status = json_request(f"http://127.0.0.1:{ml_port}/status")
+    progress = status["projects"][str(project)]
+    report = {"tasks": len(bulk), "requests": rounds, "seconds_per_request": round(per_request, 2),
+              "tasks_per_second": round(len(bulk) / bulk_seconds, 2), "one_at_a_time_tasks_per_second": round(one_rate, 2),
+              "one_at_a_time_requests": one_at_a_time_requests, "progress": progress}  # fmt: skip
+    print("\nRetrieve Predictions, 300 TREC tasks with 20 ground-truth examples:\n" + json.dumps(report, indent=2))
+    assert rounds < one_at_a_time_requests, report
+    # /status counted the project's jobs: every bulk task (and the baseline's) done, none failed.
+    assert progress["done"] >= len(bulk) + len(baseline_rows) and progress["failed"] == 0, report
+    assert progress["queued"] == 0 and progress["running"] == 0, report
 
 
 class Candidate(BaseModel):
