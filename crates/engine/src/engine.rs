@@ -16,6 +16,7 @@ use crate::error::load_err;
 use crate::guidance::Guidance;
 use crate::loading::{load_parts, Loaded};
 use crate::metrics::EngineMetrics;
+use crate::request::{MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS};
 use crate::sampling;
 use crate::scheduler::{Job, Work};
 use crate::scoring;
@@ -23,7 +24,7 @@ use crate::template::ChatTemplate;
 use crate::tokenizer::GgufTokenizer;
 use crate::{
     ChatMessage, ChatRequest, ChoiceQuestion, ChoiceScores, Completion, CompletionRequest,
-    EngineConfig, EngineError, Priority, SamplingParams, TokenQuestion,
+    EmbedInput, Embedding, EngineConfig, EngineError, Priority, SamplingParams, TokenQuestion,
 };
 
 /// A loaded model, ready to serve requests. Cheap to clone; all clones share one model thread,
@@ -61,6 +62,8 @@ struct Inner {
     /// Most candidates in one scoring request
     /// ([`RequestLimits::max_candidates`](crate::RequestLimits::max_candidates)).
     max_candidates: usize,
+    /// Length of an embedding (the model's hidden size).
+    dimensions: usize,
     metrics: Arc<EngineMetrics>,
 }
 
@@ -98,6 +101,7 @@ impl Engine {
         } = load_parts(&config)?;
         let eos = scheduler.eos.clone();
         let metrics = scheduler.metrics.clone();
+        let dimensions = scheduler.model.hidden_size();
         let (tx, rx) = mpsc::channel(config.max_queue.max(1));
         std::thread::Builder::new()
             .name("batchlab-model".into())
@@ -118,6 +122,7 @@ impl Engine {
                 admitted: AtomicUsize::new(0),
                 capacity: config.max_queue.max(1),
                 max_candidates: config.limits.max_candidates,
+                dimensions,
                 metrics,
             }),
             priority: Priority::default(),
@@ -302,6 +307,67 @@ impl Engine {
         }
         let (reply, rx) = oneshot::channel();
         let _admission = self.enqueue("score", Work::Score { questions, reply })?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Length of the vectors [`Engine::embed`] answers (the model's hidden size).
+    pub fn embedding_dimensions(&self) -> usize {
+        self.inner.dimensions
+    }
+
+    /// One unit-length vector per input: the mean of the model's final hidden states over its
+    /// tokens. A text is encoded as plain text (control-token strings stay text) with the BOS
+    /// token when the model adds one; token ids are taken as given. At most
+    /// [`MAX_EMBEDDING_INPUTS`] inputs and [`MAX_EMBEDDING_TOKENS`] tokens in all (OpenAI's
+    /// limits), none empty and each within the context.
+    pub async fn embed(&self, inputs: Vec<EmbedInput>) -> Result<Vec<Embedding>, EngineError> {
+        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
+        if inputs.is_empty() {
+            return invalid("the input is empty".into());
+        }
+        if inputs.len() > MAX_EMBEDDING_INPUTS {
+            return invalid(format!(
+                "at most {MAX_EMBEDDING_INPUTS} inputs may be embedded at once, got {}",
+                inputs.len()
+            ));
+        }
+        let (ctx, vocab) = (self.inner.context_length, self.inner.tokenizer.vocab_size());
+        let mut total = 0usize;
+        let mut ids = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.into_iter().enumerate() {
+            let tokens = match input {
+                EmbedInput::Text(text) if text.is_empty() => {
+                    return invalid(format!("input {i} is an empty string"));
+                }
+                EmbedInput::Text(text) => self.with_bos(self.inner.tokenizer.encode_plain(&text)?),
+                EmbedInput::Tokens(tokens) => {
+                    if let Some(t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                        return invalid(format!(
+                            "input {i} holds token {t}, outside the vocabulary of {vocab}"
+                        ));
+                    }
+                    tokens
+                }
+            };
+            if tokens.is_empty() {
+                return invalid(format!("input {i} holds no tokens"));
+            }
+            if tokens.len() > ctx {
+                return invalid(format!(
+                    "input {i} is {} tokens but the model's context holds {ctx}",
+                    tokens.len()
+                ));
+            }
+            total += tokens.len();
+            if total > MAX_EMBEDDING_TOKENS {
+                return invalid(format!(
+                    "the inputs hold more than {MAX_EMBEDDING_TOKENS} tokens in all"
+                ));
+            }
+            ids.push(tokens);
+        }
+        let (reply, rx) = oneshot::channel();
+        let _admission = self.enqueue("embed", Work::Embed { inputs: ids, reply })?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 

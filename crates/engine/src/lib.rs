@@ -24,7 +24,8 @@
 //!   requests. `loading`: reading the GGUF and building everything [`Engine::load`] needs.
 //! - The model thread: `scheduler` (its loop: admission, continuous batching, answers),
 //!   `sequence` (one generation's state), `sampling` (picking tokens, log-probabilities),
-//!   `scoring` (choice scoring in bounded passes), `guidance` (structured output).
+//!   `scoring` (choice scoring in bounded passes), `embedding` (embeddings, likewise),
+//!   `guidance` (structured output).
 //! - `model`: the architectures, the KV cache and the prompt cache; `kernels`: the CPU kernels
 //!   (packed matmul, AMX, activations) and the one place CPU features are detected.
 //! - `tokenizer`, `template`: text to tokens and chat messages to prompts; `metrics`: the
@@ -35,6 +36,7 @@
 //! caller was in when it called the [`Engine`].
 
 mod config;
+mod embedding;
 mod engine;
 mod error;
 #[cfg(test)]
@@ -65,7 +67,9 @@ pub use crate::error::EngineError;
 pub use crate::guidance::Constraint;
 pub use crate::kernels::packed_kernel;
 pub use crate::request::{
-    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Priority, SamplingParams,
-    TokenQuestion, MAX_TOP_LOGPROBS,
+    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, EmbedInput, Priority,
+    SamplingParams, TokenQuestion, MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, MAX_TOP_LOGPROBS,
 };
-pub use crate::result::{ChoiceScores, Completion, FinishReason, TokenLogprob, TopLogprob};
+pub use crate::result::{
+    ChoiceScores, Completion, Embedding, FinishReason, TokenLogprob, TopLogprob,
+};

@@ -115,3 +115,18 @@ pub struct TokenQuestion {
     /// Each candidate's tokens, exactly as they are scored (at least one, none empty).
     pub candidates: Vec<Vec<u32>>,
 }
+
+/// One input of [`Engine::embed`](crate::Engine::embed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EmbedInput {
+    /// A text, encoded as plain text.
+    Text(String),
+    /// Token ids, taken as given.
+    Tokens(Vec<u32>),
+}
+
+/// Most inputs one embedding request may hold (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Most tokens one embedding request may hold over all its inputs (OpenAI's limit).
+pub const MAX_EMBEDDING_TOKENS: usize = 300_000;

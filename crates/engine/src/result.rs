@@ -86,3 +86,12 @@ impl ChoiceScores {
         best
     }
 }
+
+/// One text's embedding ([`Engine::embed`](crate::Engine::embed)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding {
+    /// The mean of the model's final hidden states over the text's tokens, of unit length.
+    pub vector: Vec<f32>,
+    /// Tokens the text encoded to (the BOS token included when the model adds one).
+    pub tokens: usize,
+}

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::bulk_batch;
+use crate::embedding::EmbedJob;
 use crate::error::inference;
 use crate::guidance::Guide;
 use crate::metrics::EngineMetrics;
@@ -30,7 +31,8 @@ use crate::scoring::{pass_segments, ScoreJob};
 use crate::sequence::Sequence;
 use crate::tokenizer::GgufTokenizer;
 use crate::{
-    ChoiceScores, Completion, EngineError, FinishReason, Priority, SamplingParams, TokenQuestion,
+    ChoiceScores, Completion, Embedding, EngineError, FinishReason, Priority, SamplingParams,
+    TokenQuestion,
 };
 
 /// Prompt tokens one sequence contributes to a step, and the step's token budget: bounds the
@@ -39,7 +41,7 @@ pub(crate) const PREFILL_CHUNK: usize = 512;
 
 /// A request as queued for the model thread.
 pub(crate) struct Job {
-    /// What the request was (`"chat"`, `"completion"`, `"score"`), for the logs.
+    /// What the request was (`"chat"`, `"completion"`, `"score"`, `"embed"`), for the logs.
     pub(crate) kind: &'static str,
     /// How soon it is admitted among the waiting jobs.
     pub(crate) priority: Priority,
@@ -68,6 +70,11 @@ pub(crate) enum Work {
         questions: Vec<TokenQuestion>,
         reply: oneshot::Sender<Result<Vec<ChoiceScores>, EngineError>>,
     },
+    /// Embed each input (token ids, checked by the caller).
+    Embed {
+        inputs: Vec<Vec<u32>>,
+        reply: oneshot::Sender<Result<Vec<Embedding>, EngineError>>,
+    },
 }
 
 impl Work {
@@ -76,6 +83,7 @@ impl Work {
         match self {
             Work::Generate { reply, .. } => reply.is_closed(),
             Work::Score { reply, .. } => reply.is_closed(),
+            Work::Embed { reply, .. } => reply.is_closed(),
         }
     }
 }
@@ -191,11 +199,20 @@ impl Scheduler {
             }
             keep
         });
+        batch.embedding.retain(|j| {
+            let keep = !j.reply.is_closed();
+            if !keep {
+                let _embed = j.span.enter();
+                tracing::info!("embedding request cancelled mid-way");
+            }
+            keep
+        });
         self.metrics.running.set(batch.running.len() as f64);
         // While interactive work is in the batch it runs alone: bulk generations and scoring
         // jobs keep their caches and go on when it is done.
         let interactive = batch.has_interactive();
         self.score_turn(&mut batch.scoring, interactive);
+        self.embed_turn(&mut batch.embedding, interactive);
         if batch.running.is_empty() {
             return;
         }
@@ -402,6 +419,11 @@ impl Scheduler {
                     }
                 }
             }
+            Work::Embed { inputs, reply } => {
+                batch
+                    .embedding
+                    .push_back(EmbedJob::new(inputs, priority, enqueued, reply));
+            }
             Work::Score { questions, reply } => {
                 match guarded(|| self.begin_score(enqueued, questions)) {
                     Ok(state) => batch.scoring.push_back(ScoreJob {
@@ -592,18 +614,19 @@ impl Waiting {
     }
 }
 
-/// What the model thread is working on: the running generations, and scoring jobs, which
-/// advance one forward pass per [`Scheduler::tick`] in turn.
+/// What the model thread is working on: the running generations, and scoring and embedding
+/// jobs, which advance one forward pass per [`Scheduler::tick`] in turn.
 #[derive(Default)]
 pub(crate) struct Batch {
     running: Vec<Running>,
     scoring: VecDeque<ScoreJob>,
+    embedding: VecDeque<EmbedJob>,
 }
 
 impl Batch {
-    /// Generations and scoring jobs admitted.
+    /// Generations, scoring and embedding jobs admitted.
     fn len(&self) -> usize {
-        self.running.len() + self.scoring.len()
+        self.running.len() + self.scoring.len() + self.embedding.len()
     }
 
     fn is_empty(&self) -> bool {
@@ -619,11 +642,15 @@ impl Batch {
                 .scoring
                 .iter()
                 .any(|j| j.priority == Priority::Interactive)
+            || self
+                .embedding
+                .iter()
+                .any(|j| j.priority == Priority::Interactive)
     }
 }
 
 /// Runs `f`, turning a panic inside the model code into an [`EngineError::Inference`].
-fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     let result = std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let msg = panic
             .downcast_ref::<String>()

@@ -7,8 +7,9 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use batchlab_engine::{
-    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Constraint, Engine, EngineConfig,
-    EngineError, FinishReason, RequestLimits, SamplingParams, TokenQuestion,
+    ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Constraint, EmbedInput, Engine,
+    EngineConfig, EngineError, FinishReason, RequestLimits, SamplingParams, TokenQuestion,
+    MAX_EMBEDDING_INPUTS,
 };
 use serde_json::{json, Value};
 
@@ -1091,4 +1092,91 @@ async fn a_large_scoring_request_does_not_stall_generation() {
     );
     let scores = scoring.await.unwrap().unwrap();
     assert_eq!(scores[0].probs.len(), 300);
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Embeddings are unit vectors of the model's hidden size, one per input in order, and a text's
+/// vector is bit-for-bit the same alone or beside others in one request (texts of different
+/// lengths share forward passes, and one longer than the 512-token step is cut into chunks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_unit_vectors_whatever_else_is_embedded() {
+    let Some(engine) = engine() else { return };
+    let long = "The committee reviewed the budget line by line. ".repeat(60);
+    let texts = [
+        "The cat sat on the mat.",
+        long.as_str(),
+        "Quarterly revenue grew five percent in Europe.",
+        "A kitten was sitting on the rug.",
+    ];
+    let together = engine
+        .embed(
+            texts
+                .iter()
+                .map(|t| EmbedInput::Text(t.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(together.len(), texts.len());
+    assert!(
+        together[1].tokens > 512,
+        "the long text spans two steps: {}",
+        together[1].tokens
+    );
+    for (text, e) in texts.iter().zip(&together) {
+        assert_eq!(e.vector.len(), engine.embedding_dimensions());
+        assert_eq!(e.vector.len(), 576, "SmolLM2-135M's hidden size");
+        let norm = e.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{text:?}: norm {norm}");
+        let alone = engine
+            .embed(vec![EmbedInput::Text(text.to_string())])
+            .await
+            .unwrap();
+        assert_eq!(
+            alone[0], *e,
+            "{text:?} alone differs from beside the others"
+        );
+        // The same text given as its tokens: the same vector.
+        let ids = engine.tokenize(text).unwrap();
+        assert_eq!(e.tokens, ids.len(), "SmolLM2's GGUF adds no BOS token");
+        let by_ids = engine.embed(vec![EmbedInput::Tokens(ids)]).await.unwrap();
+        assert_eq!(by_ids[0], *e, "{text:?} as token ids");
+    }
+    // The vectors carry meaning: a paraphrase is nearer than an unrelated sentence.
+    let (cat, revenue, kitten) = (
+        &together[0].vector,
+        &together[2].vector,
+        &together[3].vector,
+    );
+    assert!(
+        cosine(cat, kitten) > cosine(cat, revenue),
+        "cat~kitten {} <= cat~revenue {}",
+        cosine(cat, kitten),
+        cosine(cat, revenue)
+    );
+}
+
+#[tokio::test]
+async fn embedding_requests_are_checked_before_they_are_queued() {
+    let Some(engine) = engine() else { return };
+    let refused = |r: Result<Vec<batchlab_engine::Embedding>, EngineError>| match r {
+        Err(EngineError::InvalidRequest(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(refused(engine.embed(vec![]).await).contains("empty"));
+    assert!(refused(engine.embed(vec![EmbedInput::Text(String::new())]).await).contains("input 0"));
+    assert!(refused(engine.embed(vec![EmbedInput::Tokens(vec![])]).await).contains("no tokens"));
+    let m = refused(
+        engine
+            .embed(vec![EmbedInput::Tokens(vec![1, 4_000_000_000])])
+            .await,
+    );
+    assert!(m.contains("outside the vocabulary"), "{m}");
+    let too_many = vec![EmbedInput::Tokens(vec![1]); MAX_EMBEDDING_INPUTS + 1];
+    assert!(refused(engine.embed(too_many).await).contains("at most"));
+    let too_long = vec![EmbedInput::Tokens(vec![1; engine.context_length() + 1])];
+    assert!(refused(engine.embed(too_long).await).contains("context"));
 }

@@ -142,6 +142,9 @@ pub(crate) enum Want {
     Last,
     /// Every position's (scoring).
     All,
+    /// No logits: the sum over the segment's positions of the final (normalized) hidden state,
+    /// `[1, hidden]` (embeddings: the caller averages the sums of a text's chunks).
+    Pooled,
 }
 
 /// One sequence's share of a batched forward.
@@ -273,6 +276,11 @@ impl Decoder {
         }
     }
 
+    /// Width of the hidden state (the length of an embedding).
+    pub(crate) fn hidden_size(&self) -> usize {
+        self.config.hidden
+    }
+
     /// The device the weights live on.
     pub(crate) fn device(&self) -> &Device {
         &self.device
@@ -280,7 +288,8 @@ impl Decoder {
 
     /// Runs every segment's tokens through the model in one pass, appends their keys and
     /// values to their caches, and returns per segment the logits it asked for
-    /// (`[n, vocab]`, f32; `None` for [`Want::Nothing`]).
+    /// (`[n, vocab]`, f32; `None` for [`Want::Nothing`]; pooled hidden states, `[1, hidden]`,
+    /// for [`Want::Pooled`]).
     pub(crate) fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
         let cfg = &self.config;
         let total: usize = segments.iter().map(|s| s.tokens.len()).sum();
@@ -415,8 +424,10 @@ impl Decoder {
             }
             x = (x + f)?;
         }
-        // Logits only for the rows asked for.
+        // Logits only for the rows asked for; pooled hidden states for the segments that want
+        // them, in the order of `order`.
         let mut rows = Vec::new();
+        let mut pooled = Vec::new();
         let mut offset = 0u32;
         for s in segments_in_order() {
             let n = s.tokens.len() as u32;
@@ -424,9 +435,15 @@ impl Decoder {
                 Want::Nothing => {}
                 Want::Last => rows.push(offset + n - 1),
                 Want::All => rows.extend(offset..offset + n),
+                Want::Pooled => {
+                    let h = x.narrow(0, offset as usize, n as usize)?;
+                    let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
+                    pooled.push(h.to_dtype(DType::F32)?.sum_keepdim(0)?);
+                }
             }
             offset += n;
         }
+        let mut pooled = pooled.into_iter();
         let logits = if rows.is_empty() {
             None
         } else {
@@ -443,6 +460,10 @@ impl Decoder {
                 Want::Nothing => 0,
                 Want::Last => 1,
                 Want::All => s.tokens.len(),
+                Want::Pooled => {
+                    out[i] = pooled.next();
+                    0
+                }
             };
             if let (Some(l), true) = (&logits, n > 0) {
                 out[i] = Some(l.narrow(0, at, n)?);
