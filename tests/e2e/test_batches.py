@@ -260,6 +260,61 @@ def test_completions_batch(running):
     assert done.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in out)
 
 
+EMBEDDINGS = "/v1/embeddings"
+SENTENCES = {
+    "e-cat": "The cat sat on the mat.",
+    "e-kitten": "A kitten was sitting on the rug.",
+    "e-revenue": "Quarterly revenue grew five percent in Europe.",
+}
+
+
+def test_embeddings_batch_matches_the_ml_backends_endpoint(running):
+    """OpenAI's embeddings through both doors, with the official package: the ML backend's
+    `/v1/embeddings` (the package asks for base64 by default and decodes it) and a batch for
+    `/v1/embeddings` run by the worker. Both give the same unit vectors for the same text."""
+    _, ml_port = running.start_ml_backend()
+    ml = openai.OpenAI(base_url=f"http://127.0.0.1:{ml_port}/v1", api_key="unused", timeout=120, max_retries=0)
+    texts = list(SENTENCES.values())
+    direct = ml.embeddings.create(model="SmolLM2-135M-Instruct", input=texts)
+    assert [d.index for d in direct.data] == [0, 1, 2], direct
+    vectors = {cid: direct.data[i].embedding for i, cid in enumerate(SENTENCES)}
+    for cid, v in vectors.items():
+        assert len(v) == 576, (cid, len(v))
+        assert abs(sum(x * x for x in v) - 1.0) < 1e-4, cid
+    assert direct.usage.prompt_tokens == direct.usage.total_tokens > 0, direct.usage
+    floats = ml.embeddings.create(model="SmolLM2-135M-Instruct", input=texts[0], encoding_format="float")
+    assert floats.data[0].embedding == vectors["e-cat"], "float and base64 answers differ"
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    assert cos(vectors["e-cat"], vectors["e-kitten"]) > cos(vectors["e-cat"], vectors["e-revenue"])
+
+    client = running.client()
+    lines = [{"custom_id": cid, "method": "POST", "url": EMBEDDINGS, "body": {"model": "m", "input": text}}
+             for cid, text in SENTENCES.items()]  # fmt: skip
+    lines.append({"custom_id": "e-pair", "method": "POST", "url": EMBEDDINGS,
+                  "body": {"input": [SENTENCES["e-cat"], SENTENCES["e-revenue"]], "encoding_format": "base64"}})  # fmt: skip
+    lines.append({"custom_id": "e-empty", "method": "POST", "url": EMBEDDINGS, "body": {"input": []}})
+    batch = create_batch(client, lines, endpoint=EMBEDDINGS)
+    assert batch.endpoint == EMBEDDINGS
+    done = wait_status(client, batch.id, "completed", timeout=180)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (5, 4, 1)
+    out = {line["custom_id"]: line for line in read_jsonl(client, done.output_file_id)}
+    errors = {line["custom_id"]: line for line in read_jsonl(client, done.error_file_id)}
+    assert sorted(out) == sorted([*SENTENCES, "e-pair"]) and list(errors) == ["e-empty"], (out, errors)
+    assert "empty array" in errors["e-empty"]["error"]["message"], errors
+    for cid in SENTENCES:
+        body = out[cid]["response"]["body"]
+        assert out[cid]["response"]["status_code"] == 200 and body["object"] == "list", body
+        (item,) = body["data"]
+        assert max(abs(a - b) for a, b in zip(item["embedding"], vectors[cid])) < 1e-6, cid
+    pair = out["e-pair"]["response"]["body"]["data"]
+    assert [d["index"] for d in pair] == [0, 1] and all(isinstance(d["embedding"], str) for d in pair), pair
+    assert done.usage.output_tokens == 0
+    assert done.usage.input_tokens == sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out.values())
+
+
 class Review(BaseModel):
     """What a curation batch asks of each review: the schema comes from this pydantic model, and
     the outputs must validate against it."""
@@ -552,7 +607,7 @@ def test_bad_requests_get_openai_errors(stack):
 
     f = upload(client, good)
     with pytest.raises(openai.BadRequestError) as err:
-        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id=f.id, endpoint="/v1/responses", completion_window="24h")
     assert err.value.param == "endpoint", err.value.body
     with pytest.raises(openai.BadRequestError) as err:
         client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="1h")

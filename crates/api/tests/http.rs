@@ -291,7 +291,7 @@ async fn bad_batch_requests_name_the_parameter() {
         b
     };
     assert_error(
-        s.create_batch(with("endpoint", json!("/v1/embeddings")))
+        s.create_batch(with("endpoint", json!("/v1/responses")))
             .await,
         StatusCode::BAD_REQUEST,
         Some("endpoint"),

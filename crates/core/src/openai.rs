@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use crate::store::{BatchRecord, FileRecord};
 
 /// Endpoints a batch may target.
-pub const BATCH_ENDPOINTS: [&str; 2] = ["/v1/chat/completions", "/v1/completions"];
+pub const BATCH_ENDPOINTS: [&str; 3] =
+    ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 /// File purposes accepted on upload.
 pub const UPLOAD_PURPOSES: [&str; 6] = [
     "assistants",

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use batchlab_inference::completions::{parse_request_line, EngineCall};
+use batchlab_inference::completions::parse_request_line;
 use batchlab_inference::engine::{Engine, EngineConfig};
 
 #[tokio::main]
@@ -48,15 +48,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (engine, permit) = (engine.clone(), permits.clone().acquire_owned().await?);
         tasks.spawn(async move {
             let _permit = permit;
-            match call {
-                EngineCall::Chat(c) => engine.chat(c).await,
-                EngineCall::Completion(c) => engine.complete(c).await,
-            }
+            call.run(&engine).await
         });
     }
     let (mut requests, mut tokens) = (0usize, 0usize);
     while let Some(done) = tasks.join_next().await {
-        tokens += done??.completion_tokens;
+        tokens += done??.output_tokens;
         requests += 1;
     }
     let seconds = started.elapsed().as_secs_f64();

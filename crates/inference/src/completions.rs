@@ -1,17 +1,21 @@
 //! OpenAI requests in the engine's terms and the engine's results in OpenAI's: a batch line or a
 //! Chat Completions body becomes an [`EngineCall`] (validated and bounded by [`BodyLimits`]), and a
-//! [`Completion`] becomes a chat or text completion object.
+//! [`Completion`] becomes a chat or text completion object ([`EngineCall::run`] does both ways;
+//! embeddings are in [`crate::embeddings`]).
 
 use std::collections::HashSet;
 
 use batchlab_core::config::EngineSettings;
 use batchlab_core::error::InvalidInput;
+use batchlab_core::openai::new_id;
 use batchlab_engine::{
-    ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, EngineError, FinishReason,
-    SamplingParams, TopLogprob,
+    ChatMessage, ChatRequest, Completion, CompletionRequest, Constraint, Engine, EngineError,
+    FinishReason, SamplingParams, TopLogprob,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use crate::embeddings::{self, EmbeddingsRequest};
 
 /// Why one line of a batch input file cannot run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +56,53 @@ pub enum EngineCall {
     Chat(ChatRequest),
     /// `/v1/completions`.
     Completion(CompletionRequest),
+    /// `/v1/embeddings`.
+    Embeddings(EmbeddingsRequest),
+}
+
+/// What an [`EngineCall`] answered: OpenAI's response object and the tokens it took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallAnswer {
+    /// The response body (`chat.completion`, `text_completion` or an embeddings `list`).
+    pub body: Value,
+    /// Prompt tokens read.
+    pub input_tokens: usize,
+    /// Tokens generated (0 for embeddings).
+    pub output_tokens: usize,
+}
+
+impl EngineCall {
+    /// Runs the call on `engine` and answers OpenAI's response object, named after the loaded
+    /// model.
+    pub async fn run(&self, engine: &Engine) -> Result<CallAnswer, EngineError> {
+        let model = engine.model_id();
+        let created = batchlab_core::store::now();
+        let completion = |c: Completion, body: Value| CallAnswer {
+            input_tokens: c.prompt_tokens,
+            output_tokens: c.completion_tokens,
+            body,
+        };
+        Ok(match self {
+            EngineCall::Chat(r) => {
+                let c = engine.chat(r.clone()).await?;
+                let body = chat_completion_object(&new_id("chatcmpl-"), model, created, &c);
+                completion(c, body)
+            }
+            EngineCall::Completion(r) => {
+                let c = engine.complete(r.clone()).await?;
+                let body = text_completion_object(&new_id("cmpl-"), model, created, &c);
+                completion(c, body)
+            }
+            EngineCall::Embeddings(r) => {
+                let vectors = embeddings::embed(engine, r).await?;
+                CallAnswer {
+                    body: embeddings::embeddings_object(model, r.encoding, &vectors),
+                    input_tokens: embeddings::prompt_tokens(&vectors),
+                    output_tokens: 0,
+                }
+            }
+        })
+    }
 }
 
 /// Defaults and bounds applied while parsing a request body (a batch line's or the ML
@@ -156,6 +207,9 @@ pub fn parse_request_line(
     let parsed = match endpoint {
         "/v1/chat/completions" => parse_chat_body(body, limits),
         "/v1/completions" => parse_completion_body(body, limits),
+        "/v1/embeddings" => embeddings::parse_embeddings_body(body)
+            .map(|r| (r.model.clone(), EngineCall::Embeddings(r)))
+            .map(|(model, call)| (call, model)),
         other => Err(InvalidInput(format!("unsupported endpoint {other}"))),
     };
     let (request, model) =
@@ -727,6 +781,24 @@ mod tests {
         assert!(parse_completion_body(json!({"prompt": ["a", "b"]}), &limits()).is_err());
     }
 
+    /// A batch for `/v1/embeddings` reads each line's body as an embeddings request.
+    #[test]
+    fn embeddings_lines_are_read_for_an_embeddings_batch() {
+        let mut seen = HashSet::new();
+        let line = r#"{"custom_id":"e","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":["a","b"],"encoding_format":"base64"}}"#;
+        let parsed = parse_request_line(line, "/v1/embeddings", &mut seen, &limits()).unwrap();
+        let EngineCall::Embeddings(r) = parsed.request else {
+            panic!("an embeddings call")
+        };
+        assert_eq!(r.inputs.len(), 2);
+        assert_eq!(r.encoding, embeddings::Encoding::Base64);
+        assert_eq!(parsed.model.as_deref(), Some("m"));
+        let bad = r#"{"custom_id":"f","method":"POST","url":"/v1/embeddings","body":{"input":[]}}"#;
+        let e = parse_request_line(bad, "/v1/embeddings", &mut seen, &limits()).unwrap_err();
+        assert_eq!(e.code, "invalid_body");
+        assert!(e.message.contains("empty array"), "{}", e.message);
+    }
+
     #[test]
     fn logprobs_fields_follow_each_endpoint() {
         let chat = |extra: Value| {
@@ -736,7 +808,7 @@ mod tests {
                 .extend(extra.as_object().unwrap().clone());
             parse_chat_body(body, &limits()).map(|(call, _)| match call {
                 EngineCall::Chat(c) => c.params.logprobs,
-                EngineCall::Completion(_) => unreachable!(),
+                _ => unreachable!("a chat body"),
             })
         };
         assert_eq!(chat(json!({})).unwrap(), None);
@@ -753,7 +825,7 @@ mod tests {
             parse_completion_body(json!({"prompt": "a", "logprobs": lp}), &limits()).map(
                 |(c, _)| match c {
                     EngineCall::Completion(c) => c.params.logprobs,
-                    EngineCall::Chat(_) => unreachable!(),
+                    _ => unreachable!("a completion body"),
                 },
             )
         };
@@ -822,7 +894,7 @@ mod tests {
                 .extend(extra.as_object().unwrap().clone());
             parse_chat_body(body, &limits()).map(|(c, _)| match c {
                 EngineCall::Chat(c) => c.params.constraint,
-                EngineCall::Completion(_) => unreachable!(),
+                _ => unreachable!("a chat body"),
             })
         };
         let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});

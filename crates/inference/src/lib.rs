@@ -7,6 +7,7 @@
 //! crate; batchlab-api does not, so it links no model code.
 
 pub mod completions;
+pub mod embeddings;
 pub mod predict;
 pub mod runner;
 

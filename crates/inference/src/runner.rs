@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::completions::{self, BodyLimits, EngineCall, EngineFailure, LineError};
+use crate::completions::{self, BodyLimits, EngineFailure, LineError};
 use batchlab_core::blob::{BlobError, BlobStore};
 use batchlab_core::openai::{self, ErrorBody};
 use batchlab_core::store::{
@@ -618,14 +618,9 @@ impl Runner {
         };
         let custom_id = request.custom_id.clone();
         let span = info_span!("line", line_no, custom_id = %custom_id);
-        let model = self.engine.model_id().to_string();
         let outcome = async {
             loop {
-                let result = match &request.request {
-                    EngineCall::Chat(c) => self.engine.chat(c.clone()).await,
-                    EngineCall::Completion(c) => self.engine.complete(c.clone()).await,
-                };
-                match result {
+                match request.request.run(&self.engine).await {
                     Err(EngineError::Overloaded) => {
                         tokio::time::sleep(Duration::from_millis(50)).await
                     }
@@ -636,30 +631,14 @@ impl Runner {
         .instrument(span)
         .await;
         match outcome {
-            Ok(c) => {
-                let body = match &request.request {
-                    EngineCall::Chat(_) => completions::chat_completion_object(
-                        &openai::new_id("chatcmpl-"),
-                        &model,
-                        now(),
-                        &c,
-                    ),
-                    EngineCall::Completion(_) => completions::text_completion_object(
-                        &openai::new_id("cmpl-"),
-                        &model,
-                        now(),
-                        &c,
-                    ),
-                };
-                BatchLine {
-                    line_no,
-                    custom_id: Some(custom_id.clone()),
-                    kind: LineKind::Output,
-                    body: openai::output_line(&custom_id, 200, body),
-                    input_tokens: c.prompt_tokens as i64,
-                    output_tokens: c.completion_tokens as i64,
-                }
-            }
+            Ok(answer) => BatchLine {
+                line_no,
+                custom_id: Some(custom_id.clone()),
+                kind: LineKind::Output,
+                body: openai::output_line(&custom_id, 200, answer.body),
+                input_tokens: answer.input_tokens as i64,
+                output_tokens: answer.output_tokens as i64,
+            },
             Err(e) => {
                 let failure = EngineFailure::of(&e);
                 warn!(line_no, custom_id = %custom_id, error = %e, "request failed");

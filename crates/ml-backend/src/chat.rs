@@ -4,19 +4,13 @@
 use axum::extract::State;
 use axum::Json;
 use batchlab_core::openai::new_id;
+use batchlab_core::store::now;
 use batchlab_inference::completions::{chat_completion_object, parse_chat_request, BodyLimits};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
 use crate::error::MlError;
-use crate::slot::ModelState;
 use crate::MlState;
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
 
 /// `GET /v1/models`: the one model this backend serves.
 pub async fn models(State(state): State<MlState>) -> Json<Value> {
@@ -42,15 +36,7 @@ pub async fn chat_completions(
     let (request, _model) =
         parse_chat_request(body, &BodyLimits::from_settings(&state.config.engine))
             .map_err(|e| MlError::BadRequest(e.into_message()))?;
-    let engine = match state.engine.wait().await {
-        ModelState::Ready(engine) => engine,
-        ModelState::Failed(reason) => {
-            return Err(MlError::Unavailable(format!(
-                "the model is not loaded: {reason}"
-            )))
-        }
-        ModelState::Loading => return Err(MlError::Unavailable("the model is loading".into())),
-    };
+    let engine = state.engine.engine().await?;
     let completion = engine.chat(request).await?;
     Ok(Json(chat_completion_object(
         &new_id("chatcmpl"),

@@ -1,9 +1,10 @@
 //! batchlab-ml-backend: Label Studio's ML backend protocol. Routes only; one module per
-//! capability (`setup`, `predict`, `webhook`, `chat`, `auth`), the engine slot (`slot`),
+//! capability (`setup`, `predict`, `webhook`, `chat`, `embeddings`, `auth`), the engine slot (`slot`),
 //! per-project prompt context (`project`), one error type (`error`).
 
 pub mod auth;
 pub mod chat;
+pub mod embeddings;
 pub mod error;
 pub mod predict;
 pub mod project;
@@ -172,6 +173,7 @@ pub fn router(state: MlState) -> Router {
         .route("/status", get(predict::status))
         .route("/v1/models", get(chat::models))
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/webhook", post(webhook::webhook))
         .route("/versions", get(setup::versions))
         .route("/metrics", get(batchlab_core::http::metrics))

@@ -8,6 +8,8 @@ use batchlab_core::config::EngineSettings;
 use batchlab_inference::engine::Engine;
 use tokio::sync::watch;
 
+use crate::error::MlError;
+
 /// Where the model is.
 #[derive(Clone, Debug)]
 pub enum ModelState {
@@ -79,6 +81,18 @@ impl EngineSlot {
     /// The state now.
     pub fn now(&self) -> ModelState {
         self.state.borrow().clone()
+    }
+
+    /// The engine, once loading has ended; a model that failed to load is the 503 the OpenAI
+    /// routes answer, naming why.
+    pub async fn engine(&self) -> Result<Engine, MlError> {
+        match self.wait().await {
+            ModelState::Ready(engine) => Ok(engine),
+            ModelState::Failed(reason) => Err(MlError::Unavailable(format!(
+                "the model is not loaded: {reason}"
+            ))),
+            ModelState::Loading => Err(MlError::Unavailable("the model is loading".into())),
+        }
     }
 
     /// Waits until loading has ended (either way) and returns the outcome.

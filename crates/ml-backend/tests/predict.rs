@@ -507,3 +507,67 @@ async fn openai_chat_completions_and_models() {
     assert_eq!(status, 400, "{e}");
     assert_eq!(e["error"]["type"], "invalid_request_error");
 }
+
+/// `/v1/embeddings` answers OpenAI's list of unit vectors of the model's hidden size, in input
+/// order, the same for a text however it is asked for; malformed bodies and a `dimensions` the
+/// model cannot serve are 400s in OpenAI's error shape.
+#[tokio::test]
+async fn openai_embeddings() {
+    let base = serve(config()).await;
+    let (status, e) = post(
+        &base,
+        "/v1/embeddings",
+        &json!({"model": "SmolLM2-135M-Instruct", "input": ["The cat sat on the mat.", "Revenue grew."]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{e}");
+    assert_eq!(e["object"], "list");
+    let data = e["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let vectors: Vec<Vec<f64>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(
+                (d["object"].as_str(), d["index"].as_u64()),
+                (Some("embedding"), Some(i as u64))
+            );
+            serde_json::from_value(d["embedding"].clone()).unwrap()
+        })
+        .collect();
+    for v in &vectors {
+        assert_eq!(v.len(), 576);
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    assert!(e["usage"]["prompt_tokens"].as_u64().unwrap() >= 4, "{e}");
+    assert_eq!(e["usage"]["prompt_tokens"], e["usage"]["total_tokens"]);
+    // The first text alone, with the native dimensions named: the same vector.
+    let (status, alone) = post(
+        &base,
+        "/v1/embeddings",
+        &json!({"input": "The cat sat on the mat.", "dimensions": 576}),
+    )
+    .await;
+    assert_eq!(status, 200, "{alone}");
+    let alone: Vec<f64> = serde_json::from_value(alone["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(alone, vectors[0]);
+    for (body, expected) in [
+        (json!({"input": []}), "empty array"),
+        (
+            json!({"input": "x", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"input": "x", "dimensions": 64}), "576 dimensions"),
+        (
+            json!({"input": [[1, 99_999_999]]}),
+            "outside the vocabulary",
+        ),
+    ] {
+        let (status, e) = post(&base, "/v1/embeddings", &body).await;
+        assert_eq!(status, 400, "{body}: {e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{body}: {message}");
+    }
+}
