@@ -15,6 +15,10 @@ cd "$ROOT"
 export BATCHLAB_REQUIRE_POSTGRES=1
 # Model tests fail instead of skipping when a model file is missing.
 export BATCHLAB_REQUIRE_MODELS=1
+# The blob store's S3 test (crates/core/tests/object_storage.rs) starts moto from the e2e
+# environment installed below, and fails instead of skipping without it.
+export BATCHLAB_REQUIRE_S3=1
+export BATCHLAB_TEST_MOTO="$ROOT/.venv/bin/moto_server"
 export BATCHLAB_TEST_POSTGRES_URL="${BATCHLAB_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 

@@ -224,10 +224,10 @@ class Stack:
             "BATCHLAB_ENGINE__MODEL_PATH": str(MODEL),
         }
 
-    def _start(self, name: str, binary: str, extra: dict) -> Service:
+    def _start(self, name: str, binary: str, extra: dict, cwd: Path | None = None) -> Service:
         env = service_env({**self.base_env(), **extra})
         log = self.log_dir / f"{name}.log"
-        svc = Service(name, binary, self.root, env, log)
+        svc = Service(name, binary, cwd or self.root, env, log)
         self.services.append(svc)
         self._logs.append(svc)
         return svc
@@ -243,8 +243,10 @@ class Stack:
         self.api_key = extra.get("BATCHLAB_API__API_KEY")
         return svc
 
-    def start_worker(self, name: str = "batchlab-worker", wait_ready: bool = True, **extra: str) -> Service:
-        """Starts batchlab-worker and waits until it logged that the model is loaded."""
+    def start_worker(self, name: str = "batchlab-worker", wait_ready: bool = True, cwd: Path | None = None,
+                     **extra: str) -> Service:
+        """Starts batchlab-worker (in `cwd`, the stack's directory by default) and waits until it
+        logged that the model is loaded."""
         self.require_model()
         env = {
             "BATCHLAB_WORKER__POLL_INTERVAL_MS": "100",
@@ -252,7 +254,7 @@ class Stack:
             "BATCHLAB_WORKER__PORT": str(free_port()),  # its /health and /metrics
             **extra,
         }
-        svc = self._start(name, "batchlab-worker", env)
+        svc = self._start(name, "batchlab-worker", env, cwd)
         if wait_ready:
             svc.wait_log(WORKER_READY_LINE)
         return svc

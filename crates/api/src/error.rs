@@ -189,12 +189,14 @@ impl From<BlobError> for ApiError {
             }
             BlobError::Source(_) => Self::invalid(e.to_string(), "file"),
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
-            BlobError::Io(_) if e.is_storage_full() => Self::InsufficientStorage(
-                "The file storage is full: nothing of this request was kept. Free space under \
-                 storage.files_dir and retry."
-                    .into(),
-            ),
-            BlobError::Io(_) => Self::Blob(e),
+            BlobError::Io(_) | BlobError::Store(_) if e.is_storage_full() => {
+                Self::InsufficientStorage(
+                    "The file storage is full: nothing of this request was kept. Free space under \
+                     storage.files_dir and retry."
+                        .into(),
+                )
+            }
+            BlobError::Io(_) | BlobError::Store(_) | BlobError::InvalidUrl { .. } => Self::Blob(e),
         }
     }
 }

@@ -45,12 +45,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.database)
         .await
         .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
-    let blobs = BlobStore::open(&config.storage.files_dir)?;
+    let blobs = BlobStore::from_config(&config.storage)?;
     let addr = format!("{}:{}", config.api.host, config.api.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, database = ?store.backend(), "batchlab-api listening");
+    tracing::info!(%addr, database = ?store.backend(), files = %blobs.location(), "batchlab-api listening");
     let grace = Duration::from_secs(config.api.shutdown_grace_seconds);
     let state = batchlab_api::AppState::new(store, blobs, config);
     let stopping = CancellationToken::new();

@@ -238,18 +238,25 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// Local data directories.
+/// Where file bodies (batch inputs, outputs, error files) live.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Directory that holds uploaded and generated file bodies.
+    /// Directory that holds uploaded and generated file bodies (the embedded default; one
+    /// machine).
     pub files_dir: PathBuf,
+    /// `s3://bucket/prefix`: keep the bodies in S3 or an S3-compatible store instead of
+    /// `files_dir`, so workers on several machines share them (credentials, region and
+    /// endpoint from the standard `AWS_*` variables). Unset or empty: `files_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_url: Option<String>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             files_dir: PathBuf::from("data/files"),
+            files_url: None,
         }
     }
 }

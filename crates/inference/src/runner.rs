@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::completions::{self, BodyLimits, EngineFailure, LineError};
-use batchlab_core::blob::{BlobError, BlobStore};
+use batchlab_core::blob::{BlobError, BlobReader, BlobStore};
 use batchlab_core::openai::{self, ErrorBody};
 use batchlab_core::store::{
     now, BatchLine, BatchRecord, BatchStatus, FileRecord, LineKind, Store, StoreError,
@@ -788,7 +788,7 @@ fn failed_line(line_no: i64, custom_id: Option<String>, code: &str, message: &st
 /// buffer. A line that is not UTF-8, or longer than the limit, comes back as a line error
 /// instead of ending the read; at most `max_line_bytes + 1` bytes of a line are ever held.
 struct InputLines {
-    reader: BufReader<tokio::fs::File>,
+    reader: BufReader<BlobReader>,
     line_no: i64,
     buf: Vec<u8>,
     max_line_bytes: usize,

@@ -35,7 +35,8 @@ async fn main() -> anyhow::Result<()> {
             batchlab_core::secret::redact_url(&config.database.url)
         )
     })?;
-    let blobs = BlobStore::open(&config.storage.files_dir)?;
+    let blobs = BlobStore::from_config(&config.storage)?;
+    tracing::info!(files = %blobs.location(), "file storage");
     let e = &config.engine;
     let mut engine_config = batchlab_inference::engine_config(e);
     let started = std::time::Instant::now();

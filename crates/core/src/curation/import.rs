@@ -150,7 +150,7 @@ fn answer_text(line: &Value) -> Option<&str> {
 async fn lines(
     blobs: &BlobStore,
     id: &str,
-) -> Result<tokio::io::Lines<BufReader<tokio::fs::File>>, CurationError> {
+) -> Result<tokio::io::Lines<BufReader<crate::blob::BlobReader>>, CurationError> {
     let file = blobs
         .open_read(id)
         .await
