@@ -87,12 +87,12 @@ fn apply(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {
         unsafe { apply_avx512(kind, g, u, out) };
         return;
     }
-    // In f64, rounded once at the end: `k`'s few f32 roundings would grow |k|-fold through
-    // `e⁻ᵏ` (5e-6 relative at x = -7.2 for the tanh GELU, where the AVX-512 code's fused
-    // multiply-adds keep it near 1e-7·|k|).
+    // `k` in f64, rounded once: its few f32 roundings would grow |k|-fold through `e⁻ᵏ` (5e-6
+    // relative at x = -7.2 for the tanh GELU, where the AVX-512 code's fused multiply-adds keep
+    // it near 1e-7·|k|). SiLU's `k` is `x` itself, so its values are unchanged.
     for ((o, &x), &u) in out.iter_mut().zip(g).zip(u) {
-        let x = f64::from(x);
-        *o = (x / (1.0 + (-exponent(kind, x)).exp()) * f64::from(u)) as f32;
+        let k = exponent(kind, f64::from(x)) as f32;
+        *o = x / (1.0 + (-k).exp()) * u;
     }
 }
 
@@ -204,7 +204,7 @@ mod tests {
             if cfg!(target_arch = "x86_64") && super::super::cpu_features::avx512_vnni() {
                 "AVX-512"
             } else {
-                "scalar (f64)"
+                "scalar (k in f64)"
             }
         );
         let x = inputs();
