@@ -138,9 +138,10 @@ impl Runner {
         }
     }
 
-    /// Starts a graceful shutdown: no batch is claimed and no line started from now on; the lines
-    /// running get [`RunnerSettings::shutdown_grace`] to finish and be recorded, then the batch's
-    /// lease is released so another worker resumes it at once (instead of after the lease).
+    /// Starts a graceful shutdown: no batch is claimed and no line started from now on; the
+    /// batch's lease is released so another worker resumes it at once (instead of after the
+    /// lease), and the lines running get [`RunnerSettings::shutdown_grace`] to finish and be
+    /// recorded.
     pub fn drain(&self) {
         self.draining.cancel();
     }
@@ -254,8 +255,8 @@ impl Runner {
     }
 
     /// Polls the queue until `shutdown` resolves, sleeping `poll` when it is empty. Then drains
-    /// (see [`Runner::drain`]): the batch in hand keeps the lines already running for up to
-    /// [`RunnerSettings::shutdown_grace`], records them, releases its lease and returns.
+    /// (see [`Runner::drain`]): the batch in hand is released, its lines already running get up
+    /// to [`RunnerSettings::shutdown_grace`] to finish and be recorded, and it returns.
     pub async fn run_forever(
         &self,
         poll: Duration,
@@ -518,6 +519,16 @@ impl Runner {
             }
         }
         if matches!(stop, Stop::Draining) {
+            // Hand the batch over before the lines in flight finish (a full batch of them takes
+            // seconds on a slow CPU): another worker resumes it at once, and a line both run is
+            // recorded once, by whichever records it first (`Store::record_line`).
+            if let Err(e) = self
+                .store
+                .release_lease(&batch.id, &self.settings.worker_id)
+                .await
+            {
+                warn!(error = %e, "releasing the lease failed; it will run out");
+            }
             self.finish_in_flight(&mut tasks).await?;
             return Ok(stop);
         }

@@ -534,8 +534,9 @@ async fn a_batch_that_keeps_failing_lets_others_pass_then_fails() {
 }
 
 /// Shutting a worker down mid-batch (SIGTERM) loses nothing and stalls nothing: it starts no
-/// new line, records the ones in flight, and releases its lease, so another worker resumes the
-/// batch at once instead of waiting out `lease_seconds`; every `custom_id` comes out once.
+/// new line, releases its lease at once, so another worker resumes the batch instead of waiting
+/// out `lease_seconds` or the lines in flight, and records those lines; every `custom_id` comes
+/// out once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_worker_records_its_lines_and_hands_the_batch_over_at_once() {
     for f in Fixture::both().await {
@@ -577,11 +578,26 @@ async fn a_draining_worker_records_its_lines_and_hands_the_batch_over_at_once() 
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             stop.send(()).unwrap();
+            // The lease is given back first, while the lines in flight still run: lines are
+            // recorded after it is free (before, a slow CPU kept the batch seconds from others).
+            let recorded_at_release = loop {
+                let now = f.store().get_batch(&b.id).await.unwrap().unwrap();
+                if now.lease_owner.is_none() {
+                    break now.completed + now.failed;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            };
             tokio::time::timeout(std::time::Duration::from_secs(60), running)
                 .await
                 .expect("the worker drains within its grace period")
                 .unwrap();
             let handed_over = f.store().get_batch(&b.id).await.unwrap().unwrap();
+            if grace_seconds > 0 {
+                assert!(
+                    handed_over.completed + handed_over.failed > recorded_at_release,
+                    "lines in flight are recorded after the lease is released: {recorded_at_release} then {handed_over:?}"
+                );
+            }
             assert_eq!(
                 handed_over.status,
                 BatchStatus::InProgress,
