@@ -4,9 +4,10 @@
 //!
 //! Every position's state is needed, so a text runs from an empty cache (no cached prefix can
 //! stand in for it), in chunks cut at fixed multiples of the step budget from its start: a
-//! text's vector is bit-for-bit the same alone or beside others. An embedding job advances one
-//! bounded forward pass per turn of the model thread, several of its texts side by side while
-//! the pass's row budget lasts, taking turns with scoring and generation like a scoring job.
+//! text's vector is bit-for-bit the same alone or beside others. Each turn of the model thread
+//! runs one bounded forward pass for the embedding jobs, texts of several jobs side by side
+//! while the pass's row budget lasts (as scoring jobs share theirs), taking turns with scoring
+//! and generation.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -74,134 +75,195 @@ impl EmbedJob {
 }
 
 impl Scheduler {
-    /// One forward pass of `job`: the next chunk of each text under way, then new texts while
-    /// the pass's row budget (`prefill_chunk`) lasts (the first chunk always runs). Answers
-    /// whether the job is done.
+    /// One forward pass of `job` alone (see [`Scheduler::embed_pass_many`]). Answers whether
+    /// the job is done.
+    #[cfg(test)]
     pub(crate) fn embed_pass(&mut self, job: &mut EmbedJob) -> Result<bool, EngineError> {
-        let chunk = self.prefill_chunk.max(1);
-        let span = job.span.clone();
-        let _embed = span.enter();
-        let mut budget = chunk;
-        // (index in `active`, tokens this pass)
+        Ok(self
+            .embed_pass_many(&mut [job])?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Plans `job`'s part of a pass within `budget` rows: the next chunk of each text under way,
+    /// then new texts while the budget lasts; with `first`, at least one chunk runs whatever
+    /// the budget. Answers (index in `active`, tokens) per text taking part.
+    fn plan_embed(
+        &self,
+        job: &mut EmbedJob,
+        chunk: usize,
+        budget: &mut usize,
+        first: bool,
+    ) -> Result<Vec<(usize, usize)>, EngineError> {
         let mut plan: Vec<(usize, usize)> = Vec::new();
         let next = |a: &Active, len: usize| (len - a.fed).min(chunk - a.fed % chunk);
+        let may_overrun = |plan: &Vec<(usize, usize)>| first && plan.is_empty();
         for (i, a) in job.active.iter().enumerate() {
             let n = next(a, job.inputs[a.input].len());
-            if n > budget && !plan.is_empty() {
-                break;
+            if n > *budget && !may_overrun(&plan) {
+                return Ok(plan);
             }
-            budget = budget.saturating_sub(n);
+            *budget = budget.saturating_sub(n);
             plan.push((i, n));
         }
-        if plan.len() == job.active.len() {
-            while budget > 0 || plan.is_empty() {
-                let Some(input) = job.pending.pop_front() else {
-                    break;
-                };
-                let len = job.inputs[input].len();
-                let n = len.min(chunk);
-                if n > budget && !plan.is_empty() {
-                    // Too long for what is left of this pass: it starts the next one.
-                    job.pending.push_front(input);
-                    break;
-                }
-                let cache = SeqCache::new(self.model.cache_shape(), len, self.model.device())
-                    .map_err(inference)?;
-                job.active.push(Active {
-                    input,
-                    cache,
-                    fed: 0,
-                    sum: Vec::new(),
-                });
-                budget = budget.saturating_sub(n);
-                plan.push((job.active.len() - 1, n));
+        while *budget > 0 || may_overrun(&plan) {
+            let Some(input) = job.pending.pop_front() else {
+                break;
+            };
+            let len = job.inputs[input].len();
+            let n = len.min(chunk);
+            if n > *budget && !may_overrun(&plan) {
+                // Too long for what is left of this pass: it starts a later one.
+                job.pending.push_front(input);
+                break;
             }
+            let cache = SeqCache::new(self.model.cache_shape(), len, self.model.device())
+                .map_err(inference)?;
+            job.active.push(Active {
+                input,
+                cache,
+                fed: 0,
+                sum: Vec::new(),
+            });
+            *budget = budget.saturating_sub(n);
+            plan.push((job.active.len() - 1, n));
+        }
+        Ok(plan)
+    }
+
+    /// One forward pass over `jobs`, in order, while the pass's row budget (`prefill_chunk`)
+    /// lasts (the first job's next chunk always runs): many small embedding requests (one per
+    /// task of a bulk prediction) share a pass as scoring jobs do. Answers, per job, whether
+    /// it is done; a failed forward fails them all (their caches are in an unknown state).
+    pub(crate) fn embed_pass_many(
+        &mut self,
+        jobs: &mut [&mut EmbedJob],
+    ) -> Result<Vec<bool>, EngineError> {
+        let chunk = self.prefill_chunk.max(1);
+        let mut budget = chunk;
+        let mut plans: Vec<Vec<(usize, usize)>> = Vec::with_capacity(jobs.len());
+        for (k, job) in jobs.iter_mut().enumerate() {
+            let plan = if k > 0 && budget == 0 {
+                Vec::new()
+            } else {
+                self.plan_embed(job, chunk, &mut budget, k == 0)?
+            };
+            plans.push(plan);
         }
         let pooled = {
-            let EmbedJob { inputs, active, .. } = &mut *job;
-            let mut wanted = plan.iter().peekable();
-            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
-            for (i, a) in active.iter_mut().enumerate() {
-                let Some(&&(pi, n)) = wanted.peek() else {
-                    break;
-                };
-                if pi != i {
-                    continue;
+            let mut segments: Vec<Segment<'_>> = Vec::new();
+            for (job, plan) in jobs.iter_mut().zip(&plans) {
+                let EmbedJob { inputs, active, .. } = &mut **job;
+                let mut wanted = plan.iter().peekable();
+                for (i, a) in active.iter_mut().enumerate() {
+                    let Some(&&(pi, n)) = wanted.peek() else {
+                        break;
+                    };
+                    if pi != i {
+                        continue;
+                    }
+                    wanted.next();
+                    segments.push(Segment {
+                        cache: &mut a.cache,
+                        tokens: &inputs[a.input][a.fed..a.fed + n],
+                        want: Want::Pooled,
+                        prompt: true,
+                    });
                 }
-                wanted.next();
-                segments.push(Segment {
-                    cache: &mut a.cache,
-                    tokens: &inputs[a.input][a.fed..a.fed + n],
-                    want: Want::Pooled,
-                    prompt: true,
-                });
             }
             self.model.forward(&mut segments).map_err(inference)?
         };
-        job.passes += 1;
         self.metrics
             .prompt_tokens
-            .increment(plan.iter().map(|&(_, n)| n as u64).sum());
-        for (&(i, n), sum) in plan.iter().zip(pooled) {
-            let sum = sum
-                .ok_or_else(|| EngineError::Inference("a pooled row is missing".into()))?
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(inference)?;
-            let a = &mut job.active[i];
-            if a.sum.is_empty() {
-                a.sum = sum;
-            } else {
-                a.sum.iter_mut().zip(&sum).for_each(|(s, x)| *s += x);
+            .increment(plans.iter().flatten().map(|&(_, n)| n as u64).sum());
+        let mut pooled = pooled.into_iter();
+        let mut done = Vec::with_capacity(jobs.len());
+        for (job, plan) in jobs.iter_mut().zip(&plans) {
+            if !plan.is_empty() {
+                job.passes += 1;
             }
-            a.fed += n;
-        }
-        let mut i = 0;
-        while i < job.active.len() {
-            let len = job.inputs[job.active[i].input].len();
-            if job.active[i].fed == len {
-                let a = job.active.swap_remove(i);
-                job.done[a.input] = Some(Embedding {
-                    vector: unit_mean(a.sum, len),
-                    tokens: len,
-                });
-            } else {
-                i += 1;
+            for &(i, n) in plan {
+                let sum = pooled
+                    .next()
+                    .flatten()
+                    .ok_or_else(|| EngineError::Inference("a pooled row is missing".into()))?
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(inference)?;
+                let a = &mut job.active[i];
+                if a.sum.is_empty() {
+                    a.sum = sum;
+                } else {
+                    a.sum.iter_mut().zip(&sum).for_each(|(s, x)| *s += x);
+                }
+                a.fed += n;
             }
-        }
-        // `swap_remove` moved texts around: keep them in input order, so that every pass
-        // plans them the same way.
-        job.active.sort_by_key(|a| a.input);
-        let done = job.is_done();
-        if done {
-            tracing::debug!(
-                passes = job.passes,
-                total_ms = job.enqueued.elapsed().as_millis() as u64,
-                "embeddings done"
-            );
+            let mut i = 0;
+            while i < job.active.len() {
+                let len = job.inputs[job.active[i].input].len();
+                if job.active[i].fed == len {
+                    let a = job.active.swap_remove(i);
+                    job.done[a.input] = Some(Embedding {
+                        vector: unit_mean(a.sum, len),
+                        tokens: len,
+                    });
+                } else {
+                    i += 1;
+                }
+            }
+            // `swap_remove` moved texts around: keep them in input order, so that every pass
+            // plans them the same way.
+            job.active.sort_by_key(|a| a.input);
+            let finished = job.is_done();
+            if finished {
+                let _embed = job.span.enter();
+                tracing::debug!(
+                    passes = job.passes,
+                    total_ms = job.enqueued.elapsed().as_millis() as u64,
+                    "embeddings done"
+                );
+            }
+            done.push(finished);
         }
         Ok(done)
     }
 
-    /// The embedding jobs' part of a turn: the first that may run (only interactive ones when
-    /// `interactive`) advances one pass and goes to the back of the line; a finished or failed
-    /// job is answered.
+    /// The embedding jobs' part of a turn: the jobs that may run (only interactive ones when
+    /// `interactive`), in order, share one pass while its row budget lasts; finished or failed
+    /// jobs are answered, the others wait for the next turn in their places.
     pub(crate) fn embed_turn(&mut self, jobs: &mut VecDeque<EmbedJob>, interactive: bool) {
-        let Some(at) = jobs
-            .iter()
-            .position(|j| !interactive || j.priority == Priority::Interactive)
-        else {
+        let eligible: Vec<usize> = (0..jobs.len())
+            .filter(|&i| !interactive || jobs[i].priority == Priority::Interactive)
+            .collect();
+        if eligible.is_empty() {
             return;
+        }
+        let outcome = {
+            let mut chosen: Vec<&mut EmbedJob> = jobs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| eligible.contains(i))
+                .map(|(_, j)| j)
+                .collect();
+            crate::scheduler::guarded(|| self.embed_pass_many(&mut chosen))
         };
-        let mut job = jobs.remove(at).expect("the position was just found");
-        match crate::scheduler::guarded(|| self.embed_pass(&mut job)) {
-            Ok(true) => {
-                let EmbedJob { reply, done, .. } = job;
-                let _ = reply.send(Ok(done.into_iter().flatten().collect()));
+        match outcome {
+            Ok(done) => {
+                for (&i, finished) in eligible.iter().zip(done).rev() {
+                    if finished {
+                        let job = jobs.remove(i).expect("an eligible index");
+                        let EmbedJob { reply, done, .. } = job;
+                        let _ = reply.send(Ok(done.into_iter().flatten().collect()));
+                    }
+                }
             }
-            Ok(false) => jobs.push_back(job),
             Err(e) => {
-                let _ = job.reply.send(Err(e));
+                let message = e.to_string();
+                for &i in eligible.iter().rev() {
+                    let job = jobs.remove(i).expect("an eligible index");
+                    let _ = job.reply.send(Err(EngineError::Inference(message.clone())));
+                }
             }
         }
     }
@@ -261,6 +323,62 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(diff < 2e-3, "max difference {diff}");
+    }
+
+    /// Many one-text jobs (a bulk prediction embeds each task alone) share one pass: a turn
+    /// answers all that fit its row budget, each with the vector it gets alone, bit for bit.
+    #[test]
+    fn small_jobs_share_a_pass_and_get_their_own_vectors() {
+        let Some((mut w, tok)) = scheduler(true) else {
+            return;
+        };
+        w.prefill_chunk = 512;
+        let texts = [
+            "Is this spam?",
+            "Where is Peru?",
+            "Who wrote Hamlet, and when?",
+        ];
+        let job = |text: &str| {
+            let (reply, rx) = oneshot::channel();
+            let tokens = tok.encode_plain(text).unwrap();
+            (
+                EmbedJob::new(vec![tokens], Priority::Bulk, Instant::now(), reply),
+                rx,
+            )
+        };
+        let alone: Vec<Vec<f32>> = texts
+            .iter()
+            .map(|t| {
+                let (mut j, _rx) = job(t);
+                assert!(w.embed_pass(&mut j).unwrap(), "one pass alone");
+                j.done[0].take().unwrap().vector
+            })
+            .collect();
+        let mut queue = VecDeque::new();
+        let mut answers = Vec::new();
+        for t in texts {
+            let (j, rx) = job(t);
+            queue.push_back(j);
+            answers.push(rx);
+        }
+        w.embed_turn(&mut queue, false);
+        assert!(queue.is_empty(), "every job answered after one turn");
+        for (mut rx, vector) in answers.into_iter().zip(alone) {
+            let got = rx.try_recv().unwrap().unwrap();
+            assert_eq!(got[0].vector, vector, "the same vector as alone");
+        }
+        // With a budget of one text per pass, the next job waits its turn.
+        w.prefill_chunk = tok.encode_plain("Is this spam?").unwrap().len();
+        let (first, mut first_rx) = job("Is this spam?");
+        let (second, mut second_rx) = job("Where is Peru?");
+        let mut queue = VecDeque::from([first, second]);
+        w.embed_turn(&mut queue, false);
+        assert_eq!(queue.len(), 1, "one job per pass of its size");
+        assert!(first_rx.try_recv().is_ok(), "the first job finishes first");
+        while !queue.is_empty() {
+            w.embed_turn(&mut queue, false);
+        }
+        assert!(second_rx.try_recv().unwrap().is_ok());
     }
 
     #[test]
