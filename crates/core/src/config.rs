@@ -114,6 +114,15 @@ pub struct MlBackendConfig {
     pub text_max_tokens: usize,
     /// Ground-truth examples (the most similar) shown before each task; 0 turns few-shot off.
     pub few_shot_examples: usize,
+    /// Learn a classifier for each closed control (single `Choices`, small `Rating` and
+    /// `Number`) from the project's annotations in the shared store, used while it beats
+    /// zero-shot on held-out annotations.
+    pub learn: bool,
+    /// Seconds between trainings of one project: annotations arriving meanwhile are learned
+    /// in the next one (and START_TRAINING or a new `/predict` after that starts it).
+    pub learn_debounce_seconds: f64,
+    /// Annotations one training reads at most (the newest tasks'), bounding its time and memory.
+    pub learn_max_annotations: usize,
     /// Predictions kept in memory for the next request (least recently made dropped first).
     pub cache_entries: usize,
     /// Tasks waiting for or running a prediction at most; a `/predict` that would queue more
@@ -144,6 +153,9 @@ impl Default for MlBackendConfig {
             concurrent_tasks: 0,
             text_max_tokens: 48,
             few_shot_examples: 4,
+            learn: true,
+            learn_debounce_seconds: 10.0,
+            learn_max_annotations: 5_000,
             cache_entries: 100_000,
             max_pending_tasks: 10_000,
             max_choices: 1_000,

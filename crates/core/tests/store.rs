@@ -474,7 +474,102 @@ async fn files_in_use_are_not_deleted(store: Store) {
     assert!(store.get_file("file-in").await.unwrap().is_none());
 }
 
+/// What the ML backend's learning reads and writes: one annotation per task (ground truth
+/// first, cancelled ones never), newest tasks first and bounded; a cheap state that changes
+/// with the annotations; classifiers replaced whole per project.
+async fn learning_reads_annotations_and_replaces_models(store: Store) {
+    use batchlab_core::store::LearnedModel;
+    use serde_json::json;
+    let config = batchlab_core::config::Config::default();
+    let curation = batchlab_core::curation::Curation::new(
+        store.clone(),
+        config.curation.clone(),
+        config.label_studio.instance.clone(),
+    );
+    let schema = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices></View>"#;
+    let event = |id: i64,
+                 task: i64,
+                 choice: &str,
+                 ground_truth: bool,
+                 cancelled: bool,
+                 at: &str| {
+        serde_json::to_vec(&json!({"action": "ANNOTATION_CREATED", "project": {"id": 5},
+            "task": {"id": task, "project": 5, "data": {"text": format!("task {task}")}},
+            "annotation": {"id": id, "task": task, "project": 5, "was_cancelled": cancelled, "ground_truth": ground_truth,
+                "created_at": at, "updated_at": at,
+                "result": [{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": [choice]}}]}}))
+        .unwrap()
+    };
+    let created = json!({"action": "PROJECT_CREATED", "project": {"id": 5, "title": "p", "label_config": schema}});
+    curation
+        .ingest(&serde_json::to_vec(&created).unwrap())
+        .await
+        .unwrap();
+    for body in [
+        event(1, 1, "a", false, false, "2026-12-05T10:00:00Z"),
+        event(2, 1, "b", true, false, "2026-12-05T10:00:01Z"),
+        event(3, 2, "a", false, false, "2026-12-05T10:00:02Z"),
+        event(4, 3, "b", false, true, "2026-12-05T10:00:03Z"),
+    ] {
+        curation.ingest(&body).await.unwrap();
+    }
+    while curation.process_pending().await.unwrap() > 0 {}
+    let instance = config.label_studio.instance.as_str();
+
+    let state = store.annotation_state(instance, 5).await.unwrap();
+    assert_eq!(
+        state.annotations, 3,
+        "the cancelled one is not learned from"
+    );
+    assert!(state.newest_us > 0);
+    let rows = store.training_annotations(instance, 5, 10).await.unwrap();
+    let got: Vec<(i64, bool, bool)> = rows
+        .iter()
+        .map(|r| (r.task_id, r.ground_truth, r.result.contains("\"b\"")))
+        .collect();
+    assert_eq!(got, vec![(2, false, false), (1, true, true)], "{rows:?}");
+    assert!(rows[0].data.contains("task 2"));
+    assert_eq!(
+        store
+            .training_annotations(instance, 5, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let model = |control: &str| LearnedModel {
+        control: control.into(),
+        config_hash: "h".into(),
+        fingerprint: "3:1".into(),
+        classifier: "{}".into(),
+        evaluation: "{}".into(),
+        trained_at: 0,
+    };
+    store
+        .save_learned_models(instance, 5, &[model("c"), model("d")])
+        .await
+        .unwrap();
+    store
+        .save_learned_models(instance, 6, &[model("c")])
+        .await
+        .unwrap();
+    store
+        .save_learned_models(instance, 5, &[model("d")])
+        .await
+        .unwrap();
+    let five = store.learned_models(instance, 5).await.unwrap();
+    assert_eq!(
+        five.iter().map(|m| m.control.as_str()).collect::<Vec<_>>(),
+        ["d"]
+    );
+    assert!(five[0].trained_at > 0, "stamped on save");
+    assert_eq!(store.learned_models(instance, 6).await.unwrap().len(), 1);
+    assert!(store.learned_models("other", 5).await.unwrap().is_empty());
+}
+
 batchlab_core::on_both_backends!(
+    learning_reads_annotations_and_replaces_models,
     files_round_trip_and_page,
     batches_are_created_listed_and_cancelled,
     leases_give_each_batch_to_one_worker,

@@ -19,7 +19,7 @@ use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::store::Store;
 use batchlab_inference::engine::{ChatRequest, Engine, SamplingParams};
 use batchlab_inference::predict::examples::{Example, ExampleSet};
-use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors};
+use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors, Teaching};
 use batchlab_ml_backend::slot::EngineSlot;
 use batchlab_ml_backend::{router, MlState};
 use serde_json::{json, Value};
@@ -613,7 +613,11 @@ async fn protocol(config: Config, engine: Engine, trec: PathBuf) {
             async move {
                 let d = json!({"text": text});
                 let shots = set.most_similar(tc, &d, Some(1000 + i as i64), options.examples);
-                let p = predict_task(&engine, tc, &d, &shots, None, options, priors)
+                let teaching = Teaching {
+                    examples: &shots,
+                    ..Teaching::default()
+                };
+                let p = predict_task(&engine, tc, &d, &teaching, options, priors)
                     .await
                     .unwrap();
                 p.result[0].value["choices"][0]

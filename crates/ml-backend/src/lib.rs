@@ -1,11 +1,13 @@
 //! batchlab-ml-backend: Label Studio's ML backend protocol. Routes only; one module per
 //! capability (`setup`, `predict`, `webhook`, `chat`, `embeddings`, `auth`), the engine slot (`slot`),
-//! per-project prompt context (`project`), one error type (`error`).
+//! per-project prompt context (`project`), learning from annotations (`learning`), one error
+//! type (`error`).
 
 pub mod auth;
 pub mod chat;
 pub mod embeddings;
 pub mod error;
+pub mod learning;
 pub mod predict;
 pub mod project;
 pub mod setup;
@@ -43,6 +45,8 @@ pub struct MlState {
     pub templates: project::Templates,
     /// Prediction jobs and the prediction cache.
     pub jobs: predict::Jobs,
+    /// Classifiers learned from each project's annotations.
+    pub learning: learning::Learning,
     versions: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -78,6 +82,7 @@ impl MlState {
             curation: None,
             templates,
             jobs,
+            learning: learning::Learning::default(),
             versions: Arc::default(),
         })
     }

@@ -28,7 +28,9 @@ use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::prediction_key::{cache_key, IMPORTED};
 use batchlab_core::store::{CachedPrediction, Store};
 use batchlab_inference::engine::Priority;
-use batchlab_inference::predict::task::{engine_requests, predict_task, PredictOptions, Priors};
+use batchlab_inference::predict::task::{
+    engine_requests, predict_task, PredictOptions, Priors, Teaching,
+};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
@@ -225,7 +227,7 @@ impl Jobs {
     }
 
     /// The content-free priors shared by every job.
-    fn priors(&self) -> Arc<Priors> {
+    pub(crate) fn priors(&self) -> Arc<Priors> {
         self.inner.priors.clone()
     }
 
@@ -729,12 +731,16 @@ async fn run_task(job: TaskJob, priority: Priority, data: Value, task_id: Option
             .examples
             .most_similar(&config, &data, task_id, options.examples)
     };
+    let teaching = Teaching {
+        examples: &examples,
+        template: context.template.as_deref(),
+        classifiers: Some(&context.learned.classifiers),
+    };
     let prediction = predict_task(
         &engine.with_priority(priority),
         &config,
         &data,
-        &examples,
-        context.template.as_deref(),
+        &teaching,
         &options,
         &priors,
     )
@@ -824,7 +830,8 @@ impl MlState {
 
 /// `GET /status`: whether the model is loaded and how far the predictions are: the jobs of all
 /// projects together (`predictions`) and each project's (`projects`, by id, 0 when Label
-/// Studio named none: [`ProjectProgress`]).
+/// Studio named none: [`ProjectProgress`]), and what each project has learned from its
+/// annotations (`learning`, by id: [`LearningReport`](crate::learning::LearningReport)).
 pub async fn status(State(state): State<MlState>) -> Json<Value> {
     let model = match state.engine.now() {
         ModelState::Loading => json!({"state": "loading"}),
@@ -839,7 +846,12 @@ pub async fn status(State(state): State<MlState>) -> Json<Value> {
         .into_iter()
         .map(|(id, p)| (id.to_string(), p))
         .collect();
-    Json(json!({"model": model, "predictions": state.jobs.counts(), "projects": projects}))
+    Json(json!({
+        "model": model,
+        "predictions": state.jobs.counts(),
+        "projects": projects,
+        "learning": state.learning.reports(),
+    }))
 }
 
 #[cfg(test)]

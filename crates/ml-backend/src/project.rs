@@ -1,17 +1,19 @@
 //! What predictions for one Label Studio project depend on, beside the model: the labeling
 //! config, the prompt template (set through the ML backend's `extra_params` in Label Studio,
 //! announced by `/setup`) and the ground-truth examples (from the shared store, where
-//! batchlab-api records annotations arriving by webhook). `/setup` and `/predict` both derive
-//! the `model_version` here, so the two always agree.
+//! batchlab-api records annotations arriving by webhook), and the classifiers learned from its
+//! annotations (`learning`). `/setup` and `/predict` both derive the `model_version` here, so
+//! the two always agree.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use batchlab_core::labelstudio::config::LabelConfig;
-use batchlab_core::labelstudio::version::prediction_version;
+use batchlab_core::labelstudio::version::{fnv1a64, prediction_version};
 use batchlab_inference::predict::examples::ExampleSet;
 use serde_json::Value;
 
+use crate::learning::Learned;
 use crate::MlState;
 
 /// Prompt templates by project id, as the last `/setup` announced them: at most `capacity`
@@ -118,8 +120,19 @@ pub struct ProjectContext {
     pub template: Option<String>,
     /// The project's ground-truth examples (empty when few-shot is off or nothing is stored).
     pub examples: ExampleSet,
+    /// The classifiers learned from the project's annotations.
+    pub learned: Learned,
     /// The `model_version` of predictions made in this context.
     pub version: String,
+}
+
+/// One fingerprint of the examples and the learned classifiers (0 when there are neither, so a
+/// project that taught nothing keeps the plain model version).
+fn teaching_fingerprint(examples: u32, learned: u32) -> u32 {
+    if learned == 0 {
+        return examples;
+    }
+    (fnv1a64(format!("{examples:08x}:{learned:08x}").as_bytes()) as u32) | 1
 }
 
 impl MlState {
@@ -149,16 +162,21 @@ impl MlState {
                 }
             }
         }
+        let learned = match project {
+            Some(project) => self.learned(project, schema, template.as_deref()).await,
+            None => Learned::default(),
+        };
         let version = prediction_version(
             &self.config.engine.model_id,
             schema,
             template.as_deref(),
-            examples.fingerprint(),
+            teaching_fingerprint(examples.fingerprint(), learned.fingerprint),
         );
         self.remember_version(&version);
         ProjectContext {
             template,
             examples,
+            learned,
             version,
         }
     }

@@ -571,3 +571,162 @@ async fn openai_embeddings() {
         assert!(message.contains(expected), "{body}: {message}");
     }
 }
+
+const TOPIC_CONFIG: &str = r#"<View><Text name="t" value="$text"/><Choices name="c" toName="t" choice="single"><Choice value="a"/><Choice value="b"/></Choices></View>"#;
+
+/// Task texts of two topics the option names ("a", "b") say nothing about: zero-shot is a
+/// guess, while the embeddings tell the topics apart.
+fn topic_text(topic: usize, i: usize) -> String {
+    let pets = ["cat", "dog", "kitten", "puppy", "parrot", "hamster"];
+    let places = ["sofa", "garden", "kitchen", "window", "bed", "porch"];
+    let firms = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay"];
+    match topic {
+        0 => format!(
+            "My {} slept all afternoon on the {}.",
+            pets[i % 6],
+            places[(i / 6) % 6]
+        ),
+        _ => format!(
+            "Shares of {} fell {}% after quarterly earnings missed forecasts.",
+            firms[i % 6],
+            2 + i % 9
+        ),
+    }
+}
+
+/// Label Studio's webhook bodies for project `project` with `n` annotated tasks, alternating
+/// topics (the first four ground truth), as batchlab-api records them.
+async fn annotated_project(store: &batchlab_core::store::Store, project: i64, n: usize) {
+    let curation = batchlab_core::curation::Curation::new(
+        store.clone(),
+        Config::default().curation,
+        Config::default().label_studio.instance,
+    );
+    let created = json!({"action": "PROJECT_CREATED", "project": {"id": project, "title": "topics", "label_config": TOPIC_CONFIG}});
+    curation
+        .ingest(&serde_json::to_vec(&created).unwrap())
+        .await
+        .unwrap();
+    for i in 0..n {
+        let (id, topic) = (i as i64 + 1, i % 2);
+        let label = ["a", "b"][topic];
+        let event = json!({"action": "ANNOTATION_CREATED", "project": {"id": project},
+            "task": {"id": id, "project": project, "data": {"text": topic_text(topic, i / 2)}},
+            "annotation": {"id": id, "task": id, "project": project, "was_cancelled": false, "ground_truth": i < 4,
+                "created_at": "2026-12-05T10:00:00Z", "updated_at": "2026-12-05T10:00:00Z",
+                "result": [{"from_name": "c", "to_name": "t", "type": "choices", "value": {"choices": [label]}}]}});
+        curation
+            .ingest(&serde_json::to_vec(&event).unwrap())
+            .await
+            .unwrap();
+    }
+    while curation.process_pending().await.unwrap() > 0 {}
+}
+
+/// `/status` of `base` once project `project`'s learning has a finished training.
+async fn learned_status(base: &str, project: i64) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let status: Value = reqwest::get(format!("{base}/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let report = &status["learning"][project.to_string()];
+        if report["trained_at"].as_i64().unwrap_or(0) > 0 && report["training"] == json!(false) {
+            return report.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no training finished: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Learning from annotations: a project's annotations (recorded in the shared store) train a
+/// classifier in the background; `/status` reports held-out accuracy of zero-shot and of the
+/// classifier; a classifier that beats zero-shot answers under a new `model_version`; and it is
+/// in the store, so a restarted process predicts with it at once, without training again.
+#[tokio::test]
+async fn a_project_learns_from_its_annotations_and_keeps_what_it_learned() {
+    let db = batchlab_core::testing::TestDb::sqlite().await;
+    let project = 7;
+    annotated_project(&db.store, project, 24).await;
+    let mut c = config();
+    c.ml_backend.learn_debounce_seconds = 0.0;
+    let serve_state = |c: Config| {
+        let store = db.store.clone();
+        async move {
+            let state = MlState::new(c)
+                .unwrap()
+                .with_model(EngineSlot::ready(engine()))
+                .with_store(store);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, router(state)).await.unwrap() });
+            base
+        }
+    };
+    let fresh: Vec<(String, &str)> = (0..3)
+        .flat_map(|i| [(topic_text(0, 20 + i), "a"), (topic_text(1, 20 + i), "b")])
+        .collect();
+    let request = json!({"project": format!("{project}.1764928800"), "label_config": TOPIC_CONFIG,
+        "tasks": fresh.iter().enumerate().map(|(i, (text, _))| json!({"id": 100 + i, "data": {"text": text}})).collect::<Vec<_>>()});
+
+    let base = serve_state(c.clone()).await;
+    let (status, zero) = post(&base, "/predict", &request).await;
+    assert_eq!(status, 200, "{zero}");
+    let zero_version = zero["results"][0]["model_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let report = learned_status(&base, project).await;
+    assert_eq!(report["annotations"], json!(24), "{report}");
+    let control = &report["controls"]["c"];
+    assert_eq!(control["answered_by"], json!("learned"), "{report}");
+    assert!(
+        control["learned_accuracy"].as_f64().unwrap()
+            > control["zero_shot_accuracy"].as_f64().unwrap(),
+        "{report}"
+    );
+    assert!(control["learned_ece"].as_f64().unwrap() <= 1.0, "{report}");
+
+    let (status, learned) = post(&base, "/predict", &request).await;
+    assert_eq!(status, 200, "{learned}");
+    let version = learned["results"][0]["model_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(
+        version, zero_version,
+        "a new classifier is a new model version"
+    );
+    let right = |answer: &Value| {
+        fresh
+            .iter()
+            .zip(answer["results"].as_array().unwrap())
+            .filter(|((_, label), p)| p["result"][0]["value"]["choices"][0] == json!(label))
+            .count()
+    };
+    assert!(
+        right(&learned) >= 5,
+        "{} of 6 fresh tasks right: {learned}",
+        right(&learned)
+    );
+
+    // Restarted: the stored classifier answers at once, under the same version, and the
+    // report says when it was trained (no new training: the annotations did not change).
+    let restarted = serve_state(c).await;
+    let (status, again) = post(&restarted, "/predict", &request).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        again["results"][0]["model_version"],
+        json!(version),
+        "{again}"
+    );
+    let after = learned_status(&restarted, project).await;
+    assert_eq!(after["trained_at"], report["trained_at"], "{after}");
+    db.cleanup().await;
+}

@@ -8,6 +8,7 @@ mod batches;
 mod curation;
 mod files;
 mod imports;
+mod learned;
 mod predictions;
 
 use std::str::FromStr;
@@ -26,6 +27,7 @@ pub use curation::{
 };
 pub use files::FileRecord;
 pub use imports::ImportedLine;
+pub use learned::{AnnotationState, LearnedModel, TrainingAnnotation};
 pub use predictions::CachedPrediction;
 
 /// Which database a [`Store`] talks to.

@@ -1,5 +1,7 @@
 //! Predictions for Label Studio tasks: one task's answer from the model (`task`) and the
-//! ground-truth examples that teach it (`examples`).
+//! ground-truth examples that teach it (`examples`), and classifiers learned from annotations
+//! (`learn`).
 
 pub mod examples;
+pub mod learn;
 pub mod task;

@@ -3,12 +3,17 @@
 //!
 //! - `Choices` and `Rating` (and a `Number` with a small integer range) are **scored**: each
 //!   option's probability as the whole answer ([`Engine::score_choices`]). Small models prefer
-//!   some answers whatever the question (the first option, a short word); so each question is
-//!   also scored on a content-free copy of the task (every data field "N/A") and the option's
-//!   log-probability there is subtracted before normalising ("contextual calibration", Zhao et
-//!   al. 2021); those content-free scores are kept ([`Priors`]) and reused by every task whose
-//!   content-free question is the same (all tasks of a project without examples). A region's `score` is the chosen option's calibrated probability (for a
-//!   multiple choice, the mean over the options picked: those above an even share, 1/n).
+//!   some answers whatever the question (the first option, a short word), so the scores are
+//!   measured against a prior ([`Priors`]): the same question on a content-free copy of the task
+//!   (every data field "N/A"; "contextual calibration", Zhao et al. 2021), blended, as the
+//!   project's tasks are asked, with the mean of their own scores ("batch calibration", Zhou
+//!   et al. 2024), which removes the bias the content-free copy misses. A region's `score` is
+//!   the chosen option's probability (for a multiple choice, the mean over the options picked:
+//!   those above an even share, 1/n).
+//! - A scored control with a **classifier** learned from the project's annotations
+//!   ([`crate::predict::learn`]) is asked zero-shot and answered by the classifier, from those
+//!   calibrated scores and the task's embedding ([`task_features`] computes the same for
+//!   training), with its calibrated probability as the score.
 //! - `TextArea`, other `Number`s and `Labels` are **generated** (greedy, short). `Number`s and
 //!   larger `Rating`s are constrained to a number in range, `Labels` to a JSON list of
 //!   `{"text", "label"}` with the config's labels (structured output, [`output_constraint`]);
@@ -27,9 +32,11 @@ use futures::future::try_join_all;
 use serde_json::Value;
 
 use crate::engine::{
-    ChatMessage, ChatRequest, ChoiceQuestion, Constraint, Engine, EngineError, SamplingParams,
+    ChatMessage, ChatRequest, ChoiceQuestion, Constraint, EmbedInput, Engine, EngineError,
+    SamplingParams,
 };
 use crate::predict::examples::Example;
+use crate::predict::learn::Classifier;
 use batchlab_core::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
 use batchlab_core::labelstudio::region::{number_json, FieldValue, Region, Span};
 use batchlab_core::labelstudio::version::fnv1a64;
@@ -189,8 +196,8 @@ fn answer_text(value: &FieldValue) -> String {
     }
 }
 
-/// What the closed answers of a control are, when it is scored.
-fn candidates(control: &ControlTag) -> Option<Vec<String>> {
+/// What the closed answers of a control are, when it is scored (and so can be learned).
+pub fn candidates(control: &ControlTag) -> Option<Vec<String>> {
     match &control.kind {
         ControlKind::Choices { options, .. } => Some(options.clone()),
         ControlKind::Rating { max } if *max <= MAX_SCORED_RANGE as u32 => {
@@ -204,6 +211,27 @@ fn candidates(control: &ControlTag) -> Option<Vec<String>> {
         }
         _ => None,
     }
+}
+
+/// The option of a scored, single-answer `control` that an annotation's `value` picks (the
+/// label a classifier learns); None for a multiple choice, an open answer, or a value that is
+/// not one of the options.
+pub fn answer_option(control: &ControlTag, value: &FieldValue) -> Option<usize> {
+    let options = candidates(control)?;
+    let text = match (&control.kind, value) {
+        (
+            ControlKind::Choices {
+                multiple: false, ..
+            },
+            FieldValue::Choices(c),
+        ) if c.len() == 1 => c[0].clone(),
+        (ControlKind::Rating { .. }, FieldValue::Rating(r)) => r.to_string(),
+        (ControlKind::Number { .. }, FieldValue::Number(n)) if n.fract() == 0.0 => {
+            (*n as i64).to_string()
+        }
+        _ => return None,
+    };
+    options.iter().position(|o| *o == text)
 }
 
 /// How many engine requests [`predict_task`] has in flight at once for a task of `config`:
@@ -318,28 +346,120 @@ fn fit_body(
     Ok(body)
 }
 
-/// Predicts every control of `config` for one task's `data`, with `examples` (most similar
-/// ground truth first) shown before it and the project's prompt `template`, if any.
+/// What a project has taught the model beside its labeling config.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Teaching<'a> {
+    /// Ground-truth examples shown before the task (most similar first), for the controls no
+    /// classifier answers.
+    pub examples: &'a [&'a Example],
+    /// The project's prompt template, if any.
+    pub template: Option<&'a str>,
+    /// Classifiers learned from the project's annotations, by control name. A control with one
+    /// is asked zero-shot (no examples: the classifier was trained on zero-shot scores) and
+    /// answered by the classifier from those scores and the task's embedding.
+    pub classifiers: Option<&'a Classifiers>,
+}
+
+/// Learned classifiers by control name.
+pub type Classifiers = BTreeMap<String, Classifier>;
+
+/// What a learner reads of one task: each scored control's zero-shot log-probabilities (with
+/// the content-free and batch priors removed, normalized) and the task's embedding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskFeatures {
+    /// Zero-shot log-probabilities of each scored control's options, by control name.
+    pub zero_shot: BTreeMap<String, Vec<f64>>,
+    /// The task text's embedding (the mean of the model's final hidden states).
+    pub embedding: Vec<f32>,
+}
+
+/// Predicts every control of `config` for one task's `data`, taught by `teaching`.
 pub async fn predict_task(
     engine: &Engine,
     config: &LabelConfig,
     data: &Value,
-    examples: &[&Example],
-    template: Option<&str>,
+    teaching: &Teaching<'_>,
     options: &PredictOptions,
     priors: &Priors,
 ) -> Result<TaskPrediction, EngineError> {
+    Ok(ask(engine, config, data, teaching, options, priors, false)
+        .await?
+        .0)
+}
+
+/// The features a classifier for `config`'s scored controls learns from (and, at prediction
+/// time, reads): computed exactly as [`predict_task`] computes them for a control that has a
+/// classifier.
+pub async fn task_features(
+    engine: &Engine,
+    config: &LabelConfig,
+    data: &Value,
+    template: Option<&str>,
+    options: &PredictOptions,
+    priors: &Priors,
+) -> Result<TaskFeatures, EngineError> {
+    let teaching = Teaching {
+        template,
+        ..Teaching::default()
+    };
+    let (_, features) = ask(engine, config, data, &teaching, options, priors, true).await?;
+    Ok(features.unwrap_or(TaskFeatures {
+        zero_shot: BTreeMap::new(),
+        embedding: Vec::new(),
+    }))
+}
+
+/// One scored control of a task being asked.
+struct Scored<'c> {
+    control: &'c ControlTag,
+    options: Vec<String>,
+    /// Index of the task's question among the questions scored.
+    real: usize,
+    prior: Prior,
+    batch_key: u64,
+    /// Asked zero-shot, for a classifier (or for features).
+    zero_shot: bool,
+}
+
+/// [`predict_task`] and [`task_features`] in one: with `features`, every scored control is
+/// asked zero-shot, the task is embedded, generated controls are skipped and the features
+/// are answered too.
+async fn ask(
+    engine: &Engine,
+    config: &LabelConfig,
+    data: &Value,
+    teaching: &Teaching<'_>,
+    options: &PredictOptions,
+    priors: &Priors,
+    features: bool,
+) -> Result<(TaskPrediction, Option<TaskFeatures>), EngineError> {
+    let template = teaching.template;
     let budget = engine
         .context_length()
         .saturating_sub(ANSWER_RESERVE.max(options.text_max_tokens * 4));
     let blank = content_free(config, data);
-    // Each scored control: its options, where its scores are among the questions, and its
-    // content-free prior (known already, or the index of the question that computes it).
-    let mut scored: Vec<(&ControlTag, Vec<String>, usize, Prior)> = Vec::new();
+    let classifier = |control: &ControlTag| {
+        teaching
+            .classifiers
+            .and_then(|c| c.get(&control.name))
+            .filter(|c| c.classes == candidates(control).map_or(0, |o| o.len()))
+    };
+    let mut scored: Vec<Scored> = Vec::new();
     let mut questions = Vec::new();
     let mut generated = Vec::new();
+    // The task text the embedding is taken of (cut to fit like the questions' bodies).
+    let mut embed_body: Option<String> = None;
     for control in &config.controls {
-        let mut shots = shots_for(config, control, examples, template);
+        let options_of = candidates(control);
+        if features && options_of.is_none() {
+            continue;
+        }
+        let zero_shot = options_of.is_some() && (features || classifier(control).is_some());
+        let mut shots = if zero_shot {
+            Vec::new()
+        } else {
+            shots_for(config, control, teaching.examples, template)
+        };
         // Examples never crowd out the task: drop the least similar until it fits.
         while !shots.is_empty()
             && engine
@@ -360,8 +480,11 @@ pub async fn predict_task(
             task_body(config, data, template),
             budget,
         )?;
-        match candidates(control) {
+        match options_of {
             Some(options) => {
+                if zero_shot && embed_body.is_none() {
+                    embed_body = Some(body.clone());
+                }
                 let free = conversation(control, &shots, &task_body(config, &blank, template));
                 let key = Priors::key(&free, &options);
                 let real = questions.len();
@@ -379,7 +502,15 @@ pub async fn predict_task(
                         Prior::Asked(questions.len() - 1, key)
                     }
                 };
-                scored.push((control, options, real, prior));
+                let batch_key = Priors::batch_key(control, &options, template, !shots.is_empty());
+                scored.push(Scored {
+                    control,
+                    options,
+                    real,
+                    prior,
+                    batch_key,
+                    zero_shot,
+                });
             }
             None => generated.push((control, conversation(control, &shots, &body), body)),
         }
@@ -390,6 +521,16 @@ pub async fn predict_task(
             Ok(Vec::new())
         } else {
             engine.score_choices(questions).await
+        }
+    };
+    let embedding = async {
+        match &embed_body {
+            Some(body) => Ok(engine
+                .embed(vec![EmbedInput::Text(body.clone())])
+                .await?
+                .pop()
+                .map(|e| e.vector)),
+            None => Ok(None),
         }
     };
     let generation = try_join_all(generated.iter().map(|(control, messages, _)| {
@@ -409,22 +550,36 @@ pub async fn predict_task(
             params,
         })
     }));
-    let (scores, texts) = futures::try_join!(scoring, generation)?;
+    let (scores, embedding, texts) = futures::try_join!(scoring, embedding, generation)?;
+    let embedding = embedding.unwrap_or_default();
 
     let mut by_name: BTreeMap<&str, Vec<Region>> = BTreeMap::new();
     let mut region_scores = Vec::new();
-    for (control, options, real, prior) in &scored {
-        let free = match prior {
+    let mut zero_shot = BTreeMap::new();
+    for s in &scored {
+        let free = match &s.prior {
             Prior::Known(free) => free.clone(),
             Prior::Asked(at, key) => {
                 priors.insert(*key, scores[*at].logprobs.clone());
                 scores[*at].logprobs.clone()
             }
         };
-        let probs = calibrated(&scores[*real].logprobs, &free);
-        let (value, score) = pick(control, options, &probs);
+        let real = &scores[s.real].logprobs;
+        let (batch_mean, tasks) = priors.observe(s.batch_key, real);
+        let mut probs = calibrated(real, &blended_prior(&free, &batch_mean, tasks));
+        if s.zero_shot {
+            let z: Vec<f64> = probs.iter().map(|p| p.max(1e-300).ln()).collect();
+            if let Some(c) = classifier(s.control).filter(|c| c.fits(&z, &embedding)) {
+                probs = c.predict(&z, &embedding);
+            }
+            zero_shot.insert(s.control.name.clone(), z);
+        }
+        let (value, score) = pick(s.control, &s.options, &probs);
         region_scores.push(score);
-        by_name.insert(control.name.as_str(), control.regions(&value, Some(score)));
+        by_name.insert(
+            s.control.name.as_str(),
+            s.control.regions(&value, Some(score)),
+        );
     }
     for ((control, _, body), completion) in generated.iter().zip(texts) {
         if let Some(value) = generated_value(control, completion.text.trim(), data, config, body) {
@@ -440,7 +595,11 @@ pub async fn predict_task(
         .collect();
     let score = (!region_scores.is_empty())
         .then(|| region_scores.iter().sum::<f64>() / region_scores.len() as f64);
-    Ok(TaskPrediction { result, score })
+    let features = features.then_some(TaskFeatures {
+        zero_shot,
+        embedding,
+    });
+    Ok((TaskPrediction { result, score }, features))
 }
 
 /// A scored control's content-free log-probabilities: known from an earlier task, or asked now.
@@ -449,14 +608,41 @@ enum Prior {
     Asked(usize, u64),
 }
 
-/// Content-free log-probabilities already computed, by conversation and options. Without
-/// examples the content-free question is the same for every task of a project, so each is
-/// computed once instead of once per task. Bounded: cleared when full.
+/// What the model's answers are measured against, kept across tasks (shared by every job):
+///
+/// - **content-free** log-probabilities by conversation and options: without examples the
+///   content-free question is the same for every task of a project, so each is computed once
+///   instead of once per task;
+/// - **batch** statistics by question (the control's question, options, prompt template, and
+///   whether examples are shown, but not the task): the running mean of the normalized
+///   log-probabilities of every real task asked so far. Its mean is the model's bias on this
+///   project's own data ("batch calibration", Zhou et al. 2024), which the content-free copy
+///   only guesses at; the two are blended by how many tasks are known ([`blended_prior`]).
+///
+/// Both maps are bounded: cleared when full.
 #[derive(Debug, Default)]
-pub struct Priors(Mutex<HashMap<u64, Vec<f64>>>);
+pub struct Priors {
+    free: Mutex<HashMap<u64, Vec<f64>>>,
+    batch: Mutex<HashMap<u64, BatchMean>>,
+}
 
-/// Most content-free priors kept.
+/// Most content-free priors (and batch statistics) kept.
 const MAX_PRIORS: usize = 4096;
+
+/// How many real tasks the content-free prior counts as, in the blend: after that many tasks of
+/// a question the batch mean has half the say, after ten times that it has 91 %.
+pub const CONTENT_FREE_WEIGHT: f64 = 16.0;
+
+/// Tasks after which the batch mean stops growing its memory and becomes a moving average
+/// (so a project whose data drifts is followed).
+const MAX_BATCH_MEMORY: f64 = 10_000.0;
+
+/// The running mean of one question's normalized log-probabilities over real tasks.
+#[derive(Clone, Debug, Default)]
+struct BatchMean {
+    mean: Vec<f64>,
+    tasks: f64,
+}
 
 impl Priors {
     fn key(messages: &[ChatMessage], options: &[String]) -> u64 {
@@ -471,8 +657,25 @@ impl Priors {
         fnv1a64(text.as_bytes())
     }
 
+    /// The key of a question's batch statistics: what every task of a project asks alike.
+    fn batch_key(
+        control: &ControlTag,
+        options: &[String],
+        template: Option<&str>,
+        with_examples: bool,
+    ) -> u64 {
+        let text = format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}",
+            control_question(control),
+            options.join("\u{2}"),
+            template.unwrap_or_default(),
+            with_examples
+        );
+        fnv1a64(text.as_bytes())
+    }
+
     fn get(&self, key: u64) -> Option<Vec<f64>> {
-        self.0
+        self.free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
@@ -480,12 +683,53 @@ impl Priors {
     }
 
     fn insert(&self, key: u64, logprobs: Vec<f64>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_PRIORS {
             map.clear();
         }
         map.insert(key, logprobs);
     }
+
+    /// Counts one real task's log-probabilities into question `key`'s batch mean; answers the
+    /// mean (this task included) and how many tasks it holds.
+    fn observe(&self, key: u64, logprobs: &[f64]) -> (Vec<f64>, f64) {
+        let normalized = log_softmax(logprobs);
+        let mut map = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_PRIORS && !map.contains_key(&key) {
+            map.clear();
+        }
+        let stats = map.entry(key).or_default();
+        if stats.mean.len() != normalized.len() {
+            *stats = BatchMean {
+                mean: vec![0.0; normalized.len()],
+                tasks: 0.0,
+            };
+        }
+        stats.tasks = (stats.tasks + 1.0).min(MAX_BATCH_MEMORY);
+        for (m, x) in stats.mean.iter_mut().zip(&normalized) {
+            *m += (x - *m) / stats.tasks;
+        }
+        (stats.mean.clone(), stats.tasks)
+    }
+}
+
+/// The prior a task's log-probabilities are measured against: the content-free prior, counted
+/// as [`CONTENT_FREE_WEIGHT`] tasks, blended with the mean over `tasks` real tasks (both
+/// normalized over the options).
+pub fn blended_prior(content_free: &[f64], batch_mean: &[f64], tasks: f64) -> Vec<f64> {
+    let free = log_softmax(content_free);
+    let w = CONTENT_FREE_WEIGHT / (CONTENT_FREE_WEIGHT + tasks);
+    free.iter()
+        .zip(batch_mean)
+        .map(|(f, b)| w * f + (1.0 - w) * b)
+        .collect()
+}
+
+/// `x − log Σ exp x`: log-probabilities normalized over the options.
+fn log_softmax(x: &[f64]) -> Vec<f64> {
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = x.iter().map(|v| (v - max).exp()).sum();
+    x.iter().map(|v| v - max - sum.ln()).collect()
 }
 
 /// Softmax of `real − free`: the options' probabilities with the model's content-free bias removed.
@@ -748,6 +992,56 @@ mod tests {
     }
 
     #[test]
+    fn batch_calibration_removes_the_bias_the_content_free_copy_misses() {
+        // The content-free copy says nothing (even), but on the project's real tasks the model
+        // prefers option 0 by 2 nats: half the tasks are "really" option 1 (by 1 nat less).
+        let priors = Priors::default();
+        let free = [-1.0, -1.0];
+        let mut answers = Vec::new();
+        for i in 0..200 {
+            let real = if i % 2 == 0 {
+                [-0.1, -3.1]
+            } else {
+                [-0.5, -1.5]
+            };
+            let (mean, tasks) = priors.observe(7, &real);
+            let p = calibrated(&real, &blended_prior(&free, &mean, tasks));
+            answers.push(usize::from(p[1] > p[0]));
+        }
+        // Content-free alone would answer 0 every time; the last hundred are balanced.
+        assert!(calibrated(&[-0.5, -1.5], &free)[0] > 0.5);
+        let late: usize = answers[100..].iter().sum();
+        assert_eq!(late, 50, "{answers:?}");
+        // The first task is measured mostly against the content-free prior.
+        let w = CONTENT_FREE_WEIGHT / (CONTENT_FREE_WEIGHT + 1.0);
+        let first = blended_prior(&[0.0, -2.0], &[-1.0, -1.0], 1.0);
+        let norm = log_softmax(&[0.0, -2.0]);
+        assert!((first[0] - (w * norm[0] - (1.0 - w))).abs() < 1e-12);
+    }
+
+    #[test]
+    fn batch_statistics_are_bounded_and_follow_drift() {
+        let priors = Priors::default();
+        for key in 0..(MAX_PRIORS as u64 + 10) {
+            priors.observe(key, &[0.0, -1.0]);
+        }
+        assert!(priors.batch.lock().unwrap().len() <= MAX_PRIORS);
+        // A question's memory stops growing: a moving average after MAX_BATCH_MEMORY tasks.
+        let mut tasks = 0.0;
+        for _ in 0..MAX_BATCH_MEMORY as usize + 5 {
+            tasks = priors.observe(1, &[0.0, -1.0]).1;
+        }
+        assert_eq!(tasks, MAX_BATCH_MEMORY);
+        let (mean, _) = priors.observe(1, &[-1.0, 0.0]);
+        let shift = log_softmax(&[-1.0, 0.0])[0] - log_softmax(&[0.0, -1.0])[0];
+        let expected = log_softmax(&[0.0, -1.0])[0] + shift / MAX_BATCH_MEMORY;
+        assert!((mean[0] - expected).abs() < 1e-9, "{mean:?}");
+        // Options of another number restart the statistics instead of mixing.
+        let (mean, tasks) = priors.observe(1, &[0.0, -1.0, -2.0]);
+        assert_eq!((mean.len(), tasks), (3, 1.0));
+    }
+
+    #[test]
     fn multiple_choice_takes_the_options_above_an_even_share() {
         let config = LabelConfig::parse(
             r#"<View><Text name="t" value="$t"/><Choices name="c" toName="t" choice="multiple">
@@ -848,5 +1142,24 @@ mod tests {
         assert_eq!(got[1].as_ref().map(Vec::len), Some(4));
         assert_eq!(got[2], None);
         assert_eq!(got[3], None);
+    }
+
+    #[test]
+    fn annotations_name_the_option_a_classifier_learns() {
+        let config = LabelConfig::parse(
+            r#"<View><Text name="t" value="$t"/><Choices name="c" toName="t"><Choice value="a"/><Choice value="b"/></Choices>
+            <Choices name="m" toName="t" choice="multiple"><Choice value="a"/><Choice value="b"/></Choices>
+            <Rating name="r" toName="t" maxRating="5"/><Number name="n" toName="t" min="0" max="3"/></View>"#,
+        )
+        .unwrap();
+        let [c, m, r, n] = [0, 1, 2, 3].map(|i| &config.controls[i]);
+        let choices = |v: &[&str]| FieldValue::Choices(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(answer_option(c, &choices(&["b"])), Some(1));
+        assert_eq!(answer_option(c, &choices(&["z"])), None);
+        assert_eq!(answer_option(c, &choices(&["a", "b"])), None);
+        assert_eq!(answer_option(m, &choices(&["a"])), None);
+        assert_eq!(answer_option(r, &FieldValue::Rating(4)), Some(3));
+        assert_eq!(answer_option(n, &FieldValue::Number(2.0)), Some(2));
+        assert_eq!(answer_option(n, &FieldValue::Number(2.5)), None);
     }
 }
