@@ -85,6 +85,10 @@ async fn main() {
     let sections = args.next().unwrap_or_else(|| "all".into());
     let mut config = Config::default();
     config.engine.model_path = model;
+    // The few-shot rows measure prompts that carry examples: a classifier learned from the
+    // same ground truth (scripts/bench-quality.sh measures those) would answer instead, and
+    // change the model version half-way.
+    config.ml_backend.learn = false;
     let engine =
         Engine::load(batchlab_inference::engine_config(&config.engine)).expect("model loads");
     println!("| metric | measured | ratio (same run) | target |");

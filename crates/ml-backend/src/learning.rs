@@ -141,6 +141,13 @@ impl MlState {
                 .projects
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            // Bounded: past `max_projects`, idle projects are forgotten (and read again from
+            // the store when asked for).
+            if !projects.contains_key(&project)
+                && projects.len() >= self.config.ml_backend.max_projects.max(1)
+            {
+                projects.retain(|_, p| p.report.training);
+            }
             let entry = projects.entry(project).or_default();
             if entry.config_hash != hash {
                 *entry = Project {
@@ -484,5 +491,34 @@ impl MlState {
         }
         cache.insert(key, f.clone());
         Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use batchlab_core::config::Config;
+
+    /// Every project id a `/predict` names gets an entry: past `ml_backend.max_projects` the
+    /// idle ones are forgotten, so made-up project ids cannot grow memory without bound.
+    #[tokio::test]
+    async fn projects_remembered_are_bounded() {
+        let db = batchlab_core::testing::TestDb::sqlite().await;
+        let mut config = Config::default();
+        config.ml_backend.max_projects = 3;
+        let state = MlState::new(config).unwrap().with_store(db.store.clone());
+        for project in 0..50 {
+            let learned = state.learned(project, "<View/>", None).await;
+            assert_eq!(learned.fingerprint, 0);
+            let len = state.learning.projects.lock().unwrap().len();
+            assert!(len <= 3, "{len} projects remembered");
+        }
+        assert!(state.learning.schedule(1, 2));
+        assert!(!state.learning.schedule(1, 2), "one waiting training per project");
+        assert!(state.learning.schedule(2, 2));
+        assert!(!state.learning.schedule(3, 2), "at most the limit waiting");
+        state.learning.unschedule(1);
+        assert!(state.learning.schedule(3, 2));
+        db.cleanup().await;
     }
 }
