@@ -51,6 +51,10 @@ pub enum ApiError {
     /// freed.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// The object storage could not be reached (503 with `Retry-After`; logged): nothing of
+    /// this request was kept.
+    #[error("object storage unavailable")]
+    StorageUnavailable(#[source] BlobError),
     /// The database failed (500; logged, answered without details).
     #[error("database error")]
     Store(#[from] StoreError),
@@ -94,7 +98,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy(_) | Self::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ if self.database_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) | Self::Blob(_) | Self::Curation(_) | Self::Encode(_) => {
@@ -144,6 +148,16 @@ impl IntoResponse for ApiError {
                 Some("file_too_large"),
             ),
             Self::Busy(m) => (m.clone(), "server_error", None, Some("busy")),
+            Self::StorageUnavailable(e) => {
+                let source = std::error::Error::source(e).map(ToString::to_string);
+                tracing::warn!(error = %e, source = source.as_deref().unwrap_or("-"), "object storage unavailable");
+                (
+                    "The file storage is unavailable; retry shortly.".to_string(),
+                    "server_error",
+                    None,
+                    Some("storage_unavailable"),
+                )
+            }
             Self::InsufficientStorage(m) => {
                 tracing::error!(error = %m, "file storage full");
                 (
@@ -191,11 +205,13 @@ impl From<BlobError> for ApiError {
             BlobError::InvalidId(_) | BlobError::NotFound(_) => Self::NotFound(e.to_string()),
             BlobError::Io(_) | BlobError::Store(_) if e.is_storage_full() => {
                 Self::InsufficientStorage(
-                    "The file storage is full: nothing of this request was kept. Free space under \
-                     storage.files_dir and retry."
+                    "The file storage is full: nothing of this request was kept. Free space \
+                     where files are stored (storage.files_dir, or the storage.files_url bucket) \
+                     and retry."
                         .into(),
                 )
             }
+            BlobError::Store(_) if e.is_unavailable() => Self::StorageUnavailable(e),
             BlobError::Io(_) | BlobError::Store(_) | BlobError::InvalidUrl { .. } => Self::Blob(e),
         }
     }

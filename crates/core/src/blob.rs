@@ -250,6 +250,15 @@ impl BlobStore {
     /// standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
     /// `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...), so any S3-compatible service works.
     pub fn s3(url: &str) -> Result<BlobStore, BlobError> {
+        BlobStore::s3_from(object_store::aws::AmazonS3Builder::from_env(), url)
+    }
+
+    /// [`BlobStore::s3`] with the client settings of `builder` instead of the environment's
+    /// (the bucket and the bounded retries are set here alike).
+    pub fn s3_from(
+        builder: object_store::aws::AmazonS3Builder,
+        url: &str,
+    ) -> Result<BlobStore, BlobError> {
         let invalid = |why: &str| BlobError::InvalidUrl {
             url: url.to_string(),
             why: why.to_string(),
@@ -263,8 +272,13 @@ impl BlobStore {
         }
         let prefix = ObjectPath::parse(prefix.trim_matches('/'))
             .map_err(|e| invalid(&format!("bad prefix: {e}")))?;
-        let store = object_store::aws::AmazonS3Builder::from_env()
+        let store = builder
             .with_bucket_name(bucket)
+            .with_retry(object_store::RetryConfig {
+                max_retries: S3_RETRIES,
+                retry_timeout: S3_RETRY_TIMEOUT,
+                ..object_store::RetryConfig::default()
+            })
             .build()?;
         Ok(BlobStore::object(Arc::new(store), prefix))
     }
@@ -632,7 +646,21 @@ impl Drop for BlobWriter {
     }
 }
 
+/// Retries of one object-storage request (with exponential back-off) before it fails: an
+/// outage shows as a 503 within [`S3_RETRY_TIMEOUT`] instead of the crate's 3 minutes.
+const S3_RETRIES: usize = 3;
+
+/// Longest time one object-storage request is retried for.
+const S3_RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl BlobError {
+    /// Whether the object storage could not be reached or answered a server error (its
+    /// retries spent): an outage worth a 503 and a retry, not a bug. Refusals that retrying
+    /// cannot fix (credentials, permissions, a missing bucket's configuration) are not.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, BlobError::Store(object_store::Error::Generic { .. }))
+    }
+
     /// Whether the disk (or the filesystem's quota) is full: worth a 507 and a retry once
     /// space is freed, not a bug. The `io::Error` is looked for along the whole source chain,
     /// so it is found however deep a backend wrapped it.

@@ -514,7 +514,10 @@ mod tests {
             assert!(len <= 3, "{len} projects remembered");
         }
         assert!(state.learning.schedule(1, 2));
-        assert!(!state.learning.schedule(1, 2), "one waiting training per project");
+        assert!(
+            !state.learning.schedule(1, 2),
+            "one waiting training per project"
+        );
         assert!(state.learning.schedule(2, 2));
         assert!(!state.learning.schedule(3, 2), "at most the limit waiting");
         state.learning.unschedule(1);

@@ -30,12 +30,21 @@ pub async fn start(configure: impl FnOnce(&mut Config)) -> Server {
 
 /// [`start`] over the database `db`.
 pub async fn start_on(db: TestDb, configure: impl FnOnce(&mut Config)) -> Server {
+    start_with(db, None, configure).await
+}
+
+/// [`start_on`] storing file bodies in `blobs` (a local directory when `None`).
+pub async fn start_with(
+    db: TestDb,
+    blobs: Option<BlobStore>,
+    configure: impl FnOnce(&mut Config),
+) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.storage.files_dir = dir.path().join("files");
     config.curation.training_dir = dir.path().join("training");
     configure(&mut config);
-    let blobs = BlobStore::open(&config.storage.files_dir).unwrap();
+    let blobs = blobs.unwrap_or_else(|| BlobStore::open(&config.storage.files_dir).unwrap());
     let state = AppState::new(db.store.clone(), blobs.clone(), config);
     state.start_background(&tokio_util::sync::CancellationToken::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
