@@ -73,24 +73,11 @@ fn config_xml(labels: &[&str]) -> String {
     )
 }
 
-/// A seeded shuffle (SplitMix64), the same on every machine.
-fn shuffle<T>(items: &mut [T], seed: u64) {
-    let mut state = seed;
-    for i in (1..items.len()).rev() {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        items.swap(i, (z % (i as u64 + 1)) as usize);
-    }
-}
-
 /// Row ids (line numbers) of the subset: for a balanced one, the first `per_label` distinct
 /// texts of each label in a seeded order; then shuffled together.
 fn subset(rows: &[(String, String)], d: &Dataset) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    shuffle(&mut order, 7);
+    learn::seeded_shuffle(&mut order, 7);
     let Some(per_label) = d.per_label else {
         return order;
     };
@@ -107,7 +94,7 @@ fn subset(rows: &[(String, String)], d: &Dataset) -> Vec<usize> {
             out.push(i);
         }
     }
-    shuffle(&mut out, 11);
+    learn::seeded_shuffle(&mut out, 11);
     out
 }
 

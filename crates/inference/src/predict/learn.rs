@@ -192,22 +192,27 @@ impl Classifier {
 fn fold_of(samples: &[Sample]) -> Vec<usize> {
     let k = FOLDS.min(samples.len());
     let mut order: Vec<usize> = (0..samples.len()).collect();
-    // A small deterministic shuffle (SplitMix64): reproducible folds, no random dependency.
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    for i in (1..order.len()).rev() {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        order.swap(i, (z % (i as u64 + 1)) as usize);
-    }
+    seeded_shuffle(&mut order, 0);
     order.sort_by_key(|&i| samples[i].label);
     let mut fold = vec![0; samples.len()];
     for (rank, &i) in order.iter().enumerate() {
         fold[i] = rank % k;
     }
     fold
+}
+
+/// Shuffles `items` in an order fixed by `seed` (Fisher-Yates over SplitMix64): reproducible
+/// folds and benchmark splits on every machine, without a random-number dependency.
+pub fn seeded_shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for i in (1..items.len()).rev() {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        items.swap(i, (z % (i as u64 + 1)) as usize);
+    }
 }
 
 /// Each sample's logits from a classifier fitted without its fold.
