@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prediction quality of the ML backend's closed answers, measured, not asserted: on SMS Spam (a
 # balanced subset of distinct texts) and TREC from ../shared/datasets, with 0, 20, 50, 100 and
-# 200 annotations given (seeded, evaluated on rows never given): accuracy, macro-F1 and expected
+# 200 annotations given (three seeded splits, evaluated on rows never given; means): accuracy, macro-F1 and expected
 # calibration error of batchlab's answers (zero-shot, or the classifier learned from the
 # annotations where it beats zero-shot on held-out folds), beside the majority class and
 # TF-IDF + logistic regression trained on the same rows (scikit-learn, in .venv-bench, created

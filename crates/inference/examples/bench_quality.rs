@@ -8,9 +8,10 @@
 //!
 //! Usage: bench_quality MODEL DATASETS_DIR OUT_JSON
 //!
-//! Writes, per dataset, the rows used (training pool in the order annotations are given,
-//! evaluation rows) and per N the accuracy, macro-F1 and expected calibration error, so that
-//! `scripts/bench_quality.py` can train its baselines on exactly the same rows.
+//! Writes, per dataset and split (three seeded splits of the same rows), the rows used (training
+//! pool in the order annotations are given, evaluation rows) and per N the accuracy, macro-F1
+//! and expected calibration error, so that `scripts/bench_quality.py` can train its baselines
+//! on exactly the same rows and report means over the splits.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +27,10 @@ use serde_json::{json, Value};
 
 /// Annotations given, in order.
 const GIVEN: [usize; 5] = [0, 20, 50, 100, 200];
+
+/// Seeds of the splits into annotations given and rows evaluated: every figure is the mean
+/// over these, since 20 or 50 annotations drawn at random vary a lot.
+const SPLITS: [u64; 3] = [11, 12, 13];
 
 /// Rows the features of which are computed at once (the engine batches them).
 const IN_FLIGHT: usize = 32;
@@ -74,7 +79,7 @@ fn config_xml(labels: &[&str]) -> String {
 }
 
 /// Row ids (line numbers) of the subset: for a balanced one, the first `per_label` distinct
-/// texts of each label in a seeded order; then shuffled together.
+/// texts of each label in a seeded order.
 fn subset(rows: &[(String, String)], d: &Dataset) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
     learn::seeded_shuffle(&mut order, 7);
@@ -94,7 +99,6 @@ fn subset(rows: &[(String, String)], d: &Dataset) -> Vec<usize> {
             out.push(i);
         }
     }
-    learn::seeded_shuffle(&mut out, 11);
     out
 }
 
@@ -180,7 +184,6 @@ async fn run(engine: &Engine, dir: &Path, d: &Dataset) -> Value {
         })
         .collect();
     let ids = subset(&rows, d);
-    let (pool, eval) = ids.split_at(d.pool.min(ids.len()));
     let config = LabelConfig::parse(&config_xml(d.labels)).expect("config");
     let priors = Priors::default();
     let started = Instant::now();
@@ -193,14 +196,44 @@ async fn run(engine: &Engine, dir: &Path, d: &Dataset) -> Value {
             .position(|l| *l == rows[i].1)
             .expect("a known label")
     };
-    let sample = |k: usize| Sample {
-        zero_shot: all[k].zero_shot["label"].clone(),
-        embedding: all[k].embedding.clone(),
-        label: label(ids[k]),
-        weight: 1.0,
-    };
-    let train_all: Vec<Sample> = (0..pool.len()).map(sample).collect();
-    let eval_samples: Vec<Sample> = (pool.len()..ids.len()).map(sample).collect();
+    // The features are computed once; each split deals the same rows into annotations given
+    // and rows evaluated anew.
+    let mut splits = Vec::new();
+    for seed in SPLITS {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        learn::seeded_shuffle(&mut order, seed);
+        let (pool, eval) = order.split_at(d.pool.min(order.len()));
+        let sample = |k: &usize| Sample {
+            zero_shot: all[*k].zero_shot["label"].clone(),
+            embedding: all[*k].embedding.clone(),
+            label: label(ids[*k]),
+            weight: 1.0,
+        };
+        let train_all: Vec<Sample> = pool.iter().map(sample).collect();
+        let eval_samples: Vec<Sample> = eval.iter().map(sample).collect();
+        let results = evaluate(d, seed, &train_all, &eval_samples);
+        let row_ids = |ks: &[usize]| ks.iter().map(|k| ids[*k]).collect::<Vec<_>>();
+        splits.push(json!({
+            "seed": seed,
+            "pool": row_ids(pool),
+            "eval": row_ids(eval),
+            "results": results,
+        }));
+    }
+    json!({
+        "name": d.name,
+        "file": d.file,
+        "labels": d.labels,
+        "feature_seconds": seconds,
+        "rows_per_second": ids.len() as f64 / seconds,
+        "splits": splits,
+    })
+}
+
+/// For each number of annotations given (the first of `train_all`): the classifier trained
+/// and cross-validated as the backend does, and its answers (or zero-shot's, where it does not
+/// beat zero-shot) measured on `eval_samples`.
+fn evaluate(d: &Dataset, seed: u64, train_all: &[Sample], eval_samples: &[Sample]) -> Vec<Value> {
     let gold: Vec<usize> = eval_samples.iter().map(|s| s.label).collect();
     let classes = d.labels.len();
     let zero: Vec<Vec<f64>> = eval_samples
@@ -230,7 +263,10 @@ async fn run(engine: &Engine, dir: &Path, d: &Dataset) -> Value {
             None => (zero.clone(), "zero-shot", Value::Null),
         };
         let train_seconds = t.elapsed().as_secs_f64();
-        eprintln!("{}: {n} annotations: {used} ({train_seconds:.1} s)", d.name);
+        eprintln!(
+            "{}, split {seed}: {n} annotations: {used} ({train_seconds:.1} s)",
+            d.name
+        );
         let mut m = metrics(&gold, &probs, classes);
         m["annotations"] = json!(n);
         m["used"] = json!(used);
@@ -238,16 +274,7 @@ async fn run(engine: &Engine, dir: &Path, d: &Dataset) -> Value {
         m["train_seconds"] = json!(train_seconds);
         results.push(m);
     }
-    json!({
-        "name": d.name,
-        "file": d.file,
-        "labels": d.labels,
-        "pool": pool,
-        "eval": eval,
-        "feature_seconds": seconds,
-        "rows_per_second": ids.len() as f64 / seconds,
-        "results": results,
-    })
+    results
 }
 
 #[tokio::main]
