@@ -169,13 +169,7 @@ impl Classifier {
     }
 
     fn logits(&self, zero_shot: &[f64], embedding: &[f32]) -> Vec<f64> {
-        let x = self.standardize(embedding);
-        (0..self.classes)
-            .map(|c| {
-                let w = &self.weights[c * self.dims..(c + 1) * self.dims];
-                self.alpha * zero_shot[c] + self.bias[c] + dot(w, &x)
-            })
-            .collect()
+        self.logits_std(zero_shot, &self.standardize(embedding))
     }
 
     fn standardize(&self, embedding: &[f32]) -> Vec<f64> {
@@ -309,6 +303,7 @@ fn fit(samples: &[Sample], classes: usize, penalty: f64) -> Classifier {
 }
 
 impl Classifier {
+    /// The logits for an embedding already standardized (`x`).
     fn logits_std(&self, zero_shot: &[f64], x: &[f64]) -> Vec<f64> {
         (0..self.classes)
             .map(|c| {

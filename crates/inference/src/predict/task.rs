@@ -735,10 +735,7 @@ fn log_softmax(x: &[f64]) -> Vec<f64> {
 /// Softmax of `real − free`: the options' probabilities with the model's content-free bias removed.
 pub fn calibrated(real: &[f64], free: &[f64]) -> Vec<f64> {
     let adjusted: Vec<f64> = real.iter().zip(free).map(|(r, f)| r - f).collect();
-    let max = adjusted.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let exp: Vec<f64> = adjusted.iter().map(|a| (a - max).exp()).collect();
-    let sum: f64 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
+    crate::predict::learn::softmax_t(&adjusted, 1.0)
 }
 
 /// The value and region score for a scored control from its options' probabilities.
