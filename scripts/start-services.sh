@@ -13,7 +13,7 @@
 #   BATCHLAB_LOG_DIR        where the logs go (default logs/)
 #   BATCHLAB_RUN_DIR        where the PID files go (default run/)
 #   BATCHLAB_START_TIMEOUT  seconds to wait for each service (default 120)
-# Needs only the Rust toolchain and Python 3 (for the health checks and fetching the model).
+# Needs only the Rust toolchain and Python 3 (for fetching the default model).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +31,6 @@ fi
 LOG_DIR="${BATCHLAB_LOG_DIR:-$ROOT/logs}"
 RUN_DIR="${BATCHLAB_RUN_DIR:-$ROOT/run}"
 TIMEOUT="${BATCHLAB_START_TIMEOUT:-120}"
-PYTHON="${PYTHON:-python3}"
 DEFAULT_MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL="${BATCHLAB_ENGINE__MODEL_PATH:-$DEFAULT_MODEL}"
 API_PORT="${BATCHLAB_API__PORT:-4080}"
@@ -42,7 +41,7 @@ SERVICES=(batchlab-api batchlab-ml-backend batchlab-worker)
 log() { echo "start-services: $*"; }
 die() { echo "start-services: error: $*" >&2; exit 1; }
 
-# The address to probe a service on: its bind host, or loopback for a wildcard bind.
+# The address a service is reached on: its bind host, or loopback for a wildcard bind.
 probe_host() {
   case "${1:-127.0.0.1}" in
     "" | 0.0.0.0 | "::" | "[::]") echo 127.0.0.1 ;;
@@ -80,8 +79,11 @@ for name in "${SERVICES[@]}"; do
   [[ -x "$TARGET_DIR/$name" ]] || die "$TARGET_DIR/$name is missing; did the build fail?"
 done
 
-# 3. The model.
-if [[ ! -f "$MODEL" ]]; then
+# 3. The model: a local file (the default one is fetched when missing), or hf:<owner>/<repo>/<file>
+# that the services download themselves into HF_HOME (with HF_TOKEN for gated repositories).
+if [[ "$MODEL" == hf:* ]]; then
+  log "the services fetch $MODEL from ${HF_ENDPOINT:-https://huggingface.co} on first start (raise BATCHLAB_START_TIMEOUT for a big one)"
+elif [[ ! -f "$MODEL" ]]; then
   if [[ "$MODEL" == "$DEFAULT_MODEL" || "$MODEL" == "$ROOT/$DEFAULT_MODEL" ]]; then
     log "fetching the default model ..."
     "$ROOT/scripts/fetch-model.sh"
@@ -141,50 +143,27 @@ fail() {
 # Lines the service logged since this run started it.
 new_log() { tail -c "+$((${LOG_OFFSET[$1]} + 1))" "$LOG_DIR/$1.log"; }
 
-# The ML backend's basic-auth credentials as the service reads them (BATCHLAB_ names win over
-# Label Studio's): its /health answers 401 without them, as Label Studio expects.
-ML_USER="${BATCHLAB_ML_BACKEND__BASIC_AUTH_USER:-${BASIC_AUTH_USER:-}}"
-ML_PASS="${BATCHLAB_ML_BACKEND__BASIC_AUTH_PASS:-${BASIC_AUTH_PASS:-}}"
-
-# URL [USER PASS] -> exit 0 when it answers 200. Credentials travel through the environment of
-# the probe, never its command line.
-http_ok() {
-  PROBE_USER="${2:-}" PROBE_PASS="${3:-}" "$PYTHON" - "$1" <<'PY' 2>/dev/null
-import base64, os, sys, urllib.request
-request = urllib.request.Request(sys.argv[1])
-user, password = os.environ.get("PROBE_USER", ""), os.environ.get("PROBE_PASS", "")
-if user and password:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-try:
-    with urllib.request.urlopen(request, timeout=2) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:
-    sys.exit(1)
-PY
-}
-
-wait_http() {
-  local name="$1" url="$2" user="${3:-}" pass="${4:-}" pid deadline=$((SECONDS + TIMEOUT))
+# NAME -> waits until the service's own `healthcheck` subcommand passes: it reads the same
+# configuration (host, port, the ML backend's basic auth) and asks /health for a 200, which the
+# ML backend and the worker answer once their model is loaded.
+wait_healthy() {
+  local name="$1" pid deadline=$((SECONDS + TIMEOUT))
   pid="$(cat "$RUN_DIR/$name.pid")"
-  until http_ok "$url" "$user" "$pass"; do
-    running "$pid" "$name" || fail "$name" "exited before $url answered"
-    ((SECONDS < deadline)) || fail "$name" "did not answer $url within ${TIMEOUT}s"
+  until "$TARGET_DIR/$name" healthcheck >/dev/null 2>&1; do
+    running "$pid" "$name" || fail "$name" "exited before its /health answered"
+    ((SECONDS < deadline)) || fail "$name" "did not answer /health with 200 within ${TIMEOUT}s: $("$TARGET_DIR/$name" healthcheck 2>&1 | tail -n 1)"
     sleep 0.5
   done
-  log "$name is up: $url"
+  log "$name is up"
 }
-
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found (needed for the health checks)"
 
 # The API first: it creates the database and runs the migrations before the worker connects.
 start batchlab-api
-wait_http batchlab-api "http://$API_HOST:$API_PORT/health"
+wait_healthy batchlab-api
 start batchlab-ml-backend
-wait_http batchlab-ml-backend "http://$ML_HOST:$ML_PORT/health" "$ML_USER" "$ML_PASS"
+wait_healthy batchlab-ml-backend
 start batchlab-worker
-# Its /health answers once the model is loaded and the database answers.
-wait_http batchlab-worker "http://$WORKER_HOST:$WORKER_PORT/health"
+wait_healthy batchlab-worker
 
 trap - EXIT
 cat <<EOF

@@ -1,5 +1,5 @@
 //! Command line of `batchlab-api`: `serve` (the default, also with no subcommand),
-//! `setup-label-studio` and `reconcile-label-studio`.
+//! `setup-label-studio`, `reconcile-label-studio`, `healthcheck` and `config`.
 
 use std::path::PathBuf;
 
@@ -45,6 +45,16 @@ pub enum Command {
     /// itself; a running batchlab-api is no obstacle). Prints a JSON report; exits 0 when the
     /// two sides agree afterwards, 3 when they still differ, 1 on an error.
     ReconcileLabelStudio(ReconcileArgs),
+    /// Ask the running API's `/health` on its configured address; exit 0 when it answers 200
+    /// (a container's health check: the image has no curl).
+    Healthcheck,
+    /// Print every configuration key with its default, its environment variable and what it
+    /// does (a Markdown table; the README's configuration reference is this output).
+    Config {
+        /// Print a JSON array of `{key, env, default, doc}` instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of `reconcile-label-studio`.

@@ -1,6 +1,7 @@
 //! batchlab-api: serves the OpenAI-compatible Batch API on port 4080 (`batchlab-api [serve]`),
 //! connects Label Studio to batchlab (`batchlab-api setup-label-studio`) and repairs what lost
-//! webhooks left out (`batchlab-api reconcile-label-studio --project N`).
+//! webhooks left out (`batchlab-api reconcile-label-studio --project N`); `healthcheck` asks a
+//! running one's `/health` and `config` prints the configuration reference.
 
 use anyhow::Context;
 use batchlab_api::cli::{Args, Command, ReconcileArgs, SetupArgs};
@@ -16,8 +17,29 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Config { json }) = &args.command {
+        let settings = batchlab_core::config::reference::settings();
+        if *json {
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+        } else {
+            print!(
+                "{}",
+                batchlab_core::config::reference::markdown_table(&settings)
+            );
+        }
+        return Ok(());
+    }
     let config = args.config_args().init()?;
     match &args.command {
+        Some(Command::Config { .. }) => Ok(()),
+        Some(Command::Healthcheck) => {
+            let api = &config.api;
+            if let Err(e) = batchlab_core::http::healthcheck(&api.host, api.port, None).await {
+                eprintln!("batchlab-api healthcheck: {e}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         None | Some(Command::Serve) => serve(config).await,
         Some(Command::SetupLabelStudio(setup)) => {
             if let Err(message) = setup_label_studio(&config, setup).await {

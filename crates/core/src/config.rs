@@ -9,15 +9,18 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::secret::Secret;
+
+pub mod reference;
 
 /// Where the default configuration file lives, relative to the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 
 /// Everything a batchlab binary can be configured with.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The OpenAI-compatible Batch API service.
@@ -43,7 +46,7 @@ pub struct Config {
 }
 
 /// Settings of `batchlab-api`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Address to bind.
@@ -85,7 +88,7 @@ impl Default for ApiConfig {
 }
 
 /// Settings of `batchlab-ml-backend`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MlBackendConfig {
     /// Address to bind.
@@ -188,7 +191,7 @@ impl MlBackendConfig {
 }
 
 /// Settings of `batchlab-worker`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Identifies this worker in leases; empty means `<hostname>-<pid>-<random>`.
@@ -225,7 +228,7 @@ impl Default for WorkerConfig {
 }
 
 /// The database every binary shares.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `sqlite://path` (embedded default) or `postgres://user@host/db` (production, several workers).
@@ -251,7 +254,7 @@ impl Default for DatabaseConfig {
 }
 
 /// Where file bodies (batch inputs, outputs, error files) live.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Directory that holds uploaded and generated file bodies (the embedded default; one
@@ -274,7 +277,7 @@ impl Default for StorageConfig {
 }
 
 /// The inference engine's model and limits.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineSettings {
     /// The model to serve: a local GGUF file, or `hf:<owner>/<repo>/<file>[@<revision>]`
@@ -336,7 +339,7 @@ impl Default for EngineSettings {
 }
 
 /// Limits on batch input files (OpenAI's: 200 MB and 50,000 requests).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchLimits {
     /// Largest batch input file in bytes.
@@ -363,7 +366,7 @@ impl Default for BatchLimits {
 }
 
 /// Label Studio's address and credentials, and the shared secret of its webhook.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LabelStudioConfig {
     /// Label Studio's base URL (environment `LABEL_STUDIO_URL`).
@@ -372,6 +375,7 @@ pub struct LabelStudioConfig {
     /// batchlab holds is keyed by (instance, id), since a second or re-created Label Studio
     /// hands the same ids out again. Webhooks to `/v1/webhooks/label-studio` and curation
     /// routes without `?instance=` use it. Give a re-created Label Studio a new name.
+    #[schemars(with = "String")]
     pub instance: crate::labelstudio::instance::Instance,
     /// A legacy token or a personal access token (environment `LABEL_STUDIO_API_KEY`).
     pub api_key: Option<Secret>,
@@ -405,10 +409,12 @@ impl Default for LabelStudioConfig {
 }
 
 /// Where curated exports go and when they are written.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CurationConfig {
-    /// Directory of `project_{id}_export.json` files.
+    /// Directory of the training exports: `project_{id}_export.json` (the latest, rewritten by
+    /// each export) and one file per export kept as written (`project_{id}_milestone_{m}.json`
+    /// at a milestone); a sub-directory per Label Studio instance other than the default.
     pub training_dir: PathBuf,
     /// Counts of valid, non-cancelled annotations at which a project's export is written once.
     pub milestones: Vec<u64>,
@@ -433,7 +439,7 @@ impl Default for CurationConfig {
 
 /// What batchlab-api's background retention task deletes, and how often it looks
 /// (`crate::retention`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Run the task at all. Off, nothing is ever deleted in the background.

@@ -132,3 +132,72 @@ pub async fn serve_with_drain(
         }
     }
 }
+
+/// Why a service's own health check failed (`batchlab-… healthcheck`).
+#[derive(Debug, thiserror::Error)]
+pub enum HealthcheckError {
+    /// Nothing answered at the service's address within the time allowed.
+    #[error("{url} did not answer")]
+    Unreachable {
+        /// The URL asked.
+        url: String,
+        /// What the HTTP client saw.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The service answered, but not 200 (still loading its model, or a dependency down).
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        /// The URL asked.
+        url: String,
+        /// The status it answered.
+        status: reqwest::StatusCode,
+        /// The start of its body, which says why.
+        body: String,
+    },
+}
+
+/// The health URL of a service bound to `host:port`, asked from the same machine: a wildcard
+/// bind (`0.0.0.0`, `::`) is reached on loopback.
+pub fn local_health_url(host: &str, port: u16) -> String {
+    let host = match host.trim_matches(|c| c == '[' || c == ']') {
+        "0.0.0.0" | "" => "127.0.0.1".to_string(),
+        "::" => "[::1]".to_string(),
+        h if h.contains(':') => format!("[{h}]"),
+        h => h.to_string(),
+    };
+    format!("http://{host}:{port}/health")
+}
+
+/// What a container's health check runs (the runtime image has no curl): `GET /health` on the
+/// service's own address, with its basic auth when it has one; Ok on 200 within five seconds.
+pub async fn healthcheck(
+    host: &str,
+    port: u16,
+    basic_auth: Option<(&str, &str)>,
+) -> Result<(), HealthcheckError> {
+    let url = local_health_url(host, port);
+    let unreachable = |source| HealthcheckError::Unreachable {
+        url: url.clone(),
+        source,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(unreachable)?;
+    let mut request = client.get(&url);
+    if let Some((user, pass)) = basic_auth {
+        request = request.basic_auth(user, Some(pass));
+    }
+    let response = request.send().await.map_err(unreachable)?;
+    let status = response.status();
+    if status == reqwest::StatusCode::OK {
+        return Ok(());
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(HealthcheckError::Status {
+        url,
+        status,
+        body: body.chars().take(300).collect(),
+    })
+}

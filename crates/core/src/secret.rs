@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// A credential (API key, password, shared secret). It reads and serializes as the plain text
 /// (configuration files, Label Studio's REST API need it), but its `Debug` is `"***"`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(String);
 

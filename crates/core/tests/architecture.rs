@@ -1,5 +1,5 @@
 //! ARCHITECTURE.md stays true: every repository path it names in backticks exists, so a move
-//! that forgets the map fails here.
+//! that forgets the map fails here. And the LICENSE file is the license the crates declare.
 
 use std::path::{Path, PathBuf};
 
@@ -52,4 +52,21 @@ fn a_moved_file_is_caught() {
     );
     assert_eq!(paths, vec!["crates/core/src/no_such_file.rs".to_string()]);
     assert!(!root.join(&paths[0]).exists());
+}
+
+/// The LICENSE file is the license `Cargo.toml` declares for every crate.
+#[test]
+fn the_license_file_matches_the_declared_license() {
+    let manifest = std::fs::read_to_string(repo().join("Cargo.toml")).unwrap();
+    let declared = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("license = "))
+        .expect("Cargo.toml declares a license")
+        .trim_matches('"');
+    let license = std::fs::read_to_string(repo().join("LICENSE")).expect("a LICENSE file");
+    let heading: Vec<&str> = license.split_whitespace().take(4).collect();
+    match declared {
+        "Apache-2.0" => assert_eq!(heading, ["Apache", "License", "Version", "2.0,"]),
+        other => panic!("no check for the license {other:?}: add one"),
+    }
 }

@@ -45,6 +45,7 @@ pub struct Engine {
 /// What every clone of an [`Engine`] shares.
 struct Inner {
     model_id: String,
+    model_sha256: String,
     context_length: usize,
     requantized: usize,
     end_of_turn: Option<u32>,
@@ -98,6 +99,7 @@ impl Engine {
             context_length,
             requantized,
             end_of_turn,
+            model_sha256,
         } = load_parts(&config)?;
         let eos = scheduler.eos.clone();
         let metrics = scheduler.metrics.clone();
@@ -111,6 +113,7 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 model_id: config.model_id,
+                model_sha256,
                 context_length,
                 requantized,
                 end_of_turn,
@@ -145,6 +148,12 @@ impl Engine {
     /// The model name given in [`EngineConfig::model_id`].
     pub fn model_id(&self) -> &str {
         &self.inner.model_id
+    }
+
+    /// Hex SHA-256 of the GGUF file loaded: the model's identity, whatever it is called, so
+    /// that a changed file changes the `model_version` Label Studio sees.
+    pub fn model_sha256(&self) -> &str {
+        &self.inner.model_sha256
     }
 
     /// Most tokens (prompt + completion) a request can use: the GGUF's context length, capped

@@ -1,7 +1,8 @@
 //! Models from a Hugging Face hub: a model is named either by a local path or by
 //! `hf:<owner>/<repo>/<file>[@<revision>]`, downloaded once into the standard cache
 //! (`HF_HOME`, default `~/.cache/huggingface`) from `HF_ENDPOINT` (default
-//! `https://huggingface.co`), so mirrors and shared caches work as with Python tools.
+//! `https://huggingface.co`) with `HF_TOKEN` when set (gated and private repositories), so
+//! mirrors, shared caches and tokens work as with Python tools.
 
 use std::path::{Path, PathBuf};
 
@@ -50,7 +51,15 @@ impl HubFile {
 
     /// The local copy of the file: from the cache, or downloaded into it first.
     pub async fn fetch(&self) -> Result<PathBuf, EngineError> {
-        let api = ApiBuilder::from_env()
+        let mut builder = ApiBuilder::from_env();
+        // `HF_TOKEN` wins over the token file, as in huggingface_hub; hf-hub reads only the file.
+        if let Some(token) = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+        {
+            builder = builder.with_token(Some(token.trim().to_string()));
+        }
+        let api = builder
             .with_progress(false)
             .build()
             .map_err(|e| EngineError::Load(format!("hub client: {e}")))?;

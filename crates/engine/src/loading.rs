@@ -58,6 +58,30 @@ pub(crate) struct Loaded {
     pub(crate) requantized: usize,
     /// The token that closes an assistant turn.
     pub(crate) end_of_turn: Option<u32>,
+    /// Hex SHA-256 of the GGUF file: the model's identity (see
+    /// [`Engine::model_sha256`](crate::Engine::model_sha256)).
+    pub(crate) model_sha256: String,
+}
+
+/// Hex SHA-256 of the file at `path`, read in 1 MiB pieces (what Hugging Face lists for a file,
+/// so the identity can be checked against the hub).
+pub(crate) fn file_sha256(path: &std::path::Path) -> Result<String, EngineError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| load_err(&format!("cannot open {}", path.display()), e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| load_err(&format!("cannot read {}", path.display()), e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Reads the GGUF and builds tokenizer, template and model (no thread).
@@ -81,6 +105,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     })?;
 
     let tokenizer = Arc::new(load_tokenizer(path, &content)?);
+    let model_sha256 = file_sha256(path)?;
 
     let template = chat_template(path, &content, &tokenizer, config.limits)?;
 
@@ -129,6 +154,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
     tracing::info!(
         model_id = %config.model_id,
         path = %path.display(),
+        sha256 = %model_sha256,
         vocab = tokenizer.vocab_size(),
         control_tokens = tokenizer.control_tokens().len(),
         context_length,
@@ -159,6 +185,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         context_length,
         requantized,
         end_of_turn,
+        model_sha256,
     })
 }
 

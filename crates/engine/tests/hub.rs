@@ -27,11 +27,20 @@ fn model_path() -> PathBuf {
 struct Hub {
     body: Arc<Vec<u8>>,
     requests: Arc<AtomicUsize>,
+    /// Requests that came without `Authorization: Bearer <HF_TOKEN>`.
+    unauthorized: Arc<AtomicUsize>,
 }
 
 /// `GET /<owner>/<repo>/resolve/<revision>/<file>` with an optional `Range: bytes=a-b`.
 async fn resolve(State(hub): State<Hub>, Path(path): Path<String>, headers: HeaderMap) -> Response {
     hub.requests.fetch_add(1, Ordering::SeqCst);
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some("Bearer hf_test")
+    {
+        hub.unauthorized.fetch_add(1, Ordering::SeqCst);
+    }
     if path != "test-owner/smol/resolve/main/model.gguf" {
         return Response::builder()
             .status(StatusCode::NOT_FOUND)
@@ -76,6 +85,7 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
     let hub = Hub {
         body: Arc::new(body),
         requests: Arc::default(),
+        unauthorized: Arc::default(),
     };
     let app = axum::Router::new()
         .route("/{*path}", axum::routing::get(resolve))
@@ -87,6 +97,8 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
     // The only test of this binary: the process environment is its own.
     std::env::set_var("HF_ENDPOINT", &endpoint);
     std::env::set_var("HF_HOME", home.path());
+    // A gated or private repository needs the token; hf-hub itself reads only its token file.
+    std::env::set_var("HF_TOKEN", "hf_test");
 
     let path = resolve_model(std::path::Path::new("hf:test-owner/smol/model.gguf"))
         .await
@@ -99,6 +111,11 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
     assert_eq!(std::fs::read(&path).unwrap().len(), hub.body.len());
     let served = hub.requests.load(Ordering::SeqCst);
     assert!(served >= 2, "a metadata request and the download: {served}");
+    assert_eq!(
+        hub.unauthorized.load(Ordering::SeqCst),
+        0,
+        "every request carries HF_TOKEN"
+    );
 
     // Cached: the second time asks nothing.
     assert_eq!(
@@ -134,6 +151,12 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
         limits: Default::default(),
     };
     let engine = Engine::load(config).unwrap();
+    // Its identity is the file's SHA-256, as the hub lists it.
+    use sha2::Digest;
+    assert_eq!(
+        engine.model_sha256(),
+        format!("{:x}", sha2::Sha256::digest(hub.body.as_slice()))
+    );
     let params = SamplingParams {
         max_tokens: Some(2),
         temperature: 0.0,

@@ -18,12 +18,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchlab_core::config::Config;
 use batchlab_core::curation::Curation;
 use batchlab_core::store::Store;
-use serde_json::{json, Value};
+use serde_json::json;
 
 pub use error::MlError;
 
@@ -134,11 +136,13 @@ impl MlState {
     }
 }
 
-/// `GET /health` and `GET /`: Label Studio's liveness probe. It answers `UP` while the process
-/// serves — predictions do not need the database — and says which dependency is down:
-/// `database` is `ok`, `error` (failing, or not answering within a second; the word batchlab-api
+/// `GET /health` and `GET /`: Label Studio's liveness probe. It answers `UP` (200) once the
+/// model is loaded, and 503 while it loads (`LOADING`) or after it failed to (`DOWN`, with the
+/// reason), as llama.cpp's server does, so Label Studio and a container's health check wait for
+/// a backend that can predict. Predictions do not need the database, so `database` only
+/// reports it: `ok`, `error` (failing, or not answering within a second; the word batchlab-api
 /// and the worker use) or `none` (no store).
-pub async fn health(State(state): State<MlState>) -> Json<Value> {
+pub async fn health(State(state): State<MlState>) -> Response {
     let database = match &state.store {
         None => "none",
         Some(store) => {
@@ -155,7 +159,20 @@ pub async fn health(State(state): State<MlState>) -> Json<Value> {
             }
         }
     };
-    Json(json!({"status": "UP", "model_class": "batchlab", "database": database}))
+    let (status, mut body) = match state.engine.now() {
+        slot::ModelState::Ready(_) => (StatusCode::OK, json!({"status": "UP"})),
+        slot::ModelState::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "LOADING", "error": "the model is loading"}),
+        ),
+        slot::ModelState::Failed(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "DOWN", "error": format!("the model is not loaded: {reason}")}),
+        ),
+    };
+    body["model_class"] = json!("batchlab");
+    body["database"] = json!(database);
+    (status, Json(body)).into_response()
 }
 
 async fn not_found() -> MlError {

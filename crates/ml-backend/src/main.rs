@@ -12,11 +12,39 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     config: ConfigArgs,
+    /// What to do; serve when none is given.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Serve the ML backend (the default).
+    Serve,
+    /// Ask the running ML backend's `/health` (with its basic auth) on its configured address;
+    /// exit 0 when it answers 200, which it does once its model is loaded.
+    Healthcheck,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().config.init()?;
+    let args = Args::parse();
+    let config = args.config.init()?;
+    if let Some(Command::Healthcheck) = args.command {
+        let ml = &config.ml_backend;
+        let checked = match ml.basic_auth() {
+            Ok(auth) => batchlab_core::http::healthcheck(&ml.host, ml.port, auth)
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = checked {
+            eprintln!("batchlab-ml-backend healthcheck: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     config.check_security(Service::MlBackend)?;
     let addr = format!("{}:{}", config.ml_backend.host, config.ml_backend.port);
     let store = batchlab_core::store::Store::open(&config.database)

@@ -580,6 +580,7 @@ pub async fn predict(State(state): State<MlState>, body: Bytes) -> Result<Json<V
             .and_then(|t| t.get("project"))
             .and_then(Value::as_i64)
     });
+    state.engine.refuse_while_loading()?;
     let context = Arc::new(state.project_context(project, schema, Some(&config)).await);
 
     let fields = config.data_fields();

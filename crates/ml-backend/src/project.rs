@@ -14,6 +14,7 @@ use batchlab_inference::predict::examples::ExampleSet;
 use serde_json::Value;
 
 use crate::learning::Learned;
+use crate::slot::ModelState;
 use crate::MlState;
 
 /// Prompt templates by project id, as the last `/setup` announced them: at most `capacity`
@@ -166,8 +167,15 @@ impl MlState {
             Some(project) => self.learned(project, schema, template.as_deref()).await,
             None => Learned::default(),
         };
+        // The model file's identity, once loaded: a new GGUF under the same name makes Label
+        // Studio ask again and keeps the old model's answers out of the cache.
+        let model_sha256 = match self.engine.now() {
+            ModelState::Ready(engine) => Some(engine.model_sha256().to_string()),
+            ModelState::Loading | ModelState::Failed(_) => None,
+        };
         let version = prediction_version(
             &self.config.engine.model_id,
+            model_sha256.as_deref(),
             schema,
             template.as_deref(),
             teaching_fingerprint(examples.fingerprint(), learned.fingerprint),

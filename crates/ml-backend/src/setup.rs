@@ -1,7 +1,8 @@
 //! `POST /setup`: Label Studio announces the project's labeling config before every prediction
 //! batch (3 s timeout); the answer is the `model_version` predictions will carry: from the model
 //! id, the config, the project's prompt template (`extra_params`) and ground-truth examples
-//! (see `project`). Nothing is loaded here.
+//! (see `project`) and the model file's SHA-256, so it is refused (503) while the model loads.
+//! Nothing is loaded here.
 
 use axum::extract::State;
 use axum::Json;
@@ -41,6 +42,7 @@ pub struct SetupRequest {
 pub async fn setup(State(state): State<MlState>, body: Bytes) -> Result<Json<Value>, MlError> {
     let request: SetupRequest = serde_json::from_slice(&body)
         .map_err(|e| MlError::BadRequest(format!("invalid /setup body: {e}")))?;
+    state.engine.refuse_while_loading()?;
     let schema = request.schema.as_deref().unwrap_or("");
     let project = request.project.as_ref().and_then(project_id);
     if let Some(project) = project {

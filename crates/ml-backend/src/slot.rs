@@ -1,5 +1,6 @@
-//! The engine slot: loading starts with the service and runs in the background, so `/health`
-//! and `/setup` answer from the first second; requests that need the model wait for it.
+//! The engine slot: loading starts with the service and runs in the background, so the service
+//! answers from the first second: `/health` and `/setup` with 503 until the model is loaded
+//! (the `model_version` names the model file's hash), the OpenAI routes by waiting for it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +22,26 @@ pub enum ModelState {
     Failed(Arc<str>),
 }
 
+/// Ends the loading of an [`EngineSlot::pending`] slot.
+#[derive(Debug)]
+pub struct Loader {
+    tx: watch::Sender<ModelState>,
+}
+
+impl Loader {
+    /// The outcome of loading: the slot is ready, or failed with the reason.
+    pub fn finish(self, loaded: Result<Engine, batchlab_inference::engine::EngineError>) {
+        let state = match loaded {
+            Ok(engine) => ModelState::Ready(engine),
+            Err(e) => {
+                tracing::error!(error = %e, "model failed to load");
+                ModelState::Failed(Arc::from(e.to_string()))
+            }
+        };
+        let _ = self.tx.send(state);
+    }
+}
+
 /// The engine slot shared by every handler.
 #[derive(Clone, Debug)]
 pub struct EngineSlot {
@@ -31,7 +52,7 @@ impl EngineSlot {
     /// Starts loading the model of `settings` (fetched first when it names a hub file) in the
     /// background.
     pub fn load(settings: &EngineSettings) -> EngineSlot {
-        let (tx, rx) = watch::channel(ModelState::Loading);
+        let (slot, loader) = EngineSlot::pending();
         let mut config = batchlab_inference::engine_config(settings);
         tokio::spawn(async move {
             let started = Instant::now();
@@ -47,23 +68,24 @@ impl EngineSlot {
                     }
                     Err(e) => Err(e),
                 };
-            let state = match loaded {
-                Ok(engine) => {
-                    tracing::info!(
-                        model = engine.model_id(),
-                        seconds = started.elapsed().as_secs_f64(),
-                        "model loaded"
-                    );
-                    ModelState::Ready(engine)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "model failed to load");
-                    ModelState::Failed(Arc::from(e.to_string()))
-                }
-            };
-            let _ = tx.send(state);
+            if let Ok(engine) = &loaded {
+                tracing::info!(
+                    model = engine.model_id(),
+                    sha256 = engine.model_sha256(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "model loaded"
+                );
+            }
+            loader.finish(loaded);
         });
-        EngineSlot { state: rx }
+        slot
+    }
+
+    /// A slot still loading, and the [`Loader`] that ends its loading: what [`EngineSlot::load`]
+    /// runs on, and how a test holds a service in its loading state.
+    pub fn pending() -> (EngineSlot, Loader) {
+        let (tx, rx) = watch::channel(ModelState::Loading);
+        (EngineSlot { state: rx }, Loader { tx })
     }
 
     /// A slot that never loads anything (tests of the protocol without a model).
@@ -81,6 +103,17 @@ impl EngineSlot {
     /// The state now.
     pub fn now(&self) -> ModelState {
         self.state.borrow().clone()
+    }
+
+    /// Refuses while the model is still loading (503, as `/health` answers then): a
+    /// `model_version` answered now could not name the model file, and nothing can be predicted.
+    pub fn refuse_while_loading(&self) -> Result<(), MlError> {
+        match &*self.state.borrow() {
+            ModelState::Loading => Err(MlError::Unavailable(
+                "the model is loading; retry when /health answers 200".into(),
+            )),
+            ModelState::Ready(_) | ModelState::Failed(_) => Ok(()),
+        }
     }
 
     /// The engine, once loading has ended; a model that failed to load is the 503 the OpenAI

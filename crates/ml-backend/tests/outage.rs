@@ -1,6 +1,6 @@
 //! A database outage seen from the ML backend: PostgreSQL goes away (a TCP proxy between the two
 //! is cut) and comes back. The ML backend keeps serving: `/health` stays `UP` for Label Studio
-//! and says the database is unavailable, a webhook it cannot store answers 503 with `Retry-After`
+//! (its model, loaded, is what it answers for) and says the database is unavailable, a webhook it cannot store answers 503 with `Retry-After`
 //! in its error shape (never a silent drop), and everything works again by itself afterwards.
 
 use std::time::{Duration, Instant};
@@ -27,7 +27,19 @@ async fn a_database_outage_is_reported_and_refused_then_heals_by_itself() {
     let (proxy, config, store) = behind_proxy(&db).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(MlState::new(config).unwrap().with_store(store));
+    let mut engine_settings = config.engine.clone();
+    engine_settings.model_path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let engine = batchlab_inference::engine::Engine::load(batchlab_inference::engine_config(
+        &engine_settings,
+    ))
+    .expect("the default model loads (scripts/fetch-model.sh)");
+    let app = router(
+        MlState::new(config)
+            .unwrap()
+            .with_store(store)
+            .with_model(batchlab_ml_backend::slot::EngineSlot::ready(engine)),
+    );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let client = reqwest::Client::new();
     let event = |n: i64| {

@@ -730,3 +730,89 @@ async fn a_project_learns_from_its_annotations_and_keeps_what_it_learned() {
     assert_eq!(after["trained_at"], report["trained_at"], "{after}");
     db.cleanup().await;
 }
+
+async fn get(base: &str, path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A service whose model slot is `slot`, on a free port.
+async fn serve_slot(slot: EngineSlot) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(MlState::new(config()).unwrap().with_model(slot));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+/// `/health` is 503 until the model is loaded and after a failed load (as llama.cpp's server
+/// answers), so Label Studio and a container's health check wait for a backend that can
+/// predict; `/setup` waits too, because the `model_version` it answers names the model file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_setup_wait_for_the_model_whose_file_the_version_names() {
+    let schema = "<View><Text name=\"text\" value=\"$text\"/><Choices name=\"c\" toName=\"text\"><Choice value=\"a\"/><Choice value=\"b\"/></Choices></View>";
+    let setup = json!({"project": "7.1700000000", "schema": schema});
+    let (slot, loader) = EngineSlot::pending();
+    let base = serve_slot(slot).await;
+
+    let (status, body) = get(&base, "/health").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("LOADING")),
+        "{body}"
+    );
+    let (status, body) = post(&base, "/setup", &setup).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    let (status, body) = post(
+        &base,
+        "/predict",
+        &json!({"tasks": [{"id": 1, "data": {"text": "x"}}], "label_config": schema}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+
+    let engine = engine();
+    loader.finish(Ok(engine.clone()));
+    let (status, body) = get(&base, "/health").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("UP")),
+        "{body}"
+    );
+    let (status, body) = post(&base, "/setup", &setup).await;
+    assert_eq!(status, 200, "{body}");
+    let version = body["model_version"].as_str().unwrap().to_string();
+    // The version is the one for this model file's SHA-256: another GGUF under the same
+    // model_id answers another version, and the prediction cache (keyed by it) misses.
+    let sha = engine.model_sha256();
+    assert_eq!(sha.len(), 64, "{sha}");
+    let model_id = &config().engine.model_id;
+    use batchlab_core::labelstudio::version::prediction_version;
+    assert_eq!(
+        version,
+        prediction_version(model_id, Some(sha), schema, None, 0)
+    );
+    assert_ne!(
+        version,
+        prediction_version(model_id, Some(&"0".repeat(64)), schema, None, 0)
+    );
+
+    // A failed load: 503 DOWN with the reason, for good.
+    let (slot, loader) = EngineSlot::pending();
+    let base = serve_slot(slot).await;
+    loader.finish(Err(batchlab_inference::engine::EngineError::Load(
+        "models/missing.gguf: no such file".into(),
+    )));
+    let (status, body) = get(&base, "/health").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("DOWN")),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("missing.gguf"),
+        "{body}"
+    );
+}

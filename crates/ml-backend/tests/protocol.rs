@@ -95,12 +95,20 @@ async fn json_of(response: reqwest::Response) -> (u16, Value) {
 }
 
 #[tokio::test]
-async fn health_fixtures_answer_up() {
+async fn health_fixtures_are_answered_down_without_a_model() {
+    // This service has no model (the protocol alone): Label Studio's probes get 503 and the
+    // reason in its shape. With a model, the same probe answers 200 `UP`
+    // (tests/predict.rs::health_and_setup_wait_for_the_model_whose_file_the_version_names).
     let s = serve(Config::default()).await;
     for (name, f) in fixtures("health") {
         let (status, body) = json_of(s.replay(&f).await).await;
-        assert_eq!(status, 200, "{name}");
-        assert_eq!(body["status"], "UP", "{name}");
+        assert_eq!(status, 503, "{name}");
+        assert_eq!(body["status"], "DOWN", "{name}");
+        assert_eq!(body["model_class"], "batchlab", "{name}");
+        assert!(
+            body["error"].as_str().unwrap().contains("not loaded"),
+            "{name}"
+        );
     }
 }
 
@@ -408,11 +416,13 @@ async fn basic_auth_guards_every_route_when_configured() {
             .send()
             .await
             .unwrap();
-        assert_eq!(
-            right.status(),
-            if path == "/nope" { 404 } else { 200 },
-            "{path}"
-        );
+        // Past the auth: /health answers for the model, which this service does not have.
+        let expected = match path {
+            "/nope" => 404,
+            "/health" => 503,
+            _ => 200,
+        };
+        assert_eq!(right.status(), expected, "{path}");
     }
     let (_, f) = &fixtures("setup")[0];
     assert_eq!(
@@ -740,13 +750,16 @@ async fn hostile_configs_and_templates_cost_one_answer() {
             assert!(body["error"]["message"].is_string(), "{path}: {body}");
         }
     }
-    assert_eq!(
-        s.client
-            .get(format!("{}/health", s.base))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    // Still serving: /health answers in its shape (503 here only because this service has no
+    // model).
+    let health: Value = s
+        .client
+        .get(format!("{}/health", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["model_class"], "batchlab", "{health}");
 }

@@ -21,16 +21,22 @@ pub fn model_version(model_id: &str, label_config: &str) -> String {
     format!("batchlab-{model_id}-{:08x}", (h ^ (h >> 32)) as u32)
 }
 
-/// The version of predictions made for `label_config` with a project's prompt `template` and
-/// ground-truth example set (`examples`: its fingerprint, 0 for none): the plain
-/// [`model_version`] when there is neither, so it changes exactly when one of them does.
+/// The version of predictions made for `label_config` by the model file whose SHA-256 is
+/// `model_sha256` (when known), with a project's prompt `template` and ground-truth example set
+/// (`examples`: its fingerprint, 0 for none): the plain [`model_version`] when there is none of
+/// them, so it changes exactly when one of them does — a new GGUF under the same name included.
 pub fn prediction_version(
     model_id: &str,
+    model_sha256: Option<&str>,
     label_config: &str,
     template: Option<&str>,
     examples: u32,
 ) -> String {
     let mut key = label_config.to_string();
+    if let Some(sha) = model_sha256 {
+        key.push_str("\u{0}model:");
+        key.push_str(sha);
+    }
     if let Some(t) = template {
         key.push_str("\u{0}template:");
         key.push_str(t);
@@ -68,10 +74,15 @@ mod tests {
     #[test]
     fn prediction_versions_follow_template_and_examples() {
         let plain = model_version("m", "<View/>");
-        assert_eq!(prediction_version("m", "<View/>", None, 0), plain);
-        let t = prediction_version("m", "<View/>", Some("Q: {text}"), 0);
-        let e = prediction_version("m", "<View/>", None, 7);
+        assert_eq!(prediction_version("m", None, "<View/>", None, 0), plain);
+        let t = prediction_version("m", None, "<View/>", Some("Q: {text}"), 0);
+        let e = prediction_version("m", None, "<View/>", None, 7);
         assert!(t != plain && e != plain && t != e);
-        assert_ne!(e, prediction_version("m", "<View/>", None, 8));
+        assert_ne!(e, prediction_version("m", None, "<View/>", None, 8));
+        // Another model file under the same name is another version.
+        let a = prediction_version("m", Some("aa11"), "<View/>", None, 0);
+        let b = prediction_version("m", Some("bb22"), "<View/>", None, 0);
+        assert!(a != b && a != plain && b != plain);
+        assert!(a.starts_with("batchlab-m-"), "{a}");
     }
 }
