@@ -7,7 +7,8 @@
 #   drive the real binaries with the official `openai` Python package and a real Label Studio,
 #   and the fault suite (scripts/fault-suite.sh: kills, a database outage, a full disk).
 # Needs: the Rust toolchain, Python 3 with pip, and PostgreSQL on 127.0.0.1:5432
-# (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers.
+# (BATCHLAB_TEST_POSTGRES_URL names another); .ci/run installs PostgreSQL when none answers, and
+# this script installs Debian's chromium (the status page test) when it is missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,6 +37,15 @@ echo "== Label Studio for the end-to-end tests (its own environment: many pinned
 if [[ ! -x .venv-label-studio/bin/label-studio ]]; then
   python3 -m venv .venv-label-studio
   .venv-label-studio/bin/python -m pip install --quiet --disable-pip-version-check 'label-studio>=1.23,<1.24'
+fi
+
+echo "== a browser for the status page's end-to-end test (Debian's chromium, headless)"
+export BATCHLAB_REQUIRE_BROWSER=1
+if ! command -v chromium >/dev/null; then
+  SUDO=""
+  [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 echo "== format and lints (cargo fmt, cargo clippy -D warnings)"

@@ -7,7 +7,9 @@ pub mod curation;
 pub mod error;
 pub mod extract;
 pub mod files;
+pub mod gauges;
 pub mod http;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -97,7 +99,8 @@ impl Background {
     }
 }
 
-/// The whole API: `/health`, `/metrics` and the `/v1` routes (behind the optional bearer key).
+/// The whole API: `/health`, `/metrics`, the status page `/` and the `/v1` routes (behind the
+/// optional bearer key).
 pub fn router(state: AppState) -> Router {
     // Install the metrics recorder before the first request is counted.
     let _ = batchlab_core::telemetry::metrics_handle();
@@ -119,6 +122,9 @@ pub fn router(state: AppState) -> Router {
         .route("/batches", post(batches::create).get(batches::list))
         .route("/batches/{id}", get(batches::retrieve))
         .route("/batches/{id}/cancel", post(batches::cancel))
+        .route("/status", get(status::status))
+        .route("/models", get(status::models))
+        .route("/label-studio/projects", get(status::projects))
         .route("/label-studio/projects/{id}", get(curation::project))
         .route("/label-studio/export/{id}", get(curation::export))
         .route("/label-studio/import/{id}", post(curation::import))
@@ -147,7 +153,8 @@ pub fn router(state: AppState) -> Router {
         ));
     let app = Router::new()
         .route("/health", get(http::health))
-        .route("/metrics", get(batchlab_core::http::metrics))
+        .route("/", get(status::page))
+        .route("/metrics", get(gauges::metrics))
         .nest("/v1", v1.merge(webhooks))
         .with_state(state);
     http::common_layers(app)

@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the `tracing` subscriber: human-readable lines on stderr (colour only on a
 /// terminal), filtered by `RUST_LOG` (default `info`). Safe to call more than once (later calls do nothing).
@@ -23,13 +23,30 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = builder().build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder is already installed; the handle still renders ours.
             let _ = metrics::set_global_recorder(recorder);
             handle
         })
         .clone()
+}
+
+/// Seconds from a webhook event's receipt to its application: from near-instant to an hour
+/// behind (a backlog after an outage).
+const WEBHOOK_LAG_BUCKETS: [f64; 12] = [
+    0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// The recorder's builder: histograms named here are exported with these buckets (a
+/// Prometheus histogram Grafana can take quantiles of across instances); the others as
+/// summaries.
+fn builder() -> PrometheusBuilder {
+    let matcher = Matcher::Full("batchlab_webhook_event_lag_seconds".into());
+    // Fails only for an empty bucket list.
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(matcher, &WEBHOOK_LAG_BUCKETS)
+        .unwrap_or_else(|_| PrometheusBuilder::new())
 }
 
 /// Resolves on SIGINT or SIGTERM, for graceful shutdown.

@@ -510,7 +510,15 @@ impl Runner {
             tasks.spawn(async move {
                 let _permit = permit;
                 let line = runner.run_line(line_no, parsed).await;
-                runner.store.record_line(&batch_id, &line).await?;
+                if runner.store.record_line(&batch_id, &line).await? {
+                    let outcome = if line.kind == LineKind::Output {
+                        "ok"
+                    } else {
+                        "error"
+                    };
+                    metrics::counter!("batchlab_batch_lines_total", "outcome" => outcome)
+                        .increment(1);
+                }
                 Ok(())
             });
             // Reap finished tasks eagerly so errors surface quickly.

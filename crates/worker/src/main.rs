@@ -2,6 +2,7 @@
 //! serves its `/health` and `/metrics` (`http`) on `worker.port`.
 
 mod http;
+mod presence;
 
 use std::time::Duration;
 
@@ -21,11 +22,33 @@ use tokio_util::sync::CancellationToken;
 struct Args {
     #[command(flatten)]
     config: ConfigArgs,
+    /// What to do; run batches when none is given.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run batches from the queue (the default).
+    Run,
+    /// Ask the running worker's `/health` on `worker.host:worker.port`; exit 0 when it answers
+    /// 200 (it serves once its model is loaded and answers 503 while the database is down).
+    Healthcheck,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().config.init()?;
+    let args = Args::parse();
+    let config = args.config.init()?;
+    if let Some(Command::Healthcheck) = args.command {
+        let w = &config.worker;
+        if let Err(e) = batchlab_core::http::healthcheck(&w.host, w.port, None).await {
+            eprintln!("batchlab-worker healthcheck: {e}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     // Installed before the engine and the runner count anything.
     let _ = batchlab_core::telemetry::metrics_handle();
     let worker_id = config.worker_id();
@@ -44,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         batchlab_inference::engine::hub::resolve_model(&engine_config.model_path)
             .await
             .with_context(|| format!("finding model {}", e.model_path.display()))?;
+    let model_file = engine_config.model_path.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await?
         .with_context(|| format!("loading model {}", e.model_path.display()))?;
@@ -76,6 +100,15 @@ async fn main() -> anyhow::Result<()> {
                 .await
         }
     });
+    let beat = presence::interval(config.worker.lease_seconds);
+    presence::spawn(
+        store.clone(),
+        settings.worker_id.clone(),
+        engine.model_id().into(),
+        &model_file,
+        Some(engine.model_sha256().to_string()),
+        beat,
+    );
     let runner = Runner::new(store, blobs, engine, settings);
     runner
         .run_forever(

@@ -310,6 +310,17 @@ struct Applied<'a> {
     failed: Option<String>,
 }
 
+/// Records in `batchlab_webhook_event_lag_seconds` how long an event waited between its
+/// receipt (stored in whole seconds, so this reads up to a second high) and its application.
+fn observe_lag(received_at: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::histogram!("batchlab_webhook_event_lag_seconds")
+        .record((now - received_at as f64).max(0.0));
+}
+
 /// Logs and counts what an event did, once its group has committed.
 fn report(d: &Applied<'_>) {
     let outcome = if let Some(reason) = &d.failed {
@@ -324,6 +335,7 @@ fn report(d: &Applied<'_>) {
             // Counted once its export is written.
             return;
         }
+        observe_lag(d.event.received_at);
         if d.conflicts.is_empty() {
             "ok"
         } else {
@@ -352,6 +364,7 @@ impl Curation {
                 for event in requests {
                     if self.store.complete_event(event.id, &outcome).await? {
                         metrics::counter!("batchlab_webhook_events_processed_total", "outcome" => "ok").increment(1);
+                        observe_lag(event.received_at);
                     }
                 }
             }

@@ -57,6 +57,8 @@ pub struct WebhookEvent {
     pub body: String,
     /// Failed attempts at the work it asked for (a START_TRAINING's export) so far.
     pub attempts: i64,
+    /// When it arrived, unix seconds (what `batchlab_webhook_event_lag_seconds` measures from).
+    pub received_at: i64,
 }
 
 /// How many deliveries were recorded, how many still wait and how many could not be applied.
@@ -644,7 +646,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, instance, action, body, attempts FROM webhook_events \
+            "SELECT id, instance, action, body, attempts, received_at FROM webhook_events \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) ORDER BY id LIMIT $2",
         )
         .bind(now())
@@ -659,6 +661,7 @@ impl Store {
                     action: r.try_get("action")?,
                     body: r.try_get("body")?,
                     attempts: r.try_get("attempts")?,
+                    received_at: r.try_get("received_at")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()

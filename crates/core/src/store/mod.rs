@@ -9,6 +9,7 @@ mod curation;
 mod files;
 mod imports;
 mod learned;
+mod overview;
 mod predictions;
 
 use std::str::FromStr;
@@ -28,6 +29,10 @@ pub use curation::{
 pub use files::FileRecord;
 pub use imports::ImportedLine;
 pub use learned::{AnnotationState, LearnedModel, TrainingAnnotation};
+pub use overview::{
+    accuracy_point, AccuracyPoint, BatchCounts, MilestoneReached, ProjectOverview, WorkerHeartbeat,
+    WorkerRecord,
+};
 pub use predictions::CachedPrediction;
 
 /// Which database a [`Store`] talks to.
