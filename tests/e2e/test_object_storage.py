@@ -181,3 +181,49 @@ def test_two_workers_without_a_shared_disk_one_killed(pg_stack, s3, tmp_path):
     keys = set(server.objects(bucket))
     assert f"batchlab/files/{done.output_file_id}" in keys, keys
     assert local_files(stack.files_dir, *homes.values()) == [], "a worker or the API wrote a body to disk"
+
+
+def test_milestone_exports_go_to_the_bucket_and_the_export_route_serves_them(stack, s3):
+    """With file bodies in object storage, a milestone's training export and the project's latest
+    export are objects beside them (under training/), written nowhere on the API's disk, and
+    GET /v1/label-studio/exports/{project}/{file} streams them back with the recorded SHA-256."""
+    import hashlib
+    import json
+    import urllib.request
+
+    server, bucket, env = s3
+    stack.start_api(**env, BATCHLAB_CURATION__MILESTONES="[1]")
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "label-studio-1.23"
+    event = json.loads((fixtures / "22-webhook-ANNOTATION_CREATED.json").read_text())["body"]
+    project = event["project"]["id"]
+    request = urllib.request.Request(f"{stack.base_url}/webhooks/label-studio", data=json.dumps(event).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200
+
+    def exported():
+        status, body = http_get(f"{stack.base_url}/label-studio/projects/{project}")
+        doc = json.loads(body) if status == 200 else {}
+        return doc if doc.get("exports") else None
+
+    doc = wait_for(exported, timeout=60, what="the milestone export")
+    record = doc["exports"][0]
+    name = f"project_{project}_milestone_1.json"
+    key = f"batchlab/files/training/{name}"
+    assert record["path"] == f"s3://{bucket}/{key}", record
+    objects = server.objects(bucket)
+    assert key in objects and f"batchlab/files/training/project_{project}_export.json" in objects, objects
+    stored = server.body(bucket, key)
+    assert hashlib.sha256(stored).hexdigest() == record["sha256"], record
+    assert json.loads(stored)[0]["annotations"], "the export holds the annotation"
+
+    status, served = http_get(f"{stack.base_url}/label-studio/exports/{project}/{name}")
+    assert status == 200 and served.encode() == stored
+    status, latest = http_get(f"{stack.base_url}/label-studio/exports/{project}/project_{project}_export.json")
+    assert status == 200 and latest.encode() == stored
+    # Only the project's own export files are served: no other name, no path.
+    for other in ("..%2F..%2Fbatchlab.db", f"project_{project + 1}_export.json"):
+        status, body = http_get(f"{stack.base_url}/label-studio/exports/{project}/{other}")
+        assert status == 404 and json.loads(body)["error"]["type"] == "invalid_request_error", (other, body)
+    # The API's working directory holds the database only: no export was written to its disk.
+    assert local_files(stack.root / "data" / "training", stack.files_dir) == []

@@ -152,6 +152,32 @@ pub async fn export(
         .into_response())
 }
 
+/// `GET /v1/label-studio/exports/{project_id}/{file}`: one export file of the project, streamed
+/// from wherever exports are kept (the training directory, or the object store beside the file
+/// bodies): its latest export (`project_{id}_export.json`) or any file its status lists under
+/// `exports` (milestone snapshots included). Its SHA-256 is the one the status shows.
+pub async fn export_file(
+    State(state): State<AppState>,
+    ApiPath((id, file)): ApiPath<(i64, String)>,
+    ApiQuery(scope): ApiQuery<InstanceQuery>,
+) -> Result<Response, ApiError> {
+    let reader = scope.curation(&state)?.open_export(id, &file).await?;
+    let stream = tokio_util::io::ReaderStream::new(reader).inspect_err(
+        move |e| tracing::error!(project_id = id, error = %e, "export file stream failed"),
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 /// Body of `POST /v1/label-studio/accuracy/{project_id}`.
 #[derive(Debug, Deserialize)]
 pub struct AccuracyRequest {

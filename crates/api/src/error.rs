@@ -220,7 +220,10 @@ impl From<BlobError> for ApiError {
 impl From<CurationError> for ApiError {
     fn from(e: CurationError) -> Self {
         match e {
-            CurationError::UnknownProject { .. } => Self::NotFound(e.to_string()),
+            CurationError::UnknownProject { .. } | CurationError::UnknownExport { .. } => {
+                Self::NotFound(e.to_string())
+            }
+            CurationError::ExportStorage(blob) => blob.into(),
             CurationError::LabelConfig { .. } | CurationError::Recreated { .. } => {
                 Self::Conflict(e.to_string())
             }

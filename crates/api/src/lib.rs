@@ -47,7 +47,8 @@ impl AppState {
             store.clone(),
             config.curation.clone(),
             config.label_studio.instance.clone(),
-        );
+        )
+        .with_exports_beside(&blobs);
         let webhook_slots = Arc::new(tokio::sync::Semaphore::new(
             config.api.max_concurrent_webhooks.max(1),
         ));
@@ -127,6 +128,10 @@ pub fn router(state: AppState) -> Router {
         .route("/label-studio/projects", get(status::projects))
         .route("/label-studio/projects/{id}", get(curation::project))
         .route("/label-studio/export/{id}", get(curation::export))
+        .route(
+            "/label-studio/exports/{id}/{file}",
+            get(curation::export_file),
+        )
         .route("/label-studio/import/{id}", post(curation::import))
         .route(
             "/label-studio/accuracy/{id}",

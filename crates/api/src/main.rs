@@ -99,11 +99,13 @@ async fn reconcile_label_studio(config: &Config, args: &ReconcileArgs) -> anyhow
     let store = Store::open(&config.database)
         .await
         .with_context(|| format!("opening database {}", redact_url(&config.database.url)))?;
+    let blobs = BlobStore::from_config(&config.storage)?;
     let curation = batchlab_core::curation::Curation::new(
         store,
         config.curation.clone(),
         config.label_studio.instance.clone(),
-    );
+    )
+    .with_exports_beside(&blobs);
     let report = curation
         .reconcile(&client, args.project, &args.options())
         .await

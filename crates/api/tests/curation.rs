@@ -404,4 +404,78 @@ async fn exports_are_listed_with_their_checksum() {
         json!(format!("{:x}", Sha256::digest(&file))),
         "{export}"
     );
+    // The export route serves that file and the latest export, and nothing else.
+    let get = |name: &str| {
+        s.client
+            .get(s.url(&format!("/v1/label-studio/exports/1/{name}")))
+            .send()
+    };
+    let served = get("project_1_milestone_1.json").await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.bytes().await.unwrap(), file);
+    let latest = get("project_1_export.json").await.unwrap();
+    assert_eq!(latest.bytes().await.unwrap(), file);
+    for other in [
+        "project_2_export.json",
+        "..%2Fproject_1_export.json",
+        "batchlab.db",
+    ] {
+        assert_error(
+            get(other).await.unwrap(),
+            StatusCode::NOT_FOUND,
+            Some("not_found"),
+        )
+        .await;
+    }
+}
+
+/// With file bodies in an object store, exports go beside them (under `training/`), not to the
+/// API's disk, and the export route serves them from there.
+#[tokio::test]
+async fn exports_go_beside_file_bodies_in_an_object_store() {
+    use sha2::{Digest, Sha256};
+    let memory = std::sync::Arc::new(object_store::memory::InMemory::new());
+    let blobs = batchlab_core::blob::BlobStore::object(memory.clone(), "files".into());
+    let s = common::start_with(
+        batchlab_core::testing::TestDb::sqlite().await,
+        Some(blobs),
+        |c| {
+            c.label_studio.webhook_secret = Some(SECRET.into());
+            c.curation.milestones = vec![1];
+        },
+    )
+    .await;
+    deliver(
+        &s,
+        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
+        Some(SECRET),
+    )
+    .await;
+    let p = project_until(&s, 1, |p| p["milestones_reached"] == json!([1])).await;
+    let export = &p["exports"][0];
+    let path = export["path"].as_str().unwrap();
+    assert!(
+        path.ends_with("/files/training/project_1_milestone_1.json"),
+        "{export}"
+    );
+    use object_store::ObjectStoreExt;
+    let stored = memory
+        .get(&"files/training/project_1_milestone_1.json".into())
+        .await
+        .expect("the snapshot is an object beside the file bodies")
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        export["sha256"],
+        json!(format!("{:x}", Sha256::digest(&stored)))
+    );
+    let served = s
+        .client
+        .get(s.url("/v1/label-studio/exports/1/project_1_export.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.bytes().await.unwrap(), stored);
 }

@@ -115,6 +115,9 @@ pub struct WriteStats {
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     backend: Backend,
+    /// How [`BlobStore::location`] names an object store: its `s3://bucket/prefix` URL when it
+    /// was opened from one.
+    url: Option<String>,
 }
 
 /// Where the bodies live.
@@ -129,12 +132,15 @@ enum Backend {
     },
 }
 
+/// Ids are one path segment of `a-z A-Z 0-9 - _ .`, not starting with a dot (temp files do),
+/// at most 128 bytes: never a path that leaves the store's directory or prefix.
 fn check_id(id: &str) -> Result<(), BlobError> {
     let ok = !id.is_empty()
         && id.len() <= 128
+        && !id.starts_with('.')
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
@@ -234,6 +240,7 @@ impl BlobStore {
         std::fs::create_dir_all(&root)?;
         Ok(BlobStore {
             backend: Backend::Local { root },
+            url: None,
         })
     }
 
@@ -280,7 +287,9 @@ impl BlobStore {
                 ..object_store::RetryConfig::default()
             })
             .build()?;
-        Ok(BlobStore::object(Arc::new(store), prefix))
+        let mut blobs = BlobStore::object(Arc::new(store), prefix);
+        blobs.url = Some(format!("s3://{}", rest.trim_end_matches('/')));
+        Ok(blobs)
     }
 
     /// A store under `prefix` in any [`ObjectStore`] (S3 from [`BlobStore::s3`]; the tests
@@ -288,6 +297,7 @@ impl BlobStore {
     pub fn object(store: Arc<dyn ObjectStore>, prefix: ObjectPath) -> BlobStore {
         BlobStore {
             backend: Backend::Object { store, prefix },
+            url: None,
         }
     }
 
@@ -295,7 +305,46 @@ impl BlobStore {
     pub fn location(&self) -> String {
         match &self.backend {
             Backend::Local { root } => root.display().to_string(),
-            Backend::Object { store, prefix } => format!("{store}/{prefix}"),
+            Backend::Object { store, prefix } => self
+                .url
+                .clone()
+                .unwrap_or_else(|| format!("{store}/{prefix}")),
+        }
+    }
+
+    /// Whether the bodies are in an object store (shared by every machine) rather than a
+    /// local directory.
+    pub fn is_object_store(&self) -> bool {
+        matches!(self.backend, Backend::Object { .. })
+    }
+
+    /// The store of the bodies under `segment` (a sub-directory, or a longer prefix): what
+    /// keeps training exports apart from file bodies, and one Label Studio instance's exports
+    /// apart from another's.
+    pub fn under(&self, segment: &str) -> Result<BlobStore, BlobError> {
+        check_id(segment)?;
+        let backend = match &self.backend {
+            Backend::Local { root } => {
+                let root = root.join(segment);
+                std::fs::create_dir_all(&root)?;
+                Backend::Local { root }
+            }
+            Backend::Object { store, prefix } => Backend::Object {
+                store: store.clone(),
+                prefix: prefix.clone().join(segment),
+            },
+        };
+        Ok(BlobStore {
+            backend,
+            url: self.url.as_ref().map(|u| format!("{u}/{segment}")),
+        })
+    }
+
+    /// Where the body `id` is, for a record a person reads: a local path or `s3://…/id`.
+    pub fn locate(&self, id: &str) -> String {
+        match &self.backend {
+            Backend::Local { root } => root.join(id).display().to_string(),
+            Backend::Object { .. } => format!("{}/{id}", self.location()),
         }
     }
 

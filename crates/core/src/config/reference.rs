@@ -264,9 +264,15 @@ mod tests {
                 );
                 std::fs::write(&path, updated).unwrap();
             }
+            let first = current
+                .trim()
+                .lines()
+                .zip(table.trim().lines())
+                .find(|(a, b)| a != b);
             panic!(
-                "README.md's configuration table differs from `batchlab-api config`; \
-                 rerun this test with BATCHLAB_BLESS=1 to rewrite it"
+                "README.md's configuration table differs from `batchlab-api config` (first \
+                 difference, README then generated: {first:?}); rerun this test with \
+                 BATCHLAB_BLESS=1 to rewrite it"
             );
         }
     }

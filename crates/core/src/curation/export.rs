@@ -5,15 +5,17 @@
 //! own file, never rewritten, then a copy of it as the project's latest export file.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
-use super::{Curation, CurationError};
+use super::{export_name, snapshot_name, Curation, CurationError};
+use crate::blob::{BlobError, BlobStore};
 use crate::labelstudio::config::LabelConfig;
 use crate::labelstudio::instance::Instance;
 use crate::labelstudio::region::{field_values, Region};
@@ -291,31 +293,42 @@ impl Curation {
         })
     }
 
-    /// Writes the project's curated JSON export to a file of its own
-    /// ([`Curation::snapshot_path`]), copies it to the project's latest export file
-    /// ([`Curation::export_path`]), each a temp file renamed into place, and records the
-    /// export's own file with its SHA-256.
+    /// Writes the project's curated JSON export to a file of its own ([`snapshot_name`]) and
+    /// to the project's latest export file ([`export_name`]), in the instance's training
+    /// directory (each a temp file renamed into place) or in the object store (each an object
+    /// that appears complete or not at all), and records the export's own file with its SHA-256.
     pub async fn write_export_file(
         &self,
         project_id: i64,
         reason: &str,
         milestone: Option<i64>,
     ) -> Result<ExportRecord, CurationError> {
-        let path = self.snapshot_path(project_id, reason, milestone);
+        let name = snapshot_name(project_id, reason, milestone);
         let mut cursor = self
             .export_cursor(project_id, ExportFormat::Json, ExportFilter::default())
             .await?;
-        let sha256 = write_atomically(&path, &mut cursor).await?;
-        if let Err(e) = copy_atomically(&path, &self.export_path(project_id)).await {
-            // Unrecorded, so the export is tried again: leave no file behind it.
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(e);
-        }
+        let location = self.export_location(&name)?;
+        let sha256 = match self.export_blobs()? {
+            Some(blobs) => {
+                write_objects(&blobs, &name, &export_name(project_id), &mut cursor).await?
+            }
+            None => {
+                let path = self.training_dir().join(&name);
+                let sha256 = write_atomically(&path, &mut cursor).await?;
+                let latest = self.training_dir().join(export_name(project_id));
+                if let Err(e) = copy_atomically(&path, &latest).await {
+                    // Unrecorded, so the export is tried again: leave no file behind it.
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(e);
+                }
+                sha256
+            }
+        };
         let record = ExportRecord {
             project_id,
             reason: reason.to_string(),
             milestone,
-            path: path.display().to_string(),
+            path: location,
             sha256: Some(sha256),
             tasks: cursor.tasks,
             annotations: cursor.annotations,
@@ -326,6 +339,85 @@ impl Curation {
             .await?;
         Ok(record)
     }
+
+    /// Opens the export file `name` of a project for reading: its latest export
+    /// ([`export_name`]) or one a recorded export wrote, from wherever exports go; any other
+    /// name is [`CurationError::UnknownExport`], so no other file can be read through it.
+    pub async fn open_export(
+        &self,
+        project_id: i64,
+        name: &str,
+    ) -> Result<Pin<Box<dyn AsyncRead + Send>>, CurationError> {
+        self.project(project_id).await?;
+        let unknown = || CurationError::UnknownExport {
+            project: project_id,
+            name: name.chars().take(200).collect(),
+        };
+        let recorded = self
+            .store
+            .exports(self.instance.as_str(), project_id)
+            .await?
+            .iter()
+            .any(|r| r.path.rsplit(['/', '\\']).next() == Some(name));
+        if !(recorded || name == export_name(project_id)) {
+            return Err(unknown());
+        }
+        match self.export_blobs()? {
+            Some(blobs) => match blobs.open_read(name).await {
+                Ok(reader) => Ok(Box::pin(reader)),
+                Err(BlobError::NotFound(_)) => Err(unknown()),
+                Err(e) => Err(e.into()),
+            },
+            None => match tokio::fs::File::open(self.training_dir().join(name)).await {
+                Ok(file) => Ok(Box::pin(file)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(unknown()),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Writes the cursor's chunks to the objects `name` and `latest` at once (each appears only
+/// when complete); when the second cannot be finished the first is deleted, so that an
+/// unrecorded export leaves nothing behind. Answers the hex SHA-256 of the bytes.
+async fn write_objects(
+    blobs: &BlobStore,
+    name: &str,
+    latest: &str,
+    cursor: &mut ExportCursor,
+) -> Result<String, CurationError> {
+    let mut own = blobs.writer(name).await?;
+    let mut last = match blobs.writer(latest).await {
+        Ok(w) => w,
+        Err(e) => {
+            own.abort().await;
+            return Err(e.into());
+        }
+    };
+    let mut hasher = Sha256::new();
+    let written = async {
+        while let Some(chunk) = cursor.next_chunk().await? {
+            hasher.update(&chunk);
+            own.write(&chunk).await?;
+            last.write(&chunk).await?;
+        }
+        Ok::<(), CurationError>(())
+    }
+    .await;
+    if let Err(e) = written {
+        own.abort().await;
+        last.abort().await;
+        return Err(e);
+    }
+    if let Err(e) = own.finish().await {
+        last.abort().await;
+        return Err(e.into());
+    }
+    if let Err(e) = last.finish().await {
+        let _ = blobs.delete(name).await;
+        return Err(e.into());
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// A temp file name beside `path`, in its directory (created if missing), so that renaming it

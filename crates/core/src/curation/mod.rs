@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use crate::blob::{BlobError, BlobStore};
 use crate::config::CurationConfig;
 use crate::labelstudio::config::{LabelConfig, LabelConfigError};
 use crate::labelstudio::event::WebhookError;
@@ -37,6 +38,17 @@ pub enum CurationError {
     /// Writing an export failed.
     #[error("writing the export failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The object store that holds exports failed (or is unreachable).
+    #[error("the export storage failed: {0}")]
+    ExportStorage(#[from] BlobError),
+    /// No export of the project has this file name.
+    #[error("project {project} has no export file {name:?}: the project status lists its exports")]
+    UnknownExport {
+        /// The project asked for.
+        project: i64,
+        /// The file name asked for.
+        name: String,
+    },
     /// The webhook body cannot be accepted.
     #[error(transparent)]
     Webhook(#[from] WebhookError),
@@ -94,6 +106,9 @@ pub struct Curation {
     /// Projects whose milestone export failed (a full disk), with when to try again: the
     /// processor retries them without waiting for another annotation.
     milestone_retries: Arc<std::sync::Mutex<BTreeMap<(Instance, i64), std::time::Instant>>>,
+    /// Where exports go when file bodies are in an object store (`training/` beside them), so
+    /// that every machine sees them; `None`: the local `training_dir`.
+    export_store: Option<BlobStore>,
 }
 
 /// Seconds before a failed milestone export is tried again.
@@ -151,6 +166,35 @@ pub fn recreated_advice(instance: &Instance, project: i64) -> String {
     )
 }
 
+/// The prefix of training exports beside the file bodies in an object store.
+pub const TRAINING_PREFIX: &str = "training";
+
+/// The name of a project's latest export file, rewritten by each export.
+pub fn export_name(project_id: i64) -> String {
+    format!("project_{project_id}_export.json")
+}
+
+/// The name of one export's own file, written once and never rewritten, so that its record keeps
+/// pointing at what was exported: `project_{id}_milestone_{m}.json` for a milestone,
+/// `project_{id}_{reason}_{unix seconds}_{random}.json` for any other export.
+pub fn snapshot_name(project_id: i64, reason: &str, milestone: Option<i64>) -> String {
+    match milestone {
+        Some(m) => format!("project_{project_id}_milestone_{m}.json"),
+        None => {
+            let reason: String = reason
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let random = uuid::Uuid::new_v4().simple().to_string();
+            format!(
+                "project_{project_id}_{reason}_{}_{}.json",
+                crate::store::now(),
+                &random[..8]
+            )
+        }
+    }
+}
+
 impl Curation {
     /// A curation service over `store`, for the projects of Label Studio `instance`.
     pub fn new(store: Store, config: CurationConfig, instance: Instance) -> Curation {
@@ -160,6 +204,29 @@ impl Curation {
             instance,
             wake: Arc::new(Notify::new()),
             milestone_retries: Arc::default(),
+            export_store: None,
+        }
+    }
+
+    /// The same service writing its exports to `files` when that is an object store (under
+    /// `training/`, per instance like the directory), so that exports and milestone snapshots
+    /// live where the file bodies do and every process can serve them; a local `files` store
+    /// changes nothing (exports stay in `training_dir`).
+    pub fn with_exports_beside(mut self, files: &BlobStore) -> Curation {
+        // In an object store `under` only checks the segment, a valid constant: it cannot fail.
+        self.export_store = files
+            .is_object_store()
+            .then(|| files.under(TRAINING_PREFIX).ok())
+            .flatten();
+        self
+    }
+
+    /// This instance's export store, when exports go to an object store.
+    pub(crate) fn export_blobs(&self) -> Result<Option<BlobStore>, BlobError> {
+        match &self.export_store {
+            None => Ok(None),
+            Some(store) if self.instance.is_default() => Ok(Some(store.clone())),
+            Some(store) => store.under(self.instance.as_str()).map(Some),
         }
     }
 
@@ -219,32 +286,13 @@ impl Curation {
         })
     }
 
-    /// Where a project's export file goes: the latest export, rewritten by each.
-    pub fn export_path(&self, project_id: i64) -> PathBuf {
-        self.training_dir()
-            .join(format!("project_{project_id}_export.json"))
-    }
-
-    /// Where one export's own file goes, written once and never rewritten, so that its record
-    /// keeps pointing at what was exported: `project_{id}_milestone_{m}.json` for a milestone,
-    /// `project_{id}_{reason}_{unix seconds}_{random}.json` for any other export.
-    pub fn snapshot_path(&self, project_id: i64, reason: &str, milestone: Option<i64>) -> PathBuf {
-        let name = match milestone {
-            Some(m) => format!("project_{project_id}_milestone_{m}.json"),
-            None => {
-                let reason: String = reason
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                let random = uuid::Uuid::new_v4().simple().to_string();
-                format!(
-                    "project_{project_id}_{reason}_{}_{}.json",
-                    crate::store::now(),
-                    &random[..8]
-                )
-            }
-        };
-        self.training_dir().join(name)
+    /// Where the export file `name` is (or goes), as its record says: a path under the
+    /// instance's training directory, or `s3://…/training/…` in the object store.
+    pub fn export_location(&self, name: &str) -> Result<String, BlobError> {
+        Ok(match self.export_blobs()? {
+            Some(blobs) => blobs.locate(name),
+            None => self.training_dir().join(name).display().to_string(),
+        })
     }
 
     /// Counts, milestones, exports, invalid annotations and accuracy history of a project.
@@ -404,10 +452,7 @@ impl Curation {
                     instance,
                     project_id,
                     m,
-                    &self
-                        .snapshot_path(project_id, "milestone", Some(m))
-                        .display()
-                        .to_string(),
+                    &self.export_location(&snapshot_name(project_id, "milestone", Some(m)))?,
                     STALE_CLAIM_SECONDS,
                 )
                 .await?
