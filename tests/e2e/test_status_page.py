@@ -27,6 +27,7 @@ import pytest
 
 from conftest import REPO
 from test_batches import chat_lines, create_batch, wait_status
+from test_curation import poll
 
 CHROMIUM = Path(os.environ.get("BATCHLAB_CHROMIUM") or "/usr/bin/chromium")
 REQUIRE_BROWSER = os.environ.get("BATCHLAB_REQUIRE_BROWSER") == "1"
@@ -77,18 +78,6 @@ def call(url: str, body: dict | None = None, key: str | None = API_KEY) -> tuple
         return e.code, json.loads(e.read() or b"null")
 
 
-def poll(fetch, pred, what: str, timeout: float = 60.0):
-    """Calls `fetch()` until `pred(value)`; fails with the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if pred(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout:.0f}s; last: {json.dumps(value)[:2000]}")
-        time.sleep(0.1)
-
-
 def screenshot_path(name: str) -> Path:
     folder = Path(os.environ.get("BATCHLAB_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="batchlab-screens-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +111,7 @@ def test_status_page_shows_a_batch_a_project_and_the_model(stack, tmp_path):
     projects = poll(lambda: call(f"{api}/v1/label-studio/projects")[1],
                     lambda d: bool(d["data"]) and d["data"][0]["counts"]["annotations"] == 6
                     and bool(d["data"][0]["milestones"]),
-                    "the burst applied and its milestone exported")
+                    "the burst applied and its milestone exported", timeout=60)
     project = projects["data"][0]
     assert (project["counts"]["ground_truth"], project["counts"]["invalid"]) == (2, 1), project
     milestone_file = project["milestones"][0]["file"]
@@ -138,7 +127,8 @@ def test_status_page_shows_a_batch_a_project_and_the_model(stack, tmp_path):
             db.execute("INSERT INTO accuracy_records (instance, project_id, checkpoint, report, created_at) "
                        "VALUES ('default', ?, ?, ?, ?)", (PROJECT, checkpoint, json.dumps(report), int(time.time())))
 
-    models = poll(lambda: call(f"{api}/v1/models")[1], lambda d: bool(d["data"]), "the worker's model listed")
+    models = poll(lambda: call(f"{api}/v1/models")[1], lambda d: bool(d["data"]), "the worker's model listed",
+                  timeout=60)
     assert [m["id"] for m in models["data"]] == [MODEL_ID], models
     assert call(f"{api}/v1/status", key=None)[0] == 401
 

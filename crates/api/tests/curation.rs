@@ -383,19 +383,25 @@ async fn unknown_projects_and_bad_queries_are_named() {
     assert_error(import, StatusCode::NOT_FOUND, Some("not_found")).await;
 }
 
+/// Delivers one annotation to a server whose first milestone is 1 annotation, and answers the
+/// export record the project status lists once the milestone is reached.
+async fn first_milestone_export(s: &Server) -> Value {
+    deliver(
+        s,
+        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
+        Some(SECRET),
+    )
+    .await;
+    let p = project_until(s, 1, |p| p["milestones_reached"] == json!([1])).await;
+    p["exports"][0].clone()
+}
+
 /// The project status lists each export with the file it wrote and that file's SHA-256.
 #[tokio::test]
 async fn exports_are_listed_with_their_checksum() {
     use sha2::{Digest, Sha256};
     let s = start(|c| c.curation.milestones = vec![1]).await;
-    deliver(
-        &s,
-        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
-        Some(SECRET),
-    )
-    .await;
-    let p = project_until(&s, 1, |p| p["milestones_reached"] == json!([1])).await;
-    let export = &p["exports"][0];
+    let export = &first_milestone_export(&s).await;
     let path = export["path"].as_str().unwrap();
     assert!(path.ends_with("project_1_milestone_1.json"), "{export}");
     let file = std::fs::read(path).unwrap();
@@ -445,14 +451,7 @@ async fn exports_go_beside_file_bodies_in_an_object_store() {
         },
     )
     .await;
-    deliver(
-        &s,
-        serde_json::to_vec(&fixture_body("22-webhook-ANNOTATION_CREATED.json")).unwrap(),
-        Some(SECRET),
-    )
-    .await;
-    let p = project_until(&s, 1, |p| p["milestones_reached"] == json!([1])).await;
-    let export = &p["exports"][0];
+    let export = &first_milestone_export(&s).await;
     let path = export["path"].as_str().unwrap();
     assert!(
         path.ends_with("/files/training/project_1_milestone_1.json"),
