@@ -74,8 +74,8 @@ const LIBRARY_ENV: [(&str, &str); 10] = [
     ),
 ];
 
-/// Every configuration key in section order of the schema (alphabetical), then the Label
-/// Studio names that alias keys, then the variables libraries read.
+/// Every configuration key in alphabetical order, then the Label Studio names that alias keys,
+/// then the variables read outside the configuration.
 pub fn settings() -> Vec<Setting> {
     let schema = serde_json::to_value(schema_for!(Config)).unwrap_or_default();
     let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
@@ -111,6 +111,9 @@ pub fn settings() -> Vec<Setting> {
             });
         }
     }
+    // In key order whatever serde_json's `preserve_order` feature (which another crate in a
+    // build may turn on) does to the schema's maps.
+    out.sort_by(|a, b| a.key.cmp(&b.key));
     for (env, key) in LABEL_STUDIO_ENV {
         let of = out.iter().find(|s| s.key.as_deref() == Some(key)).cloned();
         if let Some(of) = of {
