@@ -150,6 +150,12 @@ impl Engine {
         &self.inner.model_id
     }
 
+    /// Tokens this engine has generated since it was loaded (what a worker's heartbeat reports
+    /// its speed from).
+    pub fn generated_tokens(&self) -> u64 {
+        self.inner.metrics.generated_total()
+    }
+
     /// Hex SHA-256 of the GGUF file loaded: the model's identity, whatever it is called, so
     /// that a changed file changes the `model_version` Label Studio sees.
     pub fn model_sha256(&self) -> &str {

@@ -1,6 +1,8 @@
 //! The engine's Prometheus metrics (through the `metrics` facade: whichever recorder the
 //! service installs exports them; without one they cost nothing).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 /// Handles to every engine metric, registered once per engine.
@@ -13,8 +15,11 @@ pub(crate) struct EngineMetrics {
     pub(crate) prompt_tokens: Counter,
     /// Prompt tokens whose cache was copied from an earlier prompt instead of computed.
     pub(crate) reused_prompt_tokens: Counter,
-    /// Tokens generated.
-    pub(crate) generated_tokens: Counter,
+    /// Tokens generated (the exported counter).
+    generated_tokens: Counter,
+    /// Tokens generated, readable in-process ([`crate::Engine::generated_tokens`]) without
+    /// going through the metrics recorder.
+    generated_total: AtomicU64,
     /// Seconds from a request's arrival to its admission into the batch.
     pub(crate) queue_seconds: Histogram,
     /// Seconds from a request's arrival to its first generated token.
@@ -39,6 +44,18 @@ impl EngineMetrics {
             time_to_first_token: histogram!("batchlab_engine_time_to_first_token_seconds", "model" => model.clone()),
             time_per_output_token: histogram!("batchlab_engine_time_per_output_token_seconds", "model" => model.clone()),
             scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model),
+            generated_total: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one generated token.
+    pub(crate) fn token_generated(&self) {
+        self.generated_tokens.increment(1);
+        self.generated_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens generated since the engine was loaded.
+    pub(crate) fn generated_total(&self) -> u64 {
+        self.generated_total.load(Ordering::Relaxed)
     }
 }

@@ -515,7 +515,7 @@ impl Scheduler {
             if let Some(logits) = logits {
                 let row = logits.squeeze(0).map_err(inference)?;
                 r.seq.step(&row, &self.tokenizer, &self.eos)?;
-                self.metrics.generated_tokens.increment(1);
+                self.metrics.token_generated();
                 if r.first_token.is_none() {
                     let ttft = r.enqueued.elapsed();
                     r.first_token = Some(ttft);

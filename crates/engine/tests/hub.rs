@@ -170,4 +170,6 @@ async fn a_hub_model_is_downloaded_once_into_hf_home_and_loads() {
         .await
         .unwrap();
     assert!(c.completion_tokens >= 1);
+    // The engine counts what it generated, for a worker's heartbeat to report.
+    assert!(engine.generated_tokens() >= c.completion_tokens as u64);
 }

@@ -104,9 +104,8 @@ async fn main() -> anyhow::Result<()> {
     presence::spawn(
         store.clone(),
         settings.worker_id.clone(),
-        engine.model_id().into(),
+        engine.clone(),
         &model_file,
-        Some(engine.model_sha256().to_string()),
         beat,
     );
     let runner = Runner::new(store, blobs, engine, settings);
