@@ -1,6 +1,6 @@
 //! batchlab-api's `GET /metrics`: before rendering, the gauges that describe what the store
-//! holds (batches by status, the queue, each Label Studio project's counts, milestones and
-//! accuracy) are read afresh, within [`REFRESH_TIMEOUT`]. When the store fails or is slow the
+//! holds (batches by status, the queue, webhook events pending and failed, each Label Studio
+//! project's counts, milestones and accuracy) are read afresh, within [`REFRESH_TIMEOUT`]. When the store fails or is slow the
 //! gauges keep their last values (and `batchlab_status_refresh_failures_total` counts it), so a
 //! scrape never hangs on the database and a short outage does not blank a dashboard.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use batchlab_core::store::{BatchCounts, ProjectOverview, Store, StoreError};
+use batchlab_core::store::{BatchCounts, ProjectOverview, Store, StoreError, WebhookEventCounts};
 use tracing::Instrument;
 
 use crate::status::MAX_PROJECTS;
@@ -46,8 +46,9 @@ pub async fn refresh(store: &Store) {
     let _one = REFRESHING.lock().await;
     let read = async {
         let batches = store.batch_counts().await?;
+        let events = store.webhook_event_counts(None).await?;
         let projects = store.project_overviews(MAX_PROJECTS).await?;
-        Ok::<_, StoreError>((batches, projects))
+        Ok::<_, StoreError>((batches, events, projects))
     };
     let result = match tokio::time::timeout(REFRESH_TIMEOUT, read).await {
         Ok(Ok(read)) => Ok(read),
@@ -55,7 +56,7 @@ pub async fn refresh(store: &Store) {
         Err(_) => Err(RefreshError::Timeout(REFRESH_TIMEOUT)),
     };
     match result {
-        Ok((batches, projects)) => set(&batches, &projects),
+        Ok((batches, events, projects)) => set(&batches, &events, &projects),
         Err(e) => {
             metrics::counter!("batchlab_status_refresh_failures_total").increment(1);
             tracing::warn!(error = %e, "metrics: reading the store failed; serving the last values");
@@ -64,11 +65,14 @@ pub async fn refresh(store: &Store) {
 }
 
 /// Sets the gauges from what was read.
-fn set(batches: &BatchCounts, projects: &[ProjectOverview]) {
+fn set(batches: &BatchCounts, events: &WebhookEventCounts, projects: &[ProjectOverview]) {
     for (status, n) in &batches.by_status {
         metrics::gauge!("batchlab_batches", "status" => *status).set(*n as f64);
     }
     metrics::gauge!("batchlab_batch_queue_depth").set(batches.queue_depth as f64);
+    // Every instance's events, whichever process stored them (the ML backend stores some).
+    metrics::gauge!("batchlab_webhook_events_pending").set(events.pending as f64);
+    metrics::gauge!("batchlab_webhook_events_failed").set(events.failed as f64);
     for p in projects {
         let labels = [
             ("instance", p.instance.clone()),

@@ -214,6 +214,9 @@ async fn status_shows_batches_projects_and_models() {
         "batchlab_project_ground_truth{instance=\"default\",project=\"3\"} 1",
         "batchlab_project_invalid_annotations{instance=\"default\",project=\"3\"} 1",
         "batchlab_project_milestones_reached{instance=\"default\",project=\"3\"} 1",
+        // Read at the scrape too, not by the processor: every event is applied by now.
+        "batchlab_webhook_events_pending 0",
+        "batchlab_webhook_events_failed 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -1212,7 +1212,68 @@ async fn a_failing_event_among_many_is_undone_alone(store: Store) {
     }
 }
 
+/// Events of one group share what their transaction read and wrote of a project (so that a
+/// burst does not read and write the project once per event), but an event undone takes its
+/// project change with it: the events after it in the same group see the config stored before
+/// it. Here an event changes project 1's config so that only "b" is valid, then fails (on
+/// PostgreSQL: an annotation time holding a NUL byte, which its text type refuses) and is
+/// undone; the next event's "a" is then judged against the config stored before, where it is
+/// valid. SQLite stores the NUL byte, so there the change stands and "a" is invalid.
+async fn a_project_change_undone_with_its_event_is_forgotten_by_the_group(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![]);
+    c.ingest(&project_created(1)).await.unwrap();
+    let only_b = SIMPLE_CONFIG.replace(r#"<Choice value="a"/>"#, "");
+    let mut undone: Value = serde_json::from_slice(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        2,
+        2,
+        "2026-01-01T00:00:00\u{0}Z",
+        "b",
+    ))
+    .unwrap();
+    undone["project"] = json!({"id": 1, "title": "only b", "label_config": only_b,
+        "updated_at": "2026-02-01T00:00:00Z"});
+    let undone = c
+        .ingest(&serde_json::to_vec(&undone).unwrap())
+        .await
+        .unwrap()
+        .event_id;
+    c.ingest(&annotation_event(
+        "ANNOTATION_CREATED",
+        1,
+        3,
+        3,
+        "2026-01-01T00:00:00Z",
+        "a",
+    ))
+    .await
+    .unwrap();
+
+    assert_eq!(c.process_pending().await.unwrap(), 3, "one pass, one group");
+    let status = c.status(1).await.unwrap();
+    let outcome = outcome_of(&store, undone).await;
+    match store.backend() {
+        batchlab_core::store::Backend::Postgres => {
+            assert!(outcome.starts_with("failed: "), "{outcome}");
+            assert_eq!(status.title, "project 1", "the change was undone");
+            assert_eq!(
+                (status.counts.annotations, status.counts.invalid),
+                (1, 0),
+                "annotation 3 judged against the config stored before the undone event"
+            );
+        }
+        batchlab_core::store::Backend::Sqlite => {
+            assert_eq!(outcome, "applied");
+            assert_eq!(status.title, "only b");
+            assert_eq!((status.counts.annotations, status.counts.invalid), (2, 1));
+        }
+    }
+}
+
 batchlab_core::on_both_backends!(
+    a_project_change_undone_with_its_event_is_forgotten_by_the_group,
     a_failing_event_among_many_is_undone_alone,
     the_same_ids_in_two_instances_are_two_namespaces,
     a_project_recreated_under_its_id_is_kept_aside,

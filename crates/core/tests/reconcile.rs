@@ -361,7 +361,11 @@ async fn every_kind_of_difference_is_repaired_and_a_second_run_finds_none(store:
     );
 
     // Everything synthesized was applied by the run itself.
-    assert!(store.pending_webhook_events(10).await.unwrap().is_empty());
+    assert!(store
+        .pending_webhook_events(10, usize::MAX)
+        .await
+        .unwrap()
+        .is_empty());
 
     // Nothing left to do: nothing synthesized, whatever the page size.
     for page_size in [1, 2, 100] {

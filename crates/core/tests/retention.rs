@@ -299,7 +299,7 @@ async fn processed_events_past_the_cutoff_go(fx: Fixture) {
     let counts = store.webhook_event_counts(None).await.unwrap();
     assert_eq!((counts.received, counts.pending, counts.failed), (3, 2, 0));
     let pending: Vec<i64> = store
-        .pending_webhook_events(10)
+        .pending_webhook_events(10, usize::MAX)
         .await
         .unwrap()
         .iter()

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use batchlab_core::store::{
     BatchLine, BatchStatus, CachedPrediction, FileDeletion, FileRecord, LineKind, NewBatch,
-    NulInText, Store, StoreError,
+    NewWebhookEvent, NulInText, Store, StoreError,
 };
 
 fn file(id: &str, purpose: &str) -> FileRecord {
@@ -568,7 +568,54 @@ async fn learning_reads_annotations_and_replaces_models(store: Store) {
     assert!(store.learned_models("other", 5).await.unwrap().is_empty());
 }
 
+/// The webhook processor reads its queue in passes bounded by count and by bytes of bodies, so a
+/// run of huge deliveries (each may be up to `api.max_webhook_bytes`) cannot make one pass hold
+/// them all; a pass takes at least one, however large, so the queue always moves.
+async fn pending_events_are_read_in_passes_bounded_by_bytes(store: Store) {
+    let sizes = [100usize, 5_000, 100, 300, 100];
+    for (n, size) in sizes.iter().enumerate() {
+        let body = format!("{{\"action\":\"X\",\"pad\":\"{}\"}}", "x".repeat(*size));
+        store
+            .insert_webhook_event(&NewWebhookEvent {
+                instance: "default",
+                delivery_key: &format!("key-{n}"),
+                action: "X",
+                project_id: None,
+                body: &body,
+            })
+            .await
+            .unwrap();
+    }
+    let ids = |events: Vec<batchlab_core::store::WebhookEvent>| -> Vec<usize> {
+        events.iter().map(|e| e.body.len()).collect()
+    };
+    let all = store.pending_webhook_events(10, usize::MAX).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(
+        store
+            .pending_webhook_events(3, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        3,
+        "bounded by count"
+    );
+    let lens = ids(store.pending_webhook_events(10, 1_000).await.unwrap());
+    assert_eq!(
+        lens.len(),
+        2,
+        "the second body crosses 1,000 bytes: {lens:?}"
+    );
+    assert!(lens[1] > 5_000);
+    assert_eq!(
+        store.pending_webhook_events(10, 1).await.unwrap().len(),
+        1,
+        "always at least one"
+    );
+}
+
 batchlab_core::on_both_backends!(
+    pending_events_are_read_in_passes_bounded_by_bytes,
     learning_reads_annotations_and_replaces_models,
     files_round_trip_and_page,
     batches_are_created_listed_and_cancelled,

@@ -220,7 +220,11 @@ async fn every_webhook_fixture_is_stored_for_the_api_to_apply() {
         distinct.len(),
         "one stored event per distinct body"
     );
-    let stored = db.store.pending_webhook_events(1_000).await.unwrap();
+    let stored = db
+        .store
+        .pending_webhook_events(1_000, usize::MAX)
+        .await
+        .unwrap();
     for event in &stored {
         let doc: Value = serde_json::from_str(&event.body).unwrap();
         assert!(
@@ -276,7 +280,11 @@ async fn start_training_is_stored_byte_for_byte_and_nothing_is_relayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let stored = db.store.pending_webhook_events(10).await.unwrap();
+    let stored = db
+        .store
+        .pending_webhook_events(10, usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].action, "START_TRAINING");
     assert_eq!(

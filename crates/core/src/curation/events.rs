@@ -58,8 +58,13 @@ pub struct Ingested {
     pub action: String,
 }
 
-/// Events applied per pass of the processor.
-const PASS: i64 = 256;
+/// Events read per pass of the processor. A pass ends with the milestone and accuracy checks of
+/// the projects it touched, which read whole projects, so a burst is taken in large passes.
+const PASS: i64 = 1024;
+
+/// Bodies read per pass at most (the event that crosses it included): what bounds a pass's
+/// memory, since one delivery may be up to `api.max_webhook_bytes`.
+const PASS_BYTES: usize = 32 * 1024 * 1024;
 
 /// Failed exports after which a START_TRAINING is given up and marked failed.
 pub(crate) const MAX_EXPORT_ATTEMPTS: i64 = 10;
@@ -134,7 +139,8 @@ impl Curation {
                     .catch_unwind()
                     .await
                 {
-                    Ok(Ok(n)) if n as i64 == PASS => {
+                    // Events were there: more may be (a pass is bounded), so look again at once.
+                    Ok(Ok(n)) if n > 0 => {
                         backoff.succeeded();
                         continue;
                     }
@@ -189,7 +195,9 @@ impl Curation {
     /// written, and one whose export fails is tried again on a later pass (after a back-off),
     /// until [`MAX_EXPORT_ATTEMPTS`] failures mark it failed.
     pub async fn process_pending(&self) -> Result<usize, CurationError> {
-        let events = self.store.pending_webhook_events(PASS).await?;
+        let started = std::time::Instant::now();
+        let events = self.store.pending_webhook_events(PASS, PASS_BYTES).await?;
+        let read = started.elapsed();
         let mut configs = ConfigCache::new();
         let mut touched: BTreeSet<(Instance, i64)> = BTreeSet::new();
         let mut train: BTreeMap<(Instance, i64), Vec<&WebhookEvent>> = BTreeMap::new();
@@ -228,6 +236,7 @@ impl Curation {
                 }
             }
         }
+        let applied = started.elapsed();
         touched.extend(self.due_milestone_retries());
         for (instance, project) in touched {
             self.with_instance(instance)
@@ -239,9 +248,14 @@ impl Curation {
                 .export_for_training(project, &requests)
                 .await?;
         }
-        if let Ok(counts) = self.store.webhook_event_counts(None).await {
-            metrics::gauge!("batchlab_webhook_events_pending").set(counts.pending as f64);
-            metrics::gauge!("batchlab_webhook_events_failed").set(counts.failed as f64);
+        if !events.is_empty() {
+            tracing::debug!(
+                events = events.len(),
+                read_ms = read.as_secs_f64() * 1e3,
+                applied_ms = (applied - read).as_secs_f64() * 1e3,
+                milestones_ms = (started.elapsed() - applied).as_secs_f64() * 1e3,
+                "webhook processing pass"
+            );
         }
         Ok(events.len())
     }
@@ -280,11 +294,25 @@ impl Curation {
         configs: &mut ConfigCache,
     ) -> Result<Vec<Applied<'a>>, CurationError> {
         let mut tx = self.store.begin_events().await?;
-        let mut done = Vec::with_capacity(group.len());
-        for event in group {
+        let ids: Vec<i64> = group.iter().map(|e| e.id).collect();
+        // Events another processor handled or holds are left out; the rest, in order.
+        let claimed = tx.claim_group(&ids, "applied").await?;
+        let by_id: HashMap<i64, &'a WebhookEvent> = group.iter().map(|e| (e.id, e)).collect();
+        let claimed: Vec<(&'a WebhookEvent, String, Result<Value, String>)> = claimed
+            .into_iter()
+            .filter_map(|(id, instance)| {
+                let event = *by_id.get(&id)?;
+                let body = serde_json::from_str::<Value>(&event.body)
+                    .map_err(|e| format!("unreadable body: {e}"));
+                Some((event, instance, body))
+            })
+            .collect();
+        let mut done = Vec::with_capacity(claimed.len());
+        for (event, instance, body) in &claimed {
             let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
-            done.extend(
-                self.apply_one(&mut tx, event, configs)
+            tx.enter(event.id, instance.clone()).await?;
+            done.push(
+                self.apply_one(&mut tx, event, body.as_ref(), configs)
                     .instrument(span)
                     .await?,
             );
@@ -398,17 +426,16 @@ impl Curation {
         Ok(())
     }
 
-    /// Applies one event inside `tx`: claims it, applies it and settles it, or undoes its
-    /// writes and marks it failed. `None` when another processor already handled it.
+    /// Applies one event inside `tx`, which has claimed and entered it
+    /// ([`CurationTx::enter`]): applies it and records its outcome, or undoes its writes and
+    /// marks it failed.
     async fn apply_one<'a>(
         &self,
         tx: &mut CurationTx,
         event: &'a WebhookEvent,
+        body: Result<&Value, &String>,
         configs: &mut ConfigCache,
-    ) -> Result<Option<Applied<'a>>, CurationError> {
-        if !tx.claim(event.id, "applied").await? {
-            return Ok(None);
-        }
+    ) -> Result<Applied<'a>, CurationError> {
         let mut done = Applied {
             event,
             instance: Instance::default(),
@@ -419,20 +446,20 @@ impl Curation {
             deferred: false,
             failed: None,
         };
-        let result = match Instance::parse(&event.instance) {
+        let result = match Instance::parse(tx.instance()) {
             // Names are checked before an event is stored; this row was written otherwise.
             Err(e) => Err(e.into_message()),
             Ok(instance) => {
                 done.instance = instance;
-                match serde_json::from_str::<Value>(&event.body) {
-                    Err(e) => Err(format!("unreadable body: {e}")),
+                match body {
+                    Err(e) => Err(e.clone()),
                     Ok(body) => {
-                        done.project = event::project_id(&body);
+                        done.project = event::project_id(body);
                         apply(
                             tx,
                             &done.action,
                             &event.action,
-                            &body,
+                            body,
                             configs,
                             &mut done.conflicts,
                         )
@@ -464,7 +491,6 @@ impl Curation {
                 } else if outcome != "applied" {
                     tx.set_outcome(&outcome).await?;
                 }
-                tx.settle().await?;
             }
             Err(reason) => {
                 tx.undo_event(&reason).await?;
@@ -472,7 +498,7 @@ impl Curation {
                 done.failed = Some(reason);
             }
         }
-        Ok(Some(done))
+        Ok(done)
     }
 }
 

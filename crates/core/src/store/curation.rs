@@ -24,6 +24,8 @@
 //! a new Label Studio is mixed into the old one's state. The SQL guards also refuse to move a row to another project or task, so two processors
 //! racing on one id cannot move it either: a refused write is explained again and recorded.
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
@@ -639,33 +641,40 @@ impl Store {
         Ok((id, false))
     }
 
-    /// The oldest deliveries not processed yet, in order of arrival; those held back until a
-    /// later time (see [`CurationTx::keep_pending`]) are left out until then.
+    /// The oldest deliveries not processed yet, in order of arrival, at most `limit` of them and
+    /// no more than it takes to reach `max_bytes` of bodies (at least one, however large), so
+    /// that a pass holds a bounded amount of memory whatever the bodies' sizes. Those held back
+    /// until a later time (see [`CurationTx::keep_pending`]) are left out until then.
     pub async fn pending_webhook_events(
         &self,
         limit: i64,
+        max_bytes: usize,
     ) -> Result<Vec<WebhookEvent>, StoreError> {
-        let rows = sqlx::query(
+        use futures::TryStreamExt;
+        let mut rows = sqlx::query(
             "SELECT id, instance, action, body, attempts, received_at FROM webhook_events \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) ORDER BY id LIMIT $2",
         )
         .bind(now())
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(WebhookEvent {
-                    id: r.try_get("id")?,
-                    instance: r.try_get("instance")?,
-                    action: r.try_get("action")?,
-                    body: r.try_get("body")?,
-                    attempts: r.try_get("attempts")?,
-                    received_at: r.try_get("received_at")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        .fetch(&self.pool);
+        let (mut events, mut bytes) = (Vec::new(), 0usize);
+        while bytes < max_bytes {
+            let Some(r) = rows.try_next().await? else {
+                break;
+            };
+            let event = WebhookEvent {
+                id: r.try_get("id")?,
+                instance: r.try_get("instance")?,
+                action: r.try_get("action")?,
+                body: r.try_get("body")?,
+                attempts: r.try_get("attempts")?,
+                received_at: r.try_get("received_at")?,
+            };
+            bytes += event.body.len();
+            events.push(event);
+        }
+        Ok(events)
     }
 
     /// Deliveries recorded, still pending and failed: of one project of one instance when
@@ -796,19 +805,21 @@ impl Store {
             tx.tx.rollback().await?;
             return Ok(None);
         }
-        tx.settle().await?;
         Ok(Some(tx))
     }
 
-    /// Starts applying a group of events in one transaction: each is claimed in turn
-    /// ([`CurationTx::claim`]) under a savepoint of its own, so that one that fails is undone
-    /// alone ([`CurationTx::undo_event`]) and the group commits once. Committing once per group
+    /// Starts applying a group of events in one transaction: the group is claimed at once
+    /// ([`CurationTx::claim_group`]), then each event is applied under a savepoint of its own
+    /// ([`CurationTx::enter`]), so that one that fails is undone alone
+    /// ([`CurationTx::undo_event`]) and the group commits once. Committing once per group
     /// instead of once per event is what lets the processor keep up with a burst.
     pub async fn begin_events(&self) -> Result<CurationTx, StoreError> {
         Ok(CurationTx {
             tx: self.pool.begin().await?,
             event_id: 0,
             instance: String::new(),
+            savepoint: false,
+            projects: HashMap::new(),
         })
     }
 
@@ -1334,12 +1345,43 @@ impl Store {
     }
 }
 
-/// One webhook event being applied: every write commits together with the event's claim.
+/// Event ids one claiming statement names at most (both databases bind far more; this keeps
+/// the statement text small).
+const CLAIM_CHUNK: usize = 500;
+
+/// `$first, $first+1, ...`: `n` numbered placeholders for an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One or more webhook events being applied: every write commits together with the events'
+/// claims.
 pub struct CurationTx {
     tx: Transaction<'static, Any>,
     event_id: i64,
     /// The event's instance: every row this transaction reads or writes is of it.
     instance: String,
+    /// A savepoint is open: the entered event's writes are undone by rolling back to it.
+    savepoint: bool,
+    /// What this transaction read or wrote of each (instance, project), so that the events of
+    /// one group about the same project (nearly all of a burst) do not each read and write it
+    /// again. Forgotten when an event is undone, since its writes are.
+    projects: HashMap<(String, i64), ProjectSeen>,
+}
+
+/// What a [`CurationTx`] knows of one project row: each field is `None` until read or written.
+#[derive(Clone, Debug, Default)]
+struct ProjectSeen {
+    /// The stored creation time (`Some(None)`: no row, or none stored).
+    created_at: Option<Option<String>>,
+    /// The stored labeling config (`Some(None)`: no row, or an empty config).
+    config: Option<Option<String>>,
+    /// The (title, config, updated_at_us) last given to [`CurationTx::upsert_project`]: the same
+    /// again cannot change the row.
+    upserted: Option<(String, String, i64)>,
 }
 
 impl CurationTx {
@@ -1357,42 +1399,78 @@ impl CurationTx {
     /// `outcome` (its first statement is a write, so SQLite takes its write lock at once instead
     /// of failing to upgrade later) and makes it the event the writes that follow belong to.
     /// False, with nothing changed, when another processor already handled it or holds it
-    /// (see [`CurationTx::keep_pending`]). End a claimed event with [`CurationTx::settle`] or
-    /// [`CurationTx::undo_event`].
+    /// (see [`CurationTx::keep_pending`]). Its writes are kept (they commit with the
+    /// transaction) unless [`CurationTx::undo_event`] undoes them; a savepoint is released by the
+    /// next [`CurationTx::enter`] or the commit.
     pub async fn claim(&mut self, event_id: i64, outcome: &str) -> Result<bool, StoreError> {
-        sqlx::query("SAVEPOINT batchlab_event")
-            .execute(&mut *self.tx)
-            .await?;
-        let claimed: Option<String> = sqlx::query_scalar(
-            "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
-             WHERE id = $3 AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) \
-             RETURNING instance",
-        )
-        .bind(now())
-        .bind(outcome)
-        .bind(event_id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
-        let Some(instance) = claimed else {
-            self.release().await?;
+        let Some((id, instance)) = self.claim_group(&[event_id], outcome).await?.pop() else {
             return Ok(false);
         };
-        self.event_id = event_id;
-        self.instance = instance;
+        self.enter(id, instance).await?;
         Ok(true)
     }
 
-    /// Keeps what the claimed event wrote (it commits with the group).
-    pub async fn settle(&mut self) -> Result<(), StoreError> {
-        self.release().await
+    /// Claims the events `ids` for this transaction in as few statements as it takes, marking
+    /// each processed with `outcome` (see [`CurationTx::claim`]); answers those claimed, in
+    /// order, with their instances, the others being handled or held by another processor.
+    /// Apply each claimed one after [`CurationTx::enter`]: a claim is not undone with its event,
+    /// whose failure [`CurationTx::undo_event`] records instead.
+    pub async fn claim_group(
+        &mut self,
+        ids: &[i64],
+        outcome: &str,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut claimed = Vec::with_capacity(ids.len());
+        let at = now();
+        for chunk in ids.chunks(CLAIM_CHUNK) {
+            let list = placeholders(3, chunk.len());
+            let sql = format!(
+                "UPDATE webhook_events SET processed_at = $1, outcome = $2 \
+                 WHERE id IN ({list}) AND processed_at IS NULL AND (retry_at IS NULL OR retry_at <= $1) \
+                 RETURNING id, instance"
+            );
+            let mut query = sqlx::query(&sql).bind(at).bind(outcome);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *self.tx).await? {
+                claimed.push((row.try_get("id")?, row.try_get("instance")?));
+            }
+        }
+        claimed.sort_unstable();
+        Ok(claimed)
     }
 
-    /// Undoes every write of the claimed event and marks it failed with `reason` instead (after
+    /// Makes event `event_id` of `instance`, claimed by [`CurationTx::claim_group`], the one
+    /// the writes that follow belong to, under a savepoint of its own. The previous event's
+    /// savepoint is released in the same round trip.
+    pub async fn enter(&mut self, event_id: i64, instance: String) -> Result<(), StoreError> {
+        if self.savepoint {
+            let conn: &mut sqlx::AnyConnection = &mut self.tx;
+            sqlx::Executor::execute(
+                conn,
+                sqlx::raw_sql("RELEASE SAVEPOINT batchlab_event; SAVEPOINT batchlab_event"),
+            )
+            .await?;
+        } else {
+            sqlx::query("SAVEPOINT batchlab_event")
+                .execute(&mut *self.tx)
+                .await?;
+            self.savepoint = true;
+        }
+        self.event_id = event_id;
+        self.instance = instance;
+        Ok(())
+    }
+
+    /// Undoes every write of the entered event and marks it failed with `reason` instead (after
     /// [`FAILED_OUTCOME`]), so that one bad event cannot stall the ones behind it.
     pub async fn undo_event(&mut self, reason: &str) -> Result<(), StoreError> {
         sqlx::query("ROLLBACK TO SAVEPOINT batchlab_event")
             .execute(&mut *self.tx)
             .await?;
+        // What this transaction knew of projects may have come from the undone writes.
+        self.projects.clear();
         let outcome = failed_outcome(reason);
         sqlx::query("UPDATE webhook_events SET processed_at = $1, outcome = $2 WHERE id = $3")
             .bind(now())
@@ -1400,14 +1478,14 @@ impl CurationTx {
             .bind(self.event_id)
             .execute(&mut *self.tx)
             .await?;
-        self.release().await
+        Ok(())
     }
 
-    async fn release(&mut self) -> Result<(), StoreError> {
-        sqlx::query("RELEASE SAVEPOINT batchlab_event")
-            .execute(&mut *self.tx)
-            .await?;
-        Ok(())
+    /// What this transaction knows of project `id` of the current instance.
+    fn project_seen(&mut self, id: i64) -> &mut ProjectSeen {
+        self.projects
+            .entry((self.instance.clone(), id))
+            .or_default()
     }
 
     /// Sets what processing did (overwriting the outcome given to [`Store::begin_event`]).
@@ -1438,7 +1516,8 @@ impl CurationTx {
     }
 
     /// Records a project's title and config unless a newer state is stored. True when the
-    /// stored labeling config changed.
+    /// stored labeling config changed. The same state given again within this transaction
+    /// changes nothing and costs no statement.
     pub async fn upsert_project(
         &mut self,
         id: i64,
@@ -1446,13 +1525,11 @@ impl CurationTx {
         label_config: &str,
         updated_at_us: i64,
     ) -> Result<bool, StoreError> {
-        let before: Option<String> = sqlx::query_scalar(
-            "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
-        )
-        .bind(&self.instance)
-        .bind(id)
-        .fetch_optional(&mut *self.tx)
-        .await?;
+        let state = (title.to_owned(), label_config.to_owned(), updated_at_us);
+        if self.project_seen(id).upserted.as_ref() == Some(&state) {
+            return Ok(false);
+        }
+        let before = self.project_config(id).await?;
         sqlx::query(
             "INSERT INTO ls_projects (instance, id, title, label_config, updated_at_us) \
              VALUES ($1, $2, $3, $4, $5) \
@@ -1466,18 +1543,17 @@ impl CurationTx {
         .bind(updated_at_us)
         .execute(&mut *self.tx)
         .await?;
-        let after: String = sqlx::query_scalar(
-            "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
-        )
-        .bind(&self.instance)
-        .bind(id)
-        .fetch_one(&mut *self.tx)
-        .await?;
-        Ok(before.as_deref() != Some(after.as_str()))
+        self.project_seen(id).config = None;
+        let after = self.project_config(id).await?;
+        self.project_seen(id).upserted = Some(state);
+        Ok(before != after)
     }
 
     /// The creation time stored for a project (Label Studio's ISO string), when known.
     pub async fn project_created_at(&mut self, id: i64) -> Result<Option<String>, StoreError> {
+        if let Some(known) = &self.project_seen(id).created_at {
+            return Ok(known.clone());
+        }
         let created: Option<Option<String>> = sqlx::query_scalar(
             "SELECT created_at FROM ls_projects WHERE instance = $1 AND id = $2",
         )
@@ -1485,7 +1561,9 @@ impl CurationTx {
         .bind(id)
         .fetch_optional(&mut *self.tx)
         .await?;
-        Ok(created.flatten())
+        let created = created.flatten();
+        self.project_seen(id).created_at = Some(created.clone());
+        Ok(created)
     }
 
     /// Records a project's creation time (Label Studio's ISO string) unless one is stored; a
@@ -1507,6 +1585,8 @@ impl CurationTx {
         .bind(created_at)
         .execute(&mut *self.tx)
         .await?;
+        // Read again when next asked: the row may have had a creation time after all.
+        self.project_seen(id).created_at = None;
         Ok(())
     }
 
@@ -1520,11 +1600,17 @@ impl CurationTx {
         .bind(id)
         .execute(&mut *self.tx)
         .await?;
+        let key = (self.instance.clone(), id);
+        self.projects.remove(&key);
         Ok(())
     }
 
-    /// The stored labeling config of a project, if any.
+    /// The stored labeling config of a project, if any (read once per transaction unless this
+    /// transaction writes it).
     pub async fn project_config(&mut self, id: i64) -> Result<Option<String>, StoreError> {
+        if let Some(known) = &self.project_seen(id).config {
+            return Ok(known.clone());
+        }
         let config: Option<String> = sqlx::query_scalar(
             "SELECT label_config FROM ls_projects WHERE instance = $1 AND id = $2",
         )
@@ -1532,7 +1618,9 @@ impl CurationTx {
         .bind(id)
         .fetch_optional(&mut *self.tx)
         .await?;
-        Ok(config.filter(|c| !c.is_empty()))
+        let config = config.filter(|c| !c.is_empty());
+        self.project_seen(id).config = Some(config.clone());
+        Ok(config)
     }
 
     /// Keeps a whole event aside as a [`ConflictKind::ProjectRecreated`] conflict: project `id`
@@ -1821,11 +1909,34 @@ impl CurationTx {
         &mut self,
         a: &AnnotationRow,
     ) -> Result<Option<Contradiction>, StoreError> {
-        let known = self.known_annotation(a.id).await?;
-        let task = if a.task_id == 0 {
-            None
-        } else {
-            self.known_task(a.task_id).await?
+        // One round trip for both rows: this runs for every delivered annotation.
+        let row = sqlx::query(
+            "SELECT a.project_id AS a_project, a.task_id AS a_task, a.deleted AS a_deleted, \
+             a.created_at AS a_created, t.project_id AS t_project, t.deleted AS t_deleted \
+             FROM (SELECT 1 AS one) one \
+             LEFT JOIN ls_annotations a ON a.instance = $1 AND a.id = $2 \
+             LEFT JOIN ls_tasks t ON t.instance = $1 AND t.id = $3 AND $3 <> 0",
+        )
+        .bind(&self.instance)
+        .bind(a.id)
+        .bind(a.task_id)
+        .fetch_one(&mut *self.tx)
+        .await?;
+        let known = match row.try_get::<Option<i64>, _>("a_project")? {
+            None => None,
+            Some(project_id) => Some(KnownAnnotation {
+                project_id,
+                task_id: row.try_get("a_task")?,
+                deleted: row.try_get::<i64, _>("a_deleted")? != 0,
+                created_at: row.try_get("a_created")?,
+            }),
+        };
+        let task = match row.try_get::<Option<i64>, _>("t_project")? {
+            None => None,
+            Some(project_id) => Some(KnownTask {
+                project_id,
+                deleted: row.try_get::<i64, _>("t_deleted")? != 0,
+            }),
         };
         Ok(annotation_contradiction(a, known.as_ref(), task.as_ref()))
     }
