@@ -187,7 +187,7 @@ impl Curation {
     }
 
     /// Applies the waiting events in order of arrival; answers how many were looked at. Events
-    /// are applied `curation.events_per_transaction` to a transaction, each under a savepoint of its own
+    /// are applied `curation.events_per_transaction` (by default 256 on PostgreSQL, 64 on SQLite) to a transaction, each under a savepoint of its own
     /// ([`crate::store::CurationTx::claim`]): one commit per group is what keeps the processor
     /// up with a burst, and an event that fails is undone and marked failed alone. Then checks
     /// milestones of the projects whose annotations changed, and runs the exports that
@@ -201,7 +201,15 @@ impl Curation {
         let mut configs = ConfigCache::new();
         let mut touched: BTreeSet<(Instance, i64)> = BTreeSet::new();
         let mut train: BTreeMap<(Instance, i64), Vec<&WebhookEvent>> = BTreeMap::new();
-        for group in events.chunks(self.config.events_per_transaction.max(1)) {
+        let group_size = self
+            .config
+            .events_per_transaction
+            .unwrap_or(match self.store.backend() {
+                crate::store::Backend::Postgres => 256,
+                crate::store::Backend::Sqlite => 64,
+            })
+            .max(1);
+        for group in events.chunks(group_size) {
             let done = match AssertUnwindSafe(self.apply_group(group, &mut configs))
                 .catch_unwind()
                 .await
