@@ -424,8 +424,8 @@ pub struct CurationConfig {
     /// failing one is undone alone); 0 counts as 1. Unset: 256 on PostgreSQL, 64 on SQLite. One
     /// claim and one commit per group keep the processor up with a burst (PostgreSQL, 2 cores:
     /// 64 a group applied about 1,700 events/s end to end, 256 about 2,000); on SQLite a group
-    /// holds the write lock while it is applied, which deliveries wait for (256 there made
-    /// the slowest of 20,000 answers take 0.9 s, near Label Studio's 1 s timeout).
+    /// holds the write lock while it is applied, which deliveries wait for, so groups stay
+    /// smaller there.
     pub events_per_transaction: Option<usize>,
 }
 
