@@ -306,19 +306,16 @@ impl Curation {
         // Events another processor handled or holds are left out; the rest, in order.
         let claimed = tx.claim_group(&ids, "applied").await?;
         let by_id: HashMap<i64, &'a WebhookEvent> = group.iter().map(|e| (e.id, e)).collect();
-        let claimed: Vec<(&'a WebhookEvent, String, Result<Value, String>)> = claimed
-            .into_iter()
-            .filter_map(|(id, instance)| {
-                let event = *by_id.get(&id)?;
-                let body = serde_json::from_str::<Value>(&event.body)
-                    .map_err(|e| format!("unreadable body: {e}"));
-                Some((event, instance, body))
-            })
-            .collect();
         let mut done = Vec::with_capacity(claimed.len());
-        for (event, instance, body) in &claimed {
+        for (id, instance) in claimed {
+            let Some(event) = by_id.get(&id).copied() else {
+                continue;
+            };
+            // Parsed one at a time: a group's bodies may be large (see `PASS_BYTES`).
+            let body = serde_json::from_str::<Value>(&event.body)
+                .map_err(|e| format!("unreadable body: {e}"));
             let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
-            tx.enter(event.id, instance.clone()).await?;
+            tx.enter(id, instance).await?;
             done.push(
                 self.apply_one(&mut tx, event, body.as_ref(), configs)
                     .instrument(span)
