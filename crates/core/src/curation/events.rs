@@ -187,9 +187,10 @@ impl Curation {
     }
 
     /// Applies the waiting events in order of arrival; answers how many were looked at. Events
-    /// are applied `curation.events_per_transaction` (by default 256 on PostgreSQL, 64 on SQLite) to a transaction, each under a savepoint of its own
-    /// ([`crate::store::CurationTx::claim`]): one commit per group is what keeps the processor
-    /// up with a burst, and an event that fails is undone and marked failed alone. Then checks
+    /// are applied `curation.events_per_transaction` to a transaction (256 on PostgreSQL, 64 on
+    /// SQLite unless set), claimed together ([`crate::store::CurationTx::claim_group`]) and each
+    /// under a savepoint of its own: one claim and one commit per group is what keeps the
+    /// processor up with a burst, and an event that fails is undone and marked failed alone. Then checks
     /// milestones of the projects whose annotations changed, and runs the exports that
     /// START_TRAINING asked for: such an event is marked processed only once its export is
     /// written, and one whose export fails is tried again on a later pass (after a back-off),
@@ -311,13 +312,10 @@ impl Curation {
             let Some(event) = by_id.get(&id).copied() else {
                 continue;
             };
-            // Parsed one at a time: a group's bodies may be large (see `PASS_BYTES`).
-            let body = serde_json::from_str::<Value>(&event.body)
-                .map_err(|e| format!("unreadable body: {e}"));
             let span = tracing::info_span!("webhook_event", id = event.id, instance = %event.instance, action = %event.action);
             tx.enter(id, instance).await?;
             done.push(
-                self.apply_one(&mut tx, event, body.as_ref(), configs)
+                self.apply_one(&mut tx, event, configs)
                     .instrument(span)
                     .await?,
             );
@@ -438,7 +436,6 @@ impl Curation {
         &self,
         tx: &mut CurationTx,
         event: &'a WebhookEvent,
-        body: Result<&Value, &String>,
         configs: &mut ConfigCache,
     ) -> Result<Applied<'a>, CurationError> {
         let mut done = Applied {
@@ -456,15 +453,15 @@ impl Curation {
             Err(e) => Err(e.into_message()),
             Ok(instance) => {
                 done.instance = instance;
-                match body {
-                    Err(e) => Err(e.clone()),
+                match serde_json::from_str::<Value>(&event.body) {
+                    Err(e) => Err(format!("unreadable body: {e}")),
                     Ok(body) => {
-                        done.project = event::project_id(body);
+                        done.project = event::project_id(&body);
                         apply(
                             tx,
                             &done.action,
                             &event.action,
-                            body,
+                            &body,
                             configs,
                             &mut done.conflicts,
                         )

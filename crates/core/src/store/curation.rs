@@ -1525,9 +1525,10 @@ impl CurationTx {
         label_config: &str,
         updated_at_us: i64,
     ) -> Result<bool, StoreError> {
-        let state = (title.to_owned(), label_config.to_owned(), updated_at_us);
-        if self.project_seen(id).upserted.as_ref() == Some(&state) {
-            return Ok(false);
+        if let Some((t, c, u)) = &self.project_seen(id).upserted {
+            if (t.as_str(), c.as_str(), *u) == (title, label_config, updated_at_us) {
+                return Ok(false);
+            }
         }
         let before = self.project_config(id).await?;
         sqlx::query(
@@ -1545,7 +1546,8 @@ impl CurationTx {
         .await?;
         self.project_seen(id).config = None;
         let after = self.project_config(id).await?;
-        self.project_seen(id).upserted = Some(state);
+        self.project_seen(id).upserted =
+            Some((title.to_owned(), label_config.to_owned(), updated_at_us));
         Ok(before != after)
     }
 
