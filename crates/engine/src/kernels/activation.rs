@@ -199,6 +199,7 @@ mod tests {
 
     #[test]
     fn activations_match_their_definitions() {
+        super::super::cpu_features::check_required_kernel();
         eprintln!(
             "activation path: {}",
             if cfg!(target_arch = "x86_64") && super::super::cpu_features::avx512_vnni() {

@@ -79,6 +79,38 @@ fn tile_state_granted() -> bool {
     false
 }
 
+/// Why a test machine cannot run the kernel that `BATCHLAB_REQUIRE_KERNEL` names (`vnni` or
+/// `amx`; unset or empty: none), given what the CPU has; `None` when it can. A test machine
+/// bought for a kernel sets it, so that the kernel tests fail there instead of passing on a
+/// slower path with the fast one unchecked.
+#[cfg(test)]
+fn required_kernel_missing(required: Option<&str>, vnni: bool, amx: bool) -> Option<String> {
+    match required.map(str::trim).unwrap_or("") {
+        "" => None,
+        "vnni" if vnni => None,
+        "amx" if amx => None,
+        name @ ("vnni" | "amx") => Some(format!(
+            "BATCHLAB_REQUIRE_KERNEL={name}, but this CPU (or process) runs: {}",
+            describe()
+        )),
+        other => Some(format!(
+            "BATCHLAB_REQUIRE_KERNEL={other:?} names no kernel: use vnni or amx"
+        )),
+    }
+}
+
+/// Fails the calling test when `BATCHLAB_REQUIRE_KERNEL` names a kernel this machine cannot
+/// run (see [`required_kernel_missing`]); every kernel test calls it first, so none passes on
+/// the portable path where a fast one was required. Prints the path it will check.
+#[cfg(test)]
+pub(crate) fn check_required_kernel() {
+    eprintln!("CPU kernel path: {}", describe());
+    let required = std::env::var("BATCHLAB_REQUIRE_KERNEL").ok();
+    if let Some(why) = required_kernel_missing(required.as_deref(), avx512_vnni(), amx_int8()) {
+        panic!("{why}");
+    }
+}
+
 /// The kernel path this CPU takes, in words (the kernel tests print it).
 #[cfg(test)]
 pub(crate) fn describe() -> &'static str {
@@ -97,11 +129,30 @@ mod tests {
     /// through it), and the answers do not change once asked.
     #[test]
     fn amx_implies_avx512_vnni_and_answers_are_stable() {
-        eprintln!("CPU kernel path: {}", describe());
+        check_required_kernel();
         if amx_int8() {
             assert!(avx512_vnni());
         }
         assert_eq!(avx512_vnni(), avx512_vnni());
         assert_eq!(amx_int8(), amx_int8());
+    }
+
+    /// A required kernel the machine lacks, or a name that is no kernel, fails; nothing
+    /// required, or what the machine has, passes.
+    #[test]
+    fn a_required_kernel_the_cpu_lacks_fails_the_kernel_tests() {
+        assert_eq!(required_kernel_missing(None, false, false), None);
+        assert_eq!(required_kernel_missing(Some(""), false, false), None);
+        assert_eq!(required_kernel_missing(Some("vnni"), true, false), None);
+        assert_eq!(required_kernel_missing(Some("amx"), true, true), None);
+        let missing = required_kernel_missing(Some("amx"), true, false).unwrap();
+        assert!(
+            missing.starts_with("BATCHLAB_REQUIRE_KERNEL=amx, but"),
+            "{missing}"
+        );
+        assert!(required_kernel_missing(Some("vnni"), false, false).is_some());
+        assert!(required_kernel_missing(Some("amx"), false, false).is_some());
+        let unknown = required_kernel_missing(Some("avx2"), true, true).unwrap();
+        assert!(unknown.contains("names no kernel"), "{unknown}");
     }
 }

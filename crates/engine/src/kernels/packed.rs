@@ -363,13 +363,14 @@ impl Packed {
     /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads, through AMX tiles
     /// where the CPU has them (see [`amx_int8`]).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        self.matmul_with(x, amx_int8())
+        Ok(self.matmul_with(x, amx_int8())?.0)
     }
 
     /// [`Self::matmul`], with whole tiles of 16 rows through AMX if `amx` (and the rest, or
     /// everything, through AVX-512 VNNI). Both give the same bits. `amx` is true only where
-    /// [`amx_int8`] is.
-    fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<Tensor> {
+    /// [`amx_int8`] is. Also answers how many rows went through AMX tiles (what the tests
+    /// check, so that an AMX test cannot pass on the VNNI path).
+    fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<(Tensor, usize)> {
         let (m, cols) = x.dims2()?;
         if cols != self.cols {
             candle_core::bail!(
@@ -388,6 +389,8 @@ impl Packed {
         } else {
             0
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiled = 0;
         candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
             #[cfg(target_arch = "x86_64")]
             if vector {
@@ -411,7 +414,7 @@ impl Packed {
                 self.group_reference(g, &acts, m, ptr.at(0));
             }
         });
-        Tensor::from_vec(out, (m, self.rows), x.device())
+        Ok((Tensor::from_vec(out, (m, self.rows), x.device())?, tiled))
     }
 
     /// [`Self::matmul`] in portable code, one lane at a time with the same arithmetic: the
@@ -744,7 +747,9 @@ pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<Packed>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu_features::{amx_int8 as amx_available, avx512_vnni as available};
+    use crate::kernels::cpu_features::{
+        amx_int8 as amx_available, avx512_vnni as available, check_required_kernel,
+    };
 
     /// Every format the kernel takes.
     const FORMATS: [GgmlDType; 6] = [
@@ -777,6 +782,7 @@ mod tests {
 
     #[test]
     fn vector_and_portable_quantization_agree() {
+        check_required_kernel();
         if !available() {
             return;
         }
@@ -859,6 +865,15 @@ mod tests {
 
     #[test]
     fn matmul_is_close_to_f32_and_a_row_never_depends_on_its_batch() {
+        check_required_kernel();
+        eprintln!(
+            "AMX path: {}",
+            if amx_available() {
+                "checked (32 of 43 rows through tiles, each format)"
+            } else {
+                "not checked: this CPU or process has no AMX tiles"
+            }
+        );
         for dtype in FORMATS {
             let (q, _) = weights(64, 256, dtype);
             // Against the weights as stored (the kernel's only error is the activations').
@@ -877,16 +892,21 @@ mod tests {
             }
             // The vector kernels give the reference's bits, for all rows at once (through AMX
             // where the CPU has it, and through VNNI alone) and for every row alone.
-            assert_eq!(
-                p.matmul_with(&x, false).unwrap().to_vec2::<f32>().unwrap(),
-                reference,
-                "{dtype:?} VNNI"
-            );
+            let (vnni, tiled) = p.matmul_with(&x, false).unwrap();
+            assert_eq!(tiled, 0, "{dtype:?}: VNNI alone uses no tile");
+            assert_eq!(vnni.to_vec2::<f32>().unwrap(), reference, "{dtype:?} VNNI");
+            if amx_available() {
+                let (tiles, tiled) = p.matmul_with(&x, true).unwrap();
+                assert_eq!(
+                    tiled, 32,
+                    "{dtype:?}: two whole tiles of 16 rows through AMX"
+                );
+                assert_eq!(tiles.to_vec2::<f32>().unwrap(), reference, "{dtype:?} AMX");
+            }
             assert_eq!(
                 p.matmul(&x).unwrap().to_vec2::<f32>().unwrap(),
                 reference,
-                "{dtype:?} AMX {}",
-                amx_available()
+                "{dtype:?} as the engine calls it"
             );
             for (i, want) in reference.iter().enumerate() {
                 let one = p
