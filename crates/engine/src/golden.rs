@@ -81,16 +81,7 @@ fn load_with(fixture_file: &str, requantize: bool) -> Option<Loaded> {
         &std::fs::read_to_string(dir.join("tests/fixtures").join(fixture_file)).unwrap(),
     )
     .unwrap();
-    let path = dir.join("../../models").join(&fixture.model);
-    if !path.exists() {
-        assert!(
-            std::env::var_os("BATCHLAB_REQUIRE_MODELS").is_none(),
-            "model file {} is missing (scripts/fetch-model.sh fetches it)",
-            path.display()
-        );
-        eprintln!("SKIP: model file {} is missing", path.display());
-        return None;
-    }
+    let path = crate::testing::model_file(&fixture.model)?;
     let bytes = std::fs::read(&path).unwrap();
     let sha = {
         use sha2::Digest;

@@ -605,8 +605,7 @@ async fn choice_scoring_picks_paris_with_an_honest_probability() {
 /// takes the next at once), and the engine keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_generation_frees_its_place() {
-    if !model_path().exists() {
-        eprintln!("SKIP: model file {} is missing", model_path().display());
+    if !model_present() {
         return;
     }
     let engine = Engine::load(config(1)).unwrap();
