@@ -2,7 +2,7 @@
 //! (`crates/core/src/store/overview.rs`) with the model it loaded, the tokens its engine has
 //! generated and the rate over the last interval, so batchlab-api's status page, `/v1/models`
 //! and `/metrics` can tell which models are up and how fast they go.
-//!
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
