@@ -5,7 +5,7 @@ token ids of a corpus of tokenizer edge cases.
 
   python golden_llama_cpp.py MODEL OUT.json
 
-scripts/golden-fixtures.sh runs it for both models; crates/engine/tests/golden.rs reads the files.
+scripts/golden-fixtures.sh runs it for every model; crates/engine/src/golden.rs reads the files.
 """
 
 from __future__ import annotations
@@ -34,6 +34,15 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     # Past 512 tokens for both tokenizers: Gemma 3's local layers then see only their window.
     "".join(f"Year {1700 + i}: " + LONG for i in range(14)) + "In the end, the ledgers",
+]
+
+# A conversation rendered with the GGUF's chat template (where it has one) and tokenized as
+# llama.cpp tokenizes a chat prompt: control tokens parsed, no BOS added beyond the template's.
+CHAT = [
+    {"role": "system", "content": "You label reviews."},
+    {"role": "user", "content": "Is this review positive?\n  The food was cold."},
+    {"role": "assistant", "content": " Negative."},
+    {"role": "user", "content": "Why?  "},
 ]
 
 # Tokenizer edge cases: scripts, emoji, whitespace runs, control-token look-alikes, code, markup.
@@ -96,7 +105,8 @@ def main() -> None:
     # difference less.
     llm = Llama(model_path=model, n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
                 n_threads=2, type_k=0, type_v=0, verbose=False)
-    add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    # Whether llama.cpp itself adds BOS (the GGUF's flag, else its default for the tokenizer).
+    add_bos = bool(llm._model.add_bos_token())
     prompts = []
     for text in PROMPTS:
         ids = llm.tokenize(text.encode(), add_bos=add_bos, special=False)
@@ -118,12 +128,23 @@ def main() -> None:
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         greedy.append(nxt)
         llm.eval([nxt])
+    chat = None
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        text = llm._model.token_get_text
+        formatter = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()),
+                                        bos_token=text(llm.token_bos()), add_generation_prompt=True)
+        prompt = formatter(messages=CHAT).prompt
+        chat = {"messages": CHAT, "prompt": prompt,
+                "ids": llm.tokenize(prompt.encode(), add_bos=False, special=True)}
     corpus = [
         {"text": t, "ids": llm.tokenize(t.encode(), add_bos=False, special=False)} for t in CORPUS
     ]
     json.dump({"model": model.split("/")[-1], "sha256": sha, "llama_cpp_python": llama_cpp.__version__,
                "top_k": TOP_K,
-               "add_bos": add_bos, "prompts": prompts, "greedy": greedy, "tokenizer": corpus},
+               "add_bos": add_bos, "prompts": prompts, "greedy": greedy, "tokenizer": corpus, "chat": chat},
               open(out, "w"), ensure_ascii=False, separators=(",", ":"))
 
 

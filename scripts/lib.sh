@@ -28,5 +28,5 @@ ensure_llama_cpp() {
     [[ "$flags" == *" ${pair%%:*} "* ]] && args+=" -DGGML_${pair#*:}=ON"
   done
   python3 -m venv .venv-bench
-  CMAKE_ARGS="$args" .venv-bench/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-cache-dir llama-cpp-python numpy
+  CMAKE_ARGS="$args" .venv-bench/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-cache-dir llama-cpp-python==0.3.36 numpy
 }

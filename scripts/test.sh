@@ -33,6 +33,9 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 
+echo "== tiny random-weight models of the Qwen2, Qwen3, Llama 3 and Phi-3 architectures"
+scripts/tiny-models.sh
+
 echo "== Label Studio for the end-to-end tests (its own environment: many pinned dependencies)"
 if [[ ! -x .venv-label-studio/bin/label-studio ]]; then
   python3 -m venv .venv-label-studio

@@ -99,7 +99,7 @@ impl TokenizerEnv for Vocabulary {
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
         match std::str::from_utf8(s)
             .ok()
-            .and_then(|text| self.tokenizer.encode_plain(text).ok())
+            .and_then(|text| self.tokenizer.encode_fragment(text).ok())
         {
             Some(ids) => ids,
             None => self.trie.greedy_tokenize(s),

@@ -209,14 +209,28 @@ impl ChatTemplate {
         }
 
         // One pass over the skeleton finds every marker (see `GgufTokenizer::control_matches`).
+        // Text after a control token that swallows whitespace (Phi-3's) loses its leading
+        // whitespace, as the special tokenizer's `rstrip` does.
+        let text = |piece: &str, strip: bool| -> Result<Vec<u32>, EngineError> {
+            let piece = substitute(piece);
+            if strip {
+                tok.encode_plain(
+                    piece.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '\u{b}'),
+                )
+            } else {
+                tok.encode_plain(&piece)
+            }
+        };
         let mut ids = Vec::new();
         let mut pos = 0;
+        let mut strip = false;
         for (start, len, id) in tok.control_matches(&skeleton) {
-            ids.extend(tok.encode_plain(&substitute(&skeleton[pos..start]))?);
+            ids.extend(text(&skeleton[pos..start], strip)?);
             ids.push(id);
+            strip = tok.strips_after(id);
             pos = start + len;
         }
-        ids.extend(tok.encode_plain(&substitute(&skeleton[pos..]))?);
+        ids.extend(text(&skeleton[pos..], strip)?);
         Ok(ids)
     }
 }

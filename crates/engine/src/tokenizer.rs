@@ -1,11 +1,12 @@
 //! Tokenizer built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
 //! Only what has been verified token-for-token against llama.cpp is supported (see
-//! `shared/reference/candle-engine.md` and `tests/tokenizer.rs`): `tokenizer.ggml.model = gpt2`
-//! with `tokenizer.ggml.pre = smollm` (SmolLM2), and SentencePiece `llama` without a space prefix
-//! (Gemma 3). Anything else fails with [`EngineError::Load`] naming the value, because a
-//! tokenizer that is silently wrong is worse than none; a `tokenizer.json` beside the GGUF is the
-//! way to run such a model.
+//! `shared/reference/candle-engine.md` and the golden tests in `golden.rs`):
+//! `tokenizer.ggml.model = gpt2` with `tokenizer.ggml.pre` = `smollm` (SmolLM2), `qwen2` (Qwen2,
+//! Qwen2.5, Qwen3) or `llama-bpe` (Llama 3.x), and SentencePiece `llama` with a space prefix
+//! (Llama 2, Phi-3) or without (Gemma 3). Anything else fails with [`EngineError::Load`] naming
+//! the value, because a tokenizer that is silently wrong is worse than none; a `tokenizer.json`
+//! beside the GGUF is the way to run such a model.
 //!
 //! Two copies of the same tokenizer are kept:
 //! - `special` matches control tokens (GGUF token type 3) written as text, e.g. `<|im_start|>`;
@@ -21,12 +22,16 @@ use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::prepend::Prepend;
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::EngineError;
 
@@ -58,6 +63,9 @@ pub(crate) const END_OF_GENERATION: &[&str] = &[
 pub(crate) struct GgufTokenizer {
     special: Tokenizer,
     plain: Tokenizer,
+    /// `plain` without SentencePiece's space prefix, for text that continues other text
+    /// ([`Self::encode_fragment`]); `None` where `plain` adds no prefix.
+    fragment: Option<Tokenizer>,
     /// Control tokens as (text, id), longest text first, then by id.
     control_tokens: Vec<(String, u32)>,
     /// Every control-token text at once, leftmost-longest, built once at load: finding all
@@ -70,6 +78,8 @@ pub(crate) struct GgufTokenizer {
     pub(crate) bos_id: Option<u32>,
     pub(crate) eos_id: Option<u32>,
     pub(crate) add_bos: bool,
+    /// Control tokens that swallow the whitespace after them (llama.cpp's `RSTRIP`: Phi-3's).
+    rstrip: HashSet<u32>,
 }
 
 /// How a vocabulary's token strings spell the bytes of text.
@@ -161,25 +171,59 @@ fn vocab_of(tokens: &[String]) -> Vocab {
     vocab
 }
 
+/// Qwen2's pre-tokenizer split (llama.cpp's form of the `tokenizer.json` regex, with the
+/// case-insensitive contractions spelled out): single digits.
+const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama 3's: as Qwen2's, but digits in runs of up to three.
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The byte-level pre-tokenizer after a split by `regex` (each match a piece).
+fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper, EngineError> {
+    let split = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| tok_err("pre-tokenizer", e))?;
+    Ok(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])
+    .into())
+}
+
 /// `tokenizer.ggml.model = gpt2`: byte-level BPE from the GGUF's merges, with the
 /// pre-tokenizer `tokenizer.ggml.pre` names (only mappings verified against llama.cpp).
-fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<Tokenizer, EngineError> {
+/// Returns the tokenizer and whether llama.cpp adds BOS for this family when the GGUF does not
+/// say (`tokenizer.ggml.add_bos_token`).
+fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<(Tokenizer, bool), EngineError> {
     let pre = md_string(ct, "tokenizer.ggml.pre")?.ok_or_else(|| {
         EngineError::Load("GGUF has no tokenizer.ggml.pre (pre-tokenizer unknown)".into())
     })?;
-    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-        "smollm" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
-        other => {
-            return Err(EngineError::Load(format!(
-            "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} for tokenizer model \"gpt2\" \
-             (supported: \"smollm\"); put the model's tokenizer.json beside the GGUF to use it"
-        )))
-        }
-    };
+    // llama.cpp's families: Llama 3 takes a whole piece that is a vocabulary token as it is
+    // ("ignore merges") and adds BOS by default.
+    let (pre_tokenizer, ignore_merges, add_bos): (PreTokenizerWrapper, bool, bool) =
+        match pre.as_str() {
+            "smollm" => (
+                Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])
+                .into(),
+                false,
+                false,
+            ),
+            "qwen2" | "deepseek-r1-qwen" => (regex_then_bytes(QWEN2_SPLIT)?, false, false),
+            "llama-bpe" | "llama3" | "llama-v3" => (regex_then_bytes(LLAMA3_SPLIT)?, true, true),
+            other => {
+                return Err(EngineError::Load(format!(
+                    "unsupported pre-tokenizer tokenizer.ggml.pre = {other:?} for tokenizer model \"gpt2\" \
+                     (supported: \"smollm\", \"qwen2\", \"llama-bpe\"); put the model's tokenizer.json \
+                     beside the GGUF to use it"
+                )))
+            }
+        };
     let merges = md_string_array(ct, "tokenizer.ggml.merges")?
         .iter()
         .map(|m| {
@@ -190,18 +234,22 @@ fn byte_level_bpe(ct: &Content, tokens: &[String]) -> Result<Tokenizer, EngineEr
         .collect::<Result<Vec<_>, _>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab_of(tokens), merges)
+        .ignore_merges(ignore_merges)
         .build()
         .map_err(|e| tok_err("building BPE", e))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
-    Ok(tokenizer)
+    Ok((tokenizer, add_bos))
 }
 
-/// `tokenizer.ggml.model = llama`: SentencePiece (Gemma 3). llama.cpp merges the adjacent pair
-/// whose joined piece has the highest score, leftmost first; the same result comes from BPE
-/// with one merge per way of splitting a normal piece into two vocabulary pieces, ranked by the
-/// piece's score, plus byte fallback for characters outside the vocabulary. Spaces become "▁".
+/// `tokenizer.ggml.model = llama`: SentencePiece (Llama 2, Phi-3, Gemma 3). llama.cpp merges
+/// the adjacent pair whose joined piece has the highest score, leftmost first; the same result
+/// comes from BPE with one merge per way of splitting a normal piece into two vocabulary
+/// pieces, ranked by the piece's score, plus byte fallback for characters outside the
+/// vocabulary. Spaces become "▁". With `tokenizer.ggml.add_space_prefix` (llama.cpp's default)
+/// every run of text between special tokens gets a space in front, as llama.cpp writes it, and
+/// decoding drops the first one.
 fn sentencepiece(
     ct: &Content,
     tokens: &[String],
@@ -213,18 +261,7 @@ fn sentencepiece(
              (supported: \"default\"); put the model's tokenizer.json beside the GGUF to use it"
         )));
     }
-    // llama.cpp prepends a space to the first piece of text only, which a normalizer (applied
-    // to every piece between special tokens) cannot reproduce; refuse rather than differ.
-    let add_space_prefix = md(ct, "tokenizer.ggml.add_space_prefix")
-        .and_then(|v| v.to_bool().ok())
-        .unwrap_or(true);
-    if add_space_prefix {
-        return Err(EngineError::Load(
-            "SentencePiece tokenizers with tokenizer.ggml.add_space_prefix = true (Llama 2 style) are not \
-             supported; put the model's tokenizer.json beside the GGUF to use it"
-                .into(),
-        ));
-    }
+    let add_space_prefix = space_prefix(ct);
     let scores = md_f32_array(ct, "tokenizer.ggml.scores")?;
     if scores.len() != tokens.len() {
         return Err(EngineError::Load(format!(
@@ -263,19 +300,40 @@ fn sentencepiece(
         .build()
         .map_err(|e| tok_err("building the SentencePiece model", e))?;
     let mut tokenizer = Tokenizer::new(bpe);
+    let spaces = spaces_to_metaspace()?;
+    let normalizer: tokenizers::NormalizerWrapper = if add_space_prefix {
+        // Applied to each run of text between special tokens, which is where llama.cpp adds it.
+        NormalizerSequence::new(vec![Prepend::new("\u{2581}".into()).into(), spaces.into()]).into()
+    } else {
+        spaces.into()
+    };
     tokenizer
-        .with_normalizer(Some(
-            Replace::new(" ", "\u{2581}").map_err(|e| tok_err("normalizer", e))?,
-        ))
+        .with_normalizer(Some(normalizer))
         .map_err(|e| tok_err("normalizer", e))?;
-    tokenizer.with_decoder(Some(DecoderSequence::new(vec![
+    let mut decoders = vec![
         Replace::new("\u{2581}", " ")
             .map_err(|e| tok_err("decoder", e))?
             .into(),
         ByteFallback::new().into(),
         Fuse::new().into(),
-    ])));
+    ];
+    if add_space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
+}
+
+/// Whether a SentencePiece vocabulary puts a space before text (llama.cpp's default).
+fn space_prefix(ct: &Content) -> bool {
+    md(ct, "tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true)
+}
+
+/// SentencePiece's spelling of spaces: "▁".
+fn spaces_to_metaspace() -> Result<Replace, EngineError> {
+    Replace::new(" ", "\u{2581}").map_err(|e| tok_err("normalizer", e))
 }
 
 fn md_f32_array(ct: &Content, key: &str) -> Result<Vec<f32>, EngineError> {
@@ -311,9 +369,17 @@ impl GgufTokenizer {
                 )));
             }
         }
-        let (mut tokenizer, spelling) = match model.as_str() {
-            "gpt2" => (byte_level_bpe(ct, &tokens)?, Spelling::ByteLevel),
-            "llama" => (sentencepiece(ct, &tokens, types.as_deref())?, Spelling::SentencePiece),
+        // llama.cpp adds BOS by default for SentencePiece and some BPE families.
+        let (mut tokenizer, spelling, default_bos) = match model.as_str() {
+            "gpt2" => {
+                let (t, bos) = byte_level_bpe(ct, &tokens)?;
+                (t, Spelling::ByteLevel, bos)
+            }
+            "llama" => (
+                sentencepiece(ct, &tokens, types.as_deref())?,
+                Spelling::SentencePiece,
+                true,
+            ),
             other => {
                 return Err(EngineError::Load(format!(
                     "unsupported tokenizer model tokenizer.ggml.model = {other:?} (supported: \"gpt2\", \"llama\")"
@@ -321,6 +387,14 @@ impl GgufTokenizer {
             }
         };
 
+        // llama.cpp lets Phi-3's control tokens (by the model's name) swallow the whitespace
+        // after them, but not <unk>, <s> and <|endoftext|>.
+        let name = md_string(ct, "general.name")?
+            .unwrap_or_default()
+            .to_lowercase();
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
+        let strips = |t: &str| phi3 && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>");
+        let mut rstrip = HashSet::new();
         let mut control_tokens = Vec::new();
         if let Some(types) = &types {
             let mut specials = Vec::new();
@@ -333,8 +407,11 @@ impl GgufTokenizer {
                 };
                 match ty {
                     TOKEN_TYPE_CONTROL => {
-                        specials.push(AddedToken::from(t.clone(), true));
+                        specials.push(AddedToken::from(t.clone(), true).rstrip(strips(t)));
                         control_tokens.push((t.clone(), id as u32));
+                        if strips(t) {
+                            rstrip.insert(id as u32);
+                        }
                     }
                     TOKEN_TYPE_USER_DEFINED => {
                         // Matched in the raw text, as llama.cpp does (Gemma's "  " and "\n\n"
@@ -356,18 +433,27 @@ impl GgufTokenizer {
         let special = tokenizer.clone();
         let mut plain = tokenizer;
         plain.set_encode_special_tokens(true);
+        let fragment = if spelling == Spelling::SentencePiece && space_prefix(ct) {
+            let mut f = plain.clone();
+            f.with_normalizer(Some(spaces_to_metaspace()?))
+                .map_err(|e| tok_err("normalizer", e))?;
+            Some(f)
+        } else {
+            None
+        };
 
         let n = tokens.len() as u32;
         let bos_id = md_u32(ct, "tokenizer.ggml.bos_token_id").filter(|&i| i < n);
         let eos_id = md_u32(ct, "tokenizer.ggml.eos_token_id").filter(|&i| i < n);
         let add_bos = md(ct, "tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(default_bos);
 
         let control_matcher = ControlMatcher::new(&control_tokens)?;
         Ok(Self {
             special,
             plain,
+            fragment,
             control_tokens,
             control_matcher,
             tokens,
@@ -375,6 +461,7 @@ impl GgufTokenizer {
             bos_id,
             eos_id,
             add_bos,
+            rstrip,
         })
     }
 
@@ -416,6 +503,7 @@ impl GgufTokenizer {
         Ok(Self {
             special,
             plain,
+            fragment: None,
             control_tokens,
             control_matcher,
             tokens,
@@ -425,6 +513,7 @@ impl GgufTokenizer {
             add_bos: md(ct, "tokenizer.ggml.add_bos_token")
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(false),
+            rstrip: HashSet::new(),
         })
     }
 
@@ -507,6 +596,12 @@ impl GgufTokenizer {
             .map(|(_, id)| *id)
     }
 
+    /// Whether control token `id` swallows the whitespace that follows it (Phi-3's, as in
+    /// llama.cpp and the model's own `tokenizer.json`).
+    pub(crate) fn strips_after(&self, id: u32) -> bool {
+        self.rstrip.contains(&id)
+    }
+
     /// Control token strings and ids.
     pub(crate) fn control_tokens(&self) -> &[(String, u32)] {
         &self.control_tokens
@@ -515,6 +610,13 @@ impl GgufTokenizer {
     /// Encodes untrusted text: control-token strings in it become ordinary text tokens.
     pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         encode_with(&self.plain, text)
+    }
+
+    /// Encodes untrusted text that continues other text (a grammar's forced bytes): as
+    /// [`Self::encode_plain`], but without the space a SentencePiece vocabulary puts before a
+    /// run of text, so the tokens spell exactly `text`.
+    pub(crate) fn encode_fragment(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        encode_with(self.fragment.as_ref().unwrap_or(&self.plain), text)
     }
 
     /// Encodes trusted text (produced by the engine): control-token strings become control tokens.

@@ -1179,3 +1179,91 @@ async fn embedding_requests_are_checked_before_they_are_queued() {
     let too_long = vec![EmbedInput::Tokens(vec![1; engine.context_length() + 1])];
     assert!(refused(engine.embed(too_long).await).contains("context"));
 }
+
+/// Every architecture beyond the two shipped models, on its tiny random-weight model
+/// (`scripts/tiny-models.sh`) through the engine's default load path: chats (alone, batched
+/// with others and again from the prompt cache, all the same greedy text), choice scoring and a
+/// JSON schema. Their logits against llama.cpp are the golden tests' job (`golden.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_architectures_chat_score_and_follow_a_schema() {
+    for file in [
+        "tiny-qwen2.gguf",
+        "tiny-qwen3.gguf",
+        "tiny-llama3.gguf",
+        "tiny-phi3.gguf",
+    ] {
+        let Some(path) = batchlab_engine::testing::model_file(file) else {
+            return;
+        };
+        let engine = Engine::load(EngineConfig {
+            model_path: path,
+            model_id: file.into(),
+            max_context: Some(1024),
+            ..config(16)
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let chat = |text: &str| ChatRequest {
+            messages: vec![
+                ChatMessage::new("system", "Answer briefly."),
+                ChatMessage::new("user", text),
+            ],
+            params: greedy(Some(6)),
+        };
+        let questions = [
+            "Is the sky blue?",
+            "Name a colour.",
+            "Count to three.",
+            "Hi",
+        ];
+        let alone = engine.chat(chat(questions[0])).await.unwrap();
+        assert_eq!(alone.completion_tokens, 6, "{file}: {alone:?}");
+        let together = futures_join_all(questions.iter().map(|q| {
+            let (engine, request) = (engine.clone(), chat(q));
+            async move { engine.chat(request).await }
+        }))
+        .await;
+        assert_eq!(
+            together[0].as_ref().unwrap().text,
+            alone.text,
+            "{file}: batched"
+        );
+        let cached = engine.chat(chat(questions[0])).await.unwrap();
+        assert_eq!(cached.text, alone.text, "{file}: from the prompt cache");
+
+        let scores = engine
+            .score_choices(vec![ChoiceQuestion {
+                messages: chat(questions[0]).messages,
+                candidates: vec!["yes".into(), "no".into(), "maybe".into()],
+            }])
+            .await
+            .unwrap();
+        assert!(
+            (scores[0].probs.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+            "{file}"
+        );
+        assert!(scores[0].logprobs.iter().all(|l| *l < 0.0), "{file}");
+
+        let schema = json!({
+            "type": "object",
+            "properties": {"label": {"enum": ["positive", "negative"]}},
+            "required": ["label"],
+            "additionalProperties": false
+        });
+        let c = engine
+            .chat(ChatRequest {
+                params: SamplingParams {
+                    constraint: Some(Constraint::JsonSchema(schema)),
+                    ..greedy(Some(32))
+                },
+                ..chat("Label the review: great food.")
+            })
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&c.text)
+            .unwrap_or_else(|e| panic!("{file}: not JSON ({e}): {:?}", c.text));
+        assert!(
+            ["positive", "negative"].contains(&v["label"].as_str().unwrap_or("")),
+            "{file}: {v}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Decoder-only transformers on candle tensors and candle's quantized matmuls, written for a
-//! server: the llama family (SmolLM2, Llama 2/3, Mistral-style) and Gemma 3, which differ in a
-//! handful of switches read from the GGUF ([`DecoderConfig`]). One forward runs a batch of
+//! server: the llama family (SmolLM2, Llama 2/3, Mistral-style), Qwen2/2.5, Qwen3, Phi-3 and
+//! Gemma 3, which differ in a handful of switches read from the GGUF ([`Arch`],
+//! [`DecoderConfig`]) and in which tensors the file holds (biases, fused matrices). One forward runs a batch of
 //! *segments* (a chunk of one sequence's tokens each, of any length, at any position), so
 //! prompts and decode steps of different sequences share every weight read; each segment
 //! attends to its own sequence's [`SeqCache`]; logits come back for the positions asked for,
@@ -16,8 +17,18 @@ use crate::kernels::activation::{gated, Gate};
 /// The architectures this code runs (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Arch {
-    /// `llama`: SiLU MLP, RoPE on interleaved pairs (GGUF's permuted Q/K), one RoPE base.
+    /// `llama` (Llama 2/3.x, SmolLM2, Mistral): SiLU MLP, RoPE on interleaved pairs (GGUF's
+    /// permuted Q/K), one RoPE base, Llama 3.1-style frequency factors where the file has them,
+    /// and a sliding window on every layer where the GGUF declares one (Mistral 7B v0.1).
     Llama,
+    /// `qwen2` (Qwen2, Qwen2.5): the llama layout with biases on Q, K and V, RoPE on halves.
+    Qwen2,
+    /// `qwen3`: RMS norms on each head of Q and K before RoPE (on halves), no biases.
+    Qwen3,
+    /// `phi3` (Phi-3, Phi-3.5 mini): Q, K and V in one matrix, gate and up in one, RoPE on
+    /// halves with LongRoPE factors where the file has them. The sliding window some Phi-3
+    /// files declare is ignored, as llama.cpp ignores it.
+    Phi3,
     /// `gemma3`: GELU (tanh) MLP, RMS norms on Q and K and after attention and MLP, embeddings
     /// scaled by √hidden, RoPE on halves, local sliding-window layers (RoPE base 10,000) and
     /// every sixth layer global (the GGUF's base).
@@ -29,9 +40,34 @@ impl Arch {
     pub(crate) fn from_name(name: &str) -> Option<Self> {
         match name {
             "llama" => Some(Self::Llama),
+            "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
+            "phi3" => Some(Self::Phi3),
             "gemma3" => Some(Self::Gemma3),
             _ => None,
         }
+    }
+
+    /// The prefix of this architecture's GGUF metadata keys.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Phi3 => "phi3",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Whether RoPE rotates interleaved pairs (llama.cpp's "normal" RoPE, for which llama GGUFs
+    /// store Q and K permuted) rather than the two halves of a head ("NeoX").
+    fn interleaved_rope(self) -> bool {
+        self == Self::Llama
+    }
+
+    /// Whether each head of Q and K is RMS-normed before RoPE.
+    fn qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Gemma3)
     }
 }
 
@@ -48,6 +84,11 @@ pub(crate) struct DecoderConfig {
     pub(crate) rope_base: f32,
     /// Linear RoPE scaling of global layers (positions are multiplied by it); 1 for none.
     pub(crate) rope_scale: f32,
+    /// Multiplies RoPE's cosines and sines (`rope.scaling.attn_factor`, LongRoPE); 1 for none.
+    pub(crate) rope_attn_factor: f32,
+    /// The context the model was trained with before RoPE scaling
+    /// (`rope.scaling.original_context_length`): LongRoPE's short factors serve up to it.
+    pub(crate) original_context: Option<usize>,
     pub(crate) rms_eps: f64,
     /// The GGUF's training context.
     pub(crate) context_length: usize,
@@ -58,10 +99,7 @@ pub(crate) struct DecoderConfig {
 impl DecoderConfig {
     /// Reads `<arch>.*` metadata.
     pub(crate) fn from_gguf(arch: Arch, ct: &gguf_file::Content) -> Result<Self> {
-        let prefix = match arch {
-            Arch::Llama => "llama",
-            Arch::Gemma3 => "gemma3",
-        };
+        let prefix = arch.name();
         let get = |k: &str| ct.metadata.get(&format!("{prefix}.{k}"));
         let md = |k: &str| {
             get(k).ok_or_else(|| candle_core::Error::Msg(format!("GGUF lacks {prefix}.{k}")))
@@ -74,7 +112,17 @@ impl DecoderConfig {
             .or_else(|| opt_u32("rope.dimension_count"))
             .unwrap_or(hidden / heads);
         let sliding = match arch {
-            Arch::Llama => None,
+            // Mistral-style: every layer sees a window, with the global RoPE.
+            Arch::Llama => opt_u32("attention.sliding_window")
+                .filter(|&w| w > 0)
+                .map(|window| {
+                    let layers = LocalLayers {
+                        window,
+                        period: usize::MAX,
+                    };
+                    (layers, opt_f32("rope.freq_base").unwrap_or(10_000.0))
+                }),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => None,
             // llama.cpp's values for Gemma 3 where the GGUF has none.
             Arch::Gemma3 => Some((
                 LocalLayers {
@@ -97,6 +145,10 @@ impl DecoderConfig {
             rope_scale: opt_f32("rope.scaling.factor")
                 .filter(|f| *f > 0.0)
                 .map_or(1.0, |f| 1.0 / f),
+            rope_attn_factor: opt_f32("rope.scaling.attn_factor")
+                .filter(|f| *f > 0.0)
+                .unwrap_or(1.0),
+            original_context: opt_u32("rope.scaling.original_context_length"),
             rms_eps: md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
             context_length: md("context_length")?.to_u32()? as usize,
             sliding,
@@ -109,21 +161,40 @@ impl DecoderConfig {
     }
 }
 
+/// The query, key and value projections of a layer.
+#[derive(Clone)]
+enum Qkv {
+    /// Three matrices, each with an optional bias (Qwen2's).
+    Separate {
+        q: (Linear, Option<Tensor>),
+        k: (Linear, Option<Tensor>),
+        v: (Linear, Option<Tensor>),
+    },
+    /// One matrix whose output rows are the queries', then the keys', then the values' (Phi-3).
+    Fused(Linear),
+}
+
+/// The gate and up projections of a gated MLP.
+#[derive(Clone)]
+enum GateUp {
+    /// Two matrices.
+    Separate { gate: Linear, up: Linear },
+    /// One matrix: the gate's rows, then the up projection's (Phi-3).
+    Fused(Linear),
+}
+
 #[derive(Clone)]
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    /// Per-head RMS norms of queries and keys (Gemma 3).
+    qkv: Qkv,
+    /// Per-head RMS norms of queries and keys (Qwen3, Gemma 3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     wo: Linear,
     /// RMS norm of the attention output before the residual add (Gemma 3).
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    gate_up: GateUp,
     w_down: Linear,
     /// RMS norm of the MLP output before the residual add (Gemma 3).
     post_ffn_norm: Option<Tensor>,
@@ -184,8 +255,16 @@ impl Decoder {
         max_len: usize,
     ) -> Result<Self> {
         let device = w.device().clone();
-        // Llama 3.1-style frequency factors divide the global RoPE frequencies.
+        // Frequency factors divide the global RoPE frequencies: Llama 3.1's, or LongRoPE's
+        // (Phi-3 128k), long ones past the original context and short ones within it, as
+        // llama.cpp chooses by the context it serves.
+        let long = config.original_context.is_some_and(|o| max_len > o);
         let factors = match w.try_f32("rope_freqs.weight")? {
+            Some(t) => Some(t),
+            None if long => w.try_f32("rope_factors_long.weight")?,
+            None => w.try_f32("rope_factors_short.weight")?,
+        };
+        let factors = match factors {
             Some(t) => Some(t.to_vec1::<f32>()?),
             None => None,
         };
@@ -194,6 +273,7 @@ impl Decoder {
             config.rope_base,
             config.rope_scale,
             factors.as_deref(),
+            config.rope_attn_factor,
             max_len,
             &device,
         )?];
@@ -203,6 +283,7 @@ impl Decoder {
                 base,
                 1.0,
                 None,
+                1.0,
                 max_len,
                 &device,
             )?);
@@ -219,27 +300,49 @@ impl Decoder {
         for i in 0..config.layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             let window = config.window(i);
-            let norm = |w: &mut GgufWeights<'_>, n: &str| {
-                if gemma {
+            let norm = |w: &mut GgufWeights<'_>, n: &str, wanted: bool| {
+                if wanted {
                     w.f32(&p(n)).map(Some)
                 } else {
                     Ok(None)
                 }
             };
+            let qkv = match w.try_qtensor(&p("attn_qkv"))? {
+                Some(fused) => Qkv::Fused(Linear::new(fused)?),
+                None => {
+                    let mut proj = |n: &str| -> Result<(Linear, Option<Tensor>)> {
+                        let bias = w.try_f32(&format!("blk.{i}.{n}.bias"))?;
+                        Ok((Linear::new(w.qtensor(&p(n))?)?, bias))
+                    };
+                    Qkv::Separate {
+                        q: proj("attn_q")?,
+                        k: proj("attn_k")?,
+                        v: proj("attn_v")?,
+                    }
+                }
+            };
+            let gate_up = match w.try_qtensor(&p("ffn_gate"))? {
+                Some(gate) => GateUp::Separate {
+                    gate: Linear::new(gate)?,
+                    up: Linear::new(w.qtensor(&p("ffn_up"))?)?,
+                },
+                None if config.arch == Arch::Phi3 => {
+                    GateUp::Fused(Linear::new(w.qtensor(&p("ffn_up"))?)?)
+                }
+                None => candle_core::bail!("GGUF lacks tensor {}", p("ffn_gate")),
+            };
+            let qk_norm = config.arch.qk_norm();
             layers.push(Layer {
                 attn_norm: w.f32(&p("attn_norm"))?,
-                wq: Linear::new(w.qtensor(&p("attn_q"))?)?,
-                wk: Linear::new(w.qtensor(&p("attn_k"))?)?,
-                wv: Linear::new(w.qtensor(&p("attn_v"))?)?,
-                q_norm: norm(w, "attn_q_norm")?,
-                k_norm: norm(w, "attn_k_norm")?,
+                qkv,
+                q_norm: norm(w, "attn_q_norm", qk_norm)?,
+                k_norm: norm(w, "attn_k_norm", qk_norm)?,
                 wo: Linear::new(w.qtensor(&p("attn_output"))?)?,
-                post_attn_norm: norm(w, "post_attention_norm")?,
+                post_attn_norm: norm(w, "post_attention_norm", gemma)?,
                 ffn_norm: w.f32(&p("ffn_norm"))?,
-                w_gate: Linear::new(w.qtensor(&p("ffn_gate"))?)?,
-                w_up: Linear::new(w.qtensor(&p("ffn_up"))?)?,
+                gate_up,
                 w_down: Linear::new(w.qtensor(&p("ffn_down"))?)?,
-                post_ffn_norm: norm(w, "post_ffw_norm")?,
+                post_ffn_norm: norm(w, "post_ffw_norm", gemma)?,
                 window,
                 rope: usize::from(window.is_some()),
             });
@@ -339,9 +442,7 @@ impl Decoder {
         let group = cfg.heads / cfg.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.wq.forward(&h, dense_rows)?;
-            let k = layer.wk.forward(&h, dense_rows)?;
-            let v = layer.wv.forward(&h, dense_rows)?;
+            let (q, k, v) = layer.qkv.forward(&h, dense_rows, cfg)?;
             // [T, heads*hd] -> [1, heads, T, hd], per-head norms, then RoPE.
             let to_heads = |t: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
                 let t = t
@@ -355,10 +456,12 @@ impl Decoder {
                 }
             };
             let (cos, sin) = &rope[layer.rope];
-            let rotate = |t: &Tensor| match cfg.arch {
-                // GGUF llama files store Q/K permuted for RoPE on interleaved pairs.
-                Arch::Llama => candle_nn::rotary_emb::rope_i(t, cos, sin),
-                Arch::Gemma3 => candle_nn::rotary_emb::rope(t, cos, sin),
+            let rotate = |t: &Tensor| {
+                if cfg.arch.interleaved_rope() {
+                    candle_nn::rotary_emb::rope_i(t, cos, sin)
+                } else {
+                    candle_nn::rotary_emb::rope(t, cos, sin)
+                }
             };
             let q = rotate(&to_heads(q, cfg.heads, layer.q_norm.as_ref())?)?.squeeze(0)?;
             let k = rotate(&to_heads(k, cfg.kv_heads, layer.k_norm.as_ref())?)?.squeeze(0)?;
@@ -410,11 +513,10 @@ impl Decoder {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.w_gate.forward(&h, dense_rows)?;
-            let up = layer.w_up.forward(&h, dense_rows)?;
+            let (gate, up) = layer.gate_up.forward(&h, dense_rows)?;
             let kind = match cfg.arch {
-                Arch::Llama => Gate::Silu,
                 Arch::Gemma3 => Gate::GeluTanh,
+                Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => Gate::Silu,
             };
             let mut f = layer
                 .w_down
@@ -477,6 +579,57 @@ impl Decoder {
     }
 }
 
+impl Qkv {
+    /// Queries, keys and values of `h` (`[T, hidden]`), each `[T, heads · head_dim]`.
+    fn forward(
+        &self,
+        h: &Tensor,
+        dense_rows: usize,
+        cfg: &DecoderConfig,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Separate { q, k, v } => {
+                let project = |(w, bias): &(Linear, Option<Tensor>)| -> Result<Tensor> {
+                    let t = w.forward(h, dense_rows)?;
+                    match bias {
+                        Some(b) => t.broadcast_add(b),
+                        None => Ok(t),
+                    }
+                };
+                Ok((project(q)?, project(k)?, project(v)?))
+            }
+            Self::Fused(w) => {
+                let all = w.forward(h, dense_rows)?;
+                let (nq, nkv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+                Ok((
+                    all.narrow(1, 0, nq)?.contiguous()?,
+                    all.narrow(1, nq, nkv)?.contiguous()?,
+                    all.narrow(1, nq + nkv, nkv)?.contiguous()?,
+                ))
+            }
+        }
+    }
+}
+
+impl GateUp {
+    /// The gate's and the up projection's outputs for `h`.
+    fn forward(&self, h: &Tensor, dense_rows: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Separate { gate, up } => {
+                Ok((gate.forward(h, dense_rows)?, up.forward(h, dense_rows)?))
+            }
+            Self::Fused(w) => {
+                let both = w.forward(h, dense_rows)?;
+                let n = both.dim(1)? / 2;
+                Ok((
+                    both.narrow(1, 0, n)?.contiguous()?,
+                    both.narrow(1, n, n)?.contiguous()?,
+                ))
+            }
+        }
+    }
+}
+
 impl Decoder {
     /// Attention by batched matrix products (devices other than the CPU): fast, but a row's
     /// last bits depend on the shapes it is computed with (see `attention`).
@@ -528,12 +681,14 @@ fn causal_mask(n: usize, past: usize, window: Option<usize>, device: &Device) ->
 }
 
 /// RoPE cosine and sine tables, `[max_len, head_dim / 2]`: frequency `i` is
-/// `base^(-2i/head_dim) / factors[i]` at position `p * scale`.
+/// `base^(-2i/head_dim) / factors[i]` at position `p * scale`, both tables multiplied by
+/// `attn_factor`.
 fn rope_tables(
     head_dim: usize,
     base: f32,
     scale: f32,
     factors: Option<&[f32]>,
+    attn_factor: f32,
     max_len: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
@@ -549,5 +704,9 @@ fn rope_tables(
         .to_dtype(DType::F32)?
         .reshape((max_len, 1))?;
     let freqs = pos.broadcast_mul(&inv)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    if attn_factor == 1.0 {
+        return Ok((freqs.cos()?, freqs.sin()?));
+    }
+    let f = attn_factor as f64;
+    Ok(((freqs.cos()? * f)?, (freqs.sin()? * f)?))
 }

@@ -32,7 +32,7 @@ pub(crate) struct LoadedModel {
 }
 
 /// Architectures this engine runs (`general.architecture`).
-pub(crate) const SUPPORTED: &[&str] = &["llama", "gemma3"];
+pub(crate) const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
 
 /// Builds the model the GGUF describes, with room for `max_context` positions at most
 /// (the GGUF's own context when `None`).
