@@ -156,6 +156,12 @@ impl Engine {
         self.inner.metrics.generated_total()
     }
 
+    /// The largest generation steps run since load: how many sequences, and how many prompt
+    /// chunks, one forward pass has served at most.
+    pub fn batch_peaks(&self) -> crate::BatchPeaks {
+        self.inner.metrics.peak_step()
+    }
+
     /// Hex SHA-256 of the GGUF file loaded: the model's identity, whatever it is called, so
     /// that a changed file changes the `model_version` Label Studio sees.
     pub fn model_sha256(&self) -> &str {

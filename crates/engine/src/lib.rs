@@ -71,5 +71,5 @@ pub use crate::request::{
     SamplingParams, TokenQuestion, MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, MAX_TOP_LOGPROBS,
 };
 pub use crate::result::{
-    ChoiceScores, Completion, Embedding, FinishReason, TokenLogprob, TopLogprob,
+    BatchPeaks, ChoiceScores, Completion, Embedding, FinishReason, TokenLogprob, TopLogprob,
 };

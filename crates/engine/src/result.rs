@@ -1,6 +1,16 @@
 //! What the engine answers: a [`Completion`] (text, why it ended, token counts, optional
 //! log-probabilities) for a generation, [`ChoiceScores`] for a scoring question.
 
+/// The largest generation steps an engine has run since load ([`crate::Engine::batch_peaks`]):
+/// how much continuous batching really batched (diagnostics and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchPeaks {
+    /// The most sequences one forward pass served.
+    pub sequences: usize,
+    /// The most of them that were prompt chunks (prefilled together).
+    pub prompts: usize,
+}
+
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {

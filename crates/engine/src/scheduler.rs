@@ -505,6 +505,11 @@ impl Scheduler {
             .map(|&(_, n)| n)
             .sum();
         self.metrics.prompt_tokens.increment(prompt_tokens as u64);
+        let prompts = plan
+            .iter()
+            .filter(|&&(i, _)| running[i].fed < running[i].seq.prompt_len)
+            .count();
+        self.metrics.step_ran(plan.len(), prompts);
         for ((i, n), logits) in plan.into_iter().zip(logits) {
             let r = &mut running[i];
             let _sequence = r.span.enter();
