@@ -21,19 +21,58 @@ from llama_cpp import Llama
 TOP_K = 8
 GREEDY_TOKENS = 24
 
-LONG = (
-    "The river town kept its records in a stone house by the bridge. Every spring the clerks "
-    "counted boats, barrels of salt, bales of wool and the names of travellers, and every autumn "
-    "they copied the counts into a ledger bound in red leather. "
-)
+# Natural text past 512 tokens for every tokenizer (Gemma 3's local layers then see only their
+# window), written for these fixtures, with no paragraph repeated: a model's logits on repeated
+# text are unusually confident and hide errors that ordinary prose shows.
+LONG = """The harbour office opened at seven, although the first ferry did not leave until nine. \
+Margit liked the quiet hour before the passengers came: the kettle ticking as it cooled, gulls \
+arguing on the roof, the ledger open at a clean page. She had kept the office for eleven years \
+and had never once been late, a fact her brother found either admirable or slightly alarming, \
+depending on his mood.
+
+That morning a parcel was waiting on the step, wrapped in brown paper and tied with green \
+string. There was no stamp and no return address, only her name written in a careful, \
+old-fashioned hand. She carried it inside, set it beside the scales, and decided it could wait \
+until she had finished the tide tables. Curiosity, her mother used to say, is a fine servant and \
+a poor master.
+
+By half past eight the queue had reached the bakery. A schoolteacher wanted two return tickets \
+to the island and a receipt for the council; a fisherman asked whether the weather would hold \
+through Thursday; a tourist from Lyon, holding a map upside down, wanted to know where the \
+lighthouse museum was and whether it sold postcards. Margit answered each in turn, stamping \
+tickets, pointing at the window, promising nothing about Thursday.
+
+When the ferry finally pulled away, the office fell silent again. She untied the green string. \
+Inside the paper was a wooden box, and inside the box lay a brass compass, its glass scratched, \
+its needle trembling toward the north wall. Beneath it was a folded note: "It belonged to your \
+grandfather. He said you would know what to do with it." She did not know, not at first.
+
+Her grandfather had been a pilot in the days before radar, guiding cargo ships through the \
+narrow channel between the sandbanks. People still told stories about him: how he had brought \
+a grain freighter home through fog so thick the crew could not see the bow from the bridge, how \
+he refused payment from anyone who had lost a boat that year, how he whistled hymns badly and \
+loudly. Margit had been six when he died, and she remembered mostly his hands and the smell of \
+tar.
+
+In the afternoon she walked out along the breakwater with the compass in her coat pocket. The \
+wind had turned, bringing rain from the west, and the water in the channel was the colour of \
+slate. At the end of the wall stood the old pilot station, boarded up for a decade, its door \
+padlocked and its paint flaking. She had passed it a thousand times without a second look.
+
+The padlock, it turned out, was not locked. Inside, under dust and a collapsed shelf, she found \
+a chart table with a shallow drawer. The drawer held logbooks, dozens of them, each filled with \
+the same careful handwriting as the note. The last entry was dated the week before he died. It \
+read, simply, that the lower channel was silting faster than the harbour board believed, and \
+that someone ought to measure it properly before the spring tides.
+
+"""
 
 PROMPTS = [
     "The capital of France is",
     "Question: Is the following review positive or negative?\nReview: The food was cold and the "
     "waiter ignored us for an hour.\nAnswer:",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-    # Past 512 tokens for both tokenizers: Gemma 3's local layers then see only their window.
-    "".join(f"Year {1700 + i}: " + LONG for i in range(14)) + "In the end, the ledgers",
+    LONG + "Margit closed the logbook and",
 ]
 
 # A conversation rendered with the GGUF's chat template (where it has one) and tokenized as

@@ -544,7 +544,10 @@ async fn sixteen_prompts_together_match_each_alone() {
     }))
     .await;
     let peaks = engine.batch_peaks();
-    assert_eq!(peaks.sequences, 16, "the 16 decoded in the same steps: {peaks:?}");
+    assert_eq!(
+        peaks.sequences, 16,
+        "the 16 decoded in the same steps: {peaks:?}"
+    );
     assert!(peaks.prompts >= 8, "prompts prefilled together: {peaks:?}");
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.text, t.text, "prompt {i}");
