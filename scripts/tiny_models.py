@@ -146,7 +146,10 @@ def write(name: str, spec: dict, vocab_path: str, out: str) -> None:
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
     if arch == "phi3":
+        # LongRoPE (Phi-3.5 mini, Phi-3 128k): llama.cpp uses the short factors up to the
+        # original context, and scales RoPE's cosines and sines by the attention factor.
         w.add_uint32("phi3.rope.scaling.original_context_length", CONTEXT)
+        w.add_float32("phi3.rope.scaling.attn_factor", 1.19)
     copy_tokenizer(reader, w)
     if spec["vocab"] == "llama-bpe":
         w.add_chat_template(LLAMA3_TEMPLATE)
@@ -157,6 +160,9 @@ def write(name: str, spec: dict, vocab_path: str, out: str) -> None:
     add(w, "output_norm.weight", norm_weight(rng, h), None)
     if not spec["tied"]:
         add(w, "output.weight", matrix(rng, vocab, h, 3.0), Q.Q8_0)
+    if arch == "phi3":
+        w.add_tensor("rope_factors_short.weight", np.geomspace(1.0, 3.0, hd // 2).astype(np.float32))
+        w.add_tensor("rope_factors_long.weight", np.geomspace(1.0, 40.0, hd // 2).astype(np.float32))
     if spec.get("rope_freqs"):
         # Llama 3.1-style factors: high frequencies kept, low ones divided by up to 8.
         w.add_tensor("rope_freqs.weight", np.geomspace(1.0, 8.0, hd // 2).astype(np.float32))

@@ -1,5 +1,5 @@
 //! Decoder-only transformers on candle tensors and candle's quantized matmuls, written for a
-//! server: the llama family (SmolLM2, Llama 2/3, Mistral-style), Qwen2/2.5, Qwen3, Phi-3 and
+//! server: the llama family (SmolLM2, Llama 2/3, Mistral), Qwen2/2.5, Qwen3, Phi-3 and
 //! Gemma 3, which differ in a handful of switches read from the GGUF ([`Arch`],
 //! [`DecoderConfig`]) and in which tensors the file holds (biases, fused matrices). One forward runs a batch of
 //! *segments* (a chunk of one sequence's tokens each, of any length, at any position), so
@@ -18,8 +18,9 @@ use crate::kernels::activation::{gated, Gate};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Arch {
     /// `llama` (Llama 2/3.x, SmolLM2, Mistral): SiLU MLP, RoPE on interleaved pairs (GGUF's
-    /// permuted Q/K), one RoPE base, Llama 3.1-style frequency factors where the file has them,
-    /// and a sliding window on every layer where the GGUF declares one (Mistral 7B v0.1).
+    /// permuted Q/K), one RoPE base, Llama 3.1-style frequency factors where the file has them.
+    /// No sliding window: llama.cpp runs Mistral 7B v0.1's 4,096-position one as full
+    /// attention too (later Mistrals have none).
     Llama,
     /// `qwen2` (Qwen2, Qwen2.5): the llama layout with biases on Q, K and V, RoPE on halves.
     Qwen2,
@@ -112,17 +113,7 @@ impl DecoderConfig {
             .or_else(|| opt_u32("rope.dimension_count"))
             .unwrap_or(hidden / heads);
         let sliding = match arch {
-            // Mistral-style: every layer sees a window, with the global RoPE.
-            Arch::Llama => opt_u32("attention.sliding_window")
-                .filter(|&w| w > 0)
-                .map(|window| {
-                    let layers = LocalLayers {
-                        window,
-                        period: usize::MAX,
-                    };
-                    (layers, opt_f32("rope.freq_base").unwrap_or(10_000.0))
-                }),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => None,
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => None,
             // llama.cpp's values for Gemma 3 where the GGUF has none.
             Arch::Gemma3 => Some((
                 LocalLayers {
