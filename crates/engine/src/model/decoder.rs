@@ -232,8 +232,8 @@ pub(crate) struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     output: Linear,
-    /// RoPE (cos, sin) tables, `[max_len, head_dim / 2]`: global, then local if any.
-    rope: Vec<(Tensor, Tensor)>,
+    /// RoPE frequencies: global, then local if any.
+    rope: Vec<Rope>,
     device: Device,
     max_len: usize,
 }
@@ -259,25 +259,16 @@ impl Decoder {
             Some(t) => Some(t.to_vec1::<f32>()?),
             None => None,
         };
-        let mut rope = vec![rope_tables(
+        let mut rope = vec![Rope::new(
             config.head_dim,
             config.rope_base,
             config.rope_scale,
             factors.as_deref(),
             config.rope_attn_factor,
-            max_len,
             &device,
         )?];
         if let Some((_, base)) = config.sliding {
-            rope.push(rope_tables(
-                config.head_dim,
-                base,
-                1.0,
-                None,
-                1.0,
-                max_len,
-                &device,
-            )?);
+            rope.push(Rope::new(config.head_dim, base, 1.0, None, 1.0, &device)?);
         }
         let gemma = config.arch == Arch::Gemma3;
         let token_embd = Linear::new(w.qtensor("token_embd.weight")?)?;
@@ -412,16 +403,13 @@ impl Decoder {
         if positions.iter().any(|&p| p as usize >= self.max_len) {
             candle_core::bail!("position past the context of {} tokens", self.max_len)
         }
-        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let positions = Tensor::new(positions.as_slice(), &self.device)?
+            .to_dtype(DType::F32)?
+            .reshape((total, 1))?;
         let rope = self
             .rope
             .iter()
-            .map(|(cos, sin)| {
-                Ok((
-                    cos.index_select(&positions, 0)?,
-                    sin.index_select(&positions, 0)?,
-                ))
-            })
+            .map(|r| r.at(&positions))
             .collect::<Result<Vec<_>>>()?;
         let eps = cfg.rms_eps as f32;
 
@@ -671,33 +659,47 @@ fn causal_mask(n: usize, past: usize, window: Option<usize>, device: &Device) ->
     Tensor::from_vec(data, (n, cols), device)
 }
 
-/// RoPE cosine and sine tables, `[max_len, head_dim / 2]`: frequency `i` is
-/// `base^(-2i/head_dim) / factors[i]` at position `p * scale`, both tables multiplied by
-/// `attn_factor`.
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    scale: f32,
-    factors: Option<&[f32]>,
+/// One RoPE variant's frequencies. Cosines and sines are computed per forward pass for the
+/// positions it holds, not kept as tables for the whole context: those cost 67 MB for Gemma 3's
+/// 32k context and as much for Llama 3.2's 128k, while a step's few hundred rows cost
+/// microseconds. Each value is the same f32 arithmetic a table would hold.
+#[derive(Clone)]
+struct Rope {
+    /// `[1, head_dim / 2]`: frequency `i` is `scale · base^(-2i/head_dim) / factors[i]`.
+    inv: Tensor,
+    /// Multiplies the cosines and sines (LongRoPE's attention factor); 1 for none.
     attn_factor: f32,
-    max_len: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..head_dim / 2)
-        .map(|i| {
-            scale
-                / base.powf(2.0 * i as f32 / head_dim as f32)
-                / factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0)
+}
+
+impl Rope {
+    fn new(
+        head_dim: usize,
+        base: f32,
+        scale: f32,
+        factors: Option<&[f32]>,
+        attn_factor: f32,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                scale
+                    / base.powf(2.0 * i as f32 / head_dim as f32)
+                    / factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0)
+            })
+            .collect();
+        Ok(Self {
+            inv: Tensor::from_vec(inv, (1, head_dim / 2), device)?,
+            attn_factor,
         })
-        .collect();
-    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(0u32, max_len as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((max_len, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?;
-    if attn_factor == 1.0 {
-        return Ok((freqs.cos()?, freqs.sin()?));
     }
-    let f = attn_factor as f64;
-    Ok(((freqs.cos()? * f)?, (freqs.sin()? * f)?))
+
+    /// Cosines and sines, `[T, head_dim / 2]`, at `positions` (`[T, 1]`, f32).
+    fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.broadcast_mul(&self.inv)?;
+        if self.attn_factor == 1.0 {
+            return Ok((freqs.cos()?, freqs.sin()?));
+        }
+        let f = self.attn_factor as f64;
+        Ok(((freqs.cos()? * f)?, (freqs.sin()? * f)?))
+    }
 }
