@@ -11,7 +11,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv_cache::{CacheShape, LocalLayers, SeqCache};
-use super::weights::{Embedding, GgufWeights, Linear};
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+
+use super::weights::{stack_rows, Embedding, GgufWeights, Linear};
 use crate::kernels::activation::{gated, Gate};
 
 /// The architectures this code runs (`general.architecture`).
@@ -161,8 +165,10 @@ enum Qkv {
         k: (Linear, Option<Tensor>),
         v: (Linear, Option<Tensor>),
     },
-    /// One matrix whose output rows are the queries', then the keys', then the values' (Phi-3).
-    Fused(Linear),
+    /// One matrix whose output rows are the queries', then the keys', then the values', with
+    /// their biases one after another: Phi-3's as stored, the others' stacked at load where
+    /// the packed kernel runs them (one matmul instead of three; see `weights::stack_rows`).
+    Fused(Linear, Option<Tensor>),
 }
 
 /// The gate and up projections of a gated MLP.
@@ -170,7 +176,8 @@ enum Qkv {
 enum GateUp {
     /// Two matrices.
     Separate { gate: Linear, up: Linear },
-    /// One matrix: the gate's rows, then the up projection's (Phi-3).
+    /// One matrix: the gate's rows, then the up projection's (Phi-3's as stored, the others'
+    /// stacked at load where the packed kernel runs them).
     Fused(Linear),
 }
 
@@ -290,24 +297,46 @@ impl Decoder {
                 }
             };
             let qkv = match w.try_qtensor(&p("attn_qkv"))? {
-                Some(fused) => Qkv::Fused(Linear::new(fused)?),
+                Some(fused) => Qkv::Fused(Linear::new(fused)?, None),
                 None => {
-                    let mut proj = |n: &str| -> Result<(Linear, Option<Tensor>)> {
+                    let mut proj = |n: &str| -> Result<(Arc<QTensor>, Option<Tensor>)> {
                         let bias = w.try_f32(&format!("blk.{i}.{n}.bias"))?;
-                        Ok((Linear::new(w.qtensor(&p(n))?)?, bias))
+                        Ok((w.qtensor(&p(n))?, bias))
                     };
-                    Qkv::Separate {
-                        q: proj("attn_q")?,
-                        k: proj("attn_k")?,
-                        v: proj("attn_v")?,
+                    let (q, k, v) = (proj("attn_q")?, proj("attn_k")?, proj("attn_v")?);
+                    // Stacked only where all three have a bias or none has.
+                    let bias = match (&q.1, &k.1, &v.1) {
+                        (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+                        _ => None,
+                    };
+                    let same_biases =
+                        bias.is_some() || (q.1.is_none() && k.1.is_none() && v.1.is_none());
+                    match stack_rows(&[&q.0, &k.0, &v.0])?.filter(|_| same_biases) {
+                        Some(fused) => Qkv::Fused(Linear::new(fused)?, bias),
+                        None => {
+                            let linear = |(t, b): (Arc<QTensor>, Option<Tensor>)| {
+                                Ok::<_, candle_core::Error>((Linear::new(t)?, b))
+                            };
+                            Qkv::Separate {
+                                q: linear(q)?,
+                                k: linear(k)?,
+                                v: linear(v)?,
+                            }
+                        }
                     }
                 }
             };
             let gate_up = match w.try_qtensor(&p("ffn_gate"))? {
-                Some(gate) => GateUp::Separate {
-                    gate: Linear::new(gate)?,
-                    up: Linear::new(w.qtensor(&p("ffn_up"))?)?,
-                },
+                Some(gate) => {
+                    let up = w.qtensor(&p("ffn_up"))?;
+                    match stack_rows(&[&gate, &up])? {
+                        Some(fused) => GateUp::Fused(Linear::new(fused)?),
+                        None => GateUp::Separate {
+                            gate: Linear::new(gate)?,
+                            up: Linear::new(up)?,
+                        },
+                    }
+                }
                 None if config.arch == Arch::Phi3 => {
                     GateUp::Fused(Linear::new(w.qtensor(&p("ffn_up"))?)?)
                 }
@@ -577,8 +606,11 @@ impl Qkv {
                 };
                 Ok((project(q)?, project(k)?, project(v)?))
             }
-            Self::Fused(w) => {
-                let all = w.forward(h, dense_rows)?;
+            Self::Fused(w, bias) => {
+                let mut all = w.forward(h, dense_rows)?;
+                if let Some(b) = bias {
+                    all = all.broadcast_add(b)?;
+                }
                 let (nq, nkv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
                 Ok((
                     all.narrow(1, 0, nq)?.contiguous()?,
