@@ -9,14 +9,14 @@
 //! model is needed to prove each architecture's layers and tokenizer.
 //!
 //! The model loads as the services load it (requantization on, `engine.requantize`'s default:
-//! on a CPU without the packed kernel SmolLM2's Q4_1 becomes Q8_0, with it Gemma 3's Q6_K does),
-//! while llama.cpp ran the files as they are; the
-//! fixtures were computed with an f32 KV cache, the engine keeps f16 (llama.cpp's default). The
-//! two sum in different orders, and each layer rounds its activations to 8 bits before the
-//! quantized matmuls, which turns last-bit differences into logit differences of a few tenths:
-//! the tests bound the mean and
-//! the largest difference over llama.cpp's top-k tokens at every position, and require the same
-//! best token wherever it leads clearly (a wrong architecture misses all three by far).
+//! on a CPU without the packed kernel SmolLM2's Q4_1 becomes Q8_0, with it Gemma 3's Q6_K
+//! does), while llama.cpp ran the files as they are; the fixtures were computed with an f32 KV
+//! cache, the engine keeps f16 (llama.cpp's default). The two sum in different orders, and each
+//! layer rounds its activations to 8 bits before the quantized matmuls, which turns last-bit
+//! differences into logit differences of a few tenths: the tests bound the mean, the 99th
+//! percentile and the largest difference over llama.cpp's top-k tokens at every position, per
+//! model, and require the same best token wherever it leads clearly (a wrong architecture
+//! misses all of them by far).
 //!
 //! Each test prints a message and returns when a model file is missing, unless
 //! `BATCHLAB_REQUIRE_MODELS` is set (the test suite sets it), then it fails.
