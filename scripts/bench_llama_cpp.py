@@ -47,17 +47,24 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def render_chat(llm: Llama, template: str, messages: list[dict]) -> str:
+    """`messages` through a Jinja chat template as llama-cpp-python renders it, with the model's
+    BOS and EOS texts and the generation prompt (also golden_llama_cpp.py's)."""
+    text = llm._model.token_get_text
+    formatter = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()),
+                                    bos_token=text(llm.token_bos()), add_generation_prompt=True)
+    return formatter(messages=messages).prompt
+
+
 def chat_prompt(llm: Llama, system: str | None, user: str) -> list[int]:
     """The model's own chat template (ChatML where the GGUF has none), as token ids."""
     template = llm.metadata.get("tokenizer.chat_template") or (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}<|im_start|>assistant\n")
-    text = llm._model.token_get_text
-    formatter = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()),
-                                    bos_token=text(llm.token_bos()), add_generation_prompt=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}]
-    prompt = formatter(messages=messages).prompt
+    prompt = render_chat(llm, template, messages)
+    text = llm._model.token_get_text
     return llm.tokenize(prompt.encode(), add_bos=not prompt.startswith(text(llm.token_bos())),
                         special=True)
 

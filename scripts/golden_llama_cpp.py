@@ -18,6 +18,8 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
+from bench_llama_cpp import render_chat
+
 TOP_K = 8
 GREEDY_TOKENS = 24
 
@@ -170,12 +172,7 @@ def main() -> None:
     chat = None
     template = llm.metadata.get("tokenizer.chat_template")
     if template:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        text = llm._model.token_get_text
-        formatter = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()),
-                                        bos_token=text(llm.token_bos()), add_generation_prompt=True)
-        prompt = formatter(messages=CHAT).prompt
+        prompt = render_chat(llm, template, CHAT)
         chat = {"messages": CHAT, "prompt": prompt,
                 "ids": llm.tokenize(prompt.encode(), add_bos=False, special=True)}
     corpus = [

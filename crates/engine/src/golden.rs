@@ -123,6 +123,9 @@ struct Loaded {
     fixture: Fixture,
     model: Model,
     tokenizer: GgufTokenizer,
+    /// The model file and its metadata (the chat template lives there).
+    path: PathBuf,
+    content: gguf_file::Content,
 }
 
 /// The fixture and its model, requantized or not (see `model::weights`).
@@ -152,6 +155,8 @@ fn load_with(fixture_file: &str, requantize: bool) -> Option<Loaded> {
         fixture,
         model: loaded.model,
         tokenizer,
+        path,
+        content,
     })
 }
 
@@ -473,15 +478,16 @@ fn gemma3_greedy_text_matches_llama_cpp() {
 /// prefix goes before each run of text).
 fn chat_matches_llama_cpp(fixture_file: &str) {
     let Some(Loaded {
-        fixture, tokenizer, ..
+        fixture,
+        tokenizer,
+        path,
+        content,
+        ..
     }) = load(fixture_file)
     else {
         return;
     };
     let chat = fixture.chat.expect("the fixture has a chat");
-    let path = crate::testing::model_file(&fixture.model).unwrap();
-    let mut reader = BufReader::new(std::fs::File::open(&path).unwrap());
-    let content = gguf_file::Content::read(&mut reader).unwrap();
     let template =
         crate::loading::chat_template(&path, &content, &tokenizer, crate::RequestLimits::default())
             .unwrap();

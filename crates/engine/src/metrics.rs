@@ -28,8 +28,10 @@ pub(crate) struct EngineMetrics {
     pub(crate) time_per_output_token: Histogram,
     /// Choice-scoring jobs run.
     pub(crate) scoring_jobs: Counter,
-    /// The most sequences one generation step has run, and the most of them prompt chunks.
-    peak_step: (AtomicUsize, AtomicUsize),
+    /// The most sequences one generation step has run.
+    peak_sequences: AtomicUsize,
+    /// The most prompt chunks one generation step has run.
+    peak_prompts: AtomicUsize,
 }
 
 impl EngineMetrics {
@@ -47,21 +49,22 @@ impl EngineMetrics {
             time_per_output_token: histogram!("batchlab_engine_time_per_output_token_seconds", "model" => model.clone()),
             scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model),
             generated_total: AtomicU64::new(0),
-            peak_step: (AtomicUsize::new(0), AtomicUsize::new(0)),
+            peak_sequences: AtomicUsize::new(0),
+            peak_prompts: AtomicUsize::new(0),
         }
     }
 
     /// Records one generation step of `sequences` sequences, `prompts` of them prompt chunks.
     pub(crate) fn step_ran(&self, sequences: usize, prompts: usize) {
-        self.peak_step.0.fetch_max(sequences, Ordering::Relaxed);
-        self.peak_step.1.fetch_max(prompts, Ordering::Relaxed);
+        self.peak_sequences.fetch_max(sequences, Ordering::Relaxed);
+        self.peak_prompts.fetch_max(prompts, Ordering::Relaxed);
     }
 
     /// The most sequences one step has run since load, and the most prompt chunks.
     pub(crate) fn peak_step(&self) -> crate::BatchPeaks {
         crate::BatchPeaks {
-            sequences: self.peak_step.0.load(Ordering::Relaxed),
-            prompts: self.peak_step.1.load(Ordering::Relaxed),
+            sequences: self.peak_sequences.load(Ordering::Relaxed),
+            prompts: self.peak_prompts.load(Ordering::Relaxed),
         }
     }
 

@@ -499,16 +499,11 @@ impl Scheduler {
             }
             self.model.forward(&mut segments).map_err(inference)?
         };
-        let prompt_tokens: usize = plan
+        let (prompts, prompt_tokens) = plan
             .iter()
             .filter(|&&(i, _)| running[i].fed < running[i].seq.prompt_len)
-            .map(|&(_, n)| n)
-            .sum();
+            .fold((0, 0), |(c, t), &(_, n)| (c + 1, t + n));
         self.metrics.prompt_tokens.increment(prompt_tokens as u64);
-        let prompts = plan
-            .iter()
-            .filter(|&&(i, _)| running[i].fed < running[i].seq.prompt_len)
-            .count();
         self.metrics.step_ran(plan.len(), prompts);
         for ((i, n), logits) in plan.into_iter().zip(logits) {
             let r = &mut running[i];

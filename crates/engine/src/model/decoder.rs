@@ -41,20 +41,22 @@ pub(crate) enum Arch {
 }
 
 impl Arch {
+    /// Every architecture this code runs.
+    pub(crate) const ALL: [Self; 5] = [
+        Self::Llama,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Phi3,
+        Self::Gemma3,
+    ];
+
     /// The architecture a GGUF names, if this code runs it.
     pub(crate) fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "llama" => Some(Self::Llama),
-            "qwen2" => Some(Self::Qwen2),
-            "qwen3" => Some(Self::Qwen3),
-            "phi3" => Some(Self::Phi3),
-            "gemma3" => Some(Self::Gemma3),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|a| a.name() == name)
     }
 
-    /// The prefix of this architecture's GGUF metadata keys.
-    fn name(self) -> &'static str {
+    /// Its `general.architecture` name, also the prefix of its GGUF metadata keys.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",

@@ -31,9 +31,6 @@ pub(crate) struct LoadedModel {
     pub(crate) gguf_context: usize,
 }
 
-/// Architectures this engine runs (`general.architecture`).
-pub(crate) const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "phi3", "gemma3"];
-
 /// Builds the model the GGUF describes, with room for `max_context` positions at most
 /// (the GGUF's own context when `None`).
 pub(crate) fn load(
@@ -49,8 +46,9 @@ pub(crate) fn load(
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| EngineError::Load("GGUF has no general.architecture".into()))?;
     let Some(arch) = decoder::Arch::from_name(&arch) else {
+        let supported = decoder::Arch::ALL.map(decoder::Arch::name);
         return Err(EngineError::Load(format!(
-            "unsupported architecture {arch:?} (supported: {SUPPORTED:?})"
+            "unsupported architecture {arch:?} (supported: {supported:?})"
         )));
     };
     let config = decoder::DecoderConfig::from_gguf(arch, content)
