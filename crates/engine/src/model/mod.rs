@@ -64,3 +64,21 @@ pub(crate) fn load(
         gguf_context,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decoder::Arch;
+
+    /// Every architecture is found by its own GGUF name, and other names are refused.
+    #[test]
+    fn architectures_are_found_by_their_gguf_names() {
+        for arch in Arch::ALL {
+            assert_eq!(Arch::from_name(arch.name()), Some(arch));
+        }
+        let names = Arch::ALL.map(Arch::name);
+        assert_eq!(names, ["llama", "qwen2", "qwen3", "phi3", "gemma3"]);
+        for other in ["mamba", "qwen2moe", "phi2", "gemma2", "LLAMA", ""] {
+            assert_eq!(Arch::from_name(other), None, "{other}");
+        }
+    }
+}
