@@ -1,7 +1,7 @@
 //! batchlab's own CPU kernels, apart from the model code that calls them: the packed integer
-//! matrix product ([`packed`], on AVX-512 VNNI and AMX tiles) and the gated MLP activations
-//! ([`activation`]). Each kernel asks [`cpu_features`] which code path this CPU runs; none
-//! detects features itself.
+//! matrix product ([`packed`], on AVX-512 VNNI and AMX tiles), the gated MLP activations
+//! ([`activation`]) and attention's inner loops over the f16 cache ([`attention`]). Each
+//! kernel asks [`cpu_features`] which code path this CPU runs; none detects features itself.
 //!
 //! This is where the engine's `unsafe` code lives (SIMD intrinsics, inline assembly, threads
 //! writing disjoint parts of one buffer, one system call): the `unsafe_code` lint, denied
@@ -10,6 +10,9 @@
 // AVX-512 intrinsics and threads writing disjoint chunks of one buffer, each block with its reason.
 #[allow(unsafe_code)]
 pub(crate) mod activation;
+// AVX-512 intrinsics over slices whose lengths are checked first.
+#[allow(unsafe_code)]
+pub(crate) mod attention;
 // One system call: asking Linux for the AMX tile state (see the module's docs).
 #[allow(unsafe_code)]
 pub(crate) mod cpu_features;

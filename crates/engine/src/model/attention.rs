@@ -14,7 +14,8 @@ use std::sync::Mutex;
 
 use candle_core::{Device, Result, Storage, Tensor, WithDType};
 use half::f16;
-use half::slice::HalfFloatSliceExt;
+
+use crate::kernels;
 
 /// Contiguous data of a CPU tensor (from its layout's start offset).
 fn cpu_slice<'a, T: WithDType>(
@@ -28,24 +29,6 @@ fn cpu_slice<'a, T: WithDType>(
         Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[start..end]),
         _ => candle_core::bail!("row-wise attention runs on the CPU"),
     }
-}
-
-/// Dot product with eight running sums combined in a fixed order.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// One sequence's part of a batched attention call.
@@ -68,27 +51,27 @@ pub(crate) struct SegmentKv<'a> {
 /// work even when one sequence runs alone.
 const ROWS_PER_ITEM: usize = 32;
 
-/// Converts positions `from..to` of one KV head (`[slots, head_dim]` f16, position `p` in slot
-/// `p % modulus`) into `dst` (f32, position `from` first).
-fn widen(src: &[f16], modulus: usize, hd: usize, from: usize, to: usize, dst: &mut Vec<f32>) {
-    dst.clear();
-    dst.resize((to - from) * hd, 0.0);
+/// The runs of slots that positions `from..to` occupy in a cache where position `p` is in slot
+/// `p % modulus`: `(first slot, positions)`, in order of position (two runs where the ring
+/// wraps).
+fn runs(modulus: usize, from: usize, to: usize) -> impl Iterator<Item = (usize, usize)> {
     let mut p = from;
-    while p < to {
-        let slot = p % modulus;
-        let run = (to - p).min(modulus - slot);
-        let at = (p - from) * hd;
-        src[slot * hd..(slot + run) * hd].convert_to_f32_slice(&mut dst[at..at + run * hd]);
-        p += run;
-    }
+    std::iter::from_fn(move || {
+        (p < to).then(|| {
+            let slot = p % modulus;
+            let run = (to - p).min(modulus - slot);
+            p += run;
+            (slot, run)
+        })
+    })
 }
 
 /// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (f32,
 /// scaled), the segments' rows one after another in order; query head `h` reads KV head
 /// `h / group`. Returns `[heads, total, head_dim]`. Work items are (segment, KV head, up to
-/// [`ROWS_PER_ITEM`] rows): each widens the keys and values its rows see to f32 once for every
-/// query head that shares them, and runs on candle's own CPU thread pool (the one its matmuls
-/// use, so no second pool competes for the cores).
+/// [`ROWS_PER_ITEM`] rows): each reads the keys and values its rows see straight from the f16
+/// cache ([`kernels::attention`]) for every query head that shares them, and runs on candle's
+/// own CPU thread pool (the one its matmuls use, so no second pool competes for the cores).
 pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Result<Tensor> {
     let (heads, total, hd) = q.dims3()?;
     if segments.iter().map(|s| s.n).sum::<usize>() != total {
@@ -137,17 +120,9 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         let (k, v, cap) = kv[si];
         let base = kvh * cap * hd;
         let (k, v) = (&k[base..base + cap * hd], &v[base..base + cap * hd]);
-        // Positions any of these rows sees, widened once.
-        let lo = seg
-            .window
-            .map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
-        let hi = seg.past + r0 + rows;
-        let (mut kf, mut vf) = (Vec::new(), Vec::new());
-        widen(k, seg.modulus, hd, lo, hi, &mut kf);
-        widen(v, seg.modulus, hd, lo, hi, &mut vf);
         // [group heads][rows][hd]
         let mut out = vec![0f32; group * rows * hd];
-        let mut weights = vec![0f32; hi - lo];
+        let mut weights = Vec::new();
         for g in 0..group {
             let h = kvh * group + g;
             for i in r0..r0 + rows {
@@ -155,24 +130,26 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
                 let qrow = &q[row * hd..(row + 1) * hd];
                 let visible = seg.past + i + 1;
                 let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
-                let weights = &mut weights[..visible - first];
-                let mut max = f32::NEG_INFINITY;
-                for (j, w) in (first..visible).zip(weights.iter_mut()) {
-                    let j = j - lo;
-                    *w = dot(qrow, &kf[j * hd..(j + 1) * hd]);
-                    max = max.max(*w);
+                weights.clear();
+                weights.resize(visible - first, 0f32);
+                let mut at = 0;
+                for (slot, n) in runs(seg.modulus, first, visible) {
+                    let keys = &k[slot * hd..(slot + n) * hd];
+                    kernels::attention::scores(qrow, keys, &mut weights[at..at + n]);
+                    at += n;
                 }
+                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0f32;
                 for w in weights.iter_mut() {
                     *w = (*w - max).exp();
                     sum += *w;
                 }
                 let o = &mut out[(g * rows + i - r0) * hd..][..hd];
-                for (j, w) in (first..visible).zip(weights.iter()) {
-                    let j = j - lo;
-                    for (od, vd) in o.iter_mut().zip(&vf[j * hd..(j + 1) * hd]) {
-                        *od += w * vd;
-                    }
+                let mut at = 0;
+                for (slot, n) in runs(seg.modulus, first, visible) {
+                    let values = &v[slot * hd..(slot + n) * hd];
+                    kernels::attention::weighted_sum(&weights[at..at + n], values, o);
+                    at += n;
                 }
                 let inv = 1.0 / sum;
                 for od in o.iter_mut() {
