@@ -5,7 +5,6 @@
 use std::collections::HashSet;
 
 use candle_core::Tensor;
-use candle_transformers::generation::LogitsProcessor;
 
 use crate::error::inference;
 use crate::guidance::Guide;
@@ -19,7 +18,7 @@ pub(crate) struct Sequence {
     pub(crate) tokens: Vec<u32>,
     /// Tokens of the prompt at the start of `tokens`.
     pub(crate) prompt_len: usize,
-    sampler: LogitsProcessor,
+    sampler: sampling::Sampler,
     decoder: IncrementalDecoder,
     /// The text generated so far (cut before a stop string).
     text: String,
