@@ -75,6 +75,50 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
 }
 
+/// `act(gate) × up` for a `[T, 2n]` tensor holding each row's gate then its up projection:
+/// the stacked gate/up matmul's output read where it lies, rather than split into two copies
+/// first (those copies cost the model thread about 2% of a 16-sequence decode step on SmolLM2
+/// while the other threads waited). The same values as [`gated`] on the two halves.
+pub(crate) fn gated_halves(both: &Tensor, kind: Gate) -> Result<Tensor> {
+    let (rows, width) = both.dims2()?;
+    if !width.is_multiple_of(2) {
+        candle_core::bail!("gated activation: {width} columns do not split in halves")
+    }
+    let n = width / 2;
+    if !both.device().is_cpu() || both.dtype() != DType::F32 {
+        let half = |at| both.narrow(1, at, n)?.contiguous();
+        return gated(&half(0)?, &half(n)?, kind);
+    }
+    let both = both.contiguous()?;
+    let mut out = vec![0f32; rows * n];
+    {
+        let (bs, bl) = both.storage_and_layout();
+        let Storage::Cpu(bs) = &*bs else {
+            candle_core::bail!("gated activation: CPU tensors expected")
+        };
+        let b = &bs.as_slice::<f32>()?[bl.start_offset()..][..rows * width];
+        let per_item = (CHUNK / n).max(1);
+        let items = rows.div_ceil(per_item);
+        let dst = Out(out.as_mut_ptr());
+        let run = |range: std::ops::Range<usize>| {
+            for item in range {
+                for r in item * per_item..rows.min((item + 1) * per_item) {
+                    let (g, u) = b[r * width..(r + 1) * width].split_at(n);
+                    // SAFETY: row r of `out` belongs to this item only.
+                    let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r * n), n) };
+                    apply(kind, g, u, o);
+                }
+            }
+        };
+        if items > 1 {
+            candle_core::utils::barrier_pool().execute_chunked(items, run);
+        } else {
+            run(0..items);
+        }
+    }
+    Tensor::from_vec(out, (rows, n), &Device::Cpu)
+}
+
 /// `out = act(g) × u` for one chunk, through AVX-512 where the CPU has it.
 ///
 /// The vector code needs AVX-512 F only, but runs where the packed kernel does
@@ -237,6 +281,32 @@ mod tests {
                 assert!(
                     err <= (4e-7 + 1.2e-7 * k) * want.abs() + 1e-30,
                     "{kind:?}({x}) × {u} = {y}, want {want}"
+                );
+            }
+        }
+    }
+
+    /// The stacked `[gate | up]` rows give [`gated`]'s bits on the two halves, for row widths
+    /// that do and do not fill whole registers and work items.
+    #[test]
+    fn stacked_halves_match_the_separate_halves() {
+        super::super::cpu_features::check_required_kernel();
+        let x = inputs();
+        for (rows, n) in [(1, 7), (5, 40), (16, 1536), (3, CHUNK + 3)] {
+            let g: Vec<f32> = (0..rows * n).map(|i| x[i % x.len()]).collect();
+            let u: Vec<f32> = (0..rows * n).map(|i| 0.5 + (i % 11) as f32 * 0.3).collect();
+            let gate = Tensor::from_vec(g, (rows, n), &Device::Cpu).unwrap();
+            let up = Tensor::from_vec(u, (rows, n), &Device::Cpu).unwrap();
+            let both = Tensor::cat(&[&gate, &up], 1).unwrap();
+            for kind in [Gate::Silu, Gate::GeluTanh] {
+                let bits = |t: Tensor| -> Vec<u32> {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|x| x.to_bits()).collect()
+                };
+                assert_eq!(
+                    bits(gated_halves(&both, kind).unwrap()),
+                    bits(gated(&gate, &up, kind).unwrap()),
+                    "{rows} rows of {n}, {kind:?}"
                 );
             }
         }

@@ -10,13 +10,13 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::kv_cache::{CacheShape, LocalLayers, SeqCache};
+use super::kv_cache::{CacheShape, LocalLayers, SeqCache, KV_DTYPE};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 
 use super::weights::{stack_rows, Embedding, GgufWeights, Linear};
-use crate::kernels::activation::{gated, Gate};
+use crate::kernels::activation::{gated, gated_halves, Gate};
 
 /// The architectures this code runs (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -478,11 +478,13 @@ impl Decoder {
             let v = to_heads(v, cfg.kv_heads, None)?.squeeze(0)?;
             let q = (q * scale)?;
 
+            // Converted to the cache's type once for every segment.
+            let (k16, v16) = (k.to_dtype(KV_DTYPE)?, v.to_dtype(KV_DTYPE)?);
             let mut offset = 0;
             for s in segments_in_order() {
                 let n = s.tokens.len();
-                let ks = k.narrow(1, offset, n)?.contiguous()?;
-                let vs = v.narrow(1, offset, n)?.contiguous()?;
+                let ks = k16.narrow(1, offset, n)?.contiguous()?;
+                let vs = v16.narrow(1, offset, n)?.contiguous()?;
                 s.cache.write(li, &ks, &vs)?;
                 offset += n;
             }
@@ -523,14 +525,12 @@ impl Decoder {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let (gate, up) = layer.gate_up.forward(&h, dense_rows)?;
             let kind = match cfg.arch {
                 Arch::Gemma3 => Gate::GeluTanh,
                 Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => Gate::Silu,
             };
-            let mut f = layer
-                .w_down
-                .forward(&gated(&gate, &up, kind)?, dense_rows)?;
+            let act = layer.gate_up.activated(&h, dense_rows, kind)?;
+            let mut f = layer.w_down.forward(&act, dense_rows)?;
             if let Some(w) = &layer.post_ffn_norm {
                 f = candle_nn::ops::rms_norm(&f, w, eps)?;
             }
@@ -625,20 +625,15 @@ impl Qkv {
 }
 
 impl GateUp {
-    /// The gate's and the up projection's outputs for `h`.
-    fn forward(&self, h: &Tensor, dense_rows: usize) -> Result<(Tensor, Tensor)> {
+    /// `act(gate(h)) × up(h)`: the MLP's input to its down projection.
+    fn activated(&self, h: &Tensor, dense_rows: usize, kind: Gate) -> Result<Tensor> {
         match self {
-            Self::Separate { gate, up } => {
-                Ok((gate.forward(h, dense_rows)?, up.forward(h, dense_rows)?))
-            }
-            Self::Fused(w) => {
-                let both = w.forward(h, dense_rows)?;
-                let n = both.dim(1)? / 2;
-                Ok((
-                    both.narrow(1, 0, n)?.contiguous()?,
-                    both.narrow(1, n, n)?.contiguous()?,
-                ))
-            }
+            Self::Separate { gate, up } => gated(
+                &gate.forward(h, dense_rows)?,
+                &up.forward(h, dense_rows)?,
+                kind,
+            ),
+            Self::Fused(w) => gated_halves(&w.forward(h, dense_rows)?, kind),
         }
     }
 }
