@@ -27,6 +27,8 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 STREAMS = 16
+# Runs of the paired one-stream / 16-stream decode measurement (the ratio's median over them).
+RATIO_RUNS = 5
 
 BASE = "Run {salt}. The history of the city is long and full of surprising turns, markets, rivers and bridges. "
 
@@ -167,23 +169,23 @@ def main() -> None:
         par.decode([(tok, p, 0, p == len(toks) - 1) for p, tok in enumerate(toks)])
         prompt_tps.append(len(toks) / (time.perf_counter() - t))
 
-    # Decode: 65 tokens minus 1 token after prompts of the same length, as batchlab's side.
-    decode_tps = []
-    for run in range(3):
+    # Decode, one stream: 65 tokens minus 1 token after prompts of the same length, as
+    # batchlab's side. Aggregate decode, measured like one stream: 16 prompts for 1 token, then
+    # 16 others for 65; the tokens beyond the first over the extra time (and all of them over
+    # the whole). Each run measures both, one right after the other, and gives their ratio: the
+    # machine's speed drifts (a shared host), and a ratio of neighbours in time is not moved by
+    # a drift between the two phases.
+    def prompts(salt: int) -> list[list[int]]:
+        return [chat_prompt(llm, None, f"Tell story number {i} (run {salt}) about a lighthouse.")
+                for i in range(STREAMS)]
+    decode_tps, aggregate_tps, aggregate_e2e_tps, over_one = [], [], [], []
+    for run in range(RATIO_RUNS):
         t = time.perf_counter()
         par.generate([tokens_of(llm, 20, 1000 + run)], 1)
         one = time.perf_counter() - t
         t = time.perf_counter()
         n = par.generate([tokens_of(llm, 20, 2000 + run)], 65)
         decode_tps.append((n - 1) / max(time.perf_counter() - t - one, 1e-9))
-
-    # Aggregate decode, measured like one stream: 16 prompts for 1 token, then 16 others for
-    # 65; the tokens beyond the first over the extra time (and all of them over the whole).
-    aggregate_tps, aggregate_e2e_tps = [], []
-    for run in range(3):
-        def prompts(salt: int) -> list[list[int]]:
-            return [chat_prompt(llm, None, f"Tell story number {i} (run {salt}) about a lighthouse.")
-                    for i in range(STREAMS)]
         t = time.perf_counter()
         first = par.generate(prompts(1000 + run), 1)
         one = time.perf_counter() - t
@@ -192,6 +194,7 @@ def main() -> None:
         many = time.perf_counter() - t
         aggregate_tps.append((tokens - first) / max(many - one, 1e-9))
         aggregate_e2e_tps.append(tokens / many)
+        over_one.append(aggregate_tps[-1] / decode_tps[-1])
 
     # Choice scoring: a 5-way field after the chat prompt, candidates with the end of turn.
     scoring_s = []
@@ -218,6 +221,7 @@ def main() -> None:
         "decode_tps": statistics.median(decode_tps),
         "aggregate16_tps": statistics.median(aggregate_tps),
         "aggregate16_e2e_tps": statistics.median(aggregate_e2e_tps),
+        "aggregate16_over_one": statistics.median(over_one),
         "scoring_s": statistics.median(scoring_s),
         "peak_rss_mb": rss_mb() - baseline_mb,
         "interpreter_rss_mb": baseline_mb,

@@ -1,11 +1,12 @@
 //! The engine's side of `scripts/bench-engine.sh`: one JSON object of measurements on a GGUF.
 //!
-//! `bench_engine MODEL THREADS [PREFIX_CACHE_MB=128]` measures, each the median of 3 runs:
+//! `bench_engine MODEL THREADS [PREFIX_CACHE_MB=128]` measures (each the median of 3 runs, unless said):
 //! - prompt tokens/s: a 300-token prompt processed once (no cached prefix);
 //! - decode tokens/s, one stream: 64 greedy tokens after a short prompt;
 //! - aggregate decode tokens/s with 16 concurrent requests (continuous batching), measured like
 //!   one stream (the time of 16 one-token requests subtracted), and the same with the prompts'
-//!   time included;
+//!   time included; these two and one stream are the medians of 5 runs that measure one stream
+//!   and then 16, and their ratio is the median of each run's own;
 //! - choice scoring: a 5-way field after a 75-token prompt, seconds per field;
 //! - peak RSS (VmHWM) of the process (the prompt cache fills up to its budget: every prompt
 //!   here is new, so it holds memory without serving anything).
@@ -16,6 +17,9 @@ use batchlab_engine::{
     ChatMessage, ChatRequest, ChoiceQuestion, CompletionRequest, Engine, EngineConfig,
     SamplingParams,
 };
+
+/// Runs of the paired one-stream / 16-stream decode measurement (the ratio's median over them).
+const RATIO_RUNS: usize = 5;
 
 fn greedy(max_tokens: usize) -> SamplingParams {
     SamplingParams {
@@ -106,70 +110,71 @@ async fn main() {
         prompt_tps.push(c.prompt_tokens as f64 / t.elapsed().as_secs_f64());
     }
 
-    // Decode: 65 tokens minus 1 token after prompts of the same length (neither cached).
+    // Decode, one stream: 65 tokens minus 1 token after prompts of the same length (neither
+    // cached). Aggregate decode, measured like one stream: 16 requests for 1 token, then 16
+    // others (not cached either) for 65; the generated tokens beyond the first over the extra
+    // time. Each run measures both, one right after the other, and gives their ratio: the
+    // machine's speed drifts (a shared host), and a ratio of neighbours in time is not moved by
+    // a drift between two phases.
     eprintln!("peak RSS after prompts: {:.0} MB", peak_rss_mb());
-    let mut decode_tps = Vec::new();
-    for run in 0..3 {
-        let time = |prompt: String, n: usize| {
-            let engine = engine.clone();
-            async move {
-                let t = Instant::now();
-                let c = engine
-                    .complete(CompletionRequest {
-                        prompt,
-                        params: greedy(n),
+    let time = |prompt: String, n: usize| {
+        let engine = engine.clone();
+        async move {
+            let t = Instant::now();
+            let c = engine
+                .complete(CompletionRequest {
+                    prompt,
+                    params: greedy(n),
+                })
+                .await
+                .unwrap();
+            (t.elapsed().as_secs_f64(), c.completion_tokens)
+        }
+    };
+    let together = |salt: usize, n: usize| {
+        let engine = engine.clone();
+        async move {
+            let t = Instant::now();
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        let content =
+                            format!("Tell story number {i} (run {salt}) about a lighthouse.");
+                        let params = SamplingParams {
+                            stop: vec![],
+                            ..greedy(n)
+                        };
+                        engine
+                            .chat(ChatRequest {
+                                messages: vec![ChatMessage::new("user", content)],
+                                params,
+                            })
+                            .await
+                            .unwrap()
                     })
-                    .await
-                    .unwrap();
-                (t.elapsed().as_secs_f64(), c.completion_tokens)
+                })
+                .collect();
+            let mut tokens = 0;
+            for h in handles {
+                tokens += h.await.unwrap().completion_tokens;
             }
-        };
+            (t.elapsed().as_secs_f64(), tokens)
+        }
+    };
+    let mut decode_tps = Vec::new();
+    let mut aggregate_tps = Vec::new();
+    let mut aggregate_e2e_tps = Vec::new();
+    let mut over_one = Vec::new();
+    for run in 0..RATIO_RUNS {
         let (one, _) = time(prompt_of(&engine, 20, 1000 + run), 1).await;
         let (many, n) = time(prompt_of(&engine, 20, 2000 + run), 65).await;
         decode_tps.push((n - 1) as f64 / (many - one).max(1e-9));
-    }
-
-    eprintln!("peak RSS after decode: {:.0} MB", peak_rss_mb());
-    // Aggregate decode, measured like one stream: 16 requests for 1 token, then 16 others (not
-    // cached either) for 65; the generated tokens beyond the first over the extra time.
-    let mut aggregate_tps = Vec::new();
-    let mut aggregate_e2e_tps = Vec::new();
-    for run in 0..3 {
-        let together = |salt: usize, n: usize| {
-            let engine = engine.clone();
-            async move {
-                let t = Instant::now();
-                let handles: Vec<_> = (0..16)
-                    .map(|i| {
-                        let engine = engine.clone();
-                        tokio::spawn(async move {
-                            let content =
-                                format!("Tell story number {i} (run {salt}) about a lighthouse.");
-                            let params = SamplingParams {
-                                stop: vec![],
-                                ..greedy(n)
-                            };
-                            engine
-                                .chat(ChatRequest {
-                                    messages: vec![ChatMessage::new("user", content)],
-                                    params,
-                                })
-                                .await
-                                .unwrap()
-                        })
-                    })
-                    .collect();
-                let mut tokens = 0;
-                for h in handles {
-                    tokens += h.await.unwrap().completion_tokens;
-                }
-                (t.elapsed().as_secs_f64(), tokens)
-            }
-        };
         let (one, first) = together(1000 + run, 1).await;
         let (many, tokens) = together(2000 + run, 65).await;
         aggregate_tps.push((tokens - first) as f64 / (many - one).max(1e-9));
         aggregate_e2e_tps.push(tokens as f64 / many);
+        over_one.push(aggregate_tps[run] / decode_tps[run]);
     }
 
     eprintln!("peak RSS after aggregate: {:.0} MB", peak_rss_mb());
@@ -203,6 +208,7 @@ async fn main() {
             "decode_tps": median(decode_tps),
             "aggregate16_tps": median(aggregate_tps),
             "aggregate16_e2e_tps": median(aggregate_e2e_tps),
+            "aggregate16_over_one": median(over_one),
             "scoring_s": median(scoring_s),
             "peak_rss_mb": peak_rss_mb(),
         })
