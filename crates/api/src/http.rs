@@ -8,6 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::json;
 
+use batchlab_core::http::refused_before_body;
+
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -33,7 +35,7 @@ pub async fn require_api_key(
     State(state): State<AppState>,
     request: Request,
     next: Next,
-) -> Result<Response, ApiError> {
+) -> Response {
     if let Some(key) = state
         .config
         .api
@@ -49,10 +51,10 @@ pub async fn require_api_key(
         if !given
             .is_some_and(|g| batchlab_core::http::constant_time_eq(g.as_bytes(), key.as_bytes()))
         {
-            return Err(ApiError::Unauthorized);
+            return refused_before_body(request.headers(), ApiError::Unauthorized.into_response());
         }
     }
-    Ok(next.run(request).await)
+    next.run(request).await
 }
 
 /// The token of an `Authorization: Bearer <token>` value.
@@ -69,7 +71,7 @@ pub async fn guard_webhook(
     State(state): State<AppState>,
     request: Request,
     next: Next,
-) -> Result<Response, ApiError> {
+) -> Response {
     let ls = &state.config.label_studio;
     if let Some(secret) = ls.webhook_secret.as_deref().filter(|s| !s.is_empty()) {
         let given = request
@@ -77,20 +79,22 @@ pub async fn guard_webhook(
             .get(ls.webhook_secret_header.as_str())
             .map(|v| v.as_bytes());
         if !given.is_some_and(|g| batchlab_core::http::constant_time_eq(g, secret.as_bytes())) {
-            return Err(ApiError::WebhookUnauthorized(format!(
+            let refusal = ApiError::WebhookUnauthorized(format!(
                 "missing or wrong webhook secret: send it in the {} header",
                 ls.webhook_secret_header
-            )));
+            ));
+            return refused_before_body(request.headers(), refusal.into_response());
         }
     }
     let Ok(_permit) = state.webhook_slots.clone().try_acquire_owned() else {
         metrics::counter!("batchlab_webhook_refused_total", "reason" => "busy").increment(1);
-        return Err(ApiError::Busy(format!(
+        let refusal = ApiError::Busy(format!(
             "{} webhook deliveries are being read already (api.max_concurrent_webhooks); retry shortly",
             state.config.api.max_concurrent_webhooks
-        )));
+        ));
+        return refused_before_body(request.headers(), refusal.into_response());
     };
-    Ok(next.run(request).await)
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

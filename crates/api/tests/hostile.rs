@@ -106,6 +106,43 @@ async fn the_api_key_table() {
     health_ok(&s).await;
 }
 
+/// A request refused before its body is read (wrong key, wrong webhook secret) is answered with
+/// `Connection: close`. The server does not read the rest of such a body and closes the
+/// connection after answering; without the header a client puts the connection back in its
+/// pool, and its next request on it could find it closed ("Server disconnected without sending
+/// a response": seen in CI with the official `openai` client, which sends the next request at
+/// once). A refused request without a body keeps its connection.
+#[tokio::test]
+async fn a_refused_request_with_a_body_closes_its_connection() {
+    let s = start(|_| {}).await;
+    let body = vec![b'x'; 256 << 10];
+    let refused = [
+        s.client
+            .post(s.url("/v1/files"))
+            .header("authorization", "Bearer wrong")
+            .header("content-type", "application/octet-stream")
+            .body(body.clone()),
+        s.client
+            .post(s.url("/v1/webhooks/label-studio"))
+            .header("content-type", "application/json")
+            .body(body.clone()),
+    ];
+    for request in refused {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{}",
+            r.url()
+        );
+    }
+    let r = s.client.get(s.url("/v1/files")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers().get("connection"), None);
+    health_ok(&s).await;
+}
+
 /// A body that sends one chunk and then never ends.
 fn endless_body() -> reqwest::Body {
     let first = futures::stream::once(async {

@@ -56,6 +56,25 @@ pub fn observe_layers(router: Router, metric_prefix: &'static str) -> Router {
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
+/// `response` to a request refused before its body was read, marked `Connection: close` when
+/// the request declared a body. The server closes such a connection after answering (the rest
+/// of the body is never read); without the header a client keeps the connection for its next
+/// request and may find it closed under it.
+pub fn refused_before_body(headers: &axum::http::HeaderMap, mut response: Response) -> Response {
+    let declares_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
+    if declares_body {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// Compares two byte strings in time that depends only on their lengths, so a secret cannot be
 /// guessed byte by byte from response times.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -6,7 +6,7 @@
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use batchlab_core::config::{ConfigError, MlBackendConfig};
 
@@ -59,7 +59,7 @@ pub async fn require_basic_auth(
     State(state): State<MlState>,
     request: Request,
     next: Next,
-) -> Result<Response, MlError> {
+) -> Response {
     if let Some(credentials) = state.basic_auth.as_deref() {
         let given = request
             .headers()
@@ -68,10 +68,13 @@ pub async fn require_basic_auth(
             .unwrap_or_default();
         if !credentials.admit(given) {
             tracing::info!(path = %request.uri().path(), "basic auth failed");
-            return Err(MlError::Unauthorized);
+            return batchlab_core::http::refused_before_body(
+                request.headers(),
+                MlError::Unauthorized.into_response(),
+            );
         }
     }
-    Ok(next.run(request).await)
+    next.run(request).await
 }
 
 #[cfg(test)]

@@ -433,10 +433,17 @@ async fn basic_auth_guards_every_route_when_configured() {
         assert_eq!(right.status(), expected, "{path}");
     }
     let (_, f) = &fixtures("setup")[0];
+    let refused = s.replay(f).await;
     assert_eq!(
-        s.replay(f).await.status(),
+        refused.status(),
         401,
         "Label Studio's setup without credentials"
+    );
+    // Refused before its body was read: the connection closes, and says so (a client that
+    // kept it could find it closed under its next request).
+    assert_eq!(
+        refused.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
     );
 }
 
