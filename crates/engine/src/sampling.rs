@@ -4,7 +4,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 
 use crate::tokenizer::GgufTokenizer;
@@ -52,13 +52,14 @@ impl Sampler {
         if !self.greedy {
             return self.random.sample(logits);
         }
-        let (storage, layout) = logits.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets(), logits.dtype()) {
-            (Storage::Cpu(cpu), Some((from, to)), DType::F32) => {
-                Ok(first_max(&cpu.as_slice::<f32>()?[from..to]))
+        if logits.dtype() == DType::F32 {
+            let (storage, layout) = logits.storage_and_layout();
+            if let Ok(v) = crate::kernels::cpu_slice::<f32>(&storage, layout) {
+                return Ok(first_max(v));
             }
-            _ => self.random.sample(logits),
         }
+        // Elsewhere (another device, a strided view): candle's own argmax.
+        self.random.sample(logits)
     }
 }
 

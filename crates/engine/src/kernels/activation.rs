@@ -8,9 +8,9 @@
 //! negative inputs). With AVX-512 every value goes through the same vector code (the last,
 //! partial register under a mask), so a value never depends on where it sits in the batch.
 
-use candle_core::{DType, Device, Result, Storage, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
-use super::Out;
+use super::{cpu_slice, Out};
 
 /// Which activation gates the MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,11 +50,8 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
     {
         let (gs, gl) = gate.storage_and_layout();
         let (us, ul) = up.storage_and_layout();
-        let (Storage::Cpu(gs), Storage::Cpu(us)) = (&*gs, &*us) else {
-            candle_core::bail!("gated activation: CPU tensors expected")
-        };
-        let g = &gs.as_slice::<f32>()?[gl.start_offset()..][..n];
-        let u = &us.as_slice::<f32>()?[ul.start_offset()..][..n];
+        let g = cpu_slice::<f32>(&gs, gl)?;
+        let u = cpu_slice::<f32>(&us, ul)?;
         let chunks = n.div_ceil(CHUNK);
         let dst = Out(out.as_mut_ptr());
         let run = |items: std::ops::Range<usize>| {
@@ -93,10 +90,7 @@ pub(crate) fn gated_halves(both: &Tensor, kind: Gate) -> Result<Tensor> {
     let mut out = vec![0f32; rows * n];
     {
         let (bs, bl) = both.storage_and_layout();
-        let Storage::Cpu(bs) = &*bs else {
-            candle_core::bail!("gated activation: CPU tensors expected")
-        };
-        let b = &bs.as_slice::<f32>()?[bl.start_offset()..][..rows * width];
+        let b = cpu_slice::<f32>(&bs, bl)?;
         let per_item = (CHUNK / n).max(1);
         let items = rows.div_ceil(per_item);
         let dst = Out(out.as_mut_ptr());

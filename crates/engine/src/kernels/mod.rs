@@ -29,6 +29,21 @@ pub fn packed_kernel() -> bool {
     cpu_features::avx512_vnni()
 }
 
+/// The contiguous data of a CPU tensor, as its storage and layout describe it (from the
+/// layout's start offset): the kernels read their inputs in place, without copying them out.
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [T]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor is needed here")
+    };
+    match storage {
+        candle_core::Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[start..end]),
+        _ => candle_core::bail!("a CPU tensor is needed here"),
+    }
+}
+
 /// Raw pointer that the threads of one kernel call write disjoint parts of (the packed matmul's
 /// output columns, the activations' chunks).
 #[derive(Clone, Copy)]

@@ -60,7 +60,7 @@ use candle_core::{Device, Result, Tensor};
 use half::f16;
 
 use super::cpu_features::{amx_int8, avx512_vnni};
-use super::Out;
+use super::{cpu_slice, Out};
 
 /// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
 const LANES: usize = 16;
@@ -411,12 +411,7 @@ impl Packed {
         let x = x.contiguous()?;
         let acts = {
             let (storage, layout) = x.storage_and_layout();
-            match (&*storage, layout.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(cpu), Some((from, to))) => {
-                    self.quantize(&cpu.as_slice::<f32>()?[from..to], m)
-                }
-                _ => candle_core::bail!("packed matmul: f32 CPU input expected"),
-            }
+            self.quantize(cpu_slice::<f32>(&storage, layout)?, m)
         };
         let mut out: Vec<f32> = Vec::with_capacity(m * self.rows);
         let ptr = Out(out.as_mut_ptr());

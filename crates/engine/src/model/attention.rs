@@ -12,24 +12,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Result, Storage, Tensor, WithDType};
+use candle_core::{Device, Result, Tensor};
 use half::f16;
 
 use crate::kernels;
-
-/// Contiguous data of a CPU tensor (from its layout's start offset).
-fn cpu_slice<'a, T: WithDType>(
-    storage: &'a Storage,
-    layout: &candle_core::Layout,
-) -> Result<&'a [T]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("attention needs contiguous tensors")
-    };
-    match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<T>()?[start..end]),
-        _ => candle_core::bail!("row-wise attention runs on the CPU"),
-    }
-}
+use crate::kernels::cpu_slice;
 
 /// One sequence's part of a batched attention call.
 pub(crate) struct SegmentKv<'a> {
