@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import openai
 import pytest
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(os.environ.get("BATCHLAB_BIN_DIR") or REPO / "target" / "debug")
@@ -46,13 +47,6 @@ LOG_SOURCES = pytest.StashKey[list]()
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (bound to 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_env(extra: dict[str, str]) -> dict[str, str]:

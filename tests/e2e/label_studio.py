@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_BIN = Path(
     os.environ.get("BATCHLAB_LABEL_STUDIO_BIN") or REPO / ".venv-label-studio" / "bin" / "label-studio"
@@ -52,20 +54,12 @@ def json_request(url: str, method: str = "GET", body=None, headers: dict | None 
         return status, text
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LabelStudio:
     """One running Label Studio and a small REST helper authenticated with its legacy token."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = secrets.token_hex(20)
         self.name = "label-studio"
