@@ -483,9 +483,7 @@ impl Decoder {
             let mut offset = 0;
             for s in segments_in_order() {
                 let n = s.tokens.len();
-                let ks = k16.narrow(1, offset, n)?.contiguous()?;
-                let vs = v16.narrow(1, offset, n)?.contiguous()?;
-                s.cache.write(li, &ks, &vs)?;
+                s.cache.write(li, &k16, &v16, offset, n)?;
                 offset += n;
             }
             let o = if self.device.is_cpu() {

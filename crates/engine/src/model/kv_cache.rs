@@ -90,6 +90,66 @@ fn copy_positions(
     Ok(())
 }
 
+/// Copies positions `from..from + n` of a `[kv_heads, T, head_dim]` tensor into a layer's
+/// cache tensor at positions `first..`, position `p` in slot `p % modulus` ([`SeqCache::write`]).
+struct WriteRows {
+    from: usize,
+    n: usize,
+    first: usize,
+    modulus: usize,
+}
+
+impl candle_core::InplaceOp2 for WriteRows {
+    fn name(&self) -> &'static str {
+        "kv-cache-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dst_layout: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        src_layout: &candle_core::Layout,
+    ) -> Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (
+            dst_layout.contiguous_offsets(),
+            src_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("the cache and the rows written to it must be contiguous")
+        };
+        let (candle_core::CpuStorage::F16(dst), candle_core::CpuStorage::F16(src)) = (dst, src)
+        else {
+            candle_core::bail!("the cache and the rows written to it must be f16")
+        };
+        let (dst, src) = (&mut dst[d0..d1], &src[s0..s1]);
+        let (heads, slots, width) = dst_layout.shape().dims3()?;
+        let (src_heads, rows, src_width) = src_layout.shape().dims3()?;
+        if (src_heads, src_width) != (heads, width) || self.from + self.n > rows {
+            candle_core::bail!(
+                "rows {}..{} of [{src_heads}, {rows}, {src_width}] do not fit a cache of \
+                 [{heads}, {slots}, {width}]",
+                self.from,
+                self.from + self.n
+            )
+        }
+        let mut p = 0;
+        while p < self.n {
+            let slot = (self.first + p) % self.modulus;
+            let run = (self.n - p).min(self.modulus - slot);
+            if slot + run > slots {
+                candle_core::bail!("position {} is past the cache's {slots} slots", slot + run)
+            }
+            for h in 0..heads {
+                let at = (h * rows + self.from + p) * width;
+                let to = (h * slots + slot) * width;
+                dst[to..to + run * width].copy_from_slice(&src[at..at + run * width]);
+            }
+            p += run;
+        }
+        Ok(())
+    }
+}
+
 impl SeqCache {
     /// An empty cache with room for `hint` positions before it must grow.
     pub(crate) fn new(shape: CacheShape, hint: usize, device: &Device) -> Result<Self> {
@@ -184,13 +244,37 @@ impl SeqCache {
         Ok(())
     }
 
-    /// Writes `k` and `v` (`[kv_heads, n, head_dim]`, any float type) of layer `layer` at the
-    /// current end. [`SeqCache::advance`] moves the end once every layer is written.
-    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// Writes positions `from..from + n` of `k` and `v` (`[kv_heads, T, head_dim]`, any float
+    /// type; a forward pass's keys and values of every sequence in it) as this sequence's next
+    /// `n` positions of layer `layer`. [`SeqCache::advance`] moves the end once every layer is
+    /// written. CPU tensors of the cache's type are copied straight into the slots, without
+    /// the intermediate tensors of the generic path (a decode step writes every sequence of
+    /// the batch in every layer, so those small copies added up on the model thread).
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        from: usize,
+        n: usize,
+    ) -> Result<()> {
         let (kc, vc) = &self.layers[layer];
-        let (k, v) = (k.to_dtype(KV_DTYPE)?, v.to_dtype(KV_DTYPE)?);
         let m = self.modulus(layer);
-        let n = k.dims3()?.1;
+        let direct = kc.device().is_cpu() && k.dtype() == KV_DTYPE && v.dtype() == KV_DTYPE;
+        if direct && k.is_contiguous() && v.is_contiguous() {
+            let op = WriteRows {
+                from,
+                n,
+                first: self.len,
+                modulus: m,
+            };
+            kc.inplace_op2(k, &op)?;
+            return vc.inplace_op2(v, &op);
+        }
+        let (k, v) = (
+            k.narrow(1, from, n)?.to_dtype(KV_DTYPE)?,
+            v.narrow(1, from, n)?.to_dtype(KV_DTYPE)?,
+        );
         let mut p = 0;
         while p < n {
             let slot = (self.len + p) % m;
@@ -357,8 +441,8 @@ mod tests {
     fn append(c: &mut SeqCache, from: usize, n: usize) {
         c.reserve(n).unwrap();
         for layer in 0..2 {
-            c.write(layer, &rows(from as f32 * 2.0, n), &rows(-(from as f32), n))
-                .unwrap();
+            let (k, v) = (rows(from as f32 * 2.0, n), rows(-(from as f32), n));
+            c.write(layer, &k, &v, 0, n).unwrap();
         }
         c.advance(n);
     }
@@ -383,7 +467,8 @@ mod tests {
 
         let mut f = c.fork(5).unwrap();
         f.reserve(1).unwrap();
-        f.write(0, &rows(1000.0, 1), &rows(1000.0, 1)).unwrap();
+        f.write(0, &rows(1000.0, 1), &rows(1000.0, 1), 0, 1)
+            .unwrap();
         f.advance(1);
         assert_eq!((c.len(), f.len()), (100, 101));
         // Writing into the fork left the original alone (its slot 100 is still zero).
@@ -400,6 +485,58 @@ mod tests {
         let mut c = c.fork_prefix(10, 0).unwrap();
         assert_eq!(c.len(), 10);
         assert!(c.reserve(1000).is_err());
+    }
+
+    /// A batch's rows written straight into the slots (f16 on the CPU) land where the generic
+    /// path puts them, bit for bit: each sequence's own rows of a wider batch tensor, across a
+    /// ring's wrap and in a global layer.
+    #[test]
+    fn rows_copied_in_place_match_the_generic_write() {
+        let local = Some(LocalLayers {
+            window: 4,
+            period: 2,
+        });
+        let (mut direct, mut generic) = (
+            SeqCache::new(shape(local), 1, &Device::Cpu).unwrap(),
+            SeqCache::new(shape(local), 1, &Device::Cpu).unwrap(),
+        );
+        // Passes of three sequences' rows, this one's in the middle: 1, then 7, then 50 at once
+        // (past the ring's first length), then single steps around the ring.
+        let mut pos = 0;
+        for (step, n) in [1, 7, 50, 1, 1, 1, 30, 1].into_iter().enumerate() {
+            let before = 2 + step;
+            let wide = before + n + 3;
+            let (k, v) = (rows(step as f32 * 100.0, wide), rows(-(step as f32), wide));
+            let (k16, v16) = (k.to_dtype(KV_DTYPE).unwrap(), v.to_dtype(KV_DTYPE).unwrap());
+            for c in [&mut direct, &mut generic] {
+                c.reserve(n).unwrap();
+            }
+            for layer in 0..2 {
+                direct.write(layer, &k16, &v16, before, n).unwrap();
+                generic.write(layer, &k, &v, before, n).unwrap();
+            }
+            direct.advance(n);
+            generic.advance(n);
+            pos += n;
+            for layer in 0..2 {
+                let (m, g) = (direct.layer(layer), generic.layer(layer));
+                for (a, b) in [(m.0, g.0), (m.1, g.1)] {
+                    let bits = |t: &Tensor| {
+                        t.flatten_all()
+                            .unwrap()
+                            .to_vec1::<half::f16>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(a), bits(b), "layer {layer} after {pos} positions");
+                }
+            }
+            // The newest position holds this pass's last row.
+            let last = step as f32 * 100.0 + ((before + n - 1) * 2) as f32;
+            assert_eq!(key_at(&direct, 0, pos - 1), vec![last, last + 1.0]);
+        }
     }
 
     /// Layer 0 is local (window 4), layer 1 global: the ring holds the window and its slack,

@@ -144,7 +144,7 @@ mod tests {
         c.reserve(n).unwrap();
         let rows: Vec<f32> = (0..n * 2).map(|i| i as f32).collect();
         let t = Tensor::from_vec(rows, (1, n, 2), &Device::Cpu).unwrap();
-        c.write(0, &t, &t).unwrap();
+        c.write(0, &t, &t, 0, n).unwrap();
         c.advance(n);
         c
     }
