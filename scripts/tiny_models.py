@@ -4,7 +4,8 @@ shipped models, for the golden tests in crates/engine/src/golden.rs (no model do
   python tiny_models.py OUT_DIR
 
 Each file has two layers of random weights in real GGUF quantization types (Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1: what the `gguf` package's writer can quantize; it has no k-quant writer) and the real
+Q5_0, Q5_1, which the `gguf` package's writer quantizes, and Q4_K, the most used k-quant, which
+it cannot: `quantize_q4_k` below writes it, checked against the package's own Q4_K reader) and the real
 tokenizer of its family, borrowed from llama.cpp's vocabulary-only GGUFs
 (`models/ggml-vocab-*.gguf`, with llama.cpp's tokenizer test vectors beside them, kept in
 OUT_DIR/vocab/), which ship inside the llama-cpp-python source package on PyPI.
@@ -41,8 +42,10 @@ MODELS = {
                        embd=Q.Q8_0, qk_norm=True),
     # Llama 3.x: the llama architecture with Llama 3's tokenizer and RoPE frequency factors.
     "tiny-llama3": dict(arch="llama", vocab="llama-bpe", hidden=128, heads=4, kv_heads=1,
-                        head_dim=32, ffn=384, rope_base=500_000.0, tied=True, attn=Q.Q5_1,
-                        ffn_type=Q.Q4_0, embd=Q.Q8_0, rope_freqs=True),
+                        head_dim=32, ffn=512, rope_base=500_000.0, tied=True, attn=Q.Q5_1,
+                        ffn_type=Q.Q4_0, embd=Q.Q8_0, rope_freqs=True,
+                        # As in Llama 3's Q4_K_M files (k-quant rows are 256 values wide).
+                        down_type=Q.Q4_K),
     # Phi-3: fused QKV and gate/up matrices, SentencePiece with a space prefix.
     "tiny-phi3": dict(arch="phi3", vocab="phi-3", hidden=128, heads=4, kv_heads=4, head_dim=32,
                       ffn=256, rope_base=10_000.0, tied=False, attn=Q.Q8_0, ffn_type=Q.Q4_1,
@@ -116,9 +119,64 @@ def norm_weight(rng, n: int) -> np.ndarray:
     return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
 
 
+def quantize_q4_k(data: np.ndarray) -> np.ndarray:
+    """`data` (rows a multiple of 256 wide) as GGUF Q4_K blocks, one row of bytes per row.
+
+    A block holds 256 values in 8 sub-blocks of 32: each value is `d * sc[j] * q - dmin * m[j]`
+    with a 4-bit `q`, 6-bit sub-block scales `sc` and mins `m`, and f16 `d` and `dmin` for the
+    block (144 bytes). Each sub-block spans its own range (its minimum, taken no higher than 0,
+    to its maximum); llama.cpp's quantizer also searches for a better scale, which a test model
+    does not need.
+    """
+    rows, cols = data.shape
+    if cols % 256:
+        raise ValueError(f"Q4_K rows are a multiple of 256 values wide, not {cols}")
+    x = data.astype(np.float32).reshape(-1, 8, 32)
+    low = np.minimum(x.min(axis=2), 0.0)
+    scale = (x.max(axis=2) - low) / 15.0
+    mins = -low
+    d = (scale.max(axis=1) / 63.0).astype(np.float16)
+    dmin = (mins.max(axis=1) / 63.0).astype(np.float16)
+
+    def steps(v: np.ndarray, unit: np.ndarray, top: int) -> np.ndarray:
+        unit = unit.astype(np.float32)[:, None]
+        safe = np.where(unit > 0, unit, 1.0)
+        return np.where(unit > 0, np.rint(v / safe), 0).clip(0, top).astype(np.uint8)
+
+    sc = steps(scale, d, 63)
+    m = steps(mins, dmin, 63)
+    step = d.astype(np.float32)[:, None] * sc
+    offset = dmin.astype(np.float32)[:, None] * m
+    safe = np.where(step > 0, step, 1.0)[..., None]
+    q = np.where(step[..., None] > 0, np.rint((x + offset[..., None]) / safe), 0)
+    q = q.clip(0, 15).astype(np.uint8)
+    # Scales and mins of sub-blocks 0-3 in the low 6 bits of bytes 0-7; those of 4-7 split
+    # into their low 4 bits (bytes 8-11) and their top 2 bits (the top of bytes 0-7).
+    packed = np.empty((x.shape[0], 12), np.uint8)
+    packed[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    # 64 values to each 32 bytes: sub-block 2k in the low nibbles, 2k + 1 in the high ones.
+    qs = (q[:, 0::2, :] | (q[:, 1::2, :] << 4)).reshape(-1, 128)
+    blocks = np.concatenate(
+        [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), packed, qs], axis=1
+    )
+    out = blocks.reshape(rows, cols // 256 * 144)
+    # The layout, checked by the `gguf` package's Q4_K reader: it reads back the values meant,
+    # and those are as close to the originals as 4 bits allow (about a tenth of their spread).
+    back = quants.dequantize(out, Q.Q4_K).reshape(-1, 8, 32)
+    if not np.allclose(back, step[..., None] * q - offset[..., None], rtol=1e-6, atol=1e-7):
+        raise AssertionError("Q4_K blocks do not read back as written")
+    if np.sqrt(np.mean((back - x) ** 2)) > 0.15 * np.sqrt(np.mean(x**2)):
+        raise AssertionError("Q4_K blocks lose more than 4 bits should")
+    return out
+
+
 def add(writer: GGUFWriter, name: str, data: np.ndarray, qtype) -> None:
     if qtype is None:
         writer.add_tensor(name, data)
+    elif qtype == Q.Q4_K:
+        writer.add_tensor(name, quantize_q4_k(data), raw_dtype=qtype)
     else:
         writer.add_tensor(name, quants.quantize(data, qtype), raw_dtype=qtype)
 
@@ -194,7 +252,8 @@ def write(name: str, spec: dict, vocab_path: str, out: str) -> None:
         else:
             add(w, p + "ffn_gate.weight", gate, spec["ffn_type"])
             add(w, p + "ffn_up.weight", up, spec["ffn_type"])
-        add(w, p + "ffn_down.weight", matrix(rng, h, spec["ffn"]), spec["ffn_type"])
+        add(w, p + "ffn_down.weight", matrix(rng, h, spec["ffn"]),
+            spec.get("down_type", spec["ffn_type"]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -55,10 +55,12 @@ const GEMMA3: Tolerance = Tolerance {
 };
 
 /// The tiny models (two layers, logits up to ~17): measured mean 0.05-0.065, p99 0.16-0.22,
-/// max 0.26-0.34 over 670-763 positions each; a wrong detail of an architecture (a bias, a
-/// norm, the RoPE layout or its factors) moves logits by whole units.
+/// max 0.26-0.34 over 670-763 positions each, and tiny-llama3 (its down projections Q4_K,
+/// 512 wide) mean 0.086, p99 0.29, max 0.42 over 674 (AVX-512 VNNI and AMX); a wrong detail
+/// of an architecture (a bias, a norm, the RoPE layout or its factors) moves logits by whole
+/// units.
 const TINY: Tolerance = Tolerance {
-    mean: 0.1,
+    mean: 0.15,
     p99: 0.4,
     max: 1.0,
     greedy_same_tenths: 8,
