@@ -418,14 +418,16 @@ pub struct CurationConfig {
     pub training_dir: PathBuf,
     /// Counts of valid, non-cancelled annotations at which a project's export is written once.
     pub milestones: Vec<u64>,
-    /// An accuracy record is kept each time a project's annotation count crosses a multiple of this.
+    /// An accuracy record is kept each time a project's annotation count crosses a multiple of
+    /// this (checked at most once a second per project while events keep coming).
     pub accuracy_every: u64,
-    /// Webhook events the processor applies in one transaction (each under a savepoint, so a
-    /// failing one is undone alone); 0 counts as 1. Unset: 256 on PostgreSQL, 64 on SQLite. One
-    /// claim and one commit per group keep the processor up with a burst (PostgreSQL, 2 cores:
-    /// 64 a group applied about 1,700 events/s end to end, 256 about 2,000); on SQLite a group
-    /// holds the write lock while it is applied, which deliveries wait for, so groups stay
-    /// smaller there.
+    /// Webhook events the processor applies in one transaction (the rows they name read at
+    /// once, no savepoint per event; a group in which an event fails is rolled back and applied
+    /// again with a savepoint for each, so the failing one is undone alone); 0 counts as 1.
+    /// Unset: 256 on PostgreSQL, 64 on SQLite. One claim and one commit per group keep the
+    /// processor up with a burst (PostgreSQL, 2 cores: about 3,000 events/s end to end); on
+    /// SQLite a group holds the write lock while it is applied, which deliveries wait for, so
+    /// groups stay smaller there.
     pub events_per_transaction: Option<usize>,
 }
 

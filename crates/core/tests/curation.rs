@@ -489,6 +489,33 @@ async fn milestone_exports_are_snapshots(store: Store) {
     );
 }
 
+/// While events keep coming, a project's milestones are checked at most once a second (each
+/// check counts all its annotations): a pass right after a check leaves the milestone for
+/// later, and the next pass that finds no event checks it.
+async fn milestone_checks_wait_while_events_keep_coming(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = curation(&store, dir.path(), vec![3]);
+    let project = json!({"action": "PROJECT_CREATED", "project": {"id": 5, "title": "p", "label_config": SIMPLE_CONFIG}});
+    c.ingest(&serde_json::to_vec(&project).unwrap())
+        .await
+        .unwrap();
+    c.ingest(&annotation_created(5, 1)).await.unwrap();
+    assert_eq!(c.process_pending().await.unwrap(), 2);
+    for id in 2..=3 {
+        c.ingest(&annotation_created(5, id)).await.unwrap();
+    }
+    assert_eq!(c.process_pending().await.unwrap(), 2);
+    let status = c.status(5).await.unwrap();
+    assert_eq!(status.counts.valid, 3);
+    assert!(
+        status.milestones_reached.is_empty(),
+        "checked less than a second ago: {:?}",
+        status.milestones_reached
+    );
+    assert_eq!(c.process_pending().await.unwrap(), 0);
+    assert_eq!(c.status(5).await.unwrap().milestones_reached, vec![3]);
+}
+
 /// Serialises the tests that read `batchlab_label_studio_conflicts_total` (the recorder is the
 /// process's, shared by every test), so that each sees only its own increments.
 static CONFLICT_METRIC: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -1416,4 +1443,5 @@ batchlab_core::on_both_backends!(
     accuracy_and_chat_export,
     start_training_is_kept_until_its_export_is_written,
     milestone_exports_are_snapshots,
+    milestone_checks_wait_while_events_keep_coming,
 );

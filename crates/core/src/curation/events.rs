@@ -194,7 +194,9 @@ impl Curation {
     /// milestones of the projects whose annotations changed, and runs the exports that
     /// START_TRAINING asked for: such an event is marked processed only once its export is
     /// written, and one whose export fails is tried again on a later pass (after a back-off),
-    /// until [`MAX_EXPORT_ATTEMPTS`] failures mark it failed.
+    /// until [`MAX_EXPORT_ATTEMPTS`] failures mark it failed. While events keep coming a
+    /// project's milestones are checked at most once a second; a pass that finds no event
+    /// checks every project still waiting.
     pub async fn process_pending(&self) -> Result<usize, CurationError> {
         let started = std::time::Instant::now();
         let events = self.store.pending_webhook_events(PASS, PASS_BYTES).await?;
@@ -246,8 +248,11 @@ impl Curation {
             }
         }
         let applied = started.elapsed();
-        touched.extend(self.due_milestone_retries());
-        for (instance, project) in touched {
+        let mut checks = self.milestone_checks(touched, events.is_empty());
+        checks.extend(self.due_milestone_retries());
+        checks.sort();
+        checks.dedup();
+        for (instance, project) in checks {
             self.with_instance(instance)
                 .check_milestones(project)
                 .await?;

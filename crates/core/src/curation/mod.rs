@@ -106,9 +106,25 @@ pub struct Curation {
     /// Projects whose milestone export failed (a full disk), with when to try again: the
     /// processor retries them without waiting for another annotation.
     milestone_retries: Arc<std::sync::Mutex<BTreeMap<(Instance, i64), std::time::Instant>>>,
+    /// When each project's milestones were last checked, and the projects whose check waits
+    /// ([`Curation::milestone_checks`]).
+    milestone_checks: Arc<std::sync::Mutex<MilestoneChecks>>,
     /// Where exports go when file bodies are in an object store (`training/` beside them), so
     /// that every machine sees them; `None`: the local `training_dir`.
     export_store: Option<BlobStore>,
+}
+
+/// Shortest time between two milestone checks of a project while events keep coming: a check
+/// counts all of the project's annotations (and, every `accuracy_every` of them, reads its
+/// ground truth), so checking after every pass cost a big project's processor more with each
+/// annotation it gained.
+const MILESTONE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Milestone checks: when each project was last checked, and the ones put off.
+#[derive(Debug, Default)]
+struct MilestoneChecks {
+    last: BTreeMap<(Instance, i64), std::time::Instant>,
+    waiting: std::collections::BTreeSet<(Instance, i64)>,
 }
 
 /// Seconds before a failed milestone export is tried again.
@@ -204,6 +220,7 @@ impl Curation {
             instance,
             wake: Arc::new(Notify::new()),
             milestone_retries: Arc::default(),
+            milestone_checks: Arc::default(),
             export_store: None,
         }
     }
@@ -413,6 +430,40 @@ impl Curation {
             .into_iter()
             .map(|(version, preds)| (version, accuracy::compare(&config, &truth, preds)))
             .collect())
+    }
+
+    /// Of the projects whose annotations changed (`touched`), those whose milestones to check
+    /// now: each at most once a [`MILESTONE_CHECK_EVERY`] while events keep coming (the others
+    /// wait, and are checked on a later pass), and every waiting one when the processor is
+    /// `idle` (it found no event), so that milestones are never left unchecked.
+    pub(crate) fn milestone_checks(
+        &self,
+        touched: impl IntoIterator<Item = (Instance, i64)>,
+        idle: bool,
+    ) -> Vec<(Instance, i64)> {
+        let now = std::time::Instant::now();
+        let mut checks = self
+            .milestone_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let MilestoneChecks { last, waiting } = &mut *checks;
+        waiting.extend(touched);
+        let due: Vec<(Instance, i64)> = waiting
+            .iter()
+            .filter(|p| {
+                idle || last
+                    .get(*p)
+                    .is_none_or(|t| now >= *t + MILESTONE_CHECK_EVERY)
+            })
+            .cloned()
+            .collect();
+        for p in &due {
+            waiting.remove(p);
+            last.insert(p.clone(), now);
+        }
+        // Forget old check times, so that the map does not grow with every project ever seen.
+        last.retain(|_, t| now < *t + MILESTONE_CHECK_EVERY);
+        due
     }
 
     /// Projects whose failed milestone export is due for another try (taken off the list; a

@@ -1061,6 +1061,9 @@ impl Store {
             "SELECT {ANNOTATION_COLUMNS} FROM ls_annotations WHERE instance = $2 AND project_id = $1 AND deleted = 0 \
              AND ground_truth = 1 AND valid = 1 AND was_cancelled = 0 ORDER BY task_id, updated_at_us DESC"
         ))
+        // Planned for each call, so that it takes the ground-truth index (migration 0013) once
+        // the project has grown, not the whole-table scan planned while it was small.
+        .persistent(false)
         .bind(project_id)
         .bind(instance)
         .fetch_all(&self.pool)
@@ -1461,7 +1464,9 @@ impl CurationTx {
                 "SELECT id, project_id, deleted FROM ls_tasks WHERE instance = $1 AND id IN ({})",
                 placeholders(2, chunk.len())
             );
-            let mut query = sqlx::query(&sql).bind(instance);
+            // Planned for each call (not once for the cached statement): a plan made while the
+            // table was nearly empty scans it whole, which costs more with every row added.
+            let mut query = sqlx::query(&sql).persistent(false).bind(instance);
             for id in chunk {
                 query = query.bind(*id);
             }
@@ -1483,7 +1488,9 @@ impl CurationTx {
                  WHERE instance = $1 AND id IN ({})",
                 placeholders(2, chunk.len())
             );
-            let mut query = sqlx::query(&sql).bind(instance);
+            // Planned for each call (not once for the cached statement): a plan made while the
+            // table was nearly empty scans it whole, which costs more with every row added.
+            let mut query = sqlx::query(&sql).persistent(false).bind(instance);
             for id in chunk {
                 query = query.bind(*id);
             }
