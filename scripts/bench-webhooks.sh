@@ -6,6 +6,8 @@
 # event per transaction, curation.events_per_transaction=1, in the same run), and accuracy over
 # 10,000 annotations.
 # Prints one table. The load generator is crates/api/examples/webhook_load.rs.
+# On PostgreSQL it also sends a steady burst (BURST_RATE=2000 events/s for BURST_SECONDS=60) and
+# samples the processing lag throughout: the age of the oldest stored event not applied yet.
 #   scripts/bench-webhooks.sh [EVENTS=20000] [SENDERS=8]    BATCHLAB_PROFILE=dev reuses the test build
 #   BATCHLAB_TEST_POSTGRES_URL names the PostgreSQL server a scratch database is created on
 #   (default postgres://postgres:postgres@127.0.0.1:5432/postgres); unreachable: rows say so.
@@ -15,6 +17,8 @@ cd "$ROOT"
 EVENTS="${1:-20000}"
 SENDERS="${2:-8}"
 TASKS="${WEBHOOK_BENCH_TASKS:-10000}"
+BURST_RATE="${BURST_RATE:-2000}"
+BURST_SECONDS="${BURST_SECONDS:-60}"
 PROFILE="${BATCHLAB_PROFILE:-release}"
 if [[ "$PROFILE" == "release" ]]; then FLAG=--release; DIR=target/release; else FLAG=; DIR=target/debug; fi
 PG_ADMIN="${BATCHLAB_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
@@ -78,6 +82,16 @@ one_per_transaction() {
   stop_api
 }
 
+# burst NAME DATABASE_URL: a steady burst on a fresh database, the lag sampled meanwhile.
+burst() {
+  local name="$1" url="$2"
+  echo "== $name (a ${BURST_SECONDS} s burst at ${BURST_RATE} events/s)" >&2
+  start_api "$name" "$url"
+  load "$name" burst --mode burst --events "$((BURST_RATE * BURST_SECONDS))" --rate "$BURST_RATE" \
+    --tasks "$TASKS" --wait-timeout 120
+  stop_api
+}
+
 bench sqlite "sqlite://$WORK/sqlite/bench.db"
 one_per_transaction sqlite-one "sqlite://$WORK/sqlite-one/bench.db"
 
@@ -96,6 +110,10 @@ PY
   PG_DB="batchlab_bench_one_$(date +%s)_$$"
   psql -q "$PG_ADMIN" -c "CREATE DATABASE $PG_DB" >/dev/null
   one_per_transaction postgres-one "${PG_URL%/*}/$PG_DB"
+  drop_pg
+  PG_DB="batchlab_bench_burst_$(date +%s)_$$"
+  psql -q "$PG_ADMIN" -c "CREATE DATABASE $PG_DB" >/dev/null
+  burst postgres-burst "${PG_URL%/*}/$PG_DB"
   drop_pg
 else
   PG_STATE="unreachable at ${PG_ADMIN%%\?*}"
@@ -186,6 +204,20 @@ for name, label, ingest_target in (("sqlite", "SQLite", None), ("postgres", "Pos
             f"(that ingest: {lat(gi)}{problems(gi)})")
     else:
         row(f"accuracy over {tasks:,} annotations, {label}", "< 1 s", f"failed: {(acc or {}).get('error', 'no result')}")
+    if name == "postgres":
+        b = read("postgres-burst", "burst")
+        metric = f"processing lag during a steady burst, {label}"
+        if b and "lag_max_s" in b:
+            r = b["run"]
+            caught = b.get("caught_up_after_s")
+            caught = f"all applied {caught:.1f} s after it" if caught is not None else "**not caught up**"
+            metric = f"processing lag during a {b['burst_s']:.0f} s burst at {b['target_rate']:,.0f} events/s, {label}"
+            row(metric, "< 2 s",
+                f"max {b['lag_max_s']:.2f} s, median {b['lag_p50_s']:.2f} s ({b['lag_samples']} samples, 4 a second); "
+                f"{caught}; the burst's ingest: {lat(r)}{problems(r)}{busy(r.get('cpu_cores'))}",
+                "", "met" if b["lag_max_s"] < 2 and b.get("caught_up_after_s") is not None and not problems(r) else "**missed**")
+        else:
+            row(metric, "< 2 s", f"failed: {(b or {}).get('error', 'no result')}", "", "**missed**")
 
 print(f"\nbatchlab webhook bench — commit {commit}, {profile} build, nproc {cores}: the load generator, "
       f"batchlab-api{' and PostgreSQL' if pg_state == 'ok' else ''} share these {cores} cores.")

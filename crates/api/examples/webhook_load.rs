@@ -5,6 +5,7 @@
 //! webhook_load --url http://127.0.0.1:PORT [--senders 8] [--events 20000] [--warmup 300]
 //!              [--mode ingest|health|accuracy] [--project ID] [--tasks 10000]
 //!              [--secret-header X-Batchlab-Secret --secret S] [--wait-processed]
+//! webhook_load --url ... --mode burst [--events 120000] [--rate 2000]
 //! ```
 //!
 //! * `health`: `GET /health` from every sender, the baseline of the server's HTTP path.
@@ -16,6 +17,12 @@
 //! * `accuracy`: ingests `--tasks` ground-truth annotations (one per task), waits until the
 //!   project shows them all valid (the processing lag), then times
 //!   `POST /v1/label-studio/accuracy/{project}` with one prediction per task, best of three.
+//! * `burst`: ingest's deliveries at a steady `--rate` per second (each body made as it is
+//!   sent), while the processing lag is sampled every 250 ms: how long ago the oldest stored
+//!   event not applied yet was answered (applied events are counted from the API's
+//!   `batchlab_webhook_events_processed_total`; events are applied in the order they are
+//!   stored). Reports the largest and median lag during the burst and how long after it the
+//!   processor caught up.
 //!
 //! Latency is measured per request, from sending to the response body read in full; the rate
 //! is requests over the wall time of the measured requests. Warm-up requests are not counted.
@@ -42,9 +49,10 @@ enum Mode {
     Ingest,
     Health,
     Accuracy,
+    Burst,
 }
 
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(about = "Load generator for batchlab-api's Label Studio webhook target")]
 struct Args {
     /// Base URL of batchlab-api.
@@ -85,6 +93,9 @@ struct Args {
     /// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`).
     #[arg(long, default_value_t = 100)]
     clk_tck: u64,
+    /// Burst: deliveries per second, all senders together.
+    #[arg(long, default_value_t = 2_000.0)]
+    rate: f64,
 }
 
 /// CPU time so far, in clock ticks: of batchlab-api, of this process, and of the whole machine
@@ -191,11 +202,21 @@ impl Run {
     }
 }
 
-/// What a sender sends: a GET or a prepared body.
+/// What a sender sends: a GET, a prepared body, or a body made as it is sent.
 #[derive(Clone)]
 enum Request {
     Health,
     Webhook(Arc<Vec<bytes::Bytes>>),
+    Made(Arc<dyn Fn(usize) -> bytes::Bytes + Send + Sync>),
+}
+
+/// How a run paces its requests and keeps their answers' times.
+#[derive(Clone, Default)]
+struct Pacing {
+    /// Request `i` is sent no earlier than `i / rate` seconds into the run.
+    rate: Option<f64>,
+    /// When each answer arrived, in order.
+    answered: Option<Arc<std::sync::Mutex<Vec<Instant>>>>,
 }
 
 /// Runs `count` requests (`offset..offset + count` of the prepared bodies) from `senders`
@@ -207,6 +228,18 @@ async fn drive(
     offset: usize,
     count: usize,
 ) -> Run {
+    drive_paced(client, args, request, offset, count, Pacing::default()).await
+}
+
+/// [`drive`], paced as `pacing` says.
+async fn drive_paced(
+    client: &reqwest::Client,
+    args: &Args,
+    request: &Request,
+    offset: usize,
+    count: usize,
+    pacing: Pacing,
+) -> Run {
     let next = Arc::new(AtomicUsize::new(0));
     let cpu_before = CpuSnap::now(args.api_pid);
     let started = Instant::now();
@@ -215,6 +248,7 @@ async fn drive(
         let (client, request, next) = (client.clone(), request.clone(), next.clone());
         let base = args.url.trim_end_matches('/').to_string();
         let secret = args.secret.clone().map(|s| (args.secret_header.clone(), s));
+        let pacing = pacing.clone();
         senders.spawn(async move {
             let (mut samples, mut errors) = (Vec::new(), 0usize);
             loop {
@@ -222,13 +256,22 @@ async fn drive(
                 if i >= count {
                     break;
                 }
-                let builder = match &request {
-                    Request::Health => client.get(format!("{base}/health")),
-                    Request::Webhook(bodies) => {
+                if let Some(rate) = pacing.rate {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = match &request {
+                    Request::Health => None,
+                    Request::Webhook(bodies) => Some(bodies[offset + i].clone()),
+                    Request::Made(make) => Some(make(offset + i)),
+                };
+                let builder = match body {
+                    None => client.get(format!("{base}/health")),
+                    Some(body) => {
                         let mut b = client
                             .post(format!("{base}/v1/webhooks/label-studio"))
                             .header("Content-Type", "application/json")
-                            .body(bodies[offset + i].clone());
+                            .body(body);
                         if let Some((name, value)) = &secret {
                             b = b.header(name.as_str(), value.as_str());
                         }
@@ -241,12 +284,17 @@ async fn drive(
                         let status = resp.status().as_u16();
                         let body = resp.bytes().await;
                         let latency = sent.elapsed();
-                        let duplicate = matches!(&request, Request::Webhook(_))
+                        let duplicate = !matches!(&request, Request::Health)
                             && body
                                 .as_ref()
                                 .is_ok_and(|b| b.windows(11).any(|w| w == b"\"duplicate\""));
                         if body.is_err() {
                             errors += 1;
+                        } else if let Some(answered) = &pacing.answered {
+                            answered
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Instant::now());
                         }
                         samples.push(Sample {
                             latency,
@@ -391,6 +439,62 @@ async fn wait_valid(
     ))
 }
 
+/// Events the API says it has applied, whatever their outcome
+/// (`batchlab_webhook_events_processed_total` on `/metrics`).
+async fn events_processed(client: &reqwest::Client, args: &Args) -> Option<u64> {
+    let url = format!("{}/metrics", args.url.trim_end_matches('/'));
+    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("batchlab_webhook_events_processed_total"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64,
+    )
+}
+
+/// Samples the processing lag every 250 ms until `done` events are applied or `timeout`
+/// passes after `finished` is set: (seconds into the run, lag in seconds) each. The lag is the
+/// age of the oldest event answered and not applied yet (0 when all answered are applied);
+/// the first `before` applied events were sent before the run (its warm-up).
+async fn sample_lag(
+    client: reqwest::Client,
+    args: Arc<Args>,
+    started: Instant,
+    answered: Arc<std::sync::Mutex<Vec<Instant>>>,
+    before: u64,
+    done: u64,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<(f64, f64)> {
+    let mut samples = Vec::new();
+    let mut ended: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(processed) = events_processed(&client, &args).await else {
+            continue;
+        };
+        let now = Instant::now();
+        let lag = {
+            let answered = answered.lock().unwrap_or_else(|e| e.into_inner());
+            match usize::try_from(processed.saturating_sub(before)) {
+                Ok(applied) if applied < answered.len() => {
+                    now.duration_since(answered[applied]).as_secs_f64()
+                }
+                _ => 0.0,
+            }
+        };
+        samples.push((now.duration_since(started).as_secs_f64(), lag));
+        if processed >= done {
+            return samples;
+        }
+        if finished.load(Ordering::Relaxed) {
+            let t = *ended.get_or_insert(now);
+            if t.elapsed() > Duration::from_secs(args.wait_timeout) {
+                return samples;
+            }
+        }
+    }
+}
+
 fn report(label: &str, s: &Value) {
     eprintln!(
         "{label}: {} requests in {:.2} s = {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, non-2xx {}, duplicates {}, transport errors {}; cores busy: api {:.2}, load generator {:.2}, machine {:.2}",
@@ -459,6 +563,77 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 out["processing_lag_s"] = json!(lag.as_secs_f64());
                 out["processing_cpu_cores"] = cpu;
             }
+        }
+        Mode::Burst => {
+            let project = args.project.unwrap_or(1);
+            let base = (project - 1) * 1_000_000;
+            let tasks = args.tasks.max(1);
+            let template = Arc::new(template.clone());
+            let make = move |n: usize| {
+                let task = base + 1 + ((n * 7_919) % tasks) as i64;
+                event_body(
+                    &template,
+                    project,
+                    base + 1 + n as i64,
+                    task,
+                    n,
+                    false,
+                    answers(n),
+                )
+            };
+            let request = Request::Made(Arc::new(make));
+            let before = events_processed(&client, &args).await.unwrap_or(0);
+            drive(&client, &args, &request, 0, args.warmup).await;
+            let answered = Arc::new(std::sync::Mutex::new(Vec::with_capacity(args.events)));
+            let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let started = Instant::now();
+            let probe = tokio::spawn(sample_lag(
+                client.clone(),
+                Arc::new(args.clone()),
+                started,
+                answered.clone(),
+                before + args.warmup as u64,
+                before + (args.warmup + args.events) as u64,
+                finished.clone(),
+            ));
+            let pacing = Pacing {
+                rate: Some(args.rate.max(1.0)),
+                answered: Some(answered),
+            };
+            let run = drive_paced(&client, &args, &request, args.warmup, args.events, pacing)
+                .await
+                .summary();
+            finished.store(true, Ordering::Relaxed);
+            let burst_s = started.elapsed().as_secs_f64();
+            let samples = probe.await?;
+            report("burst POST /v1/webhooks/label-studio", &run);
+            let during: Vec<f64> = samples
+                .iter()
+                .filter(|(t, _)| *t <= burst_s)
+                .map(|(_, lag)| *lag)
+                .collect();
+            let mut sorted = during.clone();
+            sorted.sort_by(f64::total_cmp);
+            let max = sorted.last().copied().unwrap_or(f64::NAN);
+            let p50 = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+            let caught_up = samples.last().map(|(t, lag)| (*t - burst_s, *lag));
+            eprintln!(
+                "burst of {:.0} s at {:.0}/s: processing lag max {max:.2} s, p50 {p50:.2} s over {} samples; last sample {caught_up:?} (s after the burst, lag)",
+                burst_s, args.rate, during.len()
+            );
+            out["run"] = run;
+            out["burst_s"] = json!(burst_s);
+            out["target_rate"] = json!(args.rate);
+            out["lag_max_s"] = json!(max);
+            out["lag_p50_s"] = json!(p50);
+            out["lag_samples"] = json!(during.len());
+            out["lag_series"] = json!(samples
+                .iter()
+                .map(|(t, lag)| [(t * 100.0).round() / 100.0, (lag * 100.0).round() / 100.0])
+                .collect::<Vec<_>>());
+            out["caught_up_after_s"] = json!(caught_up
+                .filter(|(_, lag)| *lag == 0.0)
+                .map(|(t, _)| t.max(0.0)));
         }
         Mode::Accuracy => {
             let project = args.project.unwrap_or(2);
