@@ -383,6 +383,23 @@ fn event_body(
         .into()
 }
 
+/// Ingest's delivery `n` to `project`: annotation `n` (ids of project p start at (p - 1)
+/// million, as Label Studio's are global), spread over `tasks` tasks so that every task is
+/// visited before one repeats.
+fn ingest_body(template: &Value, project: i64, tasks: usize, n: usize) -> bytes::Bytes {
+    let base = (project - 1) * 1_000_000;
+    let task = base + 1 + ((n * 7_919) % tasks) as i64;
+    event_body(
+        template,
+        project,
+        base + 1 + n as i64,
+        task,
+        n,
+        false,
+        answers(n),
+    )
+}
+
 /// `counts` of a project, or `None` while batchlab has not heard of it.
 async fn project_counts(client: &reqwest::Client, args: &Args, project: i64) -> Option<Value> {
     let url = format!(
@@ -527,24 +544,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Mode::Ingest => {
             let project = args.project.unwrap_or(1);
-            // Label Studio's ids are global; each project's ids start at (project - 1) million.
-            let base = (project - 1) * 1_000_000;
             let tasks = args.tasks.max(1);
             let total = args.events + args.warmup;
-            // Warm-up bodies come first; the spread over tasks visits every task before repeating.
+            // Warm-up bodies come first.
             let bodies: Vec<bytes::Bytes> = (0..total)
-                .map(|n| {
-                    let task = base + 1 + ((n * 7_919) % tasks) as i64;
-                    event_body(
-                        &template,
-                        project,
-                        base + 1 + n as i64,
-                        task,
-                        n,
-                        false,
-                        answers(n),
-                    )
-                })
+                .map(|n| ingest_body(&template, project, tasks, n))
                 .collect();
             let avg = bodies.iter().map(|b| b.len()).sum::<usize>() / bodies.len().max(1);
             let request = Request::Webhook(Arc::new(bodies));
@@ -566,21 +570,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Mode::Burst => {
             let project = args.project.unwrap_or(1);
-            let base = (project - 1) * 1_000_000;
             let tasks = args.tasks.max(1);
             let template = Arc::new(template.clone());
-            let make = move |n: usize| {
-                let task = base + 1 + ((n * 7_919) % tasks) as i64;
-                event_body(
-                    &template,
-                    project,
-                    base + 1 + n as i64,
-                    task,
-                    n,
-                    false,
-                    answers(n),
-                )
-            };
+            let make = move |n: usize| ingest_body(&template, project, tasks, n);
             let request = Request::Made(Arc::new(make));
             let before = events_processed(&client, &args).await.unwrap_or(0);
             drive(&client, &args, &request, 0, args.warmup).await;
