@@ -330,7 +330,9 @@ def test_api_killed_with_a_thousand_events_pending(pg_stack, request):
         assert status == 200, doc
     assert stack.sql("SELECT count(*) FROM webhook_events WHERE processed_at IS NULL") == [["1000"]]
 
-    api = stack.start_api()
+    # One event to a transaction, so that the kill lands mid-way: a group of 256 applies in a few
+    # milliseconds, and the whole thousand could be done before the kill.
+    api = stack.start_api(BATCHLAB_CURATION__EVENTS_PER_TRANSACTION="1")
     wait_for(lambda: int(stack.sql("SELECT count(*) FROM webhook_events WHERE processed_at IS NULL")[0][0]) < 1000,
              "the processor applying events", 60, 0.01)
     api.kill(signal.SIGKILL)
