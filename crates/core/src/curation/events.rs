@@ -342,7 +342,7 @@ impl Curation {
             .into_iter()
             .filter_map(|(id, instance)| Some((*by_id.get(&id)?, instance)))
             .collect();
-        prefetch(&mut tx, &claimed, bodies).await?;
+        prefetch(&mut tx, group, &claimed, bodies).await?;
         let mut done = Vec::with_capacity(claimed.len());
         for (i, instance) in claimed {
             let event = &group[i];
@@ -365,22 +365,19 @@ impl Curation {
     }
 }
 
-/// Reads, for the annotation events among `claimed` (indexes into `bodies`, with their
-/// instances), the stored rows of the tasks and annotations they deliver, a few statements for
-/// all ([`CurationTx::prefetch`]).
+/// Reads, for the annotation events among `claimed` (indexes into `group` and its parsed
+/// `bodies`, with their instances), the stored rows of the tasks and annotations they deliver,
+/// a few statements for all ([`CurationTx::prefetch`]).
 async fn prefetch(
     tx: &mut CurationTx,
+    group: &[WebhookEvent],
     claimed: &[(usize, String)],
     bodies: &[Result<Value, String>],
 ) -> Result<(), CurationError> {
     let mut ids: BTreeMap<&str, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
     for (i, instance) in claimed {
         let Ok(body) = &bodies[*i] else { continue };
-        let action = body
-            .get("action")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if !Action::parse(action).touches_annotations() {
+        if !Action::parse(&group[*i].action).touches_annotations() {
             continue;
         }
         let (tasks, annotations) = ids.entry(instance.as_str()).or_default();

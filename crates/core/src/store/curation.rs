@@ -248,6 +248,28 @@ struct KnownAnnotation {
     created_at: Option<String>,
 }
 
+impl KnownTask {
+    /// From a row with `project_id` and `deleted`.
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(KnownTask {
+            project_id: r.try_get("project_id")?,
+            deleted: r.try_get::<i64, _>("deleted")? != 0,
+        })
+    }
+}
+
+impl KnownAnnotation {
+    /// From a row with `project_id`, `task_id`, `deleted` and `created_at`.
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(KnownAnnotation {
+            project_id: r.try_get("project_id")?,
+            task_id: r.try_get("task_id")?,
+            deleted: r.try_get::<i64, _>("deleted")? != 0,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+}
+
 fn as_deleted(deleted: bool) -> &'static str {
     if deleted {
         " as deleted"
@@ -1445,6 +1467,32 @@ impl CurationTx {
         Ok(self.tx.rollback().await?)
     }
 
+    /// `columns` of the rows of `table` (keyed by (instance, id)) of `instance` with the ids
+    /// `ids`, a statement for each [`CLAIM_CHUNK`] of them. Planned for each call, not once for
+    /// a cached statement: a plan made while the table was nearly empty scans it whole, which
+    /// costs more with every row added.
+    async fn rows_by_id(
+        &mut self,
+        columns: &str,
+        table: &str,
+        instance: &str,
+        ids: &[i64],
+    ) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        let mut rows = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CLAIM_CHUNK) {
+            let sql = format!(
+                "SELECT {columns} FROM {table} WHERE instance = $1 AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).persistent(false).bind(instance);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            rows.extend(query.fetch_all(&mut *self.tx).await?);
+        }
+        Ok(rows)
+    }
+
     /// Reads the stored task rows `tasks` and annotation rows `annotations` of `instance` in a
     /// few statements, so that the checks of a group's deliveries against them
     /// ([`CurationTx::apply_annotation`]) need no round trip of their own.
@@ -1455,56 +1503,30 @@ impl CurationTx {
         annotations: &[i64],
     ) -> Result<(), StoreError> {
         let key = |id: i64| (instance.to_owned(), id);
-        let tasks: Vec<i64> = unique(tasks.iter().filter(|&&id| id != 0));
-        for chunk in tasks.chunks(CLAIM_CHUNK) {
-            for &id in chunk {
-                self.known.tasks.insert(key(id), None);
-            }
-            let sql = format!(
-                "SELECT id, project_id, deleted FROM ls_tasks WHERE instance = $1 AND id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            // Planned for each call (not once for the cached statement): a plan made while the
-            // table was nearly empty scans it whole, which costs more with every row added.
-            let mut query = sqlx::query(&sql).persistent(false).bind(instance);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for r in query.fetch_all(&mut *self.tx).await? {
-                let known = KnownTask {
-                    project_id: r.try_get("project_id")?,
-                    deleted: r.try_get::<i64, _>("deleted")? != 0,
-                };
-                self.known.tasks.insert(key(r.try_get("id")?), Some(known));
-            }
+        let tasks = unique(tasks.iter().filter(|&&id| id != 0));
+        for &id in &tasks {
+            self.known.tasks.insert(key(id), None);
         }
-        let annotations: Vec<i64> = unique(annotations.iter());
-        for chunk in annotations.chunks(CLAIM_CHUNK) {
-            for &id in chunk {
-                self.known.annotations.insert(key(id), None);
-            }
-            let sql = format!(
-                "SELECT id, project_id, task_id, deleted, created_at FROM ls_annotations \
-                 WHERE instance = $1 AND id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            // Planned for each call (not once for the cached statement): a plan made while the
-            // table was nearly empty scans it whole, which costs more with every row added.
-            let mut query = sqlx::query(&sql).persistent(false).bind(instance);
-            for id in chunk {
-                query = query.bind(*id);
-            }
-            for r in query.fetch_all(&mut *self.tx).await? {
-                let known = KnownAnnotation {
-                    project_id: r.try_get("project_id")?,
-                    task_id: r.try_get("task_id")?,
-                    deleted: r.try_get::<i64, _>("deleted")? != 0,
-                    created_at: r.try_get("created_at")?,
-                };
-                self.known
-                    .annotations
-                    .insert(key(r.try_get("id")?), Some(known));
-            }
+        for r in self
+            .rows_by_id("id, project_id, deleted", "ls_tasks", instance, &tasks)
+            .await?
+        {
+            let known = KnownTask::from_row(&r)?;
+            self.known.tasks.insert(key(r.try_get("id")?), Some(known));
+        }
+        let annotations = unique(annotations.iter());
+        for &id in &annotations {
+            self.known.annotations.insert(key(id), None);
+        }
+        let columns = "id, project_id, task_id, deleted, created_at";
+        for r in self
+            .rows_by_id(columns, "ls_annotations", instance, &annotations)
+            .await?
+        {
+            let known = KnownAnnotation::from_row(&r)?;
+            self.known
+                .annotations
+                .insert(key(r.try_get("id")?), Some(known));
         }
         Ok(())
     }
@@ -2036,14 +2058,7 @@ impl CurationTx {
                 .bind(id)
                 .fetch_optional(&mut *self.tx)
                 .await?;
-        row.map(|r| {
-            Ok(KnownTask {
-                project_id: r.try_get("project_id")?,
-                deleted: r.try_get::<i64, _>("deleted")? != 0,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.into())
+        Ok(row.as_ref().map(KnownTask::from_row).transpose()?)
     }
 
     async fn known_annotation(&mut self, id: i64) -> Result<Option<KnownAnnotation>, StoreError> {
@@ -2054,16 +2069,7 @@ impl CurationTx {
         .bind(id)
         .fetch_optional(&mut *self.tx)
         .await?;
-        row.map(|r| {
-            Ok(KnownAnnotation {
-                project_id: r.try_get("project_id")?,
-                task_id: r.try_get("task_id")?,
-                deleted: r.try_get::<i64, _>("deleted")? != 0,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.into())
+        Ok(row.as_ref().map(KnownAnnotation::from_row).transpose()?)
     }
 
     async fn annotation_contradiction(
