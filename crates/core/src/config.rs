@@ -211,6 +211,10 @@ pub struct WorkerConfig {
     /// On SIGTERM/SIGINT, how long the lines in flight may take to finish and be recorded
     /// before the worker releases its batch and exits (fits Docker's default 10 s stop timeout).
     pub shutdown_grace_seconds: u64,
+    /// MiB of prompt cache in this worker's engine, in place of `engine.prefix_cache_mb`: batch
+    /// lines seldom share more than a system prompt, so a small cache keeps that while the
+    /// worker's memory stays bounded over a 50,000-line batch; 0 turns it off.
+    pub prefix_cache_mb: usize,
 }
 
 impl Default for WorkerConfig {
@@ -223,6 +227,7 @@ impl Default for WorkerConfig {
             lease_seconds: 30,
             concurrency: 0,
             shutdown_grace_seconds: 8,
+            prefix_cache_mb: 32,
         }
     }
 }
@@ -291,6 +296,7 @@ pub struct EngineSettings {
     pub max_batch: usize,
     /// MiB of memory for caches of recent prompts, reused by requests that start the same way
     /// (the ML backend's questions about one task share its text); 0 turns prompt caching off.
+    /// The worker has its own, smaller budget: `worker.prefix_cache_mb`.
     pub prefix_cache_mb: usize,
     /// CPU threads for inference; 0 lets candle choose (physical cores).
     pub threads: usize,
@@ -651,6 +657,15 @@ impl Config {
         }
     }
 
+    /// The engine settings of `batchlab-worker`: the shared ones with the worker's own prompt
+    /// cache budget (`worker.prefix_cache_mb`).
+    pub fn worker_engine(&self) -> EngineSettings {
+        EngineSettings {
+            prefix_cache_mb: self.worker.prefix_cache_mb,
+            ..self.engine.clone()
+        }
+    }
+
     /// The worker id to use: the configured one, or one made from host name, pid and randomness.
     pub fn worker_id(&self) -> String {
         if !self.worker.id.is_empty() {
@@ -690,6 +705,24 @@ mod tests {
         assert_eq!(c.worker_concurrency(), 3);
         c.worker.concurrency = 50;
         assert_eq!(c.worker_concurrency(), 5);
+    }
+
+    #[test]
+    fn the_worker_engine_has_the_worker_prompt_cache_and_the_rest_shared() {
+        let mut c = Config::default();
+        assert_eq!(c.worker_engine().prefix_cache_mb, 32);
+        assert_eq!(c.engine.prefix_cache_mb, 128, "the ML backend keeps its own");
+        c.engine.max_batch = 4;
+        c.worker.prefix_cache_mb = 0;
+        let w = c.worker_engine();
+        assert_eq!((w.prefix_cache_mb, w.max_batch), (0, 4));
+        assert_eq!(
+            EngineSettings {
+                prefix_cache_mb: c.engine.prefix_cache_mb,
+                ..w
+            },
+            c.engine
+        );
     }
 
     #[test]

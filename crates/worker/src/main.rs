@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let blobs = BlobStore::from_config(&config.storage)?;
     tracing::info!(files = %blobs.location(), "file storage");
-    let e = &config.engine;
+    let e = &config.worker_engine();
     let mut engine_config = batchlab_inference::engine_config(e);
     let started = std::time::Instant::now();
     engine_config.model_path =
