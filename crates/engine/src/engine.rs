@@ -156,6 +156,12 @@ impl Engine {
         self.inner.metrics.generated_total()
     }
 
+    /// Prompt tokens served from the prompt cache since load instead of computed (what tests
+    /// and benchmarks read to see that shared prompt starts are computed once).
+    pub fn reused_prompt_tokens(&self) -> u64 {
+        self.inner.metrics.reused_total()
+    }
+
     /// The largest generation steps run since load: how many sequences, and how many prompt
     /// chunks, one forward pass has served at most.
     pub fn batch_peaks(&self) -> crate::BatchPeaks {

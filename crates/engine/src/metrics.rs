@@ -13,8 +13,11 @@ pub(crate) struct EngineMetrics {
     pub(crate) running: Gauge,
     /// Prompt tokens processed.
     pub(crate) prompt_tokens: Counter,
-    /// Prompt tokens whose cache was copied from an earlier prompt instead of computed.
-    pub(crate) reused_prompt_tokens: Counter,
+    /// Prompt tokens whose cache was copied from an earlier prompt instead of computed (the
+    /// exported counter).
+    reused_prompt_tokens: Counter,
+    /// The same, readable in-process ([`crate::Engine::reused_prompt_tokens`]).
+    reused_total: AtomicU64,
     /// Tokens generated (the exported counter).
     generated_tokens: Counter,
     /// Tokens generated, readable in-process ([`crate::Engine::generated_tokens`]) without
@@ -49,6 +52,7 @@ impl EngineMetrics {
             time_per_output_token: histogram!("batchlab_engine_time_per_output_token_seconds", "model" => model.clone()),
             scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model),
             generated_total: AtomicU64::new(0),
+            reused_total: AtomicU64::new(0),
             peak_sequences: AtomicUsize::new(0),
             peak_prompts: AtomicUsize::new(0),
         }
@@ -72,6 +76,17 @@ impl EngineMetrics {
     pub(crate) fn token_generated(&self) {
         self.generated_tokens.increment(1);
         self.generated_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `n` prompt tokens served from the prompt cache.
+    pub(crate) fn prompt_reused(&self, n: usize) {
+        self.reused_prompt_tokens.increment(n as u64);
+        self.reused_total.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Prompt tokens served from the prompt cache since the engine was loaded.
+    pub(crate) fn reused_total(&self) -> u64 {
+        self.reused_total.load(Ordering::Relaxed)
     }
 
     /// Tokens generated since the engine was loaded.

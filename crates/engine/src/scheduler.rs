@@ -393,7 +393,7 @@ impl Scheduler {
                 match cache {
                     Ok(cache) => {
                         let fed = cache.len();
-                        self.metrics.reused_prompt_tokens.increment(fed as u64);
+                        self.metrics.prompt_reused(fed);
                         let queued = enqueued.elapsed();
                         self.metrics.queue_seconds.record(queued.as_secs_f64());
                         tracing::debug!(

@@ -149,9 +149,7 @@ impl Scheduler {
             Some(cache) => cache,
             None => SeqCache::new(shape, shared, self.model.device()).map_err(inference)?,
         };
-        self.metrics
-            .reused_prompt_tokens
-            .increment(base.len() as u64);
+        self.metrics.prompt_reused(base.len());
         let reused = base.len();
         let logprobs = questions
             .iter()
@@ -241,9 +239,7 @@ impl Scheduler {
                                 Some(cached) if cached.len() > s.shared => cached,
                                 _ => s.base.fork(q.prompt.len() - s.shared).map_err(inference)?,
                             };
-                            self.metrics
-                                .reused_prompt_tokens
-                                .increment((cache.len() - s.shared) as u64);
+                            self.metrics.prompt_reused(cache.len() - s.shared);
                             s.reused_rests += cache.len() - s.shared;
                             s.starts.push(cache.len());
                             s.caches.push(cache);

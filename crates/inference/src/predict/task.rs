@@ -21,8 +21,9 @@
 //! - The prediction's `score` is the mean of the scored regions' scores (None when nothing was
 //!   scored): the expected share of closed answers that are right, if the model is calibrated.
 //!
-//! All questions of a task go to the engine at once: the scored ones in one call (the shared
-//! prefix — system prompt, examples, task — is processed once), the generated ones beside it.
+//! The scored questions of a task go to the engine in one call (the shared prefix — system
+//! prompt, examples, task — is processed once), then the generated ones, which start from that
+//! prefix as the scoring left it in the prompt cache.
 //! Ground-truth examples (few-shot) come before the task as earlier turns of the conversation.
 
 use std::collections::{BTreeMap, HashMap};
@@ -235,7 +236,7 @@ pub fn answer_option(control: &ControlTag, value: &FieldValue) -> Option<usize> 
 }
 
 /// How many engine requests [`predict_task`] has in flight at once for a task of `config`:
-/// one scoring request for all the scored controls (when there is one), and one generation per
+/// one scoring request for all the scored controls (when there is one), then one generation per
 /// other control. Each takes a place in the engine's batch, so whoever keeps tasks in flight
 /// counts them in these.
 pub fn engine_requests(config: &LabelConfig) -> usize {
@@ -244,7 +245,7 @@ pub fn engine_requests(config: &LabelConfig) -> usize {
         .iter()
         .filter(|c| candidates(c).is_some())
         .count();
-    usize::from(scored > 0) + (config.controls.len() - scored)
+    usize::from(scored > 0).max(config.controls.len() - scored)
 }
 
 /// The most spans one `Labels` answer lists.
@@ -533,7 +534,7 @@ async fn ask(
             None => Ok(None),
         }
     };
-    let generation = try_join_all(generated.iter().map(|(control, messages, _)| {
+    let generation = || try_join_all(generated.iter().map(|(control, messages, _)| {
         let max_tokens = match control.kind {
             ControlKind::Labels { .. } => options.text_max_tokens * 4,
             ControlKind::Number { .. } => 12,
@@ -550,7 +551,16 @@ async fn ask(
             params,
         })
     }));
-    let (scores, embedding, texts) = futures::try_join!(scoring, embedding, generation)?;
+    // Generations start once the scoring is done: they begin like the scored questions (system
+    // prompt, examples, task), and the scoring has left that shared start in the prompt cache,
+    // so it is computed once per task. Scoring takes a few passes, and a bulk request keeps
+    // other tasks' work in the batch meanwhile.
+    let asked = async {
+        let scores = scoring.await?;
+        let texts = generation().await?;
+        Ok::<_, EngineError>((scores, texts))
+    };
+    let ((scores, texts), embedding) = futures::try_join!(asked, embedding)?;
     let embedding = embedding.unwrap_or_default();
 
     let mut by_name: BTreeMap<&str, Vec<Region>> = BTreeMap::new();
@@ -883,13 +893,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn engine_requests_count_one_scoring_request_and_each_generation() {
+    fn engine_requests_count_the_scoring_request_or_the_generations_that_follow_it() {
         let candidate = LabelConfig::parse(include_str!(
             "../../../../config/label-configs/candidate-evaluation.xml"
         ))
         .unwrap();
-        // Three scored controls in one scoring request, one TextArea generated.
-        assert_eq!(engine_requests(&candidate), 2);
+        // Three scored controls in one scoring request, then one TextArea generated.
+        assert_eq!(engine_requests(&candidate), 1);
         let choices = LabelConfig::parse(
             r#"<View><Text name="text" value="$text"/><Choices name="c" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>"#,
         )
