@@ -262,13 +262,13 @@ def main():
         keys = {k["key"]: k for k in json.load(open(os.path.join(a.work, "config.json")))}
     except (OSError, ValueError):
         keys = {}
-    for key in ("engine.max_batch", "worker.concurrency", "engine.prefix_cache_mb", "database.max_connections"):
+    for key in ("engine.max_batch", "worker.concurrency", "worker.prefix_cache_mb", "database.max_connections"):
         k = keys.get(key)
         if k:
             settings.append(f"{key} {os.environ.get(k['env'], k['default'])}")
     if settings:
         print(f"- Settings in effect: {', '.join(settings)} (worker.concurrency 0: 2 × max_batch); "
-              f"the worker's growth includes its engine's working set (prefix cache, KV caches of "
+              f"the worker's growth includes its engine's working set (its prompt cache, KV caches of "
               f"the sequences in flight).")
     for name in pids:
         if 0.25 in at_fraction and 1.0 in at_fraction:
