@@ -446,7 +446,8 @@ def test_file_with_only_bad_lines_fails_the_batch(running):
 
 def test_killed_worker_batch_is_resumed_exactly_once(stack):
     stack.start_api()
-    lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2"}
+    # Two lines in flight, so that the batch takes many engine turns however fast the CPU is.
+    lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2", "BATCHLAB_WORKER__CONCURRENCY": "2"}
     first = stack.start_worker("worker-1", **lease)
     client = stack.client()
     lines = chat_lines(24, "kill", max_tokens=24)
@@ -481,12 +482,17 @@ def test_killed_worker_batch_is_resumed_exactly_once(stack):
 def test_postgres_two_workers_one_killed(pg_stack):
     stack = pg_stack
     stack.start_api()
-    lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2"}
-    workers = {name: stack.start_worker(name, **lease) for name in ("worker-a", "worker-b")}
+    # Two lines in flight per worker, so that a batch takes many engine turns however fast the
+    # CPU is: both workers hold a batch at once, and batch one is still running when its worker
+    # is killed (with the default, all its lines would run in one batch of the engine, which a
+    # fast CPU finishes before the second worker has polled the queue).
+    env = {"BATCHLAB_WORKER__LEASE_SECONDS": "2", "BATCHLAB_WORKER__CONCURRENCY": "2"}
+    workers = {name: stack.start_worker(name, **env) for name in ("worker-a", "worker-b")}
     client = stack.client()
+    n = 48
     inputs = {
-        "one": chat_lines(12, "one", max_tokens=24),
-        "two": chat_lines(12, "two", max_tokens=24),
+        "one": chat_lines(n, "one", max_tokens=24),
+        "two": chat_lines(n, "two", max_tokens=24),
     }
     batches = {k: create_batch(client, v) for k, v in inputs.items()}
 
@@ -509,14 +515,14 @@ def test_postgres_two_workers_one_killed(pg_stack):
     victim_name = o[batches["one"].id]
     survivor_name = next(n for n in workers if n != victim_name)
     workers[victim_name].kill(signal.SIGKILL)
-    assert b1.request_counts.completed < 12, "batch one finished before its worker could be killed"
+    assert b1.request_counts.completed < n, "batch one finished before its worker could be killed"
 
     for key, b in batches.items():
         done = wait_status(client, b.id, "completed", timeout=400)
         counts = done.request_counts
-        assert (counts.total, counts.completed, counts.failed) == (12, 12, 0), (key, counts)
+        assert (counts.total, counts.completed, counts.failed) == (n, n, 0), (key, counts)
         out = read_jsonl(client, done.output_file_id)
-        assert len(out) == 12, key
+        assert len(out) == n, key
         assert_each_once(out, [line["custom_id"] for line in inputs[key]])
         for line in out:
             assert_chat_output_line(line, 24)
@@ -526,7 +532,7 @@ def test_postgres_two_workers_one_killed(pg_stack):
     assert batches["one"].id in workers[victim_name].log_text()
     assert batches["two"].id in workers[survivor_name].log_text()
     rows = stack.sql(f"SELECT count(*), count(DISTINCT line_no) FROM batch_lines WHERE batch_id = '{batches['one'].id}'")
-    assert rows == [["12", "12"]], rows
+    assert rows == [[str(n), str(n)]], rows
 
 
 # --------------------------------------------------------------------------------------------

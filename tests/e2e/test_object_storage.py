@@ -153,7 +153,8 @@ def test_two_workers_without_a_shared_disk_one_killed(pg_stack, s3, tmp_path):
     stack = pg_stack
     server, bucket, env = s3
     stack.start_api(**env)
-    lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2"}
+    # Two lines in flight, so that the batch takes many engine turns however fast the CPU is.
+    lease = {"BATCHLAB_WORKER__LEASE_SECONDS": "2", "BATCHLAB_WORKER__CONCURRENCY": "2"}
     homes = {name: tmp_path / f"{name}-home" for name in ("worker-a", "worker-b")}
     workers = {}
     for name, home in homes.items():
