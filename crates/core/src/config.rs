@@ -711,7 +711,10 @@ mod tests {
     fn the_worker_engine_has_the_worker_prompt_cache_and_the_rest_shared() {
         let mut c = Config::default();
         assert_eq!(c.worker_engine().prefix_cache_mb, 32);
-        assert_eq!(c.engine.prefix_cache_mb, 128, "the ML backend keeps its own");
+        assert_eq!(
+            c.engine.prefix_cache_mb, 128,
+            "the ML backend keeps its own"
+        );
         c.engine.max_batch = 4;
         c.worker.prefix_cache_mb = 0;
         let w = c.worker_engine();
