@@ -324,11 +324,16 @@ def test_openai_parse_helper_gets_a_valid_object_from_the_ml_backend(stack):
     deadline = time.monotonic() + 120
     while True:  # the model loads in the background; until then the endpoint answers 503
         try:
-            client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
+            first = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
             break
         except openai.InternalServerError:
             assert time.monotonic() < deadline, "the ML backend's model did not load"
             time.sleep(0.5)
+    # The same prompt again is served from the prompt cache, all but its last token, and the
+    # usage says so as OpenAI does.
+    assert first.usage.prompt_tokens_details.cached_tokens == 0, first.usage
+    again = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1, again.usage
     completion = client.chat.completions.parse(
         model="SmolLM2-135M-Instruct", messages=messages, response_format=Candidate, max_tokens=96, temperature=0
     )

@@ -29,6 +29,9 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// Tokens in the prompt as the model saw it (after templating).
     pub prompt_tokens: usize,
+    /// Of those, the tokens whose keys and values were copied from the prompt cache instead of
+    /// computed (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     /// Tokens generated, including the EOS token when there was one and the tokens of a
     /// stop string.
     pub completion_tokens: usize,

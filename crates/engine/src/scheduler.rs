@@ -100,6 +100,8 @@ struct Running {
     cache: SeqCache,
     /// Tokens of `seq.tokens` already in the cache.
     fed: usize,
+    /// Prompt tokens the cache came with from the prompt cache at admission.
+    cached: usize,
     reply: oneshot::Sender<Result<Completion, EngineError>>,
     enqueued: Instant,
     started: Instant,
@@ -375,6 +377,7 @@ impl Scheduler {
                             }
                         },
                         fed: 0,
+                        cached: 0,
                         reply,
                         enqueued,
                         started: now,
@@ -408,6 +411,7 @@ impl Scheduler {
                             seq,
                             cache,
                             fed,
+                            cached: fed,
                             reply,
                             enqueued,
                             started: Instant::now(),
@@ -552,7 +556,8 @@ impl Scheduler {
             "generation done"
         );
         match r.seq.into_answer() {
-            Ok((completion, tokens)) => {
+            Ok((mut completion, tokens)) => {
+                completion.cached_tokens = r.cached;
                 let _ = r.reply.send(Ok(completion));
                 self.prefix.insert(tokens, r.cache);
             }

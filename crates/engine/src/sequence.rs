@@ -177,6 +177,7 @@ impl Sequence {
         let completion = Completion {
             completion_tokens: self.tokens.len() - self.prompt_len,
             prompt_tokens: self.prompt_len,
+            cached_tokens: 0,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             text: self.text,
             logprobs,

@@ -248,6 +248,30 @@ async fn greedy_france_mentions_paris() {
     );
 }
 
+/// A request whose prompt was computed before is served from the prompt cache and says how
+/// much of it was (OpenAI's `usage.prompt_tokens_details.cached_tokens`); its own engine, so
+/// that no other test's prompts are in its cache or push this one out.
+#[tokio::test]
+async fn a_repeated_prompt_reports_the_tokens_served_from_the_cache() {
+    if !model_present() {
+        return;
+    }
+    let engine = Engine::load(config(8)).expect("load");
+    let ask = || {
+        engine.chat(ChatRequest {
+            messages: france(),
+            params: greedy(Some(1)),
+        })
+    };
+    let first = ask().await.unwrap();
+    assert_eq!(first.cached_tokens, 0, "nothing cached yet: {first:?}");
+    let again = ask().await.unwrap();
+    // All but the last prompt token, whose logits must be computed.
+    assert_eq!(again.cached_tokens, again.prompt_tokens - 1, "{again:?}");
+    assert_eq!(engine.reused_prompt_tokens(), again.cached_tokens as u64);
+    assert_eq!(again.text, first.text);
+}
+
 #[tokio::test]
 async fn max_tokens_gives_length() {
     let Some(engine) = engine() else { return };

@@ -587,6 +587,7 @@ fn usage(c: &Completion) -> Value {
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
     })
 }
 
@@ -848,6 +849,7 @@ mod tests {
             text: "é ok".into(),
             finish_reason: FinishReason::Stop,
             prompt_tokens: 3,
+            cached_tokens: 2,
             completion_tokens: 2,
             logprobs: Some(vec![
                 batchlab_engine::TokenLogprob {
@@ -863,6 +865,11 @@ mod tests {
             ]),
         };
         let chat = chat_completion_object("id", "m", 0, &c);
+        assert_eq!(
+            chat["usage"],
+            json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                   "prompt_tokens_details": {"cached_tokens": 2}})
+        );
         let content = &chat["choices"][0]["logprobs"]["content"];
         assert_eq!(content[0]["token"], "é");
         assert_eq!(content[0]["bytes"], json!([195, 169]));
