@@ -227,6 +227,8 @@ def test_chat_batch_completes_with_real_model_output(running):
     assert done.usage.input_tokens == sum(b["usage"]["prompt_tokens"] for b in bodies.values()), done.usage
     assert done.usage.output_tokens == sum(b["usage"]["completion_tokens"] for b in bodies.values()), done.usage
     assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    cached = sum(b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies.values())
+    assert done.usage.input_tokens_details.cached_tokens == cached, done.usage
 
 
 def test_completions_batch(running):

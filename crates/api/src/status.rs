@@ -285,6 +285,7 @@ mod tests {
             completed: done,
             failed: 0,
             input_tokens: 0,
+            cached_tokens: 0,
             output_tokens: 0,
             lease_owner: None,
         }

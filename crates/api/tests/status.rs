@@ -122,6 +122,7 @@ async fn status_shows_batches_projects_and_models() {
                 kind: LineKind::Output,
                 body: "{}".into(),
                 input_tokens: 1,
+                cached_tokens: 0,
                 output_tokens: 1,
             },
         )

@@ -134,7 +134,7 @@ pub fn batch_object(b: &BatchRecord) -> Value {
         "request_counts": {"total": b.total, "completed": b.completed, "failed": b.failed},
         "usage": {
             "input_tokens": b.input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": b.cached_tokens},
             "output_tokens": b.output_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": b.input_tokens + b.output_tokens,

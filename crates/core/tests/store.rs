@@ -38,6 +38,7 @@ fn line(no: i64, kind: LineKind) -> BatchLine {
         kind,
         body: format!("{{\"line\":{no}}}"),
         input_tokens: 10,
+        cached_tokens: 4,
         output_tokens: 5,
     }
 }
@@ -270,8 +271,14 @@ async fn lines_are_recorded_exactly_once(store: Store) {
     );
     let b = store.get_batch("batch_l").await.unwrap().unwrap();
     assert_eq!(
-        (b.completed, b.failed, b.input_tokens, b.output_tokens),
-        (2, 1, 30, 15)
+        (
+            b.completed,
+            b.failed,
+            b.input_tokens,
+            b.cached_tokens,
+            b.output_tokens
+        ),
+        (2, 1, 30, 12, 15)
     );
 
     let mut done = store.finished_line_numbers("batch_l").await.unwrap();
@@ -282,6 +289,7 @@ async fn lines_are_recorded_exactly_once(store: Store) {
         .await
         .unwrap();
     assert_eq!(out.iter().map(|l| l.line_no).collect::<Vec<_>>(), [1]);
+    assert_eq!(out[0], line(1, LineKind::Output), "stored as recorded");
     let out = store
         .batch_lines("batch_l", LineKind::Output, 1, 10)
         .await

@@ -67,6 +67,8 @@ pub struct CallAnswer {
     pub body: Value,
     /// Prompt tokens read.
     pub input_tokens: usize,
+    /// Of those, the tokens served from the engine's prompt cache.
+    pub cached_tokens: usize,
     /// Tokens generated (0 for embeddings).
     pub output_tokens: usize,
 }
@@ -79,6 +81,7 @@ impl EngineCall {
         let created = batchlab_core::store::now();
         let completion = |c: Completion, body: Value| CallAnswer {
             input_tokens: c.prompt_tokens,
+            cached_tokens: c.cached_tokens,
             output_tokens: c.completion_tokens,
             body,
         };
@@ -98,6 +101,7 @@ impl EngineCall {
                 CallAnswer {
                     body: embeddings::embeddings_object(model, r.encoding, &vectors),
                     input_tokens: embeddings::prompt_tokens(&vectors),
+                    cached_tokens: 0,
                     output_tokens: 0,
                 }
             }

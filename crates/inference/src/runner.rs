@@ -656,6 +656,7 @@ impl Runner {
                 kind: LineKind::Output,
                 body: openai::output_line(&custom_id, 200, answer.body),
                 input_tokens: answer.input_tokens as i64,
+                cached_tokens: answer.cached_tokens as i64,
                 output_tokens: answer.output_tokens as i64,
             },
             Err(e) => {
@@ -669,6 +670,7 @@ impl Runner {
                     kind: LineKind::Error,
                     body: openai::output_line(&custom_id, failure.status, body),
                     input_tokens: 0,
+                    cached_tokens: 0,
                     output_tokens: 0,
                 }
             }
@@ -799,6 +801,7 @@ fn failed_line(line_no: i64, custom_id: Option<String>, code: &str, message: &st
         kind: LineKind::Error,
         body,
         input_tokens: 0,
+        cached_tokens: 0,
         output_tokens: 0,
     }
 }

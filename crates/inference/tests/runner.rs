@@ -231,6 +231,44 @@ async fn good_lines_complete_and_bad_lines_become_error_lines() {
     );
 }
 
+/// Lines run one after another that start alike are served from the prompt cache, each line's
+/// usage says how much of its prompt was, and the batch's `cached_tokens` is their sum.
+#[tokio::test]
+async fn lines_that_start_alike_report_their_cached_tokens_and_the_batch_sums_them() {
+    let f = Fixture::new().await;
+    let shared = "Read the following instructions carefully before you answer: reply with one \
+                  short word, in lower case, with no punctuation and nothing else at all.";
+    let lines: Vec<String> = ["red", "green", "blue"]
+        .iter()
+        .map(|c| chat(c, &format!("{shared} Name something {c}.")))
+        .collect();
+    let b = f.batch("batch_cached", &lines, 86_400).await;
+    // One line at a time, so that each later line finds the earlier ones' prompts cached.
+    let runner = f.runner_with(RunnerSettings {
+        concurrency: 1,
+        ..Fixture::settings("w1")
+    });
+    let done = runner.run_once().await.unwrap().unwrap();
+    assert_eq!(done.id, b.id);
+    assert_eq!((done.completed, done.failed), (3, 0), "{done:?}");
+    let out = f.lines_of(done.output_file_id.as_deref()).await;
+    let cached: Vec<i64> = out
+        .iter()
+        .map(|l| {
+            l["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    // The first line may find only the template's default system prompt (other tests' prompts
+    // start with it too); the later ones find the shared instructions as well.
+    assert!(
+        cached[1] > cached[0] && cached[2] > cached[0],
+        "cached tokens per line: {cached:?}"
+    );
+    assert_eq!(done.cached_tokens, cached.iter().sum::<i64>(), "{done:?}");
+}
+
 #[tokio::test]
 async fn a_file_without_a_usable_line_fails_with_line_numbers() {
     let f = Fixture::new().await;
@@ -274,6 +312,7 @@ async fn a_resumed_batch_never_redoes_a_finished_line() {
         kind: LineKind::Output,
         body: marker.into(),
         input_tokens: 1,
+        cached_tokens: 0,
         output_tokens: 1,
     };
     assert!(f.store().record_line(&b.id, &finished).await.unwrap());
@@ -301,6 +340,7 @@ async fn cancelling_keeps_finished_lines_and_expiry_reports_the_rest() {
         kind: LineKind::Output,
         body: r#"{"custom_id":"k0"}"#.into(),
         input_tokens: 1,
+        cached_tokens: 0,
         output_tokens: 1,
     };
     f.store().record_line(&b.id, &finished).await.unwrap();

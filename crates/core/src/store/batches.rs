@@ -150,6 +150,8 @@ pub struct BatchRecord {
     pub failed: i64,
     /// Prompt tokens over all answered lines.
     pub input_tokens: i64,
+    /// Of those, the tokens served from the engine's prompt cache.
+    pub cached_tokens: i64,
     /// Generated tokens over all answered lines.
     pub output_tokens: i64,
     /// Worker holding the lease, if any.
@@ -187,6 +189,8 @@ pub struct BatchLine {
     pub body: String,
     /// Prompt tokens used.
     pub input_tokens: i64,
+    /// Of those, the tokens served from the engine's prompt cache.
+    pub cached_tokens: i64,
     /// Tokens generated.
     pub output_tokens: i64,
 }
@@ -194,7 +198,7 @@ pub struct BatchLine {
 const COLUMNS: &str = "id, endpoint, input_file_id, completion_window, status, metadata, model, errors, \
      output_file_id, error_file_id, created_at, in_progress_at, expires_at, finalizing_at, completed_at, \
      failed_at, expired_at, cancelling_at, cancelled_at, total, completed, failed, input_tokens, \
-     output_tokens, lease_owner";
+     cached_tokens, output_tokens, lease_owner";
 
 fn from_row(row: &AnyRow) -> Result<BatchRecord, StoreError> {
     let status: String = row.try_get("status")?;
@@ -223,6 +227,7 @@ fn from_row(row: &AnyRow) -> Result<BatchRecord, StoreError> {
         completed: row.try_get("completed")?,
         failed: row.try_get("failed")?,
         input_tokens: row.try_get("input_tokens")?,
+        cached_tokens: row.try_get("cached_tokens")?,
         output_tokens: row.try_get("output_tokens")?,
         lease_owner: row.try_get("lease_owner")?,
     })
@@ -549,8 +554,9 @@ impl Store {
         check_text("batch_lines.body", &line.body)?;
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO batch_lines (batch_id, line_no, custom_id, kind, body, input_tokens, output_tokens) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (batch_id, line_no) DO NOTHING",
+            "INSERT INTO batch_lines (batch_id, line_no, custom_id, kind, body, input_tokens, \
+             cached_tokens, output_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (batch_id, line_no) DO NOTHING",
         )
         .bind(batch_id)
         .bind(line.line_no)
@@ -558,6 +564,7 @@ impl Store {
         .bind(line.kind.as_str())
         .bind(&line.body)
         .bind(line.input_tokens)
+        .bind(line.cached_tokens)
         .bind(line.output_tokens)
         .execute(&mut *tx)
         .await?
@@ -570,10 +577,12 @@ impl Store {
             };
             sqlx::query(&format!(
                 "UPDATE batches SET {counter} = {counter} + 1, input_tokens = input_tokens + $2, \
-                 output_tokens = output_tokens + $3 WHERE id = $1"
+                 cached_tokens = cached_tokens + $3, output_tokens = output_tokens + $4 \
+                 WHERE id = $1"
             ))
             .bind(batch_id)
             .bind(line.input_tokens)
+            .bind(line.cached_tokens)
             .bind(line.output_tokens)
             .execute(&mut *tx)
             .await?;
@@ -603,7 +612,8 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<BatchLine>, StoreError> {
         let rows = sqlx::query(
-            "SELECT line_no, custom_id, body, input_tokens, output_tokens FROM batch_lines \
+            "SELECT line_no, custom_id, body, input_tokens, cached_tokens, output_tokens \
+             FROM batch_lines \
              WHERE batch_id = $1 AND kind = $2 AND line_no > $3 ORDER BY line_no LIMIT $4",
         )
         .bind(batch_id)
@@ -620,6 +630,7 @@ impl Store {
                     kind,
                     body: r.try_get("body")?,
                     input_tokens: r.try_get("input_tokens")?,
+                    cached_tokens: r.try_get("cached_tokens")?,
                     output_tokens: r.try_get("output_tokens")?,
                 })
             })
