@@ -555,9 +555,8 @@ impl Scheduler {
             total_ms = total.as_millis() as u64,
             "generation done"
         );
-        match r.seq.into_answer() {
-            Ok((mut completion, tokens)) => {
-                completion.cached_tokens = r.cached;
+        match r.seq.into_answer(r.cached) {
+            Ok((completion, tokens)) => {
                 let _ = r.reply.send(Ok(completion));
                 self.prefix.insert(tokens, r.cache);
             }

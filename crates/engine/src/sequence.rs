@@ -160,9 +160,13 @@ impl Sequence {
             .min()
     }
 
-    /// The answer to a finished sequence: its [`Completion`] and its tokens (for the prompt
-    /// cache), or the error that ended it on its own.
-    pub(crate) fn into_answer(self) -> Result<(Completion, Vec<u32>), EngineError> {
+    /// The answer to a finished sequence whose first `cached_tokens` prompt tokens came from
+    /// the prompt cache: its [`Completion`] and its tokens (for the prompt cache), or the error
+    /// that ended it on its own.
+    pub(crate) fn into_answer(
+        self,
+        cached_tokens: usize,
+    ) -> Result<(Completion, Vec<u32>), EngineError> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -177,7 +181,7 @@ impl Sequence {
         let completion = Completion {
             completion_tokens: self.tokens.len() - self.prompt_len,
             prompt_tokens: self.prompt_len,
-            cached_tokens: 0,
+            cached_tokens,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             text: self.text,
             logprobs,

@@ -534,32 +534,31 @@ async fn ask(
             None => Ok(None),
         }
     };
-    let generation = || {
-        try_join_all(generated.iter().map(|(control, messages, _)| {
-            let max_tokens = match control.kind {
-                ControlKind::Labels { .. } => options.text_max_tokens * 4,
-                ControlKind::Number { .. } => 12,
-                _ => options.text_max_tokens,
-            };
-            let params = SamplingParams {
-                max_tokens: Some(max_tokens),
-                temperature: 0.0,
-                constraint: output_constraint(control),
-                ..SamplingParams::default()
-            };
-            engine.chat(ChatRequest {
-                messages: messages.clone(),
-                params,
-            })
-        }))
-    };
+    // Engine calls are lazy: nothing is queued before `asked` awaits them.
+    let generation = try_join_all(generated.iter().map(|(control, messages, _)| {
+        let max_tokens = match control.kind {
+            ControlKind::Labels { .. } => options.text_max_tokens * 4,
+            ControlKind::Number { .. } => 12,
+            _ => options.text_max_tokens,
+        };
+        let params = SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 0.0,
+            constraint: output_constraint(control),
+            ..SamplingParams::default()
+        };
+        engine.chat(ChatRequest {
+            messages: messages.clone(),
+            params,
+        })
+    }));
     // Generations start once the scoring is done: they begin like the scored questions (system
     // prompt, examples, task), and the scoring has left that shared start in the prompt cache,
     // so it is computed once per task. Scoring takes a few passes, and a bulk request keeps
     // other tasks' work in the batch meanwhile.
     let asked = async {
         let scores = scoring.await?;
-        let texts = generation().await?;
+        let texts = generation.await?;
         Ok::<_, EngineError>((scores, texts))
     };
     let ((scores, texts), embedding) = futures::try_join!(asked, embedding)?;
