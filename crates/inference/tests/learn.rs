@@ -16,7 +16,43 @@ use batchlab_inference::predict::task::{
 };
 use serde_json::json;
 
+const SMS_CONFIG: &str = r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single"><Choice value="ham"/><Choice value="spam"/></Choices></View>"#;
+
 const CONFIG: &str = r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single"><Choice value="abbreviation"/><Choice value="description"/><Choice value="entity"/><Choice value="human"/><Choice value="location"/><Choice value="numeric"/></Choices></View>"#;
+
+/// SMS-like messages, half spam, with their labels (0 ham, 1 spam).
+const SMS: [(&str, usize); 12] = [
+    ("Are we still on for lunch tomorrow?", 0),
+    ("Ok see you at home later", 0),
+    ("Can you pick up milk on the way back", 0),
+    ("Sorry I missed your call, will ring you tonight", 0),
+    ("Happy birthday! Hope you have a great day", 0),
+    ("I'm at the station, where are you?", 0),
+    (
+        "WINNER!! You have won a £1000 cash prize. Call 09061701461 now to claim",
+        1,
+    ),
+    (
+        "FREE entry in 2 a weekly competition to win FA Cup final tickets. Text FA to 87121",
+        1,
+    ),
+    (
+        "URGENT! Your mobile has been selected for a free upgrade. Reply YES to 80082",
+        1,
+    ),
+    (
+        "Congratulations, you have been chosen for a £500 voucher. Claim at www.prize.com",
+        1,
+    ),
+    (
+        "You have won a free holiday! Call 0800 123 456 to claim your reward now",
+        1,
+    ),
+    (
+        "Txt STOP to end. Get 100 free texts and unlimited minutes for £10 a month",
+        1,
+    ),
+];
 
 fn engine() -> Option<Engine> {
     static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
@@ -117,44 +153,10 @@ async fn a_control_with_a_classifier_is_answered_from_the_training_features() {
 #[tokio::test]
 async fn batch_calibration_keeps_a_balanced_binary_set_from_collapsing() {
     let Some(engine) = engine() else { return };
-    // SMS-like messages, half spam: the model's zero-shot bias (first option, short word)
-    // should not make every answer the same once the project's own tasks are counted.
-    let config = LabelConfig::parse(
-        r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text" choice="single"><Choice value="ham"/><Choice value="spam"/></Choices></View>"#,
-    )
-    .unwrap();
-    let texts = [
-        ("Are we still on for lunch tomorrow?", 0),
-        ("Ok see you at home later", 0),
-        ("Can you pick up milk on the way back", 0),
-        ("Sorry I missed your call, will ring you tonight", 0),
-        ("Happy birthday! Hope you have a great day", 0),
-        ("I'm at the station, where are you?", 0),
-        (
-            "WINNER!! You have won a £1000 cash prize. Call 09061701461 now to claim",
-            1,
-        ),
-        (
-            "FREE entry in 2 a weekly competition to win FA Cup final tickets. Text FA to 87121",
-            1,
-        ),
-        (
-            "URGENT! Your mobile has been selected for a free upgrade. Reply YES to 80082",
-            1,
-        ),
-        (
-            "Congratulations, you have been chosen for a £500 voucher. Claim at www.prize.com",
-            1,
-        ),
-        (
-            "You have won a free holiday! Call 0800 123 456 to claim your reward now",
-            1,
-        ),
-        (
-            "Txt STOP to end. Get 100 free texts and unlimited minutes for £10 a month",
-            1,
-        ),
-    ];
+    // The model's zero-shot bias (first option, short word) should not make every answer
+    // the same once the project's own tasks are counted.
+    let config = LabelConfig::parse(SMS_CONFIG).unwrap();
+    let texts = SMS;
     let priors = Priors::default();
     let mut samples = Vec::new();
     for (text, label) in texts.iter().cycle().take(36) {
@@ -196,4 +198,41 @@ async fn batch_calibration_keeps_a_balanced_binary_set_from_collapsing() {
     // the classifier over the real embeddings must recognize them.
     let (_, evaluation) = learn::train(&samples, 2).unwrap();
     assert!(evaluation.learned_accuracy >= 0.9, "{evaluation:?}");
+}
+
+/// 60 messages of the SMS Spam Collection v.1 (Almeida, Gómez Hidalgo & Yamakami, DocEng 2011;
+/// see `../shared/datasets/README.md`), 30 ham and 30 spam, distinct, drawn with a seeded shuffle.
+const SMS_SAMPLE: &str = include_str!("data/sms_spam_sample.jsonl");
+
+#[tokio::test]
+async fn zero_shot_answers_follow_what_the_text_says() {
+    let Some(engine) = engine() else { return };
+    // Asked "ham or spam?" directly, the default model answers real messages worse than a coin
+    // (its scores rank them backwards: 0.3 of 400 right in `bench-quality.sh`'s subset); asked
+    // how likely each kind of message is to read like the text (the channel questions), it
+    // tells them apart (37 of 60 here, where the direct question alone got 21).
+    let config = LabelConfig::parse(SMS_CONFIG).unwrap();
+    let priors = Priors::default();
+    let mut answers = Vec::new();
+    for line in SMS_SAMPLE.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let prediction = predict_task(
+            &engine,
+            &config,
+            &json!({ "text": row["text"] }),
+            &Teaching::default(),
+            &PredictOptions::default(),
+            &priors,
+        )
+        .await
+        .unwrap();
+        let answer = prediction.result[0].value["choices"][0].clone();
+        answers.push((answer == row["label"], answer == "spam"));
+    }
+    let right = answers.iter().filter(|(r, _)| *r).count();
+    let spam = answers.iter().filter(|(_, s)| *s).count();
+    assert!(
+        right >= 33 && (12..=48).contains(&spam),
+        "{right} of 60 right, {spam} answered spam"
+    );
 }

@@ -38,7 +38,7 @@ use crate::engine::{
 };
 use crate::predict::examples::Example;
 use crate::predict::learn::Classifier;
-use batchlab_core::labelstudio::config::{ControlKind, ControlTag, LabelConfig};
+use batchlab_core::labelstudio::config::{ControlKind, ControlTag, LabelConfig, ObjectKind};
 use batchlab_core::labelstudio::region::{number_json, FieldValue, Region, Span};
 use batchlab_core::labelstudio::version::fnv1a64;
 use batchlab_core::prompt::{data_text, task_text};
@@ -420,6 +420,8 @@ struct Scored<'c> {
     batch_key: u64,
     /// Asked zero-shot, for a classifier (or for features).
     zero_shot: bool,
+    /// The index of the first of the options' channel questions, and their batch key.
+    channel: Option<(usize, u64)>,
 }
 
 /// [`predict_task`] and [`task_features`] in one: with `features`, every scored control is
@@ -504,6 +506,13 @@ async fn ask(
                     }
                 };
                 let batch_key = Priors::batch_key(control, &options, template, !shots.is_empty());
+                let channel = match channel_questions(config, control, data) {
+                    Some((key, asked)) if shots.is_empty() => {
+                        questions.extend(asked);
+                        Some((questions.len() - options.len(), key))
+                    }
+                    _ => None,
+                };
                 scored.push(Scored {
                     control,
                     options,
@@ -511,6 +520,7 @@ async fn ask(
                     prior,
                     batch_key,
                     zero_shot,
+                    channel,
                 });
             }
             None => generated.push((control, conversation(control, &shots, &body), body)),
@@ -578,6 +588,16 @@ async fn ask(
         let real = &scores[s.real].logprobs;
         let (batch_mean, tasks) = priors.observe(s.batch_key, real);
         let mut probs = calibrated(real, &blended_prior(&free, &batch_mean, tasks));
+        if let Some((at, key)) = s.channel {
+            let channel: Vec<f64> = scores[at..at + s.options.len()]
+                .iter()
+                .map(|c| c.logprobs[0])
+                .collect();
+            let (batch_mean, tasks) = priors.observe(key, &channel);
+            let uniform = vec![0.0; channel.len()];
+            let from_channel = calibrated(&channel, &blended_prior(&uniform, &batch_mean, tasks));
+            probs = product_of_experts(&probs, &from_channel);
+        }
         if s.zero_shot {
             let z: Vec<f64> = probs.iter().map(|p| p.max(1e-300).ln()).collect();
             if let Some(c) = classifier(s.control).filter(|c| c.fits(&z, &embedding)) {
@@ -611,6 +631,68 @@ async fn ask(
         embedding,
     });
     Ok((TaskPrediction { result, score }, features))
+}
+
+/// Most characters of the text a channel question scores (its beginning): about 64 tokens,
+/// which keep a long document's channel questions from costing more than its direct one.
+const CHANNEL_MAX_CHARS: usize = 256;
+
+/// The "noisy channel" questions of a single-answer `Choices` control (Min et al. 2022): for
+/// each option, how likely the model is to write the text the control labels when asked for a
+/// text of that option, `P(text | option)` instead of `P(option | text)`. A small model's
+/// direct answer leans on a few labels whatever the text; the channel must explain every
+/// token of the text, so it carries what the text says (measured in `scripts/bench-quality.sh`).
+/// Answers the questions' batch key and the questions (one per option, in order); None when
+/// the control is not a single choice or the object it labels has no text in `data`.
+fn channel_questions(
+    config: &LabelConfig,
+    control: &ControlTag,
+    data: &Value,
+) -> Option<(u64, Vec<ChoiceQuestion>)> {
+    let ControlKind::Choices {
+        options,
+        multiple: false,
+    } = &control.kind
+    else {
+        return None;
+    };
+    let object = config
+        .objects
+        .iter()
+        .find(|o| o.kind == ObjectKind::Text && control.to_name.first() == Some(&o.name))?;
+    let text = data_text(data, object.variable.as_deref()?)?;
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let cut = text
+        .char_indices()
+        .nth(CHANNEL_MAX_CHARS)
+        .map_or(text, |(at, _)| &text[..at]);
+    let key =
+        fnv1a64(format!("channel\u{0}{}\u{0}{}", object.name, options.join("\u{2}")).as_bytes());
+    let questions = options
+        .iter()
+        .map(|option| ChoiceQuestion {
+            messages: vec![ChatMessage::new(
+                "user",
+                format!("Write a {option} {}.", object.name),
+            )],
+            candidates: vec![cut.to_string()],
+        })
+        .collect();
+    Some((key, questions))
+}
+
+/// The normalized product of two probability vectors over the same options: the answer both
+/// experts agree on, each counted as independent evidence.
+fn product_of_experts(a: &[f64], b: &[f64]) -> Vec<f64> {
+    let logits: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.max(1e-300).ln() + y.max(1e-300).ln())
+        .collect();
+    crate::predict::learn::softmax_t(&logits, 1.0)
 }
 
 /// A scored control's content-free log-probabilities: known from an earlier task, or asked now.
