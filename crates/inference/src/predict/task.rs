@@ -7,9 +7,11 @@
 //!   measured against a prior ([`Priors`]): the same question on a content-free copy of the task
 //!   (every data field "N/A"; "contextual calibration", Zhao et al. 2021), blended, as the
 //!   project's tasks are asked, with the mean of their own scores ("batch calibration", Zhou
-//!   et al. 2024), which removes the bias the content-free copy misses. A region's `score` is
-//!   the chosen option's probability (for a multiple choice, the mean over the options picked:
-//!   those above an even share, 1/n).
+//!   et al. 2024), which removes the bias the content-free copy misses. A single `Choices` on a
+//!   text asked zero-shot is also asked the other way round, `P(text | option)` for each
+//!   option (the "noisy channel", `channel_questions`), calibrated by the batch mean alone and
+//!   multiplied in. A region's `score` is the chosen option's probability (for a multiple
+//!   choice, the mean over the options picked: those above an even share, 1/n).
 //! - A scored control with a **classifier** learned from the project's annotations
 //!   ([`crate::predict::learn`]) is asked zero-shot and answered by the classifier, from those
 //!   calibrated scores and the task's embedding ([`task_features`] computes the same for
