@@ -639,13 +639,21 @@ async fn ask(
 /// which keep a long document's channel questions from costing more than its direct one.
 const CHANNEL_MAX_CHARS: usize = 256;
 
+/// Most options a control may have to be asked the channel questions: each option costs a pass
+/// over the text, and a long list would also crowd the scoring request's candidates
+/// (`engine.max_candidates`), which the direct and content-free questions already fill twice.
+const CHANNEL_MAX_OPTIONS: usize = 16;
+
 /// The "noisy channel" questions of a single-answer `Choices` control (Min et al. 2022): for
 /// each option, how likely the model is to write the text the control labels when asked for a
 /// text of that option, `P(text | option)` instead of `P(option | text)`. A small model's
 /// direct answer leans on a few labels whatever the text; the channel must explain every
 /// token of the text, so it carries what the text says (measured in `scripts/bench-quality.sh`).
 /// Answers the questions' batch key and the questions (one per option, in order); None when
-/// the control is not a single choice or the object it labels has no text in `data`.
+/// the control is not a single choice of at most [`CHANNEL_MAX_OPTIONS`] options on the task's
+/// only data field, a `Text` with text in `data`. Each option costs the model a pass over its
+/// short prompt and the text, so a text-classification task costs about twice the direct
+/// question alone.
 fn channel_questions(
     config: &LabelConfig,
     control: &ControlTag,
@@ -658,10 +666,17 @@ fn channel_questions(
     else {
         return None;
     };
-    let object = config
-        .objects
-        .iter()
-        .find(|o| o.kind == ObjectKind::Text && control.to_name.first() == Some(&o.name))?;
+    // The text must be the whole task: with several data fields, one field's likelihood under
+    // an option says little about the label of the whole.
+    let mut fields = config.objects.iter().filter(|o| o.variable.is_some());
+    let object = fields.next()?;
+    if options.len() > CHANNEL_MAX_OPTIONS
+        || fields.next().is_some()
+        || object.kind != ObjectKind::Text
+        || control.to_name.first() != Some(&object.name)
+    {
+        return None;
+    }
     let text = data_text(data, object.variable.as_deref()?)?;
     let text = text.trim();
     if text.is_empty() {
@@ -1071,6 +1086,66 @@ mod tests {
             "Q: Who is Ada? (3)  {not a field} {"
         );
         assert_eq!(task_body(&config, &data, None), "text: Who is Ada?\n");
+    }
+
+    #[test]
+    fn channel_questions_ask_for_the_labelled_text_under_each_option() {
+        let choices = |n: usize, multiple: bool| {
+            let options: String = (0..n)
+                .map(|i| format!(r#"<Choice value="c{i}"/>"#))
+                .collect();
+            LabelConfig::parse(&format!(
+                r#"<View><Header value="A header"/><Text name="review" value="$review"/><Choices name="sentiment" toName="review" choice="{}">{options}</Choices></View>"#,
+                if multiple { "multiple" } else { "single" }
+            ))
+            .unwrap()
+        };
+        let config = choices(2, false);
+        let long = "é".repeat(CHANNEL_MAX_CHARS + 10);
+        let (key, questions) = channel_questions(
+            &config,
+            &config.controls[0],
+            &serde_json::json!({"review": long}),
+        )
+        .unwrap();
+        assert_eq!(questions.len(), 2);
+        assert_eq!(questions[1].messages[0].content, "Write a c1 review.");
+        assert_eq!(
+            questions[0].candidates,
+            vec!["é".repeat(CHANNEL_MAX_CHARS)],
+            "the text's beginning, cut at a character"
+        );
+        let (other_key, _) = channel_questions(
+            &config,
+            &config.controls[0],
+            &serde_json::json!({"review": "Fine."}),
+        )
+        .unwrap();
+        assert_eq!(
+            key, other_key,
+            "one batch key for every task of the control"
+        );
+        // Not asked: an empty text, a multiple choice, too many options.
+        let data = serde_json::json!({"review": "Fine."});
+        assert!(channel_questions(
+            &config,
+            &config.controls[0],
+            &serde_json::json!({"review": " "})
+        )
+        .is_none());
+        let multiple = choices(2, true);
+        assert!(channel_questions(&multiple, &multiple.controls[0], &data).is_none());
+        let wide = choices(CHANNEL_MAX_OPTIONS + 1, false);
+        assert!(channel_questions(&wide, &wide.controls[0], &data).is_none());
+        let widest = choices(CHANNEL_MAX_OPTIONS, false);
+        assert!(channel_questions(&widest, &widest.controls[0], &data).is_some());
+        // A record of several fields (the candidate-evaluation config) is not one text.
+        let record = LabelConfig::parse(
+            r#"<View><Text name="name" value="$name"/><Text name="title" value="$title"/><Choices name="fit" toName="name"><Choice value="yes"/><Choice value="no"/></Choices></View>"#,
+        )
+        .unwrap();
+        let data = serde_json::json!({"name": "Ada", "title": "Engineer"});
+        assert!(channel_questions(&record, &record.controls[0], &data).is_none());
     }
 
     #[test]
