@@ -23,7 +23,7 @@ use batchlab_core::store::{AnnotationState, LearnedModel, Store};
 use batchlab_inference::engine::{Engine, Priority};
 use batchlab_inference::predict::learn::{self, Classifier, Evaluation, Sample};
 use batchlab_inference::predict::task::{
-    answer_option, candidates, task_features, Classifiers, Priors, TaskFeatures,
+    answer_option, candidates, task_features, Classifiers, Priors, TaskFeatures, FEATURES_VERSION,
 };
 use futures::StreamExt;
 use serde::Serialize;
@@ -91,10 +91,14 @@ pub struct Learning {
     scheduled: Arc<Mutex<HashSet<i64>>>,
 }
 
+/// What stored classifiers are keyed by: the labeling config, the prompt template and the
+/// version of the zero-shot features they read ([`FEATURES_VERSION`]), so that a classifier is
+/// only used with the features it was trained on (the others are retrained).
 fn config_hash(schema: &str, template: Option<&str>) -> String {
+    let template = template.unwrap_or_default();
     format!(
         "{:016x}",
-        fnv1a64(format!("{schema}\u{0}{}", template.unwrap_or_default()).as_bytes())
+        fnv1a64(format!("{schema}\u{0}{template}\u{0}features {FEATURES_VERSION}").as_bytes())
     )
 }
 
@@ -522,6 +526,58 @@ mod tests {
         assert!(!state.learning.schedule(3, 2), "at most the limit waiting");
         state.learning.unschedule(1);
         assert!(state.learning.schedule(3, 2));
+        db.cleanup().await;
+    }
+
+    /// A classifier reads the zero-shot features of the code that trained it: one stored
+    /// before those features changed ([`FEATURES_VERSION`]) is not used (the project trains
+    /// anew), one of the current features is.
+    #[tokio::test]
+    async fn classifiers_of_older_features_are_not_adopted() {
+        let db = batchlab_core::testing::TestDb::sqlite().await;
+        let state = MlState::new(Config::default())
+            .unwrap()
+            .with_store(db.store.clone());
+        let schema = r#"<View><Text name="text" value="$text"/><Choices name="label" toName="text"><Choice value="a"/><Choice value="b"/></Choices></View>"#;
+        let classifier = Classifier {
+            classes: 2,
+            dims: 1,
+            mean: vec![0.0],
+            inv_std: vec![1.0],
+            alpha: 1.0,
+            bias: vec![0.0, 0.0],
+            weights: vec![0.0, 0.0],
+            temperature: 1.0,
+        };
+        let evaluation = Evaluation {
+            samples: 20,
+            zero_shot_accuracy: 0.5,
+            learned_accuracy: 0.9,
+            learned_ece: 0.05,
+            zero_shot_ece: 0.2,
+            penalty: 1.0,
+        };
+        let model = |config_hash: String| LearnedModel {
+            control: "label".into(),
+            config_hash,
+            fingerprint: "20:1".into(),
+            classifier: serde_json::to_string(&classifier).unwrap(),
+            evaluation: serde_json::to_string(&evaluation).unwrap(),
+            trained_at: 0,
+        };
+        // The hash as it was written before the features had a version.
+        let unversioned = format!("{:016x}", fnv1a64(format!("{schema}\u{0}").as_bytes()));
+        let instance = state.config.label_studio.instance.as_str().to_string();
+        db.store
+            .save_learned_models(&instance, 1, &[model(unversioned)])
+            .await
+            .unwrap();
+        assert_eq!(state.learned(1, schema, None).await.fingerprint, 0);
+        db.store
+            .save_learned_models(&instance, 2, &[model(config_hash(schema, None))])
+            .await
+            .unwrap();
+        assert_ne!(state.learned(2, schema, None).await.fingerprint, 0);
         db.cleanup().await;
     }
 }

@@ -390,6 +390,11 @@ pub async fn predict_task(
         .0)
 }
 
+/// Version of what [`task_features`] computes: raised whenever it computes them differently
+/// (2: the channel questions joined the zero-shot scores), so that classifiers trained on the
+/// old features are retrained instead of reading the new ones.
+pub const FEATURES_VERSION: u32 = 2;
+
 /// The features a classifier for `config`'s scored controls learns from (and, at prediction
 /// time, reads): computed exactly as [`predict_task`] computes them for a control that has a
 /// classifier.
