@@ -208,9 +208,10 @@ const SMS_SAMPLE: &str = include_str!("data/sms_spam_sample.jsonl");
 async fn zero_shot_answers_follow_what_the_text_says() {
     let Some(engine) = engine() else { return };
     // Asked "ham or spam?" directly, the default model answers real messages worse than a coin
-    // (its scores rank them backwards: 0.3 of 400 right in `bench-quality.sh`'s subset); asked
-    // how likely each kind of message is to read like the text (the channel questions), it
-    // tells them apart (37 of 60 here, where the direct question alone got 21).
+    // (its scores rank them backwards: 0.30 of `bench-quality.sh`'s 400 right, even calibrated
+    // on all 400 at once); asked how likely each kind of message is to read like the text (the
+    // channel questions), it tells them apart (37 of 60 here, where the direct question alone
+    // got 21).
     let config = LabelConfig::parse(SMS_CONFIG).unwrap();
     let priors = Priors::default();
     let mut answers = Vec::new();

@@ -513,13 +513,15 @@ async fn ask(
                     }
                 };
                 let batch_key = Priors::batch_key(control, &options, template, !shots.is_empty());
-                let channel = match channel_questions(config, control, data) {
-                    Some((key, asked)) if shots.is_empty() => {
+                // Asked zero-shot only: with examples, the direct question has them to go by.
+                let channel = shots
+                    .is_empty()
+                    .then(|| channel_questions(config, control, data))
+                    .flatten()
+                    .map(|(key, asked)| {
                         questions.extend(asked);
-                        Some((questions.len() - options.len(), key))
-                    }
-                    _ => None,
-                };
+                        (questions.len() - options.len(), key)
+                    });
                 scored.push(Scored {
                     control,
                     options,
