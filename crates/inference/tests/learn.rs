@@ -210,8 +210,9 @@ async fn zero_shot_answers_follow_what_the_text_says() {
     // Asked "ham or spam?" directly, the default model answers real messages worse than a coin
     // (its scores rank them backwards: 0.30 of `bench-quality.sh`'s 400 right, even calibrated
     // on all 400 at once); asked how likely each kind of message is to read like the text (the
-    // channel questions), it tells them apart (37 of 60 here, where the direct question alone
-    // got 21).
+    // channel questions: "Write a spam message."), it tells them apart: 45 of 60 here, where
+    // the direct question alone got 21 and channel questions naming the tag ("Write a spam
+    // text.") 37.
     let config = LabelConfig::parse(SMS_CONFIG).unwrap();
     let priors = Priors::default();
     let mut answers = Vec::new();
@@ -233,7 +234,7 @@ async fn zero_shot_answers_follow_what_the_text_says() {
     let right = answers.iter().filter(|(r, _)| *r).count();
     let spam = answers.iter().filter(|(_, s)| *s).count();
     assert!(
-        right >= 33 && (12..=48).contains(&spam),
+        right >= 41 && (12..=48).contains(&spam),
         "{right} of 60 right, {spam} answered spam"
     );
 }

@@ -391,9 +391,9 @@ pub async fn predict_task(
 }
 
 /// Version of what [`task_features`] computes: raised whenever it computes them differently
-/// (2: the channel questions joined the zero-shot scores), so that classifiers trained on the
+/// (2: the channel questions joined the zero-shot scores; 3: they ask for a "message"), so that classifiers trained on the
 /// old features are retrained instead of reading the new ones.
-pub const FEATURES_VERSION: u32 = 2;
+pub const FEATURES_VERSION: u32 = 3;
 
 /// The features a classifier for `config`'s scored controls learns from (and, at prediction
 /// time, reads): computed exactly as [`predict_task`] computes them for a control that has a
@@ -651,6 +651,13 @@ const CHANNEL_MAX_CHARS: usize = 256;
 /// (`engine.max_candidates`), which the direct and content-free questions already fill twice.
 const CHANNEL_MAX_OPTIONS: usize = 16;
 
+/// What a channel question asks the model to write ("Write a spam message."): one plain noun for
+/// every config, so that renaming a config's `Text` tag changes no prediction. Measured with the
+/// default model on the bench's 400 SMS and 500 TREC rows, batch-calibrated over all of them
+/// and multiplied with the direct question: "message" 0.705 and 0.440 right; the tag's name
+/// ("text") 0.665 and 0.416; "text labeled X" 0.637 and 0.406; "an example of X" 0.58 and 0.34.
+const CHANNEL_NOUN: &str = "message";
+
 /// The "noisy channel" questions of a single-answer `Choices` control (Min et al. 2022): for
 /// each option, how likely the model is to write the text the control labels when asked for a
 /// text of that option, `P(text | option)` instead of `P(option | text)`. A small model's
@@ -700,7 +707,7 @@ fn channel_questions(
         .map(|option| ChoiceQuestion {
             messages: vec![ChatMessage::new(
                 "user",
-                format!("Write a {option} {}.", object.name),
+                format!("Write a {option} {CHANNEL_NOUN}."),
             )],
             candidates: vec![cut.to_string()],
         })
@@ -1116,7 +1123,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(questions.len(), 2);
-        assert_eq!(questions[1].messages[0].content, "Write a c1 review.");
+        assert_eq!(questions[1].messages[0].content, "Write a c1 message.");
         assert_eq!(
             questions[0].candidates,
             vec!["é".repeat(CHANNEL_MAX_CHARS)],
