@@ -391,8 +391,8 @@ pub async fn predict_task(
 }
 
 /// Version of what [`task_features`] computes: raised whenever it computes them differently
-/// (2: the channel questions joined the zero-shot scores; 3: they ask for a "message"), so that classifiers trained on the
-/// old features are retrained instead of reading the new ones.
+/// (2: the channel questions joined the zero-shot scores; 3: they ask for a "message"), so
+/// that classifiers trained on the old features are retrained instead of reading the new ones.
 pub const FEATURES_VERSION: u32 = 3;
 
 /// The features a classifier for `config`'s scored controls learns from (and, at prediction
