@@ -40,6 +40,8 @@ use crate::{
 pub struct Engine {
     inner: Arc<Inner>,
     priority: Priority,
+    /// Where this handle's requests stand in their priority's line ([`Engine::in_line_since`]).
+    since: Option<Instant>,
 }
 
 /// What every clone of an [`Engine`] shares.
@@ -129,6 +131,7 @@ impl Engine {
                 metrics,
             }),
             priority: Priority::default(),
+            since: None,
         })
     }
 
@@ -137,6 +140,19 @@ impl Engine {
         Engine {
             inner: self.inner.clone(),
             priority,
+            since: self.since,
+        }
+    }
+
+    /// A handle whose requests take their place in line as if queued at `since` (when the work
+    /// they belong to began): a later request of one task (its generation, after its scoring)
+    /// then goes before the requests of tasks begun after it, so that tasks finish in the order
+    /// they began instead of all together. Without it, a request's place is when it is queued.
+    pub fn in_line_since(&self, since: Instant) -> Engine {
+        Engine {
+            inner: self.inner.clone(),
+            priority: self.priority,
+            since: Some(since),
         }
     }
 
@@ -451,10 +467,12 @@ impl Engine {
             return Err(EngineError::Overloaded);
         }
         let admission = Admission(&inner.admitted);
+        let now = Instant::now();
         let job = Job {
             kind,
             priority: self.priority,
-            enqueued: Instant::now(),
+            enqueued: now,
+            line: self.since.unwrap_or(now),
             span: tracing::Span::current(),
             work,
         };

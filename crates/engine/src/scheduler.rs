@@ -47,6 +47,10 @@ pub(crate) struct Job {
     pub(crate) priority: Priority,
     /// When it was queued.
     pub(crate) enqueued: Instant,
+    /// Its place in its priority's line: when the caller's work that it is part of began
+    /// ([`crate::Engine::in_line_since`]), else when it was queued. A later step of older
+    /// work goes before the first steps of newer work.
+    pub(crate) line: Instant,
     /// The caller's tracing span when it submitted the request: the model thread works for the
     /// job inside it, so that its logs for the request carry the caller's context (a request id).
     pub(crate) span: tracing::Span,
@@ -339,6 +343,7 @@ impl Scheduler {
             kind,
             priority,
             enqueued,
+            line: _,
             span: caller_span,
             work,
         } = job;
@@ -567,9 +572,10 @@ impl Scheduler {
     }
 }
 
-/// Jobs received and not yet admitted: interactive ones first, each priority in the order
-/// they came. Bulk jobs take at most [`bulk_batch`] places of the batch, so the last ones are
-/// free for interactive jobs when they come.
+/// Jobs received and not yet admitted: interactive ones first, each priority in the order of
+/// their places in line ([`Job::line`]; the order they came where those are equal). Bulk jobs
+/// take at most [`bulk_batch`] places of the batch, so the last ones are free for interactive
+/// jobs when they come.
 #[derive(Default)]
 pub(crate) struct Waiting {
     interactive: VecDeque<Job>,
@@ -577,12 +583,20 @@ pub(crate) struct Waiting {
 }
 
 impl Waiting {
-    /// Queues `job` behind the waiting jobs of its priority.
+    /// Queues `job` behind the waiting jobs of its priority that are not behind it in line.
+    /// So a bulk prediction's generation, asked once its task's scoring is done, goes before
+    /// the scoring of tasks begun after that task, and the tasks begun first finish first.
     pub(crate) fn push(&mut self, job: Job) {
-        match job.priority {
-            Priority::Interactive => self.interactive.push_back(job),
-            Priority::Bulk => self.bulk.push_back(job),
-        }
+        let line = match job.priority {
+            Priority::Interactive => &mut self.interactive,
+            Priority::Bulk => &mut self.bulk,
+        };
+        // Most jobs are the newest in line: look from the back.
+        let at = line
+            .iter()
+            .rposition(|waiting| waiting.line <= job.line)
+            .map_or(0, |i| i + 1);
+        line.insert(at, job);
     }
 
     /// Whether no job waits.
@@ -802,6 +816,7 @@ pub(crate) mod tests {
                 kind,
                 priority,
                 enqueued: Instant::now(),
+                line: Instant::now(),
                 span: tracing::Span::none(),
                 work: Work::Score {
                     questions: Vec::new(),
@@ -842,6 +857,49 @@ pub(crate) mod tests {
         assert!(waiting.is_empty());
     }
 
+    /// A job takes its place in line by when the work it belongs to began: a task's
+    /// generation, asked after the scoring of tasks begun later, goes before them; jobs with
+    /// the same place keep the order they came in.
+    #[test]
+    fn later_steps_of_older_work_go_before_newer_work() {
+        let job = |priority, kind, line| {
+            let (reply, _) = oneshot::channel();
+            Job {
+                kind,
+                priority,
+                enqueued: Instant::now(),
+                line,
+                span: tracing::Span::none(),
+                work: Work::Score {
+                    questions: Vec::new(),
+                    reply,
+                },
+            }
+        };
+        let first = Instant::now();
+        let later = first + Duration::from_millis(1);
+        for priority in [Priority::Bulk, Priority::Interactive] {
+            let mut waiting = Waiting::default();
+            waiting.push(job(priority, "second task's scoring", later));
+            waiting.push(job(priority, "third task's scoring", later));
+            waiting.push(job(priority, "first task's generation", first));
+            waiting.push(job(priority, "second task's generation", later));
+            let order: Vec<&str> = std::iter::from_fn(|| waiting.next(0, 16))
+                .map(|j| j.kind)
+                .collect();
+            assert_eq!(
+                order,
+                [
+                    "first task's generation",
+                    "second task's scoring",
+                    "third task's scoring",
+                    "second task's generation"
+                ],
+                "{priority:?}"
+            );
+        }
+    }
+
     /// Interactive work admitted beside bulk work runs alone: while it is in the batch the bulk
     /// generation gets no token and the bulk scoring job no pass; then both go on and finish.
     #[test]
@@ -854,6 +912,7 @@ pub(crate) mod tests {
             kind: "test",
             priority,
             enqueued: Instant::now(),
+            line: Instant::now(),
             span: tracing::Span::none(),
             work,
         };
@@ -963,6 +1022,7 @@ pub(crate) mod tests {
                     kind: "test",
                     priority: Priority::Bulk,
                     enqueued: Instant::now(),
+                    line: Instant::now(),
                     span: tracing::Span::none(),
                     work: Work::Score {
                         questions: vec![q.clone()],
@@ -1036,6 +1096,7 @@ pub(crate) mod tests {
             kind: "test",
             priority: Priority::Interactive,
             enqueued: Instant::now(),
+            line: Instant::now(),
             span: tracing::Span::none(),
             work,
         };

@@ -737,8 +737,11 @@ async fn run_task(job: TaskJob, priority: Priority, data: Value, task_id: Option
         template: context.template.as_deref(),
         classifiers: Some(&context.learned.classifiers),
     };
+    // The task's requests keep its place in the engine's line: its generation, asked once its
+    // scoring is done, goes before the scoring of tasks begun later, so a bulk request's first
+    // tasks finish first (and a deadline answers them) instead of every task in flight at once.
     let prediction = predict_task(
-        &engine.with_priority(priority),
+        &engine.with_priority(priority).in_line_since(started),
         &config,
         &data,
         &teaching,
