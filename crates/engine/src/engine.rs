@@ -138,9 +138,8 @@ impl Engine {
     /// A handle on the same model thread whose requests are queued with `priority`.
     pub fn with_priority(&self, priority: Priority) -> Engine {
         Engine {
-            inner: self.inner.clone(),
             priority,
-            since: self.since,
+            ..self.clone()
         }
     }
 
@@ -150,9 +149,8 @@ impl Engine {
     /// they began instead of all together. Without it, a request's place is when it is queued.
     pub fn in_line_since(&self, since: Instant) -> Engine {
         Engine {
-            inner: self.inner.clone(),
-            priority: self.priority,
             since: Some(since),
+            ..self.clone()
         }
     }
 

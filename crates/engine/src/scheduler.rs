@@ -810,20 +810,7 @@ pub(crate) mod tests {
     #[test]
     fn interactive_jobs_jump_waiting_bulk_ones_and_keep_their_places() {
         const NAMES: [&str; 4] = ["bulk", "first interactive", "second interactive", "third"];
-        let job = |priority, kind| {
-            let (reply, _) = oneshot::channel();
-            Job {
-                kind,
-                priority,
-                enqueued: Instant::now(),
-                line: Instant::now(),
-                span: tracing::Span::none(),
-                work: Work::Score {
-                    questions: Vec::new(),
-                    reply,
-                },
-            }
-        };
+        let job = |priority, kind| waiting_job(priority, kind, Instant::now());
         let max_batch = 16;
         let bulk_places = bulk_batch(max_batch);
         assert!(bulk_places < max_batch);
@@ -857,33 +844,36 @@ pub(crate) mod tests {
         assert!(waiting.is_empty());
     }
 
+    /// An empty scoring job of `priority`, named `kind`, at place `line`, whose caller has
+    /// stopped waiting (its receiver is dropped): what [`Waiting`]'s tests queue.
+    fn waiting_job(priority: Priority, kind: &'static str, line: Instant) -> Job {
+        let (reply, _) = oneshot::channel();
+        Job {
+            kind,
+            priority,
+            enqueued: Instant::now(),
+            line,
+            span: tracing::Span::none(),
+            work: Work::Score {
+                questions: Vec::new(),
+                reply,
+            },
+        }
+    }
+
     /// A job takes its place in line by when the work it belongs to began: a task's
     /// generation, asked after the scoring of tasks begun later, goes before them; jobs with
     /// the same place keep the order they came in.
     #[test]
     fn later_steps_of_older_work_go_before_newer_work() {
-        let job = |priority, kind, line| {
-            let (reply, _) = oneshot::channel();
-            Job {
-                kind,
-                priority,
-                enqueued: Instant::now(),
-                line,
-                span: tracing::Span::none(),
-                work: Work::Score {
-                    questions: Vec::new(),
-                    reply,
-                },
-            }
-        };
         let first = Instant::now();
         let later = first + Duration::from_millis(1);
         for priority in [Priority::Bulk, Priority::Interactive] {
             let mut waiting = Waiting::default();
-            waiting.push(job(priority, "second task's scoring", later));
-            waiting.push(job(priority, "third task's scoring", later));
-            waiting.push(job(priority, "first task's generation", first));
-            waiting.push(job(priority, "second task's generation", later));
+            waiting.push(waiting_job(priority, "second task's scoring", later));
+            waiting.push(waiting_job(priority, "third task's scoring", later));
+            waiting.push(waiting_job(priority, "first task's generation", first));
+            waiting.push(waiting_job(priority, "second task's generation", later));
             let order: Vec<&str> = std::iter::from_fn(|| waiting.next(0, 16))
                 .map(|j| j.kind)
                 .collect();

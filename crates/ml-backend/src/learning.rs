@@ -573,6 +573,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(state.learned(1, schema, None).await.fingerprint, 0);
+        // Nor is one of the features' previous version.
+        let previous = format!(
+            "{:016x}",
+            fnv1a64(format!("{schema}\u{0}\u{0}features {}", FEATURES_VERSION - 1).as_bytes())
+        );
+        db.store
+            .save_learned_models(&instance, 3, &[model(previous)])
+            .await
+            .unwrap();
+        assert_eq!(state.learned(3, schema, None).await.fingerprint, 0);
         db.store
             .save_learned_models(&instance, 2, &[model(config_hash(schema, None))])
             .await
