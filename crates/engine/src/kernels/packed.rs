@@ -672,7 +672,7 @@ fn quantize_block(block: &[f32], q: &mut [u8], offset: i32) -> (f32, i32) {
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_block_avx512(block: &[f32], q: &mut [u8], offset: i32) -> (f32, i32) {
     use std::arch::x86_64::*;
-    debug_assert!(block.len() == BLOCK && q.len() == BLOCK);
+    assert!(block.len() == BLOCK && q.len() == BLOCK);
     // SAFETY: 32 values in, 32 bytes out (the caller's contract); unaligned accesses.
     unsafe {
         let lo = _mm512_loadu_ps(block.as_ptr());
