@@ -273,6 +273,7 @@ impl Scheduler {
         }
         if !chosen.is_empty() {
             let model = &self.model;
+            let started = Instant::now();
             let ran = guarded(|| {
                 let mut segments = Vec::new();
                 let mut counts = Vec::with_capacity(chosen.len());
@@ -286,7 +287,12 @@ impl Scheduler {
                 let out = model.forward(&mut segments).map_err(inference)?;
                 Ok((out, counts))
             });
-            tracing::debug!(jobs = chosen.len(), rows, "scoring pass");
+            tracing::debug!(
+                jobs = chosen.len(),
+                rows,
+                forward_us = started.elapsed().as_micros() as u64,
+                "scoring pass"
+            );
             match ran {
                 Ok((out, counts)) => {
                     let mut out = out.into_iter();
@@ -506,7 +512,15 @@ impl Scheduler {
                     prompt: *fed < seq.prompt_len,
                 });
             }
-            self.model.forward(&mut segments).map_err(inference)?
+            let started = Instant::now();
+            let out = self.model.forward(&mut segments).map_err(inference)?;
+            tracing::debug!(
+                seqs = segments.len(),
+                rows = segments.iter().map(|s| s.tokens.len()).sum::<usize>(),
+                forward_us = started.elapsed().as_micros() as u64,
+                "generation step"
+            );
+            out
         };
         let (prompts, prompt_tokens) = plan
             .iter()

@@ -54,11 +54,66 @@ pub(crate) fn validate(q: &TokenQuestion, context_length: usize) -> Result<(), E
     Ok(())
 }
 
-/// Natural-log softmax of one logits row at `token`.
+/// Natural-log softmax of one logits row at `token` (the definition the tests check against).
+#[cfg(test)]
 pub(crate) fn log_softmax_at(logits: &[f32], token: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    logits[token as usize] as f64 - max - sum.ln()
+    LogSoftmax::of(logits).at(logits, token)
+}
+
+/// A logits row's log-softmax normalizer, its maximum and the log of its shifted sum (a pass
+/// over the whole vocabulary, in f64), kept apart so that any number of tokens of the row are
+/// read off it as `logit − max − ln Σ exp(logit − max)`, with the same bits each time.
+#[derive(Clone, Copy)]
+struct LogSoftmax {
+    max: f64,
+    ln_sum: f64,
+}
+
+impl LogSoftmax {
+    fn of(logits: &[f32]) -> Self {
+        // A comparison rather than `f32::max`, whose NaN rule keeps the loop from vectorising;
+        // both skip NaNs, so the maximum is the same.
+        let max = logits
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a }) as f64;
+        let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+        Self {
+            max,
+            ln_sum: sum.ln(),
+        }
+    }
+
+    fn at(&self, logits: &[f32], token: u32) -> f64 {
+        logits[token as usize] as f64 - self.max - self.ln_sum
+    }
+}
+
+/// The log-probabilities of each row's `tokens`: every row normalized once, the rows shared
+/// out to candle's CPU threads (one pass over a 49k vocabulary in f64 costs about as much as
+/// a row of the forward pass, and on the model thread alone the other core waited). Each value
+/// is the row's own, whatever the other rows (the tests check it against one row alone).
+fn log_probs(rows: &[(&[f32], &[u32])]) -> Vec<Vec<f64>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let out: Vec<Vec<AtomicU64>> = rows
+        .iter()
+        .map(|(_, tokens)| tokens.iter().map(|_| AtomicU64::new(0)).collect())
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+        for i in range {
+            let (logits, tokens) = rows[i];
+            let norm = LogSoftmax::of(logits);
+            for (slot, &t) in out[i].iter().zip(tokens) {
+                slot.store(norm.at(logits, t).to_bits(), Ordering::Relaxed);
+            }
+        }
+    });
+    out.into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|v| f64::from_bits(v.into_inner()))
+                .collect()
+        })
+        .collect()
 }
 
 /// The scoring passes of the model thread: a job starts in [`Scheduler::begin_score`], has one
@@ -261,12 +316,18 @@ impl Scheduler {
                         return Ok(Some(planned_rows(&s.plan)));
                     }
                     let first_logits = std::mem::replace(state, Prefill::new(0)).into_last()?;
-                    for ((lp, q), logits) in
-                        s.logprobs.iter_mut().zip(&s.questions).zip(&first_logits)
-                    {
-                        for (l, c) in lp.iter_mut().zip(&q.candidates) {
-                            *l = log_softmax_at(logits, c[0]);
-                        }
+                    let firsts: Vec<Vec<u32>> = s
+                        .questions
+                        .iter()
+                        .map(|q| q.candidates.iter().map(|c| c[0]).collect())
+                        .collect();
+                    let rows: Vec<(&[f32], &[u32])> = first_logits
+                        .iter()
+                        .map(Vec::as_slice)
+                        .zip(firsts.iter().map(Vec::as_slice))
+                        .collect();
+                    for (lp, got) in s.logprobs.iter_mut().zip(log_probs(&rows)) {
+                        lp.copy_from_slice(&got);
                     }
                     s.begin_candidates();
                 }
@@ -301,19 +362,31 @@ impl Scheduler {
             Stage::Candidates => {
                 let wave = std::mem::take(&mut s.wave);
                 let rows = wave.iter().map(|w| w.tokens.len()).sum();
-                for (w, logits) in wave.iter().zip(out) {
-                    let cand = &s.questions[w.question].candidates[w.candidate];
-                    let all = logits.ok_or_else(|| EngineError::Inference("no logits".into()))?;
+                let mut logits = Vec::with_capacity(wave.len());
+                for (w, all) in wave.iter().zip(out) {
+                    let all = all.ok_or_else(|| EngineError::Inference("no logits".into()))?;
                     let all = all.to_vec2::<f32>().map_err(inference)?;
-                    // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
-                    let (skip, from) = if s.fused {
-                        (s.questions[w.question].prompt.len() - s.shared - 1, 0)
+                    logits.push((w, all));
+                }
+                // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
+                let (from, mut scored) = (usize::from(!s.fused), Vec::new());
+                for (w, all) in &logits {
+                    let cand = &s.questions[w.question].candidates[w.candidate];
+                    let skip = if s.fused {
+                        s.questions[w.question].prompt.len() - s.shared - 1
                     } else {
-                        (0, 1)
+                        0
                     };
                     for k in from..cand.len() {
-                        s.logprobs[w.question][w.candidate] +=
-                            log_softmax_at(&all[skip + k - from], cand[k]);
+                        scored.push((all[skip + k - from].as_slice(), &cand[k..=k]));
+                    }
+                }
+                // Each candidate's terms added in order of its tokens, as before.
+                let mut terms = log_probs(&scored).into_iter().flatten();
+                for (w, _) in &logits {
+                    let cand = &s.questions[w.question].candidates[w.candidate];
+                    for _ in from..cand.len() {
+                        s.logprobs[w.question][w.candidate] += terms.next().unwrap_or_default();
                     }
                 }
                 rows
@@ -663,6 +736,35 @@ mod tests {
         for t in 0..3 {
             let want = (logits[t] as f64).exp() / z;
             assert!((log_softmax_at(&logits, t as u32).exp() - want).abs() < 1e-9);
+        }
+    }
+
+    /// Rows normalized once and shared out to the CPU threads give [`log_softmax_at`]'s bits,
+    /// for every token asked of a row, whatever the number of rows.
+    #[test]
+    fn log_probs_of_many_rows_equal_each_row_alone() {
+        let rows: Vec<Vec<f32>> = (0..7)
+            .map(|r| {
+                (0..3000)
+                    .map(|i| ((i * 7919 + r * 104_729) % 2039) as f32 / 97.0 - 10.0)
+                    .collect()
+            })
+            .collect();
+        let tokens: Vec<Vec<u32>> = (0..7u32).map(|r| vec![r, 2999 - r, 1500]).collect();
+        let asked: Vec<(&[f32], &[u32])> = rows
+            .iter()
+            .map(Vec::as_slice)
+            .zip(tokens.iter().map(Vec::as_slice))
+            .collect();
+        for n in [1, 2, 7] {
+            let got = log_probs(&asked[..n]);
+            for ((row, tokens), got) in asked[..n].iter().zip(got) {
+                let want: Vec<u64> = tokens
+                    .iter()
+                    .map(|&t| log_softmax_at(row, t).to_bits())
+                    .collect();
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+            }
         }
     }
 
