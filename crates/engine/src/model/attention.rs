@@ -125,7 +125,11 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
                     kernels::attention::scores(qrow, keys, &mut weights[at..at + n]);
                     at += n;
                 }
-                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // A comparison rather than `f32::max` (whose NaN rule keeps the loop scalar);
+                // both skip NaNs, so the maximum is the same.
+                let max = weights
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
                 let mut sum = 0f32;
                 for w in weights.iter_mut() {
                     *w = (*w - max).exp();
