@@ -370,7 +370,8 @@ impl Scheduler {
                     logits.push((w, all));
                 }
                 // Fused: the rest's last row scores the first token. Else: row k, token k + 1.
-                let (from, mut scored) = (usize::from(!s.fused), Vec::new());
+                let from = usize::from(!s.fused);
+                let mut scored = Vec::new();
                 for (w, all) in &logits {
                     let cand = &s.questions[w.question].candidates[w.candidate];
                     let skip = if s.fused {

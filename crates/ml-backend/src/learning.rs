@@ -95,10 +95,15 @@ pub struct Learning {
 /// version of the zero-shot features they read ([`FEATURES_VERSION`]), so that a classifier is
 /// only used with the features it was trained on (the others are retrained).
 fn config_hash(schema: &str, template: Option<&str>) -> String {
+    config_hash_of(schema, template, FEATURES_VERSION)
+}
+
+/// [`config_hash`] for features of `version` (the tests name an earlier one).
+fn config_hash_of(schema: &str, template: Option<&str>, version: u32) -> String {
     let template = template.unwrap_or_default();
     format!(
         "{:016x}",
-        fnv1a64(format!("{schema}\u{0}{template}\u{0}features {FEATURES_VERSION}").as_bytes())
+        fnv1a64(format!("{schema}\u{0}{template}\u{0}features {version}").as_bytes())
     )
 }
 
@@ -574,10 +579,7 @@ mod tests {
             .unwrap();
         assert_eq!(state.learned(1, schema, None).await.fingerprint, 0);
         // Nor is one of the features' previous version.
-        let previous = format!(
-            "{:016x}",
-            fnv1a64(format!("{schema}\u{0}\u{0}features {}", FEATURES_VERSION - 1).as_bytes())
-        );
+        let previous = config_hash_of(schema, None, FEATURES_VERSION - 1);
         db.store
             .save_learned_models(&instance, 3, &[model(previous)])
             .await

@@ -85,11 +85,7 @@ fn copy_positions(
     from: usize,
     to: usize,
 ) -> Result<()> {
-    let direct = dst.device().is_cpu()
-        && src.dtype() == KV_DTYPE
-        && dst.dtype() == KV_DTYPE
-        && src.is_contiguous()
-        && dst.is_contiguous();
+    let direct = writes_in_place(dst, src);
     let mut p = from;
     while p < to {
         let (s, d) = (p % src_mod, p % dst_mod);
@@ -108,6 +104,16 @@ fn copy_positions(
         p += run;
     }
     Ok(())
+}
+
+/// Whether [`WriteRows`] can copy `src`'s rows straight into the cache tensor `dst`: both
+/// contiguous, of the cache's type, on the CPU (elsewhere the generic tensor ops copy them).
+fn writes_in_place(dst: &Tensor, src: &Tensor) -> bool {
+    dst.device().is_cpu()
+        && src.dtype() == KV_DTYPE
+        && dst.dtype() == KV_DTYPE
+        && src.is_contiguous()
+        && dst.is_contiguous()
 }
 
 /// Copies positions `from..from + n` of a `[kv_heads, T, head_dim]` tensor into a layer's
@@ -280,8 +286,7 @@ impl SeqCache {
     ) -> Result<()> {
         let (kc, vc) = &self.layers[layer];
         let m = self.modulus(layer);
-        let direct = kc.device().is_cpu() && k.dtype() == KV_DTYPE && v.dtype() == KV_DTYPE;
-        if direct && k.is_contiguous() && v.is_contiguous() {
+        if writes_in_place(kc, k) && writes_in_place(vc, v) {
             let op = WriteRows {
                 from,
                 n,
