@@ -34,11 +34,11 @@ use crate::tokenizer::GgufTokenizer;
 /// Mean, 99th-percentile and largest difference allowed between a logit of ours and
 /// llama.cpp's, over the top-k tokens of every position, per model. Both round the activations
 /// to 8 bits before the packed matmuls, but where the engine has no packed kernel (a CPU
-/// without AVX-512 VNNI) it computes prompt positions with f32 activations over requantized
+/// without AVX2) it computes prompt positions with f32 activations over requantized
 /// weights (see `model::weights::Linear`), which moves rare single logits further from
 /// llama.cpp's while the bulk stays close: the mean and p99 are what catch a wrong layer.
-/// Measured with the packed kernel (AVX-512 VNNI and AMX), over ~680 positions each: SmolLM2
-/// (Q4_1 as it is, f16 KV) mean 0.14, p99 0.52, max 0.82; Gemma 3 (Q6_K requantized to Q8_0)
+/// Measured with the packed kernel (AVX-512 VNNI and AMX; AVX2 gives the same bits), over ~680
+/// positions each: SmolLM2 (Q4_1 as it is, f16 KV) mean 0.14, p99 0.52, max 0.82; Gemma 3 (Q6_K requantized to Q8_0)
 /// mean 0.18, p99 0.70, max 1.24; without the packed kernel Gemma 3 measured up to max 4.6.
 const SMOLLM2: Tolerance = Tolerance {
     mean: 0.3,

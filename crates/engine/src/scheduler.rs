@@ -800,9 +800,11 @@ pub(crate) mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        // candle-transformers rounds activations to 8 bits, the engine computes prompts with
-        // f32 activations: single logits move by up to about one (measured max 0.64, mean
-        // 0.17); a wrong layer would move all of them.
+        // Both round activations to 8 bits, each its own way (candle-transformers to Q8_1
+        // blocks, the packed kernel as llama.cpp does; where the engine has no packed kernel
+        // it computes prompts with f32 activations): single logits move by up to about one
+        // (measured max 0.64, mean 0.17 with f32 activations; max 0.72, mean 0.254 through the
+        // AVX2 packed kernel on an AMD EPYC); a wrong layer would move all of them by units.
         assert_eq!(argmax(&ours), argmax(&theirs));
         let d = max_diff(&ours, &theirs);
         let mean = ours
@@ -813,7 +815,7 @@ pub(crate) mod tests {
             / ours.len() as f32;
         eprintln!("max logit difference {d}, mean {mean}");
         assert!(
-            d < 1.5 && mean < 0.25,
+            d < 1.5 && mean < 0.35,
             "max logit difference {d}, mean {mean}"
         );
     }

@@ -115,7 +115,7 @@ pub(crate) fn gated_halves(both: &Tensor, kind: Gate) -> Result<Tensor> {
 
 /// `out = act(g) × u` for one chunk, through AVX-512 where the CPU has it.
 ///
-/// The vector code needs AVX-512 F only, but runs where the packed kernel does
+/// The vector code needs AVX-512 F only, but runs where the packed kernel runs on AVX-512 VNNI
 /// ([`avx512_vnni`](super::cpu_features::avx512_vnni)), so that a CPU computes a model's
 /// numbers one way.
 fn apply(kind: Gate, g: &[f32], u: &[f32], out: &mut [f32]) {

@@ -3,7 +3,7 @@
 //! a run of values summed with their softmax weights.
 //!
 //! Each output value has one definition, computed by the AVX-512 code where the packed kernel
-//! runs ([`avx512_vnni`]) and by the portable code elsewhere, with the same bits (the tests
+//! runs on AVX-512 VNNI ([`avx512_vnni`]) and by the portable code elsewhere, with the same bits (the tests
 //! compare them):
 //! - a score is 16 running sums, lane `l` taking dimensions `l, l + 16, …` with one fused
 //!   multiply-add each, folded in halves (lane `l` plus lane `l + 8`, then `+ 4`, `+ 2`, `+ 1`);

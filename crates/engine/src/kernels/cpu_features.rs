@@ -2,9 +2,9 @@
 //!
 //! Each answer is computed once per process and cached. The kernels choose their code paths
 //! from these answers only, so a CPU computes a model's numbers one way, whichever kernel asks:
-//! the vector activations ([`super::activation`]) run exactly where the packed kernel
-//! ([`super::packed`]) does, and the packed kernel takes AMX tiles only where AVX-512 VNNI
-//! runs the rest of its rows.
+//! the AVX-512 activations ([`super::activation`]) run exactly where the packed kernel
+//! ([`super::packed`]) runs on AVX-512 VNNI, the packed kernel takes its AVX2 path only where
+//! AVX-512 VNNI is missing, and AMX tiles only where AVX-512 VNNI runs the rest of its rows.
 //!
 //! AMX needs more than a CPUID bit: Linux hands out the 8 KB tile state only to processes that
 //! ask for it (`arch_prctl`), and without the grant the first tile instruction kills the
@@ -22,6 +22,24 @@ pub(crate) fn avx512_vnni() -> bool {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether this CPU has AVX2, FMA and F16C (checked once): the packed kernel's AVX2 path runs
+/// where this is true and [`avx512_vnni`] is not (x86-64-v3 machines such as AMD Zen 2 and 3).
+pub(crate) fn avx2() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -79,22 +97,28 @@ fn tile_state_granted() -> bool {
     false
 }
 
-/// Why a test machine cannot run the kernel that `BATCHLAB_REQUIRE_KERNEL` names (`vnni` or
-/// `amx`; unset or empty: none), given what the CPU has; `None` when it can. A test machine
+/// Why a test machine cannot run the kernel that `BATCHLAB_REQUIRE_KERNEL` names (`avx2`,
+/// `vnni` or `amx`; unset or empty: none), given what the CPU has; `None` when it can. A test machine
 /// bought for a kernel sets it, so that the kernel tests fail there instead of passing on a
 /// slower path with the fast one unchecked.
 #[cfg(test)]
-fn required_kernel_missing(required: Option<&str>, vnni: bool, amx: bool) -> Option<String> {
+fn required_kernel_missing(
+    required: Option<&str>,
+    avx2: bool,
+    vnni: bool,
+    amx: bool,
+) -> Option<String> {
     match required.map(str::trim).unwrap_or("") {
         "" => None,
+        "avx2" if avx2 => None,
         "vnni" if vnni => None,
         "amx" if amx => None,
-        name @ ("vnni" | "amx") => Some(format!(
+        name @ ("avx2" | "vnni" | "amx") => Some(format!(
             "BATCHLAB_REQUIRE_KERNEL={name}, but this CPU (or process) runs: {}",
             describe()
         )),
         other => Some(format!(
-            "BATCHLAB_REQUIRE_KERNEL={other:?} names no kernel: use vnni or amx"
+            "BATCHLAB_REQUIRE_KERNEL={other:?} names no kernel: use avx2, vnni or amx"
         )),
     }
 }
@@ -106,7 +130,9 @@ fn required_kernel_missing(required: Option<&str>, vnni: bool, amx: bool) -> Opt
 pub(crate) fn check_required_kernel() {
     eprintln!("CPU kernel path: {}", describe());
     let required = std::env::var("BATCHLAB_REQUIRE_KERNEL").ok();
-    if let Some(why) = required_kernel_missing(required.as_deref(), avx512_vnni(), amx_int8()) {
+    if let Some(why) =
+        required_kernel_missing(required.as_deref(), avx2(), avx512_vnni(), amx_int8())
+    {
         panic!("{why}");
     }
 }
@@ -114,10 +140,11 @@ pub(crate) fn check_required_kernel() {
 /// The kernel path this CPU takes, in words (the kernel tests print it).
 #[cfg(test)]
 pub(crate) fn describe() -> &'static str {
-    match (avx512_vnni(), amx_int8()) {
-        (true, true) => "AMX int8 tiles for whole tiles of 16 rows, AVX-512 VNNI for the rest",
-        (true, false) => "AVX-512 VNNI (no AMX)",
-        (false, _) => "portable: candle's kernels (no AVX-512 VNNI)",
+    match (avx512_vnni(), amx_int8(), avx2()) {
+        (true, true, _) => "AMX int8 tiles for whole tiles of 16 rows, AVX-512 VNNI for the rest",
+        (true, false, _) => "AVX-512 VNNI (no AMX)",
+        (false, _, true) => "AVX2 (no AVX-512 VNNI)",
+        (false, _, false) => "portable: candle's kernels (no AVX2)",
     }
 }
 
@@ -126,12 +153,17 @@ mod tests {
     use super::*;
 
     /// AMX is only ever used alongside AVX-512 VNNI (the rows that do not fill a tile go
-    /// through it), and the answers do not change once asked.
+    /// through it), AVX-512 VNNI machines can run the AVX2 path, and the answers do not change
+    /// once asked.
     #[test]
     fn amx_implies_avx512_vnni_and_answers_are_stable() {
         check_required_kernel();
         if amx_int8() {
             assert!(avx512_vnni());
+        }
+        // The tests run the AVX2 path on AVX-512 machines too.
+        if avx512_vnni() {
+            assert!(avx2());
         }
         assert_eq!(avx512_vnni(), avx512_vnni());
         assert_eq!(amx_int8(), amx_int8());
@@ -141,18 +173,26 @@ mod tests {
     /// required, or what the machine has, passes.
     #[test]
     fn a_required_kernel_the_cpu_lacks_fails_the_kernel_tests() {
-        assert_eq!(required_kernel_missing(None, false, false), None);
-        assert_eq!(required_kernel_missing(Some(""), false, false), None);
-        assert_eq!(required_kernel_missing(Some("vnni"), true, false), None);
-        assert_eq!(required_kernel_missing(Some("amx"), true, true), None);
-        let missing = required_kernel_missing(Some("amx"), true, false).unwrap();
+        assert_eq!(required_kernel_missing(None, false, false, false), None);
+        assert_eq!(required_kernel_missing(Some(""), false, false, false), None);
+        assert_eq!(
+            required_kernel_missing(Some("avx2"), true, false, false),
+            None
+        );
+        assert_eq!(
+            required_kernel_missing(Some("vnni"), true, true, false),
+            None
+        );
+        assert_eq!(required_kernel_missing(Some("amx"), true, true, true), None);
+        let missing = required_kernel_missing(Some("amx"), true, true, false).unwrap();
         assert!(
             missing.starts_with("BATCHLAB_REQUIRE_KERNEL=amx, but"),
             "{missing}"
         );
-        assert!(required_kernel_missing(Some("vnni"), false, false).is_some());
-        assert!(required_kernel_missing(Some("amx"), false, false).is_some());
-        let unknown = required_kernel_missing(Some("avx2"), true, true).unwrap();
+        assert!(required_kernel_missing(Some("avx2"), false, false, false).is_some());
+        assert!(required_kernel_missing(Some("vnni"), true, false, false).is_some());
+        assert!(required_kernel_missing(Some("amx"), true, false, false).is_some());
+        let unknown = required_kernel_missing(Some("sse2"), true, true, true).unwrap();
         assert!(unknown.contains("names no kernel"), "{unknown}");
     }
 }

@@ -1,5 +1,5 @@
 //! batchlab's own CPU kernels, apart from the model code that calls them: the packed integer
-//! matrix product ([`packed`], on AVX-512 VNNI and AMX tiles), the gated MLP activations
+//! matrix product ([`packed`], on AVX2, AVX-512 VNNI and AMX tiles), the gated MLP activations
 //! ([`activation`]) and attention's inner loops over the f16 cache ([`attention`]). Each
 //! kernel asks [`cpu_features`] which code path this CPU runs; none detects features itself.
 //!
@@ -21,12 +21,12 @@ pub(crate) mod cpu_features;
 #[allow(unsafe_code)]
 pub(crate) mod packed;
 
-/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI): Q8_0, Q4_0,
-/// Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and every matmul row goes
-/// through it (whole tiles of 16 rows on AMX where the CPU has it); elsewhere candle's kernels
-/// run them.
+/// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI, or AVX2 with
+/// FMA and F16C): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and
+/// every matmul row goes through it (whole tiles of 16 rows on AMX where the CPU has it);
+/// elsewhere candle's kernels run them.
 pub fn packed_kernel() -> bool {
-    cpu_features::avx512_vnni()
+    packed::Isa::best().is_some()
 }
 
 /// The contiguous data of a CPU tensor, as its storage and layout describe it (from the

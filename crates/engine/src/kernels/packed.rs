@@ -1,5 +1,6 @@
 //! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights repacked for a batched integer matrix product
-//! on AVX-512 VNNI, and on AMX tiles where the CPU has them ([`amx`]).
+//! on AVX-512 VNNI, on AMX tiles where the CPU has them ([`amx`]), and on AVX2 where it has
+//! no AVX-512 ([`avx2`]).
 //!
 //! candle's Q8_0 kernel computes one (row, column) dot product at a time with a single running
 //! sum, so its cost grows with every row a step adds: 16 generated rows took 9x one row's time
@@ -54,12 +55,14 @@ macro_rules! unpack_nibbles {
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
-use super::cpu_features::{amx_int8, avx512_vnni};
+use super::cpu_features::{amx_int8, avx2, avx512_vnni};
 use super::{cpu_slice, Out};
 
 /// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
@@ -89,6 +92,38 @@ const QUANTIZE_ITEM: usize = 64;
 /// first operand); the kernel subtracts `OFFSET × Σ weights` of the block to get the signed
 /// dot product back. For 4-bit weights (the unsigned operand) they are plain signed bytes.
 const OFFSET: i32 = 128;
+
+/// The instruction set a packed matmul runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX2 with FMA and F16C, 8 output columns a register ([`avx2`]).
+    Avx2,
+    /// AVX-512 F/BW/VNNI, 16 output columns a register.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The fastest instruction set this CPU runs the kernel on; `None` where it runs none (the
+    /// matrices then stay candle's).
+    pub(crate) fn best() -> Option<Self> {
+        if avx512_vnni() {
+            Some(Self::Avx512Vnni)
+        } else if avx2() {
+            Some(Self::Avx2)
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU runs `self`.
+    #[cfg(test)]
+    fn runs_here(self) -> bool {
+        match self {
+            Self::Avx2 => avx2(),
+            Self::Avx512Vnni => avx512_vnni(),
+        }
+    }
+}
 
 /// The weights of a packed matrix, by format.
 enum Codes {
@@ -390,14 +425,18 @@ impl Packed {
     /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads, through AMX tiles
     /// where the CPU has them (see [`amx_int8`]).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.matmul_with(x, amx_int8())?.0)
+        let Some(isa) = Isa::best() else {
+            candle_core::bail!("packed matmul on a CPU without AVX2")
+        };
+        Ok(self.matmul_with(x, isa, amx_int8())?.0)
     }
 
-    /// [`Self::matmul`], with whole tiles of 16 rows through AMX if `amx` (and the rest, or
-    /// everything, through AVX-512 VNNI). Both give the same bits. `amx` is true only where
-    /// [`amx_int8`] is. Also answers how many rows went through AMX tiles (what the tests
-    /// check, so that an AMX test cannot pass on the VNNI path).
-    fn matmul_with(&self, x: &Tensor, amx: bool) -> Result<(Tensor, usize)> {
+    /// [`Self::matmul`] on `isa`, with whole tiles of 16 rows through AMX if `amx` (and the
+    /// rest, or everything, through AVX-512 VNNI). All give the same bits. `isa` runs on this
+    /// CPU, and `amx` is true only where [`amx_int8`] is and `isa` is AVX-512 VNNI. Also
+    /// answers how many rows went through AMX tiles (what the tests check, so that an AMX test
+    /// cannot pass on the VNNI path).
+    fn matmul_with(&self, x: &Tensor, isa: Isa, amx: bool) -> Result<(Tensor, usize)> {
         let (m, cols) = x.dims2()?;
         if cols != self.cols {
             candle_core::bail!(
@@ -415,7 +454,7 @@ impl Packed {
         };
         let mut out: Vec<f32> = Vec::with_capacity(m * self.rows);
         let ptr = Out(out.as_mut_ptr());
-        let vector = avx512_vnni();
+        let vector = isa == Isa::Avx512Vnni;
         #[cfg(target_arch = "x86_64")]
         let tiled = if amx && vector {
             m / amx::ROWS * amx::ROWS
@@ -440,6 +479,15 @@ impl Packed {
                         }
                         self.group_avx512(g, &acts, tiled, m, ptr.at(0));
                     }
+                }
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx2 {
+                for g in groups {
+                    // SAFETY: the caller chose an `isa` this CPU runs; `out` is `[m, rows]`, of
+                    // which group g writes only its own 16 columns.
+                    unsafe { self.group_avx2(g, &acts, m, ptr.at(0)) };
                 }
                 return;
             }
@@ -768,13 +816,13 @@ pub(crate) fn fits(t: &QTensor, device: &Device) -> bool {
 /// Whether `t` on `device` would be packed if it were in a format the kernel takes.
 pub(crate) fn shape_fits(t: &QTensor, device: &Device) -> bool {
     device.is_cpu()
-        && avx512_vnni()
+        && Isa::best().is_some()
         && matches!(t.shape().dims(), &[rows, cols] if rows.is_multiple_of(LANES) && cols.is_multiple_of(BLOCK))
 }
 
 /// The packed form of `t` when this CPU runs the packed kernel and `t` fits it.
 pub(crate) fn pack(t: &QTensor, device: &Device) -> Result<Option<Packed>> {
-    if !device.is_cpu() || !avx512_vnni() {
+    if !device.is_cpu() || Isa::best().is_none() {
         return Ok(None);
     }
     Packed::from_qtensor(t)
@@ -923,16 +971,33 @@ mod tests {
             for (e, r) in exact.iter().flatten().zip(reference.iter().flatten()) {
                 assert!((e - r).abs() < 0.01 * scale, "{dtype:?}: {e} vs {r}");
             }
-            if !available() {
+            // Each vector kernel this CPU runs gives the reference's bits, for all rows at once
+            // (AVX2; AVX-512 VNNI alone; AMX tiles with VNNI for the rest) and, below, for
+            // every row alone.
+            let mut paths = 0;
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if !isa.runs_here() {
+                    eprintln!("{isa:?} path: not checked, this CPU lacks it");
+                    continue;
+                }
+                paths += 1;
+                // 43, 42 and 41 rows end in tails of 3, 2 and 1 rows on either tile size.
+                for m in [43, 42, 41] {
+                    let x = x.narrow(0, 0, m).unwrap();
+                    let (out, tiled) = p.matmul_with(&x, isa, false).unwrap();
+                    assert_eq!(tiled, 0, "{dtype:?}: {isa:?} alone uses no tile");
+                    assert_eq!(
+                        out.to_vec2::<f32>().unwrap(),
+                        reference[..m],
+                        "{dtype:?} {isa:?}, {m} rows"
+                    );
+                }
+            }
+            if paths == 0 {
                 continue;
             }
-            // The vector kernels give the reference's bits, for all rows at once (through AMX
-            // where the CPU has it, and through VNNI alone) and for every row alone.
-            let (vnni, tiled) = p.matmul_with(&x, false).unwrap();
-            assert_eq!(tiled, 0, "{dtype:?}: VNNI alone uses no tile");
-            assert_eq!(vnni.to_vec2::<f32>().unwrap(), reference, "{dtype:?} VNNI");
             if amx_available() {
-                let (tiles, tiled) = p.matmul_with(&x, true).unwrap();
+                let (tiles, tiled) = p.matmul_with(&x, Isa::Avx512Vnni, true).unwrap();
                 assert_eq!(
                     tiled, 32,
                     "{dtype:?}: two whole tiles of 16 rows through AMX"

@@ -1,6 +1,6 @@
 //! Weights from a GGUF file, tensor by tensor. Formats that candle has no SIMD kernel for
 //! (Q4_1, Q5_0, Q5_1) are requantized to Q8_0 as they are read, when asked and unless the
-//! packed kernel takes them as they are (on AVX-512 VNNI CPUs): measured here, 2.6x faster
+//! packed kernel takes them as they are (on CPUs with AVX2 or AVX-512 VNNI): measured, 2.6x faster
 //! prompts and 1.3x faster decode on SmolLM2's Q4_1 file under candle's kernels, with answers
 //! close to the original (`../shared/reference/candle-engine.md`). Where the packed kernel runs,
 //! it takes Q4_K as Q4_1 blocks (see `packed`), and the other k-quant matrices (Gemma 3's Q6_K)
@@ -189,7 +189,7 @@ impl Embedding {
 #[derive(Clone)]
 enum Kernel {
     /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or Q4_K weights in the interleaved layout of [`Packed`]
-    /// (AVX-512 VNNI CPUs).
+    /// (CPUs with AVX-512 VNNI or AVX2).
     Packed(Arc<Packed>),
     /// candle's quantized matmul over the weights as stored.
     Candle {
@@ -199,12 +199,12 @@ enum Kernel {
 }
 
 /// A weight matrix used as `x · Wᵀ`.
-/// - Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights on CPUs with AVX-512 VNNI: every row
-///   through [`Packed`] (AMX tiles for whole tiles of 16 rows where the CPU has them)
+/// - Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights on CPUs with AVX-512 VNNI or AVX2: every
+///   row through [`Packed`] (AMX tiles for whole tiles of 16 rows where the CPU has them)
 ///   (activations quantized to 8 bits per block of 32, as llama.cpp does; one weight load
-///   serves several rows). Measured here on SmolLM2: prompts 1.7-1.9x and choice scoring ~3x
-///   faster than the dequantized f32 GEMM below.
-/// - Other weights (k-quants but Q4_K when requantizing is off, anything on CPUs without VNNI):
+///   serves several rows). Measured on SmolLM2 with AVX-512 VNNI: prompts 1.7-1.9x and choice
+///   scoring ~3x faster than the dequantized f32 GEMM below.
+/// - Other weights (k-quants but Q4_K when requantizing is off, anything on CPUs without AVX2):
 ///   generated tokens (a few rows a step) through candle's quantized matmul; prompt and scored
 ///   tokens through the weights dequantized for the call and candle's f32 GEMM, measured
 ///   2.5-4x faster than candle's quantized kernel from a few dozen rows on 576-wide matrices.
