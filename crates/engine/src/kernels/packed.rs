@@ -947,6 +947,59 @@ mod tests {
         assert!(Packed::from_qtensor(&f).unwrap().is_none());
     }
 
+    /// Weights at the ends of their codes' range against activations all at ±127 give each
+    /// block's largest integer sums, which the vector kernels must carry without overflow (the
+    /// AVX2 kernel adds several steps in 16 bits before it widens them).
+    #[test]
+    fn the_largest_block_sums_do_not_overflow() {
+        check_required_kernel();
+        let (rows, cols) = (32, 256);
+        // All but the first value of each block at the block's largest: codes 15 (31 for 5
+        // bits, 127 for Q8_0) nearly everywhere, and the first at the other end.
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| if i % BLOCK == 0 { -1.0 } else { 1.0 } * (1 + i / cols % 3) as f32)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        // Rows of +1, of -1, of each weight's sign and its opposite, and +1 again: a whole
+        // AVX2 tile and a tail.
+        let x: Vec<f32> = (0..5 * cols)
+            .map(|i| {
+                let sign = if i % BLOCK == 0 { -1.0 } else { 1.0 };
+                match i / cols {
+                    1 => -1.0,
+                    2 => sign,
+                    3 => -sign,
+                    _ => 1.0,
+                }
+            })
+            .collect();
+        let x = Tensor::from_vec(x, (5, cols), &Device::Cpu).unwrap();
+        for dtype in FORMATS {
+            let p = Packed::from_qtensor(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let reference = p.matmul_reference(&x).unwrap().to_vec2::<f32>().unwrap();
+            // The integer sums are as large as the format allows: about 31 of 32 codes at its
+            // largest, against 127 (weights are ±1..3, so their dot products are ±31..93 ×
+            // the block count).
+            let largest = reference.iter().flatten().fold(0f32, |a, v| a.max(v.abs()));
+            assert!(
+                largest > 0.9 * 93.0 * (cols / BLOCK) as f32,
+                "{dtype:?}: {largest}"
+            );
+            for isa in [Isa::Avx2, Isa::Avx512Vnni] {
+                if isa.runs_here() {
+                    let (out, _) = p.matmul_with(&x, isa, false).unwrap();
+                    assert_eq!(
+                        out.to_vec2::<f32>().unwrap(),
+                        reference,
+                        "{dtype:?} {isa:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_is_close_to_f32_and_a_row_never_depends_on_its_batch() {
         check_required_kernel();

@@ -7,10 +7,12 @@
 //! A 256-bit register holds 8 of a group's 16 lanes, so each group runs as two halves of 8
 //! output columns. AVX2 has no `vpdpbusd`; `vpmaddubsw` (unsigned × signed bytes, pairs
 //! summed into i16) and `vpmaddwd` against ones (pairs of i16 into i32) take its place:
-//! - 4- and 5-bit weights are the unsigned operand and the activations the signed one, so a
-//!   pair sums at most 2 × 31 × 127 and two steps' pairs fit an i16 before widening;
+//! - 4- and 5-bit weights are the unsigned operand and the activations (at most 127 in size)
+//!   the signed one, so a pair sums at most 2 × 15 × 127 (2 × 31 × 127 for 5 bits): the pairs
+//!   of all 8 steps of a block fit an i16 before they widen to i32 (of 4 steps for 5 bits);
 //! - Q8_0 weights are signed, so the activations' sign moves onto them (`|w|` unsigned,
-//!   `a·sign(w)` signed: at most 2 × 128 × 127 a pair, which never saturates), and the
+//!   `a·sign(w)` signed: at most 2 × 128 × 127 a pair, which never saturates, but each step
+//!   widens on its own), and the
 //!   activations' offset (they are stored as `q + 128` for the VNNI kernel) is taken off with
 //!   one `xor` first, so no correction is needed.
 //!
@@ -36,20 +38,30 @@ impl Packed {
     /// The CPU has AVX2, FMA and F16C, and `out` holds `m × rows` values.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_avx2(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
-        let q4 = matches!(self.codes, Codes::Q4 { .. });
+        // Steps whose pairs add up in i16 before widening (see the module's docs).
+        let widen = match &self.codes {
+            Codes::Q8 { .. } => 1,
+            Codes::Q4 { high, .. } if high.is_empty() => 8,
+            Codes::Q4 { .. } => 4,
+        };
         let mut row = 0;
         while row < m {
-            // SAFETY: forwarded from the caller; each arm's rows end at or before `m`.
+            // SAFETY: forwarded from the caller; each arm's rows end at or before `m`, and
+            // its format is this matrix's.
             unsafe {
-                match (q4, m - row) {
-                    (false, 1) => self.tile_avx2::<1, false>(g, acts, row, out),
-                    (false, 2) => self.tile_avx2::<2, false>(g, acts, row, out),
-                    (false, 3) => self.tile_avx2::<3, false>(g, acts, row, out),
-                    (false, _) => self.tile_avx2::<TILE, false>(g, acts, row, out),
-                    (true, 1) => self.tile_avx2::<1, true>(g, acts, row, out),
-                    (true, 2) => self.tile_avx2::<2, true>(g, acts, row, out),
-                    (true, 3) => self.tile_avx2::<3, true>(g, acts, row, out),
-                    (true, _) => self.tile_avx2::<TILE, true>(g, acts, row, out),
+                match (widen, m - row) {
+                    (1, 1) => self.tile_avx2::<1, false, 1>(g, acts, row, out),
+                    (1, 2) => self.tile_avx2::<2, false, 1>(g, acts, row, out),
+                    (1, 3) => self.tile_avx2::<3, false, 1>(g, acts, row, out),
+                    (1, _) => self.tile_avx2::<TILE, false, 1>(g, acts, row, out),
+                    (4, 1) => self.tile_avx2::<1, true, 4>(g, acts, row, out),
+                    (4, 2) => self.tile_avx2::<2, true, 4>(g, acts, row, out),
+                    (4, 3) => self.tile_avx2::<3, true, 4>(g, acts, row, out),
+                    (4, _) => self.tile_avx2::<TILE, true, 4>(g, acts, row, out),
+                    (_, 1) => self.tile_avx2::<1, true, 8>(g, acts, row, out),
+                    (_, 2) => self.tile_avx2::<2, true, 8>(g, acts, row, out),
+                    (_, 3) => self.tile_avx2::<3, true, 8>(g, acts, row, out),
+                    (_, _) => self.tile_avx2::<TILE, true, 8>(g, acts, row, out),
                 }
             }
             row += TILE;
@@ -58,12 +70,13 @@ impl Packed {
 
     /// Rows `row0..row0 + R` of group `g`, one half (8 output columns) at a time: Q8_0
     /// weights (`Q4` false) or 4-/5-bit ones (`Q4` true, each block's offset `m` added with a
-    /// second FMA).
+    /// second FMA). The pairs of `WIDEN` steps add up in i16 before they widen to i32.
     ///
     /// # Safety
-    /// As [`Self::group_avx2`], with `row0 + R ≤ m`, and `Q4` true exactly for 4-bit codes.
+    /// As [`Self::group_avx2`], with `row0 + R ≤ m`, `Q4` true exactly for 4-bit codes, and
+    /// `WIDEN` 1 for Q8_0, 4 for 5-bit codes, 8 for 4-bit ones (so that no i16 overflows).
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_avx2<const R: usize, const Q4: bool>(
+    unsafe fn tile_avx2<const R: usize, const Q4: bool, const WIDEN: usize>(
         &self,
         g: usize,
         acts: &Activations,
@@ -121,38 +134,22 @@ impl Packed {
                         let at = (row0 + r) * self.blocks + b;
                         let xp = acts.q.as_ptr().add(at * BLOCK);
                         let mut isum = _mm256_setzero_si256();
-                        for s in (0..STEPS).step_by(2) {
-                            let a0 =
-                                _mm256_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
-                            let a1 =
-                                _mm256_set1_epi32(xp.add(s * 4 + 4).cast::<i32>().read_unaligned());
-                            if Q4 {
-                                // Two steps' pairs: at most 4 × 31 × 127 in an i16.
-                                let pairs = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(w[s], a0),
-                                    _mm256_maddubs_epi16(w[s + 1], a1),
-                                );
-                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
+                        let mut pairs = _mm256_setzero_si256();
+                        for (s, w) in w.iter().enumerate() {
+                            let a = _mm256_set1_epi32(xp.add(s * 4).cast::<i32>().read_unaligned());
+                            let p = if Q4 {
+                                _mm256_maddubs_epi16(*w, a)
                             } else {
-                                let flip = _mm256_set1_epi8(i8::MIN);
-                                let (a0, a1) =
-                                    (_mm256_xor_si256(a0, flip), _mm256_xor_si256(a1, flip));
-                                // Each step widened on its own: two could reach 4 × 128 × 127.
-                                let p0 = _mm256_maddubs_epi16(
-                                    _mm256_abs_epi8(w[s]),
-                                    _mm256_sign_epi8(a0, w[s]),
-                                );
-                                let p1 = _mm256_maddubs_epi16(
-                                    _mm256_abs_epi8(w[s + 1]),
-                                    _mm256_sign_epi8(a1, w[s + 1]),
-                                );
-                                isum = _mm256_add_epi32(
-                                    isum,
-                                    _mm256_add_epi32(
-                                        _mm256_madd_epi16(p0, ones),
-                                        _mm256_madd_epi16(p1, ones),
-                                    ),
-                                );
+                                let a = _mm256_xor_si256(a, _mm256_set1_epi8(i8::MIN));
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(*w), _mm256_sign_epi8(a, *w))
+                            };
+                            pairs = if s % WIDEN == 0 {
+                                p
+                            } else {
+                                _mm256_add_epi16(pairs, p)
+                            };
+                            if s % WIDEN == WIDEN - 1 {
+                                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
                             }
                         }
                         let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*acts.d.get_unchecked(at)));
