@@ -3,24 +3,27 @@
 //! a run of values summed with their softmax weights.
 //!
 //! Each output value has one definition, computed by the AVX-512 code where the packed kernel
-//! runs on AVX-512 VNNI ([`avx512_vnni`]) and by the portable code elsewhere, with the same bits (the tests
+//! runs on AVX-512 VNNI ([`avx512_vnni`]), by the AVX2 code where it runs on AVX2 ([`avx2`])
+//! and by the portable code elsewhere, with the same bits (the tests
 //! compare them):
 //! - a score is 16 running sums, lane `l` taking dimensions `l, l + 16, …` with one fused
 //!   multiply-add each, folded in halves (lane `l` plus lane `l + 8`, then `+ 4`, `+ 2`, `+ 1`);
 //!   dimensions past the last multiple of 16 are then added one fused multiply-add each;
 //! - a weighted sum adds `w_j · v_j` to each output value with one fused multiply-add per key,
-//!   keys in order (the vector code takes head widths that are a multiple of 16, as every
-//!   supported model's are; the portable code any other).
+//!   keys in order (the AVX-512 code takes head widths that are a multiple of 16, as every
+//!   supported model's are, the AVX2 code multiples of 8; the portable code any other).
 //!
 //! Neither depends on how many rows or sequences share a call, which is what keeps attention
 //! batch-invariant (see `model::attention`).
 
 use half::f16;
 
-use super::cpu_features::avx512_vnni;
+use super::cpu_features::{avx2, avx512_vnni};
 
 /// Lanes of one 512-bit register of f32.
 const LANES: usize = 16;
+/// Lanes of one 256-bit register of f32.
+const HALF: usize = 8;
 
 /// `scores[j] = q · keys[j]` for the keys `keys` holds (`[scores.len(), q.len()]`).
 pub(crate) fn scores(q: &[f32], keys: &[f16], scores: &mut [f32]) {
@@ -30,6 +33,12 @@ pub(crate) fn scores(q: &[f32], keys: &[f16], scores: &mut [f32]) {
     if avx512_vnni() {
         // SAFETY: the CPU has AVX-512 F; the lengths were checked above.
         unsafe { scores_avx512(q, keys, scores) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C; the lengths were checked above.
+        unsafe { scores_avx2(q, keys, scores) };
         return;
     }
     for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
@@ -50,6 +59,12 @@ pub(crate) fn weighted_sum(weights: &[f32], values: &[f16], out: &mut [f32]) {
     if avx512_vnni() && hd.is_multiple_of(LANES) {
         // SAFETY: the CPU has AVX-512 F; the lengths were checked above.
         unsafe { weighted_sum_avx512(weights, values, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if !avx512_vnni() && avx2() && hd.is_multiple_of(HALF) {
+        // SAFETY: the CPU has AVX2, FMA and F16C; the lengths were checked above.
+        unsafe { weighted_sum_avx2(weights, values, out) };
         return;
     }
     for (&w, v) in weights.iter().zip(values.chunks_exact(hd)) {
@@ -171,6 +186,94 @@ unsafe fn weighted_sum_avx512(weights: &[f32], values: &[f16], out: &mut [f32]) 
     }
 }
 
+/// [`scores`] in AVX2: the 16 running sums in two registers (lanes 0-7 and 8-15), folded as
+/// the portable code folds them.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and `keys` holds `scores.len() × q.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_avx2(q: &[f32], keys: &[f16], scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let full = hd / LANES;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let k = &keys[j * hd..(j + 1) * hd];
+        // SAFETY: chunk c < full lies inside both rows (hd values each); unaligned loads.
+        unsafe {
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for c in 0..full {
+                let (kp, qp) = (k.as_ptr().add(c * LANES), q.as_ptr().add(c * LANES));
+                let klo = _mm256_cvtph_ps(_mm_loadu_si128(kp.cast()));
+                let khi = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(HALF).cast()));
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(qp), klo, lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(HALF)), khi, hi);
+            }
+            // Lane l plus lane l + 8, then + 4, + 2, + 1: the portable order.
+            let x8 = _mm256_add_ps(lo, hi);
+            let x4 = _mm_add_ps(_mm256_castps256_ps128(x8), _mm256_extractf128_ps::<1>(x8));
+            let x2 = _mm_add_ps(x4, _mm_movehl_ps(x4, x4));
+            let x1 = _mm_add_ss(x2, _mm_shuffle_ps::<0b01>(x2, x2));
+            let mut sum = _mm_cvtss_f32(x1);
+            for d in full * LANES..hd {
+                sum = q[d].mul_add(k[d].to_f32(), sum);
+            }
+            *s = sum;
+        }
+    }
+}
+
+/// [`weighted_sum`] in AVX2, for head widths that are a multiple of 8: 32 output values at a
+/// time in four registers (four independent chains), then any last 8s one at a time; every
+/// key added in order.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, `out.len()` is a multiple of 8 and `values` holds
+/// `weights.len() × out.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2(weights: &[f32], values: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = out.len();
+    /// Chunks `c..c + N` of 8 values: load, add every key in order, store.
+    ///
+    /// # Safety
+    /// As the caller's, with `(c + N) × 8 ≤ out.len()`.
+    #[inline(always)]
+    unsafe fn chains<const N: usize>(weights: &[f32], values: &[f16], out: &mut [f32], c: usize) {
+        let hd = out.len();
+        // SAFETY: chunks c..c + N lie inside `out` and each value row (hd values).
+        unsafe {
+            let o = out.as_mut_ptr().add(c * HALF);
+            let mut acc: [__m256; N] = std::array::from_fn(|k| _mm256_loadu_ps(o.add(k * HALF)));
+            for (j, &w) in weights.iter().enumerate() {
+                let w = _mm256_set1_ps(w);
+                let row = values.as_ptr().add(j * hd + c * HALF);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(row.add(k * HALF).cast()));
+                    *acc = _mm256_fmadd_ps(w, v, *acc);
+                }
+            }
+            for (k, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(k * HALF), *acc);
+            }
+        }
+    }
+    let chunks = hd / HALF;
+    let mut c = 0;
+    // SAFETY: each call's chunks lie below `chunks`; the rest is the caller's contract.
+    unsafe {
+        while c + 4 <= chunks {
+            chains::<4>(weights, values, out, c);
+            c += 4;
+        }
+        while c < chunks {
+            chains::<1>(weights, values, out, c);
+            c += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +302,15 @@ mod tests {
             let keys: Vec<f16> = data(n * hd, 2).iter().map(|&x| f16::from_f32(x)).collect();
             let mut got = vec![0f32; n];
             scores(&q, &keys, &mut got);
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // The AVX2 code, also where AVX-512 is what `scores` runs.
+                let mut twin = vec![0f32; n];
+                // SAFETY: the CPU has AVX2, FMA and F16C; `keys` holds n × hd values.
+                unsafe { scores_avx2(&q, &keys, &mut twin) };
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&twin), bits(&got), "AVX2 scores, hd {hd}");
+            }
             for (j, &s) in got.iter().enumerate() {
                 let want = dot_portable(&q, &keys[j * hd..(j + 1) * hd]);
                 assert_eq!(s.to_bits(), want.to_bits(), "hd {hd} key {j}");
@@ -221,6 +333,14 @@ mod tests {
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&out), bits(&want), "hd {hd}");
+            #[cfg(target_arch = "x86_64")]
+            if avx2() && hd.is_multiple_of(HALF) {
+                let mut twin = data(hd, 4);
+                // SAFETY: the CPU has AVX2, FMA and F16C; hd is a multiple of 8 and `keys`
+                // holds n × hd values.
+                unsafe { weighted_sum_avx2(&weights, &keys, &mut twin) };
+                assert_eq!(bits(&twin), bits(&want), "AVX2 weighted sum, hd {hd}");
+            }
         }
     }
 }
