@@ -122,68 +122,29 @@ unsafe fn scores_avx512(q: &[f32], keys: &[f16], scores: &mut [f32]) {
                 _mm512_castps512_ps256(acc),
                 _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc))),
             );
-            let x4 = _mm_add_ps(_mm256_castps256_ps128(x8), _mm256_extractf128_ps::<1>(x8));
-            let x2 = _mm_add_ps(x4, _mm_movehl_ps(x4, x4));
-            let x1 = _mm_add_ss(x2, _mm_shuffle_ps::<0b01>(x2, x2));
-            let mut sum = _mm_cvtss_f32(x1);
-            for d in full * LANES..hd {
-                sum = q[d].mul_add(k[d].to_f32(), sum);
-            }
-            *s = sum;
+            *s = finish_score(x8, q, k, full * LANES);
         }
     }
 }
 
-/// [`weighted_sum`] in AVX-512, for head widths that are a multiple of 16: 64 output values
-/// at a time in four registers (four independent chains of fused multiply-adds, so that a key
-/// costs the adds' throughput rather than one add's latency), then any last 16s one at a time;
-/// every key added in order.
+/// A score from its 16 running sums already folded once (`x8`, lane `l` plus lane `l + 8`):
+/// `+ 4`, `+ 2`, `+ 1`, then dimensions `from..` one fused multiply-add each, as the portable
+/// code does (shared by the AVX-512 and AVX2 code).
 ///
 /// # Safety
-/// The CPU has AVX-512 F, `out.len()` is a multiple of 16 and `values` holds
-/// `weights.len() × out.len()` values.
+/// The CPU has AVX.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_avx512(weights: &[f32], values: &[f16], out: &mut [f32]) {
+#[target_feature(enable = "avx")]
+unsafe fn finish_score(x8: std::arch::x86_64::__m256, q: &[f32], k: &[f16], from: usize) -> f32 {
     use std::arch::x86_64::*;
-    let hd = out.len();
-    /// Chunks `c..c + N` of 16 values: load, add every key in order, store.
-    ///
-    /// # Safety
-    /// As the caller's, with `(c + N) × 16 ≤ out.len()`.
-    #[inline(always)]
-    unsafe fn chains<const N: usize>(weights: &[f32], values: &[f16], out: &mut [f32], c: usize) {
-        let hd = out.len();
-        // SAFETY: chunks c..c + N lie inside `out` and each value row (hd values).
-        unsafe {
-            let o = out.as_mut_ptr().add(c * LANES);
-            let mut acc: [__m512; N] = std::array::from_fn(|k| _mm512_loadu_ps(o.add(k * LANES)));
-            for (j, &w) in weights.iter().enumerate() {
-                let w = _mm512_set1_ps(w);
-                let row = values.as_ptr().add(j * hd + c * LANES);
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let v = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(k * LANES).cast()));
-                    *acc = _mm512_fmadd_ps(w, v, *acc);
-                }
-            }
-            for (k, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(o.add(k * LANES), *acc);
-            }
-        }
+    let x4 = _mm_add_ps(_mm256_castps256_ps128(x8), _mm256_extractf128_ps::<1>(x8));
+    let x2 = _mm_add_ps(x4, _mm_movehl_ps(x4, x4));
+    let x1 = _mm_add_ss(x2, _mm_shuffle_ps::<0b01>(x2, x2));
+    let mut sum = _mm_cvtss_f32(x1);
+    for d in from..q.len() {
+        sum = q[d].mul_add(k[d].to_f32(), sum);
     }
-    let chunks = hd / LANES;
-    let mut c = 0;
-    // SAFETY: each call's chunks lie below `chunks`; the rest is the caller's contract.
-    unsafe {
-        while c + 4 <= chunks {
-            chains::<4>(weights, values, out, c);
-            c += 4;
-        }
-        while c < chunks {
-            chains::<1>(weights, values, out, c);
-            c += 1;
-        }
-    }
+    sum
 }
 
 /// [`scores`] in AVX2: the 16 running sums in two registers (lanes 0-7 and 8-15), folded as
@@ -211,68 +172,100 @@ unsafe fn scores_avx2(q: &[f32], keys: &[f16], scores: &mut [f32]) {
             }
             // Lane l plus lane l + 8, then + 4, + 2, + 1: the portable order.
             let x8 = _mm256_add_ps(lo, hi);
-            let x4 = _mm_add_ps(_mm256_castps256_ps128(x8), _mm256_extractf128_ps::<1>(x8));
-            let x2 = _mm_add_ps(x4, _mm_movehl_ps(x4, x4));
-            let x1 = _mm_add_ss(x2, _mm_shuffle_ps::<0b01>(x2, x2));
-            let mut sum = _mm_cvtss_f32(x1);
-            for d in full * LANES..hd {
-                sum = q[d].mul_add(k[d].to_f32(), sum);
-            }
-            *s = sum;
+            *s = finish_score(x8, q, k, full * LANES);
         }
     }
 }
 
-/// [`weighted_sum`] in AVX2, for head widths that are a multiple of 8: 32 output values at a
-/// time in four registers (four independent chains), then any last 8s one at a time; every
-/// key added in order.
-///
-/// # Safety
-/// The CPU has AVX2, FMA and F16C, `out.len()` is a multiple of 8 and `values` holds
-/// `weights.len() × out.len()` values.
+/// `weighted_sum`'s vector code for one instruction set (`$lanes` f32 a register, `$widen`
+/// turning a pointer `$p` to `$lanes` f16 values into a register): 4 registers of output
+/// values at a time (four independent chains of fused multiply-adds, so that a key costs the
+/// adds' throughput rather than one add's latency), then any last registers one at a time;
+/// every key added in order. One definition, so that the instruction sets cannot drift apart.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum_avx2(weights: &[f32], values: &[f16], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let hd = out.len();
-    /// Chunks `c..c + N` of 8 values: load, add every key in order, store.
-    ///
-    /// # Safety
-    /// As the caller's, with `(c + N) × 8 ≤ out.len()`.
-    #[inline(always)]
-    unsafe fn chains<const N: usize>(weights: &[f32], values: &[f16], out: &mut [f32], c: usize) {
-        let hd = out.len();
-        // SAFETY: chunks c..c + N lie inside `out` and each value row (hd values).
-        unsafe {
-            let o = out.as_mut_ptr().add(c * HALF);
-            let mut acc: [__m256; N] = std::array::from_fn(|k| _mm256_loadu_ps(o.add(k * HALF)));
-            for (j, &w) in weights.iter().enumerate() {
-                let w = _mm256_set1_ps(w);
-                let row = values.as_ptr().add(j * hd + c * HALF);
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    let v = _mm256_cvtph_ps(_mm_loadu_si128(row.add(k * HALF).cast()));
-                    *acc = _mm256_fmadd_ps(w, v, *acc);
+macro_rules! weighted_sum_vector {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $features:literal, $lanes:expr, $vec:ty,
+        load: $load:ident, set1: $set1:ident, fmadd: $fmadd:ident, store: $store:ident,
+        widen: |$p:ident| $widen:expr
+    ) => {
+        $(#[$doc])*
+        #[target_feature(enable = $features)]
+        unsafe fn $name(weights: &[f32], values: &[f16], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            const W: usize = $lanes;
+            let hd = out.len();
+            /// Registers `c..c + N` of output values: load, add every key in order, store.
+            ///
+            /// # Safety
+            /// As the caller's, with `(c + N) × W ≤ out.len()`.
+            #[inline(always)]
+            unsafe fn chains<const N: usize>(
+                weights: &[f32],
+                values: &[f16],
+                out: &mut [f32],
+                c: usize,
+            ) {
+                let hd = out.len();
+                // SAFETY: registers c..c + N lie inside `out` and each value row (hd values).
+                unsafe {
+                    let o = out.as_mut_ptr().add(c * W);
+                    let mut acc: [$vec; N] = std::array::from_fn(|k| $load(o.add(k * W)));
+                    for (j, &w) in weights.iter().enumerate() {
+                        let w = $set1(w);
+                        let row = values.as_ptr().add(j * hd + c * W);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let $p = row.add(k * W);
+                            *acc = $fmadd(w, $widen, *acc);
+                        }
+                    }
+                    for (k, acc) in acc.iter().enumerate() {
+                        $store(o.add(k * W), *acc);
+                    }
                 }
             }
-            for (k, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(o.add(k * HALF), *acc);
+            let registers = hd / W;
+            let mut c = 0;
+            // SAFETY: each call's registers lie below `registers`; the rest is the caller's
+            // contract.
+            unsafe {
+                while c + 4 <= registers {
+                    chains::<4>(weights, values, out, c);
+                    c += 4;
+                }
+                while c < registers {
+                    chains::<1>(weights, values, out, c);
+                    c += 1;
+                }
             }
         }
-    }
-    let chunks = hd / HALF;
-    let mut c = 0;
-    // SAFETY: each call's chunks lie below `chunks`; the rest is the caller's contract.
-    unsafe {
-        while c + 4 <= chunks {
-            chains::<4>(weights, values, out, c);
-            c += 4;
-        }
-        while c < chunks {
-            chains::<1>(weights, values, out, c);
-            c += 1;
-        }
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+weighted_sum_vector!(
+    /// [`weighted_sum`] in AVX-512, for head widths that are a multiple of 16.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, `out.len()` is a multiple of 16 and `values` holds
+    /// `weights.len() × out.len()` values.
+    weighted_sum_avx512, "avx512f", LANES, __m512,
+    load: _mm512_loadu_ps, set1: _mm512_set1_ps, fmadd: _mm512_fmadd_ps, store: _mm512_storeu_ps,
+    widen: |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+);
+
+#[cfg(target_arch = "x86_64")]
+weighted_sum_vector!(
+    /// [`weighted_sum`] in AVX2, for head widths that are a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, `out.len()` is a multiple of 8 and `values` holds
+    /// `weights.len() × out.len()` values.
+    weighted_sum_avx2, "avx2,fma,f16c", HALF, __m256,
+    load: _mm256_loadu_ps, set1: _mm256_set1_ps, fmadd: _mm256_fmadd_ps, store: _mm256_storeu_ps,
+    widen: |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+);
 
 #[cfg(test)]
 mod tests {

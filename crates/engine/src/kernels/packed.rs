@@ -518,6 +518,30 @@ impl Packed {
         Tensor::from_vec(out, (m, self.rows), x.device())
     }
 
+    /// What the vector kernels read, as pointers: the weight bytes; per block and lane the
+    /// Q8_0 weight sums (i16) or the 4-bit offsets (f16); the registers of 16 lanes a block
+    /// takes; the fifth-bit masks of 5-bit formats (null for the others).
+    fn raw_parts(&self) -> (*const u8, *const u16, usize, *const u64) {
+        match &self.codes {
+            Codes::Q8 { qs, sums } => (
+                qs.as_ptr().cast(),
+                sums.as_ptr().cast(),
+                STEPS,
+                std::ptr::null(),
+            ),
+            Codes::Q4 { qs, mins, high } => (
+                qs.as_ptr(),
+                mins.as_ptr(),
+                NIBBLE_REGS,
+                if high.is_empty() {
+                    std::ptr::null()
+                } else {
+                    high.as_ptr()
+                },
+            ),
+        }
+    }
+
     /// Output columns `16g..16g+16` of every row, one lane at a time.
     fn group_reference(&self, g: usize, acts: &Activations, m: usize, out: *mut f32) {
         for row in 0..m {
@@ -613,26 +637,7 @@ impl Packed {
         out: *mut f32,
     ) {
         use std::arch::x86_64::*;
-        // Weight bytes, and per block and lane the Q8_0 weight sums (i16) or 4-bit offsets (f16).
-        let (codes, extra, regs, high): (*const u8, *const u16, usize, *const u64) =
-            match &self.codes {
-                Codes::Q8 { qs, sums } => (
-                    qs.as_ptr().cast(),
-                    sums.as_ptr().cast(),
-                    STEPS,
-                    std::ptr::null(),
-                ),
-                Codes::Q4 { qs, mins, high } => (
-                    qs.as_ptr(),
-                    mins.as_ptr(),
-                    NIBBLE_REGS,
-                    if high.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        high.as_ptr()
-                    },
-                ),
-            };
+        let (codes, extra, regs, high) = self.raw_parts();
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..self.blocks {
             let gb = g * self.blocks + b;

@@ -83,27 +83,8 @@ impl Packed {
         row0: usize,
         out: *mut f32,
     ) {
-        // Weight bytes, per block and lane the 4-bit offsets (f16; unused for Q8_0), and the
-        // fifth bits of 5-bit formats (null for the others).
-        let (codes, mins, regs, high): (*const u8, *const u16, usize, *const u64) =
-            match &self.codes {
-                Codes::Q8 { qs, .. } => (
-                    qs.as_ptr().cast(),
-                    std::ptr::null(),
-                    STEPS,
-                    std::ptr::null(),
-                ),
-                Codes::Q4 { qs, mins, high } => (
-                    qs.as_ptr(),
-                    mins.as_ptr(),
-                    NIBBLE_REGS,
-                    if high.is_empty() {
-                        std::ptr::null()
-                    } else {
-                        high.as_ptr()
-                    },
-                ),
-            };
+        // `mins`: per block and lane the 4-bit offsets (f16); Q8_0's weight sums go unused.
+        let (codes, mins, regs, high) = self.raw_parts();
         let ones = _mm256_set1_epi16(1);
         for half in 0..2 {
             let mut acc = [_mm256_setzero_ps(); R];
