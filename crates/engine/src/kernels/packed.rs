@@ -115,6 +115,14 @@ impl Isa {
         }
     }
 
+    /// Its name in logs: `avx512-vnni` or `avx2`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Avx2 => "avx2",
+            Self::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
     /// Whether this CPU runs `self`.
     #[cfg(test)]
     fn runs_here(self) -> bool {
