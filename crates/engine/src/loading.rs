@@ -14,7 +14,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 
 use crate::error::load_err;
-use crate::kernels::{cpu_features, packed, packed_kernel};
+use crate::kernels::{cpu_features, packed};
 use crate::metrics::EngineMetrics;
 use crate::model;
 use crate::scheduler::{self, Scheduler};
@@ -161,8 +161,7 @@ pub(crate) fn load_parts(config: &EngineConfig) -> Result<Loaded, EngineError> {
         gguf_context_length = gguf_ctx,
         requantized_to_q8_0 = requantized,
         device = %config.device,
-        packed_kernel = device.is_cpu() && packed_kernel(),
-        packed_kernel_isa = if device.is_cpu() {
+        packed_kernel = if device.is_cpu() {
             packed::Isa::best().map_or("none", packed::Isa::name)
         } else {
             "none"

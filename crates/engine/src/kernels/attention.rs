@@ -11,7 +11,8 @@
 //!   dimensions past the last multiple of 16 are then added one fused multiply-add each;
 //! - a weighted sum adds `w_j · v_j` to each output value with one fused multiply-add per key,
 //!   keys in order (the AVX-512 code takes head widths that are a multiple of 16, as every
-//!   supported model's are, the AVX2 code multiples of 8; the portable code any other).
+//!   supported model's are, the AVX2 code the other multiples of 8 too; the portable code any
+//!   other).
 //!
 //! Neither depends on how many rows or sequences share a call, which is what keeps attention
 //! batch-invariant (see `model::attention`).
@@ -62,7 +63,7 @@ pub(crate) fn weighted_sum(weights: &[f32], values: &[f16], out: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if !avx512_vnni() && avx2() && hd.is_multiple_of(HALF) {
+    if avx2() && hd.is_multiple_of(HALF) {
         // SAFETY: the CPU has AVX2, FMA and F16C; the lengths were checked above.
         unsafe { weighted_sum_avx2(weights, values, out) };
         return;

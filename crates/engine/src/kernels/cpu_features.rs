@@ -12,40 +12,44 @@
 
 use std::sync::OnceLock;
 
-/// Whether this CPU has AVX-512 F, BW and VNNI (checked once): the packed integer kernel's
-/// `vpdpbusd` dot products, and the AVX-512 activations, run where this is true.
-pub(crate) fn avx512_vnni() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
+/// The vector instruction sets the kernels choose between, read from CPUID once.
+struct Vector {
+    avx2: bool,
+    avx512_vnni: bool,
+}
+
+/// This CPU's [`Vector`] answers (computed on first use).
+fn vector() -> &'static Vector {
+    static DETECTED: OnceLock<Vector> = OnceLock::new();
+    DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
+            use std::arch::is_x86_feature_detected as has;
+            Vector {
+                avx2: has!("avx2") && has!("fma") && has!("f16c"),
+                avx512_vnni: has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            false
+            Vector {
+                avx2: false,
+                avx512_vnni: false,
+            }
         }
     })
+}
+
+/// Whether this CPU has AVX-512 F, BW and VNNI (checked once): the packed integer kernel's
+/// `vpdpbusd` dot products, and the AVX-512 activations, run where this is true.
+pub(crate) fn avx512_vnni() -> bool {
+    vector().avx512_vnni
 }
 
 /// Whether this CPU has AVX2, FMA and F16C (checked once): the packed kernel's AVX2 path runs
 /// where this is true and [`avx512_vnni`] is not (x86-64-v3 machines such as AMD Zen 2 and 3).
 pub(crate) fn avx2() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    vector().avx2
 }
 
 /// Whether the packed kernel may run whole tiles of 16 rows on AMX (asked once): the CPU has
