@@ -99,7 +99,7 @@ fn log_probs(rows: &[(&[f32], &[u32])]) -> Vec<Vec<f64>> {
         .iter()
         .map(|(_, tokens)| tokens.iter().map(|_| AtomicU64::new(0)).collect())
         .collect();
-    candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+    crate::kernels::chunked(rows.len(), |range| {
         for i in range {
             let (logits, tokens) = rows[i];
             let norm = LogSoftmax::of(logits);

@@ -64,7 +64,7 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
             }
         };
         if chunks > 1 {
-            candle_core::utils::barrier_pool().execute_chunked(chunks, run);
+            crate::kernels::chunked(chunks, run);
         } else {
             run(0..chunks);
         }
@@ -105,7 +105,7 @@ pub(crate) fn gated_halves(both: &Tensor, kind: Gate) -> Result<Tensor> {
             }
         };
         if items > 1 {
-            candle_core::utils::barrier_pool().execute_chunked(items, run);
+            crate::kernels::chunked(items, run);
         } else {
             run(0..items);
         }

@@ -1,6 +1,7 @@
 //! batchlab's own CPU kernels, apart from the model code that calls them: the packed integer
 //! matrix product ([`packed`], on AVX2, AVX-512 VNNI and AMX tiles), the gated MLP activations
-//! ([`activation`]) and attention's inner loops over the f16 cache ([`attention`]). Each
+//! ([`activation`]), attention's inner loops over the f16 cache ([`attention`]), and RMS norms
+//! and rotary embeddings ([`rowwise`]). Each
 //! kernel asks [`cpu_features`] which code path this CPU runs; none detects features itself.
 //!
 //! This is where the engine's `unsafe` code lives (SIMD intrinsics, inline assembly, threads
@@ -20,6 +21,7 @@ pub(crate) mod cpu_features;
 // says why it is sound.
 #[allow(unsafe_code)]
 pub(crate) mod packed;
+pub(crate) mod rowwise;
 
 /// Whether this CPU runs batchlab's packed integer kernel (AVX-512 with VNNI, or AVX2 with
 /// FMA and F16C): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K weights are then repacked at load and
@@ -27,6 +29,52 @@ pub(crate) mod packed;
 /// elsewhere candle's kernels run them.
 pub fn packed_kernel() -> bool {
     packed::Isa::best().is_some()
+}
+
+thread_local! {
+    /// Set while this thread runs one part of a forward pass that other threads run other
+    /// parts of ([`side_by_side`]): its kernels then run on it alone.
+    static THIS_THREAD_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` over the work items `0..n`, in chunks shared out to candle's CPU threads (its
+/// barrier pool, this thread taking part); a single item, or every item inside
+/// [`side_by_side`], runs on this thread without waking the others. Every kernel shares its
+/// work out through here.
+pub(crate) fn chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
+    if n == 0 {
+        return;
+    }
+    if n == 1 || THIS_THREAD_ONLY.with(std::cell::Cell::get) {
+        f(0..n);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, f);
+    }
+}
+
+/// Runs `f(t)` once on each of the kernel threads, `t` in `0..threads()` (this thread is the
+/// last), each with the kernels it calls ([`chunked`]) on its own thread: whole parts of a
+/// forward pass side by side, rather than every kernel shared out in turn.
+///
+/// `f` holds candle's pool while it runs, so it must not hand work to it otherwise: no
+/// candle quantized matmul, and no candle elementwise operation large enough for candle to
+/// share out (see `Decoder::forward`). A panic in any call is raised here once all have ended.
+pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute(|t| {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                THIS_THREAD_ONLY.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(THIS_THREAD_ONLY.with(|c| c.replace(true)));
+        f(t)
+    });
+}
+
+/// The kernel threads: candle's barrier pool and the thread calling into it.
+pub(crate) fn threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
 }
 
 /// The contiguous data of a CPU tensor, as its storage and layout describe it (from the

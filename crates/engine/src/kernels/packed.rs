@@ -365,7 +365,7 @@ impl Packed {
         let mut out = vec![0f32; self.rows * self.cols];
         let ptr = Out(out.as_mut_ptr());
         let cols = self.cols;
-        candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
+        crate::kernels::chunked(self.rows / LANES, |groups| {
             for r in groups.start * LANES..groups.end * LANES {
                 // SAFETY: row r lies inside `out` and belongs to this work item only.
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr.at(r * cols), cols) };
@@ -422,7 +422,7 @@ impl Packed {
                 .zip(s.chunks_mut(QUANTIZE_ITEM))
                 .map(|(((x, q), d), s)| std::sync::Mutex::new((x, q, d, s)))
                 .collect();
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+            crate::kernels::chunked(items.len(), |range| {
                 for item in &items[range] {
                     let mut guard = item.lock().unwrap_or_else(|e| e.into_inner());
                     let (x, q, d, s) = &mut *guard;
@@ -474,7 +474,7 @@ impl Packed {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let tiled = 0;
-        candle_core::utils::barrier_pool().execute_chunked(self.rows / LANES, |groups| {
+        crate::kernels::chunked(self.rows / LANES, |groups| {
             #[cfg(target_arch = "x86_64")]
             if vector {
                 let mut scratch = amx::Scratch::default();

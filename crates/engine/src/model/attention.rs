@@ -150,7 +150,7 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         }
         *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
     };
-    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| range.for_each(work));
+    crate::kernels::chunked(items.len(), |range| range.for_each(work));
     let mut out = vec![0f32; heads * total * hd];
     for (&(si, kvh, r0, rows), slot) in items.iter().zip(results) {
         let part = slot.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -11,12 +11,13 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv_cache::{CacheShape, LocalLayers, SeqCache, KV_DTYPE};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::QTensor;
 
 use super::weights::{stack_rows, Embedding, GgufWeights, Linear};
 use crate::kernels::activation::{gated, gated_halves, Gate};
+use crate::kernels::rowwise;
 
 /// The architectures this code runs (`general.architecture`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +246,9 @@ pub(crate) struct Decoder {
     rope: Vec<Rope>,
     device: Device,
     max_len: usize,
+    /// The most rows a part of a split pass may have (see [`Decoder::forward`]); 0 where
+    /// passes are never split.
+    part_rows: usize,
 }
 
 impl Decoder {
@@ -363,6 +367,35 @@ impl Decoder {
         let norm = w.f32("output_norm.weight")?;
         // llama.cpp scales by √hidden in f32.
         let embed_scale = gemma.then(|| (config.hidden as f32).sqrt() as f64);
+        // A part runs on a thread of candle's pool, or on the model thread while it holds the
+        // pool: none of its work may go to the pool again. Only where every matrix and the
+        // embedding table go through batchlab's kernels, and no part has enough rows for
+        // candle's elementwise code (a bias added, the scaled queries, …) to share out.
+        let packed = embedding.is_packed()
+            && output.is_packed()
+            && layers.iter().all(|l| {
+                l.wo.is_packed()
+                    && l.w_down.is_packed()
+                    && match &l.qkv {
+                        Qkv::Separate { q, k, v } => {
+                            q.0.is_packed() && k.0.is_packed() && v.0.is_packed()
+                        }
+                        Qkv::Fused(w, _) => w.is_packed(),
+                    }
+                    && match &l.gate_up {
+                        GateUp::Separate { gate, up } => gate.is_packed() && up.is_packed(),
+                        GateUp::Fused(w) => w.is_packed(),
+                    }
+            });
+        let widest = config
+            .hidden
+            .max((config.heads + 2 * config.kv_heads) * config.head_dim)
+            .max(1);
+        let part_rows = if packed && device.is_cpu() {
+            (CANDLE_PARALLEL_ELEMENTS - 1) / widest
+        } else {
+            0
+        };
         Ok(Self {
             config,
             embedding,
@@ -373,6 +406,7 @@ impl Decoder {
             rope,
             device,
             max_len,
+            part_rows,
         })
     }
 
@@ -406,7 +440,67 @@ impl Decoder {
     /// values to their caches, and returns per segment the logits it asked for
     /// (`[n, vocab]`, f32; `None` for [`Want::Nothing`]; pooled hidden states, `[1, hidden]`,
     /// for [`Want::Pooled`]).
+    ///
+    /// On the CPU, where batchlab's kernels run every matrix, a pass whose segments divide
+    /// into one part per kernel thread of about equal rows ([`split_points`]) runs as that
+    /// many passes side by side, each with its kernels on its own thread: a whole part per
+    /// thread wastes less than sharing every kernel out and waiting at each of the hundreds of
+    /// steps of a pass (the model thread's own work between them leaves the others idle;
+    /// +13% bulk predictions on two cores). Parts stay under [`CANDLE_PARALLEL_ELEMENTS`]
+    /// per row width, so that candle's own operations in them never share work out. Rows are
+    /// computed independently and attention runs per segment: the same bits either way.
     pub(crate) fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let ways = if self.part_rows > 0 {
+            crate::kernels::threads()
+        } else {
+            1
+        };
+        let rows: Vec<usize> = segments.iter().map(|s| s.tokens.len()).collect();
+        match split_points(&rows, ways, MIN_PART_ROWS..=self.part_rows) {
+            Some(cuts) => self.forward_split(segments, &cuts),
+            None => self.forward_together(segments),
+        }
+    }
+
+    /// [`Self::forward`] as the parts `segments[..cuts[0]]`, `segments[cuts[0]..cuts[1]]`, ...,
+    /// side by side on the kernel threads (`kernels::side_by_side`; this thread runs the
+    /// first part, and every `threads`-th after it when there are more parts than threads).
+    fn forward_split(
+        &self,
+        segments: &mut [Segment<'_>],
+        cuts: &[usize],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let mut slots: Vec<Mutex<Part<'_, '_>>> = Vec::with_capacity(cuts.len() + 1);
+        let mut rest = segments;
+        let mut at = 0;
+        for &cut in cuts {
+            let (part, after) = rest.split_at_mut(cut - at);
+            slots.push(Mutex::new((part, None)));
+            rest = after;
+            at = cut;
+        }
+        slots.push(Mutex::new((rest, None)));
+        let threads = crate::kernels::threads();
+        crate::kernels::side_by_side(|t| {
+            for slot in slots.iter().skip((t + 1) % threads).step_by(threads) {
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                let (segments, out) = &mut *slot;
+                *out = Some(self.forward_together(segments));
+            }
+        });
+        let mut out = Vec::new();
+        for slot in slots {
+            match slot.into_inner().unwrap_or_else(|e| e.into_inner()).1 {
+                Some(part) => out.extend(part?),
+                None => candle_core::bail!("a part of a split forward pass did not run"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::forward`] as one pass over every segment, its kernels shared out to the kernel
+    /// threads (or on this thread alone, inside `kernels::on_this_thread`).
+    fn forward_together(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
         let cfg = &self.config;
         let total: usize = segments.iter().map(|s| s.tokens.len()).sum();
         if total == 0 || segments.iter().any(|s| s.tokens.is_empty()) {
@@ -451,7 +545,7 @@ impl Decoder {
         let scale = 1.0 / (cfg.head_dim as f64).sqrt();
         let group = cfg.heads / cfg.kv_heads;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let h = rowwise::rms_norm(&x, &layer.attn_norm, eps)?;
             let (q, k, v) = layer.qkv.forward(&h, dense_rows, cfg)?;
             // [T, heads*hd] -> [1, heads, T, hd], per-head norms, then RoPE.
             let to_heads = |t: Tensor, n: usize, norm: Option<&Tensor>| -> Result<Tensor> {
@@ -461,18 +555,12 @@ impl Decoder {
                     .contiguous()?
                     .unsqueeze(0)?;
                 match norm {
-                    Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
+                    Some(w) => rowwise::rms_norm(&t, w, eps),
                     None => Ok(t),
                 }
             };
             let (cos, sin) = &rope[layer.rope];
-            let rotate = |t: &Tensor| {
-                if cfg.arch.interleaved_rope() {
-                    candle_nn::rotary_emb::rope_i(t, cos, sin)
-                } else {
-                    candle_nn::rotary_emb::rope(t, cos, sin)
-                }
-            };
+            let rotate = |t: &Tensor| rowwise::rope(t, cos, sin, cfg.arch.interleaved_rope());
             let q = rotate(&to_heads(q, cfg.heads, layer.q_norm.as_ref())?)?.squeeze(0)?;
             let k = rotate(&to_heads(k, cfg.kv_heads, layer.k_norm.as_ref())?)?.squeeze(0)?;
             let v = to_heads(v, cfg.kv_heads, None)?.squeeze(0)?;
@@ -518,11 +606,11 @@ impl Decoder {
                 .reshape((total, cfg.heads * cfg.head_dim))?;
             let mut o = layer.wo.forward(&o, dense_rows)?;
             if let Some(w) = &layer.post_attn_norm {
-                o = candle_nn::ops::rms_norm(&o, w, eps)?;
+                o = rowwise::rms_norm(&o, w, eps)?;
             }
-            x = (x + o)?;
+            x = rowwise::add(&x, &o)?;
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let h = rowwise::rms_norm(&x, &layer.ffn_norm, eps)?;
             let kind = match cfg.arch {
                 Arch::Gemma3 => Gate::GeluTanh,
                 Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => Gate::Silu,
@@ -530,9 +618,9 @@ impl Decoder {
             let act = layer.gate_up.activated(&h, dense_rows, kind)?;
             let mut f = layer.w_down.forward(&act, dense_rows)?;
             if let Some(w) = &layer.post_ffn_norm {
-                f = candle_nn::ops::rms_norm(&f, w, eps)?;
+                f = rowwise::rms_norm(&f, w, eps)?;
             }
-            x = (x + f)?;
+            x = rowwise::add(&x, &f)?;
         }
         // Logits only for the rows asked for; pooled hidden states for the segments that want
         // them, in the order of `order`.
@@ -547,7 +635,7 @@ impl Decoder {
                 Want::All => rows.extend(offset..offset + n),
                 Want::Pooled => {
                     let h = x.narrow(0, offset as usize, n as usize)?;
-                    let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
+                    let h = rowwise::rms_norm(&h, &self.norm, eps)?;
                     pooled.push(h.to_dtype(DType::F32)?.sum_keepdim(0)?);
                 }
             }
@@ -559,7 +647,7 @@ impl Decoder {
         } else {
             let idx = Tensor::new(rows.as_slice(), &self.device)?;
             let h = x.index_select(&idx, 0)?;
-            let h = candle_nn::ops::rms_norm(&h, &self.norm, eps)?;
+            let h = rowwise::rms_norm(&h, &self.norm, eps)?;
             Some(self.output.forward_quantized(&h)?.to_dtype(DType::F32)?)
         };
         let mut out = vec![None; segments.len()];
@@ -586,6 +674,71 @@ impl Decoder {
         Ok(out)
     }
 }
+
+/// Rows each part of a split forward pass needs at least (see [`Decoder::forward`]): below
+/// that, every thread reading all the weights for a handful of rows costs more than sharing
+/// one pass's kernels out.
+const MIN_PART_ROWS: usize = 8;
+
+/// Elements from which candle's CPU elementwise operations share their work out to its pool
+/// (`PAR_ELEMWISE_MIN` in candle-core 0.11): a split pass's parts stay under it, see
+/// `split_parts_stay_off_candles_pool`.
+const CANDLE_PARALLEL_ELEMENTS: usize = 64 * 1024;
+
+/// How much larger than an even share (`total / ways`) a split pass's largest part may be: a
+/// part runs on one thread, so the pass lasts as long as its largest part, while sharing every
+/// kernel out instead loses about this much to waiting.
+const MAX_PART_IMBALANCE: f64 = 1.25;
+
+/// Where to cut segments of `rows` rows (in order) into `ways` contiguous parts of about equal
+/// rows, for a pass whose parts run side by side: the first segment of every part after the
+/// first; `None` when that would not pay or may not be (fewer than two ways, fewer segments
+/// than ways, a part's rows outside `part_rows`, or the largest part over
+/// [`MAX_PART_IMBALANCE`] even shares).
+fn split_points(
+    rows: &[usize],
+    ways: usize,
+    part_rows: std::ops::RangeInclusive<usize>,
+) -> Option<Vec<usize>> {
+    if ways < 2 || rows.len() < ways {
+        return None;
+    }
+    let total: usize = rows.iter().sum();
+    let mut cuts = Vec::with_capacity(ways - 1);
+    let mut before = 0; // rows before segment i
+    let mut i = 0;
+    for k in 1..ways {
+        let target = total * k / ways;
+        // The cut whose rows before it come closest to the target, leaving each later part a
+        // segment at least.
+        while i + 1 < rows.len() - (ways - 1 - k)
+            && (before + rows[i]).abs_diff(target) <= before.abs_diff(target)
+        {
+            before += rows[i];
+            i += 1;
+        }
+        if i == 0 || cuts.last() == Some(&i) {
+            before += rows[i];
+            i += 1;
+        }
+        cuts.push(i);
+    }
+    let bounds: Vec<usize> = std::iter::once(0)
+        .chain(cuts.iter().copied())
+        .chain(std::iter::once(rows.len()))
+        .collect();
+    let parts: Vec<usize> = bounds
+        .windows(2)
+        .map(|w| rows[w[0]..w[1]].iter().sum())
+        .collect();
+    let largest = parts.iter().copied().max().unwrap_or(0);
+    let even = total as f64 / ways as f64;
+    (parts.iter().all(|p| part_rows.contains(p)) && largest as f64 <= even * MAX_PART_IMBALANCE)
+        .then_some(cuts)
+}
+
+/// One part of a split forward pass: its segments, and what running them gave.
+type Part<'s, 'a> = (&'s mut [Segment<'a>], Option<Result<Vec<Option<Tensor>>>>);
 
 impl Qkv {
     /// Queries, keys and values of `h` (`[T, hidden]`), each `[T, heads · head_dim]`.
@@ -728,5 +881,143 @@ impl Rope {
         }
         let f = self.attn_factor as f64;
         Ok(((freqs.cos()? * f)?, (freqs.sin()? * f)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::tests::scheduler;
+
+    /// Parts are contiguous, of about equal rows, each with a segment and rows in the range
+    /// given; passes that would not split well, or may not, are left whole.
+    #[test]
+    fn split_points_cut_even_parts_or_none() {
+        assert_eq!(split_points(&[1; 16], 2, 8..=1000), Some(vec![8]));
+        assert_eq!(split_points(&[20, 26, 26, 26], 2, 8..=1000), Some(vec![2]));
+        assert_eq!(split_points(&[10; 9], 3, 8..=1000), Some(vec![3, 6]));
+        assert_eq!(split_points(&[30, 1, 1, 30], 2, 8..=1000), Some(vec![2]));
+        assert_eq!(
+            split_points(&[40, 40, 40, 1], 3, 1..=1000),
+            Some(vec![1, 2])
+        );
+        // A large segment: the best cut leaves one part far over an even share.
+        assert_eq!(split_points(&[60, 5, 5], 2, 8..=1000), None);
+        assert_eq!(split_points(&[1, 1, 100, 100], 3, 1..=1000), None);
+        // Too few rows for a part, too few segments, or one way.
+        assert_eq!(split_points(&[4, 4], 2, 8..=1000), None);
+        assert_eq!(split_points(&[100], 2, 8..=1000), None);
+        assert_eq!(split_points(&[50, 50], 1, 8..=1000), None);
+        // A part over the most rows a part may have.
+        assert_eq!(split_points(&[60, 60], 2, 8..=59), None);
+        assert_eq!(split_points(&[60, 60], 2, 8..=60), Some(vec![1]));
+        // Every part keeps a segment, whatever the rows.
+        for ways in 2..5 {
+            for n in ways..12 {
+                let rows: Vec<usize> = (0..n).map(|i| 1 + (i * 7) % 5).collect();
+                if let Some(cuts) = split_points(&rows, ways, 1..=1000) {
+                    assert_eq!(cuts.len(), ways - 1, "{rows:?}");
+                    assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{rows:?} {cuts:?}");
+                    assert!(cuts[0] > 0 && cuts[ways - 2] < n, "{rows:?} {cuts:?}");
+                }
+            }
+        }
+    }
+
+    /// A pass split into parts side by side gives every segment the same logits, bit for
+    /// bit, and leaves the same caches (a next pass on them agrees too) as the pass whole.
+    #[test]
+    fn split_passes_give_the_same_bits() {
+        let Some((w, tok)) = scheduler(true) else {
+            return;
+        };
+        let model = &w.model;
+        let prompts: Vec<Vec<u32>> = [
+            "The quick brown fox jumps over the lazy dog.",
+            "Question: which label fits? Answer with one of: yes, no.",
+            "A",
+            "Candidate 12, Staff Engineer at Globex, ten years of compilers.",
+            "Write a short poem about the sea.",
+        ]
+        .iter()
+        .map(|p| tok.encode_plain(p).unwrap())
+        .collect();
+        let wants = [Want::All, Want::Last, Want::Last, Want::Nothing, Want::All];
+        let run = |cuts: Option<&[usize]>| {
+            let mut caches: Vec<SeqCache> = prompts
+                .iter()
+                .map(|p| SeqCache::new(model.cache_shape(), p.len() + 1, model.device()).unwrap())
+                .collect();
+            let mut segments: Vec<Segment<'_>> = caches
+                .iter_mut()
+                .zip(&prompts)
+                .zip(wants)
+                .map(|((cache, tokens), want)| Segment {
+                    cache,
+                    tokens,
+                    want,
+                    prompt: true,
+                })
+                .collect();
+            let first = match cuts {
+                Some(cuts) => model.forward_split(&mut segments, cuts),
+                None => model.forward_together(&mut segments),
+            }
+            .unwrap();
+            let next = [42u32];
+            let mut segments: Vec<Segment<'_>> = caches
+                .iter_mut()
+                .map(|cache| Segment {
+                    cache,
+                    tokens: &next,
+                    want: Want::Last,
+                    prompt: false,
+                })
+                .collect();
+            let second = model.forward_together(&mut segments).unwrap();
+            first
+                .into_iter()
+                .chain(second)
+                .map(|l| l.map(|l| l.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let whole = run(None);
+        assert!(whole[0].is_some() && whole[3].is_none());
+        for cuts in [&[1][..], &[3], &[2, 4], &[1, 2, 3, 4]] {
+            assert_eq!(run(Some(cuts)), whole, "cut at {cuts:?}");
+        }
+    }
+
+    /// A part of a split pass may use candle's elementwise code on just under
+    /// [`CANDLE_PARALLEL_ELEMENTS`] elements while the model thread holds candle's pool: candle
+    /// must still run that on the calling thread (were its threshold lowered, this would hang,
+    /// and the watchdog ends the test process with a message instead).
+    #[test]
+    fn split_parts_stay_off_candles_pool() {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            if !watch.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("candle shared elementwise work out below CANDLE_PARALLEL_ELEMENTS");
+                std::process::abort();
+            }
+        });
+        let n = CANDLE_PARALLEL_ELEMENTS - 1;
+        let a = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+        let sums = std::sync::Mutex::new(Vec::new());
+        crate::kernels::side_by_side(|_| {
+            let s = (&a + &a).unwrap().affine(0.5, 0.0).unwrap().cos().unwrap();
+            let total = s.sum_all().unwrap().to_scalar::<f32>().unwrap();
+            sums.lock().unwrap().push(total);
+        });
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let sums = sums.into_inner().unwrap();
+        assert_eq!(sums.len(), crate::kernels::threads());
+        assert!(
+            sums.iter()
+                .all(|&t| (t - n as f32 * 1f32.cos()).abs() < 1.0),
+            "{sums:?}"
+        );
     }
 }

@@ -161,6 +161,11 @@ impl Embedding {
         Ok(Self { table, hidden })
     }
 
+    /// Whether the table is in the packed kernel's layout (looked up without candle).
+    pub(crate) fn is_packed(&self) -> bool {
+        self.table.is_packed()
+    }
+
     /// `[ids.len(), hidden]` f32 rows.
     pub(crate) fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         let weights = match &self.table.kernel {
@@ -231,6 +236,11 @@ impl Linear {
             },
         };
         Ok(Self { kernel })
+    }
+
+    /// Whether batchlab's packed kernel runs this matrix (candle's kernels otherwise).
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(self.kernel, Kernel::Packed(_))
     }
 
     /// `x · Wᵀ` for `x` `[rows, in]` through the quantized kernel only.
