@@ -58,8 +58,11 @@ pub(crate) fn chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
 ///
 /// `f` holds candle's pool while it runs, so it must not hand work to it otherwise: no
 /// candle quantized matmul, and no candle elementwise operation large enough for candle to
-/// share out (see `Decoder::forward`). A panic in any call is raised here once all have ended.
+/// share out (see `Decoder::forward`). A panic in any call is caught before it reaches the
+/// pool (a panic there would poison its lock for every later pass) and raised again here once
+/// all have ended.
 pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
+    let panicked = std::sync::Mutex::new(None);
     candle_core::utils::barrier_pool().execute(|t| {
         struct Restore(bool);
         impl Drop for Restore {
@@ -68,8 +71,50 @@ pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
             }
         }
         let _restore = Restore(THIS_THREAD_ONLY.with(|c| c.replace(true)));
-        f(t)
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t))) {
+            panicked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(panic);
+        }
     });
+    if let Some(panic) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel thread runs its call once; a panic in one is raised to the caller, and
+    /// the pool still serves later calls (its lock not poisoned).
+    #[test]
+    fn side_by_side_runs_once_per_thread_and_survives_a_panic() {
+        let seen = std::sync::Mutex::new(Vec::new());
+        super::side_by_side(|t| seen.lock().unwrap().push(t));
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..super::threads()).collect::<Vec<_>>());
+        let caught = std::panic::catch_unwind(|| {
+            // The calling thread's own part: a panic there, left to reach the pool, would
+            // poison its lock.
+            super::side_by_side(|t| {
+                if t + 1 == super::threads() {
+                    panic!("the caller's part failed");
+                }
+            })
+        });
+        let message = caught.expect_err("the panic is raised again");
+        assert_eq!(
+            message.downcast_ref::<&str>(),
+            Some(&"the caller's part failed")
+        );
+        let sum = std::sync::atomic::AtomicUsize::new(0);
+        super::chunked(100, |r| {
+            sum.fetch_add(r.len(), std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 100);
+        super::side_by_side(|_| {});
+    }
 }
 
 /// The kernel threads: candle's barrier pool and the thread calling into it.

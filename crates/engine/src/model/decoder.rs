@@ -499,7 +499,7 @@ impl Decoder {
     }
 
     /// [`Self::forward`] as one pass over every segment, its kernels shared out to the kernel
-    /// threads (or on this thread alone, inside `kernels::on_this_thread`).
+    /// threads (or on this thread alone, inside `kernels::side_by_side`).
     fn forward_together(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
         let cfg = &self.config;
         let total: usize = segments.iter().map(|s| s.tokens.len()).sum();
