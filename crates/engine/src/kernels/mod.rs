@@ -40,7 +40,7 @@ thread_local! {
 /// Runs `f` over the work items `0..n`, in chunks shared out to candle's CPU threads (its
 /// barrier pool, this thread taking part); a single item, or every item inside
 /// [`side_by_side`], runs on this thread without waking the others. Every kernel shares its
-/// work out through here.
+/// work out through here. A panic in `f` is raised here, never inside the pool ([`Caught`]).
 pub(crate) fn chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
     if n == 0 {
         return;
@@ -48,7 +48,9 @@ pub(crate) fn chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
     if n == 1 || THIS_THREAD_ONLY.with(std::cell::Cell::get) {
         f(0..n);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(n, f);
+        let caught = Caught::default();
+        candle_core::utils::barrier_pool().execute_chunked(n, |range| caught.run(|| f(range)));
+        caught.raise();
     }
 }
 
@@ -58,11 +60,10 @@ pub(crate) fn chunked<F: Fn(std::ops::Range<usize>) + Sync>(n: usize, f: F) {
 ///
 /// `f` holds candle's pool while it runs, so it must not hand work to it otherwise: no
 /// candle quantized matmul, and no candle elementwise operation large enough for candle to
-/// share out (see `Decoder::forward`). A panic in any call is caught before it reaches the
-/// pool (a panic there would poison its lock for every later pass) and raised again here once
-/// all have ended.
+/// share out (see `Decoder::forward`). A panic in any call is raised here once all have
+/// ended ([`Caught`]).
 pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
-    let panicked = std::sync::Mutex::new(None);
+    let caught = Caught::default();
     candle_core::utils::barrier_pool().execute(|t| {
         struct Restore(bool);
         impl Drop for Restore {
@@ -71,15 +72,33 @@ pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
             }
         }
         let _restore = Restore(THIS_THREAD_ONLY.with(|c| c.replace(true)));
-        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(t))) {
-            panicked
+        caught.run(|| f(t));
+    });
+    caught.raise();
+}
+
+/// The first panic of work run on candle's pool, kept until the pool is done: a panic
+/// reaching the pool poisons its lock, and every later call into it (every forward pass)
+/// would then fail; raised afterwards it fails only the pass it happened in.
+#[derive(Default)]
+struct Caught(std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>);
+
+impl Caught {
+    /// Runs `f`, keeping its panic (the first one of all the calls) if it panics.
+    fn run(&self, f: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            self.0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get_or_insert(panic);
         }
-    });
-    if let Some(panic) = panicked.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        std::panic::resume_unwind(panic);
+    }
+
+    /// Raises the panic kept, if any.
+    fn raise(self) {
+        if let Some(panic) = self.0.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 
@@ -114,6 +133,19 @@ mod tests {
         });
         assert_eq!(sum.into_inner(), 100);
         super::side_by_side(|_| {});
+    }
+
+    /// A kernel whose work panics fails its own call only: the panic is raised to the
+    /// caller and the pool serves the next call.
+    #[test]
+    fn a_panicking_kernel_leaves_the_pool_serving() {
+        let caught = std::panic::catch_unwind(|| super::chunked(8, |_| panic!("kernel failed")));
+        assert!(caught.is_err());
+        let sum = std::sync::atomic::AtomicUsize::new(0);
+        super::chunked(100, |r| {
+            sum.fetch_add(r.len(), std::sync::atomic::Ordering::Relaxed);
+        });
+        assert_eq!(sum.into_inner(), 100);
     }
 }
 
