@@ -441,17 +441,19 @@ impl Decoder {
     /// (`[n, vocab]`, f32; `None` for [`Want::Nothing`]; pooled hidden states, `[1, hidden]`,
     /// for [`Want::Pooled`]).
     ///
-    /// On the CPU, where batchlab's kernels run every matrix, a pass whose segments divide
-    /// into one part per kernel thread of about equal rows ([`split_points`]) runs as that
-    /// many passes side by side, each with its kernels on its own thread: a whole part per
-    /// thread wastes less than sharing every kernel out and waiting at each of the hundreds of
-    /// steps of a pass (the model thread's own work between them leaves the others idle;
-    /// +13% bulk predictions on two cores). Parts stay under [`CANDLE_PARALLEL_ELEMENTS`]
-    /// per row width, so that candle's own operations in them never share work out. Rows are
-    /// computed independently and attention runs per segment: the same bits either way.
+    /// On the CPU, with at most [`MAX_SPLIT_WAYS`] kernel threads and batchlab's kernels
+    /// running every matrix, a pass whose segments divide into one part per kernel thread of
+    /// about equal rows ([`split_points`]) runs as that many passes side by side, each with
+    /// its kernels on its own thread: a whole part per thread wastes less than sharing every
+    /// kernel out and waiting at each of the hundreds of steps of a pass (the model thread's
+    /// own work between them leaves the others idle; +13% bulk predictions on two cores).
+    /// Parts stay under [`CANDLE_PARALLEL_ELEMENTS`] per row width, so that candle's own
+    /// operations in them never share work out. Rows are computed independently and attention
+    /// runs per segment: the same bits either way.
     pub(crate) fn forward(&self, segments: &mut [Segment<'_>]) -> Result<Vec<Option<Tensor>>> {
-        let ways = if self.part_rows > 0 {
-            crate::kernels::threads()
+        let threads = crate::kernels::threads();
+        let ways = if self.part_rows > 0 && threads <= MAX_SPLIT_WAYS {
+            threads
         } else {
             1
         };
@@ -679,6 +681,11 @@ impl Decoder {
 /// that, every thread reading all the weights for a handful of rows costs more than sharing
 /// one pass's kernels out.
 const MIN_PART_ROWS: usize = 8;
+
+/// The most kernel threads with which passes are split: measured to pay on two (each part
+/// reads every weight, so with many threads the parts would multiply the memory traffic that
+/// shared kernels read once; unmeasured there, such machines keep sharing every kernel out).
+const MAX_SPLIT_WAYS: usize = 2;
 
 /// Elements from which candle's CPU elementwise operations share their work out to its pool
 /// (`PAR_ELEMWISE_MIN` in candle-core 0.11): a split pass's parts stay under it, see
