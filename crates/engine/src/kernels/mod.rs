@@ -1,8 +1,8 @@
 //! batchlab's own CPU kernels, apart from the model code that calls them: the packed integer
 //! matrix product ([`packed`], on AVX2, AVX-512 VNNI and AMX tiles), the gated MLP activations
-//! ([`activation`]), attention's inner loops over the f16 cache ([`attention`]), and RMS norms
-//! and rotary embeddings ([`rowwise`]). Each
-//! kernel asks [`cpu_features`] which code path this CPU runs; none detects features itself.
+//! ([`activation`]), attention's inner loops over the f16 cache ([`attention`]), and RMS norms,
+//! rotary embeddings and residual sums ([`rowwise`]). Each kernel asks [`cpu_features`] which
+//! code path this CPU runs; none detects features itself.
 //!
 //! This is where the engine's `unsafe` code lives (SIMD intrinsics, inline assembly, threads
 //! writing disjoint parts of one buffer, one system call): the `unsafe_code` lint, denied
@@ -77,6 +77,11 @@ pub(crate) fn side_by_side(f: impl Fn(usize) + Sync) {
     caught.raise();
 }
 
+/// The kernel threads: candle's barrier pool and the thread calling into it.
+pub(crate) fn threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
 /// The first panic of work run on candle's pool, kept until the pool is done: a panic
 /// reaching the pool poisons its lock, and every later call into it (every forward pass)
 /// would then fail; raised afterwards it fails only the pass it happened in.
@@ -147,11 +152,6 @@ mod tests {
         });
         assert_eq!(sum.into_inner(), 100);
     }
-}
-
-/// The kernel threads: candle's barrier pool and the thread calling into it.
-pub(crate) fn threads() -> usize {
-    candle_core::utils::barrier_pool().n_workers() + 1
 }
 
 /// The contiguous data of a CPU tensor, as its storage and layout describe it (from the

@@ -1,9 +1,10 @@
-//! Row-wise kernels of the decoder: RMS normalisation and rotary position embeddings, with the
-//! same arithmetic as `candle_nn`'s (so the same bits), shared out through
-//! [`super::chunked`] like every other kernel. `candle_nn`'s CPU versions hand their work to
-//! rayon's pool whenever a pass has more than a few rows: a second pool beside candle's barrier
-//! pool, and each call put the model thread to sleep and woke it again (thousands of context
-//! switches a second during bulk prediction on two cores).
+//! Row-wise kernels of the decoder: RMS normalisation, rotary position embeddings and the
+//! residual sums, with the same arithmetic as candle's (so the same bits), shared out through
+//! [`super::chunked`] like every other kernel, so that they also run on one thread alone in a
+//! part of a split pass (see `Decoder::forward`). `candle_nn`'s CPU norm and RoPE hand their
+//! work to rayon's pool whenever a pass has more than a few rows: a second pool beside
+//! candle's barrier pool, and each call put the model thread to sleep and woke it again
+//! (thousands of context switches a second during bulk prediction on two cores).
 
 use std::sync::Mutex;
 

@@ -374,18 +374,10 @@ impl Decoder {
         let packed = embedding.is_packed()
             && output.is_packed()
             && layers.iter().all(|l| {
-                l.wo.is_packed()
+                l.qkv.is_packed()
+                    && l.wo.is_packed()
+                    && l.gate_up.is_packed()
                     && l.w_down.is_packed()
-                    && match &l.qkv {
-                        Qkv::Separate { q, k, v } => {
-                            q.0.is_packed() && k.0.is_packed() && v.0.is_packed()
-                        }
-                        Qkv::Fused(w, _) => w.is_packed(),
-                    }
-                    && match &l.gate_up {
-                        GateUp::Separate { gate, up } => gate.is_packed() && up.is_packed(),
-                        GateUp::Fused(w) => w.is_packed(),
-                    }
             });
         let widest = config
             .hidden
@@ -748,6 +740,14 @@ fn split_points(
 type Part<'s, 'a> = (&'s mut [Segment<'a>], Option<Result<Vec<Option<Tensor>>>>);
 
 impl Qkv {
+    /// Whether the packed kernel runs every matrix of it.
+    fn is_packed(&self) -> bool {
+        match self {
+            Self::Separate { q, k, v } => q.0.is_packed() && k.0.is_packed() && v.0.is_packed(),
+            Self::Fused(w, _) => w.is_packed(),
+        }
+    }
+
     /// Queries, keys and values of `h` (`[T, hidden]`), each `[T, heads · head_dim]`.
     fn forward(
         &self,
@@ -783,6 +783,14 @@ impl Qkv {
 }
 
 impl GateUp {
+    /// Whether the packed kernel runs every matrix of it.
+    fn is_packed(&self) -> bool {
+        match self {
+            Self::Separate { gate, up } => gate.is_packed() && up.is_packed(),
+            Self::Fused(w) => w.is_packed(),
+        }
+    }
+
     /// `act(gate(h)) × up(h)`: the MLP's input to its down projection.
     fn activated(&self, h: &Tensor, dense_rows: usize, kind: Gate) -> Result<Tensor> {
         match self {
@@ -939,6 +947,15 @@ mod tests {
             return;
         };
         let model = &w.model;
+        // SmolLM2's matrices all go through the packed kernel where it runs: its passes split,
+        // in parts of at most 65535 / 960 rows (its widest row, the stacked queries, keys and
+        // values: (9 + 2·3) heads of 64); elsewhere they never do.
+        let expected = if crate::kernels::packed_kernel() {
+            68
+        } else {
+            0
+        };
+        assert_eq!(model.part_rows, expected);
         let prompts: Vec<Vec<u32>> = [
             "The quick brown fox jumps over the lazy dog.",
             "Question: which label fits? Answer with one of: yes, no.",
