@@ -172,7 +172,7 @@ impl Scheduler {
                     });
                 }
             }
-            self.model.forward(&mut segments).map_err(inference)?
+            self.forward(&mut segments)?
         };
         self.metrics
             .prompt_tokens

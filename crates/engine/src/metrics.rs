@@ -31,6 +31,12 @@ pub(crate) struct EngineMetrics {
     pub(crate) time_per_output_token: Histogram,
     /// Choice-scoring jobs run.
     pub(crate) scoring_jobs: Counter,
+    /// Forward passes run (each reads every weight once), and the rows (tokens) they ran: rows
+    /// over passes is how full the batch keeps the model.
+    passes: Counter,
+    rows: Counter,
+    /// Forward passes, readable in-process (tests).
+    passes_total: AtomicU64,
     /// The most sequences one generation step has run.
     peak_sequences: AtomicUsize,
     /// The most prompt chunks one generation step has run.
@@ -50,7 +56,10 @@ impl EngineMetrics {
             queue_seconds: histogram!("batchlab_engine_queue_seconds", "model" => model.clone()),
             time_to_first_token: histogram!("batchlab_engine_time_to_first_token_seconds", "model" => model.clone()),
             time_per_output_token: histogram!("batchlab_engine_time_per_output_token_seconds", "model" => model.clone()),
-            scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model),
+            scoring_jobs: counter!("batchlab_engine_scoring_jobs_total", "model" => model.clone()),
+            passes: counter!("batchlab_engine_forward_passes_total", "model" => model.clone()),
+            rows: counter!("batchlab_engine_forward_rows_total", "model" => model),
+            passes_total: AtomicU64::new(0),
             generated_total: AtomicU64::new(0),
             reused_total: AtomicU64::new(0),
             peak_sequences: AtomicUsize::new(0),
@@ -70,6 +79,19 @@ impl EngineMetrics {
             sequences: self.peak_sequences.load(Ordering::Relaxed),
             prompts: self.peak_prompts.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts one forward pass of `rows` rows.
+    pub(crate) fn pass_ran(&self, rows: usize) {
+        self.passes.increment(1);
+        self.rows.increment(rows as u64);
+        self.passes_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forward passes run since the engine was loaded.
+    #[cfg(test)]
+    pub(crate) fn passes_total(&self) -> u64 {
+        self.passes_total.load(Ordering::Relaxed)
     }
 
     /// Counts one generated token.

@@ -8,16 +8,17 @@
 //! next token and prompts contribute chunks within the step's token budget, so sequences of
 //! different lengths join and leave the batch between steps and share every weight read.
 //! Per-request state (tokens, sampler, detokenizer, stop conditions) is a [`Sequence`]
-//! (`sequence`, sampling in `sampling`). Choice scoring jobs (`scoring`) advance one bounded
-//! forward pass per turn of the loop, taking turns with each other and with the generation step
-//! ([`Scheduler::tick`]), so that no scoring request, however many candidates it has, stalls
-//! the running generations.
+//! (`sequence`, sampling in `sampling`). Choice scoring jobs (`scoring`) advance by a bounded
+//! number of rows per turn of the loop, in the same forward pass as the generation step and
+//! taking turns with each other ([`Scheduler::tick`]), so that no scoring request, however many
+//! candidates it has, stalls the running generations.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::bulk_batch;
@@ -174,11 +175,14 @@ impl Scheduler {
         tracing::debug!("engine queue closed; model thread exits");
     }
 
-    /// One turn of the model thread: drops cancelled work, advances scoring jobs by one forward
-    /// pass together ([`Scheduler::score_turn`]: the first in line, and those behind it while
-    /// the step's row budget lasts; they then go to the back of the line), runs one generation
-    /// step, and answers what finished. So scoring jobs, however many candidates they have,
-    /// delay each generation step by one bounded pass at most, and take turns.
+    /// One turn of the model thread: drops cancelled work, runs **one** forward pass that
+    /// advances the scoring jobs ([`Scheduler::plan_scoring`]: the first in line, and those
+    /// behind it while the pass's scoring row budget lasts; they then go to the back of the
+    /// line) and every running generation by a step ([`Scheduler::plan_step`]), answers what
+    /// finished, then gives embedding jobs their pass. So scoring jobs, however many candidates
+    /// they have, delay each generation step by a bounded number of rows at most, and take
+    /// turns; and a pass's fixed cost (every weight read, hundreds of kernels started) is paid
+    /// once for both kinds of work instead of once each.
     ///
     /// While the batch holds interactive work ([`Priority::Interactive`]), the turn is its
     /// alone: only interactive scoring jobs and generations advance, and bulk ones wait, their
@@ -217,22 +221,68 @@ impl Scheduler {
         // While interactive work is in the batch it runs alone: bulk generations and scoring
         // jobs keep their caches and go on when it is done.
         let interactive = batch.has_interactive();
-        self.score_turn(&mut batch.scoring, interactive);
-        self.embed_turn(&mut batch.embedding, interactive);
-        if batch.running.is_empty() {
-            return;
-        }
-        if let Err(e) = guarded(|| self.step(&mut batch.running, interactive)) {
-            // A failed forward fails the whole batch: their caches are in an unknown state.
-            for r in batch.running.drain(..) {
-                let _sequence = r.span.enter();
-                tracing::debug!(
-                    generated = r.seq.generated(),
-                    "sequence failed with its batch"
-                );
-                let _ = r.reply.send(Err(EngineError::Inference(e.to_string())));
+        let mut turn = self.plan_scoring(&mut batch.scoring, interactive);
+        let plan = self.plan_step(&batch.running, interactive);
+        if !turn.chosen.is_empty() || !plan.is_empty() {
+            let started = Instant::now();
+            let ran = guarded(|| {
+                let mut segments = Vec::new();
+                let mut counts = Vec::with_capacity(turn.chosen.len());
+                for (i, job) in batch.scoring.iter_mut().enumerate() {
+                    if turn.chosen.contains(&i) {
+                        let part = pass_segments(&mut job.state);
+                        counts.push(part.len());
+                        segments.extend(part);
+                    }
+                }
+                step_segments(&mut batch.running, &plan, &mut segments);
+                let out = self.forward(&mut segments)?;
+                Ok((out, counts))
+            });
+            tracing::debug!(
+                scoring_jobs = turn.chosen.len(),
+                scoring_rows = turn.rows,
+                seqs = plan.len(),
+                rows = turn.rows + plan.iter().map(|&(_, n)| n).sum::<usize>(),
+                forward_us = started.elapsed().as_micros() as u64,
+                "forward pass"
+            );
+            match ran {
+                Ok((out, counts)) => {
+                    let mut out = out.into_iter();
+                    for (&i, n) in turn.chosen.iter().zip(counts) {
+                        let part: Vec<_> = out.by_ref().take(n).collect();
+                        let job = &mut batch.scoring[i];
+                        match guarded(|| self.absorb_pass(&mut job.state, part)) {
+                            Ok(true) => turn.ended.push((i, Ok(()))),
+                            Ok(false) => {}
+                            Err(e) => turn.ended.push((i, Err(e))),
+                        }
+                    }
+                    if !plan.is_empty() {
+                        let generated = out.collect();
+                        if let Err(e) =
+                            guarded(|| self.absorb_step(&mut batch.running, plan, generated))
+                        {
+                            fail_running(&mut batch.running, &e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    turn.ended.extend(
+                        turn.chosen
+                            .iter()
+                            .map(|&i| (i, Err(EngineError::Inference(reason.clone())))),
+                    );
+                    if !plan.is_empty() {
+                        fail_running(&mut batch.running, &e);
+                    }
+                }
             }
         }
+        self.settle_scoring(&mut batch.scoring, turn);
+        self.embed_turn(&mut batch.embedding, interactive);
         let mut i = 0;
         while i < batch.running.len() {
             if batch.running[i].seq.finish.is_some() {
@@ -244,78 +294,50 @@ impl Scheduler {
         }
     }
 
-    /// The scoring jobs' part of a turn: the jobs that may run (only the interactive ones when
-    /// `interactive`), in line order, each with its next pass planned, as many as fit the
-    /// step's row budget (`prefill_chunk`; the first always), run in one forward pass, since a
-    /// pass costs about as much for a few rows as for many more; they then go to the back of
-    /// the line. Jobs with every candidate scored are answered, and jobs that fail are answered
-    /// with the error (a failed forward fails every job in it).
-    fn score_turn(&mut self, scoring: &mut VecDeque<ScoreJob>, interactive: bool) {
+    /// Runs one forward pass of the model over `segments` (see `Decoder::forward`), counted in
+    /// the metrics.
+    pub(crate) fn forward(
+        &self,
+        segments: &mut [Segment<'_>],
+    ) -> Result<Vec<Option<Tensor>>, EngineError> {
+        self.metrics
+            .pass_ran(segments.iter().map(|s| s.tokens.len()).sum());
+        self.model.forward(segments).map_err(inference)
+    }
+
+    /// The scoring jobs' part of a turn's pass: the jobs that may run (only the interactive
+    /// ones when `interactive`), in line order, each with its next pass planned, as many as fit
+    /// the pass's scoring row budget (`prefill_chunk`; the first always), since a pass costs
+    /// about as much for a few rows as for many more. Jobs with nothing left to run, or whose
+    /// planning failed, are in `ended`.
+    fn plan_scoring(&mut self, scoring: &mut VecDeque<ScoreJob>, interactive: bool) -> ScoreTurn {
         let budget = self.prefill_chunk.max(1);
-        let mut rows = 0;
-        let mut chosen: Vec<usize> = Vec::new();
-        let mut ended: Vec<(usize, Result<(), EngineError>)> = Vec::new();
+        let mut turn = ScoreTurn::default();
         for (i, job) in scoring.iter_mut().enumerate() {
             if interactive && job.priority != Priority::Interactive {
                 continue;
             }
             match guarded(|| self.plan_pass(&mut job.state)) {
-                Ok(None) => ended.push((i, Ok(()))),
+                Ok(None) => turn.ended.push((i, Ok(()))),
                 Ok(Some(n)) => {
-                    if !chosen.is_empty() && rows + n > budget {
+                    if !turn.chosen.is_empty() && turn.rows + n > budget {
                         break;
                     }
-                    rows += n;
-                    chosen.push(i);
+                    turn.rows += n;
+                    turn.chosen.push(i);
                 }
-                Err(e) => ended.push((i, Err(e))),
+                Err(e) => turn.ended.push((i, Err(e))),
             }
         }
-        if !chosen.is_empty() {
-            let model = &self.model;
-            let started = Instant::now();
-            let ran = guarded(|| {
-                let mut segments = Vec::new();
-                let mut counts = Vec::with_capacity(chosen.len());
-                for (i, job) in scoring.iter_mut().enumerate() {
-                    if chosen.contains(&i) {
-                        let part = pass_segments(&mut job.state);
-                        counts.push(part.len());
-                        segments.extend(part);
-                    }
-                }
-                let out = model.forward(&mut segments).map_err(inference)?;
-                Ok((out, counts))
-            });
-            tracing::debug!(
-                jobs = chosen.len(),
-                rows,
-                forward_us = started.elapsed().as_micros() as u64,
-                "scoring pass"
-            );
-            match ran {
-                Ok((out, counts)) => {
-                    let mut out = out.into_iter();
-                    for (&i, n) in chosen.iter().zip(counts) {
-                        let part: Vec<_> = out.by_ref().take(n).collect();
-                        let job = &mut scoring[i];
-                        match guarded(|| self.absorb_pass(&mut job.state, part)) {
-                            Ok(true) => ended.push((i, Ok(()))),
-                            Ok(false) => {}
-                            Err(e) => ended.push((i, Err(e))),
-                        }
-                    }
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    ended.extend(
-                        chosen
-                            .iter()
-                            .map(|&i| (i, Err(EngineError::Inference(reason.clone())))),
-                    );
-                }
-            }
-        }
+        turn
+    }
+
+    /// After the turn's pass: answers the scoring jobs that ended (with their scores, or the
+    /// error that ended them), and sends the jobs that took part to the back of the line.
+    fn settle_scoring(&mut self, scoring: &mut VecDeque<ScoreJob>, turn: ScoreTurn) {
+        let ScoreTurn {
+            chosen, mut ended, ..
+        } = turn;
         if chosen.is_empty() && ended.is_empty() {
             return;
         }
@@ -454,17 +476,17 @@ impl Scheduler {
         }
     }
 
-    /// One batched forward over every running sequence: each decoding sequence's next token,
-    /// and prompt chunks while the step's prompt-token budget lasts; then samples where a
-    /// prompt is done.
+    /// The generations' part of a turn's pass: each decoding sequence's next token, and prompt
+    /// chunks while the step's prompt-token budget lasts (one always runs), as
+    /// (index in `running`, tokens this step), in `running`'s order.
     ///
     /// A prompt is cut at fixed multiples of `prefill_chunk` from its start, whatever else runs:
     /// every row of the batched matmuls is computed independently and attention runs per
     /// sequence, so a request gets bit-for-bit the same logits alone or in any batch.
-    fn step(&mut self, running: &mut [Running], only_interactive: bool) -> Result<(), EngineError> {
+    fn plan_step(&self, running: &[Running], only_interactive: bool) -> Vec<(usize, usize)> {
         let chunk = self.prefill_chunk.max(1);
         let mut prompt_budget = chunk;
-        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens this step)
+        let mut plan: Vec<(usize, usize)> = Vec::new();
         for (i, r) in running.iter().enumerate() {
             if only_interactive && r.priority != Priority::Interactive {
                 continue;
@@ -487,41 +509,18 @@ impl Scheduler {
             }
             plan.push((i, n));
         }
-        if plan.is_empty() {
-            return Ok(());
-        }
-        let logits = {
-            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
-            let mut wanted = plan.iter().peekable();
-            for (i, r) in running.iter_mut().enumerate() {
-                let Some(&&(pi, n)) = wanted.peek() else {
-                    break;
-                };
-                if pi != i {
-                    continue;
-                }
-                wanted.next();
-                let Running {
-                    seq, cache, fed, ..
-                } = r;
-                let ends = *fed + n == seq.tokens.len();
-                segments.push(Segment {
-                    cache,
-                    tokens: &seq.tokens[*fed..*fed + n],
-                    want: if ends { Want::Last } else { Want::Nothing },
-                    prompt: *fed < seq.prompt_len,
-                });
-            }
-            let started = Instant::now();
-            let out = self.model.forward(&mut segments).map_err(inference)?;
-            tracing::debug!(
-                seqs = segments.len(),
-                rows = segments.iter().map(|s| s.tokens.len()).sum::<usize>(),
-                forward_us = started.elapsed().as_micros() as u64,
-                "generation step"
-            );
-            out
-        };
+        plan
+    }
+
+    /// Takes the logits of the step [`Scheduler::plan_step`] planned (one per planned
+    /// sequence, in its order): feeds the rows into the sequences' counts and samples where a
+    /// prompt or a token is done.
+    fn absorb_step(
+        &mut self,
+        running: &mut [Running],
+        plan: Vec<(usize, usize)>,
+        logits: Vec<Option<Tensor>>,
+    ) -> Result<(), EngineError> {
         let (prompts, prompt_tokens) = plan
             .iter()
             .filter(|&&(i, _)| running[i].fed < running[i].seq.prompt_len)
@@ -583,6 +582,57 @@ impl Scheduler {
                 let _ = r.reply.send(Err(e));
             }
         }
+    }
+}
+
+/// The scoring jobs' share of a turn (see [`Scheduler::plan_scoring`]): by index in the line,
+/// the jobs whose next pass runs in it, and those that ended (answered after the pass).
+#[derive(Default)]
+struct ScoreTurn {
+    chosen: Vec<usize>,
+    /// Rows of the chosen jobs' passes.
+    rows: usize,
+    ended: Vec<(usize, Result<(), EngineError>)>,
+}
+
+/// Appends the segments of the step `plan` ([`Scheduler::plan_step`]) over `running`.
+fn step_segments<'a>(
+    running: &'a mut [Running],
+    plan: &[(usize, usize)],
+    segments: &mut Vec<Segment<'a>>,
+) {
+    let mut wanted = plan.iter().peekable();
+    for (i, r) in running.iter_mut().enumerate() {
+        let Some(&&(pi, n)) = wanted.peek() else {
+            break;
+        };
+        if pi != i {
+            continue;
+        }
+        wanted.next();
+        let Running {
+            seq, cache, fed, ..
+        } = r;
+        let ends = *fed + n == seq.tokens.len();
+        segments.push(Segment {
+            cache,
+            tokens: &seq.tokens[*fed..*fed + n],
+            want: if ends { Want::Last } else { Want::Nothing },
+            prompt: *fed < seq.prompt_len,
+        });
+    }
+}
+
+/// Answers every running generation with `error`: after a failed pass their caches are in an
+/// unknown state.
+fn fail_running(running: &mut Vec<Running>, error: &EngineError) {
+    for r in running.drain(..) {
+        let _sequence = r.span.enter();
+        tracing::debug!(
+            generated = r.seq.generated(),
+            "sequence failed with its batch"
+        );
+        let _ = r.reply.send(Err(EngineError::Inference(error.to_string())));
     }
 }
 
@@ -1057,6 +1107,92 @@ pub(crate) mod tests {
             let alone = w.score(Instant::now(), std::slice::from_ref(q)).unwrap();
             assert_eq!(together[0].logprobs, alone[0].logprobs, "{q:?}");
         }
+    }
+
+    /// A turn runs one forward pass for everything it advances: a scoring job's pass and the
+    /// running generations' step share it (a pass's fixed cost, every weight read and hundreds
+    /// of kernels started, is paid once), and each gets what it gets alone.
+    #[test]
+    fn scoring_and_generation_share_one_pass_a_turn() {
+        let Some((mut w, tok)) = scheduler(true) else {
+            return;
+        };
+        let enc = |s: &str| tok.encode_plain(s).unwrap();
+        let question = TokenQuestion {
+            prompt: enc("Is water wet? Answer:"),
+            candidates: vec![enc(" yes"), enc(" no"), enc(" maybe so")],
+        };
+        let job = |work| Job {
+            kind: "test",
+            priority: Priority::Bulk,
+            enqueued: Instant::now(),
+            line: Instant::now(),
+            span: tracing::Span::none(),
+            work,
+        };
+        let generate = |reply| {
+            job(Work::Generate {
+                prompt: enc("The capital of France is"),
+                params: SamplingParams {
+                    max_tokens: Some(4),
+                    temperature: 0.0,
+                    ..SamplingParams::default()
+                },
+                guide: None,
+                reply,
+            })
+        };
+        let run = |w: &mut Scheduler, batch: &mut Batch| {
+            let mut ticks = 0;
+            while !batch.is_empty() {
+                w.tick(batch);
+                ticks += 1;
+                assert!(ticks < 50, "the jobs never finished");
+            }
+            ticks
+        };
+        // Alone: the generation, then the scoring job, each its own passes.
+        let mut batch = Batch::default();
+        let (reply, mut alone_rx) = oneshot::channel();
+        w.admit(generate(reply), &mut batch);
+        run(&mut w, &mut batch);
+        let alone = alone_rx.try_recv().unwrap().unwrap();
+        w.prefix = PrefixCache::new(&w.model.cache_shape(), 64 << 20);
+        let scores_alone = w
+            .score(Instant::now(), std::slice::from_ref(&question))
+            .unwrap();
+        w.prefix = PrefixCache::new(&w.model.cache_shape(), 64 << 20);
+
+        let (reply, mut generated_rx) = oneshot::channel();
+        w.admit(generate(reply), &mut batch);
+        let (reply, mut scores_rx) = oneshot::channel();
+        w.admit(
+            job(Work::Score {
+                questions: vec![question.clone()],
+                reply,
+            }),
+            &mut batch,
+        );
+        let before = w.metrics.passes_total();
+        w.tick(&mut batch);
+        assert_eq!(
+            w.metrics.passes_total() - before,
+            1,
+            "one turn, one forward pass"
+        );
+        assert_eq!(batch.scoring[0].state.passes, 1, "the scoring job advanced");
+        assert!(batch.running[0].fed > 0, "the generation advanced");
+        let ticks = run(&mut w, &mut batch) + 1;
+        assert_eq!(
+            w.metrics.passes_total() - before,
+            ticks as u64,
+            "every turn ran one pass for both"
+        );
+        let together = generated_rx.try_recv().unwrap().unwrap();
+        assert_eq!(together.text, alone.text);
+        assert_eq!(together.completion_tokens, alone.completion_tokens);
+        let scores = scores_rx.try_recv().unwrap().unwrap();
+        assert_eq!(scores[0].logprobs, scores_alone[0].logprobs);
     }
 
     #[test]

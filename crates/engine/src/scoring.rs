@@ -154,7 +154,7 @@ impl Scheduler {
         }
         let out = {
             let mut segments = prefill_segments(caches, tokens, &state.fed, &plan);
-            self.model.forward(&mut segments).map_err(inference)?
+            self.forward(&mut segments)?
         };
         let rows = state.absorb(&plan, out)?;
         self.metrics.prompt_tokens.increment(rows as u64);
@@ -245,7 +245,7 @@ impl Scheduler {
         }
         let out = {
             let mut segments = pass_segments(s);
-            self.model.forward(&mut segments).map_err(inference)?
+            self.forward(&mut segments)?
         };
         self.absorb_pass(s, out)
     }
