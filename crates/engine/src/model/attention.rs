@@ -38,6 +38,16 @@ pub(crate) struct SegmentKv<'a> {
 /// work even when one sequence runs alone.
 const ROWS_PER_ITEM: usize = 32;
 
+thread_local! {
+    /// Each thread's keys and values of the work item it runs, widened to f32 (reused).
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Floats of widened keys a thread keeps between work items (1 MiB); larger buffers (long
+/// contexts) are freed after use.
+const KEEP_WIDENED: usize = 256 * 1024;
+
 /// The runs of slots that positions `from..to` occupy in a cache where position `p` is in slot
 /// `p % modulus`: `(first slot, positions)`, in order of position (two runs where the ring
 /// wraps).
@@ -56,9 +66,10 @@ fn runs(modulus: usize, from: usize, to: usize) -> impl Iterator<Item = (usize, 
 /// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (f32,
 /// scaled), the segments' rows one after another in order; query head `h` reads KV head
 /// `h / group`. Returns `[heads, total, head_dim]`. Work items are (segment, KV head, up to
-/// [`ROWS_PER_ITEM`] rows): each reads the keys and values its rows see straight from the f16
-/// cache ([`kernels::attention`]) for every query head that shares them, and runs on candle's
-/// own CPU thread pool (the one its matmuls use, so no second pool competes for the cores).
+/// [`ROWS_PER_ITEM`] rows): each widens the keys and values its rows see from the f16 cache
+/// to f32 once (a thread's buffer, bounded by the context) for all its rows and the query heads
+/// that share them, runs [`kernels::attention`]'s loops over them, and runs on candle's own CPU
+/// thread pool (the one its matmuls use, so no second pool competes for the cores).
 pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Result<Tensor> {
     let (heads, total, hd) = q.dims3()?;
     if segments.iter().map(|s| s.n).sum::<usize>() != total {
@@ -107,48 +118,50 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         let (k, v, cap) = kv[si];
         let base = kvh * cap * hd;
         let (k, v) = (&k[base..base + cap * hd], &v[base..base + cap * hd]);
-        // [group heads][rows][hd]
-        let mut out = vec![0f32; group * rows * hd];
-        let mut weights = Vec::new();
-        for g in 0..group {
-            let h = kvh * group + g;
-            for i in r0..r0 + rows {
-                let row = h * total + offsets[si] + i;
-                let qrow = &q[row * hd..(row + 1) * hd];
-                let visible = seg.past + i + 1;
-                let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
-                weights.clear();
-                weights.resize(visible - first, 0f32);
-                let mut at = 0;
-                for (slot, n) in runs(seg.modulus, first, visible) {
-                    let keys = &k[slot * hd..(slot + n) * hd];
-                    kernels::attention::scores(qrow, keys, &mut weights[at..at + n]);
-                    at += n;
-                }
-                // A comparison rather than `f32::max` (whose NaN rule keeps the loop scalar);
-                // both skip NaNs, so the maximum is the same.
-                let max = weights
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-                let mut sum = 0f32;
-                for w in weights.iter_mut() {
-                    *w = (*w - max).exp();
-                    sum += *w;
-                }
-                let o = &mut out[(g * rows + i - r0) * hd..][..hd];
-                let mut at = 0;
-                for (slot, n) in runs(seg.modulus, first, visible) {
-                    let values = &v[slot * hd..(slot + n) * hd];
-                    kernels::attention::weighted_sum(&weights[at..at + n], values, o);
-                    at += n;
-                }
-                let inv = 1.0 / sum;
-                for od in o.iter_mut() {
-                    *od *= inv;
+        // The positions any of the item's rows sees, widened to f32 once for all its rows and
+        // query heads (from the first row's window start to the last row).
+        let lo = seg.window.map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
+        let hi = seg.past + r0 + rows;
+        WIDENED.with_borrow_mut(|(keys, values)| {
+            keys.resize((hi - lo) * hd, 0.0);
+            values.resize((hi - lo) * hd, 0.0);
+            let mut at = 0;
+            for (slot, n) in runs(seg.modulus, lo, hi) {
+                let (from, to) = (slot * hd, (slot + n) * hd);
+                kernels::attention::widen(&k[from..to], &mut keys[at..at + n * hd]);
+                kernels::attention::widen(&v[from..to], &mut values[at..at + n * hd]);
+                at += n * hd;
+            }
+            // [group heads][rows][hd]
+            let mut out = vec![0f32; group * rows * hd];
+            let mut weights = Vec::new();
+            for g in 0..group {
+                let h = kvh * group + g;
+                for i in r0..r0 + rows {
+                    let row = h * total + offsets[si] + i;
+                    let qrow = &q[row * hd..(row + 1) * hd];
+                    let visible = seg.past + i + 1;
+                    let first = seg.window.map_or(0, |w| visible.saturating_sub(w));
+                    let (from, to) = ((first - lo) * hd, (visible - lo) * hd);
+                    weights.clear();
+                    weights.resize(visible - first, 0f32);
+                    kernels::attention::scores(qrow, &keys[from..to], &mut weights);
+                    let sum = kernels::attention::softmax_numerators(&mut weights);
+                    let o = &mut out[(g * rows + i - r0) * hd..][..hd];
+                    kernels::attention::weighted_sum(&weights, &values[from..to], o);
+                    let inv = 1.0 / sum;
+                    for od in o.iter_mut() {
+                        *od *= inv;
+                    }
                 }
             }
-        }
-        *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
+            // Long contexts leave large buffers: give them back rather than keep them per thread.
+            if keys.capacity() > KEEP_WIDENED {
+                *keys = Vec::new();
+                *values = Vec::new();
+            }
+            *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
+        });
     };
     crate::kernels::chunked(items.len(), |range| range.for_each(work));
     let mut out = vec![0f32; heads * total * hd];
