@@ -149,6 +149,8 @@ async fn the_worker_serves_health_and_metrics_of_the_batch_path() {
     for expected in [
         "batchlab_batches_finished_total{status=\"completed\"} 1",
         "batchlab_engine_generated_tokens_total",
+        "batchlab_engine_forward_passes_total",
+        "batchlab_engine_forward_rows_total",
         "batchlab_worker_http_requests_total",
     ] {
         assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
