@@ -262,9 +262,16 @@ unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
         for i in (0..full).step_by(LANES) {
             let x = _mm512_sub_ps(_mm512_loadu_ps(p.add(i)), shift);
             let e = exp_vector!(
-                x, _mm512_set1_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_add_ps,
+                x,
+                _mm512_set1_ps,
+                _mm512_mul_ps,
+                _mm512_fmadd_ps,
+                _mm512_add_ps,
                 |v| _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-                _mm512_cvtps_epi32, _mm512_slli_epi32, _mm512_add_epi32, _mm512_set1_epi32,
+                _mm512_cvtps_epi32,
+                _mm512_slli_epi32,
+                _mm512_add_epi32,
+                _mm512_set1_epi32,
                 _mm512_castsi512_ps,
                 |x, e| _mm512_maskz_mov_ps(
                     !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(EXP_UNDERFLOW)),
@@ -301,9 +308,16 @@ unsafe fn softmax_numerators_avx2(row: &mut [f32]) -> f32 {
                 let at = p.add(i + h * HALF);
                 let x = _mm256_sub_ps(_mm256_loadu_ps(at), shift);
                 let e = exp_vector!(
-                    x, _mm256_set1_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_add_ps,
+                    x,
+                    _mm256_set1_ps,
+                    _mm256_mul_ps,
+                    _mm256_fmadd_ps,
+                    _mm256_add_ps,
                     |v| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-                    _mm256_cvtps_epi32, _mm256_slli_epi32, _mm256_add_epi32, _mm256_set1_epi32,
+                    _mm256_cvtps_epi32,
+                    _mm256_slli_epi32,
+                    _mm256_add_epi32,
+                    _mm256_set1_epi32,
                     _mm256_castsi256_ps,
                     |x, e| _mm256_andnot_ps(
                         _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_UNDERFLOW)),
@@ -461,7 +475,11 @@ unsafe fn scores_avx2(q: &[f32], keys: &[f32], scores: &mut [f32]) {
             for c in 0..full {
                 let (kp, qp) = (k.as_ptr().add(c * LANES), q.as_ptr().add(c * LANES));
                 lo = _mm256_fmadd_ps(_mm256_loadu_ps(qp), _mm256_loadu_ps(kp), lo);
-                hi = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(HALF)), _mm256_loadu_ps(kp.add(HALF)), hi);
+                hi = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(HALF)),
+                    _mm256_loadu_ps(kp.add(HALF)),
+                    hi,
+                );
             }
             // Lane l plus lane l + 8, then + 4, + 2, + 1: the portable order.
             let x8 = _mm256_add_ps(lo, hi);
@@ -588,7 +606,17 @@ mod tests {
                 let half: Vec<f16> = data(n * hd, 2).iter().map(|&x| f16::from_f32(x)).collect();
                 let mut keys = vec![0f32; n * hd];
                 widen(&half, &mut keys);
-                assert!(keys.iter().zip(&half).all(|(k, h)| *k == h.to_f32()), "widen");
+                assert!(
+                    keys.iter().zip(&half).all(|(k, h)| *k == h.to_f32()),
+                    "widen"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if avx2() {
+                    let mut twin = vec![0f32; n * hd];
+                    // SAFETY: the CPU has AVX2 and F16C; the lengths are equal.
+                    unsafe { widen_avx2(&half, &mut twin) };
+                    assert_eq!(bits(&twin), bits(&keys), "AVX2 widen");
+                }
                 let mut got = vec![0f32; n];
                 scores(&q, &keys, &mut got);
                 #[cfg(target_arch = "x86_64")]
@@ -609,9 +637,7 @@ mod tests {
                 for (j, &s) in got.iter().enumerate() {
                     let want = dot_portable(&q, &keys[j * hd..(j + 1) * hd]);
                     assert_eq!(s.to_bits(), want.to_bits(), "hd {hd} key {j}");
-                    let exact: f64 = (0..hd)
-                        .map(|d| q[d] as f64 * keys[j * hd + d] as f64)
-                        .sum();
+                    let exact: f64 = (0..hd).map(|d| q[d] as f64 * keys[j * hd + d] as f64).sum();
                     assert!(
                         (s as f64 - exact).abs() < 1e-3 * (1.0 + exact.abs()),
                         "hd {hd}"
@@ -637,7 +663,10 @@ mod tests {
                 }
             }
         }
-        eprintln!("attention kernels ran: {}", super::super::cpu_features::describe());
+        eprintln!(
+            "attention kernels ran: {}",
+            super::super::cpu_features::describe()
+        );
     }
 
     /// Softmax numerators: every instruction set's code gives the portable code's bits (rows
@@ -660,7 +689,10 @@ mod tests {
                 if want < 1e-37 {
                     assert!(*e < 1e-37, "{s}: {e}");
                 } else {
-                    assert!(((*e as f64) - want).abs() <= 2.5e-7 * want, "{s}: {e} vs {want}");
+                    assert!(
+                        ((*e as f64) - want).abs() <= 2.5e-7 * want,
+                        "{s}: {e} vs {want}"
+                    );
                 }
                 if *s == max {
                     assert_eq!(*e, 1.0);
@@ -697,7 +729,10 @@ mod tests {
             let want = (x as f64).exp();
             let ulp = (want as f32).to_bits();
             let ulp = f32::from_bits(ulp + 1) as f64 - want as f32 as f64;
-            assert!((got - want).abs() <= 2.0 * ulp, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {got}, want {want}"
+            );
             x -= 0.0137;
         }
     }

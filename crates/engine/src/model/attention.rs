@@ -120,7 +120,9 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
         let (k, v) = (&k[base..base + cap * hd], &v[base..base + cap * hd]);
         // The positions any of the item's rows sees, widened to f32 once for all its rows and
         // query heads (from the first row's window start to the last row).
-        let lo = seg.window.map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
+        let lo = seg
+            .window
+            .map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
         let hi = seg.past + r0 + rows;
         WIDENED.with_borrow_mut(|(keys, values)| {
             keys.resize((hi - lo) * hd, 0.0);
