@@ -155,15 +155,7 @@ impl Scheduler {
             let mut segments: Vec<Segment<'_>> = Vec::new();
             for (job, plan) in jobs.iter_mut().zip(&plans) {
                 let EmbedJob { inputs, active, .. } = &mut **job;
-                let mut wanted = plan.iter().peekable();
-                for (i, a) in active.iter_mut().enumerate() {
-                    let Some(&&(pi, n)) = wanted.peek() else {
-                        break;
-                    };
-                    if pi != i {
-                        continue;
-                    }
-                    wanted.next();
+                for (_, a, n) in crate::scheduler::planned(active, plan) {
                     segments.push(Segment {
                         cache: &mut a.cache,
                         tokens: &inputs[a.input][a.fed..a.fed + n],

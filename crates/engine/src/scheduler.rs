@@ -595,21 +595,28 @@ struct ScoreTurn {
     ended: Vec<(usize, Result<(), EngineError>)>,
 }
 
+/// The items of `items` that `plan` names, each with its index and its `n`: a pass's plan is
+/// `(index, n)` pairs in increasing index order (generations, prefill chunks, embeddings).
+pub(crate) fn planned<'a, 'p, T>(
+    items: &'a mut [T],
+    plan: &'p [(usize, usize)],
+) -> impl Iterator<Item = (usize, &'a mut T, usize)> + use<'a, 'p, T> {
+    let mut items = items.iter_mut().enumerate();
+    plan.iter().filter_map(move |&(want, n)| {
+        items
+            .by_ref()
+            .find(|(i, _)| *i == want)
+            .map(|(i, item)| (i, item, n))
+    })
+}
+
 /// Appends the segments of the step `plan` ([`Scheduler::plan_step`]) over `running`.
 fn step_segments<'a>(
     running: &'a mut [Running],
     plan: &[(usize, usize)],
     segments: &mut Vec<Segment<'a>>,
 ) {
-    let mut wanted = plan.iter().peekable();
-    for (i, r) in running.iter_mut().enumerate() {
-        let Some(&&(pi, n)) = wanted.peek() else {
-            break;
-        };
-        if pi != i {
-            continue;
-        }
-        wanted.next();
+    for (_, r, n) in planned(running, plan) {
         let Running {
             seq, cache, fed, ..
         } = r;

@@ -492,26 +492,18 @@ fn prefill_segments<'a>(
     fed: &[usize],
     plan: &[(usize, usize)],
 ) -> Vec<Segment<'a>> {
-    let mut planned = plan.iter().peekable();
-    let mut segments = Vec::with_capacity(plan.len());
-    for (i, cache) in caches.iter_mut().enumerate() {
-        let Some(&&(pi, n)) = planned.peek() else {
-            break;
-        };
-        if pi != i {
-            continue;
-        }
-        planned.next();
-        let t: &'a [u32] = tokens[i];
-        let ends = fed[i] + n == t.len();
-        segments.push(Segment {
-            cache,
-            tokens: &t[fed[i]..fed[i] + n],
-            want: if ends { Want::Last } else { Want::Nothing },
-            prompt: true,
-        });
-    }
-    segments
+    crate::scheduler::planned(caches, plan)
+        .map(|(i, cache, n)| {
+            let t: &'a [u32] = tokens[i];
+            let ends = fed[i] + n == t.len();
+            Segment {
+                cache,
+                tokens: &t[fed[i]..fed[i] + n],
+                want: if ends { Want::Last } else { Want::Nothing },
+                prompt: true,
+            }
+        })
+        .collect()
 }
 
 /// The segments of the pass [`Scheduler::plan_pass`] planned for `s` (none when it planned

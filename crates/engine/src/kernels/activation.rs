@@ -63,11 +63,7 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, kind: Gate) -> Result<Tensor> {
                 apply(kind, &g[at..at + len], &u[at..at + len], o);
             }
         };
-        if chunks > 1 {
-            crate::kernels::chunked(chunks, run);
-        } else {
-            run(0..chunks);
-        }
+        crate::kernels::chunked(chunks, run);
     }
     Tensor::from_vec(out, gate.shape(), &Device::Cpu)
 }
@@ -104,11 +100,7 @@ pub(crate) fn gated_halves(both: &Tensor, kind: Gate) -> Result<Tensor> {
                 }
             }
         };
-        if items > 1 {
-            crate::kernels::chunked(items, run);
-        } else {
-            run(0..items);
-        }
+        crate::kernels::chunked(items, run);
     }
     Tensor::from_vec(out, (rows, n), &Device::Cpu)
 }

@@ -32,19 +32,14 @@ const LANES: usize = 16;
 const HALF: usize = 8;
 
 /// `dst[i] = src[i]` as f32 (exact): keys and values widened once for every query that reads
-/// them, instead of once per query.
+/// them, instead of once per query. F16C eight at a time where the CPU has it (every CPU the
+/// packed kernel runs on, AVX-512 ones included: widening is exact, so one vector path serves).
 pub(crate) fn widen(src: &[f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "widen: lengths");
     #[cfg(target_arch = "x86_64")]
-    if avx512_vnni() {
-        // SAFETY: the CPU has AVX-512 F; the lengths were checked above.
-        unsafe { widen_avx512(src, dst) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
     if avx2() {
         // SAFETY: the CPU has AVX2 and F16C; the lengths were checked above.
-        unsafe { widen_avx2(src, dst) };
+        unsafe { widen_f16c(src, dst) };
         return;
     }
     for (d, s) in dst.iter_mut().zip(src) {
@@ -52,34 +47,13 @@ pub(crate) fn widen(src: &[f16], dst: &mut [f32]) {
     }
 }
 
-/// [`widen`] in AVX-512.
+/// [`widen`] in F16C.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, and `src` and `dst` have the same length.
+/// The CPU has AVX and F16C, and `src` and `dst` have the same length.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn widen_avx512(src: &[f16], dst: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let full = src.len() / LANES * LANES;
-    for i in (0..full).step_by(LANES) {
-        // SAFETY: i + 16 <= full <= both lengths; unaligned loads and stores.
-        unsafe {
-            let v = _mm512_cvtph_ps(_mm256_loadu_si256(src.as_ptr().add(i).cast()));
-            _mm512_storeu_ps(dst.as_mut_ptr().add(i), v);
-        }
-    }
-    for i in full..src.len() {
-        dst[i] = src[i].to_f32();
-    }
-}
-
-/// [`widen`] in AVX2 (F16C).
-///
-/// # Safety
-/// The CPU has AVX2 and F16C, and `src` and `dst` have the same length.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_avx2(src: &[f16], dst: &mut [f32]) {
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let full = src.len() / HALF * HALF;
     for i in (0..full).step_by(HALF) {
@@ -298,34 +272,32 @@ unsafe fn softmax_numerators_avx2(row: &mut [f32]) -> f32 {
     let max = row
         .iter()
         .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
-    let full = row.len() / LANES * LANES;
+    let full = row.len() / HALF * HALF;
     let p = row.as_mut_ptr();
-    // SAFETY: every half-chunk i..i + 8 lies below `full`; unaligned loads and stores.
+    // SAFETY: every chunk i..i + 8 lies below `full`; unaligned loads and stores.
     unsafe {
         let shift = _mm256_set1_ps(max);
-        for i in (0..full).step_by(LANES) {
-            for h in 0..2 {
-                let at = p.add(i + h * HALF);
-                let x = _mm256_sub_ps(_mm256_loadu_ps(at), shift);
-                let e = exp_vector!(
-                    x,
-                    _mm256_set1_ps,
-                    _mm256_mul_ps,
-                    _mm256_fmadd_ps,
-                    _mm256_add_ps,
-                    |v| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
-                    _mm256_cvtps_epi32,
-                    _mm256_slli_epi32,
-                    _mm256_add_epi32,
-                    _mm256_set1_epi32,
-                    _mm256_castsi256_ps,
-                    |x, e| _mm256_andnot_ps(
-                        _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_UNDERFLOW)),
-                        e
-                    )
-                );
-                _mm256_storeu_ps(at, e);
-            }
+        for i in (0..full).step_by(HALF) {
+            let at = p.add(i);
+            let x = _mm256_sub_ps(_mm256_loadu_ps(at), shift);
+            let e = exp_vector!(
+                x,
+                _mm256_set1_ps,
+                _mm256_mul_ps,
+                _mm256_fmadd_ps,
+                _mm256_add_ps,
+                |v| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v),
+                _mm256_cvtps_epi32,
+                _mm256_slli_epi32,
+                _mm256_add_epi32,
+                _mm256_set1_epi32,
+                _mm256_castsi256_ps,
+                |x, e| _mm256_andnot_ps(
+                    _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_UNDERFLOW)),
+                    e
+                )
+            );
+            _mm256_storeu_ps(at, e);
         }
         for v in &mut row[full..] {
             *v = exp_nonpositive(*v - max);
@@ -610,13 +582,6 @@ mod tests {
                     keys.iter().zip(&half).all(|(k, h)| *k == h.to_f32()),
                     "widen"
                 );
-                #[cfg(target_arch = "x86_64")]
-                if avx2() {
-                    let mut twin = vec![0f32; n * hd];
-                    // SAFETY: the CPU has AVX2 and F16C; the lengths are equal.
-                    unsafe { widen_avx2(&half, &mut twin) };
-                    assert_eq!(bits(&twin), bits(&keys), "AVX2 widen");
-                }
                 let mut got = vec![0f32; n];
                 scores(&q, &keys, &mut got);
                 #[cfg(target_arch = "x86_64")]

@@ -370,7 +370,10 @@ impl Decoder {
         // A part runs on a thread of candle's pool, or on the model thread while it holds the
         // pool: none of its work may go to the pool again. Only where every matrix and the
         // embedding table go through batchlab's kernels, and no part has enough rows for
-        // candle's elementwise code (a bias added, the scaled queries, …) to share out.
+        // candle's elementwise code to share out: its unary and binary operations do from
+        // `CANDLE_PARALLEL_ELEMENTS` elements (in a pass, the q/k/v biases and the rotary
+        // frequencies; its casts, copies and scaling never do), bounded here by the widest
+        // activation row, a margin over both.
         let packed = embedding.is_packed()
             && output.is_packed()
             && layers.iter().all(|l| {
