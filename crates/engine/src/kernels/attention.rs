@@ -1,6 +1,9 @@
 //! The inner loops of row-wise attention: keys and values widened from the cache's f16 once
 //! for every query that reads them ([`widen`]), a query's scores against a run of keys, the
-//! softmax numerators of a row of scores, and a run of values summed with their weights.
+//! softmax numerators of a row of scores, and a run of values summed with their weights; and,
+//! for the few queries of one row (a decode step's query heads), scores and sums read straight
+//! from the f16 cache, each key and value converted once for all of them ([`scores_f16`],
+//! [`weighted_sum_f16`]: AVX-512 only, the same bits).
 //!
 //! Each output value has one definition, computed by the AVX-512 code where the packed kernel
 //! runs on AVX-512 VNNI ([`avx512_vnni`]), by the AVX2 code where it runs on AVX2 ([`avx2`])
@@ -120,6 +123,75 @@ pub(crate) fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
     for (&w, v) in weights.iter().zip(values.chunks_exact(hd)) {
         for (o, &v) in out.iter_mut().zip(v) {
             *o = w.mul_add(v, *o);
+        }
+    }
+}
+
+/// Most query heads [`scores_f16`] and [`weighted_sum_f16`] take at once: the query heads of
+/// one KV head (3 for SmolLM2, 4 for Gemma 3 270M).
+pub(crate) const MAX_GROUP: usize = 4;
+
+/// Whether [`scores_f16`] and [`weighted_sum_f16`] run here for `group` query heads of width
+/// `hd`: AVX-512 (where the packed kernel runs on AVX-512 VNNI), head widths a multiple of 16,
+/// at most [`MAX_GROUP`] heads. Elsewhere the keys and values are widened first ([`widen`]).
+pub(crate) fn direct_f16(hd: usize, group: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512_vnni() && hd > 0 && hd.is_multiple_of(LANES) && (1..=MAX_GROUP).contains(&group)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (hd, group);
+        false
+    }
+}
+
+/// [`scores`] for the `group` queries in `qs` (`[group, hd]`) against keys read straight from
+/// the cache's f16 (`[n, hd]`), into `scores` (`[group, n]`): each key converted once for all
+/// the queries that read it, where a query row of a decode step would otherwise widen its
+/// whole context for a few dot products. The same arithmetic as [`scores`] (conversion is
+/// exact), so the same bits. Runs only where [`direct_f16`] says so (panics elsewhere).
+pub(crate) fn scores_f16(qs: &[f32], group: usize, keys: &[f16], scores: &mut [f32]) {
+    let hd = qs.len() / group.max(1);
+    assert!(direct_f16(hd, group), "scores_f16: no direct code here");
+    assert!(
+        qs.len() == group * hd && keys.len() * group == scores.len() * hd,
+        "scores_f16: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `direct_f16` checked AVX-512 F and the width, the lengths were checked above.
+    unsafe {
+        match group {
+            1 => scores_f16_avx512::<1>(qs, keys, scores),
+            2 => scores_f16_avx512::<2>(qs, keys, scores),
+            3 => scores_f16_avx512::<3>(qs, keys, scores),
+            _ => scores_f16_avx512::<4>(qs, keys, scores),
+        }
+    }
+}
+
+/// [`weighted_sum`] for `group` rows of weights (`[group, n]`) over values read straight from
+/// the cache's f16 (`[n, hd]`), added into `out` (`[group, hd]`): each value converted once
+/// for all the rows that read it; the same arithmetic as [`weighted_sum`], so the same bits.
+/// Runs only where [`direct_f16`] says so (panics elsewhere).
+pub(crate) fn weighted_sum_f16(weights: &[f32], group: usize, values: &[f16], out: &mut [f32]) {
+    let hd = out.len() / group.max(1);
+    assert!(
+        direct_f16(hd, group),
+        "weighted_sum_f16: no direct code here"
+    );
+    assert!(
+        out.len() == group * hd && values.len() * group == weights.len() * hd,
+        "weighted_sum_f16: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `direct_f16` checked AVX-512 F and the width, the lengths were checked above.
+    unsafe {
+        match group {
+            1 => weighted_sum_f16_avx512::<1>(weights, values, out),
+            2 => weighted_sum_f16_avx512::<2>(weights, values, out),
+            3 => weighted_sum_f16_avx512::<3>(weights, values, out),
+            _ => weighted_sum_f16_avx512::<4>(weights, values, out),
         }
     }
 }
@@ -460,6 +532,111 @@ unsafe fn scores_avx2(q: &[f32], keys: &[f32], scores: &mut [f32]) {
     }
 }
 
+/// [`scores_f16`] in AVX-512 for `G` queries: per key, each register of 16 dimensions
+/// converted once and multiplied into every query's running sums, folded as [`scores`] folds.
+///
+/// # Safety
+/// The CPU has AVX-512 F, `qs` is `[G, hd]` with `hd` a multiple of 16, `keys` `[n, hd]` and
+/// `scores` `[G, n]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_f16_avx512<const G: usize>(qs: &[f32], keys: &[f16], scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = qs.len() / G;
+    let n = scores.len() / G;
+    for j in 0..n {
+        // SAFETY: key j's registers lie inside `keys` (n × hd values) and each query's inside
+        // `qs`; unaligned loads.
+        unsafe {
+            let k = keys.as_ptr().add(j * hd);
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in 0..hd / LANES {
+                let kc = _mm512_cvtph_ps(_mm256_loadu_si256(k.add(c * LANES).cast()));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let q = _mm512_loadu_ps(qs.as_ptr().add(g * hd + c * LANES));
+                    *acc = _mm512_fmadd_ps(q, kc, *acc);
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                // Lane l plus lane l + 8, then + 4, + 2, + 1: the portable order.
+                scores[g * n + j] = fold8(_mm256_add_ps(
+                    _mm512_castps512_ps256(*acc),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*acc))),
+                ));
+            }
+        }
+    }
+}
+
+/// [`weighted_sum_f16`] in AVX-512 for `G` rows: 4 registers of output values of every row at
+/// a time (then any last ones one at a time), each value register converted once per key for
+/// all the rows, keys in order.
+///
+/// # Safety
+/// The CPU has AVX-512 F, `out` is `[G, hd]` with `hd` a multiple of 16, `values` `[n, hd]`
+/// and `weights` `[G, n]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_f16_avx512<const G: usize>(
+    weights: &[f32],
+    values: &[f16],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    /// Registers `c..c + N` of every row's output values: load, add every key in order, store.
+    ///
+    /// # Safety
+    /// As the caller's, with `(c + N) × 16 ≤ hd`.
+    #[inline(always)]
+    unsafe fn chains<const G: usize, const N: usize>(
+        weights: &[f32],
+        values: &[f16],
+        out: &mut [f32],
+        c: usize,
+    ) {
+        let hd = out.len() / G;
+        let n = weights.len() / G;
+        // SAFETY: registers c..c + N lie inside each row of `out` and of `values`; the weights'
+        // rows hold n values each; unaligned loads and stores.
+        unsafe {
+            let o = out.as_mut_ptr();
+            let mut acc: [[__m512; N]; G] = std::array::from_fn(|g| {
+                std::array::from_fn(|r| _mm512_loadu_ps(o.add(g * hd + (c + r) * LANES)))
+            });
+            for j in 0..n {
+                let row = values.as_ptr().add(j * hd + c * LANES);
+                let v: [__m512; N] = std::array::from_fn(|r| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(row.add(r * LANES).cast()))
+                });
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*weights.get_unchecked(g * n + j));
+                    for (acc, v) in acc.iter_mut().zip(&v) {
+                        *acc = _mm512_fmadd_ps(w, *v, *acc);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                for (r, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(g * hd + (c + r) * LANES), *acc);
+                }
+            }
+        }
+    }
+    let registers = out.len() / G / LANES;
+    let mut c = 0;
+    // SAFETY: each call's registers lie below `registers`; the rest is the caller's contract.
+    unsafe {
+        while c + 4 <= registers {
+            chains::<G, 4>(weights, values, out, c);
+            c += 4;
+        }
+        while c < registers {
+            chains::<G, 1>(weights, values, out, c);
+            c += 1;
+        }
+    }
+}
+
 /// `weighted_sum`'s vector code for one instruction set (`$lanes` f32 a register): 4 registers of output
 /// values at a time (four independent chains of fused multiply-adds, so that a key costs the
 /// adds' throughput rather than one add's latency), then any last registers one at a time;
@@ -638,6 +815,58 @@ mod tests {
     /// shorter and longer than 16, a row whose largest score repeats, scores far below the
     /// largest), each numerator within 2 ulp-ish of `exp` in f64 (0 where that underflows
     /// f32), the largest exactly 1, and the sum is the numerators' sum in order.
+    /// The direct f16 code gives the bits of widening first and running [`scores`] and
+    /// [`weighted_sum`] per query, for every group size it takes and head widths of 1 to 16
+    /// registers; says whether it ran.
+    #[test]
+    fn direct_f16_code_matches_widening_bit_for_bit() {
+        super::super::cpu_features::check_required_kernel();
+        if !direct_f16(64, 3) {
+            eprintln!("direct f16 attention: not on this CPU (no AVX-512), not checked");
+            return;
+        }
+        eprintln!("direct f16 attention: AVX-512 code checked");
+        for hd in [16, 48, 64, 128, 256] {
+            for group in 1..=MAX_GROUP {
+                for n in [1, 17, 37] {
+                    let qs = data(group * hd, 6);
+                    let half = |seed| -> Vec<f16> {
+                        data(n * hd, seed)
+                            .iter()
+                            .map(|&x| f16::from_f32(x))
+                            .collect()
+                    };
+                    let (keys, values) = (half(7), half(8));
+                    let (mut wide_k, mut wide_v) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+                    widen(&keys, &mut wide_k);
+                    widen(&values, &mut wide_v);
+                    let mut got = vec![0f32; group * n];
+                    scores_f16(&qs, group, &keys, &mut got);
+                    let weights = data(group * n, 9);
+                    let start = data(group * hd, 10);
+                    let mut sums = start.clone();
+                    weighted_sum_f16(&weights, group, &values, &mut sums);
+                    for g in 0..group {
+                        let mut want = vec![0f32; n];
+                        scores(&qs[g * hd..(g + 1) * hd], &wide_k, &mut want);
+                        assert_eq!(
+                            bits(&got[g * n..(g + 1) * n]),
+                            bits(&want),
+                            "scores, hd {hd}, group {group}, n {n}, query {g}"
+                        );
+                        let mut out = start[g * hd..(g + 1) * hd].to_vec();
+                        weighted_sum(&weights[g * n..(g + 1) * n], &wide_v, &mut out);
+                        assert_eq!(
+                            bits(&sums[g * hd..(g + 1) * hd]),
+                            bits(&out),
+                            "weighted sum, hd {hd}, group {group}, n {n}, row {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn softmax_numerators_agree_and_match_exp() {
         for n in [1, 7, 16, 17, 100, 131] {

@@ -69,7 +69,10 @@ fn runs(modulus: usize, from: usize, to: usize) -> impl Iterator<Item = (usize, 
 /// [`ROWS_PER_ITEM`] rows): each widens the keys and values its rows see from the f16 cache
 /// to f32 once (a thread's buffer, bounded by the context) for all its rows and the query heads
 /// that share them, runs [`kernels::attention`]'s loops over them, and runs on candle's own CPU
-/// thread pool (the one its matmuls use, so no second pool competes for the cores).
+/// thread pool (the one its matmuls use, so no second pool competes for the cores). An item of
+/// one row reads the f16 cache directly instead where the CPU has the code for it
+/// ([`kernels::attention::direct_f16`]; same bits): widening its whole context cost about as
+/// much as its dot products, and decode steps are all such items.
 pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Result<Tensor> {
     let (heads, total, hd) = q.dims3()?;
     if segments.iter().map(|s| s.n).sum::<usize>() != total {
@@ -124,6 +127,36 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
             .window
             .map_or(0, |w| (seg.past + r0 + 1).saturating_sub(w));
         let hi = seg.past + r0 + rows;
+        // One row (a decode step's, a short candidate's) reads its keys and values straight
+        // from the cache where the CPU has the code for it: widening its whole context would
+        // cost about as much as the few dot products it serves.
+        if rows == 1 && kernels::attention::direct_f16(hd, group) {
+            let mut slots = runs(seg.modulus, lo, hi);
+            if let (Some((slot, n)), None) = (slots.next(), slots.next()) {
+                let (from, to) = (slot * hd, (slot + n) * hd);
+                let mut qs = Vec::with_capacity(group * hd);
+                for g in 0..group {
+                    let row = (kvh * group + g) * total + offsets[si] + r0;
+                    qs.extend_from_slice(&q[row * hd..(row + 1) * hd]);
+                }
+                let mut weights = vec![0f32; group * n];
+                kernels::attention::scores_f16(&qs, group, &k[from..to], &mut weights);
+                let sums: Vec<f32> = weights
+                    .chunks_exact_mut(n)
+                    .map(kernels::attention::softmax_numerators)
+                    .collect();
+                let mut out = vec![0f32; group * hd];
+                kernels::attention::weighted_sum_f16(&weights, group, &v[from..to], &mut out);
+                for (o, sum) in out.chunks_exact_mut(hd).zip(sums) {
+                    let inv = 1.0 / sum;
+                    for od in o.iter_mut() {
+                        *od *= inv;
+                    }
+                }
+                *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
+                return;
+            }
+        }
         WIDENED.with_borrow_mut(|(keys, values)| {
             keys.resize((hi - lo) * hd, 0.0);
             values.resize((hi - lo) * hd, 0.0);
@@ -245,6 +278,59 @@ mod tests {
                             "past {past} window {window:?} h{h} i{i} d{d}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// A row alone in its work item (a decode step) reads the cache directly where the CPU
+    /// has the code for it, and gets the bits it gets inside a prompt's chunk (widened): for
+    /// query-head groups of 3 and 4, with and without a sliding window. Says which path ran.
+    #[test]
+    fn one_row_gets_the_bits_of_its_chunk() {
+        crate::kernels::cpu_features::check_required_kernel();
+        let dev = Device::Cpu;
+        for (heads, kv_heads, window) in [(3, 1, None), (8, 2, None), (3, 1, Some(7))] {
+            let (hd, cap, n) = (64, 48, 40);
+            let group = heads / kv_heads;
+            eprintln!(
+                "one row, group {group}: {}",
+                if kernels::attention::direct_f16(hd, group) {
+                    "direct f16 code"
+                } else {
+                    "widened (no direct code on this CPU)"
+                }
+            );
+            let cache = |seed: f32| {
+                Tensor::randn(seed, 1.0, (kv_heads, cap, hd), &dev)
+                    .unwrap()
+                    .to_dtype(DType::F16)
+                    .unwrap()
+            };
+            let (k, v) = (cache(0.0), cache(0.5));
+            let q = Tensor::randn(0f32, 1.0, (heads, n, hd), &dev).unwrap();
+            let seg = |past, n| SegmentKv {
+                k: &k,
+                v: &v,
+                modulus: usize::MAX,
+                past,
+                n,
+                window,
+            };
+            let whole: Vec<Vec<Vec<f32>>> =
+                attend(&q, &[seg(0, n)], group).unwrap().to_vec3().unwrap();
+            for i in [0, 1, 6, 7, 31, 32, 39] {
+                let row = q.narrow(1, i, 1).unwrap().contiguous().unwrap();
+                let one: Vec<Vec<Vec<f32>>> = attend(&row, &[seg(i, 1)], group)
+                    .unwrap()
+                    .to_vec3()
+                    .unwrap();
+                for h in 0..heads {
+                    let (a, b): (Vec<u32>, Vec<u32>) = (
+                        whole[h][i].iter().map(|x| x.to_bits()).collect(),
+                        one[h][0].iter().map(|x| x.to_bits()).collect(),
+                    );
+                    assert_eq!(a, b, "heads {heads}, window {window:?}, row {i}, head {h}");
                 }
             }
         }
