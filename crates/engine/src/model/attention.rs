@@ -63,6 +63,15 @@ fn runs(modulus: usize, from: usize, to: usize) -> impl Iterator<Item = (usize, 
     })
 }
 
+/// A query row's output: its weighted sum of values divided by the sum of its softmax
+/// numerators (one multiply by the inverse each, as both paths of [`attend`] do it).
+fn normalize(out: &mut [f32], sum: f32) {
+    let inv = 1.0 / sum;
+    for o in out {
+        *o *= inv;
+    }
+}
+
 /// Causal attention for every segment of a step. `q` is `[heads, total, head_dim]` (f32,
 /// scaled), the segments' rows one after another in order; query head `h` reads KV head
 /// `h / group`. Returns `[heads, total, head_dim]`. Work items are (segment, KV head, up to
@@ -148,10 +157,7 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
                 let mut out = vec![0f32; group * hd];
                 kernels::attention::weighted_sum_f16(&weights, group, &v[from..to], &mut out);
                 for (o, sum) in out.chunks_exact_mut(hd).zip(sums) {
-                    let inv = 1.0 / sum;
-                    for od in o.iter_mut() {
-                        *od *= inv;
-                    }
+                    normalize(o, sum);
                 }
                 *results[item].lock().unwrap_or_else(|e| e.into_inner()) = out;
                 return;
@@ -184,10 +190,7 @@ pub(crate) fn attend(q: &Tensor, segments: &[SegmentKv<'_>], group: usize) -> Re
                     let sum = kernels::attention::softmax_numerators(&mut weights);
                     let o = &mut out[(g * rows + i - r0) * hd..][..hd];
                     kernels::attention::weighted_sum(&weights, &values[from..to], o);
-                    let inv = 1.0 / sum;
-                    for od in o.iter_mut() {
-                        *od *= inv;
-                    }
+                    normalize(o, sum);
                 }
             }
             // Long contexts leave large buffers: give them back rather than keep them per thread.
