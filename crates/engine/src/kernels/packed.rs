@@ -65,6 +65,9 @@ use half::f16;
 use super::cpu_features::{amx_int8, avx2, avx512_vnni};
 use super::{cpu_slice, Out};
 
+/// Rows from which a call with 4-bit codes goes through AMX tiles (see `Packed::tiles_pay`).
+const MIN_TILED_4BIT_ROWS: usize = 32;
+
 /// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
 const LANES: usize = 16;
 /// Values per Q8_0 block.
@@ -434,12 +437,26 @@ impl Packed {
     }
 
     /// `x · Wᵀ` for `x` `[m, cols]`: `[m, rows]`, on candle's CPU threads, through AMX tiles
-    /// where the CPU has them (see [`amx_int8`]).
+    /// where the CPU has them (see [`amx_int8`]) and they pay ([`Self::tiles_pay`]).
     pub(crate) fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let Some(isa) = Isa::best() else {
             candle_core::bail!("packed matmul on a CPU without AVX2")
         };
-        Ok(self.matmul_with(x, isa, amx_int8())?.0)
+        let tiles = amx_int8() && self.tiles_pay(x.dim(0)?);
+        Ok(self.matmul_with(x, isa, tiles)?.0)
+    }
+
+    /// Whether a call of `m` rows goes faster with AMX tiles than with AVX-512 VNNI alone
+    /// (both give the same bits). Q8_0 weights: from one whole tile. 4-bit codes are first
+    /// unpacked to bytes for the tiles, once per call and group, which one tile does not repay:
+    /// `scripts/bench-kernels.sh` on a 2-core AMX machine (two runs) measured tiles up to 24%
+    /// slower than VNNI alone at 16 and 24 rows (SmolLM2's 576×576 and 1536×576), about even
+    /// at 32, and 0-14% faster from 64.
+    fn tiles_pay(&self, m: usize) -> bool {
+        match self.codes {
+            Codes::Q8 { .. } => m >= amx::ROWS,
+            Codes::Q4 { .. } => m >= MIN_TILED_4BIT_ROWS,
+        }
     }
 
     /// [`Self::matmul`] on `isa`, with whole tiles of 16 rows through AMX if `amx` (and the
@@ -1068,6 +1085,75 @@ mod tests {
                         "{dtype:?} {isa:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// `scripts/bench-kernels.sh`: the packed kernel's throughput on SmolLM2-shaped matrices,
+    /// on every path this CPU runs (AVX2; AVX-512 VNNI; AMX tiles with VNNI for the rows after
+    /// the last whole tile), each checked for the same bits as the AVX-512 VNNI path (or AVX2
+    /// where that is the best). Prints a table; not a timed test: no speed is asserted.
+    #[test]
+    #[ignore = "a benchmark: scripts/bench-kernels.sh"]
+    fn kernel_throughput() {
+        check_required_kernel();
+        let amx = amx_available();
+        let mut paths: Vec<(&str, Isa, bool)> = Vec::new();
+        for (name, isa) in [("AVX2", Isa::Avx2), ("AVX-512 VNNI", Isa::Avx512Vnni)] {
+            if isa.runs_here() {
+                paths.push((name, isa, false));
+            }
+        }
+        if amx {
+            paths.push(("AMX + VNNI", Isa::Avx512Vnni, true));
+        }
+        assert!(!paths.is_empty(), "this CPU runs no packed kernel path");
+        let baseline = paths.iter().rposition(|p| !p.2).unwrap();
+        println!(
+            "| matrix | rows | {} |",
+            paths
+                .iter()
+                .map(|p| format!("{} µs (GMAC/s)", p.0))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        println!("|---|---|{}", "---|".repeat(paths.len()));
+        let shapes = [
+            ("gate/up 1536×576", 1536, 576, GgmlDType::Q4_1),
+            ("down 576×1536", 576, 1536, GgmlDType::Q4_1),
+            ("q/o 576×576", 576, 576, GgmlDType::Q4_1),
+            ("vocab slice 4096×576", 4096, 576, GgmlDType::Q8_0),
+        ];
+        for (name, rows, cols, dtype) in shapes {
+            let (q, _) = weights(rows, cols, dtype);
+            let p = Packed::from_qtensor(&q).unwrap().unwrap();
+            for m in [1, 8, 16, 24, 32, 64, 96, 128] {
+                let x = activations(m, cols, m);
+                let mut cells = Vec::new();
+                let mut outputs = Vec::new();
+                for &(_, isa, tiles) in &paths {
+                    let mut best = f64::MAX;
+                    let mut out = None;
+                    for _ in 0..7 {
+                        let reps = (2_000_000_000 / (m * rows * cols)).clamp(3, 200);
+                        let started = std::time::Instant::now();
+                        for _ in 0..reps {
+                            out = Some(p.matmul_with(&x, isa, tiles).unwrap().0);
+                        }
+                        best = best.min(started.elapsed().as_secs_f64() / reps as f64);
+                    }
+                    let gmac = (m * rows * cols) as f64 / best / 1e9;
+                    cells.push(format!("{:.1} ({gmac:.0})", best * 1e6));
+                    outputs.push(out.unwrap().to_vec2::<f32>().unwrap());
+                }
+                for (i, out) in outputs.iter().enumerate() {
+                    assert_eq!(
+                        out, &outputs[baseline],
+                        "{name}, {m} rows: {} vs {}",
+                        paths[i].0, paths[baseline].0
+                    );
+                }
+                println!("| {name} {dtype:?} | {m} | {} |", cells.join(" | "));
             }
         }
     }
