@@ -66,7 +66,7 @@ use super::cpu_features::{amx_int8, avx2, avx512_vnni};
 use super::{cpu_slice, Out};
 
 /// Rows from which a call with 4-bit codes goes through AMX tiles (see `Packed::tiles_pay`).
-const MIN_TILED_4BIT_ROWS: usize = 32;
+const MIN_TILED_4BIT_ROWS: usize = 128;
 
 /// Output rows interleaved in one group: the f32 lanes of a 512-bit register.
 const LANES: usize = 16;
@@ -448,10 +448,11 @@ impl Packed {
 
     /// Whether a call of `m` rows goes faster with AMX tiles than with AVX-512 VNNI alone
     /// (both give the same bits). Q8_0 weights: from one whole tile. 4-bit codes are first
-    /// unpacked to bytes for the tiles, once per call and group, which one tile does not repay:
-    /// `scripts/bench-kernels.sh` on a 2-core AMX machine (two runs) measured tiles up to 24%
-    /// slower than VNNI alone at 16 and 24 rows (SmolLM2's 576×576 and 1536×576), about even
-    /// at 32, and 0-14% faster from 64.
+    /// unpacked to bytes for the tiles, once per call and group, and each block's 16×16 sums
+    /// go through memory to be scaled: `scripts/bench-kernels.sh` (release build, three runs,
+    /// a 2-core AMX machine) measured tiles 20-37% slower than VNNI alone at 16 rows of
+    /// SmolLM2's matrices, up to 18% slower at 32-64, and within ±7% from 96 (+1-7% at 128 but
+    /// for the 576×576 ones); Q8_0 even at 16 rows and 18-21% faster at 128.
     fn tiles_pay(&self, m: usize) -> bool {
         match self.codes {
             Codes::Q8 { .. } => m >= amx::ROWS,
