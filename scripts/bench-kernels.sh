@@ -3,7 +3,9 @@
 # vocabulary), 1 to 128 rows, on every path this CPU runs: AVX2, AVX-512 VNNI, and AMX tiles
 # (with VNNI for the rows after the last whole tile). Each cell is the best of 7 timings, in µs
 # and GMAC/s, all measured in this run; every path's output is checked bit for bit against the
-# best vector path's. Prints one table, headed by the commit and the CPU's kernel features.
+# best vector path's. Then the same product streamed over 120 distinct matrices (66 MB), as a
+# forward pass reads its weights, in GB/s. Prints the tables, headed by the commit and the CPU's
+# kernel features.
 #   scripts/bench-kernels.sh
 # BENCH_PROFILE=dev reuses the test build (the engine at opt-level 3) instead of a release build.
 # Run it on an idle machine.

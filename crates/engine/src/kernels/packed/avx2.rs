@@ -94,6 +94,9 @@ impl Packed {
                 // blocks, `regs` registers of 16 lanes a block, this half's 8 lanes of each)
                 // and the activations (`row0 + r` < m); unaligned accesses.
                 unsafe {
+                    if half == 0 {
+                        self.prefetch_ahead((codes, mins, regs, high), gb);
+                    }
                     let wp = codes.add((gb * regs * LANES + half * HALF) * 4);
                     let w = if Q4 {
                         unpack_nibbles(wp, high, gb, half)
