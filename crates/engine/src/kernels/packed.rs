@@ -1145,15 +1145,13 @@ mod tests {
         }
         assert!(!paths.is_empty(), "this CPU runs no packed kernel path");
         let baseline = paths.iter().rposition(|p| !p.2).unwrap();
-        println!(
-            "| matrix | rows | {} |",
-            paths
-                .iter()
-                .map(|p| format!("{} µs (GMAC/s)", p.0))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
-        println!("|---|---|{}", "---|".repeat(paths.len()));
+        // A table's header: its first column, then a column per path.
+        let header = |first: &str, unit: &str| {
+            let cells: Vec<String> = paths.iter().map(|p| format!("{} {unit}", p.0)).collect();
+            println!("| {first} | rows | {} |", cells.join(" | "));
+            println!("|---|---|{}", "---|".repeat(paths.len()));
+        };
+        header("matrix", "µs (GMAC/s)");
         let shapes = [
             ("gate/up 1536×576", 1536, 576, GgmlDType::Q4_1),
             ("down 576×1536", 576, 1536, GgmlDType::Q4_1),
@@ -1207,15 +1205,10 @@ mod tests {
             .collect();
         let bytes = (rows * cols / 2 + rows * cols / BLOCK * 4) as f64;
         println!();
-        println!(
-            "| weights streamed: 120 × 1536×576 Q4_1 (66 MB) | rows | {} |",
-            paths
-                .iter()
-                .map(|p| format!("{} µs a matrix (GB/s)", p.0))
-                .collect::<Vec<_>>()
-                .join(" | ")
+        header(
+            "weights streamed: 120 × 1536×576 Q4_1 (66 MB)",
+            "µs a matrix (GB/s)",
         );
-        println!("|---|---|{}", "---|".repeat(paths.len()));
         for m in [1, 4, 8, 16, 32] {
             let x = activations(m, cols, m);
             let cells: Vec<String> = paths
