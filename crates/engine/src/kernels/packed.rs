@@ -66,10 +66,11 @@ use super::cpu_features::{amx_int8, avx2, avx512_vnni};
 use super::{cpu_slice, Out};
 
 /// Blocks ahead of the one being multiplied whose weights (and scales) the vector kernels ask
-/// the CPU to fetch (`Packed::prefetch_ahead`): a pass streams every weight from memory, and at a few rows a call the
-/// kernel left the memory idle while it computed. The cold-weights benchmark (120 distinct
-/// 1536×576 Q4_1 matrices, 2-core AMX machine) went 19% faster at 1 row, 31% at 8, 21% at 14
-/// and 7% at 32 with 8 blocks ahead (4 and 16 did less or no better).
+/// the CPU to fetch (`Packed::prefetch_ahead`): a pass streams every weight from beyond the
+/// cores' caches, and at a few rows a call the kernels left that stream idle while they
+/// computed. Streaming 120 distinct 1536×576 Q4_1 matrices (2-core AMX machine, AVX-512 VNNI)
+/// went 19% faster at 1 row, 31% at 8, 21% at 14 and 7% at 32 with 8 blocks ahead (4 and 16
+/// did less or no better).
 const PREFETCH_BLOCKS: usize = 8;
 
 /// Rows from which a call with 4-bit codes goes through AMX tiles (see `Packed::tiles_pay`).
@@ -458,8 +459,8 @@ impl Packed {
     /// unpacked to bytes for the tiles, once per call and group, and each block's 16×16 sums
     /// go through memory to be scaled: `scripts/bench-kernels.sh` (release build, three runs,
     /// a 2-core AMX machine) measured tiles 20-37% slower than VNNI alone at 16 rows of
-    /// SmolLM2's matrices, up to 18% slower at 32-64, and within ±7% from 96 (+1-7% at 128 but
-    /// for the 576×576 ones); Q8_0 even at 16 rows and 18-21% faster at 128.
+    /// SmolLM2's Q4_1 matrices, up to 18% slower at 32-64, and within ±7% from 96; Q8_0 tiles
+    /// even at 16 rows and 18-21% faster at 128.
     fn tiles_pay(&self, m: usize) -> bool {
         match self.codes {
             Codes::Q8 { .. } => m >= amx::ROWS,
