@@ -127,6 +127,20 @@ pub(crate) fn weighted_sum(weights: &[f32], values: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Calls `$f::<G>(args)` for `G` = `$group` (1 to [`MAX_GROUP`]; larger groups are refused
+/// before by [`direct_f16`]): the direct f16 code is specialised per group size.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_group {
+    ($group:expr, $f:ident($($arg:expr),*)) => {
+        match $group {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
+}
+
 /// Most query heads [`scores_f16`] and [`weighted_sum_f16`] take at once: the query heads of
 /// one KV head (3 for SmolLM2, 4 for Gemma 3 270M).
 pub(crate) const MAX_GROUP: usize = 4;
@@ -161,12 +175,7 @@ pub(crate) fn scores_f16(qs: &[f32], group: usize, keys: &[f16], scores: &mut [f
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `direct_f16` checked AVX-512 F and the width, the lengths were checked above.
     unsafe {
-        match group {
-            1 => scores_f16_avx512::<1>(qs, keys, scores),
-            2 => scores_f16_avx512::<2>(qs, keys, scores),
-            3 => scores_f16_avx512::<3>(qs, keys, scores),
-            _ => scores_f16_avx512::<4>(qs, keys, scores),
-        }
+        by_group!(group, scores_f16_avx512(qs, keys, scores))
     }
 }
 
@@ -187,12 +196,7 @@ pub(crate) fn weighted_sum_f16(weights: &[f32], group: usize, values: &[f16], ou
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `direct_f16` checked AVX-512 F and the width, the lengths were checked above.
     unsafe {
-        match group {
-            1 => weighted_sum_f16_avx512::<1>(weights, values, out),
-            2 => weighted_sum_f16_avx512::<2>(weights, values, out),
-            3 => weighted_sum_f16_avx512::<3>(weights, values, out),
-            _ => weighted_sum_f16_avx512::<4>(weights, values, out),
-        }
+        by_group!(group, weighted_sum_f16_avx512(weights, values, out))
     }
 }
 
@@ -811,10 +815,6 @@ mod tests {
         );
     }
 
-    /// Softmax numerators: every instruction set's code gives the portable code's bits (rows
-    /// shorter and longer than 16, a row whose largest score repeats, scores far below the
-    /// largest), each numerator within 2 ulp-ish of `exp` in f64 (0 where that underflows
-    /// f32), the largest exactly 1, and the sum is the numerators' sum in order.
     /// The direct f16 code gives the bits of widening first and running [`scores`] and
     /// [`weighted_sum`] per query, for every group size it takes and head widths of 1 to 16
     /// registers; says whether it ran.
@@ -867,6 +867,10 @@ mod tests {
         }
     }
 
+    /// Softmax numerators: every instruction set's code gives the portable code's bits (rows
+    /// shorter and longer than 16, a row whose largest score repeats, scores far below the
+    /// largest), each numerator within 2 ulp-ish of `exp` in f64 (0 where that underflows
+    /// f32), the largest exactly 1, and the sum is the numerators' sum in order.
     #[test]
     fn softmax_numerators_agree_and_match_exp() {
         for n in [1, 7, 16, 17, 100, 131] {
