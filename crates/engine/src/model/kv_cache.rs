@@ -71,12 +71,11 @@ const MIN_CAPACITY: usize = 64;
 /// the ring growing, and how far the sequence can go back.
 const RING_SLACK: usize = 64;
 
-/// Copies positions `from..to` between two caches of one layer, each slot `p % modulus`. On
-/// the CPU each run of slots goes straight from one cache to the other, a copy per KV head
-/// ([`WriteRows`]); the generic path (other devices) copies it out contiguous first, twice the
-/// copying and an allocation (scoring forks a question's cache for each candidate: a fork of
-/// 85 positions of SmolLM2's 30 layers took about 600 µs that way, 500-560 µs this way, the
-/// rest being the new cache's allocation and zeroing).
+/// Copies positions `from..to` between two caches of one layer, each slot `p % modulus`, into
+/// a tensor that exists (a cache growing, [`SeqCache::reserve`]; forks off the CPU, where
+/// [`copied`] builds new tensors in one pass). On the CPU each run of slots goes straight from
+/// one cache to the other, a copy per KV head ([`WriteRows`]); the generic path (other devices)
+/// copies it out contiguous first, twice the copying and an allocation.
 fn copy_positions(
     src: &Tensor,
     src_mod: usize,
