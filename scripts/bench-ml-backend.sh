@@ -2,7 +2,8 @@
 # batchlab-ml-backend as Label Studio uses it, on the real model, in one run. Bulk /predict
 # (Retrieve Predictions) against one task at a time, both measured in this run: 200
 # candidate-evaluation tasks, 200 TREC tasks with 4 few-shot examples each (20 ground-truth
-# annotations in a SQLite store), the latency of a task an annotator opens while the bulk
+# annotations in a SQLite store), the forward passes and rows a task in both modes (and the most
+# bulk could gain from batching alone), the latency of a task an annotator opens while the bulk
 # request runs, and /health p99 throughout. Then /predict latency for one task (against a bare
 # generation of the same length), /health and /setup p99 while a 100-task /predict runs, the
 # 100-task request under a 10 s deadline, and TREC agreement (100 rows) zero-shot and with 20

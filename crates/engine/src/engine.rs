@@ -176,6 +176,12 @@ impl Engine {
         self.inner.metrics.reused_total()
     }
 
+    /// The forward passes run since load, their rows and their time: what benchmarks read
+    /// (two readings apart) to see how many passes some work took.
+    pub fn forward_work(&self) -> crate::ForwardWork {
+        self.inner.metrics.forward_work()
+    }
+
     /// The largest generation steps run since load: how many sequences, and how many prompt
     /// chunks, one forward pass has served at most.
     pub fn batch_peaks(&self) -> crate::BatchPeaks {

@@ -71,5 +71,6 @@ pub use crate::request::{
     SamplingParams, TokenQuestion, MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, MAX_TOP_LOGPROBS,
 };
 pub use crate::result::{
-    BatchPeaks, ChoiceScores, Completion, Embedding, FinishReason, TokenLogprob, TopLogprob,
+    BatchPeaks, ChoiceScores, Completion, Embedding, FinishReason, ForwardWork, TokenLogprob,
+    TopLogprob,
 };

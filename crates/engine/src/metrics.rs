@@ -35,8 +35,11 @@ pub(crate) struct EngineMetrics {
     /// over passes is how full the batch keeps the model.
     passes: Counter,
     rows: Counter,
-    /// Forward passes, readable in-process (tests).
+    /// Forward passes, readable in-process ([`crate::Engine::forward_work`]).
     passes_total: AtomicU64,
+    /// Their rows, and the microseconds they took, readable in-process.
+    rows_total: AtomicU64,
+    forward_micros: AtomicU64,
     /// The most sequences one generation step has run.
     peak_sequences: AtomicUsize,
     /// The most prompt chunks one generation step has run.
@@ -60,6 +63,8 @@ impl EngineMetrics {
             passes: counter!("batchlab_engine_forward_passes_total", "model" => model.clone()),
             rows: counter!("batchlab_engine_forward_rows_total", "model" => model),
             passes_total: AtomicU64::new(0),
+            rows_total: AtomicU64::new(0),
+            forward_micros: AtomicU64::new(0),
             generated_total: AtomicU64::new(0),
             reused_total: AtomicU64::new(0),
             peak_sequences: AtomicUsize::new(0),
@@ -81,11 +86,23 @@ impl EngineMetrics {
         }
     }
 
-    /// Counts one forward pass of `rows` rows.
-    pub(crate) fn pass_ran(&self, rows: usize) {
+    /// Counts one forward pass of `rows` rows that took `took`.
+    pub(crate) fn pass_ran(&self, rows: usize, took: std::time::Duration) {
         self.passes.increment(1);
         self.rows.increment(rows as u64);
         self.passes_total.fetch_add(1, Ordering::Relaxed);
+        self.rows_total.fetch_add(rows as u64, Ordering::Relaxed);
+        self.forward_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Forward passes, their rows and their time since the engine was loaded.
+    pub(crate) fn forward_work(&self) -> crate::ForwardWork {
+        crate::ForwardWork {
+            passes: self.passes_total.load(Ordering::Relaxed),
+            rows: self.rows_total.load(Ordering::Relaxed),
+            seconds: self.forward_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
     }
 
     /// Forward passes run since the engine was loaded.

@@ -11,6 +11,33 @@ pub struct BatchPeaks {
     pub prompts: usize,
 }
 
+/// The forward passes an engine has run since load ([`crate::Engine::forward_work`]): a
+/// difference of two readings says how many passes some work took, over how many rows (tokens),
+/// in how much of the model thread's time; what bulk batching saves is passes, since a pass
+/// reads every weight however few rows it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForwardWork {
+    /// Forward passes run.
+    pub passes: u64,
+    /// Rows (tokens) those passes ran.
+    pub rows: u64,
+    /// Seconds the model thread spent in them.
+    pub seconds: f64,
+}
+
+impl std::ops::Sub for ForwardWork {
+    type Output = ForwardWork;
+
+    /// The work done between two readings (`later - earlier`).
+    fn sub(self, earlier: ForwardWork) -> ForwardWork {
+        ForwardWork {
+            passes: self.passes - earlier.passes,
+            rows: self.rows - earlier.rows,
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {

@@ -300,9 +300,13 @@ impl Scheduler {
         &self,
         segments: &mut [Segment<'_>],
     ) -> Result<Vec<Option<Tensor>>, EngineError> {
-        self.metrics
-            .pass_ran(segments.iter().map(|s| s.tokens.len()).sum());
-        self.model.forward(segments).map_err(inference)
+        let started = Instant::now();
+        let out = self.model.forward(segments).map_err(inference);
+        self.metrics.pass_ran(
+            segments.iter().map(|s| s.tokens.len()).sum(),
+            started.elapsed(),
+        );
+        out
     }
 
     /// The scoring jobs' part of a turn's pass: the jobs that may run (only the interactive
@@ -1217,6 +1221,33 @@ pub(crate) mod tests {
         for chunk in [64, 7, 1] {
             assert_eq!(whole, last_logits(&w, &prompt, chunk), "chunks of {chunk}");
         }
+    }
+
+    /// The in-process pass counters (what `Engine::forward_work` reads) count every forward
+    /// pass, its rows and its time: a prompt prefilled in chunks of 32 is that many passes
+    /// over exactly its tokens.
+    #[test]
+    fn forward_work_counts_passes_rows_and_time() {
+        let Some((w, tok)) = scheduler(true) else {
+            return;
+        };
+        let prompt = tok
+            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
+            .unwrap();
+        let chunk = 32;
+        let w = Scheduler {
+            prefill_chunk: chunk,
+            ..clone_scheduler(&w)
+        };
+        let mut cache =
+            SeqCache::new(w.model.cache_shape(), prompt.len(), w.model.device()).unwrap();
+        let before = w.metrics.forward_work();
+        w.prefill_together(std::slice::from_mut(&mut cache), &[&prompt])
+            .unwrap();
+        let work = w.metrics.forward_work() - before;
+        assert_eq!(work.passes, prompt.len().div_ceil(chunk) as u64);
+        assert_eq!(work.rows, prompt.len() as u64);
+        assert!(work.seconds > 0.0, "{work:?}");
     }
 
     /// A scoring job no longer runs to its end when admitted: it advances one bounded

@@ -6,7 +6,9 @@
 //! `bulk` measures bulk `/predict` (Retrieve Predictions) against one task at a time, both in
 //! this run: 200 candidate-evaluation tasks, 200 TREC tasks with 4 few-shot examples each (from
 //! 20 ground-truth annotations in a SQLite store), an annotator's task opened meanwhile, and
-//! `/health` throughout. `protocol` is the rest (one task, `/health` and `/setup` under load,
+//! `/health` throughout; for each comparison, the engine's forward passes and rows a task in
+//! both modes and what they imply (a pass's fixed and per-row cost, and the most batching
+//! alone could give). `protocol` is the rest (one task, `/health` and `/setup` under load,
 //! a 100-task request under a 10 s deadline, TREC agreement). `all` (the default) runs both.
 
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use batchlab_core::config::Config;
 use batchlab_core::labelstudio::config::LabelConfig;
 use batchlab_core::store::Store;
-use batchlab_inference::engine::{ChatRequest, Engine, SamplingParams};
+use batchlab_inference::engine::{ChatRequest, Engine, ForwardWork, SamplingParams};
 use batchlab_inference::predict::examples::{Example, ExampleSet};
 use batchlab_inference::predict::task::{predict_task, PredictOptions, Priors, Teaching};
 use batchlab_ml_backend::slot::EngineSlot;
@@ -127,23 +129,88 @@ const BULK: usize = 200;
 /// both), so that a machine whose load changes during the run weighs on both alike.
 const ROUNDS: usize = 4;
 
-/// Bulk `/predict` of `bulk` against one task at a time over `singles`, in alternating rounds;
-/// (bulk, one-at-a-time) tasks per second, each over its own requests' time.
+/// What [`compare`] measured: tasks per second in bulk and one at a time, and the engine's
+/// forward passes for each (differences of [`Engine::forward_work`] readings) with their tasks.
+struct Compared {
+    bulk: f64,
+    single: f64,
+    bulk_work: (ForwardWork, usize),
+    single_work: (ForwardWork, usize),
+}
+
+/// Bulk `/predict` of `bulk` against one task at a time over `singles`, in alternating rounds,
+/// each rate over its own requests' time.
 async fn compare(
+    engine: &Engine,
     client: &reqwest::Client,
     url: &str,
     singles: &[Value],
     bulk: &[Value],
     extra: &Value,
-) -> (f64, f64) {
+) -> Compared {
     let (mut single_s, mut bulk_s) = (0.0, 0.0);
+    let (mut single_work, mut bulk_work) = (ForwardWork::default(), ForwardWork::default());
+    let add = |sum: &mut ForwardWork, d: ForwardWork| {
+        sum.passes += d.passes;
+        sum.rows += d.rows;
+        sum.seconds += d.seconds;
+    };
     for r in 0..ROUNDS {
         let s = &singles[r * singles.len() / ROUNDS..(r + 1) * singles.len() / ROUNDS];
         let b = &bulk[r * bulk.len() / ROUNDS..(r + 1) * bulk.len() / ROUNDS];
+        let before = engine.forward_work();
         single_s += s.len() as f64 / one_at_a_time(client, url, s, extra).await;
+        let between = engine.forward_work();
         bulk_s += b.len() as f64 / bulk_request(client, url, b.to_vec(), extra, None).await;
+        add(&mut single_work, between - before);
+        add(&mut bulk_work, engine.forward_work() - between);
     }
-    (bulk.len() as f64 / bulk_s, singles.len() as f64 / single_s)
+    Compared {
+        bulk: bulk.len() as f64 / bulk_s,
+        single: singles.len() as f64 / single_s,
+        bulk_work: (bulk_work, bulk.len()),
+        single_work: (single_work, singles.len()),
+    }
+}
+
+/// Passes, rows and milliseconds of `work` a task.
+fn per_task((work, tasks): (ForwardWork, usize)) -> (f64, f64, f64) {
+    let n = tasks.max(1) as f64;
+    (
+        work.passes as f64 / n,
+        work.rows as f64 / n,
+        work.seconds * 1000.0 / n,
+    )
+}
+
+/// The table row that reads a comparison's forward passes: per task, one at a time and in
+/// bulk, the passes, rows and model time; a pass's cost fitted from the two as a fixed part
+/// (reading the weights) plus a part per row; and the ratio bulk would reach if its passes
+/// cost nothing beyond their rows, the most that batching alone can give on this machine.
+fn forward_row(name: &str, c: &Compared) -> [String; 4] {
+    let (ps, rs, ts) = per_task(c.single_work);
+    let (pb, rb, tb) = per_task(c.bulk_work);
+    let det = ps * rb - pb * rs;
+    let fit = (det.abs() > f64::EPSILON).then(|| {
+        let per_pass = (ts * rb - tb * rs) / det;
+        let per_row = (ps * tb - pb * ts) / det;
+        (per_pass, per_row)
+    });
+    // Both parts positive, or the two modes' rows cost differently (few-shot prompts unique
+    // to each task one at a time, shared in bulk) and the two-part model does not fit.
+    let reading = match fit {
+        Some((per_pass, per_row)) if per_pass > 0.0 && per_row > 0.0 => format!(
+            "a pass ≈ {per_pass:.1} ms + {per_row:.2} ms a row: at most {:.2}x with passes free",
+            ts / (rb * per_row)
+        ),
+        _ => "no fit: the two modes' rows differ in kind".into(),
+    };
+    [
+        format!("forward work a task, {name}: one at a time / bulk"),
+        format!("{ps:.1} / {pb:.1} passes, {rs:.0} / {rb:.0} rows, {ts:.0} / {tb:.0} ms"),
+        reading,
+        "(diagnostic)".into(),
+    ]
 }
 
 /// Few-shot examples shown per task (the default `ml_backend.few_shot_examples`), from this
@@ -292,7 +359,8 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
             .collect()
     };
     let extra = json!({"label_config": CANDIDATE, "project": "1.0"});
-    let (rate, single) = compare(
+    let compared = compare(
+        engine,
         &client,
         &url,
         &candidates(10_000, ONE_AT_A_TIME),
@@ -300,6 +368,7 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
         &extra,
     )
     .await;
+    let (rate, single) = (compared.bulk, compared.single);
     Rows.push([
         format!(
             "bulk `/predict`, {BULK} tasks ({ROUNDS} requests of {}), candidate-evaluation (3 Choices + TextArea)",
@@ -312,6 +381,7 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
         ),
         "≥ 3x".into(),
     ]);
+    Rows.push(forward_row("candidate-evaluation", &compared));
     // An annotator opens a task every 3 s while another bulk request runs (its own run: the
     // opened tasks go first and pause the bulk work while they run).
     let mut opened = Vec::new();
@@ -370,7 +440,8 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
             .collect()
     };
     let extra = json!({"label_config": trec_config, "project": format!("{project}.0")});
-    let (rate, single) = compare(
+    let compared = compare(
+        engine,
         &client,
         &url,
         &texts(GROUND_TRUTH, ONE_AT_A_TIME),
@@ -378,6 +449,7 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
         &extra,
     )
     .await;
+    let (rate, single) = (compared.bulk, compared.single);
     Rows.push([
         format!(
             "bulk `/predict`, {BULK} TREC tasks ({ROUNDS} requests of {}), {} few-shot examples each ({GROUND_TRUTH} ground truth)",
@@ -391,6 +463,7 @@ async fn bulk(config: &Config, engine: &Engine, trec: &std::path::Path) {
         ),
         "≥ 2x".into(),
     ]);
+    Rows.push(forward_row("TREC 4-shot", &compared));
 
     stop.store(true, Ordering::Relaxed);
     let mut health = health.await.unwrap();
