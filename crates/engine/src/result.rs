@@ -25,6 +25,19 @@ pub struct ForwardWork {
     pub seconds: f64,
 }
 
+impl std::ops::Add for ForwardWork {
+    type Output = ForwardWork;
+
+    /// The work of two stretches together.
+    fn add(self, other: ForwardWork) -> ForwardWork {
+        ForwardWork {
+            passes: self.passes + other.passes,
+            rows: self.rows + other.rows,
+            seconds: self.seconds + other.seconds,
+        }
+    }
+}
+
 impl std::ops::Sub for ForwardWork {
     type Output = ForwardWork;
 

@@ -150,11 +150,6 @@ async fn compare(
 ) -> Compared {
     let (mut single_s, mut bulk_s) = (0.0, 0.0);
     let (mut single_work, mut bulk_work) = (ForwardWork::default(), ForwardWork::default());
-    let add = |sum: &mut ForwardWork, d: ForwardWork| {
-        sum.passes += d.passes;
-        sum.rows += d.rows;
-        sum.seconds += d.seconds;
-    };
     for r in 0..ROUNDS {
         let s = &singles[r * singles.len() / ROUNDS..(r + 1) * singles.len() / ROUNDS];
         let b = &bulk[r * bulk.len() / ROUNDS..(r + 1) * bulk.len() / ROUNDS];
@@ -162,8 +157,8 @@ async fn compare(
         single_s += s.len() as f64 / one_at_a_time(client, url, s, extra).await;
         let between = engine.forward_work();
         bulk_s += b.len() as f64 / bulk_request(client, url, b.to_vec(), extra, None).await;
-        add(&mut single_work, between - before);
-        add(&mut bulk_work, engine.forward_work() - between);
+        single_work = single_work + (between - before);
+        bulk_work = bulk_work + (engine.forward_work() - between);
     }
     Compared {
         bulk: bulk.len() as f64 / bulk_s,
@@ -196,8 +191,8 @@ fn forward_row(name: &str, c: &Compared) -> [String; 4] {
         let per_row = (ps * tb - pb * ts) / det;
         (per_pass, per_row)
     });
-    // Both parts positive, or the two modes' rows cost differently (few-shot prompts unique
-    // to each task one at a time, shared in bulk) and the two-part model does not fit.
+    // A fit has both parts positive; where the two modes' rows cost differently (few-shot
+    // prompts each task's own one at a time, shared in bulk), the two-part model does not fit.
     let reading = match fit {
         Some((per_pass, per_row)) if per_pass > 0.0 && per_row > 0.0 => format!(
             "a pass ≈ {per_pass:.1} ms + {per_row:.2} ms a row: at most {:.2}x with passes free",
