@@ -105,12 +105,6 @@ impl EngineMetrics {
         }
     }
 
-    /// Forward passes run since the engine was loaded.
-    #[cfg(test)]
-    pub(crate) fn passes_total(&self) -> u64 {
-        self.passes_total.load(Ordering::Relaxed)
-    }
-
     /// Counts one generated token.
     pub(crate) fn token_generated(&self) {
         self.generated_tokens.increment(1);

@@ -816,6 +816,12 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// The test prompt: one English sentence `times` over, as plain tokens.
+    fn fox_prompt(tok: &GgufTokenizer, times: usize) -> Vec<u32> {
+        tok.encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(times))
+            .unwrap()
+    }
+
     /// A scheduler sharing `w`'s model is not needed elsewhere; tests only vary the chunk size.
     fn clone_scheduler(w: &Scheduler) -> Scheduler {
         Scheduler {
@@ -837,9 +843,7 @@ pub(crate) mod tests {
         let Some((w, tok)) = scheduler(false) else {
             return;
         };
-        let prompt = tok
-            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(8))
-            .unwrap();
+        let prompt = fox_prompt(&tok, 8);
         let ours = last_logits(&w, &prompt, usize::MAX);
 
         let mut file = std::fs::File::open(model_path()).unwrap();
@@ -1184,10 +1188,10 @@ pub(crate) mod tests {
             }),
             &mut batch,
         );
-        let before = w.metrics.passes_total();
+        let before = w.metrics.forward_work().passes;
         w.tick(&mut batch);
         assert_eq!(
-            w.metrics.passes_total() - before,
+            w.metrics.forward_work().passes - before,
             1,
             "one turn, one forward pass"
         );
@@ -1195,7 +1199,7 @@ pub(crate) mod tests {
         assert!(batch.running[0].fed > 0, "the generation advanced");
         let ticks = run(&mut w, &mut batch) + 1;
         assert_eq!(
-            w.metrics.passes_total() - before,
+            w.metrics.forward_work().passes - before,
             ticks as u64,
             "every turn ran one pass for both"
         );
@@ -1211,9 +1215,7 @@ pub(crate) mod tests {
         let Some((w, tok)) = scheduler(true) else {
             return;
         };
-        let prompt = tok
-            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
-            .unwrap();
+        let prompt = fox_prompt(&tok, 12);
         assert!(prompt.len() > 100, "{}", prompt.len());
         let whole = last_logits(&w, &prompt, usize::MAX);
         // Attention runs row by row and matmul rows are independent, so chunks of any size
@@ -1231,9 +1233,7 @@ pub(crate) mod tests {
         let Some((w, tok)) = scheduler(true) else {
             return;
         };
-        let prompt = tok
-            .encode_plain(&"The quick brown fox jumps over the lazy dog. ".repeat(12))
-            .unwrap();
+        let prompt = fox_prompt(&tok, 12);
         let chunk = 32;
         let w = Scheduler {
             prefill_chunk: chunk,

@@ -128,27 +128,28 @@ fn copied(
     let (storage, layout) = src.storage_and_layout();
     let data = crate::kernels::cpu_slice::<half::f16>(&storage, layout)?;
     let zero = half::f16::ZERO;
+    // The runs of positions, in order of the slots they land in (the same for every head):
+    // (slot in the copy, slot in the source, positions).
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut p = from;
+    while p < to {
+        let (s, d) = (p % src_mod, p % dst_mod);
+        let run = (to - p).min(src_mod - s).min(dst_mod - d);
+        if s + run > src_slots || d + run > slots {
+            candle_core::bail!("positions {p}..{} are past a cache's slots", p + run)
+        }
+        runs.push((d, s, run));
+        p += run;
+    }
+    runs.sort_unstable();
+    if runs.windows(2).any(|w| w[1].0 < w[0].0 + w[0].2) {
+        candle_core::bail!("two runs of positions share a slot")
+    }
     let mut out: Vec<half::f16> = Vec::with_capacity(heads * slots * width);
     for h in 0..heads {
         let head = &data[h * src_slots * width..(h + 1) * src_slots * width];
-        // Slot by slot in order: the runs of positions that land in this head's slots.
         let mut next = 0;
-        let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (dst slot, src slot, n)
-        let mut p = from;
-        while p < to {
-            let (s, d) = (p % src_mod, p % dst_mod);
-            let run = (to - p).min(src_mod - s).min(dst_mod - d);
-            if s + run > src_slots || d + run > slots {
-                candle_core::bail!("positions {p}..{} are past a cache's slots", p + run)
-            }
-            runs.push((d, s, run));
-            p += run;
-        }
-        runs.sort_unstable();
-        for (d, s, run) in runs {
-            if d < next {
-                candle_core::bail!("two runs of positions share slot {d}")
-            }
+        for &(d, s, run) in &runs {
             out.resize(out.len() + (d - next) * width, zero);
             out.extend_from_slice(&head[s * width..(s + run) * width]);
             next = d + run;
