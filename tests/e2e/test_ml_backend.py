@@ -25,10 +25,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import openai
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 import pytest
 
 from conftest import REPO
@@ -310,11 +310,15 @@ def test_bulk_retrieve_predictions_takes_fewer_requests_than_one_task_at_a_time(
     assert progress["queued"] == 0 and progress["running"] == 0, report
 
 
+# Every field is bounded, so the longest valid object (206 characters, so at most 206 tokens)
+# fits in the request's max_tokens and the constraint itself must end it. With free strings the
+# greedy 135M model ran one string ("1000...") until max_tokens on an AVX2 machine (an AMD EPYC)
+# and stopped in time on AVX-512 ones: whether the test passed depended on the CPU.
 class Candidate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     recommendation: Literal["strong_yes", "yes", "maybe", "no", "strong_no"]
     years_of_experience: int = Field(ge=0, le=60)
-    strengths: list[str] = Field(max_length=3)
+    strengths: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z ,.'-]{1,40}$")]] = Field(max_length=3)
 
 
 def test_openai_parse_helper_gets_a_valid_object_from_the_ml_backend(stack):
@@ -335,7 +339,7 @@ def test_openai_parse_helper_gets_a_valid_object_from_the_ml_backend(stack):
     again = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=1)
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1, again.usage
     completion = client.chat.completions.parse(
-        model="SmolLM2-135M-Instruct", messages=messages, response_format=Candidate, max_tokens=96, temperature=0
+        model="SmolLM2-135M-Instruct", messages=messages, response_format=Candidate, max_tokens=256, temperature=0
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop", choice
