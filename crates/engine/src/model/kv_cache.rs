@@ -272,11 +272,8 @@ impl SeqCache {
         let layer = |li: usize| -> Result<(Tensor, Tensor)> {
             let (k, v) = &self.layers[li];
             let local = self.shape.window(li).is_some();
-            let (src_mod, dst_mod) = if local {
-                (self.ring, ring)
-            } else {
-                (usize::MAX, usize::MAX)
-            };
+            let src_mod = self.modulus(li);
+            let dst_mod = if local { ring } else { usize::MAX };
             let from = if local { oldest } else { 0 };
             let slots = Self::slots(&self.shape, li, capacity, ring);
             Ok((
